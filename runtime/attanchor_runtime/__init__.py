@@ -1,0 +1,1 @@
+"""Torch-free generation runtime over an attanchor-export artifact folder."""
