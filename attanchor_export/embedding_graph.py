@@ -1,0 +1,118 @@
+"""embedding.onnx, written node by node: token embedding, AnchorInsert, one Gather, position ids.
+
+No tracing: the graph is small and every op in it is chosen for ONNX Runtime and TensorRT alike.
+The embedding table lives in embed_tokens.bin, which is this graph's external data and also the
+file the runtime memory-maps to embed decode tokens without a second graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from attanchor_graphs import anchor_insert_function, make_anchor_node
+from attanchor_graphs.function import OPSET as ANCHOR_OPSET
+from onnx import TensorProto, helper
+
+from .graph_specs import GraphSpec
+
+TABLE_FILE = "embed_tokens.bin"
+_ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+
+
+def _value_info(t):
+    dims = [d if isinstance(d, int) else (d if " " not in d else None) for d in t.shape]
+    return helper.make_tensor_value_info(t.name, _ONNX_DTYPE[t.dtype], dims)
+
+
+def write_embed_table(table: np.ndarray, folder: Path) -> dict:
+    """Raw little-endian [vocab, hidden] table; returns its manifest entry."""
+    table = np.ascontiguousarray(table)
+    table.astype(table.dtype.newbyteorder("<"), copy=False).tofile(folder / TABLE_FILE)
+    return {"file": TABLE_FILE, "dtype": str(table.dtype), "shape": list(table.shape)}
+
+
+def build_embedding_model(
+    spec: GraphSpec,
+    table_entry: dict,
+    image_token_id: int,
+    mode: str,
+    max_anchors: int | None,
+    ir_version: int,
+) -> onnx.ModelProto:
+    vocab, hidden = table_entry["shape"]
+    init = TensorProto()
+    init.name = "embed_tokens.weight"
+    init.data_type = _ONNX_DTYPE[table_entry["dtype"]]
+    init.dims.extend([vocab, hidden])
+    init.data_location = TensorProto.EXTERNAL
+    nbytes = vocab * hidden * np.dtype(table_entry["dtype"]).itemsize
+    for k, v in (("location", table_entry["file"]), ("offset", "0"), ("length", str(nbytes))):
+        init.external_data.add(key=k, value=v)
+
+    const = helper.make_tensor
+    nodes = [
+        helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["table_rows"], axis=0),
+        # Math runs in float32 even when the table is stored in float16.
+        helper.make_node("Cast", ["table_rows"], ["text_embeds"], to=TensorProto.FLOAT),
+        # image_position = first index where input_ids == image_token_id (ReduceMin, not ArgMax:
+        # ArgMax's tie order is not guaranteed by every backend).
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Gather", ["ids_shape", "one"], ["text_len"], axis=0),
+        helper.make_node("Range", ["zero", "text_len", "one"], ["text_arange"]),
+        helper.make_node("Equal", ["input_ids", "image_token_id"], ["is_image"]),
+        helper.make_node("Where", ["is_image", "text_arange", "text_len"], ["image_candidates"]),
+        helper.make_node("ReduceMin", ["image_candidates"], ["image_position"], axes=[1], keepdims=0),
+        make_anchor_node(
+            ["text_embeds", "image_features", "text_attention_mask", "image_position", "threshold"],
+            ["gather_index", "attention_mask"],
+            mode=mode,
+            max_anchors=max_anchors,
+        ),
+        # Fused embeddings: one flat Gather over concat(text, image) rows of the whole batch.
+        helper.make_node("Concat", ["text_embeds", "image_features"], ["sources"], axis=1),
+        helper.make_node("Shape", ["sources"], ["sources_shape"]),
+        helper.make_node("Gather", ["sources_shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Gather", ["sources_shape", "one"], ["rows_per_batch"], axis=0),
+        helper.make_node("Reshape", ["sources", "flat_shape"], ["flat_sources"]),
+        helper.make_node("Range", ["zero", "batch", "one"], ["batch_arange"]),
+        helper.make_node("Mul", ["batch_arange", "rows_per_batch"], ["row_offsets"]),
+        helper.make_node("Unsqueeze", ["row_offsets", "axis_1"], ["row_offsets_col"]),
+        helper.make_node("Add", ["gather_index", "row_offsets_col"], ["flat_index"]),
+        helper.make_node("Gather", ["flat_sources", "flat_index"], ["inputs_embeds"], axis=0),
+        # HF position ids: cumsum(mask) - 1, and 1 on padding.
+        helper.make_node("CumSum", ["attention_mask", "axis_1"], ["mask_cumsum"]),
+        helper.make_node("Sub", ["mask_cumsum", "one"], ["positions_raw"]),
+        helper.make_node("Equal", ["attention_mask", "zero"], ["is_pad"]),
+        helper.make_node("Where", ["is_pad", "one", "positions_raw"], ["position_ids"]),
+    ]
+    initializers = [
+        init,
+        const("zero", TensorProto.INT64, [], [0]),
+        const("one", TensorProto.INT64, [], [1]),
+        const("axis_1", TensorProto.INT64, [1], [1]),
+        const("image_token_id", TensorProto.INT64, [], [image_token_id]),
+        const("flat_shape", TensorProto.INT64, [2], [-1, hidden]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attanchor_embedding",
+        [_value_info(t) for t in spec.inputs],
+        [_value_info(t) for t in spec.outputs],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph,
+        # The graph shares the function body's opset: ONNX requires one version per domain per model.
+        opset_imports=[helper.make_opsetid("", ANCHOR_OPSET), helper.make_opsetid("ai.attanchor", 1)],
+        functions=[anchor_insert_function(mode, max_anchors)],
+        producer_name="attanchor-export",
+    )
+    model.ir_version = ir_version
+    return model
+
+
+def save_embedding_model(model: onnx.ModelProto, path: Path) -> None:
+    # Saved without touching external data: the initializer already points at embed_tokens.bin.
+    path.write_bytes(model.SerializeToString())

@@ -1,0 +1,212 @@
+"""checkpoint -> graphs -> artifact folder: the export job, step by step.
+
+Each step is announced through `steps` (a callable returning a context manager) so the CLI can show
+progress, stay quiet or emit JSON without this module knowing which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from attanchor_runtime.manifest import Manifest, write_manifest
+
+from . import __version__
+from .artifact import staging_folder
+from .checkpoint import load_checkpoint
+from .embedding_graph import build_embedding_model, save_embedding_model, write_embed_table
+from .errors import ExportError, ValidationFailed
+from .graph_specs import decoder_spec, embedding_spec, vision_spec
+
+# IR 10 (onnx 1.16): loaded by onnxruntime >= 1.18, which is what JetPack 6 wheels ship, and by
+# TensorRT 10's parser. The installed onnx would write a newer IR that older runtimes refuse.
+ARTIFACT_IR_VERSION = 10
+DEFAULT_OPSET = 18  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; int4 QDQ needs 21 (quantize.py)
+
+# Files the runtime needs to tokenize, template and preprocess without transformers.
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json", "generation_config.json",
+)
+
+
+@dataclass
+class ExportOptions:
+    output: Path
+    mode: str = "t2i"
+    threshold: float = 0.12
+    max_anchors: int | None = None
+    opset: int = DEFAULT_OPSET
+    last_logits_only: bool = False
+    force: bool = False
+    validate: bool = True
+    trust_remote_code: bool = False
+    revision: str | None = None
+    atol: float = 1e-4
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: dict
+    checks: list = field(default_factory=list)
+    passed: bool = True
+
+
+def _no_steps(name):
+    return contextlib.nullcontext()
+
+
+def _finalize_onnx(path: Path) -> None:
+    """Pin the IR version and run the checker (by path, so >2 GB models with external data work)."""
+    model = onnx.load(str(path), load_external_data=False)
+    if model.ir_version != ARTIFACT_IR_VERSION:
+        model.ir_version = ARTIFACT_IR_VERSION
+        path.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(str(path))
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "attanchor_export": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _text_section(loaded) -> dict:
+    from transformers import AutoTokenizer
+
+    folder = loaded.processor_folder or loaded.folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
+        raise ExportError(f"cannot load the tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+    if not (Path(folder) / "tokenizer.json").is_file():
+        raise ExportError(f"{folder} has no tokenizer.json: the torch-free runtime needs a fast tokenizer file")
+    dims = loaded.dims
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "tokenizer_file": "tokenizer.json",
+        "chat_template": template if isinstance(template, str) else None,
+        "image_token": tokenizer.convert_ids_to_tokens(dims.image_token_id),
+        "image_token_id": dims.image_token_id,
+        "bos_token_id": dims.bos_token_id,
+        "eos_token_ids": list(dims.eos_token_ids),
+        "pad_token_id": dims.pad_token_id,
+        "add_bos": bool(getattr(tokenizer, "add_bos_token", True)),
+    }
+
+
+def _image_section(loaded) -> dict:
+    from attanchor_runtime.preprocess import preprocessing_config_from_hf
+    from transformers import AutoImageProcessor
+
+    folder = loaded.processor_folder or loaded.folder
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"cannot load the image processor from {folder}: {str(e).splitlines()[0]}") from None
+    return preprocessing_config_from_hf(processor)
+
+
+def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) -> ExportResult:
+    import torch
+
+    from .export_decoder import export_decoder
+    from .export_vision import export_vision
+
+    if options.mode not in ("t2i", "i2t"):
+        raise ExportError(f"unknown anchor mode {options.mode!r}: choose t2i or i2t")
+    if options.max_anchors is not None and options.max_anchors < 1:
+        raise ExportError("--max-anchors must be a positive integer")
+    with steps("load checkpoint"):
+        loaded = load_checkpoint(model_name, trust_remote_code=options.trust_remote_code, revision=options.revision)
+        dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
+        text, image = _text_section(loaded), _image_section(loaded)
+    specs = {
+        "vision": vision_spec(dims),
+        "embedding": embedding_spec(dims, options.max_anchors),
+        "decoder": decoder_spec(dims, options.last_logits_only),
+    }
+    with staging_folder(options.output, options.force) as staging:
+        folder = staging.path
+        with steps("trace vision graph"):
+            path = folder / specs["vision"].file
+            export_vision(adapter.vision_tower_and_projector(model), dims, specs["vision"], path, options.opset)
+            _finalize_onnx(path)
+        with steps("build embedding graph"):
+            weight = adapter.embed_tokens(model).weight.detach().to(torch.float32).numpy()
+            table = write_embed_table(weight, folder)
+            embedding = build_embedding_model(
+                specs["embedding"], table, dims.image_token_id, options.mode, options.max_anchors,
+                ARTIFACT_IR_VERSION,
+            )
+            save_embedding_model(embedding, folder / specs["embedding"].file)
+            onnx.checker.check_model(str(folder / specs["embedding"].file))
+        with steps("trace decoder graph"):
+            path = folder / specs["decoder"].file
+            export_decoder(adapter.language_model(model), adapter.lm_head(model), dims, specs["decoder"], path,
+                           options.opset)
+            _finalize_onnx(path)
+        with steps("write tokenizer, processor and manifest"):
+            source = Path(loaded.processor_folder or loaded.folder)
+            for name in PROCESSOR_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, folder / name)
+            data = {
+                "source": {
+                    "model": model_name, "resolved": loaded.source, "alias": loaded.alias,
+                    "revision": loaded.revision, "commit": loaded.commit,
+                },
+                "architecture": adapter.architecture,
+                "model_types": {
+                    "vision": loaded.config.vision_config.model_type, "text": loaded.config.text_config.model_type,
+                },
+                "dims": dims.to_dict(),
+                "anchor": {
+                    "op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": options.mode,
+                    "threshold": float(options.threshold), "max_anchors": options.max_anchors,
+                },
+                "graphs": {name: spec.to_json() for name, spec in specs.items()},
+                "embed_table": table,
+                "image_preprocessing": image,
+                "text": text,
+                "precision": {"dtype": "fp32", "quant": "none"},
+                "onnx": {"opset": options.opset, "ir_version": ARTIFACT_IR_VERSION},
+                "versions": _versions(),
+            }
+            write_manifest(folder, data)
+        result = ExportResult(folder=options.output, manifest=data)
+        if options.validate:
+            from .validate import validate_graphs
+
+            with steps("validate against PyTorch"):
+                checks = validate_graphs(loaded, Manifest.load(folder, verify="none"), atol=options.atol)
+            result.checks, result.passed = checks, all(c.passed for c in checks)
+            data["validation"] = {
+                "atol": options.atol, "passed": result.passed, "checks": [c.to_json() for c in checks],
+            }
+            write_manifest(folder, data)
+            if not result.passed:
+                failed_folder = staging.fail()
+                raise ValidationFailed(
+                    f"validation failed: {sum(not c.passed for c in checks)} of {len(checks)} checks; "
+                    f"the artifact is kept for inspection at {failed_folder}",
+                    checks=checks,
+                )
+    return result
+
+
+__all__ = ["ExportOptions", "ExportResult", "export_artifact"]

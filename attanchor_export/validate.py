@@ -1,0 +1,160 @@
+"""Graph-by-graph parity of an artifact against its PyTorch source.
+
+Every case uses shapes other than the traced ones (batch 1 and batch 3 left-padded, prompt and past
+lengths the tracer never saw, fresh images), because a graph can match at the traced shape and be
+wrong elsewhere. Anchor indices must be identical; float outputs within `atol` (fp32: 1e-4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from attanchor_runtime.sessions import ort_session
+
+from .graph_specs import kv_names
+from .reference import anchored_inputs
+
+
+@dataclass
+class CheckResult:
+    graph: str
+    case: str
+    metric: str
+    value: float
+    limit: float
+    passed: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _max_diff(a, b, mask=None) -> float:
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    if mask is not None:
+        diff = diff[mask]
+    return float(diff.max()) if diff.size else 0.0
+
+
+def make_prompts(dims, rng: np.random.Generator, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded random prompts of the given lengths, one image placeholder in each at a random
+    place with at least one text token after it (so t2i has candidates)."""
+    special = {dims["image_token_id"], dims.get("pad_token_id")}
+    width = max(lengths)
+    ids = np.full((len(lengths), width), dims.get("pad_token_id") or 0, np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for row, n in enumerate(lengths):
+        tokens = rng.integers(0, dims["vocab_size"], size=n)
+        while (bad := np.isin(tokens, list(special))).any():
+            tokens[bad] = rng.integers(0, dims["vocab_size"], size=int(bad.sum()))
+        tokens[rng.integers(0, max(n - 1, 1))] = dims["image_token_id"]
+        ids[row, width - n :] = tokens
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def _pixels(dims, batch, rng) -> np.ndarray:
+    return rng.standard_normal((batch, 3, dims["image_size"], dims["image_size"])).astype(np.float32)
+
+
+def validate_graphs(loaded, manifest, atol: float = 1e-4, seed: int = 1234) -> list[CheckResult]:
+    dims, anchor = manifest.dims, manifest.anchor
+    rng = np.random.default_rng(seed)
+    vision = ort_session(manifest.graph_path("vision"))
+    embedding = ort_session(manifest.graph_path("embedding"))
+    decoder = ort_session(manifest.graph_path("decoder"))
+    vision_module = loaded.adapter.vision_tower_and_projector(loaded.model).eval()
+    results: list[CheckResult] = []
+
+    def record(graph, case, metric, value, limit):
+        results.append(CheckResult(graph, case, metric, float(value), float(limit), bool(value <= limit)))
+
+    # Lengths and thresholds differ from the tracer's (batch 2, seq 5, past 3).
+    threshold_grid = sorted({float(anchor["threshold"]), 2.0})
+    cases = [("batch1", [11]), ("batch3-ragged", [7, 13, 10])]
+    for case, lengths in cases:
+        pixels = _pixels(dims, len(lengths), rng)
+        with torch.no_grad():
+            ref_features = vision_module(torch.from_numpy(pixels)).numpy()
+        (features,) = vision.run(["image_features"], {"pixel_values": pixels})
+        record("vision", case, "max_abs_diff", _max_diff(features, ref_features), atol)
+
+        ids, text_mask = make_prompts(dims, rng, lengths)
+        for threshold in threshold_grid:
+            label = f"{case} thr={threshold:g}"
+            ref = anchored_inputs(
+                loaded, ids, text_mask, pixels, threshold, mode=anchor["mode"], max_anchors=anchor["max_anchors"]
+            )
+            ref_embeds, ref_mask, ref_pos, ref_index = (np.asarray(t) for t in ref)
+            feeds = {
+                "input_ids": ids,
+                "text_attention_mask": text_mask,
+                "image_features": ref_features,
+                "threshold": np.array(threshold, np.float32),
+            }
+            embeds, mask, pos, index = embedding.run(
+                ["inputs_embeds", "attention_mask", "position_ids", "gather_index"], feeds
+            )
+            same_layout = index.shape == ref_index.shape and (index == ref_index).all() and (mask == ref_mask).all()
+            record("embedding", label, "anchor_index_mismatch", 0 if same_layout else 1, 0)
+            if not same_layout:
+                continue
+            record("embedding", label, "position_ids_mismatch", int((pos != ref_pos).sum()), 0)
+            record("embedding", label, "max_abs_diff", _max_diff(embeds, ref_embeds), atol)
+            results.extend(_check_decoder(loaded, decoder, dims, label, ref_embeds, ref_mask, ref_pos, atol, rng))
+    return results
+
+
+def _torch_decoder(loaded, embeds, mask, pos, past):
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(torch.from_numpy(k), torch.from_numpy(v)) for k, v in past])
+    with torch.no_grad():
+        out = loaded.adapter.language_model(loaded.model)(
+            inputs_embeds=torch.from_numpy(embeds),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(pos),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = loaded.adapter.lm_head(loaded.model)(out.last_hidden_state).numpy()
+    present = [(layer.keys.numpy(), layer.values.numpy()) for layer in out.past_key_values.layers]
+    return logits, present
+
+
+def _check_decoder(loaded, decoder, dims, label, embeds, mask, pos, atol, rng) -> list[CheckResult]:
+    """Prefill the anchored prompt, then decode two tokens on top of its cache: both through ORT and
+    torch, comparing logits and present KV on real (unpadded) positions only."""
+    results = []
+    layers, batch = dims["num_layers"], embeds.shape[0]
+    empty = np.zeros((batch, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
+    past = [(empty, empty)] * layers
+    step_embeds, step_mask, step_pos = embeds, mask, pos
+    full_mask = mask
+    for step in ("prefill", "decode1", "decode2"):
+        feeds = {"inputs_embeds": step_embeds, "attention_mask": full_mask, "position_ids": step_pos}
+        for name, tensor in zip(kv_names(layers, "past_key_values"), (t for kv in past for t in kv)):
+            feeds[name] = tensor
+        outs = decoder.run(None, feeds)
+        logits, present = outs[0], list(zip(outs[1::2], outs[2::2]))
+        ref_logits, ref_present = _torch_decoder(loaded, step_embeds, full_mask, step_pos, past)
+        ref_logits = ref_logits[:, -logits.shape[1] :]  # last-logits-only graphs return one position
+        valid_q = step_mask[:, -logits.shape[1] :].astype(bool)
+        valid_kv = full_mask.astype(bool)[:, None, :, None]
+        kv_diff = max(
+            _max_diff(a, b, np.broadcast_to(valid_kv, a.shape))
+            for pair, ref_pair in zip(present, ref_present)
+            for a, b in zip(pair, ref_pair)
+        )
+        logits_diff = _max_diff(logits, ref_logits, valid_q)
+        results.append(CheckResult("decoder", f"{label} {step}", "logits_max_abs_diff", logits_diff, atol, logits_diff <= atol))
+        results.append(CheckResult("decoder", f"{label} {step}", "present_max_abs_diff", kv_diff, atol, kv_diff <= atol))
+        # Next step: one fresh embedding per row at the next position, against ORT's own cache
+        # (torch recomputes from the same past, so both sides see identical inputs).
+        past = present
+        step_embeds = rng.standard_normal((batch, 1, dims["hidden_size"])).astype(np.float32)
+        step_pos = (step_pos.max(axis=1, keepdims=True) + 1).astype(np.int64)
+        step_mask = np.ones((batch, 1), np.int64)
+        full_mask = np.concatenate([full_mask, step_mask], axis=1)
+    return results

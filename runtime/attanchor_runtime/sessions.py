@@ -1,0 +1,37 @@
+"""Opening ONNX Runtime sessions with one set of defaults for the runtime, checks and benchmarks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ArtifactError
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def ort_session(path, device: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    if device not in _PROVIDERS:
+        raise ArtifactError(f"unknown device {device!r}: choose one of {', '.join(_PROVIDERS)}")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ArtifactError(
+            "device 'cuda' needs onnxruntime-gpu: pip uninstall onnxruntime && pip install 'attanchor-export[gpu]'"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    threads = threads or int(os.environ.get("ATTANCHOR_THREADS", "0")) or None
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    path = Path(path)
+    try:
+        return ort.InferenceSession(str(path), options, providers=_PROVIDERS[device])
+    except Exception as e:  # onnxruntime raises its own untyped errors: keep the first line only
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"onnxruntime cannot load {path.name}: {first}") from None
