@@ -158,3 +158,52 @@ def _check_decoder(loaded, decoder, dims, label, embeds, mask, pos, atol, rng) -
         step_mask = np.ones((batch, 1), np.int64)
         full_mask = np.concatenate([full_mask, step_mask], axis=1)
     return results
+
+
+def validate_end_to_end(loaded, manifest, max_new_tokens: int = 12, seed: int = 99) -> list[CheckResult]:
+    """Greedy tokens of the torch-free runtime vs the PyTorch reference (the HF language model fed the
+    same anchored embeddings and position ids), plus `transformers` generate where no anchor is inserted.
+    Batch 1 and ragged batch 3; thresholds: none inserted (2.0), the default, and half the default."""
+    from attanchor_runtime.pipeline import Pipeline
+
+    from .reference import expand_image_tokens, greedy_generate
+
+    dims, anchor = manifest.dims, manifest.anchor
+    pipe = Pipeline.load(manifest.folder, verify="none")
+    rng = np.random.default_rng(seed)
+    eos = dims["eos_token_ids"] or None
+    results = []
+    default = float(anchor["threshold"])
+    for case, lengths in (("batch1", [9]), ("batch3-ragged", [12, 6, 9])):
+        ids, mask = make_prompts(dims, rng, lengths)
+        pixels = _pixels(dims, len(lengths), rng)
+        rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
+        for threshold in (2.0, default, default / 2):
+            label = f"{case} thr={threshold:g}"
+            out = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=max_new_tokens,
+                                threshold=threshold)
+            embeds, amask, pos, _ = anchored_inputs(loaded, ids, mask, pixels, threshold,
+                                                    mode=anchor["mode"], max_anchors=anchor["max_anchors"])
+            ref = greedy_generate(loaded, embeds, amask, pos, max_new_tokens, eos_token_id=eos).numpy()
+            anchors = sum(len(a) for a in out.anchors)
+            results.append(_token_check(f"{label} anchors={anchors}", out.tokens, ref, "vs reference"))
+            if threshold > 1:
+                hf_ids, hf_mask = expand_image_tokens(ids, mask, dims["image_token_id"], dims["image_tokens"],
+                                                      dims["pad_token_id"] or 0)
+                with torch.no_grad():
+                    generated = loaded.model.generate(
+                        input_ids=hf_ids, attention_mask=hf_mask, pixel_values=torch.from_numpy(pixels),
+                        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                        pad_token_id=dims["pad_token_id"] or 0,
+                    )
+                hf = generated[:, hf_ids.shape[1]:].numpy()
+                results.append(_token_check(label, out.tokens, hf, "vs transformers generate"))
+    return results
+
+
+def _token_check(case: str, tokens: np.ndarray, ref: np.ndarray, what: str) -> CheckResult:
+    width = max(tokens.shape[1], ref.shape[1])
+    a = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])), constant_values=-1)
+    b = np.pad(ref, ((0, 0), (0, width - ref.shape[1])), constant_values=-1)
+    mismatches = int((a != b).sum()) if a.shape == b.shape else a.size
+    return CheckResult("end-to-end", case, f"token_mismatch {what}", mismatches, 0, mismatches == 0)

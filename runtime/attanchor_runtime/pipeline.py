@@ -1,0 +1,241 @@
+"""Pipeline: artifact folder -> text. Vision, anchors, prefill, then a KV-cache decode loop.
+
+    pipe = Pipeline.load("out/tiny")                       # backend "ort" (cpu|cuda) or "trt"
+    out = pipe.generate(input_ids=ids, pixel_values=pix, max_new_tokens=32)
+    pipe.chat("What is in the image?", image="cat.jpg")    # -> str
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from attanchor_graphs.reference import anchor_pairs
+
+from .errors import NumericsError, RuntimeInputError
+from .manifest import Manifest
+from .sampling import Sampler
+
+
+@dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # int64 [B, new]: generated ids only; rows that stopped early are padded
+    anchors: list[list[tuple[int, int]]]  # per row: (index in that row's input_ids, image index)
+    lengths: np.ndarray  # int64 [B]: generated tokens per row, EOS included
+    timings: dict = field(default_factory=dict)  # seconds: vision, embedding, prefill, decode_steps
+
+
+@dataclass
+class PreparedBatch:
+    """input_ids left-padded to one width, one placeholder per row, and where each row came from."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    # source_index[b][j] = index in the caller's row b of the token now at padded column j
+    source_index: list[np.ndarray]
+
+
+def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attention_mask=None) -> PreparedBatch:
+    """Accept [B, T] or a list of 1-D rows; collapse placeholder runs; left-pad."""
+    if isinstance(input_ids, np.ndarray) and input_ids.ndim == 2:
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != input_ids.shape:
+            raise RuntimeInputError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
+        rows = [np.asarray(r)[np.asarray(m).astype(bool)] for r, m in zip(input_ids, mask)]
+        offsets = [int(np.argmax(m)) if np.asarray(m).any() else 0 for m in mask]
+    elif isinstance(input_ids, Sequence) or (isinstance(input_ids, np.ndarray) and input_ids.ndim == 1):
+        rows = [np.asarray(r) for r in (input_ids if not isinstance(input_ids, np.ndarray) else [input_ids])]
+        offsets = [0] * len(rows)
+    else:
+        raise RuntimeInputError("input_ids must be an int64 [B, T] array or a list of 1-D arrays")
+    if not rows:
+        raise RuntimeInputError("input_ids is empty")
+    kept_rows, sources = [], []
+    for b, row in enumerate(rows):
+        if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
+            raise RuntimeInputError(f"input_ids row {b} must be a 1-D integer array, got {row.dtype} {row.shape}")
+        is_image = row == image_token_id
+        # A run of placeholders (newer HF processors expand <image> to M tokens) counts as one.
+        run_start = is_image & ~np.concatenate([[False], is_image[:-1]])
+        runs = int(run_start.sum())
+        if runs != 1:
+            raise RuntimeInputError(f"input_ids row {b} has {runs} image placeholder runs, expected exactly 1")
+        keep = ~is_image | run_start
+        kept_rows.append(row[keep].astype(np.int64))
+        sources.append(np.flatnonzero(keep) + offsets[b])
+    width = max(len(r) for r in kept_rows)
+    ids = np.full((len(kept_rows), width), pad_token_id, np.int64)
+    mask = np.zeros((len(kept_rows), width), np.int64)
+    source_index = []
+    for b, row in enumerate(kept_rows):
+        ids[b, width - len(row):] = row
+        mask[b, width - len(row):] = 1
+        source_index.append(np.concatenate([np.full(width - len(row), -1), sources[b]]))
+    return PreparedBatch(ids, mask, source_index)
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, backend, text=None, image_preprocessor=None):
+        self.manifest, self.backend = manifest, backend
+        dims, text_cfg = manifest.dims, manifest.text
+        self.image_token_id = int(text_cfg["image_token_id"])
+        self.pad_token_id = int(text_cfg.get("pad_token_id") if text_cfg.get("pad_token_id") is not None else 0)
+        self.eos_token_ids = [int(i) for i in text_cfg.get("eos_token_ids") or []]
+        self.max_positions = int(dims["max_position_embeddings"])
+        self.default_threshold = float(manifest.anchor["threshold"])
+        self.mode = manifest.anchor["mode"]
+        table = manifest.data["embed_table"]
+        # Decode steps embed new tokens straight from the table file: no graph, no copy of the table.
+        self.embed_table = np.memmap(manifest.path(table["file"]), dtype=table["dtype"], mode="r",
+                                     shape=tuple(table["shape"]))
+        self._text, self._images = text, image_preprocessor
+
+    @classmethod
+    def load(cls, folder, backend: str = "ort", device: str = "cpu", threads: int | None = None,
+             verify: str = "size") -> Pipeline:
+        manifest = Manifest.load(folder, verify=verify)
+        if backend == "ort":
+            from .ort_backend import OrtBackend
+
+            impl = OrtBackend(manifest, device=device, threads=threads)
+        elif backend == "trt":
+            from .trt_backend import TrtBackend
+
+            impl = TrtBackend(manifest)
+        else:
+            raise RuntimeInputError(f"unknown backend {backend!r}: choose ort or trt")
+        return cls(manifest, impl)
+
+    # -- text and images, loaded on first use so generate() alone needs neither ---------------------
+    @property
+    def text(self):
+        if self._text is None:
+            from .text import TextProcessor
+
+            self._text = TextProcessor.from_manifest(self.manifest)
+        return self._text
+
+    @property
+    def images(self):
+        if self._images is None:
+            from .preprocess import ImagePreprocessor
+
+            self._images = ImagePreprocessor.from_config(self.manifest.data["image_preprocessing"])
+        return self._images
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, input_ids, pixel_values, max_new_tokens: int = 32, threshold: float | None = None,
+                 attention_mask=None, **sampling) -> GenerateOutput:
+        *_, output = self.generate_steps(input_ids, pixel_values, max_new_tokens, threshold, attention_mask,
+                                         **sampling)
+        return output  # the last item generate_steps yields is the GenerateOutput
+
+    def generate_steps(self, input_ids, pixel_values, max_new_tokens: int = 32, threshold: float | None = None,
+                       attention_mask=None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
+                       stop_token_ids: Sequence[int] = ()) -> Iterator:
+        """Yields each step's new tokens (int64 [B]) and finally the GenerateOutput."""
+        batch = prepare_input_ids(input_ids, self.image_token_id, self.pad_token_id, attention_mask)
+        pixels = self._check_pixels(pixel_values, len(batch.input_ids))
+        if max_new_tokens < 1:
+            raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        threshold = self.default_threshold if threshold is None else float(threshold)
+        if not np.isfinite(threshold):
+            raise RuntimeInputError(f"threshold must be a finite number, got {threshold}")
+        eos = self.eos_token_ids if eos_token_id is None else list(np.atleast_1d(eos_token_id))
+        stop = np.array(sorted({*eos, *stop_token_ids}), np.int64)
+        sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        timings, clock = {}, time.perf_counter
+
+        t0 = clock()
+        features = self.backend.vision(pixels)
+        timings["vision"] = clock() - t0
+        t0 = clock()
+        embedded = self.backend.embed(batch.input_ids, batch.attention_mask, features, threshold)
+        timings["embedding"] = clock() - t0
+        seq_len = embedded["inputs_embeds"].shape[1]
+        if seq_len + max_new_tokens > self.max_positions:
+            raise RuntimeInputError(
+                f"prompt ({seq_len} positions with image tokens and anchors) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's context of {self.max_positions}"
+            )
+        anchors = self._anchors(embedded["gather_index"], embedded["attention_mask"], batch)
+
+        B = len(batch.input_ids)
+        mask = embedded["attention_mask"]
+        positions = embedded["position_ids"]
+        t0 = clock()
+        logits, past = self.backend.decode(embedded["inputs_embeds"], mask, positions, self.backend.empty_cache(B))
+        timings["prefill"] = clock() - t0
+        next_pos = positions.max(axis=1, keepdims=True) + 1
+        tokens = np.full((B, max_new_tokens), self.pad_token_id, np.int64)
+        lengths = np.zeros(B, np.int64)
+        done = np.zeros(B, bool)
+        step_times = []
+        for step in range(max_new_tokens):
+            last = logits[:, -1, :]
+            if not np.isfinite(last).all():
+                raise NumericsError(
+                    f"{self.manifest.graphs['decoder']['file']} produced NaN/Inf logits at step {step} "
+                    f"({self.manifest.precision.get('dtype', 'fp32')}/{self.manifest.precision.get('quant', 'none')}): "
+                    "use an fp32 artifact or another precision"
+                )
+            new = np.where(done, self.pad_token_id, sampler(last))
+            tokens[:, step] = new
+            lengths += ~done
+            done |= np.isin(new, stop)
+            yield new
+            if done.all() or step == max_new_tokens - 1:
+                break
+            t0 = clock()
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            step_embeds = np.asarray(self.embed_table[new], np.float32)[:, None, :]
+            logits, past = self.backend.decode(step_embeds, mask, next_pos, past)
+            next_pos = next_pos + 1
+            step_times.append(clock() - t0)
+        timings["decode_steps"] = step_times
+        yield GenerateOutput(tokens[:, : int(lengths.max())], anchors, lengths, timings)
+
+    def _check_pixels(self, pixel_values, batch: int) -> np.ndarray:
+        pixels = np.asarray(pixel_values)
+        size = self.manifest.dims["image_size"]
+        if pixels.shape != (batch, 3, size, size):
+            raise RuntimeInputError(
+                f"pixel_values must be float32 [{batch}, 3, {size}, {size}] (one image per row), got {pixels.shape}"
+            )
+        if not np.isfinite(pixels).all():
+            raise RuntimeInputError("pixel_values contain NaN or Inf")
+        return pixels.astype(np.float32, copy=False)
+
+    def _anchors(self, gather_index, out_mask, batch: PreparedBatch) -> list[list[tuple[int, int]]]:
+        width = batch.input_ids.shape[1]
+        pairs = anchor_pairs(gather_index, out_mask, width, self.mode)
+        return [[(int(batch.source_index[b][t]), int(m)) for t, m in row] for b, row in enumerate(pairs)]
+
+    # -- chat -----------------------------------------------------------------------------------
+    def _chat_inputs(self, prompt: str, image):
+        ids = self.text.encode(self.text.format_chat(prompt))
+        return [ids], self.images(image)
+
+    def chat(self, prompt: str, image, max_new_tokens: int = 128, **kwargs) -> str:
+        return "".join(self.stream(prompt, image, max_new_tokens=max_new_tokens, **kwargs))
+
+    def stream(self, prompt: str, image, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
+        ids, pixels = self._chat_inputs(prompt, image)
+        decoder = self.text.stream_decoder()
+        stop = set(self.eos_token_ids) | set(kwargs.get("stop_token_ids", ()))
+        for item in self.generate_steps(ids, pixels, max_new_tokens=max_new_tokens, **kwargs):
+            if isinstance(item, GenerateOutput):
+                self.last_output = item
+                break
+            token = int(item[0])
+            if token in stop:
+                continue
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush() if hasattr(decoder, "flush") else ""
+        if tail:
+            yield tail
