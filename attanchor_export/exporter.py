@@ -47,6 +47,10 @@ class ExportOptions:
     trust_remote_code: bool = False
     revision: str | None = None
     atol: float = 1e-4
+    dtype: str = "fp32"  # fp16: quantize.py converts the graphs after the fp32 ones are validated
+    quant: str = "none"  # int8 | int4 (weight-only, blockwise)
+    block_size: int = 128
+    calib: str | None = None
 
 
 @dataclass

@@ -2,3 +2,44 @@
 
 Depends on onnx and numpy only, so both the exporter and the torch-free runtime can use it.
 """
+
+from .function import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    FUNCTION_OPS,
+    OPNAME,
+    OPSET,
+    anchor_insert_function,
+    make_anchor_node,
+)
+from .model import MODEL_INPUTS, MODEL_OUTPUTS, build_anchor_model, save_anchor_model
+from .onnx_utils import ir_version_for_runtime
+from .reference import (
+    MODES,
+    anchor_insert,
+    anchor_pairs,
+    cosine_scores,
+    output_length,
+    position_ids_from_mask,
+)
+
+__all__ = [
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "FUNCTION_OPS",
+    "MODEL_INPUTS",
+    "MODEL_OUTPUTS",
+    "MODES",
+    "OPNAME",
+    "OPSET",
+    "anchor_insert",
+    "anchor_insert_function",
+    "anchor_pairs",
+    "build_anchor_model",
+    "cosine_scores",
+    "ir_version_for_runtime",
+    "make_anchor_node",
+    "output_length",
+    "position_ids_from_mask",
+    "save_anchor_model",
+]

@@ -114,7 +114,12 @@ class Pipeline:
         if self._text is None:
             from .text import TextProcessor
 
-            self._text = TextProcessor.from_manifest(self.manifest)
+            t = self.manifest.text
+            self._text = TextProcessor.from_folder(
+                self.manifest.folder, chat_template=t.get("chat_template"), image_token=t.get("image_token"),
+                image_token_id=t.get("image_token_id"), bos_token_id=t.get("bos_token_id"),
+                eos_token_id=t.get("eos_token_ids") or None, pad_token_id=t.get("pad_token_id"),
+            )
         return self._text
 
     @property

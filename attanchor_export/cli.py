@@ -1,0 +1,326 @@
+"""attanchor-export: MODEL -> artifact folder, and the verbs that work on one (run, check, build, bench).
+
+    attanchor-export MODEL [-o DIR] [--trt] [--dtype fp32|fp16] [--quant none|int8|int4] ...
+    attanchor-export run DIR --image IMG --prompt TEXT
+    attanchor-export check DIR | build DIR | bench DIR | lint DIR | demo
+
+Every user-facing failure ends as one `error: ...` line and a non-zero exit code; torch and
+transformers are imported only by the verbs that need them, so `run` works on a Jetson without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class Reporter:
+    """Progress for long steps on stderr (rich), silence with --quiet, one JSON document with --json."""
+
+    def __init__(self, quiet: bool = False, as_json: bool = False):
+        from rich.console import Console
+
+        self.quiet, self.as_json = quiet, as_json
+        self.console = Console(stderr=True, highlight=False)
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str):
+        start = time.perf_counter()
+        if self.quiet or self.as_json:
+            yield
+        else:
+            with self.console.status(f"{name}..."):
+                yield
+        elapsed = time.perf_counter() - start
+        self.timings[name] = round(elapsed, 3)
+        if not (self.quiet or self.as_json):
+            self.console.print(f"[green]✓[/green] {name} [dim]{elapsed:.1f}s[/dim]")
+
+    def info(self, message: str) -> None:
+        if not (self.quiet or self.as_json):
+            self.console.print(message)
+
+    def emit_json(self, data: dict) -> None:
+        click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is already a complete one-line explanation."""
+    from attanchor_runtime.errors import ArtifactError, NumericsError, RuntimeInputError
+
+    types: list[type[BaseException]] = [ArtifactError, NumericsError, RuntimeInputError]
+    try:  # the export-side errors need torch only indirectly; their module does not import it
+        from .errors import CheckpointError, ExportError, ValidationFailed
+
+        types += [CheckpointError, ExportError, ValidationFailed]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _fail(message: str, code: int = EXIT_FAILED):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Turn known errors into one line; unknown ones into one line plus a hint to see the traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written under the output name", EXIT_INTERRUPTED)
+        except click.exceptions.Exit:
+            raise
+        except SystemExit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as e:  # noqa: BLE001 - the single place where errors become one line
+            if getattr(e, "exit_code", None) == EXIT_UNAVAILABLE:
+                _fail(str(e), EXIT_UNAVAILABLE)
+            if isinstance(e, _user_errors()) or type(e).__name__ in ("AccuracyGateFailed", "TrtUnavailable"):
+                checks = getattr(e, "checks", None)
+                if checks:
+                    from .report import print_checks
+
+                    print_checks(checks, only_failed=True)
+                _fail(str(e))
+            if os.environ.get("ATTANCHOR_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _fail(f"internal error: {type(e).__name__}: {first} (set ATTANCHOR_DEBUG=1 for the traceback)")
+
+    return wrapper
+
+
+class ModelOrVerb(click.Group):
+    """`attanchor-export MODEL ...` means `attanchor-export export MODEL ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx, formatter):
+        formatter.write_usage(ctx.command_path, "MODEL [OPTIONS] | COMMAND [ARGS]...")
+
+
+@click.group(cls=ModelOrVerb, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attanchor-export")
+def main():
+    """Export AttAnchor vision-language models to ONNX and TensorRT, and run them.
+
+    MODEL is an alias (tinyllava-1b, llava-1.5-7b), a Hub id in the local cache, or a folder.
+    """
+
+
+def _default_output(model: str) -> Path:
+    name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    return Path("out") / f"{name}-onnx"
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact folder [out/<model>-onnx].")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs a GPU and tensorrt).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True)
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
+              help="int4 block size.")
+@click.option("--calib", help="Calibration images: a folder or JSONL of {image, prompt} (int8 TensorRT).")
+@click.option("--threshold", type=float, default=0.12, show_default=True, help="Default anchor threshold.")
+@click.option("--mode", type=click.Choice(["t2i", "i2t"]), default="t2i", show_default=True)
+@click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
+@click.option("--opset", type=click.IntRange(17, 21), default=18, show_default=True)
+@click.option("--last-logits-only", is_flag=True, help="Prefill returns only the last position's logits.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) in the local cache.")
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
+@handle_errors
+def export_cmd(model, output, trt, dtype, quant, block_size, calib, threshold, mode, max_anchors, opset,
+               last_logits_only, force, no_validate, trust_remote_code, revision, quiet, as_json):
+    """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
+    from .exporter import ExportOptions, export_artifact
+
+    report = Reporter(quiet, as_json)
+    output = output or _default_output(model)
+    options = ExportOptions(
+        output=output, mode=mode, threshold=threshold, max_anchors=max_anchors, opset=opset,
+        last_logits_only=last_logits_only, force=force, validate=not no_validate,
+        trust_remote_code=trust_remote_code, revision=revision, dtype=dtype, quant=quant,
+        block_size=int(block_size), calib=calib,
+    )
+    result = export_artifact(model, options, report.step)
+    engines = None
+    if trt:
+        engines = _build_engines(output, report)
+    if as_json:
+        report.emit_json({"folder": str(output), "passed": result.passed, "timings": report.timings,
+                          "precision": result.manifest.get("precision"),
+                          "checks": [c.to_json() for c in result.checks], "engines": engines})
+    else:
+        if result.checks and not quiet:
+            from .report import print_checks
+
+            print_checks(result.checks, summary=True)
+        report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
+
+
+def _build_engines(folder: Path, report: Reporter, **options):
+    from .trt_build import build_engines
+
+    with report.step("build TensorRT engines"):
+        return build_engines(folder, **options)
+
+
+@main.command("check")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--model", help="Source checkpoint, if not where the manifest says.")
+@click.option("--no-e2e", is_flag=True, help="Graph parity only, skip end-to-end generation.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="One row per case instead of the worst per metric.")
+@handle_errors
+def check_cmd(folder, model, no_e2e, as_json, quiet, verbose):
+    """Re-run parity of an artifact against its PyTorch source and print a report."""
+    from .checks import check_artifact
+    from .report import print_checks
+
+    report = Reporter(quiet, as_json)
+    result = check_artifact(folder, model=model, end_to_end=not no_e2e, steps=report.step)
+    if as_json:
+        report.emit_json(result)
+    elif not quiet:
+        print_checks(result["checks"], summary=not verbose)
+        for name, value in result.get("sections", {}).items():
+            report.info(f"[bold]{name}[/bold]: {value}")
+    if not result["passed"]:
+        _fail(f"{sum(not c['passed'] for c in result['checks'])} check(s) failed for {folder}")
+    report.info(f"[bold green]all {len(result['checks'])} checks passed[/bold green]")
+
+
+@main.command("run")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--image", required=True, help="Image file.")
+@click.option("--prompt", required=True, help="Question about the image.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0)
+@click.option("--top-p", type=float, default=1.0)
+@click.option("--seed", type=int)
+@click.option("--show-anchors", type=click.Path(path_type=Path), help="Write a PNG with the anchored patches.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, stream, sample, temperature,
+            top_k, top_p, seed, show_anchors, as_json):
+    """Answer PROMPT about IMAGE with an exported artifact (no torch needed)."""
+    from attanchor_runtime import Pipeline
+
+    pipe = Pipeline.load(folder, backend=backend, device=device)
+    kwargs = dict(max_new_tokens=max_new_tokens, threshold=threshold, do_sample=sample, temperature=temperature,
+                  top_k=top_k, top_p=top_p, seed=seed)
+    pieces = []
+    for piece in pipe.stream(prompt, image, **kwargs):
+        pieces.append(piece)
+        if stream and not as_json:
+            click.echo(piece, nl=False)
+    answer = "".join(pieces)
+    out = pipe.last_output
+    if as_json:
+        click.echo(json.dumps({"answer": answer, "anchors": out.anchors[0], "tokens": out.tokens[0].tolist()}))
+    else:
+        click.echo("" if stream else answer)
+    if show_anchors:
+        from attanchor_runtime.visualize import draw_anchors
+
+        draw_anchors(pipe, image, prompt, out.anchors[0], show_anchors)
+        click.echo(f"anchors drawn to {show_anchors}", err=True)
+
+
+@main.command("build")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-input-len", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=2048, show_default=True)
+@click.option("--workspace", type=click.IntRange(min=64), default=4096, show_default=True, help="MiB.")
+@handle_errors
+def build_cmd(folder, max_batch, max_input_len, max_seq_len, workspace):
+    """Build TensorRT engines for this GPU from an artifact's ONNX graphs (run it on the Jetson)."""
+    report = Reporter()
+    engines = _build_engines(folder, report, max_batch=max_batch, max_input_len=max_input_len,
+                             max_seq_len=max_seq_len, workspace_mib=workspace)
+    report.info(f"engines written to {engines}")
+
+
+@main.command("lint")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--target", default="10.3", show_default=True, help="TensorRT version to lint against.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def lint_cmd(folder, target, as_json):
+    """Check every graph against TensorRT's ONNX operator support (no GPU needed)."""
+    from attanchor_graphs.trt_lint import lint_artifact
+
+    reports = lint_artifact(folder, target=target)
+    if as_json:
+        click.echo(json.dumps({name: r.to_json() for name, r in reports.items()}, indent=2))
+    else:
+        for name, r in reports.items():
+            click.echo(f"== {name} ==\n{r.format_table()}")
+    if not all(r.ok for r in reports.values()):
+        _fail(f"graphs in {folder} use what TensorRT {target} cannot parse (see above)")
+
+
+@main.command("bench")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--compare-torch", is_flag=True, help="Also time transformers eager on the same prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the figures as JSON.")
+@click.option("--chart", type=click.Path(path_type=Path), help="Write a PNG chart.")
+@handle_errors
+def bench_cmd(folder, compare_torch, max_new_tokens, threads, json_out, chart):
+    """Time to first token (vision / anchors / prefill), decode tokens/s, anchor overhead, memory."""
+    from .bench import format_report, run_bench, write_chart
+
+    result = run_bench(folder, max_new_tokens=max_new_tokens, threads=threads, compare_torch=compare_torch)
+    click.echo(format_report(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    if chart:
+        write_chart(result, chart)
+
+
+@main.command("demo")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
+@handle_errors
+def demo_cmd(output):
+    """Whole flow on a tiny built-in model: build, export, check, chat. No network."""
+    from .demo import run_demo
+
+    run_demo(output, Reporter())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""--show-anchors: the model's view of the image with every patch that received anchors outlined and
+labelled with its words. People check where anchors land by looking, not by reading index lists."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RuntimeInputError
+
+SCALE_TO = 512  # output side in pixels: tiny model inputs (30 px) are unreadable at 1:1
+
+
+def model_view(pipe, image) -> np.ndarray:
+    """The preprocessed image as uint8 HWC: what the vision tower sees, after resize and crop."""
+    cfg = pipe.manifest.data["image_preprocessing"]
+    pixels = pipe.images(image)[0].transpose(1, 2, 0).astype(np.float64)
+    if cfg.get("do_normalize", True):
+        pixels = pixels * np.asarray(cfg["image_std"]) + np.asarray(cfg["image_mean"])
+    scale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1 / 255
+    return np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)
+
+
+def patch_labels(pipe, prompt: str, anchors) -> dict[int, list[str]]:
+    ids = pipe.text.encode(pipe.text.format_chat(prompt))
+    labels = defaultdict(list)
+    for text_index, image_index in anchors:
+        word = pipe.text.decode([int(ids[text_index])]).strip() or f"#{text_index}"
+        if word not in labels[image_index]:
+            labels[image_index].append(word)
+    return labels
+
+
+def draw_anchors(pipe, image, prompt: str, anchors, path) -> Path:
+    from PIL import Image, ImageDraw, ImageFont
+
+    m = int(pipe.manifest.dims["image_tokens"])
+    side = math.isqrt(m)
+    if side * side != m:
+        raise RuntimeInputError(f"cannot map {m} image tokens onto a square patch grid")
+    view = Image.fromarray(model_view(pipe, image)).resize((SCALE_TO, SCALE_TO), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(view)
+    font = ImageFont.load_default()
+    cell = SCALE_TO / side
+    for image_index, words in sorted(patch_labels(pipe, prompt, anchors).items()):
+        row, col = divmod(image_index, side)
+        box = (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)
+        draw.rectangle(box, outline=(255, 220, 0), width=3)
+        text = ",".join(words)
+        x, y = box[0] + 3, box[1] + 2
+        bbox = draw.textbbox((x, y), text, font=font)
+        draw.rectangle(bbox, fill=(0, 0, 0))
+        draw.text((x, y), text, fill=(255, 220, 0), font=font)
+    path = Path(path)
+    view.save(path)
+    return path
