@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import ExportError
 
 
-def _check_target(final: Path, force: bool) -> None:
+def check_target(final: Path, force: bool) -> None:
     if final.exists() and not force:
         raise ExportError(f"{final} already exists: pass --force to replace it")
     if final.exists() and not final.is_dir():
@@ -59,7 +59,7 @@ class Staging:
 @contextmanager
 def staging_folder(final, force: bool = False):
     final = Path(final).absolute()
-    _check_target(final, force)
+    check_target(final, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -16,7 +16,7 @@ import onnx
 from attanchor_runtime.manifest import Manifest, write_manifest
 
 from . import __version__
-from .artifact import staging_folder
+from .artifact import check_target, staging_folder
 from .checkpoint import load_checkpoint
 from .embedding_graph import build_embedding_model, save_embedding_model, write_embed_table
 from .errors import ExportError, ValidationFailed
@@ -89,7 +89,7 @@ def _versions() -> dict:
     }
 
 
-def _text_section(loaded) -> dict:
+def _load_tokenizer(loaded):
     from transformers import AutoTokenizer
 
     folder = loaded.processor_folder or loaded.folder
@@ -97,8 +97,12 @@ def _text_section(loaded) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
         raise ExportError(f"cannot load the tokenizer from {folder}: {str(e).splitlines()[0]}") from None
-    if not (Path(folder) / "tokenizer.json").is_file():
-        raise ExportError(f"{folder} has no tokenizer.json: the torch-free runtime needs a fast tokenizer file")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{folder} has no fast tokenizer (tokenizer.json): the torch-free runtime needs one")
+    return tokenizer
+
+
+def _text_section(loaded, tokenizer) -> dict:
     dims = loaded.dims
     template = getattr(tokenizer, "chat_template", None)
     return {
@@ -135,10 +139,12 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         raise ExportError(f"unknown anchor mode {options.mode!r}: choose t2i or i2t")
     if options.max_anchors is not None and options.max_anchors < 1:
         raise ExportError("--max-anchors must be a positive integer")
+    check_target(Path(options.output).absolute(), options.force)  # fail before minutes of loading
     with steps("load checkpoint"):
         loaded = load_checkpoint(model_name, trust_remote_code=options.trust_remote_code, revision=options.revision)
         dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
-        text, image = _text_section(loaded), _image_section(loaded)
+        tokenizer = _load_tokenizer(loaded)
+        text, image = _text_section(loaded, tokenizer), _image_section(loaded)
     specs = {
         "vision": vision_spec(dims),
         "embedding": embedding_spec(dims, options.max_anchors),
@@ -165,9 +171,12 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
                            options.opset)
             _finalize_onnx(path)
         with steps("write tokenizer, processor and manifest"):
+            # Saved by the loaded tokenizer, not copied: transformers 5 rebuilds some tokenizers (Llama)
+            # on load, and only the re-saved tokenizer.json carries the pipeline the runtime must mirror.
+            tokenizer.save_pretrained(str(folder))
             source = Path(loaded.processor_folder or loaded.folder)
             for name in PROCESSOR_FILES:
-                if (source / name).is_file():
+                if (source / name).is_file() and not (folder / name).exists():
                     shutil.copy2(source / name, folder / name)
             data = {
                 "source": {

@@ -164,8 +164,13 @@ def _redraw_weights(model: torch.nn.Module, seed: int) -> None:
     1 + N(0, 0.1), biases N(0, 0.1).
     """
     gen = torch.Generator().manual_seed(seed)
+    tied = bool(model.config.get_text_config().tie_word_embeddings)
     for name, p in sorted(model.named_parameters()):  # named_parameters skips the tied lm_head
-        if name.endswith(("embed_tokens.weight", "position_embedding.weight", "class_embedding")):
+        if name.endswith("embed_tokens.weight") and tied:
+            # The table doubles as lm_head: at std 1 the logits reach +-36 and float32 rounding alone
+            # exceeds the 1e-4 parity bound; 1/sqrt(hidden) keeps logits near unit scale, like untied heads.
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        elif name.endswith(("embed_tokens.weight", "position_embedding.weight", "class_embedding")):
             p.copy_(torch.randn(p.shape, generator=gen))
         elif p.ndim >= 2:
             # The decoder needs the large gain; the tower and projector keep ~unit gain so image features

@@ -2,7 +2,7 @@
 
 Both are subclasses of builtin exceptions (ValueError, RuntimeError) so callers that do not know
 this module still catch them. Messages are a single line, start lower-case and name the offending
-value (file, field, count), e.g. ``cannot decode image 'x.jpg': cannot identify image file``.
+value (file, field, count), e.g. ``cannot decode image 'x.jpg': not a recognised image format``.
 """
 
 from __future__ import annotations

@@ -221,8 +221,7 @@ class Pipeline:
 
     # -- chat -----------------------------------------------------------------------------------
     def _chat_inputs(self, prompt: str, image):
-        ids = self.text.encode(self.text.format_chat(prompt))
-        return [ids], self.images(image)
+        return [self.text.prompt_ids(prompt)], self.images(image)
 
     def chat(self, prompt: str, image, max_new_tokens: int = 128, **kwargs) -> str:
         return "".join(self.stream(prompt, image, max_new_tokens=max_new_tokens, **kwargs))

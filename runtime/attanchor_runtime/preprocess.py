@@ -460,8 +460,14 @@ class ImagePreprocessor:
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def __call__(self, images: Any) -> np.ndarray:
-        """Images -> pixel_values float32 [B, 3, H, W] (B = 1 for a single image)."""
-        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        """Images -> pixel_values float32 [B, 3, H, W] (B = 1 for a single image).
+
+        `images` is one image, a list/tuple of images or a uint8 [B, H, W, C] array.
+        """
+        if isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4):
+            batch = list(images)  # a list, or a uint8 [B, H, W, C] array
+        else:
+            batch = [images]
         if not batch:
             raise RuntimeInputError("no images given")
         arrays = [self.process_one(image) for image in batch]

@@ -426,11 +426,11 @@ class TextProcessor:
             self.eos_token_ids = (int(eos_token_id),)
         else:
             self.eos_token_ids = tuple(int(i) for i in eos_token_id)
-        # transformers 5 skips the clean-up for BPE models (it would eat real spaces before punctuation).
         self.special_ids = frozenset(
             int(i) for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
         )
         self._byte_token_cache: dict[int, bool] = {}
+        # transformers 5 skips the clean-up for BPE models (it would eat real spaces before punctuation).
         is_bpe = type(tokenizer.model).__name__ == "BPE"
         self.cleans_up_spaces = bool(clean_up_tokenization_spaces) and (not is_bpe or bool(clean_up_bpe))
 

@@ -25,7 +25,7 @@ def model_view(pipe, image) -> np.ndarray:
 
 
 def patch_labels(pipe, prompt: str, anchors) -> dict[int, list[str]]:
-    ids = pipe.text.encode(pipe.text.format_chat(prompt))
+    ids = pipe.text.prompt_ids(prompt)
     labels = defaultdict(list)
     for text_index, image_index in anchors:
         word = pipe.text.decode([int(ids[text_index])]).strip() or f"#{text_index}"

@@ -1,0 +1,473 @@
+"""The TensorRT backend: the OrtBackend interface over engines built by ``attanchor-export build DIR``.
+
+    backend = TrtBackend(Manifest.load(folder))          # picks engines/<gpu>-sm<cc>-trt<ver>/
+    feats = backend.vision(pixel_values)                  # float32 [B, M, D]
+    emb = backend.embed(input_ids, text_attention_mask, feats, threshold)   # dict of arrays
+    cache = backend.empty_cache(B)                        # a KVCache on the GPU (length 0)
+    logits, cache = backend.decode(emb["inputs_embeds"], emb["attention_mask"], emb["position_ids"], cache)
+    logits, cache = backend.decode(step_embeds, mask, next_pos, cache)      # one token, same cache
+
+Interface, as OrtBackend: ``vision``, ``embed``, ``empty_cache(batch)``, ``decode(inputs_embeds,
+attention_mask, position_ids, past) -> (logits, present)``. ``past`` is the object a previous call
+returned (or ``empty_cache``); a flat list of numpy arrays [k0, v0, k1, v1, ...] (OrtBackend's
+form) is accepted too and uploaded. ``KVCache.to_numpy()`` gives that list back for parity checks.
+Logits come back for the last position only, shape [B, 1, vocab] (the graph contract allows
+``seq_len | 1``); copying [B, 600, 32064] float32 per prefill to the host would cost more than the
+prefill on a Jetson. ``full_logits=True`` returns every position.
+
+The KV cache (:class:`KVCache`) lives on the device. Per past tensor (2 per layer) it holds two
+buffers ("sides") of batch x kv_heads x capacity x head_dim elements, capacity = max_seq_len the
+engines were built for, allocated once per batch size. A step binds the past as a dense
+[B, H, t, D] tensor on side s and binds ``present.*`` ([B, H, t+S, D]) to side 1-s, then the
+sides swap: no host round trip and no copy besides the Concat the graph itself does. Writing only
+the new positions into a slot of one max_seq_len buffer is not possible with this graph: its
+``present`` is the full concatenation (binding it over its own past would read and write one
+buffer in the same kernel), and a dense [B, H, t, D] tensor does not sit inside a buffer laid out
+for [B, H, max_seq_len, D] once B x H > 1. That needs a decoder that outputs only the new keys
+(TensorRT 10.15's TensorScatter / Attention, opset 24), which JetPack 6's TensorRT 10.3 lacks.
+
+Execution: one CUDA stream; one execution context per optimization profile (the decoder has
+``prefill`` and ``decode``, chosen per call by :func:`select_profile` from the shapes);
+``set_input_shape`` for every dynamic input on every call; ``execute_async_v3``; then one stream
+synchronize per call. Input staging and output buffers grow only, so after the first prefill a
+decode step allocates nothing. The embedding graph runs on onnxruntime CPU unless the artifact has
+an anchor budget and an embedding engine was built.
+
+An engine folder is refused, with one line saying to rebuild with ``attanchor-export build DIR``,
+when it was built for another compute capability or TensorRT version, from different ONNX files, or
+when it failed its accuracy gate at build time. CUDA goes through cuda-python
+(:mod:`.cuda_util` says why); tensorrt and cuda-python are imported only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError, RuntimeInputError
+
+__all__ = [
+    "ENGINE_FORMAT", "ENGINE_FORMAT_VERSION", "ENGINE_META", "KVCache", "TRT_INSTALL_HINT", "TrtBackend",
+    "check_sources", "engine_mismatch", "find_engine_dir", "import_tensorrt", "read_engine_meta", "select_profile",
+]
+
+ENGINE_FORMAT = "attanchor-engines"
+ENGINE_FORMAT_VERSION = 1
+ENGINE_META = "engine.json"
+TRT_INSTALL_HINT = (
+    "pip install 'attanchor-export[trt]' on a desktop GPU; on a Jetson use JetPack's TensorRT "
+    "(sudo apt install python3-libnvinfer)"
+)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise ArtifactError(f"the trt backend needs TensorRT's Python package: {TRT_INSTALL_HINT}; or use "
+                            "--backend ort") from None
+    return tensorrt
+
+
+def _rebuild(folder) -> str:
+    return f"rebuild with `attanchor-export build {folder}`"
+
+
+# ---- engine folder selection (pure, unit-tested without a GPU) ---------------------------------
+def read_engine_meta(engine_dir) -> dict:
+    path = Path(engine_dir) / ENGINE_META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+    if meta.get("format") != ENGINE_FORMAT or meta.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise ArtifactError(f"{path} is not an engine.json this runtime reads (format "
+                            f"{meta.get('format')!r} v{meta.get('format_version')})")
+    return meta
+
+
+def engine_mismatch(meta: dict, sm: str, trt_version: str, require_gate: bool = True) -> str | None:
+    """Why an engine folder cannot run here, or None."""
+    built_sm, built_trt = str(meta.get("sm")), str(meta.get("tensorrt"))
+    if built_sm != str(sm):
+        return f"built for sm{built_sm} ({meta.get('gpu')}), this GPU is sm{sm}"
+    if built_trt != str(trt_version):
+        return f"built with TensorRT {built_trt}, this is TensorRT {trt_version}"
+    gate = meta.get("gate")
+    if require_gate and gate is not None and not gate.get("passed", False):
+        return "failed its accuracy gate against onnxruntime at build time"
+    return None
+
+
+def find_engine_dir(folder, sm: str, trt_version: str) -> tuple[Path, dict]:
+    """The engines/<name>/ folder built for this compute capability and TensorRT version."""
+    folder = Path(folder)
+    root = folder / "engines"
+    metas = sorted(root.glob(f"*/{ENGINE_META}")) if root.is_dir() else []
+    if not metas:
+        raise ArtifactError(f"no TensorRT engines in {root}: build them on this device with "
+                            f"`attanchor-export build {folder}`")
+    seen = []
+    for path in metas:
+        try:
+            meta = read_engine_meta(path.parent)
+        except ArtifactError as e:
+            seen.append(f"{path.parent.name} ({e})")
+            continue
+        problem = engine_mismatch(meta, sm, trt_version)
+        if problem is None:
+            return path.parent, meta
+        seen.append(f"{path.parent.name}: {problem}")
+    raise ArtifactError(f"no engine in {root} runs on this GPU (sm{sm}, TensorRT {trt_version}): "
+                        f"{'; '.join(seen)}; {_rebuild(folder)}")
+
+
+def check_sources(meta: dict, manifest_data: dict, folder) -> None:
+    """Refuse engines built from other ONNX files than the manifest lists (a re-exported artifact)."""
+    files = manifest_data.get("files", {})
+    for graph, record in meta.get("engines", {}).items():
+        for name, digest in record.get("sources", {}).items():
+            expected = files.get(name, {}).get("sha256")
+            if expected is not None and expected != digest:
+                raise ArtifactError(f"the {graph} engine was built from another {name} than this artifact holds "
+                                    f"(re-exported?): {_rebuild(folder)}")
+
+
+def select_profile(profiles: list[dict], shapes: dict, graph: str = "engine") -> int:
+    """Index of the first optimization profile whose min..max covers every given input shape."""
+    for index, profile in enumerate(profiles):
+        ranges = profile["shapes"]
+        fits = True
+        for name, shape in shapes.items():
+            r = ranges.get(name)
+            if r is None or len(r["min"]) != len(shape) or not all(
+                    lo <= int(s) <= hi for lo, s, hi in zip(r["min"], shape, r["max"])):
+                fits = False
+                break
+        if fits:
+            return index
+    got = ", ".join(f"{n} {tuple(int(x) for x in s)}" for n, s in shapes.items())
+    allowed = "; ".join(
+        f"{p['name']}: " + ", ".join(f"{k} {v[0]}..{v[2]}" for k, v in p.get("dims", {}).items()) for p in profiles
+    )
+    raise RuntimeInputError(f"{graph}: no TensorRT optimization profile fits {got} (engines allow {allowed}); "
+                            "rebuild with a larger --max-batch / --max-input-len / --max-seq-len")
+
+
+# ---- KV cache -----------------------------------------------------------------------------------
+class KVCache:
+    """Device KV cache with two sides per past tensor; see the module docstring.
+
+    ``length`` counts the positions held (including the masked slot in masked-slot mode); ``side``
+    is where the current past lives. Only one cache per backend is live: ``empty_cache`` resets it.
+    """
+
+    def __init__(self, cuda, count: int, batch: int, heads: int, head_dim: int, capacity: int, dtype, slot: int = 0):
+        self.cuda, self.count, self.batch, self.heads, self.head_dim = cuda, count, batch, heads, head_dim
+        self.capacity, self.dtype, self.slot = capacity, np.dtype(dtype), slot
+        self.nbytes = kv_buffer_bytes(batch, heads, capacity, head_dim, self.dtype.itemsize)
+        self._ptrs = [(cuda.malloc(self.nbytes), cuda.malloc(self.nbytes)) for _ in range(count)]
+        self.length, self.side = 0, 0
+        self.reset()
+
+    def ptr(self, index: int, side: int) -> int:
+        return self._ptrs[index][side]
+
+    def shape(self, length: int | None = None) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads, self.length if length is None else length, self.head_dim)
+
+    def reset(self) -> None:
+        self.side, self.length = 0, self.slot
+        if self.slot:  # the masked slot must hold finite values: zeros
+            slot_bytes = self.batch * self.heads * self.slot * self.head_dim * self.dtype.itemsize
+            for ptrs in self._ptrs:
+                self.cuda.memset(ptrs[0], slot_bytes)
+
+    def upload(self, arrays) -> None:
+        """Fill from a flat [k0, v0, ...] list of [B, H, t, D] arrays."""
+        if len(arrays) != self.count:
+            raise RuntimeInputError(f"past has {len(arrays)} arrays, the decoder takes {self.count}")
+        self.reset()
+        t = arrays[0].shape[2]
+        if self.slot + t > self.capacity:
+            raise RuntimeInputError(f"past of {t} positions exceeds the engines' max_seq_len {self.capacity - self.slot}")
+        for i, a in enumerate(arrays):
+            a = np.asarray(a, self.dtype)
+            if a.shape != (self.batch, self.heads, t, self.head_dim):
+                raise RuntimeInputError(f"past array {i} has shape {a.shape}, expected {self.shape(t)}")
+            if self.slot:
+                a = np.concatenate([np.zeros(self.shape(self.slot), self.dtype), a], axis=2)
+            self.cuda.htod(self.ptr(i, 0), np.ascontiguousarray(a))
+        self.length = self.slot + t
+        self.cuda.synchronize()
+
+    def to_numpy(self) -> list[np.ndarray]:
+        """The cache as OrtBackend's flat list of [B, H, t, D] arrays (without the masked slot)."""
+        out = []
+        for i in range(self.count):
+            a = np.empty(self.shape(), self.dtype)
+            self.cuda.dtoh(a, self.ptr(i, self.side))
+            out.append(a)
+        self.cuda.synchronize()
+        return [a[:, :, self.slot:] for a in out]
+
+    def close(self) -> None:
+        for a, b in self._ptrs:
+            self.cuda.free(a)
+            self.cuda.free(b)
+        self._ptrs = []
+
+
+def kv_buffer_bytes(batch: int, heads: int, capacity: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one side of one past tensor."""
+    return int(batch) * int(heads) * int(capacity) * int(head_dim) * int(itemsize)
+
+
+# ---- engines ----------------------------------------------------------------------------------
+_NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+                "BOOL": np.bool_, "UINT8": np.uint8}
+
+
+def numpy_dtype(trt, dtype) -> np.dtype:
+    """trt.nptype, with a fallback: some TensorRT releases map no INT64, and some build their table
+    with np.bool, which numpy 1.24-1.26 (common on Jetson) does not have."""
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except (TypeError, AttributeError):
+        name = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
+        if name in _NUMPY_TYPES:
+            return np.dtype(_NUMPY_TYPES[name])
+        raise ArtifactError(f"engine tensor type {name} has no numpy equivalent (bind it as float32 in the "
+                            "export)") from None
+
+
+class _Engine:
+    """One deserialized engine, one execution context per optimization profile, grow-only buffers."""
+
+    def __init__(self, backend: TrtBackend, graph: str, record: dict):
+        trt, cuda = backend.trt, backend.cuda
+        self.graph, self.cuda, self.record = graph, cuda, record
+        path = backend.engine_dir / record["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"cannot read {path}: {e.strerror}: {_rebuild(backend.folder)}") from None
+        self.engine = backend.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise ArtifactError(f"TensorRT cannot deserialize {path.name} (see its log above): "
+                                f"{_rebuild(backend.folder)}")
+        engine = self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtype = {n: numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self.static_shape = {n: tuple(engine.get_tensor_shape(n)) for n in self.inputs}
+        self.profiles = record["profiles"]
+        if engine.num_optimization_profiles != len(self.profiles):
+            raise ArtifactError(f"{path.name} has {engine.num_optimization_profiles} profiles, engine.json lists "
+                                f"{len(self.profiles)}: {_rebuild(backend.folder)}")
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
+        self.contexts = []
+        for index in range(len(self.profiles)):
+            ctx = engine.create_execution_context(strategy) if strategy is not None else \
+                engine.create_execution_context()
+            if index:
+                ctx.set_optimization_profile_async(index, cuda.stream)
+            self.contexts.append(ctx)
+        cuda.synchronize()
+        self._buffers: dict[str, tuple[int, int]] = {}
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, -1))
+        if size < nbytes:
+            if size >= 0:
+                self.cuda.free(ptr)
+            ptr = self.cuda.malloc(nbytes)
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def _set_shape(self, ctx, name: str, shape) -> None:
+        shape = tuple(int(d) for d in shape)
+        static = self.static_shape[name]
+        if all(d >= 0 for d in static):
+            if static != shape:
+                raise RuntimeInputError(f"{self.graph} input {name} must have shape {static}, got {shape}")
+            return
+        if not ctx.set_input_shape(name, shape):
+            raise RuntimeInputError(f"the {self.graph} engine rejects {name} of shape {shape}")
+
+    def run(self, profile: int, host_inputs: dict, device_inputs: dict | None = None,
+            device_outputs: dict | None = None, fetch=(), last_position: tuple = ()) -> dict:
+        """Bind, execute on the stream, copy `fetch` outputs to the host (only the last position
+        along axis 1 for names in `last_position`), synchronize once."""
+        ctx, cuda = self.contexts[profile], self.cuda
+        keep = []
+        for name, array in host_inputs.items():
+            array = np.ascontiguousarray(array, dtype=self.dtype[name])
+            keep.append(array)
+            self._set_shape(ctx, name, array.shape)
+            ptr = self._buffer(name, array.nbytes)
+            cuda.htod(ptr, array)
+            ctx.set_tensor_address(name, ptr)
+        for name, (ptr, shape) in (device_inputs or {}).items():
+            self._set_shape(ctx, name, shape)
+            ctx.set_tensor_address(name, ptr)
+        shapes, ptrs = {}, {}
+        for name in self.outputs:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise ArtifactError(f"{self.graph} output {name} has a data-dependent shape {shape}: this engine "
+                                    "cannot run with static output buffers")
+            shapes[name] = shape
+            nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype[name].itemsize
+            if device_outputs and name in device_outputs:
+                ptr = device_outputs[name]
+            else:
+                ptr = self._buffer(name, nbytes)
+            ptrs[name] = ptr
+            ctx.set_tensor_address(name, ptr)
+        if not ctx.execute_async_v3(cuda.stream):
+            raise ArtifactError(f"TensorRT failed to run the {self.graph} engine (see its log above)")
+        results = {}
+        for name in fetch:
+            shape, dtype = shapes[name], self.dtype[name]
+            if name in last_position and len(shape) == 3 and shape[1] > 1:
+                b, s, v = shape
+                out = np.empty((b, 1, v), dtype)
+                row = v * dtype.itemsize
+                cuda.dtoh_rows(out, ptrs[name] + (s - 1) * row, s * row, row, b)
+            else:
+                out = np.empty(shape, dtype)
+                cuda.dtoh(out, ptrs[name])
+            results[name] = out
+        cuda.synchronize()
+        del keep
+        return results
+
+    def close(self) -> None:
+        for ptr, _ in self._buffers.values():
+            self.cuda.free(ptr)
+        self._buffers = {}
+
+
+class TrtBackend:
+    name = "trt"
+
+    def __init__(self, manifest, engine_dir=None, *, full_logits: bool = False, device: int = 0, trt=None,
+                 cuda=None):
+        """`trt`/`cuda` default to the tensorrt module and a cuda_util.Cuda; tests pass fakes."""
+        self.manifest, self.folder, self.full_logits = manifest, Path(manifest.folder), full_logits
+        self.trt = trt if trt is not None else import_tensorrt()
+        if cuda is None:
+            from .cuda_util import Cuda
+
+            cuda = Cuda(device)
+        self.cuda = cuda
+        info = cuda.device_info()
+        if engine_dir is None:
+            self.engine_dir, self.meta = find_engine_dir(self.folder, info.sm, self.trt.__version__)
+        else:
+            self.engine_dir, self.meta = Path(engine_dir), read_engine_meta(engine_dir)
+            problem = engine_mismatch(self.meta, info.sm, self.trt.__version__, require_gate=False)
+            if problem:
+                raise ArtifactError(f"{self.engine_dir.name}: {problem}: {_rebuild(self.folder)}")
+        check_sources(self.meta, manifest.data, self.folder)
+        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        records = self.meta["engines"]
+        self.vision_engine = _Engine(self, "vision", records["vision"])
+        self.decoder_engine = _Engine(self, "decoder", records["decoder"])
+        if records["embedding"].get("backend") == "tensorrt":
+            self.embedding_engine, self.embedding_session = _Engine(self, "embedding", records["embedding"]), None
+        else:
+            from .sessions import ort_session
+
+            self.embedding_engine = None
+            self.embedding_session = ort_session(manifest.graph_path("embedding"), "cpu")
+        dims = manifest.dims
+        self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
+        self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+        self.present_names = [f"present.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+        options = self.meta.get("plan", {}).get("options", {})
+        self.slot = 1 if options.get("empty_past") == "masked-slot" else 0
+        self.capacity = max(p["dims"]["total_len"][2] for p in self.decoder_engine.profiles)
+        self._cache: KVCache | None = None
+
+    # -- the backend interface ---------------------------------------------------------------------
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        shapes = {"pixel_values": np.shape(pixel_values)}
+        profile = select_profile(self.vision_engine.profiles, shapes, "vision")
+        out = self.vision_engine.run(profile, {"pixel_values": pixel_values}, fetch=["image_features"])
+        return out["image_features"]
+
+    def embed(self, input_ids, text_attention_mask, image_features, threshold: float) -> dict:
+        names = ["inputs_embeds", "attention_mask", "position_ids", "gather_index"]
+        feeds = {
+            "input_ids": np.asarray(input_ids, np.int64),
+            "text_attention_mask": np.asarray(text_attention_mask, np.int64),
+            "image_features": np.asarray(image_features, np.float32),
+            "threshold": np.asarray(threshold, np.float32),
+        }
+        if self.embedding_engine is None:
+            return dict(zip(names, self.embedding_session.run(names, feeds)))
+        shapes = {k: v.shape for k, v in feeds.items() if k != "threshold"}
+        profile = select_profile(self.embedding_engine.profiles, shapes, "embedding")
+        return self.embedding_engine.run(profile, feeds, fetch=names)
+
+    def empty_cache(self, batch: int) -> KVCache:
+        cache = self._cache
+        if cache is None or cache.batch != batch:
+            if cache is not None:
+                cache.close()
+            dtype = self.decoder_engine.dtype[self.past_names[0]]
+            cache = self._cache = KVCache(self.cuda, len(self.past_names), batch, self.kv_heads, self.head_dim,
+                                          self.capacity, dtype, self.slot)
+        else:
+            cache.reset()
+        return cache
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, past) -> tuple[np.ndarray, KVCache]:
+        inputs_embeds = np.asarray(inputs_embeds)
+        batch, seq = inputs_embeds.shape[:2]
+        if isinstance(past, KVCache):
+            cache = past
+        else:
+            arrays = list(past)
+            cache = self.empty_cache(batch)
+            if arrays and arrays[0].shape[2]:
+                cache.upload(arrays)
+        if cache.batch != batch:
+            raise RuntimeInputError(f"the KV cache holds batch {cache.batch}, inputs_embeds has batch {batch}")
+        mask = np.asarray(attention_mask, np.int64)
+        if self.slot:
+            mask = np.concatenate([np.zeros((batch, self.slot), np.int64), mask], axis=1)
+        past_len, total = cache.length, cache.length + seq
+        if mask.shape != (batch, total):
+            raise RuntimeInputError(f"attention_mask has shape {tuple(np.shape(attention_mask))}, expected "
+                                    f"({batch}, {total - self.slot}) for {past_len - self.slot} cached + {seq} new "
+                                    "positions")
+        if total > cache.capacity:
+            raise RuntimeInputError(f"{total - self.slot} positions exceed the max_seq_len "
+                                    f"{cache.capacity - self.slot} the engines were built for: "
+                                    f"{_rebuild(self.folder)} --max-seq-len N")
+        host = {"inputs_embeds": inputs_embeds, "attention_mask": mask,
+                "position_ids": np.asarray(position_ids, np.int64)}
+        past_shape = cache.shape(past_len)
+        shapes = {**{k: np.shape(v) for k, v in host.items()}, **{n: past_shape for n in self.past_names}}
+        profile = select_profile(self.decoder_engine.profiles, shapes, "decoder")
+        src, dst = cache.side, 1 - cache.side
+        device_inputs = {n: (cache.ptr(i, src), past_shape) for i, n in enumerate(self.past_names)}
+        device_outputs = {n: cache.ptr(i, dst) for i, n in enumerate(self.present_names)}
+        out = self.decoder_engine.run(profile, host, device_inputs, device_outputs, fetch=["logits"],
+                                      last_position=() if self.full_logits else ("logits",))
+        cache.side, cache.length = dst, total
+        return out["logits"], cache
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        for engine in (self.vision_engine, self.decoder_engine, self.embedding_engine):
+            if engine is not None:
+                engine.close()

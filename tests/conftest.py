@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random checkpoints and exported artifacts, built once per test run.
+
+pytest-xdist workers share them through a folder beside their base temp dirs, guarded by a file
+lock, so a 2-worker CI run exports each artifact once, not once per worker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+# (family, mode, max_anchors): both families, both modes, with and without a budget.
+ARTIFACTS = {
+    "clip-t2i": ("clip-llama", "t2i", None),
+    "clip-i2t-k6": ("clip-llama", "i2t", 6),
+    "siglip-t2i-k4": ("siglip-qwen2", "t2i", 4),
+    "siglip-i2t": ("siglip-qwen2", "i2t", None),
+}
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory, worker_id) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # common to all xdist workers of this run
+    path = root / "shared"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _checkpoint(shared_dir: Path, family: str) -> Path:
+    from attanchor_export.testing import make_tiny_llava
+
+    path = shared_dir / f"ck-{family}"
+    with _locked(path):
+        if not (path / "config.json").is_file():
+            make_tiny_llava(path, family=family)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(shared_dir):
+    """checkpoint("clip-llama") -> folder of a saved tiny LlavaForConditionalGeneration."""
+    return lambda family="clip-llama": _checkpoint(shared_dir, family)
+
+
+@pytest.fixture(scope="session")
+def artifact(shared_dir):
+    """artifact("clip-t2i") -> exported, validated artifact folder (see ARTIFACTS)."""
+    from attanchor_export.exporter import ExportOptions, export_artifact
+
+    def get(name: str = "clip-t2i") -> Path:
+        family, mode, k = ARTIFACTS[name]
+        out = shared_dir / f"art-{name}"
+        with _locked(out):
+            if not (out / "manifest.json").is_file():
+                export_artifact(str(_checkpoint(shared_dir, family)),
+                                ExportOptions(output=out, mode=mode, max_anchors=k))
+        return out
+
+    return get
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((Path(folder) / "manifest.json").read_text())

@@ -1,0 +1,174 @@
+"""Issue 3: `attanchor-export MODEL -o DIR` writes a verified artifact, and fails cleanly otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import ARTIFACTS, read_manifest
+
+from attanchor_export.cli import main
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("name", list(ARTIFACTS))
+def test_artifact_is_validated_and_complete(artifact, name):
+    folder = artifact(name)
+    manifest = read_manifest(folder)
+    family, mode, k = ARTIFACTS[name]
+    assert manifest["validation"]["passed"] is True
+    kinds = {c["graph"] for c in manifest["validation"]["checks"]}
+    assert kinds == {"vision", "embedding", "decoder"}
+    assert manifest["anchor"] == {"op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": mode,
+                                  "threshold": 0.12, "max_anchors": k}
+    for rel, record in manifest["files"].items():
+        assert (folder / rel).stat().st_size == record["bytes"]
+    for required in ("vision.onnx", "embedding.onnx", "decoder.onnx", "embed_tokens.bin", "tokenizer.json"):
+        assert required in manifest["files"]
+    assert not list(folder.parent.glob(f".{folder.name}.partial-*"))
+
+
+@pytest.mark.parametrize("name", ["clip-t2i", "siglip-i2t"])
+def test_graph_io_matches_manifest(artifact, name):
+    folder = artifact(name)
+    manifest = read_manifest(folder)
+    for graph in manifest["graphs"].values():
+        model = onnx.load(str(folder / graph["file"]), load_external_data=False)
+        assert model.ir_version == 10  # what onnxruntime >= 1.18 and TensorRT 10 load
+        inputs = {i.name: i for i in model.graph.input}
+        for spec in graph["inputs"]:
+            dims = inputs[spec["name"]].type.tensor_type.shape.dim
+            got = [d.dim_param or d.dim_value for d in dims]
+            assert got == spec["shape"], (graph["file"], spec["name"])
+        assert [o.name for o in model.graph.output] == [o["name"] for o in graph["outputs"]]
+
+
+def test_decoder_keeps_explicit_position_ids(artifact):
+    model = onnx.load(str(artifact("clip-t2i") / "decoder.onnx"), load_external_data=False)
+    consumers = [n for n in model.graph.node if "position_ids" in n.input]
+    assert consumers, "position_ids must feed the graph, not be recomputed from the mask"
+
+
+def test_embedding_with_budget_has_static_length(artifact):
+    import onnxruntime as ort
+
+    folder = artifact("siglip-t2i-k4")
+    dims = read_manifest(folder)["dims"]
+    session = ort.InferenceSession(str(folder / "embedding.onnx"), providers=["CPUExecutionProvider"])
+    for width in (5, 9):
+        ids = np.full((2, width), 7, np.int64)
+        ids[:, 1] = dims["image_token_id"]
+        mask = np.ones_like(ids)
+        feats = np.random.default_rng(0).standard_normal((2, dims["image_tokens"], dims["hidden_size"]))
+        for threshold in (-1.0, 2.0):
+            out = session.run(None, {"input_ids": ids, "text_attention_mask": mask,
+                                     "image_features": feats.astype(np.float32),
+                                     "threshold": np.array(threshold, np.float32)})
+            assert out[0].shape[1] == width - 1 + dims["image_tokens"] + 4
+
+
+def test_cli_export_then_check(checkpoint, tmp_path):
+    out = tmp_path / "art"
+    result = run_cli(checkpoint("clip-llama"), "-o", out, "--last-logits-only", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and report["folder"] == str(out)
+    assert read_manifest(out)["graphs"]["decoder"]["outputs"][0]["shape"][1] == 1
+    check = run_cli("check", out, "--json")
+    assert check.exit_code == 0, check.output
+    checked = json.loads(check.stdout)
+    assert checked["passed"] and any(c["graph"] == "end-to-end" for c in checked["checks"])
+
+
+def test_existing_folder_needs_force(artifact, tmp_path, checkpoint):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli(checkpoint("clip-llama"), "-o", out, "--no-validate")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: {out.absolute()} already exists: pass --force to replace it"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("nobody/not-a-cached-model", "not in the local"),
+        ("./no/such/folder", "no/such/folder"),
+    ],
+)
+def test_bad_model_is_one_line(tmp_path, model, message):
+    result = run_cli(model, "-o", tmp_path / "o")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, vocab_size=50)).save_pretrained(tmp_path / "llama")
+    result = run_cli(tmp_path / "llama", "-o", tmp_path / "o")
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "LlamaForCausalLM" in line and "LlavaForConditionalGeneration" in line and "\n" not in line
+
+
+def test_output_under_a_file_is_one_line(checkpoint, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "file" / "out")
+    assert result.exit_code == 1 and "cannot create output folder" in result.stderr
+
+
+def test_failed_validation_keeps_folder_under_failed_name(checkpoint, tmp_path):
+    from attanchor_export.errors import ValidationFailed
+    from attanchor_export.exporter import ExportOptions, export_artifact
+
+    out = tmp_path / "strict"
+    with pytest.raises(ValidationFailed) as info:
+        export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=out, atol=1e-12))
+    assert "validation failed" in str(info.value) and "\n" not in str(info.value)
+    assert any(not c.passed for c in info.value.checks)
+    assert not out.exists()
+    failed = tmp_path / "strict.failed"
+    assert read_manifest(failed)["validation"]["passed"] is False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_export_leaves_nothing_under_final_name(checkpoint, tmp_path, sig):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attanchor_export.cli", str(checkpoint("clip-llama")), "-o", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    # Interrupt mid-write: once the vision graph exists in the partial folder.
+    while time.time() < deadline and not list(tmp_path.glob(".interrupted.partial-*/vision.onnx")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "export finished before it could be interrupted"
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert not out.exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+        assert not list(tmp_path.glob(".interrupted.partial-*")), "Ctrl-C must clean the partial folder"
+
+
+def test_help_lists_verbs():
+    result = run_cli("--help")
+    for verb in ("run", "check", "build", "bench", "demo", "lint"):
+        assert verb in result.output
