@@ -45,6 +45,8 @@ def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attenti
             raise RuntimeInputError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
         rows = [np.asarray(r)[np.asarray(m).astype(bool)] for r, m in zip(input_ids, mask)]
         offsets = [int(np.argmax(m)) if np.asarray(m).any() else 0 for m in mask]
+    elif isinstance(input_ids, (str, bytes)):
+        raise RuntimeInputError("input_ids must be token ids (int64 [B, T] or a list of 1-D arrays), not text")
     elif isinstance(input_ids, Sequence) or (isinstance(input_ids, np.ndarray) and input_ids.ndim == 1):
         rows = [np.asarray(r) for r in (input_ids if not isinstance(input_ids, np.ndarray) else [input_ids])]
         offsets = [0] * len(rows)

@@ -305,7 +305,7 @@ class _Engine:
         ctx, cuda = self.contexts[profile], self.cuda
         keep = []
         for name, array in host_inputs.items():
-            array = np.ascontiguousarray(array, dtype=self.dtype[name])
+            array = np.asarray(array, dtype=self.dtype[name], order="C")  # not ascontiguousarray: 0-d stays 0-d
             keep.append(array)
             self._set_shape(ctx, name, array.shape)
             ptr = self._buffer(name, array.nbytes)

@@ -1,0 +1,236 @@
+"""Issue 4: the torch-free Pipeline over an artifact: parity, inputs, guards, chat and stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from attanchor_runtime import NumericsError, Pipeline, RuntimeInputError
+from conftest import read_manifest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def pipe(artifact):
+    return Pipeline.load(artifact("clip-t2i"))
+
+
+def _rows(dims, rng, lengths):
+    rows = []
+    for n in lengths:
+        row = rng.integers(3, dims["image_token_id"], size=n)
+        row[rng.integers(0, n - 1)] = dims["image_token_id"]
+        rows.append(row.astype(np.int64))
+    return rows
+
+
+def _pixels(dims, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, 3, dims["image_size"], dims["image_size"])).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["clip-t2i", "clip-i2t-k6", "siglip-t2i-k4", "siglip-i2t"])
+def test_end_to_end_tokens_equal_pytorch(artifact, name):
+    """Runtime greedy tokens == the PyTorch reference, and == transformers generate without anchors."""
+    from attanchor_runtime.manifest import Manifest
+
+    from attanchor_export.checkpoint import load_checkpoint
+    from attanchor_export.validate import validate_end_to_end
+
+    folder = artifact(name)
+    manifest = Manifest.load(folder)
+    results = validate_end_to_end(load_checkpoint(manifest.data["source"]["resolved"]), manifest)
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
+    assert any("transformers generate" in r.metric for r in results)
+    anchored = [r for r in results if "anchors=" in r.case and not r.case.endswith("anchors=0")]
+    assert len(anchored) >= 2, "at least two thresholds must insert anchors"
+
+
+def test_ragged_list_equals_padded_array_with_mask(pipe):
+    dims = pipe.manifest.dims
+    rows = _rows(dims, np.random.default_rng(1), [9, 5])
+    pixels = _pixels(dims, 2)
+    from_list = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=6)
+    width = 9
+    ids = np.zeros((2, width), np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    from_array = pipe.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6)
+    np.testing.assert_array_equal(from_list.tokens, from_array.tokens)
+    # Anchors count positions in the caller's row: the padded row includes its padding.
+    for row, listed, padded in zip(rows, from_list.anchors, from_array.anchors):
+        assert padded == [(t + width - len(row), m) for t, m in listed]
+
+
+def test_batch_rows_match_single_rows(pipe):
+    """Left padding must not change a row's result (explicit position ids, masked attention)."""
+    dims = pipe.manifest.dims
+    rows = _rows(dims, np.random.default_rng(2), [10, 4, 7])
+    pixels = _pixels(dims, 3)
+    batch = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=5)
+    for b, row in enumerate(rows):
+        single = pipe.generate(input_ids=[row], pixel_values=pixels[b:b + 1], max_new_tokens=5)
+        n = int(batch.lengths[b])
+        np.testing.assert_array_equal(single.tokens[0, :n], batch.tokens[b, :n])
+        assert single.anchors[0] == batch.anchors[b]
+
+
+def test_placeholder_run_counts_as_one(pipe):
+    dims = pipe.manifest.dims
+    row = _rows(dims, np.random.default_rng(3), [8])[0]
+    at = int(np.flatnonzero(row == dims["image_token_id"])[0])
+    expanded = np.concatenate([row[:at], np.full(dims["image_tokens"], dims["image_token_id"]), row[at + 1:]])
+    pixels = _pixels(dims, 1)
+    a = pipe.generate(input_ids=[row], pixel_values=pixels, max_new_tokens=5, threshold=0.05)
+    b = pipe.generate(input_ids=[expanded], pixel_values=pixels, max_new_tokens=5, threshold=0.05)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.anchors[0], "threshold 0.05 should insert anchors on the tiny model"
+    # Anchors index the caller's own row: shift by the extra placeholders after the image.
+    shift = dims["image_tokens"] - 1
+    assert b.anchors[0] == [(t + shift, m) for t, m in a.anchors[0]]
+
+
+def test_anchor_pairs_point_at_text_after_the_image(pipe):
+    dims = pipe.manifest.dims
+    rows = _rows(dims, np.random.default_rng(4), [12, 6])
+    out = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=2, threshold=0.0)
+    for row, pairs in zip(rows, out.anchors):
+        image_at = int(np.flatnonzero(row == dims["image_token_id"])[0])
+        assert pairs and all(image_at < t < len(row) and 0 <= m < dims["image_tokens"] for t, m in pairs)
+    none = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=2, threshold=1.5)
+    assert none.anchors == [[], []]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input_ids": [np.array([5, 6, 7])]}, "0 image placeholder runs"),
+        ({"input_ids": "text"}, "input_ids must be"),
+        ({"pixel_values": np.zeros((1, 3, 8, 8), np.float32)}, "pixel_values must be"),
+        ({"max_new_tokens": 10_000}, "exceeds the model's context"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be"),
+        ({"threshold": float("nan")}, "threshold must be"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(pipe, kwargs, message):
+    dims = pipe.manifest.dims
+    args = {"input_ids": _rows(dims, np.random.default_rng(5), [6]), "pixel_values": _pixels(dims, 1),
+            "max_new_tokens": 3, **kwargs}
+    with pytest.raises(RuntimeInputError) as info:
+        pipe.generate(**args)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_two_placeholder_runs_rejected(pipe):
+    dims = pipe.manifest.dims
+    row = np.array([1, dims["image_token_id"], 5, dims["image_token_id"], 6])
+    with pytest.raises(RuntimeInputError, match="2 image placeholder runs"):
+        pipe.generate(input_ids=[row], pixel_values=_pixels(dims, 1), max_new_tokens=2)
+
+
+def test_nan_logits_name_the_graph(pipe, monkeypatch):
+    dims = pipe.manifest.dims
+    real = pipe.backend.decode
+
+    def poisoned(*args):
+        logits, present = real(*args)
+        return np.full_like(logits, np.nan), present
+
+    monkeypatch.setattr(pipe.backend, "decode", poisoned)
+    with pytest.raises(NumericsError, match="decoder.onnx produced NaN/Inf logits"):
+        pipe.generate(input_ids=_rows(dims, np.random.default_rng(6), [5]), pixel_values=_pixels(dims, 1))
+
+
+def test_eos_stops_each_row(pipe):
+    dims = pipe.manifest.dims
+    rows = _rows(dims, np.random.default_rng(7), [7, 9])
+    free = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=8)
+    stop_at = int(free.tokens[0, 2])  # row 0's third token becomes the stop token
+    out = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=8, eos_token_id=stop_at)
+    assert out.lengths[0] <= 3 and out.tokens[0, out.lengths[0] - 1] == stop_at
+    assert (out.tokens[0, out.lengths[0]:] == pipe.pad_token_id).all()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(pipe):
+    dims = pipe.manifest.dims
+    args = dict(input_ids=_rows(dims, np.random.default_rng(8), [6]), pixel_values=_pixels(dims, 1),
+                max_new_tokens=8)
+    greedy = pipe.generate(**args)
+    a = pipe.generate(**args, do_sample=True, temperature=1.5, seed=3)
+    b = pipe.generate(**args, do_sample=True, temperature=1.5, seed=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    top1 = pipe.generate(**args, do_sample=True, top_k=1, seed=9)
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+    with pytest.raises(RuntimeInputError, match="top_p"):
+        pipe.generate(**args, do_sample=True, top_p=0)
+
+
+def test_chat_stream_and_image_sources(pipe, tmp_path):
+    image = Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8))
+    path = tmp_path / "img.png"
+    image.save(path)
+    answer = pipe.chat("What is in the image?", image=path, max_new_tokens=10)
+    assert isinstance(answer, str) and answer
+    assert "".join(pipe.stream("What is in the image?", image=path, max_new_tokens=10)) == answer
+    assert pipe.chat("What is in the image?", image=image, max_new_tokens=10) == answer
+    assert pipe.chat("What is in the image?", image=path.read_bytes(), max_new_tokens=10) == answer
+    with pytest.raises(RuntimeInputError, match="cannot decode image"):
+        pipe.chat("What?", image=b"not an image")
+
+
+def test_manifest_guards(artifact, tmp_path):
+    import shutil
+
+    from attanchor_runtime.errors import ArtifactError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact("clip-t2i"), copy)
+    with open(copy / "decoder.onnx.data", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ArtifactError, match="decoder.onnx.data is 100 bytes"):
+        Pipeline.load(copy)
+    data = read_manifest(copy)
+    data["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        Pipeline.load(copy)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        Pipeline.load(tmp_path)
+
+
+def test_cli_run_and_show_anchors(artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from attanchor_export.cli import main
+
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)).save(image)
+    png = tmp_path / "anchors.png"
+    result = CliRunner().invoke(main, ["run", str(artifact("clip-t2i")), "--image", str(image), "--prompt",
+                                       "What is on the table?", "--max-new-tokens", "6", "--threshold", "0.05",
+                                       "--show-anchors", str(png), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["anchors"] and len(out["tokens"]) <= 6
+    shown = Image.open(png)
+    assert shown.size == (512, 512)
+    # Outlines are drawn in one colour: some pixels must carry it.
+    assert (np.asarray(shown.convert("RGB")) == (255, 220, 0)).all(axis=-1).any()
+    bad = CliRunner().invoke(main, ["run", str(artifact("clip-t2i")), "--image", str(tmp_path / "missing.png"),
+                                    "--prompt", "x"])
+    assert bad.exit_code == 1 and bad.stderr.strip().startswith("error: cannot decode image")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_demo_runs_offline(tmp_path):
+    from click.testing import CliRunner
+
+    from attanchor_export.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "artifact" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "anchors.png").is_file()
+    assert "ASSISTANT:" in result.stderr
