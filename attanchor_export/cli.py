@@ -169,7 +169,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, threshold, m
     result = export_artifact(model, options, report.step)
     engines = None
     if trt:
-        engines = _build_engines(output, report)
+        engines = str(_build_engines(output, report))
     if as_json:
         report.emit_json({"folder": str(output), "passed": result.passed, "timings": report.timings,
                           "precision": result.manifest.get("precision"),
@@ -261,15 +261,29 @@ def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, s
 @main.command("build")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--max-input-len", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--max-seq-len", type=click.IntRange(min=2), default=2048, show_default=True)
-@click.option("--workspace", type=click.IntRange(min=64), default=4096, show_default=True, help="MiB.")
+@click.option("--max-input-len", type=click.IntRange(min=1),
+              help="Prefill positions incl. image tokens and anchors [image tokens + 512].")
+@click.option("--max-seq-len", type=click.IntRange(min=2), help="Prompt + generated positions [min(model, 2048)].")
+@click.option("--workspace", type=click.IntRange(min=64), default=1024, show_default=True, help="MiB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Reuse across builds [engine dir].")
+@click.option("--empty-past", type=click.Choice(["zero", "masked-slot"]), default="zero", show_default=True,
+              help="How prefill passes an empty KV cache: zero-length, or one masked slot.")
+@click.option("--no-gate", is_flag=True, help="Skip the engine-vs-onnxruntime check (not recommended).")
+@click.option("--plan-only", is_flag=True, help="Print the build plan (profiles, flags) and stop; no GPU needed.")
 @handle_errors
-def build_cmd(folder, max_batch, max_input_len, max_seq_len, workspace):
+def build_cmd(folder, max_batch, max_input_len, max_seq_len, workspace, timing_cache, empty_past, no_gate,
+              plan_only):
     """Build TensorRT engines for this GPU from an artifact's ONNX graphs (run it on the Jetson)."""
+    from .trt_plan import BuildOptions, make_plan
+
+    options = BuildOptions(max_batch=max_batch, max_input_len=max_input_len, max_seq_len=max_seq_len,
+                           workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None,
+                           empty_past=empty_past)
+    if plan_only:
+        click.echo(make_plan(folder, options).format_table())
+        return
     report = Reporter()
-    engines = _build_engines(folder, report, max_batch=max_batch, max_input_len=max_input_len,
-                             max_seq_len=max_seq_len, workspace_mib=workspace)
+    engines = _build_engines(folder, report, options=options, gate=not no_gate)
     report.info(f"engines written to {engines}")
 
 

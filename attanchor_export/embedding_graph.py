@@ -82,7 +82,10 @@ def build_embedding_model(
         helper.make_node("Add", ["gather_index", "row_offsets_col"], ["flat_index"]),
         helper.make_node("Gather", ["flat_sources", "flat_index"], ["inputs_embeds"], axis=0),
         # HF position ids: cumsum(mask) - 1, and 1 on padding.
-        helper.make_node("CumSum", ["attention_mask", "axis_1"], ["mask_cumsum"]),
+        # CumSum in float32: TensorRT's CumSum takes float types only; counts stay exact below 2^24.
+        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
+        helper.make_node("CumSum", ["mask_float", "axis_1"], ["mask_cumsum_float"]),
+        helper.make_node("Cast", ["mask_cumsum_float"], ["mask_cumsum"], to=TensorProto.INT64),
         helper.make_node("Sub", ["mask_cumsum", "one"], ["positions_raw"]),
         helper.make_node("Equal", ["attention_mask", "zero"], ["is_pad"]),
         helper.make_node("Where", ["is_pad", "one", "positions_raw"], ["position_ids"]),

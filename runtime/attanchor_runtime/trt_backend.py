@@ -105,7 +105,9 @@ def find_engine_dir(folder, sm: str, trt_version: str) -> tuple[Path, dict]:
     """The engines/<name>/ folder built for this compute capability and TensorRT version."""
     folder = Path(folder)
     root = folder / "engines"
-    metas = sorted(root.glob(f"*/{ENGINE_META}")) if root.is_dir() else []
+    # Hidden folders are builds in progress or being replaced; NAME.failed folders fail the gate check.
+    metas = sorted(p for p in root.glob(f"*/{ENGINE_META}") if not p.parent.name.startswith(".")) \
+        if root.is_dir() else []
     if not metas:
         raise ArtifactError(f"no TensorRT engines in {root}: build them on this device with "
                             f"`attanchor-export build {folder}`")
@@ -374,7 +376,8 @@ class TrtBackend:
             if problem:
                 raise ArtifactError(f"{self.engine_dir.name}: {problem}: {_rebuild(self.folder)}")
         check_sources(self.meta, manifest.data, self.folder)
-        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)  # must outlive the runtime and engines
+        self.runtime = self.trt.Runtime(self.logger)
         records = self.meta["engines"]
         self.vision_engine = _Engine(self, "vision", records["vision"])
         self.decoder_engine = _Engine(self, "decoder", records["decoder"])
@@ -449,8 +452,8 @@ class TrtBackend:
                                     "positions")
         if total > cache.capacity:
             raise RuntimeInputError(f"{total - self.slot} positions exceed the max_seq_len "
-                                    f"{cache.capacity - self.slot} the engines were built for: "
-                                    f"{_rebuild(self.folder)} --max-seq-len N")
+                                    f"{cache.capacity - self.slot} the engines were built for: rebuild with "
+                                    f"`attanchor-export build {self.folder} --max-seq-len N`")
         host = {"inputs_embeds": inputs_embeds, "attention_mask": mask,
                 "position_ids": np.asarray(position_ids, np.int64)}
         past_shape = cache.shape(past_len)

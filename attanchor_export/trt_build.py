@@ -1,0 +1,365 @@
+"""TensorRT engines from an artifact's ONNX graphs: thin tensorrt calls around trt_plan.BuildPlan.
+
+    result = build_engines("out/tiny", max_batch=1, max_input_len=768, max_seq_len=2048)
+    str(result)   # out/tiny/engines/orin-sm87-trt10.3.0.30
+
+Per engine in the plan: ONNX parser ``parse_from_file`` (external data resolves beside the file),
+a strongly typed network for QDQ graphs, the plan's optimization profiles, builder flags (TF32
+cleared for fp32, FP16 + OBEY_PRECISION_CONSTRAINTS with fp32-typed layers pinned for fp16), the
+workspace limit, and one timing cache per engine folder, loaded before and saved after every build
+(a rebuild with other lengths reuses the measured tactics). The folder is written as
+``engines/.<name>.partial`` and renamed when complete; engine.json records TensorRT version, GPU,
+compute capability, the plan (profiles, flags), sha256 of every source ONNX file and of its external
+data, and build times.
+
+Then the gate, because engines that build cleanly and print garbage are the known failure: each
+engine runs through the real ``trt`` runtime backend on fixed inputs and is compared with
+onnxruntime CPU on the same ONNX file (fp32: max |diff| <= 1e-3 on logits and image features,
+otherwise cosine >= 0.99; anchor indices exactly). The decoder is checked in both profiles (prefill,
+then one decode step on the engine's own KV cache). A failing folder is kept as
+``engines/<name>.failed`` and GateFailed is raised; the runtime never picks it up.
+
+Without tensorrt, cuda-python or a CUDA GPU, TrtUnavailable (exit code 2) says in one line what is
+missing, how to install it and that the ONNX graphs are already written, and where.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+from .trt_plan import BuildOptions, BuildPlan, EngineSpec, Gate, PlanError, engine_dir_name, make_plan
+
+__all__ = ["BuildResult", "EngineBuildError", "GateFailed", "TrtUnavailable", "build_engines", "compare",
+           "gate_inputs", "require_tensorrt", "run_gates", "source_hashes"]
+
+
+class TrtUnavailable(ExportError):
+    """tensorrt / cuda-python / a CUDA GPU is missing; the CLI exits with code 2."""
+
+    exit_code = 2
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse a graph or build an engine."""
+
+
+class GateFailed(ExportError):
+    """An engine disagrees with onnxruntime beyond its format's tolerance."""
+
+    def __init__(self, message: object = "", checks=None) -> None:
+        super().__init__(message)
+        self.checks = list(checks or [])
+
+
+@dataclass
+class BuildResult:
+    engine_dir: Path
+    meta: dict
+
+    def __str__(self) -> str:
+        return str(self.engine_dir)
+
+    def to_json(self) -> dict:
+        return {"engine_dir": str(self.engine_dir), **self.meta}
+
+
+def _unavailable(what: str, folder) -> TrtUnavailable:
+    from attanchor_runtime.trt_backend import TRT_INSTALL_HINT
+
+    return TrtUnavailable(f"cannot build TensorRT engines: {what}. Install: {TRT_INSTALL_HINT}. The ONNX graphs are "
+                          f"written in {folder}; build the engines on the target GPU with "
+                          f"`attanchor-export build {folder}`")
+
+
+def require_tensorrt(folder):
+    """(tensorrt module, cuda_util.Cuda) or TrtUnavailable with a one-line explanation."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise _unavailable("the tensorrt Python package is not installed", folder) from None
+    from attanchor_runtime.cuda_util import Cuda, CudaUnavailable
+
+    try:
+        cuda = Cuda()
+    except CudaUnavailable as e:
+        raise _unavailable(str(e), folder) from None
+    return trt, cuda
+
+
+def source_hashes(onnx_path: Path) -> dict[str, str]:
+    """sha256 of an ONNX file and of every external-data file it references, by artifact-relative name."""
+    import onnx
+    from attanchor_runtime.manifest import sha256_of
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = {onnx_path.name}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in init.external_data if e.key == "location")
+    return {n: sha256_of(onnx_path.parent / n) for n in sorted(names)}
+
+
+# ---- building ---------------------------------------------------------------------------------
+def _pin_fp32_layers(trt, network) -> int:
+    """Keep every compute layer whose ONNX type is float32 in fp32 under the FP16 flag."""
+    skip = {getattr(trt.LayerType, n) for n in ("SHAPE", "CONSTANT", "CAST", "IDENTITY", "ASSERTION")
+            if hasattr(trt.LayerType, n)}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in skip or layer.num_outputs == 0:
+            continue
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if all(o.dtype == trt.float32 for o in outputs):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def _build_engine(trt, spec: EngineSpec, folder: Path, out: Path, options: BuildOptions, cache_path: Path,
+                  log) -> dict:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if spec.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    onnx_path = folder / spec.onnx
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        first = errors[0] if errors else None
+        detail = f"{first.desc()} (node {first.node()})" if first is not None else "see the TensorRT log above"
+        raise EngineBuildError(f"TensorRT {trt.__version__} cannot parse {spec.onnx}: {detail}; "
+                               f"`attanchor-export lint {folder}` lists what it does not support")
+    names = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    config.builder_optimization_level = options.builder_optimization_level
+    for flag in spec.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in spec.clear_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for profile in spec.profiles:
+        p = builder.create_optimization_profile()
+        for name, shape in names.items():
+            if all(d >= 0 for d in shape):
+                continue  # static input: no profile entry
+            if name not in profile.shapes:
+                raise EngineBuildError(f"{spec.onnx} input {name} has no shape range in the build plan "
+                                       "(manifest and graph disagree: re-export)")
+            r = profile.shapes[name]
+            p.set_shape(name, r["min"], r["opt"], r["max"])
+        config.add_optimization_profile(p)
+    pinned = _pin_fp32_layers(trt, network) if spec.pin_fp32_layers else 0
+    log(f"building {spec.engine} from {spec.onnx} ({len(spec.profiles)} profile(s))")
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT {trt.__version__} failed to build {spec.engine} from {spec.onnx} "
+                               "(see the TensorRT log above); try a larger --workspace or shorter lengths")
+    data = memoryview(serialized)
+    (out / spec.engine).write_bytes(data)
+    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return {
+        "backend": "tensorrt", "file": spec.engine, "onnx": spec.onnx, "sources": source_hashes(onnx_path),
+        "profiles": [json.loads(json.dumps(p.__dict__)) for p in spec.profiles],
+        "strongly_typed": spec.strongly_typed, "flags": spec.flags, "clear_flags": spec.clear_flags,
+        "pinned_fp32_layers": pinned, "bytes": len(data), "build_seconds": round(seconds, 2),
+    }
+
+
+def build_engines(folder, options: BuildOptions | None = None, *, gate: bool = True, log=None,
+                  **option_overrides) -> BuildResult:
+    """Plan (validated first, without tensorrt), then build every TensorRT engine and gate it."""
+    from attanchor_runtime.manifest import Manifest
+
+    folder = Path(folder)
+    log = log or (lambda message: None)
+    options = options or BuildOptions()
+    if option_overrides:
+        unknown = sorted(set(option_overrides) - set(options.__dict__))
+        if unknown:
+            raise PlanError(f"unknown build option(s): {', '.join(unknown)}")
+        options = BuildOptions(**{**options.__dict__, **option_overrides})
+    manifest = Manifest.load(folder, verify="size")
+    plan = make_plan(manifest, options)
+    trt, cuda = require_tensorrt(folder)
+    info = cuda.device_info()
+    name = engine_dir_name(info.name, info.sm, trt.__version__)
+    root = folder / "engines"
+    final, staging = root / name, root / f".{name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    cache_path = Path(plan.options.timing_cache) if plan.options.timing_cache else staging / "timing.cache"
+    if not plan.options.timing_cache and (final / "timing.cache").is_file():
+        shutil.copy2(final / "timing.cache", cache_path)  # tactics measured by an earlier build on this GPU
+    start = time.perf_counter()
+    records = {}
+    try:
+        for graph, spec in plan.engines.items():
+            if spec.backend == "tensorrt":
+                records[graph] = _build_engine(trt, spec, folder, staging, plan.options, cache_path, log)
+            else:
+                records[graph] = {"backend": spec.backend, "onnx": spec.onnx, "reason": spec.reason}
+        meta = {
+            "format": "attanchor-engines", "format_version": 1,
+            "tensorrt": trt.__version__, "gpu": info.name, "sm": info.sm,
+            "compute_capability": info.compute_capability, "gpu_memory_bytes": info.total_memory,
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "plan": plan.to_json(), "engines": records,
+        }
+        (staging / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if gate:
+            log("gate: engines vs onnxruntime")
+            meta["gate"] = run_gates(manifest, plan, staging, trt=trt, cuda=cuda)
+            (staging / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if gate and not meta["gate"]["passed"]:
+        failed_dir = root / f"{name}.failed"
+        shutil.rmtree(failed_dir, ignore_errors=True)
+        os.replace(staging, failed_dir)
+        bad = [c for c in meta["gate"]["checks"] if not c["passed"]]
+        first = bad[0]
+        raise GateFailed(f"{len(bad)} engine gate check(s) failed, first {first['graph']} {first['case']}: "
+                         f"{first['metric']} {first['value']:.4g} (limit {first['limit']:.4g}); engines kept for "
+                         f"inspection in {failed_dir}", checks=meta["gate"]["checks"])
+    if final.exists():
+        trash = root / f".{name}.old-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return BuildResult(final, meta)
+
+
+# ---- the gate -----------------------------------------------------------------------------------
+def compare(reference: np.ndarray, actual: np.ndarray, gate: Gate, graph: str, case: str) -> dict:
+    """One gate check as a JSON-ready dict (also reports cosine and top-1 where they apply)."""
+    ref = np.asarray(reference, np.float64)
+    got = np.asarray(actual, np.float64)
+    check = {"graph": graph, "case": case, "output": gate.output, "metric": gate.metric, "limit": gate.limit}
+    if ref.shape != got.shape:
+        return {**check, "value": float("inf"), "passed": False, "note": f"shape {got.shape} != {ref.shape}"}
+    if gate.metric == "exact":
+        value = float(np.count_nonzero(ref != got))
+        passed = value == 0
+    elif gate.metric == "max_abs_diff":
+        value = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+        passed = bool(value <= gate.limit)
+    else:  # cosine: the worst row
+        a, b = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+        num = (a * b).sum(-1)
+        den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1), 1.0)
+        value = float(cos.min()) if cos.size else 1.0
+        passed = bool(value >= gate.limit)
+    if np.isnan(got).any():
+        passed, check["note"] = False, "NaN in the engine output"
+    if ref.ndim == 3 and gate.output == "logits":
+        check["top1_agreement"] = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+    return {**check, "value": value, "passed": passed}
+
+
+def gate_inputs(manifest, plan: BuildPlan, seed: int = 0) -> dict:
+    """Fixed inputs within every profile: pixels, a prompt with the image placeholder, decoder embeds."""
+    rng = np.random.default_rng(seed)
+    dims, text = manifest.dims, manifest.text
+    opts = plan.options
+    batch = min(2, opts.max_batch)
+    size = dims["image_size"]
+    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    vocab = dims["vocab_size"]
+    specials = {text.get("image_token_id"), text.get("pad_token_id")}
+    ordinary = np.array([i for i in range(min(vocab, 4096)) if i not in specials], np.int64)
+    emb = plan.engines["embedding"]
+    max_text = emb.profiles[0].dims["text_len"][2] if emb.backend == "tensorrt" else opts.max_input_len
+    text_len = max(2, min(12, max_text))
+    ids = rng.choice(ordinary, size=(batch, text_len))
+    ids[:, min(2, text_len - 1)] = text["image_token_id"]
+    mask = np.ones_like(ids)
+    if batch > 1:  # a left-padded row
+        ids[1, :1], mask[1, :1] = text.get("pad_token_id") or 0, 0
+        ids[1, 1] = ids[0, 0]
+    seq = max(1, min(16, opts.max_input_len))
+    table = np.memmap(manifest.path(manifest.data["embed_table"]["file"]), manifest.data["embed_table"]["dtype"],
+                      "r", shape=tuple(manifest.data["embed_table"]["shape"]))
+    embeds = np.asarray(table[rng.choice(ordinary, size=(batch, seq))], np.float32)
+    dmask = np.ones((batch, seq), np.int64)
+    if batch > 1:
+        dmask[1, :2] = 0
+    positions = np.maximum(np.cumsum(dmask, axis=1) - 1, 0)
+    positions = np.where(dmask == 0, 1, positions)
+    step = np.asarray(table[rng.choice(ordinary, size=(batch, 1))], np.float32)
+    return {"pixel_values": pixels, "input_ids": ids, "text_attention_mask": mask, "inputs_embeds": embeds,
+            "attention_mask": dmask, "position_ids": positions, "step_embeds": step,
+            "threshold": float(manifest.anchor.get("threshold", 0.12))}
+
+
+def run_gates(manifest, plan: BuildPlan, engine_dir: Path, trt=None, cuda=None) -> dict:
+    """Every TensorRT engine against onnxruntime CPU on the same ONNX files."""
+    from attanchor_runtime.sessions import ort_session
+    from attanchor_runtime.trt_backend import TrtBackend
+
+    x = gate_inputs(manifest, plan)
+    backend = TrtBackend(manifest, engine_dir, full_logits=True, trt=trt, cuda=cuda)
+    checks = []
+    try:
+        spec = plan.engines["vision"]
+        vision = ort_session(manifest.path(spec.onnx), "cpu")
+        ref_feats = vision.run(["image_features"], {"pixel_values": x["pixel_values"]})[0]
+        got_feats = backend.vision(x["pixel_values"])
+        checks += [compare(ref_feats, got_feats, g, "vision", f"batch {len(ref_feats)}") for g in spec.gates]
+
+        spec = plan.engines["embedding"]
+        if spec.backend == "tensorrt":
+            session = ort_session(manifest.path(spec.onnx), "cpu")
+            names = ["inputs_embeds", "attention_mask", "position_ids", "gather_index"]
+            feeds = {"input_ids": x["input_ids"], "text_attention_mask": x["text_attention_mask"],
+                     "image_features": ref_feats, "threshold": np.asarray(x["threshold"], np.float32)}
+            ref = dict(zip(names, session.run(names, feeds)))
+            got = backend.embed(x["input_ids"], x["text_attention_mask"], ref_feats, x["threshold"])
+            checks += [compare(ref[g.output], got[g.output], g, "embedding", "anchors") for g in spec.gates]
+
+        spec = plan.engines["decoder"]
+        decoder = ort_session(manifest.path(spec.onnx), "cpu")
+        outputs = [o.name for o in decoder.get_outputs()]
+        batch = len(x["inputs_embeds"])
+        dims = manifest.dims
+        empty = np.zeros((batch, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
+        feeds = {"inputs_embeds": x["inputs_embeds"], "attention_mask": x["attention_mask"],
+                 "position_ids": x["position_ids"], **{n: empty for n in backend.past_names}}
+        ref = decoder.run(outputs, feeds)
+        logits, cache = backend.decode(x["inputs_embeds"], x["attention_mask"], x["position_ids"],
+                                       backend.empty_cache(batch))
+        valid = x["attention_mask"] == 1  # padding positions' logits are undefined (fully masked rows)
+        checks += [compare(ref[0][valid][None], logits[valid][None], g, "decoder", "prefill") for g in spec.gates]
+        mask = np.concatenate([x["attention_mask"], np.ones((batch, 1), np.int64)], axis=1)
+        position = x["position_ids"].max(axis=1, keepdims=True) + 1
+        feeds = {"inputs_embeds": x["step_embeds"], "attention_mask": mask, "position_ids": position,
+                 **dict(zip(backend.past_names, ref[1:]))}
+        ref_step = decoder.run(outputs, feeds)
+        logits, cache = backend.decode(x["step_embeds"], mask, position, cache)
+        checks += [compare(ref_step[0], logits, g, "decoder", "decode step") for g in spec.gates]
+    finally:
+        backend.close()
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}

@@ -1,0 +1,388 @@
+"""The TensorRT engine build plan as plain, JSON-serialisable data. No tensorrt import.
+
+    plan = make_plan(manifest_or_folder, BuildOptions(max_batch=1, max_input_len=768, max_seq_len=2048))
+    plan.to_json()          # what trt_build.py executes and engine.json records
+    print(plan.format_table())
+
+Per graph (``plan.engines[name]`` is an :class:`EngineSpec`):
+
+* vision: one profile, batch 1..max_batch, height/width fixed from the manifest.
+* decoder: two optimization profiles.
+  - ``prefill``: seq_len 1..max_input_len with an empty past, past_len 0..0 (TensorRT 10 accepts
+    zero-volume tensors and zero-sized profile dimensions; the past buffers are still bound to a
+    valid device address). ``empty_past="masked-slot"`` is the fallback for a TensorRT that
+    rejects it: the past holds one zero slot whose attention-mask column is 0, so prefill is
+    past_len 1..1 and every later length is one larger (the runtime adds the slot and the column).
+  - ``decode``: seq_len 1, past_len 1..max_seq_len-1.
+  Every input's min/opt/max comes from one table of named dimensions (batch, seq_len, past_len,
+  total_len = past_len + seq_len) applied to the manifest's symbolic shapes, so all KV inputs and
+  the attention mask agree by construction (TensorRT #1808 / #4199 are profiles where they did not);
+  :func:`profile_problems` re-checks it.
+* embedding: an engine only for a static-K artifact (manifest ``anchor.max_anchors``): output
+  length T - 1 + M + K is a function of input shapes. Without K the output length depends on the
+  data, so it runs on onnxruntime (CPU) and the spec says why.
+
+Precision, from ``manifest.precision`` (``dtype`` fp32|fp16, ``quant`` none|int8|int4):
+
+* graphs holding QuantizeLinear/DequantizeLinear (int8/int4 QDQ): a strongly typed network, no
+  precision flags: TensorRT takes every tensor's type from the graph (fp32 islands stay fp32);
+* fp16 without QDQ: the FP16 flag plus OBEY_PRECISION_CONSTRAINTS, and every layer whose ONNX type
+  is float32 (the norms, softmax, RoPE and logits the fp16 export keeps in fp32) is pinned to fp32;
+* fp32: no flags, and TF32 is cleared (TensorRT enables it by default; fp32 parity and the
+  anchor cosine scores need IEEE fp32 MatMuls) unless ``allow_tf32``;
+* the embedding graph always builds as fp32: its cosine scores decide discrete anchor indices.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ExportError
+
+__all__ = [
+    "BuildOptions", "BuildPlan", "EngineSpec", "Gate", "PlanError", "Profile", "engine_dir_name", "make_plan",
+    "profile_problems", "sm_string", "trt_file",
+]
+
+EMPTY_PAST_MODES = ("zero", "masked-slot")
+PLAN_VERSION = 1
+
+
+class PlanError(ExportError):
+    """Build options that cannot make a valid engine (one line, names the option and the limit)."""
+
+
+@dataclass
+class BuildOptions:
+    max_batch: int = 1
+    max_input_len: int | None = None  # prefill positions incl. image tokens and anchors; default below
+    max_seq_len: int | None = None  # prompt + generated positions; default min(model max, 2048)
+    opt_batch: int | None = None  # default 1 (TensorRT tunes kernels for the opt shape)
+    opt_input_len: int | None = None  # default min(max_input_len, image tokens + 64): one image, a question
+    opt_past_len: int | None = None  # default min(max_seq_len - 1, opt_input_len + 32)
+    workspace_mib: int = 1024
+    timing_cache: str | None = None  # None: <engine dir>/timing.cache; reused across builds on one device
+    builder_optimization_level: int = 3
+    allow_tf32: bool = False
+    empty_past: str = "zero"
+    embedding_engine: bool = True  # build the static-K embedding engine when the artifact allows it
+    gate_cosine: float = 0.99  # non-fp32 engines: logits cosine vs onnxruntime
+    gate_fp32_atol: float = 1e-3  # fp32 engines: max |logits - onnxruntime|
+
+
+@dataclass
+class Profile:
+    name: str
+    dims: dict[str, list[int]]  # named dimension -> [min, opt, max]
+    shapes: dict[str, dict[str, list[int]]]  # input -> {"min": [...], "opt": [...], "max": [...]}
+
+
+@dataclass
+class Gate:
+    output: str
+    metric: str  # "max_abs_diff" | "cosine" | "exact"
+    limit: float
+
+
+@dataclass
+class EngineSpec:
+    graph: str
+    backend: str  # "tensorrt" | "onnxruntime"
+    onnx: str  # artifact-relative ONNX file
+    engine: str | None = None  # plan file name inside the engine folder
+    profiles: list[Profile] = field(default_factory=list)
+    strongly_typed: bool = False
+    flags: list[str] = field(default_factory=list)  # trt.BuilderFlag names to set
+    clear_flags: list[str] = field(default_factory=list)  # trt.BuilderFlag names to clear
+    pin_fp32_layers: bool = False
+    gates: list[Gate] = field(default_factory=list)
+    reason: str | None = None  # why onnxruntime, when it is
+    notes: list[str] = field(default_factory=list)
+
+    def profile(self, name: str) -> Profile:
+        return next(p for p in self.profiles if p.name == name)
+
+
+@dataclass
+class BuildPlan:
+    artifact: str
+    precision: dict
+    options: BuildOptions
+    engines: dict[str, EngineSpec]
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+    @classmethod
+    def from_json(cls, data: dict) -> BuildPlan:
+        engines = {}
+        for name, e in data["engines"].items():
+            e = dict(e)
+            e["profiles"] = [Profile(**p) for p in e.get("profiles", [])]
+            e["gates"] = [Gate(**g) for g in e.get("gates", [])]
+            engines[name] = EngineSpec(**e)
+        return cls(data["artifact"], data["precision"], BuildOptions(**data["options"]), engines,
+                   data.get("version", PLAN_VERSION))
+
+    def format_table(self) -> str:
+        lines = [f"build plan for {self.artifact} ({self.precision.get('dtype', 'fp32')}/"
+                 f"{self.precision.get('quant', 'none')}, workspace {self.options.workspace_mib} MiB)"]
+        for spec in self.engines.values():
+            if spec.backend != "tensorrt":
+                lines.append(f"  {spec.graph:<10} onnxruntime: {spec.reason}")
+                continue
+            mode = "strongly typed" if spec.strongly_typed else ("flags " + "+".join(spec.flags) if spec.flags
+                                                                 else "fp32")
+            if "TF32" in spec.clear_flags:
+                mode += ", TF32 off"
+            lines.append(f"  {spec.graph:<10} {spec.engine} ({mode})")
+            for p in spec.profiles:
+                dims = ", ".join(f"{k} {v[0]}..{v[2]} (opt {v[1]})" for k, v in p.dims.items())
+                lines.append(f"    profile {p.name}: {dims}")
+        return "\n".join(lines)
+
+
+def engine_dir_name(gpu_name: str, sm, trt_version: str) -> str:
+    """"<gpu-slug>-sm<cc>-trt<version>", e.g. ("Orin", (8, 7), "10.3.0.30") -> "orin-sm87-trt10.3.0.30"."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(gpu_name).lower()).strip("-") or "gpu"
+    return f"{slug}-sm{sm_string(sm)}-trt{re.sub(r'[^0-9A-Za-z.]+', '', str(trt_version))}"
+
+
+def sm_string(sm) -> str:
+    """Compute capability as digits: (8, 7), "8.7", "sm_87", 87 -> "87"."""
+    if isinstance(sm, (tuple, list)):
+        return f"{int(sm[0])}{int(sm[1])}"
+    text = str(sm).lower().removeprefix("sm_").removeprefix("sm")
+    if "." in text:
+        major, minor = text.split(".", 1)
+        return f"{int(major)}{int(minor)}"
+    if not text.isdigit():
+        raise ValueError(f"cannot read a compute capability from {sm!r}")
+    return text
+
+
+# ---- plan construction ------------------------------------------------------------------------
+def _load_manifest(manifest):
+    """A Manifest, a manifest dict (with an optional "folder") or an artifact folder."""
+    if isinstance(manifest, (str, Path)):
+        from attanchor_runtime.manifest import Manifest
+
+        manifest = Manifest.load(manifest, verify="none")
+    if hasattr(manifest, "data"):
+        return manifest.data, Path(manifest.folder)
+    return manifest, Path(manifest.get("folder", "."))
+
+
+def trt_file(data: dict, graph: str) -> str:
+    """The ONNX file TensorRT builds for `graph`: precision.backends.trt.<graph> (quantize.py), the older
+    precision.decoder_files.trt, else the graph's own file."""
+    precision = data.get("precision") or {}
+    backends = (precision.get("backends") or {}).get("trt")
+    if backends is not None and graph in backends:
+        if backends[graph] is None:
+            raise PlanError(f"this artifact has no TensorRT form of its {graph} graph ({precision.get('quant')} was "
+                            "written for onnxruntime only): re-export with the QDQ form")
+        return backends[graph]
+    if graph == "decoder" and (precision.get("decoder_files") or {}).get("trt"):
+        return precision["decoder_files"]["trt"]
+    return data["graphs"][graph]["file"]
+
+
+def _graph_has_qdq(path: Path) -> bool | None:
+    if not path.is_file():
+        return None
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    return bool(ops & {"QuantizeLinear", "DequantizeLinear"})
+
+
+def _precision_rules(graph: str, precision: dict, has_qdq: bool | None, options: BuildOptions):
+    """(strongly_typed, flags, clear_flags, pin_fp32_layers) for one graph."""
+    dtype, quant = precision.get("dtype", "fp32"), precision.get("quant", "none")
+    if dtype not in ("fp32", "fp16") or quant not in ("none", "int8", "int4"):
+        raise PlanError(f"unknown artifact precision dtype={dtype!r} quant={quant!r}: expected fp32|fp16 and "
+                        "none|int8|int4")
+    clear = [] if options.allow_tf32 else ["TF32"]
+    if graph == "embedding":
+        return False, [], clear, False
+    qdq = has_qdq if has_qdq is not None else (quant != "none" and graph == "decoder")
+    if qdq:
+        return True, [], clear, False
+    if dtype == "fp16":
+        return False, ["FP16", "OBEY_PRECISION_CONSTRAINTS"], clear, True
+    return False, [], clear, False
+
+
+def _shapes(inputs: list[dict], dims: dict[str, list[int]], graph: str) -> dict[str, dict[str, list[int]]]:
+    shapes = {}
+    for spec in inputs:
+        ranges = {"min": [], "opt": [], "max": []}
+        for axis in spec["shape"]:
+            if isinstance(axis, int):
+                values = (axis, axis, axis)
+            elif axis in dims:
+                values = dims[axis]
+            else:
+                raise PlanError(f"{graph} input {spec['name']} has a dimension {axis!r} the build plan does not know")
+            for key, value in zip(("min", "opt", "max"), values):
+                ranges[key].append(int(value))
+        shapes[spec["name"]] = ranges
+    return shapes
+
+
+def _check_range(name: str, value: int, lo: int, hi: int, hint: str = "") -> int:
+    if not lo <= value <= hi:
+        raise PlanError(f"{name} must be within {lo}..{hi}, got {value}{hint}")
+    return value
+
+
+def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool = True) -> BuildPlan:
+    """The engine specs for an artifact; raises PlanError (one line) for options that cannot work."""
+    options = options or BuildOptions()
+    data, folder = _load_manifest(manifest)
+    dims, graphs = data["dims"], data["graphs"]
+    precision = dict(data.get("precision") or {"dtype": "fp32", "quant": "none"})
+    image_tokens = int(dims["image_tokens"])
+    max_positions = int(dims["max_position_embeddings"])
+
+    # -- options -----------------------------------------------------------------------------
+    if options.max_batch < 1:
+        raise PlanError(f"max_batch must be >= 1, got {options.max_batch}")
+    max_seq = options.max_seq_len if options.max_seq_len is not None else min(max_positions, 2048)
+    if max_seq > max_positions:
+        raise PlanError(f"max_seq_len {max_seq} exceeds the model's max_position_embeddings ({max_positions})")
+    if max_seq < 2:
+        raise PlanError(f"max_seq_len must be >= 2 (a prompt position and a generated token), got {max_seq}")
+    max_in = options.max_input_len if options.max_input_len is not None else min(max_seq, image_tokens + 512)
+    if max_in > max_seq:
+        raise PlanError(f"max_input_len {max_in} exceeds max_seq_len {max_seq}")
+    if max_in < image_tokens + 1:
+        raise PlanError(f"max_input_len {max_in} cannot hold the {image_tokens} image tokens and a text token: "
+                        f"use a max_input_len >= {image_tokens + 1}")
+    opt_batch = _check_range("opt_batch", options.opt_batch or 1, 1, options.max_batch)
+    opt_in = _check_range("opt_input_len", options.opt_input_len or min(max_in, image_tokens + 64), 1, max_in)
+    opt_past = _check_range("opt_past_len", options.opt_past_len or min(max_seq - 1, opt_in + 32), 1, max_seq - 1)
+    if options.workspace_mib < 1:
+        raise PlanError(f"workspace must be >= 1 MiB, got {options.workspace_mib}")
+    _check_range("builder_optimization_level", options.builder_optimization_level, 0, 5)
+    if options.empty_past not in EMPTY_PAST_MODES:
+        raise PlanError(f"empty_past must be one of {', '.join(EMPTY_PAST_MODES)}, got {options.empty_past!r}")
+    fp32_dtype = precision.get("dtype", "fp32") == "fp32"
+    batch = [1, opt_batch, options.max_batch]
+
+    def gates(output: str, strongly_typed: bool) -> list[Gate]:
+        """fp32 graphs (no QDQ) get the fp32 tolerance, fp16 and quantized ones the cosine floor."""
+        if fp32_dtype and not strongly_typed:
+            return [Gate(output, "max_abs_diff", options.gate_fp32_atol)]
+        return [Gate(output, "cosine", options.gate_cosine)]
+
+    def qdq(file: str) -> bool | None:
+        return _graph_has_qdq(folder / file) if inspect_onnx else None
+
+    engines: dict[str, EngineSpec] = {}
+
+    # -- vision --------------------------------------------------------------------------------
+    vision = graphs["vision"]
+    vision_file = trt_file(data, "vision")
+    st, flags, clear, pin = _precision_rules("vision", precision, qdq(vision_file), options)
+    engines["vision"] = EngineSpec(
+        "vision", "tensorrt", vision_file, "vision.plan",
+        [Profile("all", {"batch": batch}, _shapes(vision["inputs"], {"batch": batch}, "vision"))],
+        st, flags, clear, pin, gates("image_features", st),
+    )
+
+    # -- embedding -----------------------------------------------------------------------------
+    emb = graphs["embedding"]
+    k = data.get("anchor", {}).get("max_anchors")
+    if emb.get("notes", {}).get("data_dependent_shapes", not k) or not k:
+        engines["embedding"] = EngineSpec(
+            "embedding", "onnxruntime", emb["file"],
+            reason="output length depends on how many anchors each prompt gets (no max_anchors budget in the "
+                   "artifact); it runs on onnxruntime CPU. Export with --max-anchors K for a TensorRT engine",
+        )
+    elif not options.embedding_engine:
+        engines["embedding"] = EngineSpec("embedding", "onnxruntime", emb["file"],
+                                          reason="embedding engine disabled by the build options")
+    else:
+        max_text = max_in - image_tokens - int(k) + 1  # L = T - 1 + M + K <= max_input_len
+        if max_text < 1:
+            raise PlanError(f"max_input_len {max_in} leaves no room for text with {image_tokens} image tokens and "
+                            f"{k} anchors: use a max_input_len >= {image_tokens + int(k)}")
+        opt_text = max(1, min(max_text, opt_in - image_tokens - int(k) + 1))
+        emb_dims = {"batch": batch, "text_len": [1, opt_text, max_text]}
+        st, flags, clear, pin = _precision_rules("embedding", precision, None, options)
+        engines["embedding"] = EngineSpec(
+            "embedding", "tensorrt", emb["file"], "embedding.plan",
+            [Profile("all", emb_dims, _shapes(emb["inputs"], emb_dims, "embedding"))],
+            st, flags, clear, pin,
+            [Gate("gather_index", "exact", 0.0), Gate("attention_mask", "exact", 0.0),
+             Gate("inputs_embeds", "max_abs_diff", 1e-6)],
+            notes=[f"text_len <= {max_text} so that T - 1 + {image_tokens} + {k} <= max_input_len {max_in}",
+                   "the engine embeds the token table as weights (a second copy beside embed_tokens.bin)"],
+        )
+
+    # -- decoder -------------------------------------------------------------------------------
+    dec = graphs["decoder"]
+    dec_file = trt_file(data, "decoder")
+    slot = 1 if options.empty_past == "masked-slot" else 0
+    prefill = {"batch": batch, "seq_len": [1, opt_in, max_in], "past_len": [slot, slot, slot]}
+    decode = {"batch": batch, "seq_len": [1, 1, 1], "past_len": [1 + slot, opt_past + slot, max_seq - 1 + slot]}
+    profiles = []
+    for name, d in (("prefill", prefill), ("decode", decode)):
+        d["total_len"] = [p + s for p, s in zip(d["past_len"], d["seq_len"])]
+        profiles.append(Profile(name, d, _shapes(dec["inputs"], d, "decoder")))
+    st, flags, clear, pin = _precision_rules("decoder", precision, qdq(dec_file), options)
+    notes = [f"max_seq_len {max_seq}: prompt + generated positions; max_input_len {max_in}: prefill positions "
+             "including image tokens and anchors"]
+    if slot:
+        notes.append("masked-slot empty past: the cache holds one extra zero slot masked out by attention_mask")
+    engines["decoder"] = EngineSpec("decoder", "tensorrt", dec_file, "decoder.plan", profiles, st, flags, clear, pin,
+                                    gates("logits", st), notes=notes)
+
+    options = BuildOptions(**{**asdict(options), "max_seq_len": max_seq, "max_input_len": max_in,
+                              "opt_batch": opt_batch, "opt_input_len": opt_in, "opt_past_len": opt_past})
+    plan = BuildPlan(str(folder), precision, options, engines)
+    problems = [p for spec in engines.values() for p in profile_problems(spec)]
+    if problems:  # construction above makes this unreachable; a guard against future edits
+        raise PlanError(f"inconsistent TensorRT profiles: {problems[0]}")
+    return plan
+
+
+def profile_problems(spec: EngineSpec) -> list[str]:
+    """Consistency checks TensorRT would otherwise report at build or run time (one string each)."""
+    problems = []
+    for p in spec.profiles:
+        for name, r in p.shapes.items():
+            if not (len(r["min"]) == len(r["opt"]) == len(r["max"])):
+                problems.append(f"{p.name}: {name} min/opt/max ranks differ")
+                continue
+            for lo, mid, hi in zip(r["min"], r["opt"], r["max"]):
+                if not 0 <= lo <= mid <= hi:
+                    problems.append(f"{p.name}: {name} needs 0 <= min <= opt <= max, got {r}")
+                    break
+        kv = {n: r for n, r in p.shapes.items() if n.startswith("past_key_values.")}
+        if kv:
+            first = next(iter(kv.values()))
+            for name, r in kv.items():
+                if r != first:
+                    problems.append(f"{p.name}: {name} differs from the other KV inputs")
+        if "attention_mask" in p.shapes and "inputs_embeds" in p.shapes and kv:
+            mask, emb, past = p.shapes["attention_mask"], p.shapes["inputs_embeds"], next(iter(kv.values()))
+            for key in ("min", "opt", "max"):
+                if mask[key][1] != past[key][2] + emb[key][1]:
+                    problems.append(f"{p.name}: attention_mask {key} length {mask[key][1]} != past "
+                                    f"{past[key][2]} + seq {emb[key][1]}")
+        if "batch" in p.dims:
+            for name, r in p.shapes.items():
+                if r["min"] and [r["min"][0], r["opt"][0], r["max"][0]] != list(p.dims["batch"]):
+                    problems.append(f"{p.name}: {name} batch range differs from {p.dims['batch']}")
+    return problems

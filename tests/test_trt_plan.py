@@ -1,0 +1,213 @@
+"""The TensorRT build plan as plain data: profiles, consistency, precision flags, option errors. CPU only."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from attanchor_export.graph_specs import decoder_spec, embedding_spec, vision_spec
+from attanchor_export.trt_build import compare
+from attanchor_export.trt_plan import (
+    BuildOptions,
+    BuildPlan,
+    Gate,
+    PlanError,
+    engine_dir_name,
+    make_plan,
+    profile_problems,
+    sm_string,
+)
+
+M, HIDDEN, HEADS, HEAD_DIM, LAYERS = 25, 64, 2, 16, 3
+
+
+def manifest(max_anchors=None, precision=None, max_positions=512, **extra) -> dict:
+    dims = SimpleNamespace(image_size=30, image_tokens=M, hidden_size=HIDDEN, num_kv_heads=HEADS,
+                           head_dim=HEAD_DIM, num_layers=LAYERS, vocab_size=672)
+    specs = {"vision": vision_spec(dims), "embedding": embedding_spec(dims, max_anchors),
+             "decoder": decoder_spec(dims)}
+    return {
+        "folder": "/nonexistent-artifact",
+        "dims": {**vars(dims), "max_position_embeddings": max_positions},
+        "graphs": {name: spec.to_json() for name, spec in specs.items()},
+        "anchor": {"mode": "t2i", "threshold": 0.12, "max_anchors": max_anchors},
+        "precision": precision or {"dtype": "fp32", "quant": "none"},
+        **extra,
+    }
+
+
+def plan_for(options=None, **kwargs) -> BuildPlan:
+    return make_plan(manifest(**kwargs), options or BuildOptions(max_batch=4, max_input_len=96, max_seq_len=256),
+                     inspect_onnx=False)
+
+
+KV = [f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]
+
+
+def test_decoder_has_prefill_and_decode_profiles():
+    plan = plan_for()
+    decoder = plan.engines["decoder"]
+    assert decoder.backend == "tensorrt" and decoder.engine == "decoder.plan"
+    assert [p.name for p in decoder.profiles] == ["prefill", "decode"]
+    prefill, decode = decoder.profiles
+    # Prefill: an empty past (zero-size dimension), seq 1..max_input_len.
+    assert prefill.dims["past_len"] == [0, 0, 0]
+    assert prefill.dims["seq_len"][0::2] == [1, 96]
+    assert prefill.shapes["inputs_embeds"]["max"] == [4, 96, HIDDEN]
+    assert prefill.shapes[KV[0]] == {"min": [1, HEADS, 0, HEAD_DIM], "opt": [1, HEADS, 0, HEAD_DIM],
+                                     "max": [4, HEADS, 0, HEAD_DIM]}
+    assert prefill.shapes["attention_mask"]["max"] == [4, 96]
+    # Decode: one token against 1..max_seq_len-1 cached positions.
+    assert decode.dims["seq_len"] == [1, 1, 1]
+    assert decode.dims["past_len"][0::2] == [1, 255]
+    assert decode.shapes["attention_mask"]["min"] == [1, 2] and decode.shapes["attention_mask"]["max"] == [4, 256]
+    assert decode.shapes["position_ids"]["max"] == [4, 1]
+
+
+@pytest.mark.parametrize("empty_past", ["zero", "masked-slot"])
+def test_kv_and_mask_ranges_are_consistent(empty_past):
+    plan = plan_for(BuildOptions(max_batch=2, max_input_len=64, max_seq_len=128, empty_past=empty_past))
+    decoder = plan.engines["decoder"]
+    assert profile_problems(decoder) == []
+    for profile in decoder.profiles:
+        kv = [profile.shapes[name] for name in KV]
+        assert all(r == kv[0] for r in kv), "every KV input shares one range"
+        for key in ("min", "opt", "max"):
+            mask, embeds = profile.shapes["attention_mask"][key], profile.shapes["inputs_embeds"][key]
+            assert mask[1] == kv[0][key][2] + embeds[1], "total_len = past_len + seq_len"
+            assert {mask[0], embeds[0], kv[0][key][0], profile.shapes["position_ids"][key][0]} == \
+                {profile.dims["batch"][["min", "opt", "max"].index(key)]}
+    slot = 1 if empty_past == "masked-slot" else 0
+    assert decoder.profile("prefill").dims["past_len"] == [slot] * 3
+    assert decoder.profile("decode").dims["total_len"][2] == 128 + slot
+
+
+def test_profile_problems_catches_inconsistent_edits():
+    decoder = plan_for().engines["decoder"]
+    decode = decoder.profile("decode")
+    decode.shapes[KV[3]]["max"][2] += 1  # one KV input longer than the others (TensorRT #1808)
+    decode.shapes["attention_mask"]["opt"][1] += 1
+    problems = profile_problems(decoder)
+    assert any(KV[3] in p for p in problems)
+    assert any("attention_mask opt" in p for p in problems)
+
+
+def test_plan_json_round_trip():
+    plan = plan_for(max_anchors=4)
+    text = json.dumps(plan.to_json())
+    again = BuildPlan.from_json(json.loads(text))
+    assert again == plan
+    assert "profile prefill" in plan.format_table() and "profile decode" in plan.format_table()
+
+
+def test_vision_profile_over_batch_at_fixed_size():
+    vision = plan_for(BuildOptions(max_batch=3, max_input_len=64, max_seq_len=128)).engines["vision"]
+    (profile,) = vision.profiles
+    assert profile.shapes["pixel_values"] == {"min": [1, 3, 30, 30], "opt": [1, 3, 30, 30], "max": [3, 3, 30, 30]}
+
+
+def test_embedding_engine_only_with_a_budget():
+    no_k = plan_for().engines["embedding"]
+    assert no_k.backend == "onnxruntime" and no_k.engine is None
+    assert "max-anchors" in no_k.reason and "onnxruntime" in no_k.reason
+    with_k = plan_for(max_anchors=4).engines["embedding"]
+    assert with_k.backend == "tensorrt" and with_k.engine == "embedding.plan"
+    (profile,) = with_k.profiles
+    max_text = 96 - M - 4 + 1  # T - 1 + M + K <= max_input_len
+    assert profile.dims["text_len"][2] == max_text
+    assert profile.shapes["input_ids"]["max"] == [4, max_text]
+    assert "threshold" in profile.shapes and profile.shapes["threshold"]["max"] == []
+    assert {g.metric for g in with_k.gates} >= {"exact"}
+    disabled = plan_for(BuildOptions(max_input_len=96, max_seq_len=256, embedding_engine=False), max_anchors=4)
+    assert disabled.engines["embedding"].backend == "onnxruntime"
+
+
+def test_precision_flags():
+    fp32 = plan_for()
+    for spec in (fp32.engines["vision"], fp32.engines["decoder"]):
+        assert spec.flags == [] and spec.clear_flags == ["TF32"] and not spec.strongly_typed
+    fp16 = plan_for(precision={"dtype": "fp16", "quant": "none"})
+    assert fp16.engines["decoder"].flags == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert fp16.engines["decoder"].pin_fp32_layers
+    assert [g.metric for g in fp16.engines["decoder"].gates] == ["cosine"]
+    int4 = plan_for(precision={"dtype": "fp16", "quant": "int4",
+                               "backends": {"trt": {"vision": "vision.onnx", "decoder": "decoder.trt.onnx"}}},
+                    max_anchors=4)
+    decoder = int4.engines["decoder"]
+    assert decoder.strongly_typed and decoder.flags == [] and decoder.onnx == "decoder.trt.onnx"
+    # The anchor graph always builds as fp32 (its scores pick discrete indices).
+    assert int4.engines["embedding"].flags == [] and not int4.engines["embedding"].strongly_typed
+    tf32 = plan_for(BuildOptions(max_input_len=96, max_seq_len=256, allow_tf32=True))
+    assert tf32.engines["decoder"].clear_flags == []
+
+
+def test_no_trt_form_is_an_error():
+    with pytest.raises(PlanError, match="no TensorRT form of its decoder"):
+        plan_for(precision={"dtype": "fp32", "quant": "int4", "backends": {"trt": {"decoder": None}}})
+
+
+def test_defaults_follow_the_model():
+    plan = make_plan(manifest(max_positions=4096), inspect_onnx=False)
+    assert plan.options.max_seq_len == 2048 and plan.options.max_input_len == M + 512
+    small = make_plan(manifest(max_positions=64), inspect_onnx=False)
+    assert small.options.max_seq_len == 64 and small.options.max_input_len == 64
+
+
+@pytest.mark.parametrize(
+    ("options", "kwargs", "message"),
+    [
+        (dict(max_input_len=300, max_seq_len=256), {}, "max_input_len 300 exceeds max_seq_len 256"),
+        (dict(max_seq_len=1024), {}, "exceeds the model's max_position_embeddings"),
+        (dict(max_input_len=20, max_seq_len=256), {}, "cannot hold the 25 image tokens"),
+        (dict(max_batch=0), {}, "max_batch must be >= 1"),
+        (dict(max_batch=2, opt_batch=3), {}, "opt_batch must be within 1..2"),
+        (dict(max_seq_len=1), {}, "max_seq_len must be >= 2"),
+        (dict(workspace_mib=0), {}, "workspace"),
+        (dict(empty_past="none"), {}, "empty_past"),
+        (dict(builder_optimization_level=9), {}, "builder_optimization_level"),
+        (dict(max_input_len=28, max_seq_len=256), {"max_anchors": 4}, "leaves no room for text"),
+        ({}, {"precision": {"dtype": "bf16", "quant": "none"}}, "unknown artifact precision"),
+    ],
+)
+def test_option_errors_are_one_line(options, kwargs, message):
+    with pytest.raises(PlanError) as info:
+        make_plan(manifest(**kwargs), BuildOptions(**options), inspect_onnx=False)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_engine_dir_name():
+    assert engine_dir_name("Orin", (8, 7), "10.3.0.30") == "orin-sm87-trt10.3.0.30"
+    assert engine_dir_name("NVIDIA GeForce RTX 4090", "8.9", "10.7.0") == "nvidia-geforce-rtx-4090-sm89-trt10.7.0"
+    assert engine_dir_name("NVIDIA H100 80GB HBM3", "sm_90", "10.15.1") == "nvidia-h100-80gb-hbm3-sm90-trt10.15.1"
+    assert sm_string(87) == "87" and sm_string("12.0") == "120"
+
+
+def test_plan_from_a_real_artifact(artifact):
+    plan = make_plan(artifact("siglip-t2i-k4"), BuildOptions(max_input_len=64, max_seq_len=128))
+    assert plan.engines["embedding"].backend == "tensorrt"
+    assert plan.engines["decoder"].profile("prefill").shapes["past_key_values.0.key"]["max"][2] == 0
+    assert profile_problems(plan.engines["decoder"]) == []
+
+
+# ---- the gate's comparison --------------------------------------------------------------------------
+def test_compare_metrics():
+    ref = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    ok = compare(ref, ref + 5e-4, Gate("logits", "max_abs_diff", 1e-3), "decoder", "prefill")
+    assert ok["passed"] and ok["top1_agreement"] == 1.0
+    bad = compare(ref, ref + 2e-3, Gate("logits", "max_abs_diff", 1e-3), "decoder", "prefill")
+    assert not bad["passed"]
+    cos = compare(ref, ref * 3.0, Gate("logits", "cosine", 0.99), "decoder", "prefill")
+    assert cos["passed"] and cos["value"] == pytest.approx(1.0)
+    flipped = compare(ref, -ref, Gate("logits", "cosine", 0.99), "decoder", "prefill")
+    assert not flipped["passed"]
+    nan = ref.copy()
+    nan[0, 0, 0] = np.nan
+    assert not compare(ref, nan, Gate("logits", "cosine", 0.0), "decoder", "x")["passed"]
+    idx = np.array([[1, 2, 3]])
+    assert compare(idx, idx, Gate("gather_index", "exact", 0), "embedding", "a")["passed"]
+    assert not compare(idx, idx[:, ::-1], Gate("gather_index", "exact", 0), "embedding", "a")["passed"]
+    assert not compare(idx, idx[:, :2], Gate("gather_index", "exact", 0), "embedding", "a")["passed"]
