@@ -141,6 +141,10 @@ def _default_output(model: str) -> Path:
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
               help="int4 block size.")
 @click.option("--calib", help="Calibration images: a folder or JSONL of {image, prompt} (int8 TensorRT).")
+@click.option("--quantize-lm-head", is_flag=True, help="Also quantize lm_head (smaller, less accurate).")
+@click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
+@click.option("--gate-floor", multiple=True, metavar="METRIC=VALUE",
+              help="Tighten or relax the accuracy gate, e.g. cos_mean=0.99 (see docs/QUANTIZATION.md).")
 @click.option("--threshold", type=float, default=0.12, show_default=True, help="Default anchor threshold.")
 @click.option("--mode", type=click.Choice(["t2i", "i2t"]), default="t2i", show_default=True)
 @click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
@@ -153,8 +157,9 @@ def _default_output(model: str) -> Path:
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
-def export_cmd(model, output, trt, dtype, quant, block_size, calib, threshold, mode, max_anchors, opset,
-               last_logits_only, force, no_validate, trust_remote_code, revision, quiet, as_json):
+def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, gate_floor,
+               threshold, mode, max_anchors, opset, last_logits_only, force, no_validate, trust_remote_code,
+               revision, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
     from .exporter import ExportOptions, export_artifact
 
@@ -164,7 +169,8 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, threshold, m
         output=output, mode=mode, threshold=threshold, max_anchors=max_anchors, opset=opset,
         last_logits_only=last_logits_only, force=force, validate=not no_validate,
         trust_remote_code=trust_remote_code, revision=revision, dtype=dtype, quant=quant,
-        block_size=int(block_size), calib=calib,
+        block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
+        quantize_vision=quantize_vision, gate_floors=_parse_floors(gate_floor),
     )
     result = export_artifact(model, options, report.step)
     engines = None
@@ -179,7 +185,25 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, threshold, m
             from .report import print_checks
 
             print_checks(result.checks, summary=True)
+        gate = result.manifest.get("precision", {}).get("gate")
+        if gate and gate.get("results"):
+            from .checks import gate_summary
+
+            report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
+
+
+def _parse_floors(items) -> dict | None:
+    floors = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            floors[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected METRIC=NUMBER, e.g. cos_mean=0.99", param_hint="--gate-floor")
+    return floors or None
 
 
 def _build_engines(folder: Path, report: Reporter, **options):

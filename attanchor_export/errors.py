@@ -4,12 +4,9 @@ what to do next. Messages are collapsed to a single line whatever the caller pas
 
 from __future__ import annotations
 
+from attanchor_runtime.errors import one_line
+
 __all__ = ["CheckpointError", "ExportError", "UnsupportedArchitecture", "ValidationFailed", "one_line"]
-
-
-def one_line(text: object) -> str:
-    """Collapse whitespace (including newlines) so a message prints as one line."""
-    return " ".join(str(text).split())
 
 
 class ExportError(RuntimeError):

@@ -1,7 +1,6 @@
 """decoder.onnx: the language model with explicit position ids and a flat KV cache.
 
-One graph serves prefill (past_len 0) and decode (seq_len 1). Traced with torch.onnx's dynamo
-exporter: the TorchScript exporter cannot trace DynamicCache and bakes traced lengths into the graph.
+One graph serves prefill (past_len 0) and decode (seq_len 1).
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import torch
 from torch.export import Dim
 
 from .graph_specs import BATCH, PAST_LEN, SEQ_LEN, TOTAL_LEN, GraphSpec, kv_names
+from .tracing import trace_to_onnx
 
 
 class DecoderWithCache(torch.nn.Module):
@@ -61,7 +61,6 @@ def example_inputs(dims, batch=2, seq=5, past=3, dtype=torch.float32):
 
 def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, opset: int) -> None:
     module = DecoderWithCache(language_model, lm_head, dims.num_layers, spec.notes.get("last_logits_only", False))
-    module.eval()
     batch, seq, past, total = Dim(BATCH), Dim(SEQ_LEN), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN)
     dynamic_shapes = {
         "inputs_embeds": {0: batch, 1: seq},
@@ -70,19 +69,7 @@ def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, o
         # One tuple of dims for the whole *past argument: dynamic_shapes mirrors the argument structure.
         "past": tuple({0: batch, 2: past} for _ in range(2 * dims.num_layers)),
     }
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            example_inputs(dims),
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            opset_version=opset,
-            optimize=True,
-            verbose=False,
-        )
-    program.save(str(path), external_data=True)
+    trace_to_onnx(module, example_inputs(dims), dynamic_shapes, spec, path, opset)
 
 
 __all__ = ["DecoderWithCache", "export_decoder", "example_inputs", "kv_names"]

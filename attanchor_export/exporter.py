@@ -51,6 +51,9 @@ class ExportOptions:
     quant: str = "none"  # int8 | int4 (weight-only, blockwise)
     block_size: int = 128
     calib: str | None = None
+    quantize_lm_head: bool = False
+    quantize_vision: bool = False
+    gate_floors: dict | None = None  # overrides of accuracy_gate.GATE_FLOORS for this format
 
 
 @dataclass
@@ -219,7 +222,31 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
                     f"the artifact is kept for inspection at {failed_folder}",
                     checks=checks,
                 )
+        if options.dtype != "fp32" or options.quant != "none":
+            _quantize(staging, data, options, steps)
+            result.manifest = data
     return result
+
+
+def _quantize(staging, data: dict, options: ExportOptions, steps) -> None:
+    """After the fp32 graphs passed parity: rewrite them to the requested precision and gate them."""
+    from .accuracy_gate import AccuracyGateFailed
+    from .quantize import quantize_artifact
+
+    try:
+        update = quantize_artifact(
+            staging.path, data, options.dtype, options.quant, options.block_size, options.calib,
+            quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
+            floors=options.gate_floors,
+        )
+    except AccuracyGateFailed as e:
+        data["precision"] = e.precision or data["precision"]
+        write_manifest(staging.path, data)
+        failed_folder = staging.fail()
+        raise AccuracyGateFailed(f"{e}; the artifact is kept for inspection at {failed_folder}",
+                                 results=e.results, precision=e.precision) from None
+    data["precision"] = update["precision"]
+    write_manifest(staging.path, data)
 
 
 __all__ = ["ExportOptions", "ExportResult", "export_artifact"]

@@ -15,7 +15,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         key = (r["graph"], metric)
         g = groups.setdefault(key, {**r, "case": 0, "value": r["value"], "passed": True})
         g["case"] += 1
-        g["value"] = max(g["value"], r["value"])
+        worst = min if r.get("higher_is_better") else max
+        g["value"] = worst(g["value"], r["value"])
         g["passed"] = g["passed"] and r["passed"]
     return [{**g, "case": f"{g['case']} cases, worst"} for g in groups.values()]
 

@@ -18,20 +18,20 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None):
         self.manifest, self.device = manifest, device
-        self.vision_session = ort_session(manifest.graph_path("vision"), device, threads)
+        self.vision_session = ort_session(self._graph_file("vision"), device, threads)
         # The anchor graph is tiny and partly data-dependent: it runs on the CPU everywhere.
         self.embedding_session = ort_session(manifest.graph_path("embedding"), "cpu", threads)
-        self.decoder_session = ort_session(self._decoder_file(), device, threads)
+        self.decoder_session = ort_session(self._graph_file("decoder"), device, threads)
         dims = manifest.dims
         self.num_layers = dims["num_layers"]
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
         self.output_names = [o.name for o in self.decoder_session.get_outputs()]
         self._empty = np.zeros((0, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
 
-    def _decoder_file(self):
-        # Quantized artifacts may carry a backend-specific decoder (e.g. MatMulNBits for onnxruntime).
-        files = self.manifest.precision.get("decoder_files", {})
-        return self.manifest.path(files.get("ort", self.manifest.graphs["decoder"]["file"]))
+    def _graph_file(self, graph: str):
+        # Quantized artifacts name a file per backend (e.g. MatMulNBits for onnxruntime, QDQ for TensorRT).
+        chosen = self.manifest.precision.get("backends", {}).get("ort", {}).get(graph)
+        return self.manifest.path(chosen or self.manifest.graphs[graph]["file"])
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.vision_session.run(["image_features"], {"pixel_values": pixel_values})[0]

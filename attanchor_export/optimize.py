@@ -1,0 +1,434 @@
+"""Graph-level optimisation of decoder.onnx: grouped-query attention without materialised KV copies.
+
+The dynamo exporter lowers transformers' SDPA call to the reference decomposition: every layer
+repeats the key/value cache for each query head (Unsqueeze -> Expand -> Reshape, `repeat_kv`),
+transposes the repeated keys through a 3-D Reshape/Transpose/Reshape round trip, scales both
+queries and keys by sqrt(scale), and guards the softmax with IsNaN -> Where. At TinyLLaVA-1B
+(32 query heads over 4 KV heads) that copies the whole cache 8x per layer per step and touches
+the [B, heads, S, T] score tensor four extra times; on CPU it is about 15% of a prefill and of a
+decode step.
+
+`optimize_decoder` rewrites each attention block in place to the grouped form
+
+    q_g    = Reshape(q, [0, kv_heads, -1, head_dim])          # [B, KV, G*S, Dh], free (contiguous)
+    scores = MatMul(q_g * scale, Transpose(K, [0, 1, 3, 2]))   # [B, KV, G*S, T], no repeated K
+    probs  = Softmax(scores + Tile(mask, [1, 1, G, 1]))        # mask tiled once, shared by all layers
+    out    = Reshape(MatMul(probs, V), [0, heads, -1, head_dim])
+
+which is the same arithmetic per head (query head h uses KV head h // G, as repeat_kv does). It
+uses standard opset-17+ ops only, so the file stays what TensorRT and any ONNX runtime read; the
+explicit position_ids input and the rotary subgraph are not touched. The NaN guard is dropped only
+when the additive mask is a `Where(cond, 0, m)` with finite m (HF uses finfo.min): a fully masked
+row (left padding) then gets a uniform softmax instead of NaN, exactly as the eager model does, and
+real rows are bit-for-bit what the guard would have produced. Weights (external data) are not read
+or rewritten: only the small .onnx protobuf changes.
+
+Anything that does not match the expected pattern is left as it was and counted in the report;
+`check=True` (and tests/test_optimize.py) compares the rewritten graph with the original one in
+ONNX Runtime on shapes the tracer never saw, batch 1 and batch 3 left-padded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+OPTIMIZE_VERSION = 1
+
+
+def _dims_dict(dims) -> dict:
+    return dims.to_dict() if hasattr(dims, "to_dict") else dict(dims)
+
+
+class _Graph:
+    """Producer/consumer maps and constant lookup over a GraphProto, rebuilt after edits."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.value_info = {v.name: v for v in graph.value_info}
+        self.refresh()
+
+    def refresh(self):
+        self.producer, self.consumers = {}, defaultdict(list)
+        for node in self.graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            for name in node.input:
+                self.consumers[name].append(node)
+
+    def const(self, name: str):
+        """The value of an initializer or Constant node output, or None (never loads external data)."""
+        if name in self.inits:
+            t = self.inits[name]
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                return None
+            return numpy_helper.to_array(t)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def scalar(self, name: str):
+        value = self.const(name)
+        if value is None or value.size != 1:
+            return None
+        return float(value.reshape(()))
+
+    def shape(self, name: str):
+        v = self.value_info.get(name)
+        if v is None or not v.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                for d in v.type.tensor_type.shape.dim]
+
+    def only(self, name: str, op_type: str | None = None):
+        node = self.producer.get(name)
+        if node is None or (op_type is not None and node.op_type != op_type):
+            return None
+        return node
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _unscale(g: _Graph, name: str, used: list):
+    """x * c (c a constant scalar) -> (x, c); anything else -> (name, 1.0)."""
+    node = g.only(name, "Mul")
+    if node is not None:
+        for i in (0, 1):
+            c = g.scalar(node.input[1 - i])
+            if c is not None:
+                used.append(node)
+                return node.input[i], c
+    return name, 1.0
+
+
+def _unrepeat(g: _Graph, name: str, used: list) -> str | None:
+    """repeat_kv(x) = Reshape(Expand(Unsqueeze(x, [2]), ...)) -> x; a tensor that is not repeated -> itself."""
+    reshape = g.only(name, "Reshape")
+    if reshape is None:
+        return name
+    expand = g.only(reshape.input[0], "Expand")
+    if expand is None:
+        return None
+    unsq = g.only(expand.input[0], "Unsqueeze")
+    if unsq is None:
+        return None
+    axes = g.const(unsq.input[1]) if len(unsq.input) > 1 else np.array(_attr(unsq, "axes", []))
+    if axes is None or list(np.atleast_1d(axes)) != [2]:
+        return None
+    used += [reshape, expand, unsq]
+    return unsq.input[0]
+
+
+def _untranspose_keys(g: _Graph, name: str, used: list) -> str | None:
+    """K^T as the exporter writes it -> K: Transpose(perm 0,1,3,2), or the 3-D round trip
+    Reshape([-1, T, Dh]) -> Transpose(0, 2, 1) -> Reshape([B, H, Dh, T])."""
+    node = g.producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Transpose" and list(_attr(node, "perm", [])) == [0, 1, 3, 2]:
+        used.append(node)
+        return node.input[0]
+    if node.op_type == "Reshape":
+        tr = g.only(node.input[0], "Transpose")
+        if tr is None or list(_attr(tr, "perm", [])) != [0, 2, 1]:
+            return None
+        inner = g.only(tr.input[0], "Reshape")
+        if inner is None:
+            return None
+        target = g.const(inner.input[1])
+        # The inner reshape must fold the leading axes only: [-1, T, Dh] built from the source shape.
+        if target is not None and (target.size != 3 or int(target[0]) != -1):
+            return None
+        used += [node, tr, inner]
+        return inner.input[0]
+    return None
+
+
+def _finite_mask(g: _Graph, name: str) -> bool:
+    """True when the additive mask is Where(cond, 0, m) with finite constant m (no -inf, so no NaN rows)."""
+    node = g.only(name, "Where")
+    if node is None:
+        return False
+    a, b = g.const(node.input[1]), g.const(node.input[2])
+    return a is not None and b is not None and bool(np.isfinite(a).all() and np.isfinite(b).all())
+
+
+def _rewrite_attention(g: _Graph, heads: int, kv_heads: int, head_dim: int) -> dict:
+    group = heads // kv_heads
+    graph = g.graph
+    new_nodes, drop, tiles = [], set(), {}
+    inits = []
+    counter = [0]
+
+    def fresh(stem):
+        counter[0] += 1
+        return f"attanchor_opt/{stem}_{counter[0]}"
+
+    def const_init(stem, array):
+        t = numpy_helper.from_array(np.asarray(array), fresh(stem))
+        inits.append(t)
+        return t.name
+
+    shape_q = const_init("q_grouped_shape", np.array([0, kv_heads, -1, head_dim], np.int64))
+    shape_o = const_init("heads_shape", np.array([0, heads, -1, head_dim], np.int64))
+    repeats = const_init("mask_repeats", np.array([1, 1, group, 1], np.int64))
+    perm = [0, 1, 3, 2]
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
+    skipped, guards = [], 0
+    for sm in softmaxes:
+        used = [sm]
+        if _attr(sm, "axis", -1) not in (-1, 3):
+            skipped.append(sm.name)
+            continue
+        add = g.only(sm.input[0], "Add")
+        if add is None:
+            skipped.append(sm.name)
+            continue
+        used.append(add)
+        qk, mask = None, None
+        for i in (0, 1):
+            cand = g.only(add.input[i], "MatMul")
+            if cand is not None:
+                qk, mask = cand, add.input[1 - i]
+                break
+        mask_shape = g.shape(mask) if mask else None
+        if qk is None or mask_shape is None or len(mask_shape) != 4 or mask_shape[1] != 1:
+            skipped.append(sm.name)
+            continue
+        used.append(qk)
+        q, c1 = _unscale(g, qk.input[0], used)
+        kt, c2 = _unscale(g, qk.input[1], used)
+        k_rep = _untranspose_keys(g, kt, used)
+        k = _unrepeat(g, k_rep, used) if k_rep is not None else None
+        # Softmax consumers: optional IsNaN/Where guard, then MatMul with repeated V.
+        probs, guard = sm.output[0], []
+        consumers = g.consumers[probs]
+        isnan = [c for c in consumers if c.op_type == "IsNaN"]
+        if isnan:
+            where = [c for c in g.consumers[isnan[0].output[0]] if c.op_type == "Where"]
+            if len(consumers) != 2 or len(where) != 1 or where[0].input[2] != probs:
+                skipped.append(sm.name)
+                continue
+            guard = [isnan[0], where[0]]
+            probs = where[0].output[0]
+        av = [c for c in g.consumers[probs] if c.op_type == "MatMul" and c.input[0] == probs]
+        q_shape = g.shape(q)
+        if k is None or len(av) != 1 or len(g.consumers[probs]) != 1 or (q_shape and len(q_shape) != 4):
+            skipped.append(sm.name)
+            continue
+        av = av[0]
+        v = _unrepeat(g, av.input[1], used)
+        if v is None:
+            skipped.append(sm.name)
+            continue
+        keep_guard = bool(guard) and not _finite_mask(g, mask)
+        guards += int(bool(guard) and not keep_guard)
+        used += guard + [av]
+
+        scale = np.float32(np.float32(c1) * np.float32(c2))
+        q_g = fresh("q_grouped")
+        q_s = fresh("q_scaled")
+        k_t = fresh("k_transposed")
+        scores = fresh("scores")
+        masked = fresh("masked_scores")
+        p = fresh("probs")
+        out_g = fresh("attn_grouped")
+        if mask not in tiles:
+            tiles[mask] = fresh("mask_tiled")
+            new_nodes.append(helper.make_node("Tile", [mask, repeats], [tiles[mask]], name=fresh("Tile")))
+        nodes = [
+            helper.make_node("Reshape", [q, shape_q], [q_g], name=fresh("Reshape")),
+            helper.make_node("Mul", [q_g, const_init("scale", scale)], [q_s], name=fresh("Mul")),
+            helper.make_node("Transpose", [k], [k_t], perm=perm, name=fresh("Transpose")),
+            helper.make_node("MatMul", [q_s, k_t], [scores], name=fresh("MatMul")),
+            helper.make_node("Add", [scores, tiles[mask]], [masked], name=fresh("Add")),
+            helper.make_node("Softmax", [masked], [p], axis=-1, name=fresh("Softmax")),
+        ]
+        if keep_guard:
+            isnan_out, zero = fresh("isnan"), const_init("zero", np.float32(0))
+            guarded = fresh("probs_guarded")
+            nodes += [
+                helper.make_node("IsNaN", [p], [isnan_out], name=fresh("IsNaN")),
+                helper.make_node("Where", [isnan_out, zero, p], [guarded], name=fresh("Where")),
+            ]
+            p = guarded
+        nodes += [
+            helper.make_node("MatMul", [p, v], [out_g], name=fresh("MatMul")),
+            helper.make_node("Reshape", [out_g, shape_o], [av.output[0]], name=fresh("Reshape")),
+        ]
+        new_nodes += nodes
+        drop.update(n.output[0] for n in (sm, add, qk, av, *guard))  # SSA: first output names a node
+    if new_nodes:
+        graph.initializer.extend(inits)
+        kept = [n for n in graph.node if n.output[0] not in drop]
+        del graph.node[:]
+        graph.node.extend(kept + new_nodes)
+    return {"layers": len(softmaxes) - len(skipped), "softmax_nodes": len(softmaxes), "skipped": skipped,
+            "nan_guards_removed": guards, "group": group}
+
+
+def _prune(graph: onnx.GraphProto) -> int:
+    """Drop nodes whose outputs nobody reads, then initializers and value_info nobody references.
+    The graph must be topologically sorted (one backward pass)."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:  # subgraphs (If/Loop) read outer names
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(n for sub in a.g.node for n in sub.input)
+    removed = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    live_inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(live_inits)
+    produced = {o for n in graph.node for o in n.output}
+    live_vi = [v for v in graph.value_info if v.name in produced or v.name in needed]
+    del graph.value_info[:]
+    graph.value_info.extend(live_vi)
+    return removed
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Stable topological order (original order wins among ready nodes)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    waiting = [sum(1 for i in set(n.input) if i not in available and i in producer) for n in nodes]
+    users = defaultdict(list)
+    for k, n in enumerate(nodes):
+        for i in set(n.input):
+            if i not in available and i in producer:
+                users[i].append(k)
+    import heapq
+
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for o in nodes[k].output:
+            for u in users.get(o, ()):
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise RuntimeError("optimize: the rewritten decoder graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def optimize_decoder_model(model: onnx.ModelProto, dims) -> dict:
+    """Rewrite `model` (loaded without external data) in memory; returns the report."""
+    d = _dims_dict(dims)
+    heads, kv_heads = int(d["num_heads"]), int(d["num_kv_heads"])
+    head_dim = int(d["head_dim"])
+    before = len(model.graph.node)
+    g = _Graph(model.graph)
+    report = {"version": OPTIMIZE_VERSION, "nodes_before": before}
+    if heads % kv_heads:
+        report["attention"] = {"layers": 0, "skipped": "num_heads is not a multiple of num_kv_heads"}
+    else:
+        report["attention"] = _rewrite_attention(g, heads, kv_heads, head_dim)
+    _toposort(model.graph)  # new nodes were appended: order them before pruning walks backwards
+    report["nodes_pruned"] = _prune(model.graph)
+    report["nodes_after"] = len(model.graph.node)
+    return report
+
+
+def optimize_decoder(path, dims, check: bool = False, atol: float = 1e-4, output=None) -> dict:
+    """Rewrite decoder.onnx at `path` in place (or to `output`, next to it so the external data
+    resolves); returns a JSON-able report. With check=True the rewritten graph is compared with
+    the original in ONNX Runtime first and the file is only replaced when the parity holds
+    (ValueError otherwise, original untouched)."""
+    started = time.perf_counter()
+    path = Path(path)
+    target = Path(output) if output is not None else path
+    if target.parent.resolve() != path.parent.resolve():
+        raise ValueError("optimize_decoder writes next to the original graph: its external data is shared")
+    model = onnx.load(str(path), load_external_data=False)
+    report = optimize_decoder_model(model, dims)
+    tmp = target.with_name(target.name + ".optimizing")
+    tmp.write_bytes(model.SerializeToString())
+    try:
+        onnx.checker.check_model(str(tmp))
+        if check:
+            parity = decoder_parity(path, tmp, dims)
+            report["parity"] = parity
+            if not parity["max_abs_diff"] <= atol:
+                raise ValueError(
+                    f"optimized decoder differs from the original by {parity['max_abs_diff']:.3g} (> {atol}); "
+                    f"kept {path} unchanged"
+                )
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+def decoder_parity(reference, candidate, dims, seed: int = 7, threads: int | None = None) -> dict:
+    """Max |diff| of logits (real query rows) and present KV (real positions) between two decoder
+    graphs in ONNX Runtime: prefill then two decode steps, batch 1 (length 11) and batch 3
+    left-padded (lengths 7, 13, 10): none of them the traced shapes."""
+    from attanchor_runtime.sessions import ort_session
+
+    d = _dims_dict(dims)
+    layers, kv, hd, hidden = d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"]
+    names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    sessions = [ort_session(reference, "cpu", threads), ort_session(candidate, "cpu", threads)]
+    outputs = [o.name for o in sessions[0].get_outputs()]
+    rng = np.random.default_rng(seed)
+    worst, cases = 0.0, {}
+    for case, lengths in (("batch1", [11]), ("batch3-left-padded", [7, 13, 10])):
+        batch, width = len(lengths), max(lengths)
+        mask = np.zeros((batch, width), np.int64)
+        for b, n in enumerate(lengths):
+            mask[b, width - n:] = 1
+        pos = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1).astype(np.int64)
+        embeds = rng.standard_normal((batch, width, hidden)).astype(np.float32)
+        past = [[np.zeros((batch, kv, 0, hd), np.float32)] * (2 * layers) for _ in sessions]
+        step_mask, full_mask, case_worst = mask, mask, 0.0
+        for _step in range(3):
+            results = []
+            for s, p in zip(sessions, past):
+                feeds = {"inputs_embeds": embeds, "attention_mask": full_mask, "position_ids": pos}
+                feeds.update(zip(names, p))
+                results.append(s.run(outputs, feeds))
+            (ref, cand) = results
+            rows = step_mask[:, -ref[0].shape[1]:].astype(bool)
+            case_worst = max(case_worst, float(np.abs(ref[0] - cand[0])[rows].max()))
+            valid = np.broadcast_to(full_mask.astype(bool)[:, None, :, None], ref[1].shape)
+            for a, b in zip(ref[1:], cand[1:]):
+                case_worst = max(case_worst, float(np.abs(a - b)[valid].max()))
+            past = [r[1:] for r in results]
+            embeds = rng.standard_normal((batch, 1, hidden)).astype(np.float32)
+            pos = pos.max(axis=1, keepdims=True) + 1
+            step_mask = np.ones((batch, 1), np.int64)
+            full_mask = np.concatenate([full_mask, step_mask], axis=1)
+        cases[case] = case_worst
+        worst = max(worst, case_worst)
+    return {"max_abs_diff": worst, "cases": cases}
+
+
+__all__ = ["OPTIMIZE_VERSION", "decoder_parity", "optimize_decoder", "optimize_decoder_model"]
