@@ -86,8 +86,9 @@ def regate(manifest: Manifest, loaded) -> dict:
     dims = manifest.dims
     front = ArtifactFrontEnd(manifest.folder, data)
     front.vision = TorchSession(loaded.adapter.vision_tower_and_projector(loaded.model), ["pixel_values"])
+    last_only = bool(data["graphs"]["decoder"].get("notes", {}).get("last_logits_only"))
     decoder = DecoderWithCache(loaded.adapter.language_model(loaded.model), loaded.adapter.lm_head(loaded.model),
-                               dims["num_layers"])
+                               dims["num_layers"], last_logits_only=last_only)
     session = TorchSession(decoder, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
     reference = compute_reference(front, session)
     fmt = precision["quant"] if precision.get("quant", "none") != "none" else precision["dtype"]

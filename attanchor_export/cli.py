@@ -149,7 +149,10 @@ def _default_output(model: str) -> Path:
 @click.option("--mode", type=click.Choice(["t2i", "i2t"]), default="t2i", show_default=True)
 @click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
 @click.option("--opset", type=click.IntRange(17, 21), default=18, show_default=True)
-@click.option("--last-logits-only", is_flag=True, help="Prefill returns only the last position's logits.")
+@click.option("--last-logits-only/--all-logits", default=False, show_default=True,
+              help="Prefill returns only the last position's logits (all the runtime reads) or every position's.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Rewrite the decoder's attention to grouped form (attanchor_export.optimize).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code.")
@@ -158,8 +161,8 @@ def _default_output(model: str) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
 def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, gate_floor,
-               threshold, mode, max_anchors, opset, last_logits_only, force, no_validate, trust_remote_code,
-               revision, quiet, as_json):
+               threshold, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate,
+               trust_remote_code, revision, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
     from .exporter import ExportOptions, export_artifact
 
@@ -167,7 +170,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
     output = output or _default_output(model)
     options = ExportOptions(
         output=output, mode=mode, threshold=threshold, max_anchors=max_anchors, opset=opset,
-        last_logits_only=last_logits_only, force=force, validate=not no_validate,
+        last_logits_only=last_logits_only, optimize=optimize, force=force, validate=not no_validate,
         trust_remote_code=trust_remote_code, revision=revision, dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
         quantize_vision=quantize_vision, gate_floors=_parse_floors(gate_floor),
@@ -334,15 +337,32 @@ def lint_cmd(folder, target, as_json):
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--compare-torch", is_flag=True, help="Also time transformers eager on the same prompts.")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime (and torch) intra-op threads.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measured runs per prompt (after one warm-up).")
+@click.option("--prompt", "prompts", multiple=True, help="Question(s) to time (default: two VQA questions).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image file (default: synthetic).")
+@click.option("--threshold", default=None,
+              help='Anchor threshold: a number, or "auto" (~10%% of text tokens become anchors). '
+                   "Default: the manifest's.")
+@click.option("--quiet-wait", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for an idle CPU before each measured run (shared machines).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the figures as JSON.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Write a PNG chart.")
 @handle_errors
-def bench_cmd(folder, compare_torch, max_new_tokens, threads, json_out, chart):
+def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, image, threshold, quiet_wait,
+              json_out, chart):
     """Time to first token (vision / anchors / prefill), decode tokens/s, anchor overhead, memory."""
     from .bench import format_report, run_bench, write_chart
 
-    result = run_bench(folder, max_new_tokens=max_new_tokens, threads=threads, compare_torch=compare_torch)
+    if threshold not in (None, "auto"):
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            _fail(f'--threshold must be a number or "auto", got {threshold!r}')
+    result = run_bench(folder, prompts=list(prompts) or None, image=image, max_new_tokens=max_new_tokens,
+                       threads=threads, compare_torch=compare_torch, repeats=repeats, threshold=threshold,
+                       quiet_wait=quiet_wait)
     click.echo(format_report(result))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2, default=float) + "\n")

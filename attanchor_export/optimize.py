@@ -3,25 +3,27 @@
 The dynamo exporter lowers transformers' SDPA call to the reference decomposition: every layer
 repeats the key/value cache for each query head (Unsqueeze -> Expand -> Reshape, `repeat_kv`),
 transposes the repeated keys through a 3-D Reshape/Transpose/Reshape round trip, scales both
-queries and keys by sqrt(scale), and guards the softmax with IsNaN -> Where. At TinyLLaVA-1B
-(32 query heads over 4 KV heads) that copies the whole cache 8x per layer per step and touches
-the [B, heads, S, T] score tensor four extra times; on CPU it is about 15% of a prefill and of a
-decode step.
+queries and keys by sqrt(scale), and guards the softmax with IsNaN -> Where (rows with no visible
+key, i.e. left padding, would be NaN). At TinyLLaVA-1B (32 query heads over 4 KV heads) that copies
+the whole cache 8x per layer per step and touches the [B, heads, S, T] score tensor several extra
+times: about 7% of a 620-token prefill and 12% of a decode step on CPU.
 
 `optimize_decoder` rewrites each attention block in place to the grouped form
 
     q_g    = Reshape(q, [0, kv_heads, -1, head_dim])          # [B, KV, G*S, Dh], free (contiguous)
     scores = MatMul(q_g * scale, Transpose(K, [0, 1, 3, 2]))   # [B, KV, G*S, T], no repeated K
-    probs  = Softmax(scores + Tile(mask, [1, 1, G, 1]))        # mask tiled once, shared by all layers
+    probs  = Softmax(scores + Tile(mask', [1, 1, G, 1]))       # mask tiled once, shared by all layers
     out    = Reshape(MatMul(probs, V), [0, heads, -1, head_dim])
 
 which is the same arithmetic per head (query head h uses KV head h // G, as repeat_kv does). It
 uses standard opset-17+ ops only, so the file stays what TensorRT and any ONNX runtime read; the
-explicit position_ids input and the rotary subgraph are not touched. The NaN guard is dropped only
-when the additive mask is a `Where(cond, 0, m)` with finite m (HF uses finfo.min): a fully masked
-row (left padding) then gets a uniform softmax instead of NaN, exactly as the eager model does, and
-real rows are bit-for-bit what the guard would have produced. Weights (external data) are not read
-or rewritten: only the small .onnx protobuf changes.
+explicit position_ids input and the rotary subgraph are not touched. The per-layer NaN guard is
+replaced, when the additive mask is transformers' `Where(cond, 0, m)` with finite m, by one fix of
+the small [B, 1, S, T] mask shared by all layers: mask' = mask on rows that see at least one key,
+0 on rows that see none. Real rows are unchanged bit for bit; padding rows stay finite in any
+precision (an fp16 conversion turns finfo.min into -inf, which the guard existed for) and are never
+read by real rows. With any other mask the guard is kept. Weights (external data) are not read or
+rewritten: only the small .onnx protobuf changes. Run it on the fp32 export, before quantization.
 
 Anything that does not match the expected pattern is left as it was and counted in the report;
 `check=True` (and tests/test_optimize.py) compares the rewritten graph with the original one in
@@ -159,16 +161,24 @@ def _untranspose_keys(g: _Graph, name: str, used: list) -> str | None:
     return None
 
 
-def _finite_mask(g: _Graph, name: str) -> bool:
-    """True when the additive mask is Where(cond, 0, m) with finite constant m (no -inf, so no NaN rows)."""
+def _elem_type(g: _Graph, name: str) -> int:
+    v = g.value_info.get(name)
+    return v.type.tensor_type.elem_type if v is not None else onnx.TensorProto.FLOAT
+
+
+def _mask_condition(g: _Graph, name: str) -> str | None:
+    """The boolean condition `cond` when the additive mask is Where(cond, 0, m) with finite constant m
+    (what transformers builds, m = finfo.min); None for any other mask."""
     node = g.only(name, "Where")
     if node is None:
-        return False
+        return None
     a, b = g.const(node.input[1]), g.const(node.input[2])
-    return a is not None and b is not None and bool(np.isfinite(a).all() and np.isfinite(b).all())
+    if a is None or b is None or not (np.isfinite(a).all() and np.isfinite(b).all()) or np.any(a != 0):
+        return None
+    return node.input[0]
 
 
-def _rewrite_attention(g: _Graph, heads: int, kv_heads: int, head_dim: int) -> dict:
+def _rewrite_attention(g: _Graph, heads: int, kv_heads: int, head_dim: int, opset: int = 18) -> dict:
     group = heads // kv_heads
     graph = g.graph
     new_nodes, drop, tiles = [], set(), {}
@@ -187,6 +197,10 @@ def _rewrite_attention(g: _Graph, heads: int, kv_heads: int, head_dim: int) -> d
     shape_q = const_init("q_grouped_shape", np.array([0, kv_heads, -1, head_dim], np.int64))
     shape_o = const_init("heads_shape", np.array([0, heads, -1, head_dim], np.int64))
     repeats = const_init("mask_repeats", np.array([1, 1, group, 1], np.int64))
+    last_axis = const_init("last_axis", np.array([-1], np.int64))
+    mask_zero = defaultdict(lambda: None)
+    for elem, dtype in ((onnx.TensorProto.FLOAT, np.float32), (onnx.TensorProto.FLOAT16, np.float16)):
+        mask_zero[elem] = const_init("mask_zero", dtype(0))
     perm = [0, 1, 3, 2]
     softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
     skipped, guards = [], 0
@@ -236,7 +250,8 @@ def _rewrite_attention(g: _Graph, heads: int, kv_heads: int, head_dim: int) -> d
         if v is None:
             skipped.append(sm.name)
             continue
-        keep_guard = bool(guard) and not _finite_mask(g, mask)
+        cond = _mask_condition(g, mask)
+        keep_guard = bool(guard) and cond is None
         guards += int(bool(guard) and not keep_guard)
         used += guard + [av]
 
@@ -249,8 +264,24 @@ def _rewrite_attention(g: _Graph, heads: int, kv_heads: int, head_dim: int) -> d
         p = fresh("probs")
         out_g = fresh("attn_grouped")
         if mask not in tiles:
+            source = mask
+            if cond is not None:
+                # Rows with no visible key (left padding) get a zero mask instead: their softmax stays
+                # finite in any precision (fp16 turns finfo.min into -inf) without the per-layer guard.
+                # Rows with a visible key keep their mask unchanged, bit for bit.
+                cond_f, any_f, any_b, source = fresh("mask_cond_f"), fresh("row_any_f"), fresh("row_any"), \
+                    fresh("mask_safe")
+                new_nodes += [
+                    helper.make_node("Cast", [cond], [cond_f], to=onnx.TensorProto.FLOAT, name=fresh("Cast")),
+                    helper.make_node("ReduceMax", [cond_f, last_axis], [any_f], keepdims=1, name=fresh("ReduceMax"))
+                    if opset >= 18 else
+                    helper.make_node("ReduceMax", [cond_f], [any_f], axes=[-1], keepdims=1, name=fresh("ReduceMax")),
+                    helper.make_node("Cast", [any_f], [any_b], to=onnx.TensorProto.BOOL, name=fresh("Cast")),
+                    helper.make_node("Where", [any_b, mask, mask_zero[_elem_type(g, mask)]], [source],
+                                     name=fresh("Where")),
+                ]
             tiles[mask] = fresh("mask_tiled")
-            new_nodes.append(helper.make_node("Tile", [mask, repeats], [tiles[mask]], name=fresh("Tile")))
+            new_nodes.append(helper.make_node("Tile", [source, repeats], [tiles[mask]], name=fresh("Tile")))
         nodes = [
             helper.make_node("Reshape", [q, shape_q], [q_g], name=fresh("Reshape")),
             helper.make_node("Mul", [q_g, const_init("scale", scale)], [q_s], name=fresh("Mul")),
@@ -348,11 +379,13 @@ def optimize_decoder_model(model: onnx.ModelProto, dims) -> dict:
     if heads % kv_heads:
         report["attention"] = {"layers": 0, "skipped": "num_heads is not a multiple of num_kv_heads"}
     else:
-        report["attention"] = _rewrite_attention(g, heads, kv_heads, head_dim)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+        report["attention"] = _rewrite_attention(g, heads, kv_heads, head_dim, opset)
     _toposort(model.graph)  # new nodes were appended: order them before pruning walks backwards
     report["nodes_pruned"] = _prune(model.graph)
     report["nodes_after"] = len(model.graph.node)
     return report
+
 
 
 def optimize_decoder(path, dims, check: bool = False, atol: float = 1e-4, output=None) -> dict:

@@ -371,6 +371,7 @@ def convert_fp16(model, output_logits: str | None = "logits") -> tuple[onnx.Mode
     infos = [vi for vi in model.graph.value_info if vi.name not in inits]
     del model.graph.value_info[:]
     model.graph.value_info.extend(infos)
+    _complete_value_info(model)
     islands = fp32_islands(model.graph, output_logits)
     block = set().union(*islands.values())
     model = convert_float_to_float16(
@@ -382,6 +383,28 @@ def convert_fp16(model, output_logits: str | None = "logits") -> tuple[onnx.Mode
     )
     _cleanup_casts(model)
     return model, {k: len(v) for k, v in islands.items()}
+
+
+def _complete_value_info(model) -> None:
+    """Types for tensors that have none (nodes added by graph rewrites such as optimize.py): the
+    converter runs without shape inference and decides where Casts go from value_info. Inferred on a
+    weightless skeleton, so a >2 GB model never has to be serialised."""
+    from onnx import helper
+
+    graph = model.graph
+    known = {v.name for v in (*graph.value_info, *graph.input, *graph.output)}
+    produced = {o for n in graph.node for o in n.output if o}
+    if produced <= known:
+        return
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer]
+    skeleton = helper.make_model(
+        helper.make_graph(list(graph.node), "skeleton", [*graph.input, *weights], list(graph.output),
+                          value_info=list(graph.value_info)),
+        opset_imports=list(model.opset_import), functions=list(model.functions),
+    )
+    skeleton.ir_version = model.ir_version
+    inferred = onnx.shape_inference.infer_shapes(skeleton)
+    graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known and v.name in produced)
 
 
 def _normalize_linears(graph) -> None:

@@ -76,6 +76,8 @@ def test_fp16_keeps_norms_softmax_rope_and_logits_fp32(fresh, name):
     assert kept["norm"] >= 7 * (2 * dims["num_layers"] + 1)  # decomposed RMSNorm: 7 nodes per norm
     assert kept["softmax"] == dims["num_layers"] and kept["rope"] >= 2 and kept["logits"] == 1
     # The islands really compute in fp32: their float inputs are float32 tensors, not casts to fp16.
+    # (Shape inference first: graph rewrites such as optimize.py add nodes without value_info.)
+    model = onnx.shape_inference.infer_shapes(model)
     value_types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
     value_types.update(types)
     for node in model.graph.node:

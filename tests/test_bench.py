@@ -1,0 +1,101 @@
+"""attanchor_export.bench on a tiny exported artifact: keys, values, torch comparison, chart."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from attanchor_export.bench import format_report, run_bench, write_chart
+from attanchor_export.exporter import ExportOptions, export_artifact
+from attanchor_export.testing import make_tiny_llava
+
+SMALL_BUFFER = 16 << 20  # the bandwidth probe: tiny models need no 1 GiB buffer
+
+RUNTIME_KEYS = (
+    "ttft_s", "vision_s", "embedding_s", "prefill_s", "decode_tokens_per_s", "decode_step_s",
+    "anchor_insert_s", "anchor_insert_share_of_ttft", "embedding_share_of_ttft", "python_overhead_share",
+    "python_overhead_per_step_s", "peak_rss_bytes", "load_s", "ttft_min_s",
+)
+BANDWIDTH_KEYS = ("bytes_per_s", "bytes_per_token", "decoder_weight_bytes", "embedding_row_bytes",
+                  "decode_bound_tokens_per_s", "achieved_fraction")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    checkpoint = make_tiny_llava(root / "ck", family="clip-llama")
+    export_artifact(str(checkpoint), ExportOptions(output=root / "out", validate=False))
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def result(artifact):
+    return run_bench(artifact, max_new_tokens=5, threads=1, repeats=2, threshold="auto",
+                     bandwidth_bytes=SMALL_BUFFER)
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_documented_keys_positive_and_finite(result):
+    for key in RUNTIME_KEYS:
+        assert _positive(result["runtime"][key]), key
+    for key in BANDWIDTH_KEYS:
+        assert _positive(result["bandwidth"][key]), key
+    rt = result["runtime"]
+    assert rt["ttft_s"] >= rt["vision_s"] + rt["embedding_s"] + rt["prefill_s"] - 1e-9
+    assert 0 <= rt["python_overhead_share"] < 1
+    assert rt["anchor_insert_share_of_ttft"] < 1
+    assert {t["name"] for t in result["targets"]} >= {"decode_fraction_of_bandwidth_bound",
+                                                     "anchor_insert_share_of_ttft",
+                                                     "python_overhead_share_per_step"}
+    json.dumps(result)  # JSON-able as it is
+
+
+def test_prompts_and_auto_threshold(result):
+    assert len(result["prompts"]) == 2
+    for prompt in result["prompts"]:
+        assert prompt["text_tokens"] > 10
+        assert prompt["sequence_length"] >= prompt["text_tokens"] - 1 + result["dims"]["image_tokens"]
+    assert result["settings"]["threshold_mode"] == "auto"
+    assert sum(p["anchors"] for p in result["prompts"]) >= 1  # ~10% of the text tokens
+    assert len(result["runs"]["runtime"]) == 2 * 2
+
+
+def test_compare_torch(artifact):
+    res = run_bench(artifact, max_new_tokens=4, threads=1, repeats=1, compare_torch=True,
+                    bandwidth_bytes=SMALL_BUFFER, prompts=["What is in the image?"])
+    for key in ("ttft_s", "vision_s", "embedding_s", "prefill_s", "decode_tokens_per_s", "load_s"):
+        assert _positive(res["torch"][key]), key
+    ratios = res["ratios"]
+    for key in ("decode_speedup", "ttft_ratio", "prefill_ratio"):
+        assert _positive(ratios[key]), key
+    assert ratios["tokens_match"] is True  # fp32: the runtime's greedy tokens equal transformers'
+    names = {t["name"]: t for t in res["targets"]}
+    assert names["decode_speedup_vs_torch"]["passed"] in (True, False)
+    text = format_report(res)
+    assert "torch eager" in text and "decode tokens/s" in text and "targets" in text
+
+
+def test_chart_is_a_png(result, tmp_path):
+    from PIL import Image
+
+    path = write_chart(result, tmp_path / "chart" / "bench.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 400 and img.size[1] > 300
+
+
+def test_report_text(result):
+    text = format_report(result)
+    for needle in ("time to first token", "AnchorInsert alone", "Python overhead per step", "decode bound",
+                   "peak RSS"):
+        assert needle in text
+
+
+def test_rejects_bad_arguments(artifact):
+    with pytest.raises(ValueError):
+        run_bench(artifact, max_new_tokens=1)
