@@ -733,7 +733,8 @@ def format_report(result: dict) -> str:
     lines = [
         f"attanchor-export bench  {result['folder']}",
         f"  {result['machine']['cpu']}, {result['machine']['logical_cpus']} CPUs, threads={s['threads']}, "
-        f"onnxruntime {result['machine']['onnxruntime']}, {result['precision'].get('dtype', 'fp32')}",
+        f"onnxruntime {result['machine']['onnxruntime']}, "
+        f"{result['precision'].get('dtype', 'fp32')}/{result['precision'].get('quant', 'none')}",
         f"  batch 1, {len(result['prompts'])} prompt(s) x {s['repeats']} repeats, {s['max_new_tokens']} new tokens, "
         f"threshold {s['threshold']:.4g} ({s['threshold_mode']})",
     ]
