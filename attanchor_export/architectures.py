@@ -114,7 +114,7 @@ _VISION_TOWERS = {
     "clip_vision_model": (_clip_stem, True),
     "siglip_vision_model": (_siglip_stem, False),
 }
-_TEXT_MODELS = ("llama", "qwen2")  # decoders whose forward takes inputs_embeds + position_ids + a Cache
+_TEXT_MODELS = ("llama", "qwen2", "mistral")  # decoders whose forward takes inputs_embeds + position_ids + a Cache
 
 
 class VisionEncoder(nn.Module):

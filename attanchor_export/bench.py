@@ -63,7 +63,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import resource
 import statistics
 import threading
 import time
@@ -171,6 +170,8 @@ class _PeakRss:
         hwm = self._status("VmHWM")
         if hwm is not None:
             return hwm
+        import resource  # Unix only; /proc answered above on Linux
+
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(maxrss if platform.system() == "Darwin" else maxrss * 1024)
 
@@ -801,9 +802,9 @@ def format_report(result: dict) -> str:
 
 
 def _nice(value: float) -> float:
-    """The smallest 1/2/2.5/4/5 x 10^k >= value, so four ticks fall on round numbers."""
+    """The smallest round number (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k) >= value, for four round ticks."""
     exp = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 4, 5, 10):
+    for step in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
         if step * exp >= value:
             return step * exp
     return 10 * exp

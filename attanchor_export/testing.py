@@ -69,7 +69,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
 
-FAMILIES = ("clip-llama", "siglip-qwen2")
+FAMILIES = ("clip-llama", "siglip-qwen2", "clip-mistral")
 
 
 def build_tiny_tokenizer():
@@ -115,6 +115,7 @@ def tiny_llava_config(family: str = "clip-llama", tokenizer=None):
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
+        MistralConfig,
         Qwen2Config,
         SiglipVisionConfig,
     )
@@ -135,6 +136,10 @@ def tiny_llava_config(family: str = "clip-llama", tokenizer=None):
         vision = CLIPVisionConfig(image_size=30, patch_size=6, projection_dim=32, **tower)
         text = LlamaConfig(tie_word_embeddings=False, **decoder)
         layer, strategy = -2, "default"
+    elif family == "clip-mistral":  # the LLaVA-1.6-Mistral decoder family; full attention, no window
+        vision = CLIPVisionConfig(image_size=30, patch_size=6, projection_dim=32, **tower)
+        text = MistralConfig(tie_word_embeddings=False, sliding_window=None, **decoder)
+        layer, strategy = -2, "default"
     elif family == "siglip-qwen2":
         vision = SiglipVisionConfig(image_size=32, patch_size=8, vision_use_head=False, **tower)
         text = Qwen2Config(tie_word_embeddings=True, use_sliding_window=False, **decoder)
@@ -142,7 +147,7 @@ def tiny_llava_config(family: str = "clip-llama", tokenizer=None):
     else:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
     patches = (vision.image_size // vision.patch_size) ** 2
-    has_cls = family == "clip-llama"
+    has_cls = family.startswith("clip-")
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -187,7 +192,7 @@ def _image_processor(family: str, config):
     from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 
     size = config.vision_config.image_size
-    if family == "clip-llama":
+    if family.startswith("clip-"):
         # Same recipe as LLaVA-1.5's CLIP preprocessing, scaled down: resize shortest edge, centre crop.
         return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return SiglipImageProcessorPil(size={"height": size, "width": size})
@@ -219,7 +224,7 @@ def make_tiny_llava(path, family: str = "clip-llama", seed: int = 0) -> Path:
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1 if family == "clip-llama" else 0,  # CLIP's CLS; SigLIP has none
+        num_additional_image_tokens=1 if family.startswith("clip-") else 0,  # CLIP's CLS; SigLIP has none
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(path)

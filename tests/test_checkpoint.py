@@ -15,6 +15,7 @@ from attanchor_export.testing import FAMILIES, make_tiny_llava, tinyllava_1b_con
 EXPECTED = {  # family -> (M image tokens, image size, tied lm_head)
     "clip-llama": (25, 30, False),
     "siglip-qwen2": (16, 32, True),
+    "clip-mistral": (25, 30, False),
 }
 
 

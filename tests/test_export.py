@@ -172,3 +172,18 @@ def test_help_lists_verbs():
     result = run_cli("--help")
     for verb in ("run", "check", "build", "bench", "demo", "lint"):
         assert verb in result.output
+
+
+def test_mistral_decoder_exports_and_matches(checkpoint, tmp_path):
+    """A third decoder family (LLaVA-1.6-Mistral style): export validation and end-to-end tokens."""
+    from attanchor_runtime.manifest import Manifest
+
+    from attanchor_export.checkpoint import load_checkpoint
+    from attanchor_export.exporter import ExportOptions, export_artifact
+    from attanchor_export.validate import validate_end_to_end
+
+    ck = checkpoint("clip-mistral")
+    result = export_artifact(str(ck), ExportOptions(output=tmp_path / "mistral"))
+    assert result.passed and read_manifest(tmp_path / "mistral")["model_types"]["text"] == "mistral"
+    e2e = validate_end_to_end(load_checkpoint(str(ck)), Manifest.load(tmp_path / "mistral"))
+    assert all(r.passed for r in e2e), [r for r in e2e if not r.passed]
