@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from attanchor_runtime.manifest import open_embed_table
 
 from .errors import ExportError
 from .graph_specs import kv_names
@@ -216,9 +217,7 @@ class ArtifactFrontEnd:
         self.embedding = ort_session(self.folder / graphs["embedding"]["file"], threads=threads)
         self.encoder = PromptEncoder(self.folder, manifest_data)
         self.threshold = float(manifest_data["anchor"]["threshold"])
-        table = manifest_data["embed_table"]
-        self.table = np.memmap(self.folder / table["file"], dtype=np.dtype(table["dtype"]).newbyteorder("<"),
-                               mode="r", shape=tuple(table["shape"]))
+        self.table = open_embed_table(self.folder, manifest_data["embed_table"])
 
     def pixels(self, samples: Sequence[Sample]) -> np.ndarray:
         return np.concatenate([self.preprocess(s.image) for s in samples], axis=0)

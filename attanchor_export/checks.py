@@ -12,7 +12,6 @@ from pathlib import Path
 from attanchor_runtime.manifest import Manifest
 
 from .errors import CheckpointError
-from .graph_specs import kv_names
 
 
 def _source(manifest: Manifest, model: str | None) -> str:
@@ -55,32 +54,13 @@ def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
             "sections": sections}
 
 
-class TorchSession:
-    """A torch module behind onnxruntime's `run(names, feeds)`, so the gate can use PyTorch as its
-    fp32 reference: a quantized artifact no longer holds its fp32 graphs."""
-
-    def __init__(self, module, input_names: list[str], flat_past: int = 0):
-        self.module, self.input_names, self.flat_past = module.eval(), input_names, flat_past
-
-    def run(self, output_names, feeds):
-        import torch
-
-        args = [torch.from_numpy(feeds[n]) for n in self.input_names]
-        if self.flat_past:
-            past = tuple(torch.from_numpy(feeds[n]) for n in kv_names(self.flat_past, "past_key_values"))
-            args.append(past)
-        with torch.no_grad():
-            outs = self.module(*args)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return [o.numpy() for o in outs]
-
-
 def regate(manifest: Manifest, loaded) -> dict:
     """Re-run the export's accuracy gate, with PyTorch (not the long-gone fp32 graphs) as reference."""
     from .accuracy_gate import compute_reference
     from .calibration import ArtifactFrontEnd
     from .export_decoder import DecoderWithCache
     from .quantize import run_gate
+    from .validate import TorchSession
 
     data, precision = manifest.data, manifest.precision
     dims = manifest.dims

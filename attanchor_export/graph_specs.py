@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attanchor_runtime.manifest import kv_names  # the runtime reads these names: one definition
+
 # Symbolic dimension names shared by every graph; the runtime and the TensorRT profiles key on them.
 BATCH, HEIGHT, WIDTH = "batch", "height", "width"
 TEXT_LEN, SEQ_LEN, PAST_LEN, TOTAL_LEN = "text_len", "seq_len", "past_len", "total_len"
@@ -38,11 +40,6 @@ class GraphSpec:
             "outputs": [t.to_json() for t in self.outputs],
             **({"notes": self.notes} if self.notes else {}),
         }
-
-
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """past_key_values.{i}.key/value (inputs) or present.{i}.key/value (outputs), interleaved."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 def vision_spec(dims) -> GraphSpec:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from attanchor_runtime.manifest import kv_names
 from onnx import helper, numpy_helper
 
 OPTIMIZE_VERSION = 1
@@ -428,7 +429,7 @@ def decoder_parity(reference, candidate, dims, seed: int = 7, threads: int | Non
 
     d = _dims_dict(dims)
     layers, kv, hd, hidden = d["num_layers"], d["num_kv_heads"], d["head_dim"], d["hidden_size"]
-    names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    names = kv_names(layers, "past_key_values")
     sessions = [ort_session(reference, "cpu", threads), ort_session(candidate, "cpu", threads)]
     outputs = [o.name for o in sessions[0].get_outputs()]
     rng = np.random.default_rng(seed)

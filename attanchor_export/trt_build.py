@@ -301,8 +301,7 @@ def gate_inputs(manifest, plan: BuildPlan, seed: int = 0) -> dict:
         ids[1, :1], mask[1, :1] = text.get("pad_token_id") or 0, 0
         ids[1, 1] = ids[0, 0]
     seq = max(1, min(16, opts.max_input_len))
-    table = np.memmap(manifest.path(manifest.data["embed_table"]["file"]), manifest.data["embed_table"]["dtype"],
-                      "r", shape=tuple(manifest.data["embed_table"]["shape"]))
+    table = manifest.embed_table()
     embeds = np.asarray(table[rng.choice(ordinary, size=(batch, seq))], np.float32)
     dmask = np.ones((batch, seq), np.int64)
     if batch > 1:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from attanchor_runtime.sessions import ort_session
 
+from .export_decoder import DecoderWithCache
 from .graph_specs import kv_names
 from .reference import anchored_inputs
 
@@ -65,6 +66,9 @@ def validate_graphs(loaded, manifest, atol: float = 1e-4, seed: int = 1234) -> l
     embedding = ort_session(manifest.graph_path("embedding"))
     decoder = ort_session(manifest.graph_path("decoder"))
     vision_module = loaded.adapter.vision_tower_and_projector(loaded.model).eval()
+    module = DecoderWithCache(loaded.adapter.language_model(loaded.model), loaded.adapter.lm_head(loaded.model),
+                              dims["num_layers"])
+    torch_decoder = TorchSession(module, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
     results: list[CheckResult] = []
 
     def record(graph, case, metric, value, limit):
@@ -102,28 +106,30 @@ def validate_graphs(loaded, manifest, atol: float = 1e-4, seed: int = 1234) -> l
                 continue
             record("embedding", label, "position_ids_mismatch", int((pos != ref_pos).sum()), 0)
             record("embedding", label, "max_abs_diff", _max_diff(embeds, ref_embeds), atol)
-            results.extend(_check_decoder(loaded, decoder, dims, label, ref_embeds, ref_mask, ref_pos, atol, rng))
+            results.extend(_check_decoder(torch_decoder, decoder, dims, label, ref_embeds, ref_mask, ref_pos, atol,
+                                          rng))
     return results
 
 
-def _torch_decoder(loaded, embeds, mask, pos, past):
-    from transformers.cache_utils import DynamicCache
+class TorchSession:
+    """A torch module behind onnxruntime's `run(names, feeds)`: the same feeds go to both sides of a
+    comparison (graph parity here, the accuracy gate of a quantized artifact in checks.py)."""
 
-    cache = DynamicCache(ddp_cache_data=[(torch.from_numpy(k), torch.from_numpy(v)) for k, v in past])
-    with torch.no_grad():
-        out = loaded.adapter.language_model(loaded.model)(
-            inputs_embeds=torch.from_numpy(embeds),
-            attention_mask=torch.from_numpy(mask),
-            position_ids=torch.from_numpy(pos),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = loaded.adapter.lm_head(loaded.model)(out.last_hidden_state).numpy()
-    present = [(layer.keys.numpy(), layer.values.numpy()) for layer in out.past_key_values.layers]
-    return logits, present
+    def __init__(self, module, input_names: list[str], flat_past: int = 0):
+        self.module, self.input_names, self.flat_past = module.eval(), input_names, flat_past
+
+    def run(self, output_names, feeds):
+        args = [torch.from_numpy(feeds[n]) for n in self.input_names]
+        if self.flat_past:
+            past = tuple(torch.from_numpy(feeds[n]) for n in kv_names(self.flat_past, "past_key_values"))
+            args.append(past)
+        with torch.no_grad():
+            outs = self.module(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return [o.numpy() for o in outs]
 
 
-def _check_decoder(loaded, decoder, dims, label, embeds, mask, pos, atol, rng) -> list[CheckResult]:
+def _check_decoder(torch_decoder, decoder, dims, label, embeds, mask, pos, atol, rng) -> list[CheckResult]:
     """Prefill the anchored prompt, then decode two tokens on top of its cache: both through ORT and
     torch, comparing logits and present KV on real (unpadded) positions only."""
     results = []
@@ -138,7 +144,8 @@ def _check_decoder(loaded, decoder, dims, label, embeds, mask, pos, atol, rng) -
             feeds[name] = tensor
         outs = decoder.run(None, feeds)
         logits, present = outs[0], list(zip(outs[1::2], outs[2::2]))
-        ref_logits, ref_present = _torch_decoder(loaded, step_embeds, full_mask, step_pos, past)
+        ref = torch_decoder.run(None, feeds)
+        ref_logits, ref_present = ref[0], list(zip(ref[1::2], ref[2::2]))
         ref_logits = ref_logits[:, -logits.shape[1] :]  # last-logits-only graphs return one position
         valid_q = step_mask[:, -logits.shape[1] :].astype(bool)
         valid_kv = full_mask.astype(bool)[:, None, :, None]

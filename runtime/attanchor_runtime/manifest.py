@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ArtifactError
 
 FORMAT = "attanchor-artifact"
@@ -24,6 +26,17 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """past_key_values.{i}.key/value (decoder inputs) or present.{i}.key/value (outputs), interleaved."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def open_embed_table(folder, entry: dict):
+    """The manifest's embed_table entry as a read-only little-endian memmap [vocab, hidden]."""
+    dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+    return np.memmap(Path(folder) / entry["file"], dtype=dtype, mode="r", shape=tuple(entry["shape"]))
 
 
 def file_record(path: Path) -> dict:
@@ -61,6 +74,9 @@ class Manifest:
 
     def graph_path(self, graph: str) -> Path:
         return self.folder / self.graphs[graph]["file"]
+
+    def embed_table(self):
+        return open_embed_table(self.folder, self.data["embed_table"])
 
     @classmethod
     def load(cls, folder, verify: str = "size") -> Manifest:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .manifest import Manifest
+from .manifest import Manifest, kv_names
 from .sessions import ort_session
 
 
@@ -24,7 +24,7 @@ class OrtBackend:
         self.decoder_session = ort_session(self._graph_file("decoder"), device, threads)
         dims = manifest.dims
         self.num_layers = dims["num_layers"]
-        self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+        self.past_names = kv_names(self.num_layers, "past_key_values")
         self.output_names = [o.name for o in self.decoder_session.get_outputs()]
         self._empty = np.zeros((0, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
 

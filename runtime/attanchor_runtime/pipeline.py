@@ -17,6 +17,7 @@ from attanchor_graphs.reference import anchor_pairs
 from .errors import NumericsError, RuntimeInputError
 from .manifest import Manifest
 from .sampling import Sampler
+from .text import image_run_keep, image_run_starts
 
 
 @dataclass
@@ -58,13 +59,11 @@ def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attenti
     for b, row in enumerate(rows):
         if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
             raise RuntimeInputError(f"input_ids row {b} must be a 1-D integer array, got {row.dtype} {row.shape}")
-        is_image = row == image_token_id
         # A run of placeholders (newer HF processors expand <image> to M tokens) counts as one.
-        run_start = is_image & ~np.concatenate([[False], is_image[:-1]])
-        runs = int(run_start.sum())
+        runs = image_run_starts(row, image_token_id).size
         if runs != 1:
             raise RuntimeInputError(f"input_ids row {b} has {runs} image placeholder runs, expected exactly 1")
-        keep = ~is_image | run_start
+        keep = image_run_keep(row, image_token_id)
         kept_rows.append(row[keep].astype(np.int64))
         sources.append(np.flatnonzero(keep) + offsets[b])
     width = max(len(r) for r in kept_rows)
@@ -88,10 +87,8 @@ class Pipeline:
         self.max_positions = int(dims["max_position_embeddings"])
         self.default_threshold = float(manifest.anchor["threshold"])
         self.mode = manifest.anchor["mode"]
-        table = manifest.data["embed_table"]
         # Decode steps embed new tokens straight from the table file: no graph, no copy of the table.
-        self.embed_table = np.memmap(manifest.path(table["file"]), dtype=table["dtype"], mode="r",
-                                     shape=tuple(table["shape"]))
+        self.embed_table = manifest.embed_table()
         self._text, self._images = text, image_preprocessor
 
     @classmethod

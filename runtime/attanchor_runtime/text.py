@@ -44,6 +44,8 @@ __all__ = [
     "TextProcessor",
     "check_single_image",
     "collapse_image_runs",
+    "image_run_keep",
+    "image_run_starts",
     "find_chat_template",
     "render_chat_template",
     "text_config_from_hf",
@@ -75,15 +77,18 @@ def collapse_image_runs(ids: Sequence[int] | np.ndarray, image_token_id: int) ->
     arr = np.asarray(ids, dtype=np.int64)
     if arr.ndim != 1:
         raise RuntimeInputError(f"expected a 1-D token id row, got shape {tuple(arr.shape)}")
-    if arr.size == 0:
-        return arr.copy()
-    is_image = arr == image_token_id
-    keep = np.ones(arr.shape, dtype=bool)
-    keep[1:] = ~(is_image[1:] & is_image[:-1])
-    return arr[keep]
+    return arr[image_run_keep(arr, image_token_id)]
 
 
-def _image_runs(arr: np.ndarray, image_token_id: int) -> np.ndarray:
+def image_run_keep(arr: np.ndarray, image_token_id: int) -> np.ndarray:
+    """Bool mask over a 1-D row: every id except the 2nd, 3rd, ... of each placeholder run."""
+    keep = arr != image_token_id
+    keep[image_run_starts(arr, image_token_id)] = True
+    return keep
+
+
+def image_run_starts(arr: np.ndarray, image_token_id: int) -> np.ndarray:
+    """Indices where a run of consecutive placeholders begins (a run counts as one image)."""
     is_image = arr == image_token_id
     starts = is_image.copy()
     starts[1:] &= ~is_image[:-1]
@@ -98,7 +103,7 @@ def check_single_image(ids_row: Sequence[int] | np.ndarray, image_token_id: int)
     arr = np.asarray(ids_row)
     if arr.ndim != 1:
         raise RuntimeInputError(f"expected a 1-D token id row, got shape {tuple(arr.shape)}")
-    starts = _image_runs(arr, image_token_id)
+    starts = image_run_starts(arr, image_token_id)
     if starts.size != 1:
         raise RuntimeInputError(
             f"each prompt needs exactly one image placeholder (token id {image_token_id}), found {starts.size}"

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError, RuntimeInputError
+from .manifest import kv_names
 
 __all__ = [
     "ENGINE_FORMAT", "ENGINE_FORMAT_VERSION", "ENGINE_META", "KVCache", "TRT_INSTALL_HINT", "TrtBackend",
@@ -390,8 +391,8 @@ class TrtBackend:
             self.embedding_session = ort_session(manifest.graph_path("embedding"), "cpu")
         dims = manifest.dims
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
-        self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
-        self.present_names = [f"present.{i}.{k}" for i in range(self.num_layers) for k in ("key", "value")]
+        self.past_names = kv_names(self.num_layers, "past_key_values")
+        self.present_names = kv_names(self.num_layers, "present")
         options = self.meta.get("plan", {}).get("options", {})
         self.slot = 1 if options.get("empty_past") == "masked-slot" else 0
         self.capacity = max(p["dims"]["total_len"][2] for p in self.decoder_engine.profiles)
