@@ -70,7 +70,7 @@ def staging_folder(final, force: bool = False):
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise ExportError(f"disk full while writing {final}: free space and export again") from None
+            raise ExportError(f"disk full while writing {final}: free space and try again") from None
         raise
     except BaseException:
         if staging.failed_path is None:

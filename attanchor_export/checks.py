@@ -99,10 +99,7 @@ def gate_summary(gate: dict) -> str:
 
 
 def _lint_checks(manifest: Manifest) -> list[dict]:
-    try:
-        from attanchor_graphs.trt_lint import lint_artifact
-    except ImportError:
-        return []
+    from .trt_lint_artifact import lint_artifact
     out = []
     for target in ("10.3", "latest"):
         for graph, report in lint_artifact(manifest.folder, target=target).items():

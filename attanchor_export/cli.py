@@ -316,12 +316,13 @@ def build_cmd(folder, max_batch, max_input_len, max_seq_len, workspace, timing_c
 
 @main.command("lint")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--target", default="10.3", show_default=True, help="TensorRT version to lint against.")
+@click.option("--target", default="10.3", show_default=True,
+              help="TensorRT version to lint against: 10.3 (JetPack 6), 10.15, 11.4, 11.5, or latest.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def lint_cmd(folder, target, as_json):
     """Check every graph against TensorRT's ONNX operator support (no GPU needed)."""
-    from attanchor_graphs.trt_lint import lint_artifact
+    from .trt_lint_artifact import lint_artifact
 
     reports = lint_artifact(folder, target=target)
     if as_json:

@@ -3,14 +3,19 @@
     result = build_engines("out/tiny", max_batch=1, max_input_len=768, max_seq_len=2048)
     str(result)   # out/tiny/engines/orin-sm87-trt10.3.0.30
 
-Per engine in the plan: ONNX parser ``parse_from_file`` (external data resolves beside the file),
-a strongly typed network for QDQ graphs, the plan's optimization profiles, builder flags (TF32
-cleared for fp32, FP16 + OBEY_PRECISION_CONSTRAINTS with fp32-typed layers pinned for fp16), the
-workspace limit, and one timing cache per engine folder, loaded before and saved after every build
-(a rebuild with other lengths reuses the measured tactics). The folder is written as
-``engines/.<name>.partial`` and renamed when complete; engine.json records TensorRT version, GPU,
-compute capability, the plan (profiles, flags), sha256 of every source ONNX file and of its external
-data, and build times.
+Per engine in the plan: a strongly typed network (:func:`strongly_typed_network_flags`), the ONNX
+parser's ``parse_from_file`` (external data resolves beside the file), the plan's optimization
+profiles, TF32 cleared unless allowed, the workspace limit, and one timing cache per engine folder,
+loaded before and saved after every build (a rebuild with other lengths reuses the measured tactics).
+No precision builder flag, no per-layer precision, no calibrator: the graphs' tensor types and Q/DQ
+nodes are the precision (trt_plan's docstring says what each format holds). That is the only way
+TensorRT 11 builds, and TensorRT 10.x builds the same engines from the same calls, so both
+generations share this one code path.
+
+The engine folder is written through ``artifact.staging_folder`` (a hidden ``engines/.<name>.partial-*``
+renamed when complete) and described by ``attanchor_runtime.engines.EngineMeta`` (engine.json:
+TensorRT version, GPU, compute capability, the plan, sha256 of every source ONNX file and of its
+external data, build times, gate results).
 
 Then the gate, because engines that build cleanly and print garbage are the known failure: each
 engine runs through the real ``trt`` runtime backend on fixed inputs and is compared with
@@ -27,19 +32,26 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from attanchor_runtime.engines import (
+    ENGINES_DIR,
+    EngineMeta,
+    engine_dir_name,
+    engine_record,
+    onnxruntime_record,
+)
 
+from .artifact import staging_folder
 from .errors import ExportError
-from .trt_plan import BuildOptions, BuildPlan, EngineSpec, Gate, PlanError, engine_dir_name, make_plan
+from .trt_plan import BuildOptions, BuildPlan, EngineSpec, Gate, PlanError, make_plan
 
 __all__ = ["BuildResult", "EngineBuildError", "GateFailed", "TrtUnavailable", "build_engines", "compare",
-           "gate_inputs", "require_tensorrt", "run_gates", "source_hashes"]
+           "gate_inputs", "require_tensorrt", "run_gates", "source_hashes", "strongly_typed_network_flags"]
 
 
 class TrtUnavailable(ExportError):
@@ -63,13 +75,13 @@ class GateFailed(ExportError):
 @dataclass
 class BuildResult:
     engine_dir: Path
-    meta: dict
+    meta: EngineMeta
 
     def __str__(self) -> str:
         return str(self.engine_dir)
 
     def to_json(self) -> dict:
-        return {"engine_dir": str(self.engine_dir), **self.meta}
+        return {"engine_dir": str(self.engine_dir), **self.meta.to_json()}
 
 
 def _unavailable(what: str, folder) -> TrtUnavailable:
@@ -109,53 +121,35 @@ def source_hashes(onnx_path: Path) -> dict[str, str]:
 
 
 # ---- building ---------------------------------------------------------------------------------
-def _pin_fp32_layers(trt, network) -> int:
-    """Keep every compute layer whose ONNX type is float32 in fp32 under the FP16 flag."""
-    skip = {getattr(trt.LayerType, n) for n in ("SHAPE", "CONSTANT", "CAST", "IDENTITY", "ASSERTION")
-            if hasattr(trt.LayerType, n)}
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in skip or layer.num_outputs == 0:
-            continue
-        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if all(o.dtype == trt.float32 for o in outputs):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-            pinned += 1
-    return pinned
+def strongly_typed_network_flags(trt) -> int:
+    """``create_network`` flags for a strongly typed network. TensorRT 10.x needs STRONGLY_TYPED (its
+    networks are weakly typed by default); 11.x keeps the name, deprecated and ignored, because every
+    network is strongly typed. A release that drops the name leaves nothing to ask for: 0."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
-def _build_engine(trt, spec: EngineSpec, folder: Path, out: Path, options: BuildOptions, cache_path: Path,
-                  log) -> dict:
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if spec.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+def _minor(version: str) -> str:
+    return ".".join(str(version).split(".")[:2])
+
+
+def _parse(trt, network, logger, onnx_path: Path, spec: EngineSpec, folder: Path):
     parser = trt.OnnxParser(network, logger)
-    onnx_path = folder / spec.onnx
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         detail = f"{first.desc()} (node {first.node()})" if first is not None else "see the TensorRT log above"
         raise EngineBuildError(f"TensorRT {trt.__version__} cannot parse {spec.onnx}: {detail}; "
-                               f"`attanchor-export lint {folder}` lists what it does not support")
-    names = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    config.builder_optimization_level = options.builder_optimization_level
-    for flag in spec.flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    for flag in spec.clear_flags:
-        config.clear_flag(getattr(trt.BuilderFlag, flag))
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+                               f"`attanchor-export lint {folder} --target {_minor(trt.__version__)}` lists what it "
+                               "does not support")
+    return parser  # the parser owns the weights it read: keep it alive until the engine is built
+
+
+def _add_profiles(builder, network, config, spec: EngineSpec) -> None:
+    shapes = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     for profile in spec.profiles:
         p = builder.create_optimization_profile()
-        for name, shape in names.items():
+        for name, shape in shapes.items():
             if all(d >= 0 for d in shape):
                 continue  # static input: no profile entry
             if name not in profile.shapes:
@@ -164,23 +158,56 @@ def _build_engine(trt, spec: EngineSpec, folder: Path, out: Path, options: Build
             r = profile.shapes[name]
             p.set_shape(name, r["min"], r["opt"], r["max"])
         config.add_optimization_profile(p)
-    pinned = _pin_fp32_layers(trt, network) if spec.pin_fp32_layers else 0
-    log(f"building {spec.engine} from {spec.onnx} ({len(spec.profiles)} profile(s))")
+
+
+def _build_engine(trt, spec: EngineSpec, folder: Path, out: Path, options: BuildOptions, cache_path: Path,
+                  log) -> dict:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(strongly_typed_network_flags(trt))
+    onnx_path = folder / spec.onnx
+    parser = _parse(trt, network, logger, onnx_path, spec, folder)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    config.builder_optimization_level = options.builder_optimization_level
+    if not options.allow_tf32:  # TF32 is a math mode for fp32 tensors, not a type: it stays a builder flag
+        config.clear_flag(trt.BuilderFlag.TF32)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    _add_profiles(builder, network, config, spec)
+    log(f"building {spec.engine} from {spec.onnx} ({spec.precision}, {len(spec.profiles)} profile(s))")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
+    del parser  # it held the parsed weights until the engine was built
     if serialized is None:
         raise EngineBuildError(f"TensorRT {trt.__version__} failed to build {spec.engine} from {spec.onnx} "
                                "(see the TensorRT log above); try a larger --workspace or shorter lengths")
     data = memoryview(serialized)
     (out / spec.engine).write_bytes(data)
     cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return {
-        "backend": "tensorrt", "file": spec.engine, "onnx": spec.onnx, "sources": source_hashes(onnx_path),
-        "profiles": [json.loads(json.dumps(p.__dict__)) for p in spec.profiles],
-        "strongly_typed": spec.strongly_typed, "flags": spec.flags, "clear_flags": spec.clear_flags,
-        "pinned_fp32_layers": pinned, "bytes": len(data), "build_seconds": round(seconds, 2),
-    }
+    return engine_record(file=spec.engine, onnx=spec.onnx, sources=source_hashes(onnx_path),
+                         profiles=[json.loads(json.dumps(asdict(p))) for p in spec.profiles],
+                         precision=spec.precision, tf32=options.allow_tf32, nbytes=len(data),
+                         build_seconds=round(seconds, 2))
+
+
+def _options(options: BuildOptions | None, overrides: dict) -> BuildOptions:
+    options = options or BuildOptions()
+    if overrides:
+        unknown = sorted(set(overrides) - set(options.__dict__))
+        if unknown:
+            raise PlanError(f"unknown build option(s): {', '.join(unknown)}")
+        options = BuildOptions(**{**options.__dict__, **overrides})
+    return options
+
+
+def _gate_failed(gate: dict, failed_dir: Path) -> GateFailed:
+    bad = [c for c in gate["checks"] if not c["passed"]]
+    first = bad[0]
+    return GateFailed(f"{len(bad)} engine gate check(s) failed, first {first['graph']} {first['case']}: "
+                      f"{first['metric']} {first['value']:.4g} (limit {first['limit']:.4g}); engines kept for "
+                      f"inspection in {failed_dir}", checks=gate["checks"])
 
 
 def build_engines(folder, options: BuildOptions | None = None, *, gate: bool = True, log=None,
@@ -190,65 +217,36 @@ def build_engines(folder, options: BuildOptions | None = None, *, gate: bool = T
 
     folder = Path(folder)
     log = log or (lambda message: None)
-    options = options or BuildOptions()
-    if option_overrides:
-        unknown = sorted(set(option_overrides) - set(options.__dict__))
-        if unknown:
-            raise PlanError(f"unknown build option(s): {', '.join(unknown)}")
-        options = BuildOptions(**{**options.__dict__, **option_overrides})
     manifest = Manifest.load(folder, verify="size")
-    plan = make_plan(manifest, options)
+    plan = make_plan(manifest, _options(options, option_overrides))
     trt, cuda = require_tensorrt(folder)
     info = cuda.device_info()
-    name = engine_dir_name(info.name, info.sm, trt.__version__)
-    root = folder / "engines"
-    final, staging = root / name, root / f".{name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    cache_path = Path(plan.options.timing_cache) if plan.options.timing_cache else staging / "timing.cache"
-    if not plan.options.timing_cache and (final / "timing.cache").is_file():
-        shutil.copy2(final / "timing.cache", cache_path)  # tactics measured by an earlier build on this GPU
+    final = folder / ENGINES_DIR / engine_dir_name(info.name, info.sm, trt.__version__)
     start = time.perf_counter()
-    records = {}
-    try:
+    with staging_folder(final, force=True) as staging:  # a rebuild replaces this GPU's engines only when done
+        out = staging.path
+        cache_path = Path(plan.options.timing_cache) if plan.options.timing_cache else out / "timing.cache"
+        if not plan.options.timing_cache and (final / "timing.cache").is_file():
+            shutil.copy2(final / "timing.cache", cache_path)  # tactics measured by an earlier build on this GPU
+        records = {}
         for graph, spec in plan.engines.items():
             if spec.backend == "tensorrt":
-                records[graph] = _build_engine(trt, spec, folder, staging, plan.options, cache_path, log)
+                records[graph] = _build_engine(trt, spec, folder, out, plan.options, cache_path, log)
             else:
-                records[graph] = {"backend": spec.backend, "onnx": spec.onnx, "reason": spec.reason}
-        meta = {
-            "format": "attanchor-engines", "format_version": 1,
-            "tensorrt": trt.__version__, "gpu": info.name, "sm": info.sm,
-            "compute_capability": info.compute_capability, "gpu_memory_bytes": info.total_memory,
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(time.perf_counter() - start, 2),
-            "plan": plan.to_json(), "engines": records,
-        }
-        (staging / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
+                records[graph] = onnxruntime_record(onnx=spec.onnx, reason=spec.reason)
+        meta = EngineMeta(
+            tensorrt=trt.__version__, gpu=info.name, sm=info.sm, compute_capability=info.compute_capability,
+            gpu_memory_bytes=info.total_memory,
+            built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=round(time.perf_counter() - start, 2), plan=plan.to_json(), engines=records,
+        )
+        meta.write(out)
         if gate:
             log("gate: engines vs onnxruntime")
-            meta["gate"] = run_gates(manifest, plan, staging, trt=trt, cuda=cuda)
-            (staging / "engine.json").write_text(json.dumps(meta, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if gate and not meta["gate"]["passed"]:
-        failed_dir = root / f"{name}.failed"
-        shutil.rmtree(failed_dir, ignore_errors=True)
-        os.replace(staging, failed_dir)
-        bad = [c for c in meta["gate"]["checks"] if not c["passed"]]
-        first = bad[0]
-        raise GateFailed(f"{len(bad)} engine gate check(s) failed, first {first['graph']} {first['case']}: "
-                         f"{first['metric']} {first['value']:.4g} (limit {first['limit']:.4g}); engines kept for "
-                         f"inspection in {failed_dir}", checks=meta["gate"]["checks"])
-    if final.exists():
-        trash = root / f".{name}.old-{os.getpid()}"
-        os.replace(final, trash)
-        os.replace(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+            meta.gate = run_gates(manifest, plan, out, trt=trt, cuda=cuda)
+            meta.write(out)
+            if meta.gate_failed:
+                raise _gate_failed(meta.gate, staging.fail())
     return BuildResult(final, meta)
 
 

@@ -22,33 +22,37 @@ Per graph (``plan.engines[name]`` is an :class:`EngineSpec`):
   length T - 1 + M + K is a function of input shapes. Without K the output length depends on the
   data, so it runs on onnxruntime (CPU) and the spec says why.
 
-Precision, from ``manifest.precision`` (``dtype`` fp32|fp16, ``quant`` none|int8|int4):
+Precision: every engine is a strongly typed network, on TensorRT 10.x as on 11.x (which has no
+other kind and no precision builder flags): each tensor's type is the one the ONNX graph gives it, so
+the artifact's graphs carry the precision and the plan only records it (``EngineSpec.precision``):
 
-* graphs holding QuantizeLinear/DequantizeLinear (int8/int4 QDQ): a strongly typed network, no
-  precision flags: TensorRT takes every tensor's type from the graph (fp32 islands stay fp32);
-* fp16 without QDQ: the FP16 flag plus OBEY_PRECISION_CONSTRAINTS, and every layer whose ONNX type
-  is float32 (the norms, softmax, RoPE and logits the fp16 export keeps in fp32) is pinned to fp32;
-* fp32: no flags, and TF32 is cleared (TensorRT enables it by default; fp32 parity and the
-  anchor cosine scores need IEEE fp32 MatMuls) unless ``allow_tf32``;
-* the embedding graph always builds as fp32: its cosine scores decide discrete anchor indices.
+* fp32: every tensor fp32. TF32 is cleared (TensorRT enables it by default; fp32 parity and the
+  anchor cosine scores need IEEE fp32 MatMuls) unless ``allow_tf32``.
+* fp16 (quantize.convert_fp16): fp16 weights and activations, fp32 islands (norms, softmax, the RoPE
+  angle path, the logits) joined by Cast nodes, fp32 graph inputs and outputs. Strongly typed, each
+  node runs in the type the graph says, which the 10.x FP16 flag could only approximate (it needed
+  OBEY_PRECISION_CONSTRAINTS and every fp32 layer pinned; 11.x has neither).
+* int8 / int4 QDQ (``decoder.trt.onnx``): QuantizeLinear/DequantizeLinear with symmetric scales (zero
+  point 0) mark where int8/int4 starts and ends, on top of an fp32 or fp16 graph: explicit
+  quantization, no calibrator and no INT8/INT4 flag.
+* the embedding graph is always fp32: its cosine scores decide discrete anchor indices.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ExportError
 
 __all__ = [
-    "BuildOptions", "BuildPlan", "EngineSpec", "Gate", "PlanError", "Profile", "engine_dir_name", "make_plan",
-    "profile_problems", "sm_string", "trt_file",
+    "BuildOptions", "BuildPlan", "EngineSpec", "Gate", "PlanError", "Profile", "make_plan", "profile_problems",
+    "trt_file",
 ]
 
 EMPTY_PAST_MODES = ("zero", "masked-slot")
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: strongly typed only (EngineSpec.precision replaced the builder flags)
 
 
 class PlanError(ExportError):
@@ -94,10 +98,7 @@ class EngineSpec:
     onnx: str  # artifact-relative ONNX file
     engine: str | None = None  # plan file name inside the engine folder
     profiles: list[Profile] = field(default_factory=list)
-    strongly_typed: bool = False
-    flags: list[str] = field(default_factory=list)  # trt.BuilderFlag names to set
-    clear_flags: list[str] = field(default_factory=list)  # trt.BuilderFlag names to clear
-    pin_fp32_layers: bool = False
+    precision: str = "fp32"  # what the graph's tensor types say: "fp32", "fp16", "fp16 + int4 QDQ", ...
     gates: list[Gate] = field(default_factory=list)
     reason: str | None = None  # why onnxruntime, when it is
     notes: list[str] = field(default_factory=list)
@@ -122,14 +123,15 @@ class BuildPlan:
 
     @classmethod
     def from_json(cls, data: dict) -> BuildPlan:
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"build plan version {data.get('version')} is not {PLAN_VERSION}: make the plan again")
         engines = {}
         for name, e in data["engines"].items():
             e = dict(e)
             e["profiles"] = [Profile(**p) for p in e.get("profiles", [])]
             e["gates"] = [Gate(**g) for g in e.get("gates", [])]
             engines[name] = EngineSpec(**e)
-        return cls(data["artifact"], data["precision"], BuildOptions(**data["options"]), engines,
-                   data.get("version", PLAN_VERSION))
+        return cls(data["artifact"], data["precision"], BuildOptions(**data["options"]), engines, data["version"])
 
     def format_table(self) -> str:
         lines = [f"build plan for {self.artifact} ({self.precision.get('dtype', 'fp32')}/"
@@ -138,34 +140,12 @@ class BuildPlan:
             if spec.backend != "tensorrt":
                 lines.append(f"  {spec.graph:<10} onnxruntime: {spec.reason}")
                 continue
-            mode = "strongly typed" if spec.strongly_typed else ("flags " + "+".join(spec.flags) if spec.flags
-                                                                 else "fp32")
-            if "TF32" in spec.clear_flags:
-                mode += ", TF32 off"
+            mode = f"{spec.precision}, strongly typed" + ("" if self.options.allow_tf32 else ", TF32 off")
             lines.append(f"  {spec.graph:<10} {spec.engine} ({mode})")
             for p in spec.profiles:
                 dims = ", ".join(f"{k} {v[0]}..{v[2]} (opt {v[1]})" for k, v in p.dims.items())
                 lines.append(f"    profile {p.name}: {dims}")
         return "\n".join(lines)
-
-
-def engine_dir_name(gpu_name: str, sm, trt_version: str) -> str:
-    """"<gpu-slug>-sm<cc>-trt<version>", e.g. ("Orin", (8, 7), "10.3.0.30") -> "orin-sm87-trt10.3.0.30"."""
-    slug = re.sub(r"[^a-z0-9]+", "-", str(gpu_name).lower()).strip("-") or "gpu"
-    return f"{slug}-sm{sm_string(sm)}-trt{re.sub(r'[^0-9A-Za-z.]+', '', str(trt_version))}"
-
-
-def sm_string(sm) -> str:
-    """Compute capability as digits: (8, 7), "8.7", "sm_87", 87 -> "87"."""
-    if isinstance(sm, (tuple, list)):
-        return f"{int(sm[0])}{int(sm[1])}"
-    text = str(sm).lower().removeprefix("sm_").removeprefix("sm")
-    if "." in text:
-        major, minor = text.split(".", 1)
-        return f"{int(major)}{int(minor)}"
-    if not text.isdigit():
-        raise ValueError(f"cannot read a compute capability from {sm!r}")
-    return text
 
 
 # ---- plan construction ------------------------------------------------------------------------
@@ -195,31 +175,38 @@ def trt_file(data: dict, graph: str) -> str:
     return data["graphs"][graph]["file"]
 
 
-def _graph_has_qdq(path: Path) -> bool | None:
+def _graph_qdq_bits(path: Path) -> int | None:
+    """The narrowest integer the graph's Q/DQ nodes hold (4 or 8), 0 for a graph without Q/DQ, None when
+    the file is not there (a plan made from a manifest alone)."""
     if not path.is_file():
         return None
     import onnx
+    from onnx import TensorProto
 
     model = onnx.load(str(path), load_external_data=False)
-    ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
-    return bool(ops & {"QuantizeLinear", "DequantizeLinear"})
+    weight_types = {i.name: i.data_type for i in model.graph.initializer}
+    bits = set()
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        if node.op_type == "QuantizeLinear":
+            bits.add(8)  # activations: quantize.py writes int8 ones only
+        elif node.op_type == "DequantizeLinear":
+            int4 = weight_types.get(node.input[0]) in (TensorProto.INT4, TensorProto.UINT4)
+            bits.add(4 if int4 else 8)
+    return min(bits) if bits else 0
 
 
-def _precision_rules(graph: str, precision: dict, has_qdq: bool | None, options: BuildOptions):
-    """(strongly_typed, flags, clear_flags, pin_fp32_layers) for one graph."""
+def _graph_precision(graph: str, precision: dict, qdq_bits: int | None) -> str:
+    """What one graph's tensor types are: "fp32", "fp16", "fp32 + int8 QDQ", "fp16 + int4 QDQ"."""
     dtype, quant = precision.get("dtype", "fp32"), precision.get("quant", "none")
     if dtype not in ("fp32", "fp16") or quant not in ("none", "int8", "int4"):
         raise PlanError(f"unknown artifact precision dtype={dtype!r} quant={quant!r}: expected fp32|fp16 and "
                         "none|int8|int4")
-    clear = [] if options.allow_tf32 else ["TF32"]
-    if graph == "embedding":
-        return False, [], clear, False
-    qdq = has_qdq if has_qdq is not None else (quant != "none" and graph == "decoder")
-    if qdq:
-        return True, [], clear, False
-    if dtype == "fp16":
-        return False, ["FP16", "OBEY_PRECISION_CONSTRAINTS"], clear, True
-    return False, [], clear, False
+    if graph == "embedding":  # never converted: its cosine scores pick discrete anchor indices
+        return "fp32"
+    if qdq_bits is None:  # no file to look at: what the manifest says was quantized
+        quantized = quant != "none" and (graph == "decoder" or bool(precision.get("vision_quantized")))
+        qdq_bits = {"int4": 4, "int8": 8}[quant] if quantized else 0
+    return f"{dtype} + int{qdq_bits} QDQ" if qdq_bits else dtype
 
 
 def _shapes(inputs: list[dict], dims: dict[str, list[int]], graph: str) -> dict[str, dict[str, list[int]]]:
@@ -276,28 +263,27 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
     _check_range("builder_optimization_level", options.builder_optimization_level, 0, 5)
     if options.empty_past not in EMPTY_PAST_MODES:
         raise PlanError(f"empty_past must be one of {', '.join(EMPTY_PAST_MODES)}, got {options.empty_past!r}")
-    fp32_dtype = precision.get("dtype", "fp32") == "fp32"
     batch = [1, opt_batch, options.max_batch]
 
-    def gates(output: str, strongly_typed: bool) -> list[Gate]:
+    def gates(output: str, graph_precision: str) -> list[Gate]:
         """fp32 graphs (no QDQ) get the fp32 tolerance, fp16 and quantized ones the cosine floor."""
-        if fp32_dtype and not strongly_typed:
+        if graph_precision == "fp32":
             return [Gate(output, "max_abs_diff", options.gate_fp32_atol)]
         return [Gate(output, "cosine", options.gate_cosine)]
 
-    def qdq(file: str) -> bool | None:
-        return _graph_has_qdq(folder / file) if inspect_onnx else None
+    def graph_precision(graph: str, file: str) -> str:
+        return _graph_precision(graph, precision, _graph_qdq_bits(folder / file) if inspect_onnx else None)
 
     engines: dict[str, EngineSpec] = {}
 
     # -- vision --------------------------------------------------------------------------------
     vision = graphs["vision"]
     vision_file = trt_file(data, "vision")
-    st, flags, clear, pin = _precision_rules("vision", precision, qdq(vision_file), options)
+    vision_precision = graph_precision("vision", vision_file)
     engines["vision"] = EngineSpec(
         "vision", "tensorrt", vision_file, "vision.plan",
         [Profile("all", {"batch": batch}, _shapes(vision["inputs"], {"batch": batch}, "vision"))],
-        st, flags, clear, pin, gates("image_features", st),
+        vision_precision, gates("image_features", vision_precision),
     )
 
     # -- embedding -----------------------------------------------------------------------------
@@ -319,11 +305,10 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
                             f"{k} anchors: use a max_input_len >= {image_tokens + int(k)}")
         opt_text = max(1, min(max_text, opt_in - image_tokens - int(k) + 1))
         emb_dims = {"batch": batch, "text_len": [1, opt_text, max_text]}
-        st, flags, clear, pin = _precision_rules("embedding", precision, None, options)
         engines["embedding"] = EngineSpec(
             "embedding", "tensorrt", emb["file"], "embedding.plan",
             [Profile("all", emb_dims, _shapes(emb["inputs"], emb_dims, "embedding"))],
-            st, flags, clear, pin,
+            graph_precision("embedding", emb["file"]),
             [Gate("gather_index", "exact", 0.0), Gate("attention_mask", "exact", 0.0),
              Gate("inputs_embeds", "max_abs_diff", 1e-6)],
             notes=[f"text_len <= {max_text} so that T - 1 + {image_tokens} + {k} <= max_input_len {max_in}",
@@ -340,13 +325,13 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
     for name, d in (("prefill", prefill), ("decode", decode)):
         d["total_len"] = [p + s for p, s in zip(d["past_len"], d["seq_len"])]
         profiles.append(Profile(name, d, _shapes(dec["inputs"], d, "decoder")))
-    st, flags, clear, pin = _precision_rules("decoder", precision, qdq(dec_file), options)
+    dec_precision = graph_precision("decoder", dec_file)
     notes = [f"max_seq_len {max_seq}: prompt + generated positions; max_input_len {max_in}: prefill positions "
              "including image tokens and anchors"]
     if slot:
         notes.append("masked-slot empty past: the cache holds one extra zero slot masked out by attention_mask")
-    engines["decoder"] = EngineSpec("decoder", "tensorrt", dec_file, "decoder.plan", profiles, st, flags, clear, pin,
-                                    gates("logits", st), notes=notes)
+    engines["decoder"] = EngineSpec("decoder", "tensorrt", dec_file, "decoder.plan", profiles, dec_precision,
+                                    gates("logits", dec_precision), notes=notes)
 
     options = BuildOptions(**{**asdict(options), "max_seq_len": max_seq, "max_input_len": max_in,
                               "opt_batch": opt_batch, "opt_input_len": opt_in, "opt_past_len": opt_past})

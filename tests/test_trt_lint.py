@@ -7,11 +7,15 @@ import json
 import numpy as np
 import onnx
 import pytest
-from attanchor_graphs.trt_lint import lint_artifact, lint_model
+from attanchor_graphs.trt_lint import lint_model
 from attanchor_graphs.trt_ops import TABLES, table
+from attanchor_runtime.manifest import FORMAT, FORMAT_VERSION
 from onnx import TensorProto, helper, numpy_helper
 
-TARGETS = ("10.3", "10.x-latest")
+from attanchor_export.errors import ExportError
+from attanchor_export.trt_lint_artifact import lint_artifact
+
+TARGETS = ("10.3", "10.x-latest", "11.4", "latest")
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
@@ -68,11 +72,18 @@ def test_lint_artifact_reads_the_trt_decoder_form(tmp_path):
     bad = model([helper.make_node("Unique", ["x"], ["y"])], [vi("x")], [vi("y")])
     onnx.save(ok, tmp_path / "decoder.onnx")
     onnx.save(bad, tmp_path / "decoder.trt.onnx")
-    manifest = {"graphs": {"decoder": {"file": "decoder.onnx"}},
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "graphs": {"decoder": {"file": "decoder.onnx"}},
                 "precision": {"backends": {"trt": {"decoder": "decoder.trt.onnx"}}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     report = lint_artifact(tmp_path)
     assert report["decoder"].name == "decoder.trt.onnx" and not report.ok
+    # No TensorRT form (MatMulNBits only): the onnxruntime file is linted, which shows why.
+    manifest["precision"]["backends"]["trt"]["decoder"] = None
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    report = lint_artifact(tmp_path)
+    assert report["decoder"].name == "decoder.onnx" and report.ok
+    with pytest.raises(ExportError, match="unknown TensorRT target '9.0'"):
+        lint_artifact(tmp_path, target="9.0")
 
 
 # ---- crafted graphs -------------------------------------------------------------------------------
@@ -89,7 +100,8 @@ def test_op_newer_than_the_target():
               [vi("x", shape=(2, 4)), vi("s", shape=(4,))], [vi("y", shape=(2, 4))], opset=23)
     old = lint_model(m, "10.3")
     assert {"unknown-op", "opset"} <= codes(old, "error")
-    assert lint_model(m, "10.x-latest").ok
+    for target in ("10.x-latest", "11.4", "latest"):
+        assert lint_model(m, target).ok
 
 
 def test_custom_op_needs_a_plugin():
@@ -112,12 +124,16 @@ def test_float64_is_an_error():
     assert any("uint16" in f.message for f in lint_model(cast).errors)
 
 
-def test_opset_range():
-    relu = [helper.make_node("Relu", ["x"], ["y"])]
-    assert "opset" in codes(lint_model(model(relu, [vi("x")], [vi("y")], opset=22), "10.3"), "error")
-    assert lint_model(model(relu, [vi("x")], [vi("y")], opset=22), "10.x-latest").ok
-    assert "opset" in codes(lint_model(model(relu, [vi("x")], [vi("y")], opset=8), "10.3"), "error")
-    assert lint_model(model(relu, [vi("x")], [vi("y")], opset=20), "10.3").ok
+@pytest.mark.parametrize(("target", "newest"), [("10.3", 20), ("10.15", 24), ("11.4", 24), ("11.5", 25)])
+def test_opset_range(target, newest):
+    def relu(opset):
+        return model([helper.make_node("Relu", ["x"], ["y"])], [vi("x")], [vi("y")], opset=opset)
+
+    assert lint_model(relu(newest), target).ok
+    assert lint_model(relu(9), target).ok
+    too_new = lint_model(relu(newest + 1), target)
+    assert "opset" in codes(too_new, "error") and f"(9-{newest})" in too_new.format_table()
+    assert "opset" in codes(lint_model(relu(8), target), "error")
 
 
 def int4_matmul(opset=21, zero_point=False):
@@ -139,7 +155,9 @@ def test_int4_blocked_dequantize_needs_opset_21():
     assert jetson.ok, jetson.format_table()
     (warning,) = [f for f in jetson.warnings if f.code == "opset"]
     assert "blocked INT4 DequantizeLinear" in warning.message
-    assert lint_model(int4_matmul(), "10.x-latest").ok
+    for target in ("10.x-latest", "11.4", "latest"):  # opset 21 is inside their documented range
+        report = lint_model(int4_matmul(), target)
+        assert report.ok and not report.warnings, report.format_table()
     assert not lint_model(int4_matmul(opset=22), "10.3").ok
     assert "restriction" in codes(lint_model(int4_matmul(zero_point=True), "10.x-latest"), "error")
 
@@ -230,8 +248,19 @@ def test_subgraphs_and_local_functions_are_checked():
 
 def test_tables():
     assert table("10.x-latest") is TABLES["10.15"] and table("jetpack6") is TABLES["10.3"]
+    # "latest" is the newest table the lint has, whatever its version.
+    newest = max(TABLES, key=lambda k: tuple(int(x) for x in k.split(".")))
+    assert table("latest") is TABLES[newest] is TABLES["11.5"] and table("11.x-latest") is TABLES["11.5"]
+    # Full version strings (tensorrt.__version__) pick their major.minor table.
+    assert table("10.3.0.30") is TABLES["10.3"] and table("11.4.1") is TABLES["11.4"]
     assert (TABLES["10.3"]["opset_min"], TABLES["10.3"]["opset_max"]) == (9, 20)
     assert (TABLES["10.15"]["opset_min"], TABLES["10.15"]["opset_max"]) == (9, 24)
+    assert (TABLES["11.4"]["opset_max"], TABLES["11.5"]["opset_max"]) == (24, 25)
+    for t in ("11.4", "11.5"):  # 11.x removed builder APIs, not importers: at least what 10.15 parses
+        assert set(TABLES["10.15"]["ops"]) <= set(TABLES[t]["ops"])
+        assert set(TABLES["10.15"]["dtypes"]) <= set(TABLES[t]["dtypes"])
+    with pytest.raises(ValueError, match="unknown TensorRT target"):
+        table("10.7")  # no table for it: refused rather than guessed
     for op in ("RMSNormalization", "RotaryEmbedding", "Attention", "TensorScatter"):
         assert op not in TABLES["10.3"]["ops"] and TABLES["10.15"]["ops"][op][0]
     assert TABLES["10.3"]["ops"]["NonZero"][0] and TABLES["10.3"]["ops"]["Unique"][0] is None

@@ -1,4 +1,4 @@
-"""The TensorRT build plan as plain data: profiles, consistency, precision flags, option errors. CPU only."""
+"""The TensorRT build plan as plain data: profiles, consistency, graph precision, option errors. CPU only."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from attanchor_export.trt_plan import (
     BuildPlan,
     Gate,
     PlanError,
-    engine_dir_name,
     make_plan,
     profile_problems,
-    sm_string,
 )
 
 M, HIDDEN, HEADS, HEAD_DIM, LAYERS = 25, 64, 2, 16, 3
@@ -100,7 +98,10 @@ def test_plan_json_round_trip():
     text = json.dumps(plan.to_json())
     again = BuildPlan.from_json(json.loads(text))
     assert again == plan
-    assert "profile prefill" in plan.format_table() and "profile decode" in plan.format_table()
+    table = plan.format_table()
+    assert "profile prefill" in table and "profile decode" in table and "fp32, strongly typed, TF32 off" in table
+    with pytest.raises(PlanError, match="build plan version 1"):  # version 1 had builder flags
+        BuildPlan.from_json({**json.loads(text), "version": 1})
 
 
 def test_vision_profile_over_batch_at_fixed_size():
@@ -125,23 +126,48 @@ def test_embedding_engine_only_with_a_budget():
     assert disabled.engines["embedding"].backend == "onnxruntime"
 
 
-def test_precision_flags():
-    fp32 = plan_for()
-    for spec in (fp32.engines["vision"], fp32.engines["decoder"]):
-        assert spec.flags == [] and spec.clear_flags == ["TF32"] and not spec.strongly_typed
+def test_precision_is_what_the_graphs_hold():
+    """No builder flags: each spec records the graph's types, and only all-fp32 graphs get the fp32 tolerance."""
+    fp32 = plan_for(max_anchors=4)
+    assert {g: e.precision for g, e in fp32.engines.items()} == {"vision": "fp32", "embedding": "fp32",
+                                                                 "decoder": "fp32"}
+    assert [g.metric for g in fp32.engines["decoder"].gates] == ["max_abs_diff"]
     fp16 = plan_for(precision={"dtype": "fp16", "quant": "none"})
-    assert fp16.engines["decoder"].flags == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
-    assert fp16.engines["decoder"].pin_fp32_layers
+    assert fp16.engines["decoder"].precision == fp16.engines["vision"].precision == "fp16"
     assert [g.metric for g in fp16.engines["decoder"].gates] == ["cosine"]
     int4 = plan_for(precision={"dtype": "fp16", "quant": "int4",
                                "backends": {"trt": {"vision": "vision.onnx", "decoder": "decoder.trt.onnx"}}},
                     max_anchors=4)
     decoder = int4.engines["decoder"]
-    assert decoder.strongly_typed and decoder.flags == [] and decoder.onnx == "decoder.trt.onnx"
+    assert decoder.precision == "fp16 + int4 QDQ" and decoder.onnx == "decoder.trt.onnx"
     # The anchor graph always builds as fp32 (its scores pick discrete indices).
-    assert int4.engines["embedding"].flags == [] and not int4.engines["embedding"].strongly_typed
-    tf32 = plan_for(BuildOptions(max_input_len=96, max_seq_len=256, allow_tf32=True))
-    assert tf32.engines["decoder"].clear_flags == []
+    assert int4.engines["embedding"].precision == "fp32" and int4.engines["vision"].precision == "fp16"
+    int8 = plan_for(precision={"dtype": "fp32", "quant": "int8", "vision_quantized": True})
+    assert int8.engines["vision"].precision == int8.engines["decoder"].precision == "fp32 + int8 QDQ"
+    assert [g.metric for g in int8.engines["vision"].gates] == ["cosine"]
+    for removed in ("flags", "clear_flags", "pin_fp32_layers", "strongly_typed"):
+        assert removed not in int4.to_json()["engines"]["decoder"]
+
+
+def test_qdq_bits_come_from_the_graph(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from attanchor_export.trt_plan import _graph_qdq_bits
+
+    def graph(weight_type):
+        w = helper.make_tensor("w", weight_type, [4, 2], [1] * 8)
+        scale = numpy_helper.from_array(np.full((1, 2), 0.1, np.float32), "s")
+        nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0, block_size=4),
+                 helper.make_node("MatMul", ["x", "wf"], ["y"])]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], initializer=[w, scale]),
+            opset_imports=[helper.make_opsetid("", 21)])
+
+    save(graph(TensorProto.INT4), tmp_path / "int4.onnx")
+    save(graph(TensorProto.INT8), tmp_path / "int8.onnx")
+    assert _graph_qdq_bits(tmp_path / "int4.onnx") == 4 and _graph_qdq_bits(tmp_path / "int8.onnx") == 8
+    assert _graph_qdq_bits(tmp_path / "missing.onnx") is None
 
 
 def test_no_trt_form_is_an_error():
@@ -179,18 +205,12 @@ def test_option_errors_are_one_line(options, kwargs, message):
     assert "\n" not in str(info.value)
 
 
-def test_engine_dir_name():
-    assert engine_dir_name("Orin", (8, 7), "10.3.0.30") == "orin-sm87-trt10.3.0.30"
-    assert engine_dir_name("NVIDIA GeForce RTX 4090", "8.9", "10.7.0") == "nvidia-geforce-rtx-4090-sm89-trt10.7.0"
-    assert engine_dir_name("NVIDIA H100 80GB HBM3", "sm_90", "10.15.1") == "nvidia-h100-80gb-hbm3-sm90-trt10.15.1"
-    assert sm_string(87) == "87" and sm_string("12.0") == "120"
-
-
 def test_plan_from_a_real_artifact(artifact):
     plan = make_plan(artifact("siglip-t2i-k4"), BuildOptions(max_input_len=64, max_seq_len=128))
     assert plan.engines["embedding"].backend == "tensorrt"
     assert plan.engines["decoder"].profile("prefill").shapes["past_key_values.0.key"]["max"][2] == 0
     assert profile_problems(plan.engines["decoder"]) == []
+    assert {e.precision for e in plan.engines.values()} == {"fp32"}  # read from the files: no Q/DQ
 
 
 # ---- the gate's comparison --------------------------------------------------------------------------

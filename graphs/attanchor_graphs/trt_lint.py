@@ -1,9 +1,11 @@
 """TensorRT compatibility lint for ONNX graphs: runs on a CPU, needs onnx + numpy only.
 
-    report = lint_model("decoder.onnx", target="10.3")        # or "10.x-latest"
+    report = lint_model("decoder.onnx", target="10.3")        # or "11.4", "latest", ...
     report.ok, report.errors, report.warnings, report.notes
     print(report.format_table()); json.dumps(report.to_json())
-    lint_artifact("out/tiny", target="10.3")                  # every graph in manifest.json
+
+One ONNX model at a time: which files of an artifact TensorRT gets is the exporter's business
+(``attanchor_export.trt_lint_artifact``).
 
 What is checked, for every node of the main graph, of If/Loop/Scan subgraphs and of model-local
 functions (TensorRT >= 9 inlines those; their nodes are reported as "inlined function D::N"):
@@ -11,8 +13,8 @@ functions (TensorRT >= 9 inlines those; their nodes are reported as "inlined fun
 * the op against TensorRT's ONNX-parser operator table for the target (:mod:`.trt_ops`):
   listed as unsupported or absent from the table -> error; custom-domain ops that are not local
   functions (e.g. com.microsoft::MatMulNBits) -> error, TensorRT would need a plugin;
-* the model's opset against the documented range (10.3: 9-20, 10.15: 9-24). One exception, a
-  warning instead of an error: opset 21 on 10.3 when the graph holds blocked/INT4
+* the model's opset against the documented range (10.3: 9-20, 10.15 and 11.4: 9-24, 11.5: 9-25).
+  One exception, a warning instead of an error: opset 21 on 10.3 when the graph holds blocked/INT4
   DequantizeLinear (weight-only int4 needs opset 21). TensorRT 10.x's DequantizeLinear importer
   infers the block from the scale's rank and reads INT4 weights since 10.0, and every other op
   revised at opset 21 only gained int4/uint4 types, except GroupNormalization (still an error);
@@ -33,7 +35,6 @@ functions (TensorRT >= 9 inlines those; their nodes are reported as "inlined fun
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from onnx import TensorProto, numpy_helper
 
 from .trt_ops import ONNX_TO_TRT_TYPE, table
 
-__all__ = ["ArtifactLintReport", "Finding", "LintReport", "lint_artifact", "lint_model", "trt_graph_file"]
+__all__ = ["Finding", "LintReport", "lint_model"]
 
 SEVERITIES = ("error", "warning", "note")
 _TAG = "attanchor-lint-function:"
@@ -180,29 +181,6 @@ class LintReport:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()))
         lines.append(f"  ops ({sum(self.op_counts.values())}): {counts}")
         return "\n".join(lines)
-
-
-class ArtifactLintReport(dict):
-    """graph name -> LintReport (a dict, so callers iterate ``.items()``), plus the artifact-level view."""
-
-    def __init__(self, folder: str, target: str, graphs: dict[str, LintReport]):
-        super().__init__(graphs)
-        self.folder, self.target = folder, target
-
-    @property
-    def graphs(self) -> dict[str, LintReport]:
-        return dict(self)
-
-    @property
-    def ok(self) -> bool:
-        return all(r.ok for r in self.values())
-
-    def to_json(self) -> dict:
-        return {"folder": self.folder, "target": self.target, "ok": self.ok,
-                "graphs": {k: r.to_json() for k, r in self.items()}}
-
-    def format_table(self) -> str:
-        return "\n".join(r.format_table() for r in self.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,37 +576,8 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
     return onnx.load(str(path), load_external_data=False), path.name
 
 
-def trt_graph_file(manifest: dict, graph: str) -> str:
-    """The ONNX file TensorRT builds for `graph`: precision.backends.trt (quantize.py writes it), the
-    older precision.decoder_files.trt, else the graph's own file. When the artifact has no TensorRT
-    form of a graph (backends.trt.<graph> is null) the onnxruntime file is returned, and linting it
-    shows why TensorRT cannot take it."""
-    precision = manifest.get("precision") or {}
-    file = (precision.get("backends") or {}).get("trt", {}).get(graph)
-    if file is None and graph == "decoder":
-        file = (precision.get("decoder_files") or {}).get("trt")
-    return file or manifest["graphs"][graph]["file"]
-
-
 def lint_model(model_or_path, target: str = "10.3", allow_data_dependent: bool = False,
                name: str | None = None) -> LintReport:
     """Lint one ONNX model (a ModelProto or a path; external data is not read) for a TensorRT target."""
     model, default_name = _load(model_or_path)
     return _Linter(model, target, allow_data_dependent, name or default_name).run()
-
-
-def lint_artifact(folder, target: str = "10.3") -> ArtifactLintReport:
-    """Lint every graph listed in the artifact's manifest.json, as TensorRT would be given it.
-
-    A quantized artifact may hand TensorRT other files than onnxruntime (``precision.backends.trt``,
-    e.g. decoder.trt.onnx with QDQ INT4); data-dependent shapes are allowed only in graphs whose
-    manifest entry notes ``data_dependent_shapes``. Returns a dict-like ArtifactLintReport.
-    """
-    folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    reports = {}
-    for graph, entry in manifest["graphs"].items():
-        file = trt_graph_file(manifest, graph)
-        allow = bool(entry.get("notes", {}).get("data_dependent_shapes", False))
-        reports[graph] = lint_model(folder / file, target, allow_data_dependent=allow, name=file)
-    return ArtifactLintReport(str(folder), target, reports)

@@ -2,7 +2,13 @@
 
 Transcribed by hand from onnx-tensorrt ``docs/operators.md`` and ``docs/Changelog.md``:
 
-* ``"10.15"`` (the newest 10.x the lint knows, alias ``"10.x-latest"``): the 10.15 table, opsets 9-24.
+* ``"11.5"`` (the newest the lint knows, alias ``"latest"`` and ``"11.x-latest"``) and ``"11.4"``
+  (the first 11.x for Jetson: 11.4.1 on JetPack 7.2.2+): opsets 9-25 and 9-24, as their release
+  notes give them. Their operator and type tables are the 10.15 ones carried forward: 11.0 removed
+  builder and plugin APIs (weak typing, precision flags, the INT8 calibrator), not ONNX importers,
+  and no 11.x operators.md was at hand to transcribe. An op 11.x added is therefore reported as
+  unknown (a false error, never a false pass); extend ``_ADDED_IN_11`` when one is confirmed.
+* ``"10.15"`` (the newest 10.x, alias ``"10.x-latest"``): the 10.15 table, opsets 9-24.
 * ``"10.3"`` (JetPack 6.x on Jetson Orin): the 10.1 GA table (opsets 9-20) with the 10.2/10.3
   changelog applied (10.3: ``Slice`` takes tensor ``axes``). Everything the changelog adds later is
   left out: Pad tensor axes (10.4), Blackman/Hamming/HannWindow (10.4), STFT (10.5), dynamic
@@ -235,6 +241,9 @@ _10_3.update({
     "Unsqueeze": (FPIB, "`axes` must be a constant tensor"),
 })
 
+# ---- TensorRT 11.x: the 10.15 table carried forward (see the module docstring) ----------------
+_11_X = dict(_LATEST)
+
 # ONNX TensorProto data type names TensorRT can hold as tensors, per target.
 _DTYPES_10_3 = ("FLOAT", "FLOAT16", "BFLOAT16", "INT32", "INT64", "INT8", "INT4", "FLOAT8E4M3FN", "UINT8", "BOOL")
 _DTYPES_LATEST = _DTYPES_10_3 + ("FLOAT4E2M1",)
@@ -258,9 +267,27 @@ TABLES = {
         "ops": _LATEST,
         "source": "onnx-tensorrt docs/operators.md @ 10.15 GA",
     },
+    "11.4": {
+        "trt_version": "11.4",
+        "opset_min": 9,
+        "opset_max": 24,
+        "onnx_ir_max": 11,  # at least what 10.15 reads; the artifact pins IR 10
+        "dtypes": _DTYPES_LATEST,
+        "ops": _11_X,
+        "source": "opset range from the TensorRT 11.4 release notes; ops and types: the 10.15 table",
+    },
+    "11.5": {
+        "trt_version": "11.5",
+        "opset_min": 9,
+        "opset_max": 25,
+        "onnx_ir_max": 11,
+        "dtypes": _DTYPES_LATEST,
+        "ops": _11_X,
+        "source": "opset range from the TensorRT 11.5 release notes; ops and types: the 10.15 table",
+    },
 }
 
-ALIASES = {"10.x-latest": "10.15", "latest": "10.15", "jetpack6": "10.3", "10.3.0": "10.3"}
+ALIASES = {"latest": "11.5", "11.x-latest": "11.5", "10.x-latest": "10.15", "jetpack6": "10.3"}
 
 # ONNX type name -> the name the tables use.
 ONNX_TO_TRT_TYPE = {
@@ -271,7 +298,10 @@ ONNX_TO_TRT_TYPE = {
 
 
 def table(target: str) -> dict:
+    """The table for an alias, "X.Y", or a full version string such as tensorrt.__version__ ("10.3.0.30")."""
     key = ALIASES.get(target, target)
+    if key not in TABLES:
+        key = ".".join(str(target).split(".")[:2])
     if key not in TABLES:
         raise ValueError(f"unknown TensorRT target {target!r}: choose one of {', '.join([*TABLES, *ALIASES])}")
     return TABLES[key]

@@ -33,30 +33,25 @@ synchronize per call. Input staging and output buffers grow only, so after the f
 decode step allocates nothing. The embedding graph runs on onnxruntime CPU unless the artifact has
 an anchor budget and an embedding engine was built.
 
-An engine folder is refused, with one line saying to rebuild with ``attanchor-export build DIR``,
-when it was built for another compute capability or TensorRT version, from different ONNX files, or
-when it failed its accuracy gate at build time. CUDA goes through cuda-python
-(:mod:`.cuda_util` says why); tensorrt and cuda-python are imported only when this backend is used.
+:mod:`.engines` picks the engine folder and reads its engine.json (and refuses folders built for
+another GPU, TensorRT version or export). The calls above exist unchanged in TensorRT 10.x and 11.x
+(11 removed only builder-side precision APIs), so there is one code path for both. CUDA goes through
+cuda-python (:mod:`.cuda_util` says why); tensorrt and cuda-python are imported only when this backend
+is used.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from .engines import check_sources, engine_mismatch, find_engine_dir, read_engine_meta, rebuild_hint
 from .errors import ArtifactError, RuntimeInputError
 from .manifest import kv_names
 
-__all__ = [
-    "ENGINE_FORMAT", "ENGINE_FORMAT_VERSION", "ENGINE_META", "KVCache", "TRT_INSTALL_HINT", "TrtBackend",
-    "check_sources", "engine_mismatch", "find_engine_dir", "import_tensorrt", "read_engine_meta", "select_profile",
-]
+__all__ = ["KVCache", "TRT_INSTALL_HINT", "TrtBackend", "import_tensorrt", "select_profile"]
 
-ENGINE_FORMAT = "attanchor-engines"
-ENGINE_FORMAT_VERSION = 1
-ENGINE_META = "engine.json"
 TRT_INSTALL_HINT = (
     "pip install 'attanchor-export[trt]' on a desktop GPU; on a Jetson use JetPack's TensorRT "
     "(sudo apt install python3-libnvinfer)"
@@ -72,72 +67,7 @@ def import_tensorrt():
     return tensorrt
 
 
-def _rebuild(folder) -> str:
-    return f"rebuild with `attanchor-export build {folder}`"
-
-
-# ---- engine folder selection (pure, unit-tested without a GPU) ---------------------------------
-def read_engine_meta(engine_dir) -> dict:
-    path = Path(engine_dir) / ENGINE_META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {path}: {e}") from None
-    if meta.get("format") != ENGINE_FORMAT or meta.get("format_version") != ENGINE_FORMAT_VERSION:
-        raise ArtifactError(f"{path} is not an engine.json this runtime reads (format "
-                            f"{meta.get('format')!r} v{meta.get('format_version')})")
-    return meta
-
-
-def engine_mismatch(meta: dict, sm: str, trt_version: str, require_gate: bool = True) -> str | None:
-    """Why an engine folder cannot run here, or None."""
-    built_sm, built_trt = str(meta.get("sm")), str(meta.get("tensorrt"))
-    if built_sm != str(sm):
-        return f"built for sm{built_sm} ({meta.get('gpu')}), this GPU is sm{sm}"
-    if built_trt != str(trt_version):
-        return f"built with TensorRT {built_trt}, this is TensorRT {trt_version}"
-    gate = meta.get("gate")
-    if require_gate and gate is not None and not gate.get("passed", False):
-        return "failed its accuracy gate against onnxruntime at build time"
-    return None
-
-
-def find_engine_dir(folder, sm: str, trt_version: str) -> tuple[Path, dict]:
-    """The engines/<name>/ folder built for this compute capability and TensorRT version."""
-    folder = Path(folder)
-    root = folder / "engines"
-    # Hidden folders are builds in progress or being replaced; NAME.failed folders fail the gate check.
-    metas = sorted(p for p in root.glob(f"*/{ENGINE_META}") if not p.parent.name.startswith(".")) \
-        if root.is_dir() else []
-    if not metas:
-        raise ArtifactError(f"no TensorRT engines in {root}: build them on this device with "
-                            f"`attanchor-export build {folder}`")
-    seen = []
-    for path in metas:
-        try:
-            meta = read_engine_meta(path.parent)
-        except ArtifactError as e:
-            seen.append(f"{path.parent.name} ({e})")
-            continue
-        problem = engine_mismatch(meta, sm, trt_version)
-        if problem is None:
-            return path.parent, meta
-        seen.append(f"{path.parent.name}: {problem}")
-    raise ArtifactError(f"no engine in {root} runs on this GPU (sm{sm}, TensorRT {trt_version}): "
-                        f"{'; '.join(seen)}; {_rebuild(folder)}")
-
-
-def check_sources(meta: dict, manifest_data: dict, folder) -> None:
-    """Refuse engines built from other ONNX files than the manifest lists (a re-exported artifact)."""
-    files = manifest_data.get("files", {})
-    for graph, record in meta.get("engines", {}).items():
-        for name, digest in record.get("sources", {}).items():
-            expected = files.get(name, {}).get("sha256")
-            if expected is not None and expected != digest:
-                raise ArtifactError(f"the {graph} engine was built from another {name} than this artifact holds "
-                                    f"(re-exported?): {_rebuild(folder)}")
-
-
+# ---- optimization profiles (pure, unit-tested without a GPU) -------------------------------------
 def select_profile(profiles: list[dict], shapes: dict, graph: str = "engine") -> int:
     """Index of the first optimization profile whose min..max covers every given input shape."""
     for index, profile in enumerate(profiles):
@@ -256,11 +186,11 @@ class _Engine:
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise ArtifactError(f"cannot read {path}: {e.strerror}: {_rebuild(backend.folder)}") from None
+            raise ArtifactError(f"cannot read {path}: {e.strerror}: {rebuild_hint(backend.folder)}") from None
         self.engine = backend.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise ArtifactError(f"TensorRT cannot deserialize {path.name} (see its log above): "
-                                f"{_rebuild(backend.folder)}")
+                                f"{rebuild_hint(backend.folder)}")
         engine = self.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -270,7 +200,7 @@ class _Engine:
         self.profiles = record["profiles"]
         if engine.num_optimization_profiles != len(self.profiles):
             raise ArtifactError(f"{path.name} has {engine.num_optimization_profiles} profiles, engine.json lists "
-                                f"{len(self.profiles)}: {_rebuild(backend.folder)}")
+                                f"{len(self.profiles)}: {rebuild_hint(backend.folder)}")
         strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
         self.contexts = []
         for index in range(len(self.profiles)):
@@ -375,14 +305,14 @@ class TrtBackend:
             self.engine_dir, self.meta = Path(engine_dir), read_engine_meta(engine_dir)
             problem = engine_mismatch(self.meta, info.sm, self.trt.__version__, require_gate=False)
             if problem:
-                raise ArtifactError(f"{self.engine_dir.name}: {problem}: {_rebuild(self.folder)}")
+                raise ArtifactError(f"{self.engine_dir.name}: {problem}: {rebuild_hint(self.folder)}")
         check_sources(self.meta, manifest.data, self.folder)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)  # must outlive the runtime and engines
         self.runtime = self.trt.Runtime(self.logger)
-        records = self.meta["engines"]
+        records = self.meta.engines
         self.vision_engine = _Engine(self, "vision", records["vision"])
         self.decoder_engine = _Engine(self, "decoder", records["decoder"])
-        if records["embedding"].get("backend") == "tensorrt":
+        if self.meta.on_tensorrt("embedding"):
             self.embedding_engine, self.embedding_session = _Engine(self, "embedding", records["embedding"]), None
         else:
             from .sessions import ort_session
@@ -393,8 +323,7 @@ class TrtBackend:
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
         self.past_names = kv_names(self.num_layers, "past_key_values")
         self.present_names = kv_names(self.num_layers, "present")
-        options = self.meta.get("plan", {}).get("options", {})
-        self.slot = 1 if options.get("empty_past") == "masked-slot" else 0
+        self.slot = 1 if self.meta.empty_past == "masked-slot" else 0
         self.capacity = max(p["dims"]["total_len"][2] for p in self.decoder_engine.profiles)
         self._cache: KVCache | None = None
 

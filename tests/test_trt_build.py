@@ -1,0 +1,286 @@
+"""Engine builds and the trt backend end to end on a CPU, against both fake TensorRT generations.
+
+Every build test runs twice, against the 10.x fake (JetPack 6's API) and the 11.x fake (the names
+TensorRT 11 removed are absent, see tests/fake_tensorrt.py), so a call that exists in only one
+generation fails here. What a machine without tensorrt says is at the end. Real engines:
+tests/test_trt_gpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+from attanchor_runtime.errors import ArtifactError, RuntimeInputError
+from attanchor_runtime.manifest import Manifest
+from fake_tensorrt import GENERATIONS, PRECISION_FLAGS, TRT10, TRT11, FakeCuda, make_fake_trt
+
+from attanchor_export import trt_build
+from attanchor_export.trt_build import build_engines
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _install(monkeypatch, trt, cuda):
+    monkeypatch.setattr(trt_build, "require_tensorrt", lambda folder: (trt, cuda))
+    return trt, cuda
+
+
+@pytest.fixture(params=list(GENERATIONS.values()), ids=list(GENERATIONS))
+def fake(request, monkeypatch):
+    """(fake tensorrt, fake cuda) of one API generation, installed where trt_build looks for them."""
+    cuda = FakeCuda()
+    return _install(monkeypatch, make_fake_trt(cuda, request.param), cuda)
+
+
+@pytest.fixture
+def workdir(artifact, tmp_path):
+    """copy(name) -> a private copy of a shared artifact (builds write engines/ into it)."""
+
+    def copy(name="clip-t2i"):
+        dst = tmp_path / name
+        shutil.copytree(artifact(name), dst)
+        return dst
+
+    return copy
+
+
+def _ids(folder, rows=((5, 6), (7,))):
+    text = json.loads((folder / "manifest.json").read_text())["text"]
+    return [np.array([text["bos_token_id"], text["image_token_id"], *r, 9, 10], np.int64) for r in rows]
+
+
+def _pixels(folder, batch, seed=0):
+    size = json.loads((folder / "manifest.json").read_text())["dims"]["image_size"]
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def _engine_json(result) -> dict:
+    return json.loads((result.engine_dir / "engine.json").read_text())
+
+
+# ---- the fakes model what each generation has --------------------------------------------------------
+def test_the_fakes_differ_where_tensorrt_10_and_11_differ(tmp_path):
+    old, new = make_fake_trt(FakeCuda(), TRT10), make_fake_trt(FakeCuda(), TRT11)
+    for name in PRECISION_FLAGS:
+        assert hasattr(old.BuilderFlag, name)
+        with pytest.raises(AttributeError):
+            getattr(new.BuilderFlag, name)
+    assert hasattr(old.TacticSource, "CUDNN") and not hasattr(new.TacticSource, "CUBLAS")
+    assert old.Builder(None).platform_has_fast_fp16 and not hasattr(new.Builder(None), "platform_has_fast_int8")
+    assert hasattr(old.Builder(None).create_builder_config(), "int8_calibrator")
+    assert not hasattr(new.Builder(None).create_builder_config(), "int8_calibrator")
+    # 10.x: weakly typed by default, and a strongly typed network refuses precision flags.
+    builder = old.Builder(None)
+    assert not builder.create_network(0).strongly_typed
+    network = builder.create_network(trt_build.strongly_typed_network_flags(old))
+    config = builder.create_builder_config()
+    config.set_flag(old.BuilderFlag.FP16)
+    assert network.strongly_typed and builder.build_serialized_network(network, config) is None
+    # 11.x: strongly typed whatever the flags say.
+    assert new.Builder(None).create_network(0).strongly_typed
+
+
+# ---- builds --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "empty_past"), [("clip-t2i", "zero"), ("siglip-t2i-k4", "masked-slot")])
+def test_build_and_generate(fake, workdir, name, empty_past):
+    from attanchor_runtime import Pipeline
+    from attanchor_runtime.ort_backend import OrtBackend
+    from attanchor_runtime.trt_backend import TrtBackend
+
+    trt, cuda = fake
+    folder = workdir(name)
+    result = build_engines(folder, max_batch=2, max_input_len=64, max_seq_len=96, empty_past=empty_past)
+    assert result.engine_dir == folder / "engines" / f"fake-orin-sm87-trt{trt.__version__}"
+    meta = _engine_json(result)
+    assert meta == result.meta.to_json()
+    assert meta["gate"]["passed"], meta["gate"]
+    assert {c["case"] for c in meta["gate"]["checks"] if c["graph"] == "decoder"} == {"prefill", "decode step"}
+    assert meta["sm"] == "87" and meta["tensorrt"] == trt.__version__ and meta["compute_capability"] == "8.7"
+    files = Manifest.load(folder).data["files"]
+    for record in meta["engines"].values():
+        for source, digest in record.get("sources", {}).items():
+            assert files[source]["sha256"] == digest
+    assert (result.engine_dir / "timing.cache").is_file()
+    # fp32: strongly typed, no precision flag, TF32 (on by default) cleared.
+    assert trt.built and all(b["strongly_typed"] and b["flags"] == [] for b in trt.built)
+    assert not list((folder / "engines").glob(".*"))  # no staging left behind
+    has_k = name.endswith("k4")
+    assert (meta["engines"]["embedding"]["backend"] == "tensorrt") is has_k
+
+    manifest = Manifest.load(folder)
+    trt_pipe = Pipeline(manifest, TrtBackend(manifest, trt=trt, cuda=cuda))
+    ort_pipe = Pipeline(manifest, OrtBackend(manifest))
+    ids, pixels = _ids(folder), _pixels(folder, 2)
+    trt.executions.clear()
+    got = trt_pipe.generate(ids, pixels, max_new_tokens=6)
+    want = ort_pipe.generate(ids, pixels, max_new_tokens=6)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert got.anchors == want.anchors
+    profiles = [p for graph, p in trt.executions if graph.startswith("decoder")]
+    assert profiles[0] == 0 and set(profiles[1:]) == {1}, "prefill profile first, then the decode profile"
+    trt_pipe.backend.close()
+    assert not cuda.mem, "every device buffer is freed"
+
+
+def test_rebuild_replaces_the_folder_and_reuses_the_timing_cache(fake, workdir):
+    folder = workdir("clip-t2i")
+    first = build_engines(folder, max_input_len=64, max_seq_len=96, gate=False)
+    cache = (first.engine_dir / "timing.cache").read_bytes()
+    second = build_engines(folder, max_input_len=80, max_seq_len=96, gate=False)
+    assert second.engine_dir == first.engine_dir
+    assert (second.engine_dir / "timing.cache").read_bytes().startswith(cache)  # loaded, then extended
+    assert _engine_json(second)["plan"]["options"]["max_input_len"] == 80
+    assert [p.name for p in (folder / "engines").iterdir()] == [first.engine_dir.name]
+
+
+def test_decode_matches_onnxruntime_and_cache_round_trips(fake, workdir):
+    from attanchor_runtime.ort_backend import OrtBackend
+    from attanchor_runtime.trt_backend import TrtBackend
+
+    trt, cuda = fake
+    folder = workdir("clip-t2i")
+    build_engines(folder, max_batch=2, max_input_len=64, max_seq_len=96)
+    manifest = Manifest.load(folder)
+    backend = TrtBackend(manifest, trt=trt, cuda=cuda, full_logits=True)
+    ref = OrtBackend(manifest)
+    rng = np.random.default_rng(1)
+    embeds = rng.standard_normal((2, 7, manifest.dims["hidden_size"])).astype(np.float32)
+    mask = np.ones((2, 7), np.int64)
+    pos = np.tile(np.arange(7), (2, 1))
+    logits, cache = backend.decode(embeds, mask, pos, backend.empty_cache(2))
+    want, past = ref.decode(embeds, mask, pos, ref.empty_cache(2))
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+    for a, b in zip(cache.to_numpy(), past):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # Feed OrtBackend's numpy cache to the trt backend (upload path) and step once more.
+    step = embeds[:, :1]
+    mask2 = np.ones((2, 8), np.int64)
+    got, _ = backend.decode(step, mask2, pos[:, -1:] + 1, past)
+    want, _ = ref.decode(step, mask2, pos[:, -1:] + 1, past)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(RuntimeInputError, match="attention_mask has shape"):
+        backend.decode(step, mask, pos[:, -1:], backend.empty_cache(2))
+    with pytest.raises(RuntimeInputError, match="no TensorRT optimization profile fits"):
+        backend.decode(embeds[:, :3], np.ones((2, 10), np.int64), pos[:, :3], past)  # chunked prefill
+    backend.close()
+
+
+def test_gate_failure_keeps_engines_aside(fake, workdir, monkeypatch):
+    from attanchor_runtime.trt_backend import TrtBackend
+
+    trt, cuda = fake
+    folder = workdir("clip-t2i")
+    real_compare = trt_build.compare
+
+    def pessimist(ref, got, gate, graph, case):
+        check = real_compare(ref, got, gate, graph, case)
+        return {**check, "passed": graph != "decoder"}
+
+    monkeypatch.setattr(trt_build, "compare", pessimist)
+    with pytest.raises(trt_build.GateFailed, match="engine gate check") as info:
+        build_engines(folder, max_input_len=64, max_seq_len=96)
+    failed = folder / "engines" / f"fake-orin-sm87-trt{trt.__version__}.failed"
+    assert str(failed) in str(info.value) and (failed / "engine.json").is_file()
+    assert [p.name for p in (folder / "engines").iterdir()] == [failed.name]  # nothing under the real name
+    with pytest.raises(ArtifactError, match="failed its accuracy gate"):
+        TrtBackend(Manifest.load(folder), trt=trt, cuda=cuda)
+
+
+def test_a_failed_build_leaves_nothing(fake, workdir, monkeypatch):
+    trt, _ = fake
+    folder = workdir("clip-t2i")
+    monkeypatch.setattr(trt.Builder, "build_serialized_network", lambda self, network, config: None)
+    with pytest.raises(trt_build.EngineBuildError, match=f"TensorRT {trt.__version__} failed to build vision.plan"):
+        build_engines(folder, max_input_len=64, max_seq_len=96)
+    assert not any((folder / "engines").iterdir())
+
+
+def test_engines_from_another_export_are_refused(fake, workdir):
+    from attanchor_runtime.trt_backend import TrtBackend
+
+    trt, cuda = fake
+    folder = workdir("clip-t2i")
+    result = build_engines(folder, max_input_len=64, max_seq_len=96, gate=False)
+    meta = _engine_json(result)
+    meta["engines"]["decoder"]["sources"]["decoder.onnx"] = "0" * 64
+    (result.engine_dir / "engine.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="built from another decoder.onnx"):
+        TrtBackend(Manifest.load(folder), trt=trt, cuda=cuda)
+    with pytest.raises(ArtifactError, match="built for sm87"):
+        TrtBackend(Manifest.load(folder), trt=trt, cuda=FakeCuda(sm=(8, 9)))
+    other = make_fake_trt(cuda, TRT11 if trt.__version__ == TRT10 else TRT10)
+    with pytest.raises(ArtifactError, match=f"built with TensorRT {trt.__version__}"):
+        TrtBackend(Manifest.load(folder), trt=other, cuda=cuda)
+
+
+def test_a_tensorrt_without_the_strongly_typed_name_still_builds(monkeypatch, workdir):
+    """11.0 deprecated STRONGLY_TYPED (every network is strongly typed): a release may drop the name."""
+    cuda = FakeCuda()
+    trt, _ = _install(monkeypatch, make_fake_trt(cuda, TRT11, strongly_typed_flag=False), cuda)
+    assert trt_build.strongly_typed_network_flags(trt) == 0
+    result = build_engines(workdir("clip-t2i"), max_input_len=64, max_seq_len=96)
+    assert result.meta.gate["passed"] and all(b["strongly_typed"] for b in trt.built)
+
+
+# ---- quantized artifacts: the graphs carry the precision --------------------------------------------
+@pytest.fixture(scope="module")
+def fp16_int4(checkpoint, tmp_path_factory):
+    """An fp16 + int4 export (fp16 vision and decoder with fp32 islands; decoder.trt.onnx with INT4 Q/DQ)."""
+    from attanchor_export.exporter import ExportOptions, export_artifact
+
+    out = tmp_path_factory.mktemp("fp16-int4") / "art"
+    export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=out, dtype="fp16", quant="int4",
+                                                                block_size=64, validate=False, max_anchors=4))
+    return out
+
+
+def test_fp16_and_int4_build_strongly_typed_with_no_precision_flag(fake, fp16_int4, tmp_path):
+    trt, _ = fake
+    folder = tmp_path / "art"
+    shutil.copytree(fp16_int4, folder)
+    result = build_engines(folder, max_input_len=64, max_seq_len=96)
+    records = result.meta.engines
+    assert records["decoder"]["onnx"] == "decoder.trt.onnx"
+    assert {g: r["precision"] for g, r in records.items()} == {
+        "vision": "fp16", "embedding": "fp32", "decoder": "fp16 + int4 QDQ"}
+    assert len(trt.built) == 3 and all(b["strongly_typed"] and b["flags"] == [] for b in trt.built)
+    gate = result.meta.gate
+    assert gate["passed"], gate
+    assert {c["metric"] for c in gate["checks"] if c["graph"] != "embedding"} == {"cosine"}
+
+
+# ---- what a machine without tensorrt says -----------------------------------------------------------
+@pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed here: the missing-tensorrt path cannot run")
+def test_build_without_tensorrt_is_one_line(workdir):
+    folder = workdir("clip-t2i")
+    with pytest.raises(trt_build.TrtUnavailable) as info:
+        build_engines(folder, max_input_len=64, max_seq_len=96)
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 2
+    assert "tensorrt" in message and "pip install 'attanchor-export[trt]'" in message
+    assert "python3-libnvinfer" in message and str(folder) in message and "ONNX graphs are written" in message
+    assert not (folder / "engines").exists() or not any((folder / "engines").iterdir())
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed here: the missing-tensorrt path cannot run")
+def test_cli_build_and_trt_export_exit_2(workdir, checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from attanchor_export.cli import main
+
+    folder = workdir("clip-t2i")
+    runner = CliRunner()
+    result = runner.invoke(main, ["build", str(folder), "--max-input-len", "64", "--max-seq-len", "96"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: cannot build TensorRT engines: the tensorrt Python package is not installed")
+    assert "Traceback" not in result.output
+    out = tmp_path / "exported"
+    result = runner.invoke(main, [str(checkpoint("clip-llama")), "-o", str(out), "--trt", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "ONNX graphs are written in" in result.output and str(out) in result.output
+    assert (out / "manifest.json").is_file()  # the export itself is complete
