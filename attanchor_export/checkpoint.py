@@ -1,8 +1,8 @@
-"""Resolve MODEL (alias, Hub id or local folder) and load it for export, offline only.
+"""Resolve MODEL (alias, Hub id or local folder), download it if needed, and load it for export.
 
-Hub ids are read from the local huggingface_hub cache and never downloaded: an export machine is
-often air-gapped, and a missing model must fail at once with a one-line hint, not after minutes of
-network retries. transformers is imported only after the cheap checks, so those errors are instant.
+A Hub id not in the local huggingface_hub cache is downloaded (only the files export needs, see
+hub.py); `offline` or HF_HUB_OFFLINE=1 reads the cache only. transformers is imported only after the
+cheap checks, so those errors are instant.
 """
 
 from __future__ import annotations
@@ -62,20 +62,34 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     )
 
 
-def _cached_snapshot(repo_id: str, revision: str | None, cache_dir) -> Path:
-    """The local cache snapshot of repo_id, or CheckpointError at once (local_files_only: no network)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+@dataclass
+class Located:
+    """Where MODEL's files are, before anything is loaded (a Hub id is in the cache by then)."""
 
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        at = f" at revision {revision}" if revision else ""
-        raise CheckpointError(
-            f"{repo_id}{at} is not in the local Hugging Face cache and this tool never downloads: run "
-            f"`huggingface-cli download {repo_id}` (or `hf download {repo_id}`) on a machine with network "
-            f"and copy the cache, or pass a local folder"
-        ) from None
+    source: str  # as in Loaded
+    folder: Path
+    alias: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+
+def locate(name: str, revision: str | None = None, *, offline: bool = False, allow_pickle: bool = False,
+           trust_remote_code: bool = False, cache_dir=None) -> Located:
+    """MODEL -> its folder; a Hub id is downloaded into the Hugging Face cache unless offline.
+
+    Separate from load_checkpoint so a caller can download outside its own progress display:
+    huggingface_hub draws its own progress bars.
+    """
+    source, alias = resolve_model(name)
+    if Path(source).is_absolute():
+        if revision is not None:  # silently loading whatever the folder holds would hide a mistake
+            raise CheckpointError(f"a revision ({revision}) applies to Hub ids, not to the folder {source}")
+        return Located(source, Path(source), alias)
+    from .hub import fetch
+
+    folder = fetch(source, revision, offline=offline, allow_pickle=allow_pickle,
+                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    return Located(source, folder, alias, revision, commit=folder.name)  # snapshots are named by commit
 
 
 def check_folder(folder: Path) -> None:
@@ -102,27 +116,24 @@ def load_config(folder: Path, trust_remote_code: bool = False):
 
 
 def load_checkpoint(
-    name: str,
+    name: str | Located,
     trust_remote_code: bool = False,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir=None,
     attn_implementation: str | None = None,
+    offline: bool = False,
+    allow_pickle: bool = False,
 ) -> Loaded:
-    """Load MODEL (alias, Hub id from the local cache, or folder) in eval mode with its adapter.
+    """Load MODEL (alias, Hub id, folder, or what locate() returned) in eval mode with its adapter.
 
     The architecture is checked from config.json before any weight is read, so an unsupported
     checkpoint fails in a second. trust_remote_code is passed to transformers only when asked.
     """
-    source, alias = resolve_model(name)
-    commit = None
-    if Path(source).is_absolute():
-        if revision is not None:  # silently loading whatever the folder holds would hide a mistake
-            raise CheckpointError(f"a revision ({revision}) applies to Hub ids, not to the folder {source}")
-        folder = Path(source)
-    else:
-        folder = _cached_snapshot(source, revision, cache_dir)
-        commit = folder.name  # snapshots are stored under their commit hash
+    if not isinstance(name, Located):
+        name = locate(name, revision, offline=offline, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    source, alias, folder, revision, commit = name.source, name.alias, name.folder, name.revision, name.commit
     check_folder(folder)
     config = load_config(folder, trust_remote_code)
     adapter = adapter_for(config)

@@ -123,7 +123,7 @@ class ModelOrVerb(click.Group):
 def main():
     """Export AttAnchor vision-language models to ONNX and TensorRT, and run them.
 
-    MODEL is an alias (tinyllava-1b, llava-1.5-7b), a Hub id in the local cache, or a folder.
+    MODEL is an alias (tinyllava-1b, llava-1.5-7b), a Hub id (downloaded unless --offline), or a folder.
     """
 
 
@@ -156,22 +156,29 @@ def _default_output(model: str) -> Path:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code.")
-@click.option("--revision", help="Hub revision (branch, tag or commit) in the local cache.")
+@click.option("--revision", help="Hub revision to download or use: branch, tag or commit.")
+@click.option("--offline", is_flag=True, help="Use the local Hugging Face cache only (as HF_HUB_OFFLINE=1).")
+@click.option("--allow-pickle", is_flag=True, help="Download pickled weights (*.bin) when a repo has no safetensors.")
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
 def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, gate_floor,
                threshold, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate,
-               trust_remote_code, revision, quiet, as_json):
+               trust_remote_code, revision, offline, allow_pickle, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
     from .exporter import ExportOptions, export_artifact
 
     report = Reporter(quiet, as_json)
+    if quiet or as_json:  # a download's progress bars are huggingface_hub's own
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     output = output or _default_output(model)
     options = ExportOptions(
         output=output, mode=mode, threshold=threshold, max_anchors=max_anchors, opset=opset,
         last_logits_only=last_logits_only, optimize=optimize, force=force, validate=not no_validate,
-        trust_remote_code=trust_remote_code, revision=revision, dtype=dtype, quant=quant,
+        trust_remote_code=trust_remote_code, revision=revision, offline=offline, allow_pickle=allow_pickle,
+        dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
         quantize_vision=quantize_vision, gate_floors=_parse_floors(gate_floor),
     )

@@ -17,7 +17,7 @@ from attanchor_runtime.manifest import Manifest, write_manifest
 
 from . import __version__
 from .artifact import check_target, staging_folder
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, locate
 from .embedding_graph import build_embedding_model, save_embedding_model, write_embed_table
 from .errors import ExportError, ValidationFailed
 from .graph_specs import decoder_spec, embedding_spec, vision_spec
@@ -50,6 +50,8 @@ class ExportOptions:
     validate: bool = True
     trust_remote_code: bool = False
     revision: str | None = None
+    offline: bool = False  # Hub ids from the local cache only (as HF_HUB_OFFLINE=1)
+    allow_pickle: bool = False  # download pickled weights (*.bin) when a repo has no safetensors
     atol: float = 1e-4
     dtype: str = "fp32"  # fp16: quantize.py converts the graphs after the fp32 ones are validated
     quant: str = "none"  # int8 | int4 (weight-only, blockwise)
@@ -147,8 +149,11 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
     if options.max_anchors is not None and options.max_anchors < 1:
         raise ExportError("--max-anchors must be a positive integer")
     check_target(Path(options.output).absolute(), options.force)  # fail before minutes of loading
+    # Download (if needed) before the step's spinner: huggingface_hub draws its own progress bars.
+    located = locate(model_name, options.revision, offline=options.offline, allow_pickle=options.allow_pickle,
+                     trust_remote_code=options.trust_remote_code)
     with steps("load checkpoint"):
-        loaded = load_checkpoint(model_name, trust_remote_code=options.trust_remote_code, revision=options.revision)
+        loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code)
         dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
         tokenizer = _load_tokenizer(loaded)
         text, image = _text_section(loaded, tokenizer), _image_section(loaded)

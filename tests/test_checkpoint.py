@@ -1,4 +1,6 @@
-"""Loading checkpoints: aliases, local folders, the offline Hub cache, and every way it can fail."""
+"""Loading checkpoints: aliases, local folders, the offline Hub cache, and every way it can fail.
+
+Downloading from the Hub is tested in test_hub_download.py."""
 
 import shutil
 import socket
@@ -84,7 +86,8 @@ def test_aliases_and_ids_resolve_without_network(tmp_path):
         resolve_model("not-a-model")
 
 
-def test_uncached_hub_id_fails_at_once_with_one_line(tmp_path, monkeypatch):
+def test_uncached_hub_id_offline_fails_at_once_with_one_line(tmp_path, monkeypatch):
+    # Downloads are in test_hub_download.py; offline, a missing model must fail without any network.
     attempts = []
 
     def no_network(self, address):
@@ -94,13 +97,14 @@ def test_uncached_hub_id_fails_at_once_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     start = time.monotonic()
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint("tinyllava-1b", cache_dir=tmp_path)
+        load_checkpoint("tinyllava-1b", cache_dir=tmp_path, offline=True)
     assert time.monotonic() - start < 5
     assert attempts == []
     message = str(info.value)
     assert "\n" not in message
     assert "bczhou/tiny-llava-v1-hf is not in the local Hugging Face cache" in message
-    assert "huggingface-cli download bczhou/tiny-llava-v1-hf" in message and "local folder" in message
+    assert "`hf download bczhou/tiny-llava-v1-hf`" in message and "local folder" in message
+    assert "huggingface-cli" not in message  # gone in huggingface_hub 2.x
 
 
 def test_hub_id_loads_from_local_cache_snapshot(tiny, tmp_path):
@@ -111,11 +115,11 @@ def test_hub_id_loads_from_local_cache_snapshot(tiny, tmp_path):
     shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    loaded = load_checkpoint("acme/tiny-llava", cache_dir=tmp_path)
+    loaded = load_checkpoint("acme/tiny-llava", cache_dir=tmp_path, offline=True)
     assert loaded.source == "acme/tiny-llava" and loaded.commit == commit
     assert loaded.folder == repo / "snapshots" / commit
     with pytest.raises(CheckpointError, match="at revision v2 is not in the local"):
-        load_checkpoint("acme/tiny-llava", cache_dir=tmp_path, revision="v2")
+        load_checkpoint("acme/tiny-llava", cache_dir=tmp_path, revision="v2", offline=True)
 
 
 def test_folder_without_weights(tiny, tmp_path):
