@@ -380,9 +380,12 @@ class _TorchRunner:
     """transformers eager on the manifest's source checkpoint, fed the anchored inputs the reference builds."""
 
     def __init__(self, manifest, threads):
+        import contextlib
+
         import torch
 
         from .checkpoint import load_checkpoint
+        from .checks import _reapply_adapter
 
         source = manifest.data.get("source", {})
         name = source.get("resolved") or source.get("model")
@@ -393,6 +396,8 @@ class _TorchRunner:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
         self.loaded = load_checkpoint(name, revision=revision)
+        # The artifact holds LoRA-merged weights when it was exported with --adapter: time that model.
+        _reapply_adapter(manifest, self.loaded, None, lambda step: contextlib.nullcontext())
         self.load_s = time.perf_counter() - t0
         self.name = name
         anchor = manifest.anchor
@@ -407,6 +412,7 @@ class _TorchRunner:
         from attanchor_graphs.reference import anchor_insert, position_ids_from_mask
         from transformers import DynamicCache
 
+        from .hf_compat import cache_kwargs
         from .reference import image_features
 
         loaded = self.loaded
@@ -432,19 +438,18 @@ class _TorchRunner:
             positions = torch.from_numpy(position_ids_from_mask(out_mask))
             t2 = time.perf_counter()
             cache = DynamicCache(config=body.config)
-            out = body(inputs_embeds=embeds, attention_mask=amask, position_ids=positions, past_key_values=cache,
-                       use_cache=True)
+            out = body(inputs_embeds=embeds, attention_mask=amask, position_ids=positions, use_cache=True,
+                       **cache_kwargs(body, cache))  # the cache is updated in place
             token = head(out.last_hidden_state[:, -1:, :])[:, -1, :].float().argmax(dim=-1)
             t3 = time.perf_counter()
             tokens, steps = [int(token[0])], []
-            cache, positions = out.past_key_values, positions[:, -1:]
+            positions = positions[:, -1:]
             for _ in range(max_new_tokens - 1):
                 s0 = time.perf_counter()
                 positions = positions + 1
                 amask = torch.cat([amask, torch.ones_like(amask[:, :1])], dim=1)
                 out = body(inputs_embeds=embed(token[:, None]), attention_mask=amask, position_ids=positions,
-                           past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                           use_cache=True, **cache_kwargs(body, cache))
                 token = head(out.last_hidden_state[:, -1:, :])[:, -1, :].float().argmax(dim=-1)
                 tokens.append(int(token[0]))
                 steps.append(time.perf_counter() - s0)

@@ -25,7 +25,7 @@ def _source(manifest: Manifest, model: str | None) -> str:
 
 
 def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
-                   steps=lambda name: contextlib.nullcontext()) -> dict:
+                   steps=lambda name: contextlib.nullcontext(), adapter: str | None = None) -> dict:
     from .checkpoint import load_checkpoint
     from .validate import validate_end_to_end, validate_graphs
 
@@ -35,6 +35,7 @@ def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
     quantized = precision.get("dtype", "fp32") != "fp32" or precision.get("quant", "none") != "none"
     with steps("load source checkpoint"):
         loaded = load_checkpoint(_source(manifest, model))
+    _reapply_adapter(manifest, loaded, adapter, steps)
     checks, sections = [], {}
     if quantized:
         with steps("accuracy gate against PyTorch"):
@@ -52,6 +53,20 @@ def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
         checks += _lint_checks(manifest)
     return {"folder": str(folder), "passed": all(c["passed"] for c in checks), "checks": checks,
             "sections": sections}
+
+
+def _reapply_adapter(manifest: Manifest, loaded, override: str | None, steps) -> None:
+    """The graphs hold LoRA-merged weights: merge the same adapter (same files, by sha256) into the source."""
+    from .lora import apply_adapter, locate_adapter
+
+    recorded = manifest.data.get("source", {}).get("adapter")
+    if not recorded:
+        if override:
+            raise CheckpointError(f"{manifest.folder} was exported without an adapter; drop --adapter {override}")
+        return
+    source = override or (recorded["resolved"] if Path(recorded["resolved"]).is_dir() else recorded["source"])
+    with steps("merge LoRA adapter"):
+        apply_adapter(loaded, locate_adapter(source, expect=recorded))
 
 
 def regate(manifest: Manifest, loaded) -> dict:

@@ -53,6 +53,39 @@ class Reporter:
         click.echo(json.dumps(data, indent=2, default=str))
 
 
+@contextmanager
+def library_quiet(enabled: bool):
+    """--quiet is quiet: the libraries' own warnings (deprecations and the like, through the warnings
+    module or transformers' logger) stay off the terminal; errors still raise. Scoped, so an in-process
+    caller (tests, the demo) gets its warning filters and transformers verbosity back."""
+    if not enabled:
+        yield
+        return
+    import warnings
+
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # verbs that run without transformers
+        hf_logging = None
+    level = hf_logging.get_verbosity() if hf_logging else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hf_logging:
+            hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            if hf_logging:
+                hf_logging.set_verbosity(level)
+
+
+def _quiet_option(ctx, param, value):
+    """--quiet's callback: library warnings stay silenced until the command (imports included) ends."""
+    if value:
+        ctx.with_resource(library_quiet(True))
+    return value
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is already a complete one-line explanation."""
     from attanchor_runtime.errors import ArtifactError, NumericsError, RuntimeInputError
@@ -156,14 +189,15 @@ def _default_output(model: str) -> Path:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code.")
+@click.option("--adapter", metavar="DIR_OR_HUB_ID", help="peft LoRA adapter to merge before export.")
 @click.option("--revision", help="Hub revision to download or use: branch, tag or commit.")
 @click.option("--offline", is_flag=True, help="Use the local Hugging Face cache only (as HF_HUB_OFFLINE=1).")
 @click.option("--allow-pickle", is_flag=True, help="Download pickled weights (*.bin) when a repo has no safetensors.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
 def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, gate_floor,
-               threshold, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate,
+               threshold, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate, adapter,
                trust_remote_code, revision, offline, allow_pickle, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
     from .exporter import ExportOptions, export_artifact
@@ -180,7 +214,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         trust_remote_code=trust_remote_code, revision=revision, offline=offline, allow_pickle=allow_pickle,
         dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
-        quantize_vision=quantize_vision, gate_floors=_parse_floors(gate_floor),
+        quantize_vision=quantize_vision, gate_floors=_parse_floors(gate_floor), adapter=adapter,
     )
     result = export_artifact(model, options, report.step)
     engines = None
@@ -227,17 +261,18 @@ def _build_engines(folder: Path, report: Reporter, **options):
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--model", help="Source checkpoint, if not where the manifest says.")
 @click.option("--no-e2e", is_flag=True, help="Graph parity only, skip end-to-end generation.")
+@click.option("--adapter", help="The LoRA adapter, if not where the manifest says (same files, by sha256).")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="One row per case instead of the worst per metric.")
 @handle_errors
-def check_cmd(folder, model, no_e2e, as_json, quiet, verbose):
+def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose):
     """Re-run parity of an artifact against its PyTorch source and print a report."""
     from .checks import check_artifact
     from .report import print_checks
 
     report = Reporter(quiet, as_json)
-    result = check_artifact(folder, model=model, end_to_end=not no_e2e, steps=report.step)
+    result = check_artifact(folder, model=model, end_to_end=not no_e2e, steps=report.step, adapter=adapter)
     if as_json:
         report.emit_json(result)
     elif not quiet:

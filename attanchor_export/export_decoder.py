@@ -11,6 +11,7 @@ import torch
 from torch.export import Dim
 
 from .graph_specs import BATCH, PAST_LEN, SEQ_LEN, TOTAL_LEN, GraphSpec, kv_names
+from .hf_compat import cache_kwargs
 from .tracing import trace_to_onnx
 
 
@@ -32,8 +33,8 @@ class DecoderWithCache(torch.nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(self.language_model, cache),
         )
         hidden = out.last_hidden_state
         if self.last_logits_only:
@@ -41,7 +42,7 @@ class DecoderWithCache(torch.nn.Module):
             # next-token position for the whole batch; it avoids materialising [B, L, vocab].
             hidden = hidden[:, -1:, :]
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in cache.layers:  # updated in place: no need for the output's (renamed) cache field
             present += [layer.keys, layer.values]
         return (self.lm_head(hidden), *present)
 

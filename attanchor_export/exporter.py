@@ -60,6 +60,7 @@ class ExportOptions:
     quantize_lm_head: bool = False
     quantize_vision: bool = False
     gate_floors: dict | None = None  # overrides of accuracy_gate.GATE_FLOORS for this format
+    adapter: str | None = None  # peft LoRA folder or Hub id, merged before tracing (lora.py)
 
 
 @dataclass
@@ -149,6 +150,11 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
     if options.max_anchors is not None and options.max_anchors < 1:
         raise ExportError("--max-anchors must be a positive integer")
     check_target(Path(options.output).absolute(), options.force)  # fail before minutes of loading
+    located_adapter = None
+    if options.adapter:  # a missing or pickled adapter fails here too, before the model loads
+        from .lora import locate_adapter
+
+        located_adapter = locate_adapter(options.adapter, offline=options.offline, allow_pickle=options.allow_pickle)
     # Download (if needed) before the step's spinner: huggingface_hub draws its own progress bars.
     located = locate(model_name, options.revision, offline=options.offline, allow_pickle=options.allow_pickle,
                      trust_remote_code=options.trust_remote_code)
@@ -157,6 +163,14 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
         tokenizer = _load_tokenizer(loaded)
         text, image = _text_section(loaded, tokenizer), _image_section(loaded)
+    lora = None
+    if located_adapter:
+        from .lora import apply_adapter
+
+        # Merged before anything is traced, so the graphs and the parity checks below see one model.
+        with steps("merge LoRA adapter"):
+            lora = apply_adapter(loaded, located_adapter)
+            model = loaded.model
     specs = {
         "vision": vision_spec(dims),
         "embedding": embedding_spec(dims, options.max_anchors),
@@ -201,7 +215,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
             data = {
                 "source": {
                     "model": model_name, "resolved": loaded.source, "alias": loaded.alias,
-                    "revision": loaded.revision, "commit": loaded.commit,
+                    "revision": loaded.revision, "commit": loaded.commit, "adapter": lora,
                 },
                 "architecture": adapter.architecture,
                 "model_types": {

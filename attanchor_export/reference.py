@@ -16,6 +16,8 @@ import torch
 from attanchor_graphs.reference import anchor_insert, position_ids_from_mask
 from transformers import DynamicCache
 
+from .hf_compat import cache_kwargs
+
 
 def _as_long(x) -> torch.Tensor:
     return x.long() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x), dtype=torch.long)
@@ -98,8 +100,8 @@ def greedy_generate(
     done = torch.zeros(embeds.shape[0], dtype=torch.bool)
     tokens = []
     for _ in range(max_new_tokens):
-        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **cache_kwargs(body, cache))  # the cache is updated in place
         # lm_head on the last position only, as HF generate does (logits_to_keep=1): same matmul shapes.
         logits = head(out.last_hidden_state[:, -1:, :])[:, -1, :].float()
         token = logits.argmax(dim=-1)
