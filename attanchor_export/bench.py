@@ -380,26 +380,20 @@ class _TorchRunner:
     """transformers eager on the manifest's source checkpoint, fed the anchored inputs the reference builds."""
 
     def __init__(self, manifest, threads):
-        import contextlib
 
         import torch
 
-        from .checkpoint import load_checkpoint
-        from .checks import _reapply_adapter
+        from .checks import load_source
 
-        source = manifest.data.get("source", {})
-        name = source.get("resolved") or source.get("model")
-        revision = source.get("revision") if not Path(str(name)).is_absolute() else None
         self.torch = torch
         self._threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        self.loaded = load_checkpoint(name, revision=revision)
-        # The artifact holds LoRA-merged weights when it was exported with --adapter: time that model.
-        _reapply_adapter(manifest, self.loaded, None, lambda step: contextlib.nullcontext())
+        # The same source (and LoRA merge, for --adapter artifacts) that `check` compares with.
+        self.loaded = load_source(manifest)
         self.load_s = time.perf_counter() - t0
-        self.name = name
+        self.name = str(self.loaded.source)
         anchor = manifest.anchor
         self.mode, self.max_anchors = anchor["mode"], anchor.get("max_anchors")
         self.attn_implementation = getattr(self.loaded.model.config, "_attn_implementation", None)
@@ -550,12 +544,14 @@ def run_bench(
     features = pipe.backend.vision(pixels)
     anchor_op = _AnchorOp(manifest, threads)
     inputs = [_anchor_inputs(pipe, r, features) for r in rows]
+    from .threshold import threshold_for_rate
+
     threshold_mode = "manifest" if threshold is None else ("auto" if threshold == "auto" else "given")
     if threshold is None:
         threshold = float(manifest.anchor["threshold"])
     elif threshold == "auto":
         scores = np.concatenate([_best_scores(*x) for x in inputs])
-        threshold = float(np.quantile(scores, 0.9)) if scores.size else float(manifest.anchor["threshold"])
+        threshold = threshold_for_rate(scores) if scores.size else float(manifest.anchor["threshold"])
     threshold = float(threshold)
 
     say("warm up")

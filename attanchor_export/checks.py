@@ -24,18 +24,30 @@ def _source(manifest: Manifest, model: str | None) -> str:
     raise CheckpointError(f"{manifest.folder}: the manifest names no usable source checkpoint; pass --model")
 
 
-def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
-                   steps=lambda name: contextlib.nullcontext(), adapter: str | None = None) -> dict:
+def _no_steps(name):
+    return contextlib.nullcontext()
+
+
+def load_source(manifest: Manifest, model: str | None = None, adapter: str | None = None, steps=_no_steps):
+    """The PyTorch model an artifact was exported from (its recorded source, or `model`), with the LoRA
+    adapter it was exported with merged again: what check, eval --compare-torch and bench compare with."""
     from .checkpoint import load_checkpoint
+
+    with steps("load source checkpoint"):
+        loaded = load_checkpoint(_source(manifest, model))
+    _reapply_adapter(manifest, loaded, adapter, steps)
+    return loaded
+
+
+def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
+                   steps=_no_steps, adapter: str | None = None) -> dict:
     from .validate import validate_end_to_end, validate_graphs
 
     with steps("verify files (sha256)"):
         manifest = Manifest.load(folder, verify="sha256")
     precision = manifest.precision
     quantized = precision.get("dtype", "fp32") != "fp32" or precision.get("quant", "none") != "none"
-    with steps("load source checkpoint"):
-        loaded = load_checkpoint(_source(manifest, model))
-    _reapply_adapter(manifest, loaded, adapter, steps)
+    loaded = load_source(manifest, model, adapter, steps)
     checks, sections = [], {}
     if quantized:
         with steps("accuracy gate against PyTorch"):

@@ -178,7 +178,11 @@ def _default_output(model: str) -> Path:
 @click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
 @click.option("--gate-floor", multiple=True, metavar="METRIC=VALUE",
               help="Tighten or relax the accuracy gate, e.g. cos_mean=0.99 (see docs/QUANTIZATION.md).")
-@click.option("--threshold", type=float, default=0.12, show_default=True, help="Default anchor threshold.")
+@click.option("--threshold", callback=lambda ctx, param, value: _threshold_value(value),
+              help='Default anchor threshold: a number, or "auto" (the value at which ~10%% of question tokens '
+                   "become anchors over the calibration set). [the checkpoint's declared default, else 0.12]")
+@click.option("--task", metavar="easy-vqa|FILE.jsonl",
+              help="Questions with answers: quantized formats are also gated on task accuracy vs fp32.")
 @click.option("--mode", type=click.Choice(["t2i", "i2t"]), default="t2i", show_default=True)
 @click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
 @click.option("--opset", type=click.IntRange(17, 21), default=18, show_default=True)
@@ -197,7 +201,7 @@ def _default_output(model: str) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
 def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, gate_floor,
-               threshold, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate, adapter,
+               threshold, task, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate, adapter,
                trust_remote_code, revision, offline, allow_pickle, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
     from .exporter import ExportOptions, export_artifact
@@ -209,7 +213,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         disable_progress_bars()
     output = output or _default_output(model)
     options = ExportOptions(
-        output=output, mode=mode, threshold=threshold, max_anchors=max_anchors, opset=opset,
+        output=output, mode=mode, threshold=threshold, task=task, max_anchors=max_anchors, opset=opset,
         last_logits_only=last_logits_only, optimize=optimize, force=force, validate=not no_validate,
         trust_remote_code=trust_remote_code, revision=revision, offline=offline, allow_pickle=allow_pickle,
         dtype=dtype, quant=quant,
@@ -235,6 +239,15 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
 
             report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
+
+
+def _threshold_value(value):
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f'{value!r}: expected a number or "auto"', param_hint="--threshold") from None
 
 
 def _parse_floors(items) -> dict | None:
@@ -413,14 +426,67 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
         write_chart(result, chart)
 
 
+@main.command("eval")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--data", required=True, metavar="easy-vqa|FILE.jsonl",
+              help='"easy-vqa" (the PyPI data set) or JSONL rows {"image", "question", "answer"}.')
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
+              help="easy-vqa split.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N questions (a fixed random subset for easy-vqa).")
+@click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
+@click.option("--thresholds", help="Several thresholds, comma-separated, e.g. 0.3,0.5,2 (2 = no anchors).")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--compare-torch", is_flag=True,
+              help="Also answer with the source PyTorch model: its accuracy and the share of identical answers.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@handle_errors
+def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device, batch, compare_torch, as_json):
+    """Task accuracy of an artifact through the torch-free runtime (overall and per question type)."""
+    from .task_eval import run_eval
+
+    values: list = [threshold]
+    if thresholds:
+        try:
+            values = [float(t) for t in thresholds.split(",") if t.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{thresholds!r}: expected numbers separated by commas",
+                                     param_hint="--thresholds") from None
+    with library_quiet(as_json):
+        result = run_eval(folder, data, split, limit, values, backend, device, batch, progress_factory=_progress_bar,
+                          compare_torch=compare_torch)
+    if as_json:
+        click.echo(json.dumps(result, default=float))
+        return
+    from .report import print_eval
+
+    print_eval(result)
+
+
+@contextmanager
+def _progress_bar(label: str, total: int):
+    """A rich progress bar on stderr; yields the callback that advances it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
 @main.command("demo")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
+@click.option("--fresh", is_flag=True, help="Export again even if a validated artifact is in the folder.")
 @handle_errors
-def demo_cmd(output):
-    """Whole flow on a tiny built-in model: build, export, check, chat. No network."""
+def demo_cmd(output, fresh):
+    """Whole flow on the trained tiny-vqa model: build, export, check, answer, show the anchors."""
     from .demo import run_demo
 
-    run_demo(output, Reporter())
+    report = Reporter()
+    with library_quiet(True):
+        run_demo(output, report, fresh=fresh)
 
 
 if __name__ == "__main__":

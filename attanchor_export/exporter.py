@@ -7,9 +7,10 @@ progress, stay quiet or emit JSON without this module knowing which.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -25,6 +26,8 @@ from .graph_specs import decoder_spec, embedding_spec, vision_spec
 # IR 10 (onnx 1.16): loaded by onnxruntime >= 1.18, which is what JetPack 6 wheels ship, and by
 # TensorRT 10's parser. The installed onnx would write a newer IR that older runtimes refuse.
 ARTIFACT_IR_VERSION = 10
+DEFAULT_THRESHOLD = 0.12  # the paper's TinyLLaVA / LLaVA-1.5 setting; "auto" calibrates per model
+CHECKPOINT_DEFAULTS = "attanchor_config.json"  # per-checkpoint AttAnchor defaults (checkpoint_defaults)
 DEFAULT_OPSET = 18  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; int4 QDQ needs 21 (quantize.py)
 
 # Files the runtime needs to tokenize, template and preprocess without transformers.
@@ -38,7 +41,8 @@ PROCESSOR_FILES = (
 class ExportOptions:
     output: Path
     mode: str = "t2i"
-    threshold: float = 0.12
+    threshold: float | str | None = None  # a number, "auto" (threshold.py), None = the checkpoint's or 0.12
+    task: str | None = None  # easy-vqa | FILE.jsonl: task accuracy in the quantization gate (task_eval.py)
     max_anchors: int | None = None
     opset: int = DEFAULT_OPSET
     # [B, 1, vocab] at prefill skips the lm_head on the other rows (81 GFLOP at 620 tokens x vocab 32064)
@@ -139,6 +143,58 @@ def _image_section(loaded) -> dict:
     return preprocessing_config_from_hf(processor)
 
 
+def checkpoint_defaults(folder: Path) -> dict:
+    """AttAnchor settings a checkpoint declares for itself (attanchor_config.json: threshold, calib, task,
+    gate_floors), e.g. a model fine-tuned on the anchored layout at a known threshold, or the tiny random
+    test checkpoints whose chaotic weights support only loose gate floors. Options given explicitly win."""
+    path = Path(folder) / CHECKPOINT_DEFAULTS
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from None
+    return {k: data[k] for k in ("threshold", "calib", "task", "gate_floors") if k in data}
+
+
+def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
+    """Fill threshold/calib/task from the checkpoint's declared defaults, then resolve threshold "auto"."""
+    declared = checkpoint_defaults(loaded.folder)
+    threshold = options.threshold if options.threshold is not None else declared.get("threshold", DEFAULT_THRESHOLD)
+    calib = options.calib if options.calib is not None else declared.get("calib")
+    task = options.task if options.task is not None else declared.get("task")
+    floors = _merge_floors(declared.get("gate_floors"), options.gate_floors, options)
+    calibration = None
+    if threshold == "auto":
+        from transformers import AutoImageProcessor
+
+        from .threshold import calibrate
+
+        with steps("calibrate the anchor threshold (target anchor rate)"):
+            processor = AutoImageProcessor.from_pretrained(str(loaded.processor_folder or loaded.folder))
+            calibration = calibrate(loaded, tokenizer, processor, calib)
+        threshold = calibration["threshold"]
+    elif not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        raise ExportError(f'threshold must be a number or "auto", got {threshold!r}')
+    return replace(options, threshold=float(threshold), calib=calib, task=task, gate_floors=floors), calibration
+
+
+def _merge_floors(declared: dict | None, given: dict | None, options: ExportOptions) -> dict | None:
+    """Per-format floors the checkpoint declares ({"int4": {"cos_mean": ...}}), then --gate-floor on top
+    (flat METRIC=VALUE pairs apply to the format being exported)."""
+    if not declared:
+        return given
+    merged = {fmt: dict(v) for fmt, v in declared.items()}
+    if given:
+        fmt = options.quant if options.quant != "none" else options.dtype
+        flat = {k: v for k, v in given.items() if not isinstance(v, dict)}
+        merged.setdefault(fmt, {}).update(flat)
+        for k, v in given.items():
+            if isinstance(v, dict):
+                merged.setdefault(k, {}).update(v)
+    return merged
+
+
 def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) -> ExportResult:
     import torch
 
@@ -163,6 +219,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
         tokenizer = _load_tokenizer(loaded)
         text, image = _text_section(loaded, tokenizer), _image_section(loaded)
+    options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
     lora = None
     if located_adapter:
         from .lora import apply_adapter
@@ -225,6 +282,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
                 "anchor": {
                     "op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": options.mode,
                     "threshold": float(options.threshold), "max_anchors": options.max_anchors,
+                    "calibration": calibration,
                 },
                 "graphs": {name: spec.to_json() for name, spec in specs.items()},
                 "embed_table": table,
@@ -269,7 +327,7 @@ def _quantize(staging, data: dict, options: ExportOptions, steps) -> None:
         update = quantize_artifact(
             staging.path, data, options.dtype, options.quant, options.block_size, options.calib,
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
-            floors=options.gate_floors,
+            floors=options.gate_floors, task=options.task,
         )
     except AccuracyGateFailed as e:
         data["precision"] = e.precision or data["precision"]

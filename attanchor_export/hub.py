@@ -29,6 +29,7 @@ NEEDED = {
     "video_preprocessor_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json",
     "added_tokens.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
     "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "adapter_config.json",
+    "attanchor_config.json",  # the checkpoint's own AttAnchor defaults (exporter.checkpoint_defaults)
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

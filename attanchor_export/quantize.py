@@ -41,6 +41,8 @@ from onnx import TensorProto, numpy_helper
 from .accuracy_gate import (
     GATE_FLOORS,
     TARGET_COS,
+    TASK_FLOORS,
+    TASK_GATE_QUESTIONS,
     AccuracyGateFailed,
     compute_reference,
     evaluate,
@@ -617,6 +619,7 @@ def quantize_artifact(
     gate_tokens: int = 32,
     calibrate_method: str = "MinMax",
     accuracy_level: int | None = None,
+    task: str | None = None,
 ) -> dict:
     """Rewrite the fp32 graphs in `folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -652,6 +655,8 @@ def quantize_artifact(
             decoder32 = ort_session(folder / files["decoder"])
             reference = compute_reference(front, decoder32, gate_samples(), new_tokens=gate_tokens)
             del decoder32
+            if task:
+                reference.task = fp32_task_answers(folder, manifest_data, files, task)
     dec_reader = vis_reader = None
     if quant == "int8" and "QDQ" in forms:
         with steps("calibration inputs (images + prompts through vision and embedding)"):
@@ -801,6 +806,9 @@ def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: d
         front = ArtifactFrontEnd(folder, manifest_data, vision_file=vision)
         metrics = evaluate(reference, ort_session(folder / decoder), front, vision_changed=changed["vision"])
         failures = judge(metrics, limits)
+        if reference.task is not None:
+            metrics["task"] = task_metrics(folder, manifest_data, files, reference.task, fmt)
+            failures += metrics["task"]["failures"]
         results.append({"backends": [backend], "decoder": decoder, "vision": vision,
                         "vision_changed": changed["vision"], **metrics,
                         "passed": not failures, "failures": failures})
@@ -811,20 +819,54 @@ def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: d
         "set": {"samples": len(reference.labels), "images": "synthetic (calibration.gate_samples)",
                 "prompts": reference.prompt_source, "new_tokens": reference.new_tokens,
                 "positions": results[0]["positions"] if results else 0},
+        "task": None if reference.task is None else {
+            "data": reference.task["task"], "questions": len(reference.task["items"]),
+            "fp32_accuracy": reference.task["accuracy"], "max_drop": TASK_FLOORS[fmt],
+        },
         "evaluated_on": "onnxruntime CPU (TensorRT forms are checked again after each engine build)",
         "passed": all(r["passed"] for r in results),
         "results": results,
     }
 
 
-def copy_graph(src: Path, dst: Path) -> None:
-    """Copy a graph and its external data under a new name (the location inside is rewritten)."""
-    model = onnx.load(str(src))
-    save_model(model, dst)
+def _task_pipeline(folder: Path, manifest_data: dict, files: dict):
+    """A runtime Pipeline over the staging folder that opens `files` (one precision form) on onnxruntime."""
+    from attanchor_runtime import Pipeline
+    from attanchor_runtime.manifest import Manifest
+    from attanchor_runtime.ort_backend import OrtBackend
+
+    precision = {**manifest_data.get("precision", {}), "backends": {"ort": dict(files)}}
+    manifest = Manifest(Path(folder), {**manifest_data, "precision": precision})
+    return Pipeline(manifest, OrtBackend(manifest))
+
+
+def fp32_task_answers(folder: Path, manifest_data: dict, files: dict, task: str) -> dict:
+    """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten)."""
+    from .task_eval import evaluate_artifact, load_task
+
+    items = load_task(task, limit=TASK_GATE_QUESTIONS)
+    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), items)
+    return {"task": task, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
+            "answers": [r["answer"] for r in result["records"]]}
+
+
+def task_metrics(folder: Path, manifest_data: dict, files: dict, fp32: dict, fmt: str) -> dict:
+    """Task accuracy of one form vs fp32 on the same questions; failures if it lost more than the floor."""
+    from .task_eval import evaluate_artifact
+
+    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), fp32["items"])
+    floor = fp32["accuracy"] - TASK_FLOORS[fmt]
+    same = sum(r["answer"] == a for r, a in zip(result["records"], fp32["answers"], strict=True))
+    failures = []
+    if not result["accuracy"] >= floor - 1e-9:
+        failures.append(f"task accuracy {result['accuracy']:.4f} < fp32 {fp32['accuracy']:.4f} - {TASK_FLOORS[fmt]}")
+    return {"task": fp32["task"], "questions": len(fp32["items"]), "accuracy": result["accuracy"],
+            "fp32_accuracy": fp32["accuracy"], "max_drop": TASK_FLOORS[fmt], "by_kind": result["by_kind"],
+            "fp32_by_kind": fp32["by_kind"], "same_answers": same / len(fp32["items"]), "failures": failures}
 
 
 __all__ = [
     "BLOCK_SIZES", "DTYPES", "FORMS", "GATE_FLOORS", "QUANTS", "AccuracyGateFailed", "convert_fp16",
-    "copy_graph", "count_quantized", "fp32_islands", "linear_matmuls", "quantize_artifact",
+    "count_quantized", "fp32_islands", "linear_matmuls", "quantize_artifact",
     "quantize_weights_nbits", "save_model",
 ]

@@ -40,3 +40,25 @@ def print_checks(checks, only_failed: bool = False, summary: bool = False,
         table.add_row(r["graph"], r["case"], r["metric"], shown, f"{r['limit']:g}",
                       "[green]ok[/green]" if r["passed"] else "[red]FAIL[/red]")
     Console(stderr=True).print(table)
+
+
+def print_eval(result: dict) -> None:
+    """`eval`: one row per threshold, accuracy overall and per question type (stdout: it is the result)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    results = result["results"]
+    kinds = sorted({k for r in results for k in r["by_kind"]})
+    table = Table(title=f"{result['data']} accuracy, {result['precision']} ({result['backend']}), "
+                        f"{results[0]['questions']} questions")
+    torch_cols = ("pytorch", "same answers") if "pytorch" in results[0] else ()
+    for column in ("threshold", "overall", *kinds, "anchors/q", "on shape (chance)", "s/question", *torch_cols):
+        table.add_column(column, justify="right")
+    for r in results:
+        loc = r.get("localisation")
+        shown_loc = f"{loc['on_shape']:.0%} ({loc['chance']:.0%})" if loc and loc["word_anchors"] else "-"
+        table.add_row(f"{r['threshold']:g}", f"{r['accuracy']:.4f}",
+                      *(f"{r['by_kind'][k]['accuracy']:.4f}" if k in r["by_kind"] else "-" for k in kinds),
+                      f"{r['anchors_per_question']:.2f}", shown_loc, f"{r['seconds_per_question']:.3f}",
+                      *((f"{r['pytorch']['accuracy']:.4f}", f"{r['pytorch']['same_answers']:.2%}") if torch_cols else ()))
+    Console().print(table)

@@ -33,7 +33,8 @@ def shared_dir(tmp_path_factory, worker_id) -> Path:
 
 
 @contextmanager
-def _locked(path: Path):
+def locked(path: Path):
+    """Exclusive lock beside `path`: one xdist worker builds it, the others wait and reuse it."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -43,7 +44,7 @@ def _checkpoint(shared_dir: Path, family: str) -> Path:
     from attanchor_export.testing import make_tiny_llava
 
     path = shared_dir / f"ck-{family}"
-    with _locked(path):
+    with locked(path):
         if not (path / "config.json").is_file():
             make_tiny_llava(path, family=family)
     return path
@@ -63,7 +64,7 @@ def artifact(shared_dir):
     def get(name: str = "clip-t2i") -> Path:
         family, mode, k = ARTIFACTS[name]
         out = shared_dir / f"art-{name}"
-        with _locked(out):
+        with locked(out):
             if not (out / "manifest.json").is_file():
                 export_artifact(str(_checkpoint(shared_dir, family)),
                                 ExportOptions(output=out, mode=mode, max_anchors=k))

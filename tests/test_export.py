@@ -31,7 +31,7 @@ def test_artifact_is_validated_and_complete(artifact, name):
     kinds = {c["graph"] for c in manifest["validation"]["checks"]}
     assert kinds == {"vision", "embedding", "decoder"}
     assert manifest["anchor"] == {"op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": mode,
-                                  "threshold": 0.12, "max_anchors": k}
+                                  "threshold": 0.12, "max_anchors": k, "calibration": None}
     for rel, record in manifest["files"].items():
         assert (folder / rel).stat().st_size == record["bytes"]
     for required in ("vision.onnx", "embedding.onnx", "decoder.onnx", "embed_tokens.bin", "tokenizer.json"):
@@ -109,7 +109,7 @@ def test_existing_folder_needs_force(artifact, tmp_path, checkpoint):
     ],
 )
 def test_bad_model_is_one_line(tmp_path, model, message):
-    result = run_cli(model, "-o", tmp_path / "o")
+    result = run_cli(model, "-o", tmp_path / "o", "--offline")  # never ask the real Hub from a test
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines

@@ -34,26 +34,45 @@ def patch_labels(pipe, prompt: str, anchors) -> dict[int, list[str]]:
     return labels
 
 
-def draw_anchors(pipe, image, prompt: str, anchors, path) -> Path:
-    from PIL import Image, ImageDraw, ImageFont
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:  # Pillow >= 10.1 scales its built-in font; older ones have only the 11 px bitmap
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_anchors(pipe, image, prompt: str, anchors, path, caption: str | None = None) -> Path:
+    """Write a PNG: the model's view scaled to SCALE_TO, anchored patches outlined and labelled with their
+    words, the patch grid faintly drawn, and the prompt (plus `caption`, e.g. the answer) underneath."""
+    from PIL import Image, ImageDraw
 
     m = int(pipe.manifest.dims["image_tokens"])
     side = math.isqrt(m)
     if side * side != m:
         raise RuntimeInputError(f"cannot map {m} image tokens onto a square patch grid")
     view = Image.fromarray(model_view(pipe, image)).resize((SCALE_TO, SCALE_TO), Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(view)
-    font = ImageFont.load_default()
+    lines = [f"Q: {prompt}"] + ([caption] if caption else []) + [f"{len(anchors)} anchor(s), outlined"]
+    font, small = _font(20), _font(16)
+    canvas = Image.new("RGB", (SCALE_TO, SCALE_TO + 30 * len(lines) + 10), (255, 255, 255))
+    canvas.paste(view, (0, 0))
+    draw = ImageDraw.Draw(canvas)
     cell = SCALE_TO / side
+    for i in range(1, side):  # the patch grid, so a reader can count patches
+        draw.line([(i * cell, 0), (i * cell, SCALE_TO)], fill=(255, 255, 255), width=1)
+        draw.line([(0, i * cell), (SCALE_TO, i * cell)], fill=(255, 255, 255), width=1)
     for image_index, words in sorted(patch_labels(pipe, prompt, anchors).items()):
         row, col = divmod(image_index, side)
         box = (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)
-        draw.rectangle(box, outline=(255, 220, 0), width=3)
+        draw.rectangle(box, outline=(255, 220, 0), width=4)
         text = ",".join(words)
-        x, y = box[0] + 3, box[1] + 2
-        bbox = draw.textbbox((x, y), text, font=font)
-        draw.rectangle(bbox, fill=(0, 0, 0))
-        draw.text((x, y), text, fill=(255, 220, 0), font=font)
+        x, y = box[0] + 4, box[1] + 4
+        bbox = draw.textbbox((x, y), text, font=small)
+        draw.rectangle((bbox[0] - 2, bbox[1] - 2, bbox[2] + 2, bbox[3] + 2), fill=(0, 0, 0))
+        draw.text((x, y), text, fill=(255, 220, 0), font=small)
+    for i, line in enumerate(lines):
+        draw.text((10, SCALE_TO + 8 + 30 * i), line, fill=(0, 0, 0), font=font)
     path = Path(path)
-    view.save(path)
+    canvas.save(path)
     return path

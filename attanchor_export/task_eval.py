@@ -1,0 +1,235 @@
+"""Task accuracy through the torch-free runtime: `attanchor-export eval DIR --data easy-vqa|FILE.jsonl`.
+
+Questions are answered in batches by `attanchor_runtime.Pipeline.generate` (greedy, left-padded rows,
+the artifact's own vision, anchor and decoder graphs). An answer is right when the generated text,
+lower-cased and stripped of surrounding punctuation, equals the expected one. For easy-vqa the anchors
+of colour and shape words are also scored: how often the patch a word was copied next to overlaps the
+shape, against the chance rate (the share of the image's patches that overlap it).
+
+The same answering loop serves the quantization gate (accuracy of each precision against fp32) and
+the CI test that the fp32 artifact answers exactly as the PyTorch model does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+
+DEFAULT_BATCH = 16
+ANSWER_TOKENS = 8  # easy-vqa answers are one word: at most 3 tokens + end of turn
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    image: str
+    question: str
+    answer: str
+    kind: str = "other"
+    image_id: int | None = None
+
+
+def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
+    """`easy-vqa` (the PyPI data set; a fixed random subset of `limit` questions) or a JSONL file of
+    {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file)."""
+    if data == "easy-vqa":
+        from . import easy_vqa_data
+
+        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id) for q in easy_vqa_data.questions(split)]
+        if limit and limit < len(rows):
+            rows = random.Random(seed).sample(rows, limit)
+        return rows
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise ExportError(f"--data {data}: neither easy-vqa nor an existing JSONL file")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            image, question, answer = rec["image"], rec["question"], rec["answer"]
+        except (ValueError, KeyError, TypeError):
+            raise ExportError(f"{path}:{lineno}: expected a JSON object with image, question and answer") from None
+        image_path = Path(image).expanduser()
+        if not image_path.is_absolute():
+            image_path = path.parent / image_path
+        if not image_path.is_file():
+            raise ExportError(f"{path}:{lineno}: image {image_path} does not exist")
+        rows.append(TaskItem(str(image_path), str(question), str(answer), str(rec.get("kind", "other"))))
+    if not rows:
+        raise ExportError(f"{path}: no questions")
+    return rows[:limit] if limit else rows
+
+
+def normalize(text: str) -> str:
+    return text.strip().strip(string.punctuation + " ").lower()
+
+
+def answer_items(pipe, items: Sequence[TaskItem], threshold: float | None = None, batch: int = DEFAULT_BATCH,
+                 progress: Callable[[int], None] | None = None) -> list[dict]:
+    """One record per item: the answer text, whether it is right, the anchors, seconds per question."""
+    records = []
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        ids = [pipe.text.prompt_ids(it.question) for it in chunk]
+        pixels = np.concatenate([pipe.images(it.image) for it in chunk])
+        t0 = time.perf_counter()
+        out = pipe.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=ANSWER_TOKENS, threshold=threshold)
+        per_item = (time.perf_counter() - t0) / len(chunk)
+        for row, it in enumerate(chunk):
+            text = pipe.text.decode(out.tokens[row, : out.lengths[row]])
+            records.append({
+                "question": it.question, "expected": it.answer, "answer": text.strip(),
+                "correct": normalize(text) == normalize(it.answer), "kind": it.kind,
+                "anchors": [list(p) for p in out.anchors[row]], "seconds": per_item,
+                "prompt_ids": ids[row].tolist(),
+            })
+        if progress:
+            progress(len(chunk))
+    return records
+
+
+def accuracy(records: Sequence[dict]) -> dict:
+    kinds = sorted({r["kind"] for r in records})
+    out = {"accuracy": float(np.mean([r["correct"] for r in records])) if records else 0.0,
+           "questions": len(records)}
+    out["by_kind"] = {
+        k: {"accuracy": float(np.mean([r["correct"] for r in records if r["kind"] == k])),
+            "questions": sum(r["kind"] == k for r in records)}
+        for k in kinds
+    }
+    out["anchors_per_question"] = float(np.mean([len(r["anchors"]) for r in records])) if records else 0.0
+    out["seconds_per_question"] = float(np.mean([r["seconds"] for r in records])) if records else 0.0
+    return out
+
+
+def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> dict:
+    """easy-vqa: share of colour/shape-word anchors on a patch that overlaps the shape, and chance."""
+    from PIL import Image
+
+    from . import easy_vqa_data as ev
+
+    dims = pipe.manifest.dims
+    size, patch = int(dims["image_size"]), int(dims["patch_size"])
+    words = [*ev.COLORS, *ev.SHAPES]
+    word_ids = {int(t) for w in words for t in pipe.text.encode(" " + w, add_special_tokens=False)}
+    labels: dict = {}
+    hits = total = 0
+    chance = []
+    for it, rec in zip(items, records, strict=True):
+        if it.image_id is None:
+            continue
+        if it.image not in labels:
+            rgb = np.asarray(Image.open(it.image).convert("RGB").resize((size, size), Image.NEAREST))
+            colour = next((c for c in ev.COLORS if c in ev.words_of(it.question)), None) or _colour_of(rgb)
+            labels[it.image] = ev.patch_overlap(ev.shape_mask(rgb, colour), patch) > 0
+        on_shape = labels[it.image]
+        ids = rec["prompt_ids"]
+        for text_index, patch in rec["anchors"]:
+            if ids[text_index] in word_ids:
+                total += 1
+                hits += bool(on_shape[patch])
+                chance.append(on_shape.mean())
+    rate = hits / total if total else 0.0
+    base = float(np.mean(chance)) if chance else 0.0
+    return {"word_anchors": total, "on_shape": rate, "chance": base, "ratio_to_chance": rate / base if base else 0.0}
+
+
+def _colour_of(rgb: np.ndarray) -> str:
+    from . import easy_vqa_data as ev
+
+    flat = rgb.reshape(-1, 3).astype(np.int32)
+    return max(ev.COLORS, key=lambda c: int((np.abs(flat - np.asarray(ev.COLORS[c])).sum(-1) <= 12).sum()))
+
+
+def evaluate_artifact(pipe, items: Sequence[TaskItem], threshold: float | None = None,
+                      progress: Callable[[int], None] | None = None, batch: int = DEFAULT_BATCH) -> dict:
+    """accuracy(...) + localisation (easy-vqa) + the per-question records, for one threshold."""
+    records = answer_items(pipe, items, threshold, batch=batch, progress=progress)
+    result = accuracy(records)
+    result["threshold"] = float(pipe.default_threshold if threshold is None else threshold)
+    if any(it.image_id is not None for it in items):
+        result["localisation"] = localisation(pipe, items, records)
+    result["records"] = records
+    return result
+
+
+def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, batch: int = DEFAULT_BATCH) -> list[str]:
+    """The PyTorch model's greedy answers to the same prompt ids and pixels (attanchor_export.reference)."""
+    from .reference import anchored_inputs, greedy_generate
+
+    answers = []
+    eos = list(loaded.dims.eos_token_ids)
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        rows = [pipe.text.prompt_ids(it.question) for it in chunk]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pipe.pad_token_id, np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        pixels = np.concatenate([pipe.images(it.image) for it in chunk])
+        embeds, out_mask, positions, _ = anchored_inputs(loaded, ids, mask, pixels, threshold)
+        tokens = greedy_generate(loaded, embeds, out_mask, positions, ANSWER_TOKENS, eos_token_id=eos)
+        for row in tokens.tolist():
+            kept = []
+            for t in row:
+                if t in eos:
+                    break
+                kept.append(t)
+            answers.append(pipe.text.decode(np.asarray(kept, np.int64)).strip())
+    return answers
+
+
+def run_eval(folder, data: str, split: str = "test", limit: int | None = None, thresholds=(None,),
+             backend: str = "ort", device: str = "cpu", batch: int = DEFAULT_BATCH, progress_factory=None,
+             compare_torch: bool = False) -> dict:
+    """`attanchor-export eval`: one result per threshold (None = the artifact's default), JSON-ready.
+
+    The top-level "accuracy" is the first threshold's, so `--json | jq .accuracy` answers "how good is it".
+    compare_torch: also answer with the source PyTorch model on the same prompt ids and pixels, and
+    report its accuracy and the share of identical answers.
+    """
+    from attanchor_runtime import Pipeline
+
+    pipe = Pipeline.load(folder, backend=backend, device=device)
+    items = load_task(data, split=split, limit=limit)
+    from .checks import load_source
+
+    loaded = load_source(pipe.manifest) if compare_torch else None
+    results = []
+    for threshold in thresholds:
+        label = f"threshold {pipe.default_threshold if threshold is None else threshold:g}"
+        with (progress_factory(label, len(items)) if progress_factory else _no_progress()) as advance:
+            result = evaluate_artifact(pipe, items, threshold, progress=advance, batch=batch)
+        records = result.pop("records")
+        if loaded is not None:
+            answers = torch_answers(loaded, pipe, items, result["threshold"], batch=batch)
+            result["pytorch"] = {
+                "accuracy": float(np.mean([normalize(a) == normalize(it.answer) for a, it in zip(answers, items)])),
+                "same_answers": float(np.mean([a == r["answer"] for a, r in zip(answers, records, strict=True)])),
+            }
+        results.append(result)
+    precision = pipe.manifest.precision
+    return {
+        "folder": str(folder), "data": data, "split": split if data == "easy-vqa" else None,
+        "precision": f"{precision.get('dtype', 'fp32')}/{precision.get('quant', 'none')}", "backend": backend,
+        "accuracy": results[0]["accuracy"], "results": results,
+    }
+
+
+class _no_progress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,80 @@
+"""`--threshold auto`: the anchor threshold at which a target share of question tokens become anchors.
+
+The paper's fixed 0.12 assumes an embedding space where unrelated words and patches score near 0.
+Trained LLM input embeddings are anisotropic (SmolLM2: two random tokens already score 0.44 on average),
+so a fixed number means "anchor everything" on one model and "anchor nothing" on another. What carries
+over between models is the rate: the paper reports about 10% of text tokens becoming anchors. So the
+threshold is the (1 - rate) quantile of each candidate token's best cosine to any image patch, over a
+calibration set, computed on the PyTorch model before tracing (every later check sees the final value).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TARGET_RATE = 0.10
+
+
+def calibration_prompts(source: str | None, limit: int = 256) -> list[tuple[object, str]]:
+    """(image, question) pairs from the calibration set (`--calib`: easy-vqa, a folder, JSONL; else built in)."""
+    from .calibration import load_calibration_set
+
+    return [(s.image, s.prompt) for s in load_calibration_set(source, limit=limit)]
+
+
+def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> np.ndarray:
+    """Best cosine over patches for every candidate (text token after the image) of every prompt."""
+    import torch
+    from attanchor_graphs.reference import cosine_scores
+    from PIL import Image
+
+    from .reference import image_features
+
+    dims = loaded.dims
+    embed = loaded.adapter.embed_tokens(loaded.model)
+    scores = []
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start : start + batch]
+        images = [Image.open(im).convert("RGB") if isinstance(im, str) else Image.fromarray(np.asarray(im))
+                  for im, _ in chunk]
+        pixels = image_processor(images=images, return_tensors="np")["pixel_values"]
+        features = image_features(loaded, pixels).float().numpy()
+        for (_, question), feats in zip(chunk, features, strict=True):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if dims.image_token_id not in ids:
+                continue
+            after = ids[ids.index(dims.image_token_id) + 1 :]
+            # A run of placeholders (processors that expand <image>) is one image slot: skip the rest of it.
+            after = [t for t in after if t != dims.image_token_id]
+            if not after:
+                continue
+            with torch.no_grad():
+                rows = embed(torch.as_tensor(after)).float().numpy()
+            scores.append(cosine_scores(rows[None], feats[None])[0].max(axis=1))
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+def threshold_for_rate(scores: np.ndarray, rate: float = TARGET_RATE) -> float:
+    """The threshold at which `rate` of the candidates (their best cosines: `scores`) become anchors."""
+    return float(np.quantile(np.asarray(scores, np.float64), 1.0 - rate))
+
+
+def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: float = TARGET_RATE) -> dict:
+    """The manifest's anchor calibration record; "threshold" is the chosen value."""
+    pairs = calibration_prompts(source)
+    scores = best_scores(loaded, tokenizer, image_processor, pairs)
+    if scores.size == 0:
+        from .errors import ExportError
+
+        raise ExportError("--threshold auto: no calibration prompt has text after the image placeholder")
+    threshold = threshold_for_rate(scores, rate)
+    return {
+        "threshold": round(threshold, 6),
+        "target_rate": rate,
+        "rate": float((scores >= np.float32(round(threshold, 6))).mean()),
+        "candidates": int(scores.size),
+        "prompts": len(pairs),
+        "source": source or "builtin",
+    }

