@@ -134,10 +134,10 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
             labels[it.image] = ev.patch_overlap(ev.shape_mask(rgb, colour), patch) > 0
         on_shape = labels[it.image]
         ids = rec["prompt_ids"]
-        for text_index, patch in rec["anchors"]:
+        for text_index, image_index in rec["anchors"]:
             if ids[text_index] in word_ids:
                 total += 1
-                hits += bool(on_shape[patch])
+                hits += bool(on_shape[image_index])
                 chance.append(on_shape.mean())
     rate = hits / total if total else 0.0
     base = float(np.mean(chance)) if chance else 0.0
