@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def artifact(shared_dir):
         return out
 
     return get
+
+
+@pytest.fixture
+def workdir(artifact, tmp_path):
+    """copy(name) -> a private copy of a shared artifact (for tests that write into it: engines, quantization)."""
+
+    def copy(name="clip-t2i"):
+        dst = tmp_path / name
+        shutil.copytree(artifact(name), dst)
+        return dst
+
+    return copy
 
 
 def read_manifest(folder: Path) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from attanchor_runtime.errors import ArtifactError, RuntimeInputError
 from attanchor_runtime.manifest import Manifest
+from engine_inputs import prompt_rows, random_pixels
 from fake_tensorrt import GENERATIONS, PRECISION_FLAGS, TRT10, TRT11, FakeCuda, make_fake_trt
 
 from attanchor_export import trt_build
@@ -34,28 +35,6 @@ def fake(request, monkeypatch):
     """(fake tensorrt, fake cuda) of one API generation, installed where trt_build looks for them."""
     cuda = FakeCuda()
     return _install(monkeypatch, make_fake_trt(cuda, request.param), cuda)
-
-
-@pytest.fixture
-def workdir(artifact, tmp_path):
-    """copy(name) -> a private copy of a shared artifact (builds write engines/ into it)."""
-
-    def copy(name="clip-t2i"):
-        dst = tmp_path / name
-        shutil.copytree(artifact(name), dst)
-        return dst
-
-    return copy
-
-
-def _ids(folder, rows=((5, 6), (7,))):
-    text = json.loads((folder / "manifest.json").read_text())["text"]
-    return [np.array([text["bos_token_id"], text["image_token_id"], *r, 9, 10], np.int64) for r in rows]
-
-
-def _pixels(folder, batch, seed=0):
-    size = json.loads((folder / "manifest.json").read_text())["dims"]["image_size"]
-    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
 def _engine_json(result) -> dict:
@@ -114,7 +93,7 @@ def test_build_and_generate(fake, workdir, name, empty_past):
     manifest = Manifest.load(folder)
     trt_pipe = Pipeline(manifest, TrtBackend(manifest, trt=trt, cuda=cuda))
     ort_pipe = Pipeline(manifest, OrtBackend(manifest))
-    ids, pixels = _ids(folder), _pixels(folder, 2)
+    ids, pixels = prompt_rows(folder), random_pixels(folder, 2)
     trt.executions.clear()
     got = trt_pipe.generate(ids, pixels, max_new_tokens=6)
     want = ort_pipe.generate(ids, pixels, max_new_tokens=6)

@@ -7,34 +7,10 @@ tests/test_trt_build.py.
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 from attanchor_runtime.manifest import Manifest
-
-
-@pytest.fixture
-def workdir(artifact, tmp_path):
-    """copy(name) -> a private copy of a shared artifact (builds write engines/ into it)."""
-
-    def copy(name="clip-t2i"):
-        dst = tmp_path / name
-        shutil.copytree(artifact(name), dst)
-        return dst
-
-    return copy
-
-
-def _ids(folder, rows=((5, 6), (7,))):
-    text = json.loads((folder / "manifest.json").read_text())["text"]
-    return [np.array([text["bos_token_id"], text["image_token_id"], *r, 9, 10], np.int64) for r in rows]
-
-
-def _pixels(folder, batch, seed=0):
-    size = json.loads((folder / "manifest.json").read_text())["dims"]["image_size"]
-    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+from engine_inputs import prompt_rows, random_pixels
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +45,7 @@ def test_real_engines_match_onnxruntime(real_gpu, workdir, name, empty_past):
     manifest = Manifest.load(folder)
     backend = TrtBackend(manifest, full_logits=True)
     ref = OrtBackend(manifest)
-    ids, pixels = _ids(folder), _pixels(folder, 2)
+    ids, pixels = prompt_rows(folder), random_pixels(folder, 2)
     trt_out = Pipeline(manifest, backend).generate(ids, pixels, max_new_tokens=8)
     ort_out = Pipeline(manifest, ref).generate(ids, pixels, max_new_tokens=8)
     assert trt_out.anchors == ort_out.anchors
