@@ -30,30 +30,20 @@ from .calibration import ArtifactFrontEnd, Sample, empty_past, gate_samples
 from .errors import one_line
 from .graph_specs import kv_names
 
-# Floors per format, set from measurement (docs/QUANTIZATION.md has the full table). Measured on the
-# tiny test checkpoints, 2 families (clip-llama, siglip-qwen2) x 3 seeds, gate set (4 prompts, 32 tokens,
-# ~300 positions), worst case over the six:
-#   format (form)             cos mean   top-1    vision cos
-#   fp16                      0.99998    0.988    1.0000
-#   int8 MatMulNBits (ort)    0.9980     0.896    0.99994
-#   int8 QDQ static (trt)     0.9903     0.804    0.9996
-#   int4 MatMulNBits b32-128  0.787      0.248    0.984   (accuracy_level 4 or 0: within 0.002)
-#   int4 QDQ sym (trt)        0.774      0.231    0.982
-# The int4 figures look poor because the test checkpoints are deliberately chaotic (decoder weights at
-# 3/sqrt(fan_in), see attanchor_export.testing): adding Gaussian noise of 10 % of the weights' std to the
-# fp32 decoder, about the RMS rounding error of 4-bit RTN (step = range/15, error = step/sqrt(12)), gives
-# the same cos mean 0.77 / top-1 0.28; 1 % noise already gives top-1 0.86. A broken quantization lands far
-# lower: 30 % noise 0.35, scrambled weights 0.0, scales off by 4x (tests/test_quantize.py) below 0.5.
-# So each floor sits under the worst correct graph with a margin for other checkpoints and over the
-# broken ones. fp16 keeps the Edge-LLM bar (0.99) with room; int8's 0.98 is under the 0.99 target only
-# to leave room for the QDQ form, whose activations are quantized too. Trained LLMs are far less
-# sensitive than these random ones (4-bit RTN g128 keeps 1B-7B Llama perplexity within a few percent):
-# for a real checkpoint pass tighter floors (`floors={"int4": {"cos_mean": 0.98}}`, the exporter's gate
-# option) once its own figures are known; `meets_target` already reports whether cos mean >= 0.99.
+# Floors per format for trained models (docs/QUANTIZATION.md has the tables). int4 is set from tiny-vqa,
+# the trained model (SmolLM2-135M decoder), gate set of 4 synthetic prompts x 32 tokens:
+#   int4 MatMulNBits b128 (ort)   cos mean 0.956  top-1 0.58  task accuracy 0.995 (fp32 0.995)
+#   int4 QDQ sym b128 (trt)       cos mean 0.944  top-1 0.61  task accuracy 0.985
+# so the int4 floor sits ~0.045 under the worse form. top-1 over 32 free-running tokens of generic prompts
+# is noisy on a model fine-tuned for one-word answers; the task accuracy (TASK_FLOORS) is what tiny-vqa
+# is judged on. fp16 and int8 were not measured on tiny-vqa yet: their floors are the ones the tiny
+# random checkpoints already clear (fp16 cos >= 0.99998, int8 >= 0.990), strict enough for trained models.
+# The tiny random test checkpoints are chaotic by construction and declare looser floors of their own
+# (attanchor_export.testing.RANDOM_CHECKPOINT_FLOORS, in their attanchor_config.json).
 GATE_FLOORS: dict[str, dict[str, float]] = {
     "fp16": {"cos_mean": 0.999, "top1": 0.95, "vision_cos_mean": 0.999},
     "int8": {"cos_mean": 0.98, "top1": 0.70, "vision_cos_mean": 0.99},
-    "int4": {"cos_mean": 0.70, "top1": 0.15, "vision_cos_mean": 0.95},
+    "int4": {"cos_mean": 0.90, "top1": 0.45, "vision_cos_mean": 0.95},
 }
 # Task accuracy (where a task set is given, always for tiny-vqa): the most a format may lose against the
 # fp32 artifact on the same questions (fractions: 0.02 = 2 points), the targets of issue 9 / DESIGN.md.
