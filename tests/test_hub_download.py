@@ -25,7 +25,7 @@ from attanchor_export.testing import make_tiny_llava
 ALIAS, REPO = "tinyllava-1b", "bczhou/tiny-llava-v1-hf"
 COPY, PICKLED, GATED = "acme/tiny-llava-copy", "acme/pickled-only", "acme/gated-llava"
 NEEDED = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-          "processor_config.json", "chat_template.jinja"}
+          "processor_config.json", "chat_template.jinja", "attanchor_config.json"}
 # What a real repo holds besides: pickled duplicates, docs, other formats in folders.
 DECOYS = {"pytorch_model.bin": b"\x80\x04 not a real pickle", "README.md": b"# tiny", "onnx/model.onnx": b"onnx"}
 TOKEN = "hf_secret123"
@@ -106,7 +106,7 @@ def test_cli_downloads_and_exports(tiny_files, tmp_path):
         run = subprocess.run([*command, ALIAS, "-o", tmp_path / "out"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stderr
-        assert "Fetching 7 files" in run.stderr  # huggingface_hub's own progress bar
+        assert f"Fetching {len(NEEDED)} files" in run.stderr  # huggingface_hub's own progress bar
         assert sorted(hub.downloaded(REPO)) == sorted(NEEDED)  # no .bin, README or subfolder
     source = json.loads((tmp_path / "out" / "manifest.json").read_text())["source"]
     assert (source["alias"], source["resolved"], source["commit"]) == (ALIAS, REPO, commits["main"])
