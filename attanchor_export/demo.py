@@ -39,7 +39,7 @@ def _reusable(artifact: Path, checkpoint: Path) -> bool:
 def run_demo(output: Path, report, fresh: bool = False) -> dict:
     from attanchor_runtime import Pipeline
     from attanchor_runtime.manifest import Manifest
-    from attanchor_runtime.visualize import draw_anchors
+    from attanchor_runtime.visualize import draw_anchors, token_label
 
     from .checkpoint import load_checkpoint
     from .exporter import ExportOptions, export_artifact
@@ -71,7 +71,7 @@ def run_demo(output: Path, report, fresh: bool = False) -> dict:
         out = pipe.generate(input_ids=[ids], pixel_values=pipe.images(image), max_new_tokens=8)
         answer = pipe.text.decode(out.tokens[0, : out.lengths[0]]).strip()
         anchors = out.anchors[0]
-        words = [(pipe.text.decode([int(ids[t])]).strip(), m) for t, m in anchors]
+        words = [(token_label(pipe, int(ids[t])), m) for t, m in anchors]
         verdict = "right" if answer.lower() == item.answer else f"wrong, expected {item.answer}"
         draw_anchors(pipe, image, item.question, anchors, output / "anchors.png",
                      caption=f"A: {answer}  ({verdict})")

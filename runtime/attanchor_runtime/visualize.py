@@ -24,11 +24,18 @@ def model_view(pipe, image) -> np.ndarray:
     return np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)
 
 
+def token_label(pipe, token_id: int) -> str:
+    """A readable name for an anchored token: its text, or its escaped form for template tokens
+    (newlines, <|im_end|>), which are candidates too and would otherwise print as nothing."""
+    text = pipe.text.decode([token_id], skip_special_tokens=False)
+    return text.strip() or repr(text).strip("'")
+
+
 def patch_labels(pipe, prompt: str, anchors) -> dict[int, list[str]]:
     ids = pipe.text.prompt_ids(prompt)
     labels = defaultdict(list)
     for text_index, image_index in anchors:
-        word = pipe.text.decode([int(ids[text_index])]).strip() or f"#{text_index}"
+        word = token_label(pipe, int(ids[text_index]))
         if word not in labels[image_index]:
             labels[image_index].append(word)
     return labels
@@ -67,7 +74,8 @@ def draw_anchors(pipe, image, prompt: str, anchors, path, caption: str | None = 
         box = (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)
         draw.rectangle(box, outline=(255, 220, 0), width=4)
         text = ",".join(words)
-        x, y = box[0] + 4, box[1] + 4
+        width = draw.textlength(text, font=small)
+        x, y = min(box[0] + 4, SCALE_TO - width - 4), box[1] + 4  # labels stay inside the image
         bbox = draw.textbbox((x, y), text, font=small)
         draw.rectangle((bbox[0] - 2, bbox[1] - 2, bbox[2] + 2, bbox[3] + 2), fill=(0, 0, 0))
         draw.text((x, y), text, fill=(255, 220, 0), font=small)
