@@ -84,6 +84,13 @@ def image_labels(split: str = "test") -> dict[int, tuple[str, str]]:
     return {i: (colour.get(i), shape.get(i)) for i in set(colour) | set(shape)}
 
 
+def colour_of(rgb: np.ndarray) -> str:
+    """The shape's colour read off the pixels: the palette colour with the most (near-)exact pixels
+    (the fill is an exact palette colour; anti-aliased edges and the light background are not)."""
+    flat = rgb.reshape(-1, 3).astype(np.int32)
+    return max(COLORS, key=lambda c: int((np.abs(flat - np.asarray(COLORS[c])).sum(-1) <= 12).sum()))
+
+
 def shape_mask(rgb: np.ndarray, colour: str) -> np.ndarray:
     """bool [H, W]: pixels closer to `colour` than to the background (the image's most common colour)."""
     flat = rgb.reshape(-1, 3).astype(np.int32)

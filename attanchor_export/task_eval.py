@@ -130,7 +130,7 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
             continue
         if it.image not in labels:
             rgb = np.asarray(Image.open(it.image).convert("RGB").resize((size, size), Image.NEAREST))
-            colour = next((c for c in ev.COLORS if c in ev.words_of(it.question)), None) or _colour_of(rgb)
+            colour = next((c for c in ev.COLORS if c in ev.words_of(it.question)), None) or ev.colour_of(rgb)
             labels[it.image] = ev.patch_overlap(ev.shape_mask(rgb, colour), patch) > 0
         on_shape = labels[it.image]
         ids = rec["prompt_ids"]
@@ -142,13 +142,6 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
     rate = hits / total if total else 0.0
     base = float(np.mean(chance)) if chance else 0.0
     return {"word_anchors": total, "on_shape": rate, "chance": base, "ratio_to_chance": rate / base if base else 0.0}
-
-
-def _colour_of(rgb: np.ndarray) -> str:
-    from . import easy_vqa_data as ev
-
-    flat = rgb.reshape(-1, 3).astype(np.int32)
-    return max(ev.COLORS, key=lambda c: int((np.abs(flat - np.asarray(ev.COLORS[c])).sum(-1) <= 12).sum()))
 
 
 def evaluate_artifact(pipe, items: Sequence[TaskItem], threshold: float | None = None,

@@ -50,9 +50,7 @@ def pixel_tensor(paths, processor) -> torch.Tensor:
 def describe(rgb: np.ndarray) -> tuple[str, str, np.ndarray]:
     """(colour, shape, mask) read off the pixels: the fill is an exact palette colour; the shape from how
     much of its bounding box it fills (rectangle ~1, circle ~pi/4, triangle ~1/2)."""
-    flat = rgb.reshape(-1, 3).astype(np.int32)
-    counts = {c: int((np.abs(flat - np.asarray(v)).sum(-1) <= 12).sum()) for c, v in data.COLORS.items()}
-    colour = max(counts, key=counts.get)
+    colour = data.colour_of(rgb)
     mask = data.shape_mask(rgb, colour)
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / max(1, (np.ptp(ys) + 1) * (np.ptp(xs) + 1)) if len(ys) else 0.0
