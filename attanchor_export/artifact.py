@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ExportError
+from attanchor_export.errors import ExportError
 
 
 def check_target(final: Path, force: bool) -> None:

@@ -28,7 +28,7 @@ greedy, with EOS disabled so every run generates exactly `max_new_tokens`:
   allows, else the process lifetime ru_maxrss);
 - with compare_torch: the same prompts through `transformers` eager in this process (the manifest's
   source checkpoint, LlavaForConditionalGeneration, default attention implementation), fed the same
-  anchored inputs as attanchor_export.reference builds them, runtime and torch runs interleaved so
+  anchored inputs as attanchor_export.checks.torch_reference builds them, runtime and torch runs interleaved so
   background load hits both alike; ratios and whether greedy tokens match.
 
 The machine may be shared: every measured run records the CPU share other processes used meanwhile
@@ -383,7 +383,7 @@ class _TorchRunner:
 
         import torch
 
-        from .checks import load_source
+        from attanchor_export.checks.recheck import load_source
 
         self.torch = torch
         self._threads = torch.get_num_threads()
@@ -406,8 +406,8 @@ class _TorchRunner:
         from attanchor_graphs.reference import anchor_insert, position_ids_from_mask
         from transformers import DynamicCache
 
-        from .hf_compat import cache_kwargs
-        from .reference import image_features
+        from attanchor_export.checks.torch_reference import image_features
+        from attanchor_export.load.hf_compat import cache_kwargs
 
         loaded = self.loaded
         adapter, model = loaded.adapter, loaded.model
@@ -416,7 +416,7 @@ class _TorchRunner:
             t0 = time.perf_counter()
             features = image_features(loaded, pixels)
             t1 = time.perf_counter()
-            # attanchor_export.reference.anchored_inputs, minus its own vision pass (timed above).
+            # attanchor_export.checks.torch_reference.anchored_inputs, minus its own vision pass (timed above).
             tid = torch.as_tensor(ids[None, :], dtype=torch.long)
             mask = torch.ones_like(tid)
             text = embed(tid)
@@ -544,7 +544,7 @@ def run_bench(
     features = pipe.backend.vision(pixels)
     anchor_op = _AnchorOp(manifest, threads)
     inputs = [_anchor_inputs(pipe, r, features) for r in rows]
-    from .threshold import threshold_for_rate
+    from attanchor_export.trace.threshold import threshold_for_rate
 
     threshold_mode = "manifest" if threshold is None else ("auto" if threshold == "auto" else "given")
     if threshold is None:

@@ -92,7 +92,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [ArtifactError, NumericsError, RuntimeInputError]
     try:  # the export-side errors need torch only indirectly; their module does not import it
-        from .errors import CheckpointError, ExportError, ValidationFailed
+        from attanchor_export.errors import CheckpointError, ExportError, ValidationFailed
 
         types += [CheckpointError, ExportError, ValidationFailed]
     except ImportError:
@@ -127,7 +127,7 @@ def handle_errors(fn):
             if isinstance(e, _user_errors()) or type(e).__name__ in ("AccuracyGateFailed", "TrtUnavailable"):
                 checks = getattr(e, "checks", None)
                 if checks:
-                    from .report import print_checks
+                    from attanchor_export.checks.tables import print_checks
 
                     print_checks(checks, only_failed=True)
                 _fail(str(e))
@@ -189,7 +189,7 @@ def _default_output(model: str) -> Path:
 @click.option("--last-logits-only/--all-logits", default=False, show_default=True,
               help="Prefill returns only the last position's logits (all the runtime reads) or every position's.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
-              help="Rewrite the decoder's attention to grouped form (attanchor_export.optimize).")
+              help="Rewrite the decoder's attention to grouped form (attanchor_export.trace.optimize).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code.")
@@ -204,7 +204,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
                threshold, task, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate, adapter,
                trust_remote_code, revision, offline, allow_pickle, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
-    from .exporter import ExportOptions, export_artifact
+    from attanchor_export.exporter import ExportOptions, export_artifact
 
     report = Reporter(quiet, as_json)
     if quiet or as_json:  # a download's progress bars are huggingface_hub's own
@@ -230,12 +230,12 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
                           "checks": [c.to_json() for c in result.checks], "engines": engines})
     else:
         if result.checks and not quiet:
-            from .report import print_checks
+            from attanchor_export.checks.tables import print_checks
 
             print_checks(result.checks, summary=True)
         gate = result.manifest.get("precision", {}).get("gate")
         if gate and gate.get("results"):
-            from .checks import gate_summary
+            from attanchor_export.checks.recheck import gate_summary
 
             report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
@@ -264,7 +264,7 @@ def _parse_floors(items) -> dict | None:
 
 
 def _build_engines(folder: Path, report: Reporter, **options):
-    from .trt_build import build_engines
+    from attanchor_export.trt.build import build_engines
 
     with report.step("build TensorRT engines"):
         return build_engines(folder, **options)
@@ -281,8 +281,8 @@ def _build_engines(folder: Path, report: Reporter, **options):
 @handle_errors
 def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose):
     """Re-run parity of an artifact against its PyTorch source and print a report."""
-    from .checks import check_artifact
-    from .report import print_checks
+    from attanchor_export.checks.recheck import check_artifact
+    from attanchor_export.checks.tables import print_checks
 
     report = Reporter(quiet, as_json)
     result = check_artifact(folder, model=model, end_to_end=not no_e2e, steps=report.step, adapter=adapter)
@@ -356,7 +356,7 @@ def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, s
 def build_cmd(folder, max_batch, max_input_len, max_seq_len, workspace, timing_cache, empty_past, no_gate,
               plan_only):
     """Build TensorRT engines for this GPU from an artifact's ONNX graphs (run it on the Jetson)."""
-    from .trt_plan import BuildOptions, make_plan
+    from attanchor_export.trt.plan import BuildOptions, make_plan
 
     options = BuildOptions(max_batch=max_batch, max_input_len=max_input_len, max_seq_len=max_seq_len,
                            workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None,
@@ -377,7 +377,7 @@ def build_cmd(folder, max_batch, max_input_len, max_seq_len, workspace, timing_c
 @handle_errors
 def lint_cmd(folder, target, as_json):
     """Check every graph against TensorRT's ONNX operator support (no GPU needed)."""
-    from .trt_lint_artifact import lint_artifact
+    from attanchor_export.trt.lint import lint_artifact
 
     reports = lint_artifact(folder, target=target)
     if as_json:
@@ -409,7 +409,7 @@ def lint_cmd(folder, target, as_json):
 def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, image, threshold, quiet_wait,
               json_out, chart):
     """Time to first token (vision / anchors / prefill), decode tokens/s, anchor overhead, memory."""
-    from .bench import format_report, run_bench, write_chart
+    from attanchor_export.bench import format_report, run_bench, write_chart
 
     if threshold not in (None, "auto"):
         try:
@@ -444,7 +444,7 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
 @handle_errors
 def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device, batch, compare_torch, as_json):
     """Task accuracy of an artifact through the torch-free runtime (overall and per question type)."""
-    from .task_eval import run_eval
+    from attanchor_export.checks.task_accuracy import run_eval
 
     values: list = [threshold]
     if thresholds:
@@ -459,7 +459,7 @@ def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device,
     if as_json:
         click.echo(json.dumps(result, default=float))
         return
-    from .report import print_eval
+    from attanchor_export.checks.tables import print_eval
 
     print_eval(result)
 
@@ -482,7 +482,7 @@ def _progress_bar(label: str, total: int):
 @handle_errors
 def demo_cmd(output, fresh):
     """Whole flow on the trained tiny-vqa model: build, export, check, answer, show the anchors."""
-    from .demo import run_demo
+    from attanchor_export.demo import run_demo
 
     report = Reporter()
     with library_quiet(True):

@@ -18,7 +18,7 @@ DEMO_QUESTION = "what color is the triangle?"
 
 def demo_item():
     """The first easy-vqa test question of the demo's form whose shape is a triangle."""
-    from .task_eval import load_task
+    from attanchor_export.checks.task_accuracy import load_task
 
     for it in load_task("easy-vqa", split="test"):
         if it.question == DEMO_QUESTION:
@@ -41,11 +41,11 @@ def run_demo(output: Path, report, fresh: bool = False) -> dict:
     from attanchor_runtime.manifest import Manifest
     from attanchor_runtime.visualize import draw_anchors, token_label
 
-    from .checkpoint import load_checkpoint
-    from .exporter import ExportOptions, export_artifact
-    from .report import print_checks
-    from .tiny_vqa import checkpoint_folder
-    from .validate import validate_end_to_end
+    from attanchor_export.checks.parity import validate_end_to_end
+    from attanchor_export.checks.tables import print_checks
+    from attanchor_export.exporter import ExportOptions, export_artifact
+    from attanchor_export.load.checkpoint import load_checkpoint
+    from attanchor_export.load.tiny_vqa import checkpoint_folder
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def run_demo(output: Path, report, fresh: bool = False) -> dict:
         f"      attanchor-export tiny-vqa -o out/tiny-vqa-int4 --quant int4"
     )
     if failed:
-        from .errors import ValidationFailed
+        from attanchor_export.errors import ValidationFailed
 
         raise ValidationFailed(f"demo parity failed: {len(failed)} of {len(checks)} checks", checks=failed)
     return {"checkpoint": str(checkpoint), "artifact": str(artifact), "question": item.question,

@@ -16,12 +16,12 @@ from pathlib import Path
 import onnx
 from attanchor_runtime.manifest import Manifest, write_manifest
 
-from . import __version__
-from .artifact import check_target, staging_folder
-from .checkpoint import load_checkpoint, locate
-from .embedding_graph import build_embedding_model, save_embedding_model, write_embed_table
-from .errors import ExportError, ValidationFailed
-from .graph_specs import decoder_spec, embedding_spec, vision_spec
+from attanchor_export import __version__
+from attanchor_export.artifact import check_target, staging_folder
+from attanchor_export.errors import ExportError, ValidationFailed
+from attanchor_export.load.checkpoint import load_checkpoint, locate
+from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
+from attanchor_export.trace.specs import decoder_spec, embedding_spec, vision_spec
 
 # IR 10 (onnx 1.16): loaded by onnxruntime >= 1.18, which is what JetPack 6 wheels ship, and by
 # TensorRT 10's parser. The installed onnx would write a newer IR that older runtimes refuse.
@@ -48,7 +48,7 @@ class ExportOptions:
     # [B, 1, vocab] at prefill skips the lm_head on the other rows (81 GFLOP at 620 tokens x vocab 32064)
     # and an 80 MB logits copy; off by default so teacher-forced gates and checks see every position.
     last_logits_only: bool = False
-    # attanchor_export.optimize: grouped attention without repeated KV (standard ops, TensorRT-safe).
+    # attanchor_export.trace.optimize: grouped attention without repeated KV (standard ops, TensorRT-safe).
     optimize: bool = True
     force: bool = False
     validate: bool = True
@@ -168,7 +168,7 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
     if threshold == "auto":
         from transformers import AutoImageProcessor
 
-        from .threshold import calibrate
+        from attanchor_export.trace.threshold import calibrate
 
         with steps("calibrate the anchor threshold (target anchor rate)"):
             processor = AutoImageProcessor.from_pretrained(str(loaded.processor_folder or loaded.folder))
@@ -198,8 +198,8 @@ def _merge_floors(declared: dict | None, given: dict | None, options: ExportOpti
 def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) -> ExportResult:
     import torch
 
-    from .export_decoder import export_decoder
-    from .export_vision import export_vision
+    from attanchor_export.trace.decoder import export_decoder
+    from attanchor_export.trace.vision import export_vision
 
     if options.mode not in ("t2i", "i2t"):
         raise ExportError(f"unknown anchor mode {options.mode!r}: choose t2i or i2t")
@@ -208,7 +208,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
     check_target(Path(options.output).absolute(), options.force)  # fail before minutes of loading
     located_adapter = None
     if options.adapter:  # a missing or pickled adapter fails here too, before the model loads
-        from .lora import locate_adapter
+        from attanchor_export.load.lora import locate_adapter
 
         located_adapter = locate_adapter(options.adapter, offline=options.offline, allow_pickle=options.allow_pickle)
     # Download (if needed) before the step's spinner: huggingface_hub draws its own progress bars.
@@ -222,7 +222,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
     options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
     lora = None
     if located_adapter:
-        from .lora import apply_adapter
+        from attanchor_export.load.lora import apply_adapter
 
         # Merged before anything is traced, so the graphs and the parity checks below see one model.
         with steps("merge LoRA adapter"):
@@ -255,7 +255,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
             _finalize_onnx(path)
         optimizations = {}
         if options.optimize:
-            from .optimize import optimize_decoder
+            from attanchor_export.trace.optimize import optimize_decoder
 
             # Rewrites only the .onnx protobuf (weights untouched); the validation below then checks the
             # optimised graph against PyTorch, so no extra ONNX-vs-ONNX check here.
@@ -296,7 +296,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
             write_manifest(folder, data)
         result = ExportResult(folder=options.output, manifest=data)
         if options.validate:
-            from .validate import validate_graphs
+            from attanchor_export.checks.parity import validate_graphs
 
             with steps("validate against PyTorch"):
                 checks = validate_graphs(loaded, Manifest.load(folder, verify="none"), atol=options.atol)
@@ -320,8 +320,8 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
 
 def _quantize(staging, data: dict, options: ExportOptions, steps) -> None:
     """After the fp32 graphs passed parity: rewrite them to the requested precision and gate them."""
-    from .accuracy_gate import AccuracyGateFailed
-    from .quantize import quantize_artifact
+    from attanchor_export.precision.gate import AccuracyGateFailed
+    from attanchor_export.precision.quantize import quantize_artifact
 
     try:
         update = quantize_artifact(

@@ -1,6 +1,6 @@
 """int4 vs fp32 decoder at TinyLLaVA-1B dimensions: file size and decode tokens/s on onnxruntime CPU.
 
-Builds the text model of attanchor_export.testing.tinyllava_1b_config() (LlamaForCausalLM, hidden 2048,
+Builds the text model of attanchor_export.load.tiny_random.tinyllava_1b_config() (LlamaForCausalLM, hidden 2048,
 22 layers, 32 heads / 4 KV heads, intermediate 5632, vocab 32064: ~1.1 B parameters) with random weights,
 exports decoder.onnx fp32 with the artifact exporter (export_decoder), quantizes it int4 weight-only
 with quantize.py's MatMulNBits path (the form the onnxruntime backend opens) and measures, in one run:
@@ -35,10 +35,10 @@ def build_and_export(folder: Path, layers: int | None, opset: int) -> tuple[Path
     import torch
     from transformers import LlamaForCausalLM
 
-    from attanchor_export.architectures import ModelDims
-    from attanchor_export.export_decoder import export_decoder
-    from attanchor_export.graph_specs import decoder_spec
-    from attanchor_export.testing import tinyllava_1b_config
+    from attanchor_export.load.architectures import ModelDims
+    from attanchor_export.load.tiny_random import tinyllava_1b_config
+    from attanchor_export.trace.decoder import export_decoder
+    from attanchor_export.trace.specs import decoder_spec
 
     text = tinyllava_1b_config().text_config
     if layers:
@@ -66,7 +66,7 @@ def build_and_export(folder: Path, layers: int | None, opset: int) -> tuple[Path
 def quantize_int4(src: Path, dst: Path, block_size: int, quantize_lm_head: bool, accuracy_level: int | None) -> dict:
     import onnx
 
-    from attanchor_export.quantize import (
+    from attanchor_export.precision.quantize import (
         _name_nodes,
         _normalize_linears,
         count_quantized,
@@ -98,7 +98,7 @@ class DecodeBench:
     def __init__(self, path: Path, dims, threads: int, prompt_len: int):
         from attanchor_runtime.sessions import ort_session
 
-        from attanchor_export.graph_specs import kv_names
+        from attanchor_export.trace.specs import kv_names
 
         self.dims, self.names = dims, kv_names(dims.num_layers, "past_key_values")
         t0 = time.perf_counter()

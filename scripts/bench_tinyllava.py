@@ -4,7 +4,7 @@
 
 1. makes the random-weight checkpoint (scripts/make_tinyllava_checkpoint.py) if it is absent;
 2. exports it (validation against PyTorch on, last-position logits, decoder graph optimised by
-   attanchor_export.optimize and checked against the un-optimised graph) in a child process, and
+   attanchor_export.trace.optimize and checked against the un-optimised graph) in a child process, and
    records the export's wall time and peak RSS (/usr/bin/time -v, else getrusage of the child);
 3. runs attanchor_export.bench.run_bench with compare_torch at the given threads and prints the
    figures and the targets: decode tok/s >= 1.3x torch eager and >= 85% of the memory-bandwidth
@@ -68,7 +68,7 @@ def export_child(checkpoint: str, output: str) -> None:
     from attanchor_runtime.manifest import Manifest, write_manifest
 
     from attanchor_export.exporter import ExportOptions, export_artifact
-    from attanchor_export.optimize import optimize_decoder
+    from attanchor_export.trace.optimize import optimize_decoder
 
     @contextlib.contextmanager
     def steps(name):

@@ -3,13 +3,13 @@
     python scripts/make_tinyllava_checkpoint.py [--out /tmp/tinyllava-1b-random] [--seed 0] [--force]
 
 The model is transformers' LlavaForConditionalGeneration built from
-attanchor_export.testing.tinyllava_1b_config() (CLIP ViT-L/14-336 tower, 576 image tokens,
+attanchor_export.load.tiny_random.tinyllava_1b_config() (CLIP ViT-L/14-336 tower, 576 image tokens,
 TinyLlama-1.1B decoder: 22 layers, hidden 2048, 32/4 heads, vocab 32064), weights from transformers'
 own initialisation (normal, std = initializer_range 0.02), which keeps every activation and logit
 finite through all 22 layers (checked before saving). About 1.4 B parameters: ~5.6 GB of fp32
 safetensors, ~6 GB of RAM and a minute or two to build on 2 cores. Never in CI, never in the repo.
 
-The tokenizer is the tiny in-memory BPE tokenizer of attanchor_export.testing with its vocabulary
+The tokenizer is the tiny in-memory BPE tokenizer of attanchor_export.load.tiny_random with its vocabulary
 padded by unused entries so the special ids are those of bczhou/tiny-llava-v1-hf: <unk> 0, <s> 1,
 </s> 2, <image> 32000, <pad> 32001. The processor is the CLIP recipe (shortest edge 336, centre
 crop 336) with the LLaVA-1.5 chat template, as make_tiny_llava writes it.
@@ -36,7 +36,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from attanchor_export.testing import CHAT_TEMPLATE, build_tiny_tokenizer
+    from attanchor_export.load.tiny_random import CHAT_TEMPLATE, build_tiny_tokenizer
 
     tiny = build_tiny_tokenizer()
     data = json.loads(tiny.backend_tokenizer.to_str())
@@ -71,7 +71,7 @@ def make_tinyllava_checkpoint(out: Path = DEFAULT_OUT, seed: int = 0, force: boo
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from attanchor_export.testing import CHAT_TEMPLATE, _image_processor, tinyllava_1b_config
+    from attanchor_export.load.tiny_random import CHAT_TEMPLATE, _image_processor, tinyllava_1b_config
 
     out = Path(out)
     if out.exists():

@@ -1,6 +1,6 @@
 """Train tiny-vqa's vision tower, projector and LoRA on easy-vqa (train split), on the CPU, in about an hour.
 
-    python scripts/train_tiny_vqa.py [--minutes 50] [--seed 0] [--out attanchor_export/tiny_vqa_parts]
+    python scripts/train_tiny_vqa.py [--minutes 50] [--seed 0] [--out attanchor_export/load/tiny_vqa_parts]
 
 The recipe (AttAnchor, arXiv 2509.23109, in miniature):
   stage A  alignment only (no language model in the loop, seconds per thousand images): each patch's
@@ -15,7 +15,7 @@ The recipe (AttAnchor, arXiv 2509.23109, in miniature):
            LM's attention projections, tower and projector still trained, alignment term kept.
 
 Writes the trained parts (tower + projector safetensors, the peft LoRA adapter, training.json);
-`attanchor_export.tiny_vqa.checkpoint_folder()` assembles the full checkpoint from them.
+`attanchor_export.load.tiny_vqa.checkpoint_folder()` assembles the full checkpoint from them.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from attanchor_graphs.reference import anchor_insert
 from PIL import Image
 
-from attanchor_export import easy_vqa_data as data
-from attanchor_export import tiny_vqa
+from attanchor_export.load import easy_vqa as data
+from attanchor_export.load import tiny_vqa
 
 ANCHOR_RATE = 0.10  # the paper: about 10% of text tokens become anchors
 
@@ -133,7 +133,7 @@ def flip(pixels, overlap):
 
 def vision(model, pixels):
     """Projected features [B, M, D], through the same adapter code the exporter traces."""
-    from attanchor_export.architectures import adapter_for
+    from attanchor_export.load.architectures import adapter_for
 
     return adapter_for(model.config).vision_tower_and_projector(model)(pixels)
 

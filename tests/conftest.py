@@ -42,7 +42,7 @@ def locked(path: Path):
 
 
 def _checkpoint(shared_dir: Path, family: str) -> Path:
-    from attanchor_export.testing import make_tiny_llava
+    from attanchor_export.load.tiny_random import make_tiny_llava
 
     path = shared_dir / f"ck-{family}"
     with locked(path):

@@ -9,7 +9,7 @@ import pytest
 
 from attanchor_export.bench import format_report, run_bench, write_chart
 from attanchor_export.exporter import ExportOptions, export_artifact
-from attanchor_export.testing import make_tiny_llava
+from attanchor_export.load.tiny_random import make_tiny_llava
 
 SMALL_BUFFER = 16 << 20  # the bandwidth probe: tiny models need no 1 GiB buffer
 

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from attanchor_export.architectures import LlavaAdapter, adapter_for
-from attanchor_export.checkpoint import ALIASES, load_checkpoint, resolve_model
 from attanchor_export.errors import CheckpointError, UnsupportedArchitecture
-from attanchor_export.testing import FAMILIES, make_tiny_llava, tinyllava_1b_config
+from attanchor_export.load.architectures import LlavaAdapter, adapter_for
+from attanchor_export.load.checkpoint import ALIASES, load_checkpoint, resolve_model
+from attanchor_export.load.tiny_random import FAMILIES, make_tiny_llava, tinyllava_1b_config
 
 EXPECTED = {  # family -> (M image tokens, image size, tied lm_head)
     "clip-llama": (25, 30, False),

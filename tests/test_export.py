@@ -178,9 +178,9 @@ def test_mistral_decoder_exports_and_matches(checkpoint, tmp_path):
     """A third decoder family (LLaVA-1.6-Mistral style): export validation and end-to-end tokens."""
     from attanchor_runtime.manifest import Manifest
 
-    from attanchor_export.checkpoint import load_checkpoint
+    from attanchor_export.checks.parity import validate_end_to_end
     from attanchor_export.exporter import ExportOptions, export_artifact
-    from attanchor_export.validate import validate_end_to_end
+    from attanchor_export.load.checkpoint import load_checkpoint
 
     ck = checkpoint("clip-mistral")
     result = export_artifact(str(ck), ExportOptions(output=tmp_path / "mistral"))

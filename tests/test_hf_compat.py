@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from attanchor_export.hf_compat import cache_kwargs
+from attanchor_export.load.hf_compat import cache_kwargs
 
 
 def _deprecated(fn):  # what transformers' deprecate_kwarg does to a forward: a functools.wraps wrapper
@@ -54,10 +54,10 @@ class _Records(logging.Handler):
 def test_export_path_never_uses_the_deprecated_cache_name(checkpoint, tmp_path):
     """Export + validation, the eager decoder wrapper that tracing runs and the greedy reference: no
     warning (warnings module or transformers' logger) about past_key_values."""
-    from attanchor_export.checkpoint import load_checkpoint
-    from attanchor_export.export_decoder import DecoderWithCache, example_inputs
+    from attanchor_export.checks.torch_reference import greedy_generate
     from attanchor_export.exporter import ExportOptions, export_artifact
-    from attanchor_export.reference import greedy_generate
+    from attanchor_export.load.checkpoint import load_checkpoint
+    from attanchor_export.trace.decoder import DecoderWithCache, example_inputs
 
     hf_logger = logging.getLogger("transformers")
     handler = _Records()

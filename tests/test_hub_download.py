@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 from hub_server import HubServer, folder_files
 
-from attanchor_export import hub as hub_module
-from attanchor_export.checkpoint import load_checkpoint, locate
 from attanchor_export.cli import main
 from attanchor_export.errors import CheckpointError
-from attanchor_export.hub import select_files
-from attanchor_export.testing import make_tiny_llava
+from attanchor_export.load import hub as hub_module
+from attanchor_export.load.checkpoint import load_checkpoint, locate
+from attanchor_export.load.hub import select_files
+from attanchor_export.load.tiny_random import make_tiny_llava
 
 ALIAS, REPO = "tinyllava-1b", "bczhou/tiny-llava-v1-hf"
 COPY, PICKLED, GATED = "acme/tiny-llava-copy", "acme/pickled-only", "acme/gated-llava"

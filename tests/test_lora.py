@@ -48,7 +48,7 @@ def make_lora(base, out, against="model", seed=1):
 
 
 def merged_model(base, lora):
-    """The reference, built with peft directly (not through attanchor_export.lora)."""
+    """The reference, built with peft directly (not through attanchor_export.load.lora)."""
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
@@ -194,7 +194,7 @@ def test_hub_adapter_from_the_cache_offline(lora, tmp_path, monkeypatch):
     """A Hub id resolves through huggingface_hub's cache layout; offline and not cached: one line."""
     import huggingface_hub.constants as hub_constants
 
-    from attanchor_export.lora import locate_adapter
+    from attanchor_export.load.lora import locate_adapter
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--me--tiny-lora"
@@ -211,7 +211,7 @@ def test_hub_adapter_from_the_cache_offline(lora, tmp_path, monkeypatch):
 def test_pickled_adapter_is_read_only_when_allowed(lora, tmp_path):
     from safetensors.torch import load_file
 
-    from attanchor_export.lora import locate_adapter
+    from attanchor_export.load.lora import locate_adapter
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

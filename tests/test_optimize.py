@@ -1,4 +1,4 @@
-"""attanchor_export.optimize: the grouped-attention rewrite of decoder.onnx keeps parity and position ids."""
+"""attanchor_export.trace.optimize: the grouped-attention rewrite of decoder.onnx keeps parity and position ids."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 
-from attanchor_export.architectures import LlavaAdapter
-from attanchor_export.export_decoder import DecoderWithCache, export_decoder
-from attanchor_export.graph_specs import decoder_spec
-from attanchor_export.optimize import decoder_parity, optimize_decoder
-from attanchor_export.testing import tiny_llava_config
+from attanchor_export.load.architectures import LlavaAdapter
+from attanchor_export.load.tiny_random import tiny_llava_config
+from attanchor_export.trace.decoder import DecoderWithCache, export_decoder
+from attanchor_export.trace.optimize import decoder_parity, optimize_decoder
+from attanchor_export.trace.specs import decoder_spec
 
 
 def _language_model(family):
@@ -130,7 +130,7 @@ def test_second_run_changes_nothing(optimized, tmp_path):
 
 
 def test_failed_check_keeps_the_original(exported, monkeypatch):
-    import attanchor_export.optimize as opt
+    import attanchor_export.trace.optimize as opt
 
     _, dims, path, _ = exported
     probe = path.with_name("probe.onnx")

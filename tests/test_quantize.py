@@ -13,25 +13,25 @@ import pytest
 from conftest import read_manifest
 from onnx import TensorProto, helper, numpy_helper
 
-from attanchor_export import quantize as quantize_mod
-from attanchor_export.accuracy_gate import AccuracyGateFailed, compute_reference, evaluate
-from attanchor_export.calibration import (
+from attanchor_export.errors import ExportError
+from attanchor_export.load.tiny_random import RANDOM_CHECKPOINT_FLOORS as GATE_FLOORS
+from attanchor_export.precision import quantize as quantize_mod
+from attanchor_export.precision.calibration import (
     ArtifactFrontEnd,
     DecoderCalibrationReader,
     builtin_samples,
     gate_samples,
     load_calibration_set,
 )
-from attanchor_export.errors import ExportError
-from attanchor_export.quantize import (
+from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, evaluate
+from attanchor_export.precision.quantize import (
     convert_fp16,
     count_quantized,
     fp32_islands,
     graph_bytes,
     linear_matmuls,
 )
-from attanchor_export.quantize import quantize_artifact as _quantize_artifact
-from attanchor_export.testing import RANDOM_CHECKPOINT_FLOORS as GATE_FLOORS
+from attanchor_export.precision.quantize import quantize_artifact as _quantize_artifact
 
 
 def quantize_artifact(folder, data, **kwargs):

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from attanchor_export.checkpoint import load_checkpoint
-from attanchor_export.reference import (
+from attanchor_export.checks.torch_reference import (
     anchored_inputs,
     expand_image_tokens,
     greedy_generate,
     image_features,
     reference_logits,
 )
-from attanchor_export.testing import FAMILIES, make_tiny_llava
+from attanchor_export.load.checkpoint import load_checkpoint
+from attanchor_export.load.tiny_random import FAMILIES, make_tiny_llava
 
 PROMPTS = [
     "USER: <image>\nWhat is in the image?\nASSISTANT:",
@@ -179,8 +179,8 @@ def test_image_features_other_layer_choices(layer, strategy):
 
     from transformers import LlavaForConditionalGeneration
 
-    from attanchor_export.architectures import adapter_for
-    from attanchor_export.testing import tiny_llava_config
+    from attanchor_export.load.architectures import adapter_for
+    from attanchor_export.load.tiny_random import tiny_llava_config
 
     for family in FAMILIES:
         config = tiny_llava_config(family)

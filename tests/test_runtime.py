@@ -35,8 +35,8 @@ def test_end_to_end_tokens_equal_pytorch(artifact, name):
     """Runtime greedy tokens == the PyTorch reference, and == transformers generate without anchors."""
     from attanchor_runtime.manifest import Manifest
 
-    from attanchor_export.checkpoint import load_checkpoint
-    from attanchor_export.validate import validate_end_to_end
+    from attanchor_export.checks.parity import validate_end_to_end
+    from attanchor_export.load.checkpoint import load_checkpoint
 
     folder = artifact(name)
     manifest = Manifest.load(folder)

@@ -56,8 +56,8 @@ def _quiet(fn, *args, **kwargs):
 
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory):
-    """attanchor_export.testing.make_tiny_llava: byte-level BPE, LlavaProcessor, chat_template.jinja."""
-    testing = pytest.importorskip("attanchor_export.testing")
+    """attanchor_export.load.tiny_random.make_tiny_llava: byte-level BPE, LlavaProcessor, chat_template.jinja."""
+    testing = pytest.importorskip("attanchor_export.load.tiny_random")
     folder = tmp_path_factory.mktemp("tiny-llava")
     _quiet(testing.make_tiny_llava, folder)
     return folder

@@ -18,7 +18,7 @@ def run_cli(*args):
 
 
 def test_threshold_for_rate_is_the_quantile():
-    from attanchor_export.threshold import threshold_for_rate
+    from attanchor_export.trace.threshold import threshold_for_rate
 
     scores = np.linspace(0.0, 1.0, 1001)
     t = threshold_for_rate(scores, 0.10)
@@ -61,7 +61,7 @@ def test_bad_threshold_is_one_line(checkpoint, tmp_path):
 
 
 def test_shape_mask_and_patch_overlap():
-    from attanchor_export.easy_vqa_data import patch_overlap, shape_mask
+    from attanchor_export.load.easy_vqa import patch_overlap, shape_mask
 
     rgb = np.full((16, 16, 3), 240, np.uint8)
     rgb[0:8, 8:16] = (255, 0, 0)  # a red square in the top-right quarter
@@ -72,7 +72,7 @@ def test_shape_mask_and_patch_overlap():
 
 
 def test_easy_vqa_labels_cover_the_images():
-    from attanchor_export.easy_vqa_data import COLORS, SHAPES, image_labels, questions
+    from attanchor_export.load.easy_vqa import COLORS, SHAPES, image_labels, questions
 
     qs = questions("test")
     labels = image_labels("test")

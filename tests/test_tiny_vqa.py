@@ -39,7 +39,7 @@ def tiny_vqa_cache(shared_dir):
 
 @pytest.fixture(scope="module")
 def tiny_vqa_checkpoint(tiny_vqa_cache):
-    from attanchor_export.tiny_vqa import checkpoint_folder
+    from attanchor_export.load.tiny_vqa import checkpoint_folder
 
     with locked(tiny_vqa_cache):
         return checkpoint_folder()
@@ -69,7 +69,7 @@ def int4(shared_dir, tiny_vqa_checkpoint):
 def fp32_eval(fp32):
     from attanchor_runtime import Pipeline
 
-    from attanchor_export.task_eval import evaluate_artifact, load_task
+    from attanchor_export.checks.task_accuracy import evaluate_artifact, load_task
 
     pipe = Pipeline.load(fp32)
     items = load_task("easy-vqa", limit=QUESTIONS)
@@ -77,7 +77,7 @@ def fp32_eval(fp32):
 
 
 def test_checkpoint_is_a_llava_built_from_the_wheel(tiny_vqa_checkpoint):
-    from attanchor_export.tiny_vqa import GGUF_MEMBER, checkpoint_folder, smollm2_gguf
+    from attanchor_export.load.tiny_vqa import GGUF_MEMBER, checkpoint_folder, smollm2_gguf
 
     config = json.loads((tiny_vqa_checkpoint / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
@@ -97,8 +97,8 @@ def test_threshold_auto_hits_the_target_rate(fp32):
 
 
 def test_fp32_artifact_answers_exactly_as_pytorch(fp32, fp32_eval, tiny_vqa_checkpoint):
-    from attanchor_export.checkpoint import load_checkpoint
-    from attanchor_export.task_eval import torch_answers
+    from attanchor_export.checks.task_accuracy import torch_answers
+    from attanchor_export.load.checkpoint import load_checkpoint
 
     pipe, items, result = fp32_eval
     reference = torch_answers(load_checkpoint(str(tiny_vqa_checkpoint)), pipe, items, pipe.default_threshold)
@@ -134,7 +134,7 @@ def test_eval_cli_prints_one_json_object(fp32):
 
 
 def test_eval_jsonl_and_its_errors(fp32, tmp_path):
-    from attanchor_export.task_eval import load_task
+    from attanchor_export.checks.task_accuracy import load_task
 
     items = load_task("easy-vqa", limit=3)
     rows = [{"image": it.image, "question": it.question, "answer": it.answer} for it in items]

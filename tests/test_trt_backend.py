@@ -16,7 +16,7 @@ HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def test_select_profile(artifact):
-    from attanchor_export.trt_plan import BuildOptions, make_plan
+    from attanchor_export.trt.plan import BuildOptions, make_plan
 
     plan = make_plan(artifact("clip-t2i"), BuildOptions(max_batch=2, max_input_len=64, max_seq_len=128))
     profiles = [json.loads(json.dumps(p.__dict__)) for p in plan.engines["decoder"].profiles]

@@ -19,8 +19,8 @@ from attanchor_runtime.manifest import Manifest
 from engine_inputs import prompt_rows, random_pixels
 from fake_tensorrt import GENERATIONS, PRECISION_FLAGS, TRT10, TRT11, FakeCuda, make_fake_trt
 
-from attanchor_export import trt_build
-from attanchor_export.trt_build import build_engines
+from attanchor_export.trt import build as trt_build
+from attanchor_export.trt.build import build_engines
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 

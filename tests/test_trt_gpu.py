@@ -34,7 +34,7 @@ def test_real_engines_match_onnxruntime(real_gpu, workdir, name, empty_past):
     from attanchor_runtime.ort_backend import OrtBackend
     from attanchor_runtime.trt_backend import TrtBackend
 
-    from attanchor_export.trt_build import build_engines
+    from attanchor_export.trt.build import build_engines
 
     folder = workdir(name)
     result = build_engines(folder, max_batch=2, max_input_len=64, max_seq_len=128, workspace_mib=512,
@@ -72,7 +72,7 @@ def _prepared(manifest, ids):
 def test_real_fp16_int4_engines_pass_their_gate(real_gpu, checkpoint, tmp_path):
     """Strongly typed from the graphs' own types: fp16 with fp32 islands, INT4 weight-only Q/DQ (opset 21)."""
     from attanchor_export.exporter import ExportOptions, export_artifact
-    from attanchor_export.trt_build import build_engines
+    from attanchor_export.trt.build import build_engines
 
     folder = tmp_path / "fp16-int4"
     export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=folder, dtype="fp16", quant="int4",

@@ -13,7 +13,7 @@ from attanchor_runtime.manifest import FORMAT, FORMAT_VERSION
 from onnx import TensorProto, helper, numpy_helper
 
 from attanchor_export.errors import ExportError
-from attanchor_export.trt_lint_artifact import lint_artifact
+from attanchor_export.trt.lint import lint_artifact
 
 TARGETS = ("10.3", "10.x-latest", "11.4", "latest")
 F, I64 = TensorProto.FLOAT, TensorProto.INT64

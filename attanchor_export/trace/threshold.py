@@ -17,7 +17,7 @@ TARGET_RATE = 0.10
 
 def calibration_prompts(source: str | None, limit: int = 256) -> list[tuple[object, str]]:
     """(image, question) pairs from the calibration set (`--calib`: easy-vqa, a folder, JSONL; else built in)."""
-    from .calibration import load_calibration_set
+    from attanchor_export.precision.calibration import load_calibration_set
 
     return [(s.image, s.prompt) for s in load_calibration_set(source, limit=limit)]
 
@@ -28,7 +28,7 @@ def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> n
     from attanchor_graphs.reference import cosine_scores
     from PIL import Image
 
-    from .reference import image_features
+    from attanchor_export.checks.torch_reference import image_features
 
     dims = loaded.dims
     embed = loaded.adapter.embed_tokens(loaded.model)
@@ -66,7 +66,7 @@ def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: floa
     pairs = calibration_prompts(source)
     scores = best_scores(loaded, tokenizer, image_processor, pairs)
     if scores.size == 0:
-        from .errors import ExportError
+        from attanchor_export.errors import ExportError
 
         raise ExportError("--threshold auto: no calibration prompt has text after the image placeholder")
     threshold = threshold_for_rate(scores, rate)

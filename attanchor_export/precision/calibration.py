@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from attanchor_runtime.manifest import open_embed_table
 
-from .errors import ExportError
-from .graph_specs import kv_names
+from attanchor_export.errors import ExportError
+from attanchor_export.trace.specs import kv_names
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -116,7 +116,7 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
     if calib is None:
         return builtin_samples()
     if calib == "easy-vqa":  # real images and questions (train split; the gates and eval use test)
-        from .task_eval import load_task
+        from attanchor_export.checks.task_accuracy import load_task
 
         items = load_task("easy-vqa", split="train", limit=limit or 256, seed=1)
         return [Sample(it.image, it.question, f"easy-vqa:{it.image_id}") for it in items]

@@ -15,7 +15,7 @@ from attanchor_graphs import anchor_insert_function, make_anchor_node
 from attanchor_graphs.function import OPSET as ANCHOR_OPSET
 from onnx import TensorProto, helper
 
-from .graph_specs import GraphSpec
+from attanchor_export.trace.specs import GraphSpec
 
 TABLE_FILE = "embed_tokens.bin"
 _ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .graph_specs import GraphSpec
+from attanchor_export.trace.specs import GraphSpec
 
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, spec: GraphSpec, path: Path,

@@ -15,8 +15,8 @@ from attanchor_graphs.trt_lint import LintReport, lint_model
 from attanchor_graphs.trt_ops import table
 from attanchor_runtime.manifest import Manifest
 
-from .errors import ExportError
-from .trt_plan import PlanError, trt_file
+from attanchor_export.errors import ExportError
+from attanchor_export.trt.plan import PlanError, trt_file
 
 __all__ = ["ArtifactLintReport", "lint_artifact"]
 

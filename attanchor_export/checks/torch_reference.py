@@ -16,7 +16,7 @@ import torch
 from attanchor_graphs.reference import anchor_insert, position_ids_from_mask
 from transformers import DynamicCache
 
-from .hf_compat import cache_kwargs
+from attanchor_export.load.hf_compat import cache_kwargs
 
 
 def _as_long(x) -> torch.Tensor:

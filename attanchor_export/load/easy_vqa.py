@@ -41,7 +41,7 @@ def _require():
     try:
         import easy_vqa
     except ImportError:
-        from .errors import CheckpointError
+        from attanchor_export.errors import CheckpointError
 
         raise CheckpointError("the easy-vqa data set is not installed: pip install easy-vqa==1.0") from None
     return easy_vqa

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExportError
+from attanchor_export.errors import ExportError
 
 DEFAULT_BATCH = 16
 ANSWER_TOKENS = 8  # easy-vqa answers are one word: at most 3 tokens + end of turn
@@ -41,8 +41,7 @@ def load_task(data: str, split: str = "test", limit: int | None = None, seed: in
     """`easy-vqa` (the PyPI data set; a fixed random subset of `limit` questions) or a JSONL file of
     {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file)."""
     if data == "easy-vqa":
-        from . import easy_vqa_data
-
+        from attanchor_export.load import easy_vqa as easy_vqa_data
         rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id) for q in easy_vqa_data.questions(split)]
         if limit and limit < len(rows):
             rows = random.Random(seed).sample(rows, limit)
@@ -116,8 +115,7 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
     """easy-vqa: share of colour/shape-word anchors on a patch that overlaps the shape, and chance."""
     from PIL import Image
 
-    from . import easy_vqa_data as ev
-
+    from attanchor_export.load import easy_vqa as ev
     dims = pipe.manifest.dims
     size, patch = int(dims["image_size"]), int(dims["patch_size"])
     words = [*ev.COLORS, *ev.SHAPES]
@@ -157,8 +155,8 @@ def evaluate_artifact(pipe, items: Sequence[TaskItem], threshold: float | None =
 
 
 def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, batch: int = DEFAULT_BATCH) -> list[str]:
-    """The PyTorch model's greedy answers to the same prompt ids and pixels (attanchor_export.reference)."""
-    from .reference import anchored_inputs, greedy_generate
+    """The PyTorch model's greedy answers to the same prompt ids and pixels (attanchor_export.checks.torch_reference)."""
+    from attanchor_export.checks.torch_reference import anchored_inputs, greedy_generate
 
     answers = []
     eos = list(loaded.dims.eos_token_ids)
@@ -196,7 +194,7 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
 
     pipe = Pipeline.load(folder, backend=backend, device=device)
     items = load_task(data, split=split, limit=limit)
-    from .checks import load_source
+    from attanchor_export.checks.recheck import load_source
 
     loaded = load_source(pipe.manifest) if compare_torch else None
     results = []

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import UnsupportedArchitecture
+from attanchor_export.errors import UnsupportedArchitecture
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
 

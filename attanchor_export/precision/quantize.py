@@ -38,7 +38,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .accuracy_gate import (
+from attanchor_export.errors import ExportError
+from attanchor_export.precision.calibration import (
+    ArtifactFrontEnd,
+    DecoderCalibrationReader,
+    VisionCalibrationReader,
+    _as_reader,
+    gate_samples,
+    load_calibration_set,
+)
+from attanchor_export.precision.gate import (
     GATE_FLOORS,
     TARGET_COS,
     TASK_FLOORS,
@@ -49,15 +58,6 @@ from .accuracy_gate import (
     floors_for,
     judge,
 )
-from .calibration import (
-    ArtifactFrontEnd,
-    DecoderCalibrationReader,
-    VisionCalibrationReader,
-    _as_reader,
-    gate_samples,
-    load_calibration_set,
-)
-from .errors import ExportError
 
 DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")
@@ -842,7 +842,7 @@ def _task_pipeline(folder: Path, manifest_data: dict, files: dict):
 
 def fp32_task_answers(folder: Path, manifest_data: dict, files: dict, task: str) -> dict:
     """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten)."""
-    from .task_eval import evaluate_artifact, load_task
+    from attanchor_export.checks.task_accuracy import evaluate_artifact, load_task
 
     items = load_task(task, limit=TASK_GATE_QUESTIONS)
     result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), items)
@@ -852,7 +852,7 @@ def fp32_task_answers(folder: Path, manifest_data: dict, files: dict, task: str)
 
 def task_metrics(folder: Path, manifest_data: dict, files: dict, fp32: dict, fmt: str) -> dict:
     """Task accuracy of one form vs fp32 on the same questions; failures if it lost more than the floor."""
-    from .task_eval import evaluate_artifact
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
 
     result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), fp32["items"])
     floor = fp32["accuracy"] - TASK_FLOORS[fmt]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from attanchor_runtime.manifest import sha256_of
 
-from .errors import CheckpointError, one_line
+from attanchor_export.errors import CheckpointError, one_line
 
 CONFIG_FILE = "adapter_config.json"
 SAFE_WEIGHTS, PICKLED_WEIGHTS = "adapter_model.safetensors", "adapter_model.bin"

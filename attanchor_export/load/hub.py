@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, one_line
+from attanchor_export.errors import CheckpointError, one_line
 
 log = logging.getLogger(__name__)
 

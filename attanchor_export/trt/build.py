@@ -46,9 +46,9 @@ from attanchor_runtime.engines import (
     onnxruntime_record,
 )
 
-from .artifact import staging_folder
-from .errors import ExportError
-from .trt_plan import BuildOptions, BuildPlan, EngineSpec, Gate, PlanError, make_plan
+from attanchor_export.artifact import staging_folder
+from attanchor_export.errors import ExportError
+from attanchor_export.trt.plan import BuildOptions, BuildPlan, EngineSpec, Gate, PlanError, make_plan
 
 __all__ = ["BuildResult", "EngineBuildError", "GateFailed", "TrtUnavailable", "build_engines", "compare",
            "gate_inputs", "require_tensorrt", "run_gates", "source_hashes", "strongly_typed_network_flags"]

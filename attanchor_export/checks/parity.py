@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from attanchor_runtime.sessions import ort_session
 
-from .export_decoder import DecoderWithCache
-from .graph_specs import kv_names
-from .reference import anchored_inputs
+from attanchor_export.checks.torch_reference import anchored_inputs
+from attanchor_export.trace.decoder import DecoderWithCache
+from attanchor_export.trace.specs import kv_names
 
 
 @dataclass
@@ -225,7 +225,7 @@ def validate_end_to_end(loaded, manifest, max_new_tokens: int = 12, seed: int = 
     Batch 1 and ragged batch 3; thresholds: none inserted (2.0), the default, and half the default."""
     from attanchor_runtime.pipeline import Pipeline
 
-    from .reference import expand_image_tokens, greedy_generate
+    from attanchor_export.checks.torch_reference import expand_image_tokens, greedy_generate
 
     dims, anchor = manifest.dims, manifest.anchor
     pipe = Pipeline.load(manifest.folder, verify="none")

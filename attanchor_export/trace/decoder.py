@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from .graph_specs import BATCH, PAST_LEN, SEQ_LEN, TOTAL_LEN, GraphSpec, kv_names
-from .hf_compat import cache_kwargs
-from .tracing import trace_to_onnx
+from attanchor_export.load.hf_compat import cache_kwargs
+from attanchor_export.trace.specs import BATCH, PAST_LEN, SEQ_LEN, TOTAL_LEN, GraphSpec, kv_names
+from attanchor_export.trace.torch_onnx import trace_to_onnx
 
 
 class DecoderWithCache(torch.nn.Module):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from attanchor_runtime.manifest import Manifest
 
-from .errors import CheckpointError
+from attanchor_export.errors import CheckpointError
 
 
 def _source(manifest: Manifest, model: str | None) -> str:
@@ -31,7 +31,7 @@ def _no_steps(name):
 def load_source(manifest: Manifest, model: str | None = None, adapter: str | None = None, steps=_no_steps):
     """The PyTorch model an artifact was exported from (its recorded source, or `model`), with the LoRA
     adapter it was exported with merged again: what check, eval --compare-torch and bench compare with."""
-    from .checkpoint import load_checkpoint
+    from attanchor_export.load.checkpoint import load_checkpoint
 
     with steps("load source checkpoint"):
         loaded = load_checkpoint(_source(manifest, model))
@@ -41,7 +41,7 @@ def load_source(manifest: Manifest, model: str | None = None, adapter: str | Non
 
 def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
                    steps=_no_steps, adapter: str | None = None) -> dict:
-    from .validate import validate_end_to_end, validate_graphs
+    from attanchor_export.checks.parity import validate_end_to_end, validate_graphs
 
     with steps("verify files (sha256)"):
         manifest = Manifest.load(folder, verify="sha256")
@@ -69,7 +69,7 @@ def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
 
 def _reapply_adapter(manifest: Manifest, loaded, override: str | None, steps) -> None:
     """The graphs hold LoRA-merged weights: merge the same adapter (same files, by sha256) into the source."""
-    from .lora import apply_adapter, locate_adapter
+    from attanchor_export.load.lora import apply_adapter, locate_adapter
 
     recorded = manifest.data.get("source", {}).get("adapter")
     if not recorded:
@@ -83,11 +83,11 @@ def _reapply_adapter(manifest: Manifest, loaded, override: str | None, steps) ->
 
 def regate(manifest: Manifest, loaded) -> dict:
     """Re-run the export's accuracy gate, with PyTorch (not the long-gone fp32 graphs) as reference."""
-    from .accuracy_gate import compute_reference
-    from .calibration import ArtifactFrontEnd
-    from .export_decoder import DecoderWithCache
-    from .quantize import run_gate
-    from .validate import TorchSession
+    from attanchor_export.checks.parity import TorchSession
+    from attanchor_export.precision.calibration import ArtifactFrontEnd
+    from attanchor_export.precision.gate import compute_reference
+    from attanchor_export.precision.quantize import run_gate
+    from attanchor_export.trace.decoder import DecoderWithCache
 
     data, precision = manifest.data, manifest.precision
     dims = manifest.dims
@@ -126,7 +126,7 @@ def gate_summary(gate: dict) -> str:
 
 
 def _lint_checks(manifest: Manifest) -> list[dict]:
-    from .trt_lint_artifact import lint_artifact
+    from attanchor_export.trt.lint import lint_artifact
     out = []
     for target in ("10.3", "latest"):
         for graph, report in lint_artifact(manifest.folder, target=target).items():
