@@ -18,6 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from attanchor_runtime.errors import UserError
+
+from attanchor_export import options as opts
+from attanchor_export.trt.plan import EMPTY_PAST_MODES, BuildOptions
 
 EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -86,20 +90,6 @@ def _quiet_option(ctx, param, value):
     return value
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is already a complete one-line explanation."""
-    from attanchor_runtime.errors import ArtifactError, NumericsError, RuntimeInputError
-
-    types: list[type[BaseException]] = [ArtifactError, NumericsError, RuntimeInputError]
-    try:  # the export-side errors need torch only indirectly; their module does not import it
-        from attanchor_export.errors import CheckpointError, ExportError, ValidationFailed
-
-        types += [CheckpointError, ExportError, ValidationFailed]
-    except ImportError:
-        pass
-    return tuple(types)
-
-
 def _fail(message: str, code: int = EXIT_FAILED):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -124,7 +114,7 @@ def handle_errors(fn):
         except Exception as e:  # noqa: BLE001 - the single place where errors become one line
             if getattr(e, "exit_code", None) == EXIT_UNAVAILABLE:
                 _fail(str(e), EXIT_UNAVAILABLE)
-            if isinstance(e, _user_errors()) or type(e).__name__ in ("AccuracyGateFailed", "TrtUnavailable"):
+            if isinstance(e, UserError):
                 checks = getattr(e, "checks", None)
                 if checks:
                     from attanchor_export.checks.tables import print_checks
@@ -169,9 +159,12 @@ def _default_output(model: str) -> Path:
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact folder [out/<model>-onnx].")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs a GPU and tensorrt).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True)
-@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
+@click.option("--dtype", type=click.Choice(opts.DTYPES), default=opts.default(opts.ExportOptions, "dtype"),
+              show_default=True)
+@click.option("--quant", type=click.Choice(opts.QUANTS), default=opts.default(opts.ExportOptions, "quant"),
+              show_default=True)
+@click.option("--block-size", type=click.Choice([str(b) for b in opts.BLOCK_SIZES]),
+              default=str(opts.default(opts.ExportOptions, "block_size")), show_default=True,
               help="int4 block size.")
 @click.option("--calib", help="Calibration images: a folder or JSONL of {image, prompt} (int8 TensorRT).")
 @click.option("--quantize-lm-head", is_flag=True, help="Also quantize lm_head (smaller, less accurate).")
@@ -179,17 +172,19 @@ def _default_output(model: str) -> Path:
 @click.option("--gate-floor", multiple=True, metavar="METRIC=VALUE",
               help="Tighten or relax the accuracy gate, e.g. cos_mean=0.99 (see docs/QUANTIZATION.md).")
 @click.option("--threshold", callback=lambda ctx, param, value: _threshold_value(value),
-              help='Default anchor threshold: a number, or "auto" (the value at which ~10%% of question tokens '
-                   "become anchors over the calibration set). [the checkpoint's declared default, else 0.12]")
+              help='Default anchor threshold: a number, or "auto" (the value at which ~10% of question tokens '
+                   f"become anchors over the calibration set). [the checkpoint's declared default, else {opts.DEFAULT_THRESHOLD}]")
 @click.option("--task", metavar="easy-vqa|FILE.jsonl",
               help="Questions with answers: quantized formats are also gated on task accuracy vs fp32.")
-@click.option("--mode", type=click.Choice(["t2i", "i2t"]), default="t2i", show_default=True)
+@click.option("--mode", type=click.Choice(opts.MODES), default=opts.default(opts.ExportOptions, "mode"),
+              show_default=True)
 @click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
-@click.option("--opset", type=click.IntRange(17, 21), default=18, show_default=True)
-@click.option("--last-logits-only/--all-logits", default=False, show_default=True,
+@click.option("--opset", type=click.IntRange(*opts.OPSETS), default=opts.DEFAULT_OPSET, show_default=True)
+@click.option("--last-logits-only/--all-logits", default=opts.default(opts.ExportOptions, "last_logits_only"),
+              show_default=True,
               help="Prefill returns only the last position's logits (all the runtime reads) or every position's.")
-@click.option("--optimize/--no-optimize", default=True, show_default=True,
-              help="Rewrite the decoder's attention to grouped form (attanchor_export.trace.optimize).")
+@click.option("--optimize/--no-optimize", default=opts.default(opts.ExportOptions, "optimize"), show_default=True,
+              help="Rewrite the decoder's attention to grouped form (standard ops; validated like every graph).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code.")
@@ -342,13 +337,16 @@ def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, s
 
 @main.command("build")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=opts.default(BuildOptions, "max_batch"),
+              show_default=True)
 @click.option("--max-input-len", type=click.IntRange(min=1),
               help="Prefill positions incl. image tokens and anchors [image tokens + 512].")
 @click.option("--max-seq-len", type=click.IntRange(min=2), help="Prompt + generated positions [min(model, 2048)].")
-@click.option("--workspace", type=click.IntRange(min=64), default=1024, show_default=True, help="MiB.")
+@click.option("--workspace", type=click.IntRange(min=64), default=opts.default(BuildOptions, "workspace_mib"),
+              show_default=True, help="MiB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="Reuse across builds [engine dir].")
-@click.option("--empty-past", type=click.Choice(["zero", "masked-slot"]), default="zero", show_default=True,
+@click.option("--empty-past", type=click.Choice(EMPTY_PAST_MODES), default=opts.default(BuildOptions, "empty_past"),
+              show_default=True,
               help="How prefill passes an empty KV cache: zero-length, or one masked slot.")
 @click.option("--no-gate", is_flag=True, help="Skip the engine-vs-onnxruntime check (not recommended).")
 @click.option("--plan-only", is_flag=True, help="Print the build plan (profiles, flags) and stop; no GPU needed.")
@@ -399,7 +397,7 @@ def lint_cmd(folder, target, as_json):
 @click.option("--prompt", "prompts", multiple=True, help="Question(s) to time (default: two VQA questions).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image file (default: synthetic).")
 @click.option("--threshold", default=None,
-              help='Anchor threshold: a number, or "auto" (~10%% of text tokens become anchors). '
+              help='Anchor threshold: a number, or "auto" (~10% of text tokens become anchors). '
                    "Default: the manifest's.")
 @click.option("--quiet-wait", type=float, default=0.0, show_default=True,
               help="Seconds to wait for an idle CPU before each measured run (shared machines).")

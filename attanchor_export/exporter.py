@@ -20,51 +20,17 @@ from attanchor_export import __version__
 from attanchor_export.artifact import check_target, staging_folder
 from attanchor_export.errors import ExportError, ValidationFailed
 from attanchor_export.load.checkpoint import load_checkpoint, locate
+from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, ExportOptions
 from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
 from attanchor_export.trace.specs import decoder_spec, embedding_spec, vision_spec
 
-# IR 10 (onnx 1.16): loaded by onnxruntime >= 1.18, which is what JetPack 6 wheels ship, and by
-# TensorRT 10's parser. The installed onnx would write a newer IR that older runtimes refuse.
-ARTIFACT_IR_VERSION = 10
-DEFAULT_THRESHOLD = 0.12  # the paper's TinyLLaVA / LLaVA-1.5 setting; "auto" calibrates per model
 CHECKPOINT_DEFAULTS = "attanchor_config.json"  # per-checkpoint AttAnchor defaults (checkpoint_defaults)
-DEFAULT_OPSET = 18  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; int4 QDQ needs 21 (quantize.py)
 
 # Files the runtime needs to tokenize, template and preprocess without transformers.
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json", "processor_config.json", "generation_config.json",
 )
-
-
-@dataclass
-class ExportOptions:
-    output: Path
-    mode: str = "t2i"
-    threshold: float | str | None = None  # a number, "auto" (threshold.py), None = the checkpoint's or 0.12
-    task: str | None = None  # easy-vqa | FILE.jsonl: task accuracy in the quantization gate (task_eval.py)
-    max_anchors: int | None = None
-    opset: int = DEFAULT_OPSET
-    # [B, 1, vocab] at prefill skips the lm_head on the other rows (81 GFLOP at 620 tokens x vocab 32064)
-    # and an 80 MB logits copy; off by default so teacher-forced gates and checks see every position.
-    last_logits_only: bool = False
-    # attanchor_export.trace.optimize: grouped attention without repeated KV (standard ops, TensorRT-safe).
-    optimize: bool = True
-    force: bool = False
-    validate: bool = True
-    trust_remote_code: bool = False
-    revision: str | None = None
-    offline: bool = False  # Hub ids from the local cache only (as HF_HUB_OFFLINE=1)
-    allow_pickle: bool = False  # download pickled weights (*.bin) when a repo has no safetensors
-    atol: float = 1e-4
-    dtype: str = "fp32"  # fp16: quantize.py converts the graphs after the fp32 ones are validated
-    quant: str = "none"  # int8 | int4 (weight-only, blockwise)
-    block_size: int = 128
-    calib: str | None = None
-    quantize_lm_head: bool = False
-    quantize_vision: bool = False
-    gate_floors: dict | None = None  # overrides of accuracy_gate.GATE_FLOORS for this format
-    adapter: str | None = None  # peft LoRA folder or Hub id, merged before tracing (lora.py)
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""What an export can be asked for, declared once: the options dataclass and the tables of choices.
+
+Torch-free and onnx-free, so the CLI reads its defaults and choices from here at import time
+without loading the exporter; the exporter and the precision stage check values against the same
+tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+# IR 10 (onnx 1.16): loaded by onnxruntime >= 1.18, which is what JetPack 6 wheels ship, and by
+# TensorRT 10's parser. The installed onnx would write a newer IR that older runtimes refuse.
+ARTIFACT_IR_VERSION = 10
+DEFAULT_THRESHOLD = 0.12  # the paper's TinyLLaVA / LLaVA-1.5 setting; "auto" calibrates per model
+DEFAULT_OPSET = 18  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; int4 QDQ needs 21 (precision stage)
+OPSETS = (17, 21)  # the range the exporter accepts
+MODES = ("t2i", "i2t")  # which side picks anchors: text tokens against image patches, or the reverse
+DTYPES = ("fp32", "fp16")
+QUANTS = ("none", "int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
+
+
+@dataclass
+class ExportOptions:
+    output: Path
+    mode: str = "t2i"
+    threshold: float | str | None = None  # a number, "auto" (trace/threshold.py), None = the checkpoint's or 0.12
+    task: str | None = None  # easy-vqa | FILE.jsonl: task accuracy in the quantization gate
+    max_anchors: int | None = None
+    opset: int = DEFAULT_OPSET
+    # [B, 1, vocab] at prefill skips the lm_head on the other rows (81 GFLOP at 620 tokens x vocab 32064)
+    # and an 80 MB logits copy; off by default so teacher-forced gates and checks see every position.
+    last_logits_only: bool = False
+    # Grouped attention without repeated KV (standard ops, TensorRT-safe).
+    optimize: bool = True
+    force: bool = False
+    validate: bool = True
+    trust_remote_code: bool = False
+    revision: str | None = None
+    offline: bool = False  # Hub ids from the local cache only (as HF_HUB_OFFLINE=1)
+    allow_pickle: bool = False  # download pickled weights (*.bin) when a repo has no safetensors
+    atol: float = 1e-4
+    dtype: str = "fp32"  # fp16: the precision stage converts the graphs after the fp32 ones are validated
+    quant: str = "none"  # int8 | int4 (weight-only, blockwise)
+    block_size: int = 128
+    calib: str | None = None
+    quantize_lm_head: bool = False
+    quantize_vision: bool = False
+    gate_floors: dict | None = None  # overrides of the gate's floors for this format
+    adapter: str | None = None  # peft LoRA folder or Hub id, merged before tracing (load/lora.py)
+
+
+def default(cls, name: str):
+    """The declared default of dataclass field `name` (what a CLI option shows and uses)."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
