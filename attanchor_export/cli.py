@@ -222,6 +222,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
     if as_json:
         report.emit_json({"folder": str(output), "passed": result.passed, "timings": report.timings,
                           "precision": result.manifest.get("precision"),
+                          "export": result.manifest.get("export"),
                           "checks": [c.to_json() for c in result.checks], "engines": engines})
     else:
         if result.checks and not quiet:
@@ -234,6 +235,10 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
 
             report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
+        if result.manifest.get("export"):
+            from attanchor_export.export_cost import describe
+
+            report.info(f"export cost: {describe(result.manifest['export'])}")
 
 
 def _threshold_value(value):
@@ -318,12 +323,13 @@ def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, s
     kwargs = dict(max_new_tokens=max_new_tokens, threshold=threshold, do_sample=sample, temperature=temperature,
                   top_k=top_k, top_p=top_p, seed=seed)
     pieces = []
-    for piece in pipe.stream(prompt, image, **kwargs):
+    answer_stream = pipe.stream(prompt, image, **kwargs)
+    for piece in answer_stream:
         pieces.append(piece)
         if stream and not as_json:
             click.echo(piece, nl=False)
     answer = "".join(pieces)
-    out = pipe.last_output
+    out = answer_stream.output
     if as_json:
         click.echo(json.dumps({"answer": answer, "anchors": out.anchors[0], "tokens": out.tokens[0].tolist()}))
     else:

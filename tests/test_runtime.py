@@ -130,6 +130,23 @@ def test_two_placeholder_runs_rejected(pipe):
         pipe.generate(input_ids=[row], pixel_values=_pixels(dims, 1), max_new_tokens=2)
 
 
+def test_front_end_is_what_generate_prefills(pipe):
+    dims = pipe.manifest.dims
+    rows = _rows(dims, np.random.default_rng(9), [9, 5])
+    pixels = _pixels(dims, 2)
+    front = pipe.front_end(rows, pixels, threshold=0.05)
+    out = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=3, threshold=0.05)
+    assert front.anchors == out.anchors and any(front.anchors)
+    assert front.batch.input_ids.shape == front.batch.attention_mask.shape == (2, 9)
+    assert front.image_features.shape[:2] == (2, dims["image_tokens"])
+    length = front.inputs_embeds.shape[1]
+    assert front.attention_mask.shape == front.position_ids.shape == front.gather_index.shape == (2, length)
+    assert length >= 9 - 1 + dims["image_tokens"]
+    assert set(front.timings) == {"vision", "embedding"} and all(t >= 0 for t in front.timings.values())
+    with pytest.raises(RuntimeInputError, match="threshold must be"):
+        pipe.front_end(rows, pixels, threshold=float("inf"))
+
+
 def test_nan_logits_name_the_graph(pipe, monkeypatch):
     dims = pipe.manifest.dims
     real = pipe.backend.decode
@@ -174,6 +191,13 @@ def test_chat_stream_and_image_sources(pipe, tmp_path):
     answer = pipe.chat("What is in the image?", image=path, max_new_tokens=10)
     assert isinstance(answer, str) and answer
     assert "".join(pipe.stream("What is in the image?", image=path, max_new_tokens=10)) == answer
+    stream = pipe.stream("What is in the image?", image=path, max_new_tokens=10)
+    assert stream.output is None  # nothing has run yet
+    assert "".join(stream) == answer
+    ids, pixels = pipe._chat_inputs("What is in the image?", path)
+    direct = pipe.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=10)
+    np.testing.assert_array_equal(stream.output.tokens, direct.tokens)
+    assert stream.output.anchors == direct.anchors
     assert pipe.chat("What is in the image?", image=image, max_new_tokens=10) == answer
     assert pipe.chat("What is in the image?", image=path.read_bytes(), max_new_tokens=10) == answer
     with pytest.raises(RuntimeInputError, match="cannot decode image"):

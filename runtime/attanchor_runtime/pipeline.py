@@ -2,7 +2,10 @@
 
     pipe = Pipeline.load("out/tiny")                       # backend "ort" (cpu|cuda) or "trt"
     out = pipe.generate(input_ids=ids, pixel_values=pix, max_new_tokens=32)
+    front = pipe.front_end(ids, pix)                       # vision + embedding + anchors only
     pipe.chat("What is in the image?", image="cat.jpg")    # -> str
+    stream = pipe.stream("What is in the image?", "cat.jpg")
+    for piece in stream: print(piece, end="")              # then stream.output: the GenerateOutput
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from attanchor_graphs.reference import anchor_pairs
 
+from .decoder_feeds import Step
 from .errors import NumericsError, RuntimeInputError
 from .manifest import Manifest
 from .sampling import Sampler
@@ -75,6 +79,36 @@ def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attenti
         mask[b, width - len(row):] = 1
         source_index.append(np.concatenate([np.full(width - len(row), -1), sources[b]]))
     return PreparedBatch(ids, mask, source_index)
+
+
+@dataclass
+class FrontEnd:
+    """Everything before the decoder for one batch: what the prefill is fed and what it came from."""
+
+    batch: PreparedBatch  # the caller's input_ids as the embedding graph received them
+    image_features: np.ndarray  # float32 [B, M, D]: the vision graph's output
+    inputs_embeds: np.ndarray  # [B, L, H]: text, image features and anchors, left padded
+    attention_mask: np.ndarray  # int64 [B, L]
+    position_ids: np.ndarray  # int64 [B, L]
+    gather_index: np.ndarray  # int64 [B, L]: text n -> n, image m -> T + m (T = batch width)
+    anchors: list[list[tuple[int, int]]]  # as GenerateOutput.anchors
+    timings: dict  # seconds: vision, embedding
+
+
+class Stream(Iterator[str]):
+    """The text pieces of one answer, as they are decoded; `.output` is the GenerateOutput afterwards.
+
+    Iterate it as a transformers TextIteratorStreamer (`"".join(stream)` is the answer); once it is
+    exhausted, `output` holds the tokens, anchors and timings that `generate` would have returned.
+    Before that `output` is None. Nothing runs until the first piece is asked for.
+    """
+
+    def __init__(self, pieces):
+        self.output: GenerateOutput | None = None
+        self._pieces = pieces(self)
+
+    def __next__(self) -> str:
+        return next(self._pieces)
 
 
 class Pipeline:
@@ -141,66 +175,72 @@ class Pipeline:
                        top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
                        stop_token_ids: Sequence[int] = ()) -> Iterator:
         """Yields each step's new tokens (int64 [B]) and finally the GenerateOutput."""
-        batch = prepare_input_ids(input_ids, self.image_token_id, self.pad_token_id, attention_mask)
-        pixels = self._check_pixels(pixel_values, len(batch.input_ids))
         if max_new_tokens < 1:
             raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        threshold = self.default_threshold if threshold is None else float(threshold)
-        if not np.isfinite(threshold):
-            raise RuntimeInputError(f"threshold must be a finite number, got {threshold}")
         eos = self.eos_token_ids if eos_token_id is None else list(np.atleast_1d(eos_token_id))
         stop = np.array(sorted({*eos, *stop_token_ids}), np.int64)
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
-        timings, clock = {}, time.perf_counter
-
-        t0 = clock()
-        features = self.backend.vision(pixels)
-        timings["vision"] = clock() - t0
-        t0 = clock()
-        embedded = self.backend.embed(batch.input_ids, batch.attention_mask, features, threshold)
-        timings["embedding"] = clock() - t0
-        seq_len = embedded["inputs_embeds"].shape[1]
+        front = self.front_end(input_ids, pixel_values, threshold, attention_mask)
+        timings, clock = dict(front.timings), time.perf_counter
+        seq_len = front.inputs_embeds.shape[1]
         if seq_len + max_new_tokens > self.max_positions:
             raise RuntimeInputError(
                 f"prompt ({seq_len} positions with image tokens and anchors) + max_new_tokens ({max_new_tokens}) "
                 f"exceeds the model's context of {self.max_positions}"
             )
-        anchors = self._anchors(embedded["gather_index"], embedded["attention_mask"], batch)
 
-        B = len(batch.input_ids)
-        mask = embedded["attention_mask"]
-        positions = embedded["position_ids"]
+        B = len(front.batch.input_ids)
         t0 = clock()
-        logits, past = self.backend.decode(embedded["inputs_embeds"], mask, positions, self.backend.empty_cache(B))
+        logits, past = self.backend.decode(front.inputs_embeds, front.attention_mask, front.position_ids,
+                                           self.backend.empty_cache(B))
         timings["prefill"] = clock() - t0
-        next_pos = positions.max(axis=1, keepdims=True) + 1
+        step = Step.after_prefill(front.attention_mask, front.position_ids)
         tokens = np.full((B, max_new_tokens), self.pad_token_id, np.int64)
         lengths = np.zeros(B, np.int64)
         done = np.zeros(B, bool)
         step_times = []
-        for step in range(max_new_tokens):
+        for i in range(max_new_tokens):
             last = logits[:, -1, :]
             if not np.isfinite(last).all():
                 raise NumericsError(
-                    f"{self.manifest.graphs['decoder']['file']} produced NaN/Inf logits at step {step} "
+                    f"{self.manifest.graphs['decoder']['file']} produced NaN/Inf logits at step {i} "
                     f"({self.manifest.precision.get('dtype', 'fp32')}/{self.manifest.precision.get('quant', 'none')}): "
                     "use an fp32 artifact or another precision"
                 )
             new = np.where(done, self.pad_token_id, sampler(last))
-            tokens[:, step] = new
+            tokens[:, i] = new
             lengths += ~done
             done |= np.isin(new, stop)
             yield new
-            if done.all() or step == max_new_tokens - 1:
+            if done.all() or i == max_new_tokens - 1:
                 break
             t0 = clock()
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            step = step.advance()
             step_embeds = np.asarray(self.embed_table[new], np.float32)[:, None, :]
-            logits, past = self.backend.decode(step_embeds, mask, next_pos, past)
-            next_pos = next_pos + 1
+            logits, past = self.backend.decode(step_embeds, step.attention_mask, step.position_ids, past)
             step_times.append(clock() - t0)
         timings["decode_steps"] = step_times
-        yield GenerateOutput(tokens[:, : int(lengths.max())], anchors, lengths, timings)
+        yield GenerateOutput(tokens[:, : int(lengths.max())], front.anchors, lengths, timings)
+
+    def front_end(self, input_ids, pixel_values, threshold: float | None = None, attention_mask=None) -> FrontEnd:
+        """Vision, embedding and anchors for a batch: the decoder's prefill inputs (see FrontEnd).
+
+        input_ids and attention_mask as for `generate`; threshold None = the manifest's default."""
+        batch = prepare_input_ids(input_ids, self.image_token_id, self.pad_token_id, attention_mask)
+        pixels = self._check_pixels(pixel_values, len(batch.input_ids))
+        threshold = self.default_threshold if threshold is None else float(threshold)
+        if not np.isfinite(threshold):
+            raise RuntimeInputError(f"threshold must be a finite number, got {threshold}")
+        clock = time.perf_counter
+        t0 = clock()
+        features = self.backend.vision(pixels)
+        t1 = clock()
+        embedded = self.backend.embed(batch.input_ids, batch.attention_mask, features, threshold)
+        t2 = clock()
+        anchors = self._anchors(embedded["gather_index"], embedded["attention_mask"], batch)
+        return FrontEnd(batch, features, embedded["inputs_embeds"], embedded["attention_mask"],
+                        embedded["position_ids"], embedded["gather_index"], anchors,
+                        {"vision": t1 - t0, "embedding": t2 - t1})
 
     def _check_pixels(self, pixel_values, batch: int) -> np.ndarray:
         pixels = np.asarray(pixel_values)
@@ -225,20 +265,27 @@ class Pipeline:
     def chat(self, prompt: str, image, max_new_tokens: int = 128, **kwargs) -> str:
         return "".join(self.stream(prompt, image, max_new_tokens=max_new_tokens, **kwargs))
 
-    def stream(self, prompt: str, image, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
-        ids, pixels = self._chat_inputs(prompt, image)
-        decoder = self.text.stream_decoder()
+    def stream(self, prompt: str, image, max_new_tokens: int = 128, **kwargs) -> Stream:
+        """Answer `prompt` about `image` piece by piece: a Stream of str, then `.output` (see Stream).
+
+        kwargs as for `generate_steps` (threshold, sampling, stop_token_ids); stop tokens are not shown."""
         stop = set(self.eos_token_ids) | set(kwargs.get("stop_token_ids", ()))
-        for item in self.generate_steps(ids, pixels, max_new_tokens=max_new_tokens, **kwargs):
-            if isinstance(item, GenerateOutput):
-                self.last_output = item
-                break
-            token = int(item[0])
-            if token in stop:
-                continue
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        tail = decoder.flush() if hasattr(decoder, "flush") else ""
-        if tail:
-            yield tail
+
+        def pieces(stream: Stream) -> Iterator[str]:
+            ids, pixels = self._chat_inputs(prompt, image)
+            decoder = self.text.stream_decoder()
+            for item in self.generate_steps(ids, pixels, max_new_tokens=max_new_tokens, **kwargs):
+                if isinstance(item, GenerateOutput):
+                    stream.output = item
+                    break
+                token = int(item[0])
+                if token in stop:
+                    continue
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+            tail = decoder.flush() if hasattr(decoder, "flush") else ""
+            if tail:
+                yield tail
+
+        return Stream(pieces)
