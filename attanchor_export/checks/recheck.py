@@ -17,8 +17,8 @@ from attanchor_export.errors import CheckpointError
 def _source(manifest: Manifest, model: str | None) -> str:
     if model:
         return model
-    source = manifest.data.get("source", {})
-    for candidate in (source.get("resolved"), source.get("model")):
+    source = manifest.source
+    for candidate in (source.resolved, source.model):
         if candidate and (Path(candidate).exists() or "/" in candidate):
             return candidate
     raise CheckpointError(f"{manifest.folder}: the manifest names no usable source checkpoint; pass --model")
@@ -45,8 +45,7 @@ def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
 
     with steps("verify files (sha256)"):
         manifest = Manifest.load(folder, verify="sha256")
-    precision = manifest.precision
-    quantized = precision.get("dtype", "fp32") != "fp32" or precision.get("quant", "none") != "none"
+    quantized = manifest.precision.quantized
     loaded = load_source(manifest, model, adapter, steps)
     checks, sections = [], {}
     if quantized:
@@ -71,7 +70,7 @@ def _reapply_adapter(manifest: Manifest, loaded, override: str | None, steps) ->
     """The graphs hold LoRA-merged weights: merge the same adapter (same files, by sha256) into the source."""
     from attanchor_export.load.lora import apply_adapter, locate_adapter
 
-    recorded = manifest.data.get("source", {}).get("adapter")
+    recorded = manifest.source.adapter
     if not recorded:
         if override:
             raise CheckpointError(f"{manifest.folder} was exported without an adapter; drop --adapter {override}")
@@ -98,10 +97,10 @@ def regate(manifest: Manifest, loaded) -> dict:
                                dims["num_layers"], last_logits_only=last_only)
     session = TorchSession(decoder, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
     reference = compute_reference(front, session)
-    fmt = precision["quant"] if precision.get("quant", "none") != "none" else precision["dtype"]
-    floors = precision.get("gate", {}).get("floors")
-    changed = {"vision": bool(precision.get("vision_quantized"))}
-    return run_gate(manifest.folder, data, reference, fmt, precision["backends"], changed, {fmt: floors} if floors else None)
+    fmt = precision.quant if precision.quant != "none" else precision.dtype
+    floors = (precision.gate or {}).get("floors")
+    changed = {"vision": precision.vision_quantized}
+    return run_gate(manifest.folder, data, reference, fmt, precision.backends, changed, {fmt: floors} if floors else None)
 
 
 def gate_checks(gate: dict) -> list[dict]:

@@ -4,19 +4,19 @@
     report.ok; report.format_table(); report.to_json()
 
 The graph-level checks are :func:`attanchor_graphs.trt_lint.lint_model`; this module only knows the
-artifact: which file TensorRT builds per graph (``trt_plan.trt_file``: a quantized artifact may hand
-TensorRT decoder.trt.onnx with QDQ INT4 instead of onnxruntime's MatMulNBits file) and which graphs
-may have data-dependent shapes (those whose manifest entry notes ``data_dependent_shapes``).
+artifact: which file TensorRT builds per graph (``Manifest.graph_file(graph, "trt")``: a quantized
+artifact may hand TensorRT decoder.trt.onnx with QDQ INT4 instead of onnxruntime's MatMulNBits file)
+and which graphs may have data-dependent shapes (those whose manifest entry notes
+``data_dependent_shapes``).
 """
 
 from __future__ import annotations
 
 from attanchor_graphs.trt_lint import LintReport, lint_model
 from attanchor_graphs.trt_ops import table
-from attanchor_runtime.manifest import Manifest
+from attanchor_runtime.manifest import Manifest, NoGraphForm
 
 from attanchor_export.errors import ExportError
-from attanchor_export.trt.plan import PlanError, trt_file
 
 __all__ = ["ArtifactLintReport", "lint_artifact"]
 
@@ -40,11 +40,11 @@ class ArtifactLintReport(dict):
         return "\n".join(r.format_table() for r in self.values())
 
 
-def _file_for_tensorrt(data: dict, graph: str) -> str:
+def _file_for_tensorrt(manifest: Manifest, graph: str) -> str:
     try:
-        return trt_file(data, graph)
-    except PlanError:  # no TensorRT form (MatMulNBits only): linting the onnxruntime file shows why
-        return data["graphs"][graph]["file"]
+        return manifest.graph_file(graph, "trt")
+    except NoGraphForm:  # no TensorRT form (MatMulNBits only): linting the onnxruntime file shows why
+        return manifest.graphs[graph]["file"]
 
 
 def lint_artifact(folder, target: str = "10.3") -> ArtifactLintReport:
@@ -56,7 +56,7 @@ def lint_artifact(folder, target: str = "10.3") -> ArtifactLintReport:
     manifest = Manifest.load(folder, verify="none")
     reports = {}
     for graph, entry in manifest.graphs.items():
-        file = _file_for_tensorrt(manifest.data, graph)
+        file = _file_for_tensorrt(manifest, graph)
         allow = bool(entry.get("notes", {}).get("data_dependent_shapes", False))
         reports[graph] = lint_model(manifest.path(file), target, allow_data_dependent=allow, name=file)
     return ArtifactLintReport(str(manifest.folder), target, reports)

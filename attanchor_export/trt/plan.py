@@ -150,29 +150,24 @@ class BuildPlan:
 
 # ---- plan construction ------------------------------------------------------------------------
 def _load_manifest(manifest):
-    """A Manifest, a manifest dict (with an optional "folder") or an artifact folder."""
+    """A Manifest, a manifest dict (with an optional "folder") or an artifact folder, as a Manifest."""
+    from attanchor_runtime.manifest import Manifest
+
     if isinstance(manifest, (str, Path)):
-        from attanchor_runtime.manifest import Manifest
-
-        manifest = Manifest.load(manifest, verify="none")
+        return Manifest.load(manifest, verify="none")
     if hasattr(manifest, "data"):
-        return manifest.data, Path(manifest.folder)
-    return manifest, Path(manifest.get("folder", "."))
+        return Manifest(Path(manifest.folder), manifest.data)
+    return Manifest(Path(manifest.get("folder", ".")), manifest)
 
 
-def trt_file(data: dict, graph: str) -> str:
-    """The ONNX file TensorRT builds for `graph`: precision.backends.trt.<graph> (quantize.py), the older
-    precision.decoder_files.trt, else the graph's own file."""
-    precision = data.get("precision") or {}
-    backends = (precision.get("backends") or {}).get("trt")
-    if backends is not None and graph in backends:
-        if backends[graph] is None:
-            raise PlanError(f"this artifact has no TensorRT form of its {graph} graph ({precision.get('quant')} was "
-                            "written for onnxruntime only): re-export with the QDQ form")
-        return backends[graph]
-    if graph == "decoder" and (precision.get("decoder_files") or {}).get("trt"):
-        return precision["decoder_files"]["trt"]
-    return data["graphs"][graph]["file"]
+def trt_file(manifest, graph: str) -> str:
+    """The ONNX file TensorRT builds for `graph` (Manifest.graph_file(graph, "trt")), PlanError without one."""
+    from attanchor_runtime.manifest import NoGraphForm
+
+    try:
+        return manifest.graph_file(graph, "trt")
+    except NoGraphForm as e:
+        raise PlanError(str(e)) from None
 
 
 def _graph_qdq_bits(path: Path) -> int | None:
@@ -235,9 +230,9 @@ def _check_range(name: str, value: int, lo: int, hi: int, hint: str = "") -> int
 def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool = True) -> BuildPlan:
     """The engine specs for an artifact; raises PlanError (one line) for options that cannot work."""
     options = options or BuildOptions()
-    data, folder = _load_manifest(manifest)
-    dims, graphs = data["dims"], data["graphs"]
-    precision = dict(data.get("precision") or {"dtype": "fp32", "quant": "none"})
+    manifest = _load_manifest(manifest)
+    folder, dims, graphs = manifest.folder, manifest.dims, manifest.graphs
+    precision = dict(manifest.precision)
     image_tokens = int(dims["image_tokens"])
     max_positions = int(dims["max_position_embeddings"])
 
@@ -278,7 +273,7 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
 
     # -- vision --------------------------------------------------------------------------------
     vision = graphs["vision"]
-    vision_file = trt_file(data, "vision")
+    vision_file = trt_file(manifest, "vision")
     vision_precision = graph_precision("vision", vision_file)
     engines["vision"] = EngineSpec(
         "vision", "tensorrt", vision_file, "vision.plan",
@@ -288,7 +283,7 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
 
     # -- embedding -----------------------------------------------------------------------------
     emb = graphs["embedding"]
-    k = data.get("anchor", {}).get("max_anchors")
+    k = manifest.anchor.max_anchors
     if emb.get("notes", {}).get("data_dependent_shapes", not k) or not k:
         engines["embedding"] = EngineSpec(
             "embedding", "onnxruntime", emb["file"],
@@ -317,7 +312,7 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
 
     # -- decoder -------------------------------------------------------------------------------
     dec = graphs["decoder"]
-    dec_file = trt_file(data, "decoder")
+    dec_file = trt_file(manifest, "decoder")
     slot = 1 if options.empty_past == "masked-slot" else 0
     prefill = {"batch": batch, "seq_len": [1, opt_in, max_in], "past_len": [slot, slot, slot]}
     decode = {"batch": batch, "seq_len": [1, 1, 1], "past_len": [1 + slot, opt_past + slot, max_seq - 1 + slot]}

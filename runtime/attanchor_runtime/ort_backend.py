@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .manifest import Manifest, kv_names
+from .decoder_feeds import empty_past, past_names, prefill_feeds
+from .manifest import Manifest
 from .sessions import ort_session
 
 
@@ -18,20 +19,14 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None):
         self.manifest, self.device = manifest, device
-        self.vision_session = ort_session(self._graph_file("vision"), device, threads)
+        # Quantized artifacts name a file per backend (e.g. MatMulNBits for onnxruntime, QDQ for TensorRT).
+        self.vision_session = ort_session(manifest.path(manifest.graph_file("vision", "ort")), device, threads)
         # The anchor graph is tiny and partly data-dependent: it runs on the CPU everywhere.
         self.embedding_session = ort_session(manifest.graph_path("embedding"), "cpu", threads)
-        self.decoder_session = ort_session(self._graph_file("decoder"), device, threads)
-        dims = manifest.dims
-        self.num_layers = dims["num_layers"]
-        self.past_names = kv_names(self.num_layers, "past_key_values")
+        self.decoder_session = ort_session(manifest.path(manifest.graph_file("decoder", "ort")), device, threads)
+        self.num_layers = manifest.dims["num_layers"]
+        self.past_names = past_names(self.num_layers)
         self.output_names = [o.name for o in self.decoder_session.get_outputs()]
-        self._empty = np.zeros((0, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
-
-    def _graph_file(self, graph: str):
-        # Quantized artifacts name a file per backend (e.g. MatMulNBits for onnxruntime, QDQ for TensorRT).
-        chosen = self.manifest.precision.get("backends", {}).get("ort", {}).get(graph)
-        return self.manifest.path(chosen or self.manifest.graphs[graph]["file"])
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.vision_session.run(["image_features"], {"pixel_values": pixel_values})[0]
@@ -47,15 +42,13 @@ class OrtBackend:
         return dict(zip(names, self.embedding_session.run(names, feeds)))
 
     def empty_cache(self, batch: int) -> list:
-        empty = np.zeros((batch, *self._empty.shape[1:]), np.float32)
-        return [empty] * (2 * self.num_layers)
+        return list(empty_past(self.manifest.dims, batch).values())
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past: list) -> tuple[np.ndarray, list]:
         """One decoder call; `past` and the returned cache are flat [k0, v0, k1, v1, ...] lists."""
         if self.device == "cuda":
             return self._decode_bound(inputs_embeds, attention_mask, position_ids, past)
-        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
-        feeds.update(zip(self.past_names, past))
+        feeds = prefill_feeds(inputs_embeds, attention_mask, position_ids, dict(zip(self.past_names, past)))
         outputs = self.decoder_session.run(self.output_names, feeds)
         return outputs[0], outputs[1:]
 
