@@ -45,16 +45,19 @@ def image_features(loaded, pixel_values) -> torch.Tensor:
 
 
 @torch.no_grad()
-def anchored_inputs(loaded, input_ids, attention_mask, pixel_values, threshold, mode="t2i", max_anchors=None):
+def anchored_inputs(loaded, input_ids, attention_mask, pixel_values, threshold, mode="t2i", max_anchors=None,
+                    features=None):
     """Prompt ids + image -> (inputs_embeds [B,L,D], attention_mask [B,L], position_ids [B,L], gather_index [B,L]).
 
     input_ids int64 [B,T], left padded, one image placeholder per row; attention_mask [B,T] (None = all 1).
     Scores are computed in float32 whatever the model dtype, as the exported graph does.
+    features: image_features(loaded, pixel_values) computed beforehand (e.g. to time the vision pass
+    on its own); None computes them here.
     """
     dims = loaded.adapter.dims
     ids = _as_long(input_ids)
     mask = torch.ones_like(ids) if attention_mask is None else _as_long(attention_mask)
-    features = image_features(loaded, pixel_values)
+    features = image_features(loaded, pixel_values) if features is None else features
     text = loaded.adapter.embed_tokens(loaded.model)(ids)
     where = image_position(ids, dims.image_token_id)
 
@@ -76,14 +79,16 @@ def _decoder(loaded):
 
 @torch.no_grad()
 def greedy_generate(
-    loaded, inputs_embeds, attention_mask, position_ids, max_new_tokens, eos_token_id=None, pad_token_id=None
+    loaded, inputs_embeds, attention_mask, position_ids, max_new_tokens, eos_token_id=None, pad_token_id=None,
+    on_token=None,
 ) -> torch.Tensor:
     """Greedy tokens [B, new] from anchored inputs, with the model's own decoder and a DynamicCache.
 
     Explicit position ids throughout (next = last + 1, as HF generate does); the mask grows by one 1
     per step. eos_token_id (int or list; None = never stop) ends a row, which is then filled with
     pad_token_id (default: the model's pad, else the first eos); decoding stops when every row has
-    ended, so `new` can be < max_new_tokens, as with HF generate.
+    ended, so `new` can be < max_new_tokens, as with HF generate. on_token(tokens [B]), if given, is
+    called as soon as each step's tokens are chosen (a benchmark times the steps with it).
     """
     body, head, embed = _decoder(loaded)
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
@@ -107,6 +112,8 @@ def greedy_generate(
         token = logits.argmax(dim=-1)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
+        if on_token is not None:
+            on_token(token)
         done |= torch.isin(token, eos_t)
         if bool(done.all()):
             break
