@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
+from .onnx_utils import constant_value, is_constant
 from .trt_ops import ONNX_TO_TRT_TYPE, table
 
 __all__ = ["Finding", "LintReport", "lint_model"]
@@ -454,31 +455,11 @@ class _Linter:
 
     # -- helpers -------------------------------------------------------------------------------
     def _is_direct_constant(self, name) -> bool:
-        if name in self.initializers:
-            return True
-        producer = self.producers.get(name)
-        return producer is not None and producer.op_type == "Constant"
+        return is_constant(name, self.initializers, self.producers)
 
     def _value(self, name):
         """The numpy value of an initializer / Constant output when it is stored inline, else None."""
-        if name in self.initializers:
-            init = self.initializers[name]
-            if init.data_location == TensorProto.EXTERNAL:
-                return None
-            try:
-                return numpy_helper.to_array(init)
-            except Exception:  # noqa: BLE001
-                return None
-        producer = self.producers.get(name)
-        if producer is not None and producer.op_type == "Constant":
-            for a in producer.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-                if a.name in ("value_int", "value_float"):
-                    return np.asarray(onnx.helper.get_attribute_value(a))
-                if a.name in ("value_ints", "value_floats"):
-                    return np.asarray(onnx.helper.get_attribute_value(a))
-        return None
+        return constant_value(name, self.initializers, self.producers)
 
     def _check_dtypes(self, graph):
         io_names = {v.name for v in [*graph.input, *graph.output]}
