@@ -1,4 +1,5 @@
-"""attanchor_export.trace.optimize: the grouped-attention rewrite of decoder.onnx keeps parity and position ids."""
+"""The grouped-attention rewrite of decoder.onnx (attanchor_graphs.attention_pass, run by
+attanchor_export.trace.optimize) keeps parity and position ids."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import onnx
 import pytest
 import torch
 
+from attanchor_export.checks.decoder_parity import decoder_parity
 from attanchor_export.load.architectures import LlavaAdapter
 from attanchor_export.load.tiny_random import tiny_llava_config
 from attanchor_export.trace.decoder import DecoderWithCache, export_decoder
-from attanchor_export.trace.optimize import decoder_parity, optimize_decoder
+from attanchor_export.trace.optimize import optimize_decoder
 from attanchor_export.trace.specs import decoder_spec
 
 
