@@ -222,6 +222,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
     if as_json:
         report.emit_json({"folder": str(output), "passed": result.passed, "timings": report.timings,
                           "precision": result.manifest.get("precision"),
+                          "export": result.manifest.get("export"),
                           "checks": [c.to_json() for c in result.checks], "engines": engines})
     else:
         if result.checks and not quiet:
@@ -234,6 +235,10 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
 
             report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
+        if result.manifest.get("export"):
+            from attanchor_export.export_cost import describe
+
+            report.info(f"export cost: {describe(result.manifest['export'])}")
 
 
 def _threshold_value(value):

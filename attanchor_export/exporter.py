@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
-from attanchor_runtime.manifest import Manifest, write_manifest
+from attanchor_runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, write_manifest
 
 from attanchor_export import __version__
 from attanchor_export.artifact import check_target, staging_folder
 from attanchor_export.errors import ExportError, ValidationFailed
+from attanchor_export.export_cost import ExportCost
 from attanchor_export.load.checkpoint import load_checkpoint, locate
-from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, ExportOptions
+from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, MODES, ExportOptions
 from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
 from attanchor_export.trace.specs import decoder_spec, embedding_spec, vision_spec
 
@@ -162,129 +163,162 @@ def _merge_floors(declared: dict | None, given: dict | None, options: ExportOpti
 
 
 def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) -> ExportResult:
-    import torch
-
-    from attanchor_export.trace.decoder import export_decoder
-    from attanchor_export.trace.vision import export_vision
-
-    if options.mode not in ("t2i", "i2t"):
-        raise ExportError(f"unknown anchor mode {options.mode!r}: choose t2i or i2t")
-    if options.max_anchors is not None and options.max_anchors < 1:
-        raise ExportError("--max-anchors must be a positive integer")
+    """The export job as its list of steps; the manifest is written (and every file hashed) once, at the end."""
+    cost = ExportCost()
+    _check_options(options)
     check_target(Path(options.output).absolute(), options.force)  # fail before minutes of loading
-    located_adapter = None
-    if options.adapter:  # a missing or pickled adapter fails here too, before the model loads
-        from attanchor_export.load.lora import locate_adapter
-
-        located_adapter = locate_adapter(options.adapter, offline=options.offline, allow_pickle=options.allow_pickle)
+    located_adapter = _locate_adapter(options)
     # Download (if needed) before the step's spinner: huggingface_hub draws its own progress bars.
     located = locate(model_name, options.revision, offline=options.offline, allow_pickle=options.allow_pickle,
                      trust_remote_code=options.trust_remote_code)
     with steps("load checkpoint"):
         loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code)
-        dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
         tokenizer = _load_tokenizer(loaded)
-        text, image = _text_section(loaded, tokenizer), _image_section(loaded)
+        # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
+        sections = {"image_preprocessing": _image_section(loaded), "text": _text_section(loaded, tokenizer)}
     options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
-    lora = None
-    if located_adapter:
-        from attanchor_export.load.lora import apply_adapter
-
-        # Merged before anything is traced, so the graphs and the parity checks below see one model.
-        with steps("merge LoRA adapter"):
-            lora = apply_adapter(loaded, located_adapter)
-            model = loaded.model
+    lora = _merge_adapter(loaded, located_adapter, steps)
     specs = {
-        "vision": vision_spec(dims),
-        "embedding": embedding_spec(dims, options.max_anchors),
-        "decoder": decoder_spec(dims, options.last_logits_only),
+        "vision": vision_spec(loaded.dims),
+        "embedding": embedding_spec(loaded.dims, options.max_anchors),
+        "decoder": decoder_spec(loaded.dims, options.last_logits_only),
     }
     with staging_folder(options.output, options.force) as staging:
-        folder = staging.path
-        with steps("trace vision graph"):
-            path = folder / specs["vision"].file
-            export_vision(adapter.vision_tower_and_projector(model), dims, specs["vision"], path, options.opset)
-            _finalize_onnx(path)
-        with steps("build embedding graph"):
-            weight = adapter.embed_tokens(model).weight.detach().to(torch.float32).numpy()
-            table = write_embed_table(weight, folder)
-            embedding = build_embedding_model(
-                specs["embedding"], table, dims.image_token_id, options.mode, options.max_anchors,
-                ARTIFACT_IR_VERSION,
-            )
-            save_embedding_model(embedding, folder / specs["embedding"].file)
-            onnx.checker.check_model(str(folder / specs["embedding"].file))
-        with steps("trace decoder graph"):
-            path = folder / specs["decoder"].file
-            export_decoder(adapter.language_model(model), adapter.lm_head(model), dims, specs["decoder"], path,
-                           options.opset)
-            _finalize_onnx(path)
-        optimizations = {}
-        if options.optimize:
-            from attanchor_export.trace.optimize import optimize_decoder
-
-            # Rewrites only the .onnx protobuf (weights untouched); the validation below then checks the
-            # optimised graph against PyTorch, so no extra ONNX-vs-ONNX check here.
-            with steps("optimize decoder graph"):
-                optimizations["decoder"] = optimize_decoder(path, dims)
-        with steps("write tokenizer, processor and manifest"):
-            # Saved by the loaded tokenizer, not copied: transformers 5 rebuilds some tokenizers (Llama)
-            # on load, and only the re-saved tokenizer.json carries the pipeline the runtime must mirror.
-            tokenizer.save_pretrained(str(folder))
-            source = Path(loaded.processor_folder or loaded.folder)
-            for name in PROCESSOR_FILES:
-                if (source / name).is_file() and not (folder / name).exists():
-                    shutil.copy2(source / name, folder / name)
-            data = {
-                "source": {
-                    "model": model_name, "resolved": loaded.source, "alias": loaded.alias,
-                    "revision": loaded.revision, "commit": loaded.commit, "adapter": lora,
-                },
-                "architecture": adapter.architecture,
-                "model_types": {
-                    "vision": loaded.config.vision_config.model_type, "text": loaded.config.text_config.model_type,
-                },
-                "dims": dims.to_dict(),
-                "anchor": {
-                    "op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": options.mode,
-                    "threshold": float(options.threshold), "max_anchors": options.max_anchors,
-                    "calibration": calibration,
-                },
-                "graphs": {name: spec.to_json() for name, spec in specs.items()},
-                "embed_table": table,
-                "image_preprocessing": image,
-                "text": text,
-                "precision": {"dtype": "fp32", "quant": "none"},
-                "onnx": {"opset": options.opset, "ir_version": ARTIFACT_IR_VERSION},
-                "optimizations": optimizations,
-                "versions": _versions(),
-            }
-            write_manifest(folder, data)
+        table, optimizations = _write_graphs(loaded, specs, staging.path, options, steps)
+        _write_processor_files(loaded, tokenizer, staging.path)
+        data = _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations)
         result = ExportResult(folder=options.output, manifest=data)
         if options.validate:
-            from attanchor_export.checks.parity import validate_graphs
-
-            with steps("validate against PyTorch"):
-                checks = validate_graphs(loaded, Manifest.load(folder, verify="none"), atol=options.atol)
-            result.checks, result.passed = checks, all(c.passed for c in checks)
-            data["validation"] = {
-                "atol": options.atol, "passed": result.passed, "checks": [c.to_json() for c in checks],
-            }
-            write_manifest(folder, data)
-            if not result.passed:
-                failed_folder = staging.fail()
-                raise ValidationFailed(
-                    f"validation failed: {sum(not c.passed for c in checks)} of {len(checks)} checks; "
-                    f"the artifact is kept for inspection at {failed_folder}",
-                    checks=checks,
-                )
+            _validate(loaded, staging, data, options, steps, result, cost)
         if options.dtype != "fp32" or options.quant != "none":
-            _quantize(staging, data, options, steps)
-            result.manifest = data
+            _quantize(staging, data, options, steps, cost)
+        with steps("write manifest (sizes and sha256 of every file)"):
+            _write_final_manifest(staging.path, data, cost, loaded)
     return result
 
 
-def _quantize(staging, data: dict, options: ExportOptions, steps) -> None:
+def _check_options(options: ExportOptions) -> None:
+    if options.mode not in MODES:
+        raise ExportError(f"unknown anchor mode {options.mode!r}: choose {' or '.join(MODES)}")
+    if options.max_anchors is not None and options.max_anchors < 1:
+        raise ExportError("--max-anchors must be a positive integer")
+
+
+def _locate_adapter(options: ExportOptions):
+    if not options.adapter:
+        return None
+    from attanchor_export.load.lora import locate_adapter
+
+    # A missing or pickled adapter fails here, before the model loads.
+    return locate_adapter(options.adapter, offline=options.offline, allow_pickle=options.allow_pickle)
+
+
+def _merge_adapter(loaded, located_adapter, steps) -> dict | None:
+    if not located_adapter:
+        return None
+    from attanchor_export.load.lora import apply_adapter
+
+    # Merged before anything is traced, so the graphs and the parity checks see one model.
+    with steps("merge LoRA adapter"):
+        return apply_adapter(loaded, located_adapter)
+
+
+def _write_graphs(loaded, specs: dict, folder: Path, options: ExportOptions, steps) -> tuple[dict, dict]:
+    """vision.onnx, embedding.onnx (+ the embed table), decoder.onnx; returns (embed table entry, optimizations)."""
+    import torch
+
+    from attanchor_export.trace.decoder import export_decoder
+    from attanchor_export.trace.vision import export_vision
+
+    dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
+    with steps("trace vision graph"):
+        path = folder / specs["vision"].file
+        export_vision(adapter.vision_tower_and_projector(model), dims, specs["vision"], path, options.opset)
+        _finalize_onnx(path)
+    with steps("build embedding graph"):
+        weight = adapter.embed_tokens(model).weight.detach().to(torch.float32).numpy()
+        table = write_embed_table(weight, folder)
+        embedding = build_embedding_model(
+            specs["embedding"], table, dims.image_token_id, options.mode, options.max_anchors, ARTIFACT_IR_VERSION,
+        )
+        save_embedding_model(embedding, folder / specs["embedding"].file)
+        onnx.checker.check_model(str(folder / specs["embedding"].file))
+    with steps("trace decoder graph"):
+        path = folder / specs["decoder"].file
+        export_decoder(adapter.language_model(model), adapter.lm_head(model), dims, specs["decoder"], path,
+                       options.opset)
+        _finalize_onnx(path)
+    optimizations = {}
+    if options.optimize:
+        from attanchor_export.trace.optimize import optimize_decoder
+
+        # Rewrites only the .onnx protobuf (weights untouched); validation then checks the optimised
+        # graph against PyTorch, so no extra ONNX-vs-ONNX check here.
+        with steps("optimize decoder graph"):
+            optimizations["decoder"] = optimize_decoder(path, dims)
+    return table, optimizations
+
+
+def _write_processor_files(loaded, tokenizer, folder: Path) -> None:
+    # Saved by the loaded tokenizer, not copied: transformers 5 rebuilds some tokenizers (Llama) on
+    # load, and only the re-saved tokenizer.json carries the pipeline the runtime must mirror.
+    tokenizer.save_pretrained(str(folder))
+    source = Path(loaded.processor_folder or loaded.folder)
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source / name, folder / name)
+
+
+def _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations) -> dict:
+    return {
+        "source": {
+            "model": model_name, "resolved": loaded.source, "alias": loaded.alias,
+            "revision": loaded.revision, "commit": loaded.commit, "adapter": lora,
+        },
+        "architecture": loaded.adapter.architecture,
+        "model_types": {
+            "vision": loaded.config.vision_config.model_type, "text": loaded.config.text_config.model_type,
+        },
+        "dims": loaded.dims.to_dict(),
+        "anchor": {
+            "op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": options.mode,
+            "threshold": float(options.threshold), "max_anchors": options.max_anchors,
+            "calibration": calibration,
+        },
+        "graphs": {name: spec.to_json() for name, spec in specs.items()},
+        "embed_table": table,
+        **sections,
+        "precision": {"dtype": "fp32", "quant": "none"},
+        "onnx": {"opset": options.opset, "ir_version": ARTIFACT_IR_VERSION},
+        "optimizations": optimizations,
+        "versions": _versions(),
+    }
+
+
+def _draft(folder: Path, data: dict) -> Manifest:
+    """The manifest as the runtime will read it, before manifest.json exists (no file hashes yet)."""
+    return Manifest(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, **data})
+
+
+def _validate(loaded, staging, data: dict, options: ExportOptions, steps, result: ExportResult,
+              cost: ExportCost) -> None:
+    from attanchor_export.checks.parity import validate_graphs
+
+    with steps("validate against PyTorch"):
+        checks = validate_graphs(loaded, _draft(staging.path, data), atol=options.atol)
+    result.checks, result.passed = checks, all(c.passed for c in checks)
+    data["validation"] = {"atol": options.atol, "passed": result.passed, "checks": [c.to_json() for c in checks]}
+    if not result.passed:
+        _write_final_manifest(staging.path, data, cost, loaded)
+        failed_folder = staging.fail()
+        raise ValidationFailed(
+            f"validation failed: {sum(not c.passed for c in checks)} of {len(checks)} checks; "
+            f"the artifact is kept for inspection at {failed_folder}",
+            checks=checks,
+        )
+
+
+def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCost) -> None:
     """After the fp32 graphs passed parity: rewrite them to the requested precision and gate them."""
     from attanchor_export.precision.gate import AccuracyGateFailed
     from attanchor_export.precision.quantize import quantize_artifact
@@ -297,12 +331,16 @@ def _quantize(staging, data: dict, options: ExportOptions, steps) -> None:
         )
     except AccuracyGateFailed as e:
         data["precision"] = e.precision or data["precision"]
-        write_manifest(staging.path, data)
+        _write_final_manifest(staging.path, data, cost, None)
         failed_folder = staging.fail()
         raise AccuracyGateFailed(f"{e}; the artifact is kept for inspection at {failed_folder}",
                                  results=e.results, precision=e.precision) from None
     data["precision"] = update["precision"]
-    write_manifest(staging.path, data)
+
+
+def _write_final_manifest(folder: Path, data: dict, cost: ExportCost, loaded) -> None:
+    data["export"] = cost.to_json(folder, loaded)
+    write_manifest(folder, data)
 
 
 __all__ = ["ExportOptions", "ExportResult", "export_artifact"]

@@ -1,4 +1,4 @@
-"""Issue 3: `attanchor-export MODEL -o DIR` writes a verified artifact, and fails cleanly otherwise."""
+"""`attanchor-export MODEL -o DIR` writes a verified artifact, and fails cleanly otherwise."""
 
 from __future__ import annotations
 
@@ -187,3 +187,20 @@ def test_mistral_decoder_exports_and_matches(checkpoint, tmp_path):
     assert result.passed and read_manifest(tmp_path / "mistral")["model_types"]["text"] == "mistral"
     e2e = validate_end_to_end(load_checkpoint(str(ck)), Manifest.load(tmp_path / "mistral"))
     assert all(r.passed for r in e2e), [r for r in e2e if not r.passed]
+
+
+def test_manifest_written_once_with_export_cost(checkpoint, tmp_path, monkeypatch):
+    """Every file is hashed once, at the end; the manifest says what the export cost."""
+    import attanchor_export.exporter as exporter_module
+
+    calls = []
+    real = exporter_module.write_manifest
+    monkeypatch.setattr(exporter_module, "write_manifest", lambda folder, data: (calls.append(folder), real(folder, data)))
+    out = tmp_path / "art"
+    result = exporter_module.export_artifact(str(checkpoint("clip-llama")), exporter_module.ExportOptions(output=out))
+    assert result.passed and len(calls) == 1
+    cost = read_manifest(out)["export"]
+    assert cost["peak_rss_bytes"] > 50 << 20  # the interpreter, torch and onnxruntime at least
+    assert cost["parameters"] > 0 and cost["fp32_weight_bytes"] == 4 * cost["parameters"]
+    assert cost["checkpoint_weight_bytes"] > 0 and cost["seconds"] > 0
+    assert cost["artifact_bytes"] >= sum(r["bytes"] for r in read_manifest(out)["files"].values())
