@@ -8,8 +8,6 @@ import math
 import pytest
 
 from attanchor_export.bench import format_report, run_bench, write_chart
-from attanchor_export.exporter import ExportOptions, export_artifact
-from attanchor_export.load.tiny_random import make_tiny_llava
 
 SMALL_BUFFER = 16 << 20  # the bandwidth probe: tiny models need no 1 GiB buffer
 
@@ -23,16 +21,14 @@ BANDWIDTH_KEYS = ("bytes_per_s", "bytes_per_token", "decoder_weight_bytes", "emb
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    checkpoint = make_tiny_llava(root / "ck", family="clip-llama")
-    export_artifact(str(checkpoint), ExportOptions(output=root / "out", validate=False))
-    return root / "out"
+def bench_artifact(artifact):
+    """conftest's tiny clip-llama t2i artifact (run_bench only reads it)."""
+    return artifact("clip-t2i")
 
 
 @pytest.fixture(scope="module")
-def result(artifact):
-    return run_bench(artifact, max_new_tokens=5, threads=1, repeats=2, threshold="auto",
+def result(bench_artifact):
+    return run_bench(bench_artifact, max_new_tokens=5, threads=1, repeats=2, threshold="auto",
                      bandwidth_bytes=SMALL_BUFFER)
 
 
@@ -65,8 +61,8 @@ def test_prompts_and_auto_threshold(result):
     assert len(result["runs"]["runtime"]) == 2 * 2
 
 
-def test_compare_torch(artifact):
-    res = run_bench(artifact, max_new_tokens=4, threads=1, repeats=1, compare_torch=True,
+def test_compare_torch(bench_artifact):
+    res = run_bench(bench_artifact, max_new_tokens=4, threads=1, repeats=1, compare_torch=True,
                     bandwidth_bytes=SMALL_BUFFER, prompts=["What is in the image?"])
     for key in ("ttft_s", "vision_s", "embedding_s", "prefill_s", "decode_tokens_per_s", "load_s"):
         assert _positive(res["torch"][key]), key
@@ -96,6 +92,6 @@ def test_report_text(result):
         assert needle in text
 
 
-def test_rejects_bad_arguments(artifact):
+def test_rejects_bad_arguments(bench_artifact):
     with pytest.raises(ValueError):
-        run_bench(artifact, max_new_tokens=1)
+        run_bench(bench_artifact, max_new_tokens=1)
