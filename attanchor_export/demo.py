@@ -29,11 +29,13 @@ def demo_item():
 def _reusable(artifact: Path, checkpoint: Path) -> bool:
     import json
 
+    from attanchor_runtime.manifest import Source
+
     manifest = artifact / "manifest.json"
     if not manifest.is_file():
         return False
     data = json.loads(manifest.read_text())
-    return data.get("source", {}).get("resolved") == str(checkpoint) and data.get("validation", {}).get("passed")
+    return Source(data.get("source") or {}).resolved == str(checkpoint) and data.get("validation", {}).get("passed")
 
 
 def run_demo(output: Path, report, fresh: bool = False) -> dict:

@@ -21,7 +21,9 @@ The two generations differ where the real ones do (the 11.x migration guide's re
   ``strongly_typed_flag=False`` models a later release that drops the name.
 
 Builds are recorded in ``trt.built`` (onnx path, flags set at build time, strongly typed or not) and
-executions in ``trt.executions`` ((engine name, profile index)).
+executions in ``trt.executions`` ((engine name, profile index)). ``fake = generations_fixture()`` in a
+test module gives its tests a ``fake`` fixture: (fake tensorrt, fake cuda) of each generation in turn,
+installed where attanchor_export.trt.build looks for them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from attanchor_runtime.cuda_util import DeviceInfo
 
 TRT10 = "10.3.0.30"
@@ -352,3 +355,23 @@ def make_fake_trt(cuda: FakeCuda, version: str = TRT10, strongly_typed_flag: boo
 
     trt.Logger, trt.OnnxParser, trt.Builder, trt.Runtime = Logger, OnnxParser, Builder, Runtime
     return trt
+
+
+# ---- pytest wiring ------------------------------------------------------------------------------------
+def install(monkeypatch, trt, cuda):
+    """Make attanchor_export.trt.build use these fakes instead of importing tensorrt and cuda-python."""
+    from attanchor_export.trt import build
+
+    monkeypatch.setattr(build, "require_tensorrt", lambda folder: (trt, cuda))
+    return trt, cuda
+
+
+def generations_fixture():
+    """A `fake` fixture for a test module: (fake tensorrt, fake cuda) of each API generation, installed."""
+
+    @pytest.fixture(params=list(GENERATIONS.values()), ids=list(GENERATIONS))
+    def fake(request, monkeypatch):
+        cuda = FakeCuda()
+        return install(monkeypatch, make_fake_trt(cuda, request.param), cuda)
+
+    return fake

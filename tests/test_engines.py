@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from attanchor_runtime.engines import (
@@ -14,10 +15,13 @@ from attanchor_runtime.engines import (
     engine_record,
     find_engine_dir,
     onnxruntime_record,
+    open_engine_dir,
     read_engine_meta,
+    select_profile,
     sm_string,
 )
 from attanchor_runtime.errors import ArtifactError
+from attanchor_runtime.manifest import Manifest
 
 
 def meta(**kw) -> EngineMeta:
@@ -90,12 +94,48 @@ def test_find_engine_dir_picks_this_gpu_and_tensorrt(tmp_path):
     assert f"rebuild with `attanchor-export build {tmp_path}`" in message and "\n" not in message
 
 
+def _files(data_digest: str) -> Manifest:
+    return Manifest(Path("/artifact"), {"files": {"decoder.onnx": {"sha256": "aa"},
+                                                  "decoder.onnx.data": {"sha256": data_digest}}})
+
+
 def test_check_sources(tmp_path):
     m = meta(engines={"decoder": {"sources": {"decoder.onnx": "aa", "decoder.onnx.data": "bb"}}})
-    check_sources(m, {"files": {"decoder.onnx": {"sha256": "aa"}, "decoder.onnx.data": {"sha256": "bb"}}}, tmp_path)
+    check_sources(m, _files("bb"), tmp_path)
     with pytest.raises(ArtifactError, match="built from another decoder.onnx.data"):
-        check_sources(m, {"files": {"decoder.onnx": {"sha256": "aa"}, "decoder.onnx.data": {"sha256": "cc"}}},
-                      tmp_path)
+        check_sources(m, _files("cc"), tmp_path)
+
+
+def test_the_records_accessors():
+    profiles = [{"name": "prefill", "dims": {"total_len": [1, 64, 64]}, "shapes": {}},
+                {"name": "decode", "dims": {"total_len": [2, 96, 128]}, "shapes": {}}]
+    record = engine_record(file="decoder.plan", onnx="decoder.onnx", sources={}, profiles=profiles,
+                           precision="fp32", tf32=False, nbytes=1, build_seconds=0.1)
+    m = meta(engines={"decoder": record})
+    assert m.engine_file("decoder") == "decoder.plan" and m.profiles("decoder") == profiles
+    assert m.max_dim("decoder", "total_len") == 128
+
+
+def test_open_engine_dir(tmp_path):
+    sources = {"decoder": {"backend": "tensorrt", "sources": {"decoder.onnx": "aa"}}}
+    write(tmp_path, "orin-sm87-trt10.3.0.30", meta(engines=sources))
+    write(tmp_path, "orin-sm87-trt10.3.0.30.failed", meta(engines=sources, gate={"passed": False}))
+    manifest = Manifest(tmp_path, {"files": {"decoder.onnx": {"sha256": "aa"}}})
+    path, found = open_engine_dir(manifest, "87", "10.3.0.30")
+    assert path.name == "orin-sm87-trt10.3.0.30" and found.on_tensorrt("decoder")
+    # Named explicitly (the build gate does): a failed gate is no reason to refuse, another GPU is.
+    failed = tmp_path / "engines" / "orin-sm87-trt10.3.0.30.failed"
+    assert open_engine_dir(manifest, "87", "10.3.0.30", failed)[0] == failed
+    with pytest.raises(ArtifactError, match="orin-sm87-trt10.3.0.30.failed: built for sm87"):
+        open_engine_dir(manifest, "89", "10.3.0.30", failed)
+    with pytest.raises(ArtifactError, match="built from another decoder.onnx"):
+        open_engine_dir(Manifest(tmp_path, {"files": {"decoder.onnx": {"sha256": "bb"}}}), "87", "10.3.0.30")
+
+
+def test_select_profile_is_the_engines_module_s():
+    from attanchor_runtime import trt_backend
+
+    assert trt_backend.select_profile is select_profile  # the backend's name for it, tests/test_trt_backend.py
 
 
 def test_engine_dir_name():

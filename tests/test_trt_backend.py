@@ -1,5 +1,6 @@
-"""The trt backend's pure parts on a CPU: optimization-profile choice, KV buffers, no-tensorrt error.
-Its binding and execution against fake TensorRT modules: tests/test_trt_build.py."""
+"""The trt backend on a CPU: optimization-profile choice, KV buffers, no-tensorrt error, and decode
+against onnxruntime over the fake TensorRT of both generations (binding, the device KV cache, an
+uploaded numpy cache). Builds and generation end to end: tests/test_trt_build.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import json
 import numpy as np
 import pytest
 from attanchor_runtime.errors import ArtifactError, RuntimeInputError
+from attanchor_runtime.manifest import Manifest
 from attanchor_runtime.trt_backend import KVCache, kv_buffer_bytes, select_profile
-from fake_tensorrt import FakeCuda
+from fake_tensorrt import FakeCuda, generations_fixture
+
+from attanchor_export.trt.build import build_engines
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+fake = generations_fixture()
 
 
 def test_select_profile(artifact):
@@ -50,6 +55,38 @@ def test_kv_cache_buffers():
         cache.upload([np.zeros((2, 2, 16, 8), np.float32)] * 4)
     cache.close()
     assert not cuda.mem
+
+
+def test_decode_matches_onnxruntime_and_cache_round_trips(fake, workdir):
+    from attanchor_runtime.ort_backend import OrtBackend
+    from attanchor_runtime.trt_backend import TrtBackend
+
+    trt, cuda = fake
+    folder = workdir("clip-t2i")
+    build_engines(folder, max_batch=2, max_input_len=64, max_seq_len=96)
+    manifest = Manifest.load(folder)
+    backend = TrtBackend(manifest, trt=trt, cuda=cuda, full_logits=True)
+    ref = OrtBackend(manifest)
+    rng = np.random.default_rng(1)
+    embeds = rng.standard_normal((2, 7, manifest.dims["hidden_size"])).astype(np.float32)
+    mask = np.ones((2, 7), np.int64)
+    pos = np.tile(np.arange(7), (2, 1))
+    logits, cache = backend.decode(embeds, mask, pos, backend.empty_cache(2))
+    want, past = ref.decode(embeds, mask, pos, ref.empty_cache(2))
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+    for a, b in zip(cache.to_numpy(), past):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # Feed OrtBackend's numpy cache to the trt backend (upload path) and step once more.
+    step = embeds[:, :1]
+    mask2 = np.ones((2, 8), np.int64)
+    got, _ = backend.decode(step, mask2, pos[:, -1:] + 1, past)
+    want, _ = ref.decode(step, mask2, pos[:, -1:] + 1, past)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(RuntimeInputError, match="attention_mask has shape"):
+        backend.decode(step, mask, pos[:, -1:], backend.empty_cache(2))
+    with pytest.raises(RuntimeInputError, match="no TensorRT optimization profile fits"):
+        backend.decode(embeds[:, :3], np.ones((2, 10), np.int64), pos[:, :3], past)  # chunked prefill
+    backend.close()
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed here")

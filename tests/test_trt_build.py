@@ -2,8 +2,9 @@
 
 Every build test runs twice, against the 10.x fake (JetPack 6's API) and the 11.x fake (the names
 TensorRT 11 removed are absent, see tests/fake_tensorrt.py), so a call that exists in only one
-generation fails here. What a machine without tensorrt says is at the end. Real engines:
-tests/test_trt_gpu.py.
+generation fails here. What a machine without tensorrt says is at the end. The engine folder
+(replace, keep a failed one aside, refuse a foreign one): tests/test_trt_engine_folder.py; the
+backend's decode against onnxruntime: tests/test_trt_backend.py. Real engines: tests/test_trt_gpu.py.
 """
 
 from __future__ import annotations
@@ -14,27 +15,15 @@ import shutil
 
 import numpy as np
 import pytest
-from attanchor_runtime.errors import ArtifactError, RuntimeInputError
 from attanchor_runtime.manifest import Manifest
 from engine_inputs import prompt_rows, random_pixels
-from fake_tensorrt import GENERATIONS, PRECISION_FLAGS, TRT10, TRT11, FakeCuda, make_fake_trt
+from fake_tensorrt import PRECISION_FLAGS, TRT10, TRT11, FakeCuda, generations_fixture, install, make_fake_trt
 
 from attanchor_export.trt import build as trt_build
 from attanchor_export.trt.build import build_engines
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def _install(monkeypatch, trt, cuda):
-    monkeypatch.setattr(trt_build, "require_tensorrt", lambda folder: (trt, cuda))
-    return trt, cuda
-
-
-@pytest.fixture(params=list(GENERATIONS.values()), ids=list(GENERATIONS))
-def fake(request, monkeypatch):
-    """(fake tensorrt, fake cuda) of one API generation, installed where trt_build looks for them."""
-    cuda = FakeCuda()
-    return _install(monkeypatch, make_fake_trt(cuda, request.param), cuda)
+fake = generations_fixture()
 
 
 def _engine_json(result) -> dict:
@@ -105,101 +94,10 @@ def test_build_and_generate(fake, workdir, name, empty_past):
     assert not cuda.mem, "every device buffer is freed"
 
 
-def test_rebuild_replaces_the_folder_and_reuses_the_timing_cache(fake, workdir):
-    folder = workdir("clip-t2i")
-    first = build_engines(folder, max_input_len=64, max_seq_len=96, gate=False)
-    cache = (first.engine_dir / "timing.cache").read_bytes()
-    second = build_engines(folder, max_input_len=80, max_seq_len=96, gate=False)
-    assert second.engine_dir == first.engine_dir
-    assert (second.engine_dir / "timing.cache").read_bytes().startswith(cache)  # loaded, then extended
-    assert _engine_json(second)["plan"]["options"]["max_input_len"] == 80
-    assert [p.name for p in (folder / "engines").iterdir()] == [first.engine_dir.name]
-
-
-def test_decode_matches_onnxruntime_and_cache_round_trips(fake, workdir):
-    from attanchor_runtime.ort_backend import OrtBackend
-    from attanchor_runtime.trt_backend import TrtBackend
-
-    trt, cuda = fake
-    folder = workdir("clip-t2i")
-    build_engines(folder, max_batch=2, max_input_len=64, max_seq_len=96)
-    manifest = Manifest.load(folder)
-    backend = TrtBackend(manifest, trt=trt, cuda=cuda, full_logits=True)
-    ref = OrtBackend(manifest)
-    rng = np.random.default_rng(1)
-    embeds = rng.standard_normal((2, 7, manifest.dims["hidden_size"])).astype(np.float32)
-    mask = np.ones((2, 7), np.int64)
-    pos = np.tile(np.arange(7), (2, 1))
-    logits, cache = backend.decode(embeds, mask, pos, backend.empty_cache(2))
-    want, past = ref.decode(embeds, mask, pos, ref.empty_cache(2))
-    np.testing.assert_allclose(logits, want, atol=1e-5)
-    for a, b in zip(cache.to_numpy(), past):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    # Feed OrtBackend's numpy cache to the trt backend (upload path) and step once more.
-    step = embeds[:, :1]
-    mask2 = np.ones((2, 8), np.int64)
-    got, _ = backend.decode(step, mask2, pos[:, -1:] + 1, past)
-    want, _ = ref.decode(step, mask2, pos[:, -1:] + 1, past)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    with pytest.raises(RuntimeInputError, match="attention_mask has shape"):
-        backend.decode(step, mask, pos[:, -1:], backend.empty_cache(2))
-    with pytest.raises(RuntimeInputError, match="no TensorRT optimization profile fits"):
-        backend.decode(embeds[:, :3], np.ones((2, 10), np.int64), pos[:, :3], past)  # chunked prefill
-    backend.close()
-
-
-def test_gate_failure_keeps_engines_aside(fake, workdir, monkeypatch):
-    from attanchor_runtime.trt_backend import TrtBackend
-
-    trt, cuda = fake
-    folder = workdir("clip-t2i")
-    real_compare = trt_build.compare
-
-    def pessimist(ref, got, gate, graph, case):
-        check = real_compare(ref, got, gate, graph, case)
-        return {**check, "passed": graph != "decoder"}
-
-    monkeypatch.setattr(trt_build, "compare", pessimist)
-    with pytest.raises(trt_build.GateFailed, match="engine gate check") as info:
-        build_engines(folder, max_input_len=64, max_seq_len=96)
-    failed = folder / "engines" / f"fake-orin-sm87-trt{trt.__version__}.failed"
-    assert str(failed) in str(info.value) and (failed / "engine.json").is_file()
-    assert [p.name for p in (folder / "engines").iterdir()] == [failed.name]  # nothing under the real name
-    with pytest.raises(ArtifactError, match="failed its accuracy gate"):
-        TrtBackend(Manifest.load(folder), trt=trt, cuda=cuda)
-
-
-def test_a_failed_build_leaves_nothing(fake, workdir, monkeypatch):
-    trt, _ = fake
-    folder = workdir("clip-t2i")
-    monkeypatch.setattr(trt.Builder, "build_serialized_network", lambda self, network, config: None)
-    with pytest.raises(trt_build.EngineBuildError, match=f"TensorRT {trt.__version__} failed to build vision.plan"):
-        build_engines(folder, max_input_len=64, max_seq_len=96)
-    assert not any((folder / "engines").iterdir())
-
-
-def test_engines_from_another_export_are_refused(fake, workdir):
-    from attanchor_runtime.trt_backend import TrtBackend
-
-    trt, cuda = fake
-    folder = workdir("clip-t2i")
-    result = build_engines(folder, max_input_len=64, max_seq_len=96, gate=False)
-    meta = _engine_json(result)
-    meta["engines"]["decoder"]["sources"]["decoder.onnx"] = "0" * 64
-    (result.engine_dir / "engine.json").write_text(json.dumps(meta))
-    with pytest.raises(ArtifactError, match="built from another decoder.onnx"):
-        TrtBackend(Manifest.load(folder), trt=trt, cuda=cuda)
-    with pytest.raises(ArtifactError, match="built for sm87"):
-        TrtBackend(Manifest.load(folder), trt=trt, cuda=FakeCuda(sm=(8, 9)))
-    other = make_fake_trt(cuda, TRT11 if trt.__version__ == TRT10 else TRT10)
-    with pytest.raises(ArtifactError, match=f"built with TensorRT {trt.__version__}"):
-        TrtBackend(Manifest.load(folder), trt=other, cuda=cuda)
-
-
 def test_a_tensorrt_without_the_strongly_typed_name_still_builds(monkeypatch, workdir):
     """11.0 deprecated STRONGLY_TYPED (every network is strongly typed): a release may drop the name."""
     cuda = FakeCuda()
-    trt, _ = _install(monkeypatch, make_fake_trt(cuda, TRT11, strongly_typed_flag=False), cuda)
+    trt, _ = install(monkeypatch, make_fake_trt(cuda, TRT11, strongly_typed_flag=False), cuda)
     assert trt_build.strongly_typed_network_flags(trt) == 0
     result = build_engines(workdir("clip-t2i"), max_input_len=64, max_seq_len=96)
     assert result.meta.gate["passed"] and all(b["strongly_typed"] for b in trt.built)

@@ -12,8 +12,8 @@ nodes are the precision (trt_plan's docstring says what each format holds). That
 TensorRT 11 builds, and TensorRT 10.x builds the same engines from the same calls, so both
 generations share this one code path.
 
-The engine folder is written through ``artifact.staging_folder`` (a hidden ``engines/.<name>.partial-*``
-renamed when complete) and described by ``attanchor_runtime.engines.EngineMeta`` (engine.json:
+The engine folder is written through ``artifact.staging_folder`` (``attanchor_runtime.atomic_folder``: a
+hidden ``engines/.<name>.partial-*`` renamed when complete) and described by ``attanchor_runtime.engines.EngineMeta`` (engine.json:
 TensorRT version, GPU, compute capability, the plan, sha256 of every source ONNX file and of its
 external data, build times, gate results).
 
@@ -21,7 +21,7 @@ Then the gate, because engines that build cleanly and print garbage are the know
 engine runs through the real ``trt`` runtime backend on fixed inputs and is compared with
 onnxruntime CPU on the same ONNX file (fp32: max |diff| <= 1e-3 on logits and image features,
 otherwise cosine >= 0.99; anchor indices exactly). The decoder is checked in both profiles (prefill,
-then one decode step on the engine's own KV cache). A failing folder is kept as
+then one decode step on the engine's own KV cache), with feeds from ``attanchor_runtime.decoder_feeds``. A failing folder is kept as
 ``engines/<name>.failed`` and GateFailed is raised; the runtime never picks it up.
 
 Without tensorrt, cuda-python or a CUDA GPU, TrtUnavailable (exit code 2) says in one line what is
@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from attanchor_runtime.decoder_feeds import Step, cosine_rows, empty_past, prefill_feeds
 from attanchor_runtime.engines import (
     ENGINES_DIR,
     EngineMeta,
@@ -265,10 +266,8 @@ def compare(reference: np.ndarray, actual: np.ndarray, gate: Gate, graph: str, c
         value = float(np.max(np.abs(ref - got))) if ref.size else 0.0
         passed = bool(value <= gate.limit)
     else:  # cosine: the worst row
-        a, b = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
-        num = (a * b).sum(-1)
-        den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-        cos = np.where(den > 0, num / np.where(den > 0, den, 1), 1.0)
+        # A zero row in both (e.g. masked logits) is no disagreement: it scores 1, not 0.
+        cos = cosine_rows(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]), zero_row=1.0)
         value = float(cos.min()) if cos.size else 1.0
         passed = bool(value >= gate.limit)
     if np.isnan(got).any():
@@ -287,16 +286,16 @@ def gate_inputs(manifest, plan: BuildPlan, seed: int = 0) -> dict:
     size = dims["image_size"]
     pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     vocab = dims["vocab_size"]
-    specials = {text.get("image_token_id"), text.get("pad_token_id")}
+    specials = {text.image_token_id, text.pad_token_id}
     ordinary = np.array([i for i in range(min(vocab, 4096)) if i not in specials], np.int64)
     emb = plan.engines["embedding"]
     max_text = emb.profiles[0].dims["text_len"][2] if emb.backend == "tensorrt" else opts.max_input_len
     text_len = max(2, min(12, max_text))
     ids = rng.choice(ordinary, size=(batch, text_len))
-    ids[:, min(2, text_len - 1)] = text["image_token_id"]
+    ids[:, min(2, text_len - 1)] = text.image_token_id
     mask = np.ones_like(ids)
     if batch > 1:  # a left-padded row
-        ids[1, :1], mask[1, :1] = text.get("pad_token_id") or 0, 0
+        ids[1, :1], mask[1, :1] = text.pad_token_id or 0, 0
         ids[1, 1] = ids[0, 0]
     seq = max(1, min(16, opts.max_input_len))
     table = manifest.embed_table()
@@ -341,21 +340,16 @@ def run_gates(manifest, plan: BuildPlan, engine_dir: Path, trt=None, cuda=None) 
         decoder = ort_session(manifest.path(spec.onnx), "cpu")
         outputs = [o.name for o in decoder.get_outputs()]
         batch = len(x["inputs_embeds"])
-        dims = manifest.dims
-        empty = np.zeros((batch, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
-        feeds = {"inputs_embeds": x["inputs_embeds"], "attention_mask": x["attention_mask"],
-                 "position_ids": x["position_ids"], **{n: empty for n in backend.past_names}}
+        feeds = prefill_feeds(x["inputs_embeds"], x["attention_mask"], x["position_ids"],
+                              empty_past(manifest.dims, batch))
         ref = decoder.run(outputs, feeds)
         logits, cache = backend.decode(x["inputs_embeds"], x["attention_mask"], x["position_ids"],
                                        backend.empty_cache(batch))
         valid = x["attention_mask"] == 1  # padding positions' logits are undefined (fully masked rows)
         checks += [compare(ref[0][valid][None], logits[valid][None], g, "decoder", "prefill") for g in spec.gates]
-        mask = np.concatenate([x["attention_mask"], np.ones((batch, 1), np.int64)], axis=1)
-        position = x["position_ids"].max(axis=1, keepdims=True) + 1
-        feeds = {"inputs_embeds": x["step_embeds"], "attention_mask": mask, "position_ids": position,
-                 **dict(zip(backend.past_names, ref[1:]))}
-        ref_step = decoder.run(outputs, feeds)
-        logits, cache = backend.decode(x["step_embeds"], mask, position, cache)
+        step = Step.after_prefill(x["attention_mask"], x["position_ids"]).advance()
+        ref_step = decoder.run(outputs, step.feeds(x["step_embeds"], backend.past_names, ref[1:]))
+        logits, cache = backend.decode(x["step_embeds"], step.attention_mask, step.position_ids, cache)
         checks += [compare(ref_step[0], logits, g, "decoder", "decode step") for g in spec.gates]
     finally:
         backend.close()

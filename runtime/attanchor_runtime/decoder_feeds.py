@@ -109,9 +109,9 @@ def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray
     return Greedy(tokens, logits, step.attention_mask)
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of matching rows of a and b [N, D] (float64; a zero row scores 0)."""
+def cosine_rows(a: np.ndarray, b: np.ndarray, zero_row: float = 0.0) -> np.ndarray:
+    """Cosine similarity of matching rows of a and b [N, D] (float64; a zero row scores `zero_row`)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     dots = (a * b).sum(-1)
-    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 0.0)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), zero_row)

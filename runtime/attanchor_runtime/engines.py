@@ -4,10 +4,10 @@
     artifact/engines/<name>.failed/               a build whose gate failed, kept for inspection
     artifact/engines/.<name>.partial-XXXX/        a build in progress (hidden: never picked up)
 
-The writer is ``attanchor_export.trt_build`` (through :class:`EngineMeta`, :func:`engine_record` and
-:func:`onnxruntime_record`; the folder itself is made all-or-nothing by
-``attanchor_export.artifact.staging_folder``), the reader is the trt backend (through
-:func:`find_engine_dir` and :func:`read_engine_meta`). No other module spells engine.json's keys.
+The writer is ``attanchor_export.trt.build`` (through :class:`EngineMeta`, :func:`engine_record` and
+:func:`onnxruntime_record`; the folder itself is made all-or-nothing by :mod:`.atomic_folder`), the
+reader is the trt backend (through :func:`open_engine_dir`, the records' accessors on EngineMeta and
+:func:`select_profile`). No other module spells engine.json's keys.
 
 An engine folder is refused, with one line that says to rebuild, when it was built for another compute
 capability or TensorRT version, from other ONNX files than the manifest lists, or when it failed its
@@ -22,12 +22,13 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import ArtifactError
+from .atomic_folder import in_progress
+from .errors import ArtifactError, RuntimeInputError
 
 __all__ = [
     "ENGINES_DIR", "ENGINE_FORMAT", "ENGINE_FORMAT_VERSION", "ENGINE_META", "EngineMeta", "check_sources",
     "engine_dir_name", "engine_mismatch", "engine_record", "find_engine_dir", "onnxruntime_record",
-    "read_engine_meta", "rebuild_hint", "sm_string",
+    "open_engine_dir", "read_engine_meta", "rebuild_hint", "select_profile", "sm_string",
 ]
 
 ENGINES_DIR = "engines"
@@ -93,6 +94,18 @@ class EngineMeta:
     def on_tensorrt(self, graph: str) -> bool:
         return self.engines.get(graph, {}).get("backend") == "tensorrt"
 
+    def engine_file(self, graph: str) -> str:
+        """The serialized engine of `graph`, relative to the engine folder."""
+        return self.engines[graph]["file"]
+
+    def profiles(self, graph: str) -> list[dict]:
+        """`graph`'s optimization profiles in the engine's order (trt_plan.Profile dicts)."""
+        return self.engines[graph]["profiles"]
+
+    def max_dim(self, graph: str, dim: str) -> int:
+        """The largest value any profile of `graph` allows for a named dimension (e.g. total_len)."""
+        return max(p["dims"][dim][2] for p in self.profiles(graph))
+
     @property
     def empty_past(self) -> str:
         """How the decoder engines take an empty KV cache ("zero" or "masked-slot", trt_plan.EMPTY_PAST_MODES)."""
@@ -152,8 +165,7 @@ def find_engine_dir(folder, sm: str, trt_version: str) -> tuple[Path, EngineMeta
     folder = Path(folder)
     root = folder / ENGINES_DIR
     # Hidden folders are builds in progress or being replaced; NAME.failed folders fail the gate check.
-    metas = sorted(p for p in root.glob(f"*/{ENGINE_META}") if not p.parent.name.startswith(".")) \
-        if root.is_dir() else []
+    metas = sorted(p for p in root.glob(f"*/{ENGINE_META}") if not in_progress(p.parent)) if root.is_dir() else []
     if not metas:
         raise ArtifactError(f"no TensorRT engines in {root}: build them on this device with "
                             f"`attanchor-export build {folder}`")
@@ -172,12 +184,50 @@ def find_engine_dir(folder, sm: str, trt_version: str) -> tuple[Path, EngineMeta
                         f"{'; '.join(seen)}; {rebuild_hint(folder)}")
 
 
-def check_sources(meta: EngineMeta, manifest_data: dict, folder) -> None:
+def check_sources(meta: EngineMeta, manifest, folder) -> None:
     """Refuse engines built from other ONNX files than the manifest lists (a re-exported artifact)."""
-    files = manifest_data.get("files", {})
+    files = manifest.files
     for graph, record in meta.engines.items():
         for name, digest in record.get("sources", {}).items():
             expected = files.get(name, {}).get("sha256")
             if expected is not None and expected != digest:
                 raise ArtifactError(f"the {graph} engine was built from another {name} than this artifact holds "
                                     f"(re-exported?): {rebuild_hint(folder)}")
+
+
+def open_engine_dir(manifest, sm: str, trt_version: str, engine_dir=None) -> tuple[Path, EngineMeta]:
+    """The engine folder to run this artifact from: this GPU's (find_engine_dir), or `engine_dir` when
+    given (any gate result: the build gate itself runs engines it has not passed yet), refused when it
+    was built for another GPU, TensorRT version or export."""
+    folder = Path(manifest.folder)
+    if engine_dir is None:
+        engine_dir, meta = find_engine_dir(folder, sm, trt_version)
+    else:
+        engine_dir, meta = Path(engine_dir), read_engine_meta(engine_dir)
+        problem = engine_mismatch(meta, sm, trt_version, require_gate=False)
+        if problem:
+            raise ArtifactError(f"{engine_dir.name}: {problem}: {rebuild_hint(folder)}")
+    check_sources(meta, manifest, folder)
+    return engine_dir, meta
+
+
+# ---- optimization profiles (pure, unit-tested without a GPU) -------------------------------------
+def select_profile(profiles: list[dict], shapes: dict, graph: str = "engine") -> int:
+    """Index of the first optimization profile whose min..max covers every given input shape."""
+    for index, profile in enumerate(profiles):
+        ranges = profile["shapes"]
+        fits = True
+        for name, shape in shapes.items():
+            r = ranges.get(name)
+            if r is None or len(r["min"]) != len(shape) or not all(
+                    lo <= int(s) <= hi for lo, s, hi in zip(r["min"], shape, r["max"])):
+                fits = False
+                break
+        if fits:
+            return index
+    got = ", ".join(f"{n} {tuple(int(x) for x in s)}" for n, s in shapes.items())
+    allowed = "; ".join(
+        f"{p['name']}: " + ", ".join(f"{k} {v[0]}..{v[2]}" for k, v in p.get("dims", {}).items()) for p in profiles
+    )
+    raise RuntimeInputError(f"{graph}: no TensorRT optimization profile fits {got} (engines allow {allowed}); "
+                            "rebuild with a larger --max-batch / --max-input-len / --max-seq-len")

@@ -33,8 +33,8 @@ synchronize per call. Input staging and output buffers grow only, so after the f
 decode step allocates nothing. The embedding graph runs on onnxruntime CPU unless the artifact has
 an anchor budget and an embedding engine was built.
 
-:mod:`.engines` picks the engine folder and reads its engine.json (and refuses folders built for
-another GPU, TensorRT version or export). The calls above exist unchanged in TensorRT 10.x and 11.x
+:mod:`.engines` picks the engine folder, reads its engine.json (and refuses folders built for
+another GPU, TensorRT version or export) and chooses the optimization profile. The calls above exist unchanged in TensorRT 10.x and 11.x
 (11 removed only builder-side precision APIs), so there is one code path for both. CUDA goes through
 cuda-python (:mod:`.cuda_util` says why); tensorrt and cuda-python are imported only when this backend
 is used.
@@ -46,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import check_sources, engine_mismatch, find_engine_dir, read_engine_meta, rebuild_hint
+from .decoder_feeds import past_names, present_names
+from .engines import open_engine_dir, rebuild_hint, select_profile
 from .errors import ArtifactError, RuntimeInputError
-from .manifest import kv_names
 
 __all__ = ["KVCache", "TRT_INSTALL_HINT", "TrtBackend", "import_tensorrt", "select_profile"]
 
@@ -65,28 +65,6 @@ def import_tensorrt():
         raise ArtifactError(f"the trt backend needs TensorRT's Python package: {TRT_INSTALL_HINT}; or use "
                             "--backend ort") from None
     return tensorrt
-
-
-# ---- optimization profiles (pure, unit-tested without a GPU) -------------------------------------
-def select_profile(profiles: list[dict], shapes: dict, graph: str = "engine") -> int:
-    """Index of the first optimization profile whose min..max covers every given input shape."""
-    for index, profile in enumerate(profiles):
-        ranges = profile["shapes"]
-        fits = True
-        for name, shape in shapes.items():
-            r = ranges.get(name)
-            if r is None or len(r["min"]) != len(shape) or not all(
-                    lo <= int(s) <= hi for lo, s, hi in zip(r["min"], shape, r["max"])):
-                fits = False
-                break
-        if fits:
-            return index
-    got = ", ".join(f"{n} {tuple(int(x) for x in s)}" for n, s in shapes.items())
-    allowed = "; ".join(
-        f"{p['name']}: " + ", ".join(f"{k} {v[0]}..{v[2]}" for k, v in p.get("dims", {}).items()) for p in profiles
-    )
-    raise RuntimeInputError(f"{graph}: no TensorRT optimization profile fits {got} (engines allow {allowed}); "
-                            "rebuild with a larger --max-batch / --max-input-len / --max-seq-len")
 
 
 # ---- KV cache -----------------------------------------------------------------------------------
@@ -179,10 +157,10 @@ def numpy_dtype(trt, dtype) -> np.dtype:
 class _Engine:
     """One deserialized engine, one execution context per optimization profile, grow-only buffers."""
 
-    def __init__(self, backend: TrtBackend, graph: str, record: dict):
+    def __init__(self, backend: TrtBackend, graph: str):
         trt, cuda = backend.trt, backend.cuda
-        self.graph, self.cuda, self.record = graph, cuda, record
-        path = backend.engine_dir / record["file"]
+        self.graph, self.cuda = graph, cuda
+        path = backend.engine_dir / backend.meta.engine_file(graph)
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -197,7 +175,7 @@ class _Engine:
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtype = {n: numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         self.static_shape = {n: tuple(engine.get_tensor_shape(n)) for n in self.inputs}
-        self.profiles = record["profiles"]
+        self.profiles = backend.meta.profiles(graph)
         if engine.num_optimization_profiles != len(self.profiles):
             raise ArtifactError(f"{path.name} has {engine.num_optimization_profiles} profiles, engine.json lists "
                                 f"{len(self.profiles)}: {rebuild_hint(backend.folder)}")
@@ -298,22 +276,14 @@ class TrtBackend:
 
             cuda = Cuda(device)
         self.cuda = cuda
-        info = cuda.device_info()
-        if engine_dir is None:
-            self.engine_dir, self.meta = find_engine_dir(self.folder, info.sm, self.trt.__version__)
-        else:
-            self.engine_dir, self.meta = Path(engine_dir), read_engine_meta(engine_dir)
-            problem = engine_mismatch(self.meta, info.sm, self.trt.__version__, require_gate=False)
-            if problem:
-                raise ArtifactError(f"{self.engine_dir.name}: {problem}: {rebuild_hint(self.folder)}")
-        check_sources(self.meta, manifest.data, self.folder)
+        self.engine_dir, self.meta = open_engine_dir(manifest, cuda.device_info().sm, self.trt.__version__,
+                                                     engine_dir)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)  # must outlive the runtime and engines
         self.runtime = self.trt.Runtime(self.logger)
-        records = self.meta.engines
-        self.vision_engine = _Engine(self, "vision", records["vision"])
-        self.decoder_engine = _Engine(self, "decoder", records["decoder"])
+        self.vision_engine = _Engine(self, "vision")
+        self.decoder_engine = _Engine(self, "decoder")
         if self.meta.on_tensorrt("embedding"):
-            self.embedding_engine, self.embedding_session = _Engine(self, "embedding", records["embedding"]), None
+            self.embedding_engine, self.embedding_session = _Engine(self, "embedding"), None
         else:
             from .sessions import ort_session
 
@@ -321,10 +291,10 @@ class TrtBackend:
             self.embedding_session = ort_session(manifest.graph_path("embedding"), "cpu")
         dims = manifest.dims
         self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
-        self.past_names = kv_names(self.num_layers, "past_key_values")
-        self.present_names = kv_names(self.num_layers, "present")
+        self.past_names = past_names(self.num_layers)
+        self.present_names = present_names(self.num_layers)
         self.slot = 1 if self.meta.empty_past == "masked-slot" else 0
-        self.capacity = max(p["dims"]["total_len"][2] for p in self.decoder_engine.profiles)
+        self.capacity = self.meta.max_dim("decoder", "total_len")
         self._cache: KVCache | None = None
 
     # -- the backend interface ---------------------------------------------------------------------
