@@ -23,15 +23,11 @@ from attanchor_export.precision.calibration import (
     gate_samples,
     load_calibration_set,
 )
+from attanchor_export.precision.fp16 import convert_fp16, fp32_islands
 from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, evaluate
-from attanchor_export.precision.quantize import (
-    convert_fp16,
-    count_quantized,
-    fp32_islands,
-    graph_bytes,
-    linear_matmuls,
-)
+from attanchor_export.precision.quantize import graph_bytes
 from attanchor_export.precision.quantize import quantize_artifact as _quantize_artifact
+from attanchor_export.precision.weights import count_quantized, linear_matmuls, normalize_linears
 
 
 def quantize_artifact(folder, data, **kwargs):
@@ -312,7 +308,7 @@ def test_fp32_islands_and_linear_normalization_on_a_hand_written_graph():
     islands = fp32_islands(model.graph)
     assert islands["norm"] == {n.name for n in model.graph.node if n.name.startswith(("ln_", "rms_"))}
     assert islands["logits"] == {"lm_head"}
-    quantize_mod._normalize_linears(model.graph)  # Gemm(transB) -> MatMul + Add: the quantizer sees it
+    normalize_linears(model.graph)  # Gemm(transB) -> MatMul + Add: the quantizer sees it
     names, head = linear_matmuls(model.graph, include_lm_head=False)
     assert names == ["fc"] and head == "lm_head"
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)

@@ -84,8 +84,7 @@ def regate(manifest: Manifest, loaded) -> dict:
     """Re-run the export's accuracy gate, with PyTorch (not the long-gone fp32 graphs) as reference."""
     from attanchor_export.checks.parity import TorchSession
     from attanchor_export.precision.calibration import ArtifactFrontEnd
-    from attanchor_export.precision.gate import compute_reference
-    from attanchor_export.precision.quantize import run_gate
+    from attanchor_export.precision.gate import compute_reference, run_gate
     from attanchor_export.trace.decoder import DecoderWithCache
 
     data, precision = manifest.data, manifest.precision

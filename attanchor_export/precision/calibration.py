@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from attanchor_runtime.decoder_feeds import empty_past, left_pad
 from attanchor_runtime.manifest import open_embed_table
 
 from attanchor_export.errors import ExportError
-from attanchor_export.trace.specs import kv_names
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -196,16 +196,6 @@ class PromptEncoder:
         return np.array([*head, *words[:3], self.dims["image_token_id"], *words[3:]], np.int64)
 
 
-def left_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 class ArtifactFrontEnd:
     """vision.onnx + embedding.onnx + embed table of an artifact folder: samples -> decoder inputs."""
 
@@ -247,11 +237,6 @@ class ArtifactFrontEnd:
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Decode-step embeddings straight from the table, as the runtime does."""
         return np.asarray(self.table[np.asarray(token_ids, np.int64)], np.float32)
-
-
-def empty_past(dims: dict, batch: int) -> dict:
-    shape = (batch, dims["num_kv_heads"], 0, dims["head_dim"])
-    return {name: np.zeros(shape, np.float32) for name in kv_names(dims["num_layers"], "past_key_values")}
 
 
 class DecoderCalibrationReader:
@@ -304,5 +289,5 @@ def _as_reader(reader):
 
 __all__ = [
     "ArtifactFrontEnd", "DecoderCalibrationReader", "PromptEncoder", "Sample", "VisionCalibrationReader",
-    "builtin_samples", "empty_past", "gate_samples", "load_calibration_set", "synthetic_image",
+    "builtin_samples", "gate_samples", "load_calibration_set", "synthetic_image",
 ]

@@ -17,18 +17,24 @@ artifact's own vision and embedding graphs, so anchors are inserted exactly as a
 
 The gate (per format, floors below) fails on a NaN/inf anywhere, on a logits cosine mean below
 `cos_mean`, on a top-1 agreement below `top1`, or on a vision feature cosine mean below `vision_cos_mean`.
+With a task set (tiny-vqa: easy-vqa) it also fails when a form's task accuracy drops more than
+TASK_FLOORS below the fp32 artifact's on the same questions.
+
+`compute_reference` runs the fp32 artifact once; `run_gate` judges every distinct (decoder, vision)
+pair the backends open against it and returns the manifest's precision.gate section.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from attanchor_runtime.decoder_feeds import cosine_rows, empty_past, greedy, prefill_feeds
 
-from attanchor_export.errors import one_line
-from attanchor_export.precision.calibration import ArtifactFrontEnd, Sample, empty_past, gate_samples
-from attanchor_export.trace.specs import kv_names
+from attanchor_export.errors import ExportError
+from attanchor_export.precision.calibration import ArtifactFrontEnd, Sample, gate_samples
 
 # Floors per format for trained models (docs/QUANTIZATION.md has the tables). int4 is set from tiny-vqa,
 # the trained model (SmolLM2-135M decoder), gate set of 4 synthetic prompts x 32 tokens:
@@ -53,12 +59,12 @@ TARGET_COS = 0.99  # TensorRT-Edge-LLM's gate; reported as `meets_target`, not e
 DEFAULT_NEW_TOKENS = 32
 
 
-class AccuracyGateFailed(Exception):
+class AccuracyGateFailed(ExportError):
     """A reduced-precision graph is below its format's floor. `results`: the gate's per-form records
     (JSON-ready dicts); `precision`: the manifest precision section as far as it got (set by quantize)."""
 
     def __init__(self, message: object = "", results=None, precision: dict | None = None) -> None:
-        super().__init__(one_line(message))
+        super().__init__(message)
         self.results = list(results or [])
         self.precision = precision
 
@@ -76,55 +82,39 @@ class GateReference:
     prompt_source: str = "tokenizer"
     new_tokens: int = DEFAULT_NEW_TOKENS
     samples: list[Sample] = field(default_factory=list)
-    task: dict | None = None  # quantize.fp32_task_answers: the fp32 answers on the task's gate subset
+    task: dict | None = None  # fp32_task_answers: the fp32 answers on the task's gate subset
 
 
 def _run_decoder(session, dims: dict, inputs: dict, new_tokens: int, embed, forced: np.ndarray | None = None):
-    """Prefill, then `new_tokens - 1` cached decode steps. Returns (tokens [B, n], logits [P, V], answer [P]).
+    """Prefill, then `new_tokens - 1` cached decode steps. Returns (tokens [B, n], logits [P, V], answer [P]):
+    per row, its valid prompt positions then one position per step; `answer` marks the positions that
+    predict a generated token (the prompt's last, and every step's).
 
     `forced`: feed these tokens instead of the model's own arg-max (teacher forcing); the tokens returned
     are still the model's own arg-max at each step."""
-    embeds, mask, positions = inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"]
-    batch = embeds.shape[0]
-    names = kv_names(dims["num_layers"], "past_key_values")
-    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **empty_past(dims, batch)}
-    outs = session.run(None, feeds)
-    logits = outs[0]
-    rows: list[list[np.ndarray]] = [[] for _ in range(batch)]
-    answer_rows: list[list[bool]] = [[] for _ in range(batch)]
-    valid = mask[:, -logits.shape[1]:].astype(bool)
+    mask = inputs["attention_mask"]
+    batch = mask.shape[0]
+    prefill = prefill_feeds(inputs["inputs_embeds"], mask, inputs["position_ids"], empty_past(dims, batch))
+    run = greedy(session.run, dims["num_layers"], prefill, embed, new_tokens, forced=forced, keep_logits=True)
+    prompt, steps = run.logits[0], run.logits[1:]
+    valid = mask[:, -prompt.shape[1]:].astype(bool)
+    rows, answer = [], []
     for b in range(batch):
         idx = np.flatnonzero(valid[b])
-        rows[b].append(logits[b, idx])
-        answer_rows[b].extend([False] * (len(idx) - 1) + [True])
-    tokens = np.zeros((batch, new_tokens), np.int64)
-    tokens[:, 0] = logits[:, -1].argmax(-1)
-    past = outs[1:]
-    next_pos = positions[:, -1:].astype(np.int64)
-    for step in range(1, new_tokens):
-        fed = (forced if forced is not None else tokens)[:, step - 1]
-        next_pos = next_pos + 1
-        mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
-        feeds = {"inputs_embeds": embed(fed[:, None]), "attention_mask": mask, "position_ids": next_pos}
-        feeds.update(zip(names, past))
-        outs = session.run(None, feeds)
-        step_logits, past = outs[0][:, -1], outs[1:]
-        tokens[:, step] = step_logits.argmax(-1)
-        for b in range(batch):
-            rows[b].append(step_logits[b : b + 1])
-            answer_rows[b].append(True)
-    flat = np.concatenate([np.concatenate(r, axis=0) for r in rows], axis=0)
-    answer = np.concatenate([np.array(a, bool) for a in answer_rows])
-    return tokens, flat, answer
+        rows += [prompt[b, idx], *(step[b, -1:] for step in steps)]
+        answer += [False] * (len(idx) - 1) + [True] * (1 + len(steps))
+    return run.tokens, np.concatenate(rows, axis=0), np.array(answer, bool)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """decoder_feeds.cosine_rows over the last axis, with the gate's rule for rows a cosine cannot judge:
+    two all-zero rows agree (1.0); NaN/inf, or a zero row against a non-zero one, score -1.0, so a
+    broken form can never pass a floor."""
     a, b = a.astype(np.float64).reshape(-1, a.shape[-1]), b.astype(np.float64).reshape(-1, b.shape[-1])
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    dot = (a * b).sum(axis=1)
-    both_zero = (na == 0) & (nb == 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(both_zero, 1.0, dot / (na * nb))
+        cos = np.where((na > 0) & (nb > 0), cosine_rows(a, b), -1.0)
+    cos = np.where((na == 0) & (nb == 0), 1.0, cos)
     return np.nan_to_num(cos, nan=-1.0, posinf=-1.0, neginf=-1.0)
 
 
@@ -206,7 +196,85 @@ def judge(result: dict, floors: dict) -> list[str]:
     return reasons
 
 
+def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: dict, changed: dict,
+             floors: dict | None = None) -> dict:
+    """Evaluate every distinct (decoder, vision) pair the backends open; JSON-ready results."""
+    from attanchor_runtime.sessions import ort_session
+
+    limits = floors_for(fmt, floors)
+    results, done = [], set()
+    for backend, files in backends.items():
+        decoder, vision = files["decoder"], files["vision"]
+        if decoder is None:
+            continue
+        key = (decoder, vision)
+        if key in done:
+            next(r for r in results if (r["decoder"], r["vision"]) == key)["backends"].append(backend)
+            continue
+        done.add(key)
+        front = ArtifactFrontEnd(folder, manifest_data, vision_file=vision)
+        metrics = evaluate(reference, ort_session(folder / decoder), front, vision_changed=changed["vision"])
+        failures = judge(metrics, limits)
+        if reference.task is not None:
+            metrics["task"] = task_metrics(folder, manifest_data, files, reference.task, fmt)
+            failures += metrics["task"]["failures"]
+        results.append({"backends": [backend], "decoder": decoder, "vision": vision,
+                        "vision_changed": changed["vision"], **metrics,
+                        "passed": not failures, "failures": failures})
+    return {
+        "format": fmt,
+        "floors": limits,
+        "target_cos": TARGET_COS,
+        "set": {"samples": len(reference.labels), "images": "synthetic (calibration.gate_samples)",
+                "prompts": reference.prompt_source, "new_tokens": reference.new_tokens,
+                "positions": results[0]["positions"] if results else 0},
+        "task": None if reference.task is None else {
+            "data": reference.task["task"], "questions": len(reference.task["items"]),
+            "fp32_accuracy": reference.task["accuracy"], "max_drop": TASK_FLOORS[fmt],
+        },
+        "evaluated_on": "onnxruntime CPU (TensorRT forms are checked again after each engine build)",
+        "passed": all(r["passed"] for r in results),
+        "results": results,
+    }
+
+
+def _task_pipeline(folder: Path, manifest_data: dict, files: dict):
+    """A runtime Pipeline over the staging folder that opens `files` (one precision form) on onnxruntime."""
+    from attanchor_runtime import Pipeline
+    from attanchor_runtime.manifest import Manifest
+    from attanchor_runtime.ort_backend import OrtBackend
+
+    precision = {**manifest_data.get("precision", {}), "backends": {"ort": dict(files)}}
+    manifest = Manifest(Path(folder), {**manifest_data, "precision": precision})
+    return Pipeline(manifest, OrtBackend(manifest))
+
+
+def fp32_task_answers(folder: Path, manifest_data: dict, files: dict, task: str) -> dict:
+    """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten)."""
+    from attanchor_export.checks.task_accuracy import evaluate_artifact, load_task
+
+    items = load_task(task, limit=TASK_GATE_QUESTIONS)
+    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), items)
+    return {"task": task, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
+            "answers": [r["answer"] for r in result["records"]]}
+
+
+def task_metrics(folder: Path, manifest_data: dict, files: dict, fp32: dict, fmt: str) -> dict:
+    """Task accuracy of one form vs fp32 on the same questions; failures if it lost more than the floor."""
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
+
+    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), fp32["items"])
+    floor = fp32["accuracy"] - TASK_FLOORS[fmt]
+    same = sum(r["answer"] == a for r, a in zip(result["records"], fp32["answers"], strict=True))
+    failures = []
+    if not result["accuracy"] >= floor - 1e-9:
+        failures.append(f"task accuracy {result['accuracy']:.4f} < fp32 {fp32['accuracy']:.4f} - {TASK_FLOORS[fmt]}")
+    return {"task": fp32["task"], "questions": len(fp32["items"]), "accuracy": result["accuracy"],
+            "fp32_accuracy": fp32["accuracy"], "max_drop": TASK_FLOORS[fmt], "by_kind": result["by_kind"],
+            "fp32_by_kind": fp32["by_kind"], "same_answers": same / len(fp32["items"]), "failures": failures}
+
+
 __all__ = [
-    "AccuracyGateFailed", "DEFAULT_NEW_TOKENS", "GATE_FLOORS", "GateReference", "TARGET_COS",
-    "compute_reference", "evaluate", "floors_for", "judge",
+    "AccuracyGateFailed", "DEFAULT_NEW_TOKENS", "GATE_FLOORS", "GateReference", "TARGET_COS", "TASK_FLOORS",
+    "compute_reference", "evaluate", "floors_for", "fp32_task_answers", "judge", "run_gate", "task_metrics",
 ]
