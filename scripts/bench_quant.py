@@ -3,7 +3,7 @@
 Builds the text model of attanchor_export.load.tiny_random.tinyllava_1b_config() (LlamaForCausalLM, hidden 2048,
 22 layers, 32 heads / 4 KV heads, intermediate 5632, vocab 32064: ~1.1 B parameters) with random weights,
 exports decoder.onnx fp32 with the artifact exporter (export_decoder), quantizes it int4 weight-only
-with quantize.py's MatMulNBits path (the form the onnxruntime backend opens) and measures, in one run:
+with precision.weights' MatMulNBits path (the form the onnxruntime backend opens) and measures, in one run:
 
 - file size: int4 decoder.onnx + .data vs fp32 (target <= 0.3x);
 - decode tokens/s, batch 1, after a `--prompt-len` prefill, `--threads` intra-op threads (target >= 3x),
@@ -65,20 +65,20 @@ def build_and_export(folder: Path, layers: int | None, opset: int) -> tuple[Path
 
 def quantize_int4(src: Path, dst: Path, block_size: int, quantize_lm_head: bool, accuracy_level: int | None) -> dict:
     import onnx
+    from attanchor_graphs.onnx_utils import name_nodes
 
-    from attanchor_export.precision.quantize import (
-        _name_nodes,
-        _normalize_linears,
+    from attanchor_export.precision.quantize import save_model
+    from attanchor_export.precision.weights import (
         count_quantized,
         linear_matmuls,
+        normalize_linears,
         quantize_weights_nbits,
-        save_model,
     )
 
     t0 = time.perf_counter()
     model = onnx.load(str(src))
-    _name_nodes(model.graph)
-    _normalize_linears(model.graph)
+    name_nodes(model.graph)
+    normalize_linears(model.graph)
     names, _ = linear_matmuls(model.graph, quantize_lm_head)
     model = quantize_weights_nbits(model, names, 4, block_size, symmetric=False, qdq=False,
                                    accuracy_level=accuracy_level or None)
@@ -96,43 +96,36 @@ class DecodeBench:
     """One session, prefilled once; `round()` times `steps` cached decode steps from that prefill."""
 
     def __init__(self, path: Path, dims, threads: int, prompt_len: int):
+        from attanchor_runtime.decoder_feeds import Step, empty_past, past_names, prefill_feeds
         from attanchor_runtime.sessions import ort_session
 
-        from attanchor_export.trace.specs import kv_names
-
-        self.dims, self.names = dims, kv_names(dims.num_layers, "past_key_values")
+        self.names = past_names(dims.num_layers)
         t0 = time.perf_counter()
         self.session = ort_session(path, threads=threads)
         self.load_s = time.perf_counter() - t0
         rng = np.random.default_rng(0)
-        empty = np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), np.float32)
-        feeds = {
-            "inputs_embeds": rng.standard_normal((1, prompt_len, dims.hidden_size)).astype(np.float32),
-            "attention_mask": np.ones((1, prompt_len), np.int64),
-            "position_ids": np.arange(prompt_len, dtype=np.int64)[None],
-            **{n: empty for n in self.names},
-        }
+        mask, positions = np.ones((1, prompt_len), np.int64), np.arange(prompt_len, dtype=np.int64)[None]
+        past = empty_past({"num_layers": dims.num_layers, "num_kv_heads": dims.num_kv_heads,
+                           "head_dim": dims.head_dim}, 1)
+        feeds = prefill_feeds(rng.standard_normal((1, prompt_len, dims.hidden_size)).astype(np.float32),
+                              mask, positions, past)
         self.session.run(None, feeds)  # warm-up (allocations, prepacking)
         t0 = time.perf_counter()
         outs = self.session.run(None, feeds)
         self.prefill_s = time.perf_counter() - t0
-        self.past, self.prompt_len = outs[1:], prompt_len
+        self.past, self.after_prefill = outs[1:], Step.after_prefill(mask, positions)
         self.step_embeds = rng.standard_normal((64, 1, 1, dims.hidden_size)).astype(np.float32)
         self.round(2)  # warm the decode path
 
     def round(self, steps: int) -> list[float]:
-        past, pos, times = self.past, self.prompt_len, []
-        for step in range(steps):
-            feeds = {
-                "inputs_embeds": self.step_embeds[step % len(self.step_embeds)],
-                "attention_mask": np.ones((1, pos + 1), np.int64),
-                "position_ids": np.array([[pos]], np.int64),
-                **dict(zip(self.names, past)),
-            }
+        past, step, times = self.past, self.after_prefill, []
+        for i in range(steps):
+            step = step.advance()
+            feeds = step.feeds(self.step_embeds[i % len(self.step_embeds)], self.names, past)
             t0 = time.perf_counter()
             outs = self.session.run(None, feeds)
             times.append(time.perf_counter() - t0)
-            past, pos = outs[1:], pos + 1
+            past = outs[1:]
         return times
 
 
