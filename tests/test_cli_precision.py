@@ -1,4 +1,4 @@
-"""Issue 5 through the CLI: gated quantized exports, `check` on them, and --trt without a GPU."""
+"""Reduced precision through the CLI: gated quantized exports, `check` on them, and --trt without a GPU."""
 
 from __future__ import annotations
 

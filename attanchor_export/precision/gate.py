@@ -52,7 +52,7 @@ GATE_FLOORS: dict[str, dict[str, float]] = {
     "int4": {"cos_mean": 0.90, "top1": 0.45, "vision_cos_mean": 0.95},
 }
 # Task accuracy (where a task set is given, always for tiny-vqa): the most a format may lose against the
-# fp32 artifact on the same questions (fractions: 0.02 = 2 points), the targets of issue 9 / DESIGN.md.
+# fp32 artifact on the same questions (fractions: 0.02 = 2 points), the targets in DESIGN.md.
 TASK_FLOORS: dict[str, float] = {"fp16": 0.01, "int8": 0.01, "int4": 0.02}
 TASK_GATE_QUESTIONS = 200  # a fixed random subset of the task's test questions
 TARGET_COS = 0.99  # TensorRT-Edge-LLM's gate; reported as `meets_target`, not enforced for int4
