@@ -25,21 +25,34 @@ def checkpoint_weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
+def release_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and peak RSS is what users pay)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
 class ExportCost:
     def __init__(self) -> None:
         self.started = time.perf_counter()
+        self.checkpoint: dict = {}
 
-    def to_json(self, artifact: Path, loaded=None) -> dict:
+    def record_checkpoint(self, loaded) -> None:
+        params = sum(p.numel() for p in loaded.model.parameters())
+        self.checkpoint = {"parameters": params, "fp32_weight_bytes": 4 * params,
+                           "checkpoint_weight_bytes": checkpoint_weight_bytes(loaded.folder)}
+
+    def to_json(self, artifact: Path) -> dict:
         out = {
             "seconds": round(time.perf_counter() - self.started, 1),
             "peak_rss_bytes": peak_rss_bytes(),
             "artifact_bytes": sum(p.stat().st_size for p in Path(artifact).rglob("*") if p.is_file()),
+            **self.checkpoint,
         }
-        if loaded is not None:
-            params = sum(p.numel() for p in loaded.model.parameters())
-            out["parameters"] = params
-            out["fp32_weight_bytes"] = 4 * params
-            out["checkpoint_weight_bytes"] = checkpoint_weight_bytes(loaded.folder)
+        if self.checkpoint:
             out["peak_rss_over_fp32_weights"] = round(out["peak_rss_bytes"] / max(1, out["fp32_weight_bytes"]), 2)
         return out
 

@@ -19,7 +19,7 @@ from attanchor_runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, write_m
 from attanchor_export import __version__
 from attanchor_export.artifact import check_target, staging_folder
 from attanchor_export.errors import ExportError, ValidationFailed
-from attanchor_export.export_cost import ExportCost
+from attanchor_export.export_cost import ExportCost, release_heap
 from attanchor_export.load.checkpoint import load_checkpoint, locate
 from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, MODES, ExportOptions
 from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
@@ -174,6 +174,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
     with steps("load checkpoint"):
         loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code)
         tokenizer = _load_tokenizer(loaded)
+        cost.record_checkpoint(loaded)
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
         sections = {"image_preprocessing": _image_section(loaded), "text": _text_section(loaded, tokenizer)}
     options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
@@ -189,11 +190,13 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         data = _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations)
         result = ExportResult(folder=options.output, manifest=data)
         if options.validate:
-            _validate(loaded, staging, data, options, steps, result, cost)
+            _validate(loaded, staging, data, options, steps, result, cost)  # frees the model halfway
+        else:
+            _free_model(loaded)
         if options.dtype != "fp32" or options.quant != "none":
             _quantize(staging, data, options, steps, cost)
         with steps("write manifest (sizes and sha256 of every file)"):
-            _write_final_manifest(staging.path, data, cost, loaded)
+            _write_final_manifest(staging.path, data, cost)
     return result
 
 
@@ -302,14 +305,20 @@ def _draft(folder: Path, data: dict) -> Manifest:
 
 def _validate(loaded, staging, data: dict, options: ExportOptions, steps, result: ExportResult,
               cost: ExportCost) -> None:
-    from attanchor_export.checks.parity import validate_graphs
+    from attanchor_export.checks.parity import compare_to_reference, compute_reference
 
+    draft = _draft(staging.path, data)
     with steps("validate against PyTorch"):
-        checks = validate_graphs(loaded, _draft(staging.path, data), atol=options.atol)
+        # PyTorch first, then the model is freed before onnxruntime opens the same weights: the two never
+        # sit in memory side by side.
+        reference = compute_reference(loaded, draft)
+        _free_model(loaded)
+        checks = compare_to_reference(reference, draft, atol=options.atol)
     result.checks, result.passed = checks, all(c.passed for c in checks)
-    data["validation"] = {"atol": options.atol, "passed": result.passed, "checks": [c.to_json() for c in checks]}
+    data["validation"] = {"atol": options.atol, "passed": result.passed, **reference.method,
+                          "checks": [c.to_json() for c in checks]}
     if not result.passed:
-        _write_final_manifest(staging.path, data, cost, loaded)
+        _write_final_manifest(staging.path, data, cost)
         failed_folder = staging.fail()
         raise ValidationFailed(
             f"validation failed: {sum(not c.passed for c in checks)} of {len(checks)} checks; "
@@ -331,15 +340,24 @@ def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCo
         )
     except AccuracyGateFailed as e:
         data["precision"] = e.precision or data["precision"]
-        _write_final_manifest(staging.path, data, cost, None)
+        _write_final_manifest(staging.path, data, cost)
         failed_folder = staging.fail()
         raise AccuracyGateFailed(f"{e}; the artifact is kept for inspection at {failed_folder}",
                                  results=e.results, precision=e.precision) from None
     data["precision"] = update["precision"]
 
 
-def _write_final_manifest(folder: Path, data: dict, cost: ExportCost, loaded) -> None:
-    data["export"] = cost.to_json(folder, loaded)
+def _free_model(loaded) -> None:
+    """Drop the torch model (the export needs only its outputs from here on) and give the heap back."""
+    import gc
+
+    loaded.model = None
+    gc.collect()
+    release_heap()
+
+
+def _write_final_manifest(folder: Path, data: dict, cost: ExportCost) -> None:
+    data["export"] = cost.to_json(folder)
     write_manifest(folder, data)
 
 

@@ -190,15 +190,26 @@ def test_mistral_decoder_exports_and_matches(checkpoint, tmp_path):
 
 
 def test_manifest_written_once_with_export_cost(checkpoint, tmp_path, monkeypatch):
-    """Every file is hashed once, at the end; the manifest says what the export cost."""
+    """Every file is hashed once, at the end; the torch model is gone before the artifact runs; the manifest
+    says how it was validated and what the export cost."""
+    import attanchor_export.checks.parity as parity
     import attanchor_export.exporter as exporter_module
 
-    calls = []
+    calls, model_at_compare = [], []
     real = exporter_module.write_manifest
     monkeypatch.setattr(exporter_module, "write_manifest", lambda folder, data: (calls.append(folder), real(folder, data)))
+    real_compare, real_reference = parity.compare_to_reference, parity.compute_reference
+    loaded_seen = []
+    monkeypatch.setattr(parity, "compute_reference",
+                        lambda loaded, *a, **k: (loaded_seen.append(loaded), real_reference(loaded, *a, **k))[1])
+    monkeypatch.setattr(parity, "compare_to_reference",
+                        lambda *a, **k: (model_at_compare.append(loaded_seen[0].model), real_compare(*a, **k))[1])
     out = tmp_path / "art"
     result = exporter_module.export_artifact(str(checkpoint("clip-llama")), exporter_module.ExportOptions(output=out))
     assert result.passed and len(calls) == 1
+    # PyTorch's outputs first, then the model is dropped before onnxruntime loads the same weights.
+    assert model_at_compare == [None]
+    assert read_manifest(out)["validation"]["method"] == "pytorch-reference-first"
     cost = read_manifest(out)["export"]
     assert cost["peak_rss_bytes"] > 50 << 20  # the interpreter, torch and onnxruntime at least
     assert cost["parameters"] > 0 and cost["fp32_weight_bytes"] == 4 * cost["parameters"]

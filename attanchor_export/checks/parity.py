@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from attanchor_runtime.decoder_feeds import Step, empty_past, past_names, prefill_feeds
 from attanchor_runtime.sessions import ort_session
 
 from attanchor_export.checks.torch_reference import anchored_inputs
@@ -104,63 +105,169 @@ def _pixels(dims, batch, rng) -> np.ndarray:
     return rng.standard_normal((batch, 3, dims["image_size"], dims["image_size"])).astype(np.float32)
 
 
-def validate_graphs(loaded, manifest, atol: float = 1e-4, seed: int = 1234) -> list[CheckResult]:
+# Present KV kept for comparison: every layer while they fit in this many bytes, else the first,
+# middle and last layers (their logits still depend on all layers), so a 7B reference stays small.
+PRESENT_BUDGET_BYTES = 256 << 20
+
+
+@dataclass
+class DecoderCall:
+    feeds: dict  # inputs_embeds, attention_mask, position_ids of this call (the past is each side's own)
+    logits: np.ndarray
+    present: dict  # layer index -> (key, value) of the kept layers
+    valid_q: np.ndarray  # [B, S]: real (unpadded) query rows
+
+
+@dataclass
+class ParityCase:
+    label: str
+    ids: np.ndarray
+    text_mask: np.ndarray
+    threshold: float
+    features: np.ndarray  # the PyTorch tower's image features (fed to embedding.onnx, as before)
+    anchored: tuple  # reference inputs_embeds, attention_mask, position_ids, gather_index
+    calls: list  # prefill, decode1, decode2
+
+
+@dataclass
+class ParityReference:
+    """Everything PyTorch says about the validation inputs; enough to judge the artifact without the model."""
+
+    vision: list  # (case, pixels, reference features)
+    cases: list
+    kept_layers: list
+    method: dict
+
+
+def compute_reference(loaded, manifest, seed: int = 1234) -> ParityReference:
+    """PyTorch outputs for every validation input (vision, anchored inputs, three decoder calls per case)."""
     dims, anchor = manifest.dims, manifest.anchor
     rng = np.random.default_rng(seed)
-    vision = ort_session(manifest.graph_path("vision"))
-    embedding = ort_session(manifest.graph_path("embedding"))
-    decoder = ort_session(manifest.graph_path("decoder"))
     vision_module = loaded.adapter.vision_tower_and_projector(loaded.model).eval()
     module = DecoderWithCache(loaded.adapter.language_model(loaded.model), loaded.adapter.lm_head(loaded.model),
                               dims["num_layers"])
     torch_decoder = TorchSession(module, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
     pool = token_pool(manifest)
     table = loaded.adapter.embed_tokens(loaded.model).weight.detach().float().numpy() if pool is not None else None
+    kept = _kept_layers(dims, longest=13 + dims["image_tokens"] + 3, batch=3)
+    reference = ParityReference([], [], kept, {
+        "method": "pytorch-reference-first", "present_layers": "all" if len(kept) == dims["num_layers"] else kept,
+    })
+    # Lengths and thresholds differ from the tracer's (batch 2, seq 5, past 3).
+    threshold_grid = sorted({float(anchor["threshold"]), 2.0})
+    for case, lengths in (("batch1", [11]), ("batch3-ragged", [7, 13, 10])):
+        pixels = _pixels(dims, len(lengths), rng)
+        with torch.no_grad():
+            features = vision_module(torch.from_numpy(pixels)).numpy()
+        reference.vision.append((case, pixels, features))
+        ids, text_mask = make_prompts(dims, rng, lengths, pool)
+        for threshold in threshold_grid:
+            anchored = tuple(np.asarray(t) for t in anchored_inputs(
+                loaded, ids, text_mask, pixels, threshold, mode=anchor["mode"], max_anchors=anchor["max_anchors"]))
+            calls = _reference_calls(torch_decoder, dims, anchored[:3], kept, rng, pool, table)
+            reference.cases.append(ParityCase(f"{case} thr={threshold:g}", ids, text_mask, threshold, features,
+                                              anchored, calls))
+    return reference
+
+
+def _kept_layers(dims, longest: int, batch: int) -> list[int]:
+    layers = dims["num_layers"]
+    per_layer = 2 * batch * dims["num_kv_heads"] * (longest + 2) * dims["head_dim"] * 4
+    if per_layer * layers <= PRESENT_BUDGET_BYTES:
+        return list(range(layers))
+    return sorted({0, layers // 2, layers - 1})
+
+
+def _reference_calls(torch_decoder, dims, prefill, kept, rng, pool, table) -> list[DecoderCall]:
+    """Prefill the anchored prompt, then two cached steps on PyTorch's own cache. The step embeddings
+    are real table rows (random ones without a token pool), drawn here so the artifact gets the same."""
+    embeds, mask, pos = prefill
+    batch, layers = embeds.shape[0], dims["num_layers"]
+    names = past_names(layers)
+    feeds = prefill_feeds(embeds, mask, pos, empty_past(dims, batch))
+    step = Step.after_prefill(mask, pos)
+    calls = []
+    for i in range(3):
+        outs = torch_decoder.run(None, feeds)
+        call_feeds = {k: feeds[k] for k in ("inputs_embeds", "attention_mask", "position_ids")}
+        width = feeds["inputs_embeds"].shape[1]
+        calls.append(DecoderCall(call_feeds, outs[0], {j: (outs[1 + 2 * j], outs[2 + 2 * j]) for j in kept},
+                                 feeds["attention_mask"][:, -width:].astype(bool)))
+        if table is not None:  # embeddings of real tokens, as decode steps see them
+            step_embeds = table[rng.choice(pool, size=batch)][:, None, :].astype(np.float32)
+        else:
+            step_embeds = rng.standard_normal((batch, 1, dims["hidden_size"])).astype(np.float32)
+        if i == 2:  # the third draw is unused; kept so the inputs of later cases stay as they were
+            break
+        step = step.advance()
+        feeds = step.feeds(step_embeds, names, outs[1:])
+    return calls
+
+
+def compare_to_reference(reference: ParityReference, manifest, atol: float = 1e-4) -> list[CheckResult]:
+    """Run the artifact's graphs (onnxruntime, CPU) on the reference's inputs and judge every output."""
+    dims = manifest.dims
+    vision = ort_session(manifest.graph_path("vision"))
+    embedding = ort_session(manifest.graph_path("embedding"))
+    decoder = ort_session(manifest.graph_path("decoder"))
     results: list[CheckResult] = []
 
     def record(graph, case, metric, value, limit):
         results.append(CheckResult(graph, case, metric, float(value), float(limit), bool(value <= limit)))
 
-    # Lengths and thresholds differ from the tracer's (batch 2, seq 5, past 3).
-    threshold_grid = sorted({float(anchor["threshold"]), 2.0})
-    cases = [("batch1", [11]), ("batch3-ragged", [7, 13, 10])]
-    for case, lengths in cases:
-        pixels = _pixels(dims, len(lengths), rng)
-        with torch.no_grad():
-            ref_features = vision_module(torch.from_numpy(pixels)).numpy()
+    for case_name, pixels, ref_features in reference.vision:
         (features,) = vision.run(["image_features"], {"pixel_values": pixels})
-        record("vision", case, "max_abs_diff", _max_diff(features, ref_features), atol)
-
-        ids, text_mask = make_prompts(dims, rng, lengths, pool)
-        for threshold in threshold_grid:
-            label = f"{case} thr={threshold:g}"
-            ref = anchored_inputs(
-                loaded, ids, text_mask, pixels, threshold, mode=anchor["mode"], max_anchors=anchor["max_anchors"]
-            )
-            ref_embeds, ref_mask, ref_pos, ref_index = (np.asarray(t) for t in ref)
-            feeds = {
-                "input_ids": ids,
-                "text_attention_mask": text_mask,
-                "image_features": ref_features,
-                "threshold": np.array(threshold, np.float32),
-            }
+        record("vision", case_name, "max_abs_diff", _max_diff(features, ref_features), atol)
+        for case in (c for c in reference.cases if c.label.startswith(case_name + " ")):
+            ref_embeds, ref_mask, ref_pos, ref_index = case.anchored
+            feeds = {"input_ids": case.ids, "text_attention_mask": case.text_mask,
+                     "image_features": case.features, "threshold": np.array(case.threshold, np.float32)}
             embeds, mask, pos, index = embedding.run(
-                ["inputs_embeds", "attention_mask", "position_ids", "gather_index"], feeds
-            )
+                ["inputs_embeds", "attention_mask", "position_ids", "gather_index"], feeds)
             same_layout = index.shape == ref_index.shape and (index == ref_index).all() and (mask == ref_mask).all()
-            record("embedding", label, "anchor_index_mismatch", 0 if same_layout else 1, 0)
+            record("embedding", case.label, "anchor_index_mismatch", 0 if same_layout else 1, 0)
             if not same_layout:
                 continue
-            record("embedding", label, "position_ids_mismatch", int((pos != ref_pos).sum()), 0)
-            record("embedding", label, "max_abs_diff", _max_diff(embeds, ref_embeds), atol)
-            results.extend(_check_decoder(torch_decoder, decoder, dims, label, ref_embeds, ref_mask, ref_pos, atol,
-                                          rng, pool, table))
+            record("embedding", case.label, "position_ids_mismatch", int((pos != ref_pos).sum()), 0)
+            record("embedding", case.label, "max_abs_diff", _max_diff(embeds, ref_embeds), atol)
+            results.extend(_compare_decoder(decoder, dims, case, reference.kept_layers, atol))
     return results
+
+
+def _compare_decoder(decoder, dims, case: ParityCase, kept: list[int], atol: float) -> list[CheckResult]:
+    """The artifact's decoder on the reference's feeds, each call on the artifact's own cache; logits
+    and present KV compared on real (unpadded) positions only."""
+    results = []
+    names = past_names(dims["num_layers"])
+    past = empty_past(dims, case.calls[0].feeds["inputs_embeds"].shape[0])
+    for step, call in zip(("prefill", "decode1", "decode2"), case.calls):
+        outs = decoder.run(None, {**call.feeds, **past})
+        logits = outs[0]
+        ref_logits = call.logits[:, -logits.shape[1]:]  # last-logits-only graphs return one position
+        valid_q = call.valid_q[:, -logits.shape[1]:]
+        valid_kv = call.feeds["attention_mask"].astype(bool)[:, None, :, None]
+        kv_diff = max(
+            _max_diff(got, want, np.broadcast_to(valid_kv, got.shape))
+            for j in kept
+            for got, want in zip((outs[1 + 2 * j], outs[2 + 2 * j]), call.present[j])
+        )
+        logits_diff = _max_diff(logits, ref_logits, valid_q)
+        limit = logits_limit(atol, ref_logits[valid_q])
+        label = f"{case.label} {step}"
+        results.append(CheckResult("decoder", label, "logits_max_abs_diff", logits_diff, limit, logits_diff <= limit))
+        results.append(CheckResult("decoder", label, "present_max_abs_diff", kv_diff, atol, kv_diff <= atol))
+        past = dict(zip(names, outs[1:]))
+    return results
+
+
+def validate_graphs(loaded, manifest, atol: float = 1e-4, seed: int = 1234) -> list[CheckResult]:
+    """Graph parity in one call (the `check` verb); export runs the two halves with the model freed between."""
+    return compare_to_reference(compute_reference(loaded, manifest, seed), manifest, atol)
 
 
 class TorchSession:
     """A torch module behind onnxruntime's `run(names, feeds)`: the same feeds go to both sides of a
-    comparison (graph parity here, the accuracy gate of a quantized artifact in checks.py)."""
+    comparison (graph parity here, the accuracy gate of a quantized artifact in recheck.py)."""
 
     def __init__(self, module, input_names: list[str], flat_past: int = 0):
         self.module, self.input_names, self.flat_past = module.eval(), input_names, flat_past
@@ -174,49 +281,6 @@ class TorchSession:
             outs = self.module(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         return [o.numpy() for o in outs]
-
-
-def _check_decoder(torch_decoder, decoder, dims, label, embeds, mask, pos, atol, rng, pool=None, table=None
-                   ) -> list[CheckResult]:
-    """Prefill the anchored prompt, then decode two tokens on top of its cache: both through ORT and
-    torch, comparing logits and present KV on real (unpadded) positions only."""
-    results = []
-    layers, batch = dims["num_layers"], embeds.shape[0]
-    empty = np.zeros((batch, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
-    past = [(empty, empty)] * layers
-    step_embeds, step_mask, step_pos = embeds, mask, pos
-    full_mask = mask
-    for step in ("prefill", "decode1", "decode2"):
-        feeds = {"inputs_embeds": step_embeds, "attention_mask": full_mask, "position_ids": step_pos}
-        for name, tensor in zip(kv_names(layers, "past_key_values"), (t for kv in past for t in kv)):
-            feeds[name] = tensor
-        outs = decoder.run(None, feeds)
-        logits, present = outs[0], list(zip(outs[1::2], outs[2::2]))
-        ref = torch_decoder.run(None, feeds)
-        ref_logits, ref_present = ref[0], list(zip(ref[1::2], ref[2::2]))
-        ref_logits = ref_logits[:, -logits.shape[1] :]  # last-logits-only graphs return one position
-        valid_q = step_mask[:, -logits.shape[1] :].astype(bool)
-        valid_kv = full_mask.astype(bool)[:, None, :, None]
-        kv_diff = max(
-            _max_diff(a, b, np.broadcast_to(valid_kv, a.shape))
-            for pair, ref_pair in zip(present, ref_present)
-            for a, b in zip(pair, ref_pair)
-        )
-        logits_diff = _max_diff(logits, ref_logits, valid_q)
-        limit = logits_limit(atol, ref_logits[valid_q])
-        results.append(CheckResult("decoder", f"{label} {step}", "logits_max_abs_diff", logits_diff, limit, logits_diff <= limit))
-        results.append(CheckResult("decoder", f"{label} {step}", "present_max_abs_diff", kv_diff, atol, kv_diff <= atol))
-        # Next step: one fresh embedding per row at the next position, against ORT's own cache
-        # (torch recomputes from the same past, so both sides see identical inputs).
-        past = present
-        if table is not None:  # embeddings of real tokens, as decode steps see them
-            step_embeds = table[rng.choice(pool, size=batch)][:, None, :].astype(np.float32)
-        else:
-            step_embeds = rng.standard_normal((batch, 1, dims["hidden_size"])).astype(np.float32)
-        step_pos = (step_pos.max(axis=1, keepdims=True) + 1).astype(np.int64)
-        step_mask = np.ones((batch, 1), np.int64)
-        full_mask = np.concatenate([full_mask, step_mask], axis=1)
-    return results
 
 
 def validate_end_to_end(loaded, manifest, max_new_tokens: int = 12, seed: int = 99) -> list[CheckResult]:
