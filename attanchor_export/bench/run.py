@@ -129,13 +129,8 @@ def run_bench(
     weight_bytes, row_bytes = _bytes_read_per_token(manifest)
     say("allocate the bandwidth probe")
     probe = BandwidthProbe(bandwidth_bytes)
-    torch_runner = None
-    if compare_torch:
-        say("load transformers model")
-        torch_runner = TorchRunner(manifest, threads)
-        for _ in range(warmup):
-            torch_runner.once(inputs.rows[0], inputs.pixels, max_new_tokens, threshold)
-
+    torch_runner = _load_torch(manifest, threads, inputs, max_new_tokens, threshold, warmup, say) \
+        if compare_torch else None
     try:
         runs = _measure(pipe, torch_runner, inputs, max_new_tokens, threshold, repeats, quiet_wait, probe,
                         weight_bytes + row_bytes, say)
@@ -221,6 +216,14 @@ def _bytes_read_per_token(manifest) -> tuple[int, int]:
     table = manifest.data["embed_table"]
     row_bytes = int(table["shape"][1]) * np.dtype(table["dtype"]).itemsize
     return decoder_weight_bytes(manifest.graph_path("decoder")), row_bytes
+
+
+def _load_torch(manifest, threads, inputs: _Inputs, max_new_tokens, threshold, warmup, say) -> TorchRunner:
+    say("load transformers model")
+    runner = TorchRunner(manifest, threads)
+    for _ in range(warmup):
+        runner.once(inputs.rows[0], inputs.pixels, max_new_tokens, threshold)
+    return runner
 
 
 @dataclass
