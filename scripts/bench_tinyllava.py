@@ -85,8 +85,8 @@ def export_child(checkpoint: str, output: str) -> None:
           flush=True)
     manifest = Manifest.load(output, verify="none")
     if not (manifest.data.get("optimizations") or {}).get("decoder"):
-        # The exporter of this checkout does not optimise yet: do it here, checked against the graph
-        # that was just validated against PyTorch.
+        # An artifact exported with --no-optimize: rewrite it here, checked against the graph that was
+        # just validated against PyTorch.
         with steps("optimize decoder graph (+ parity vs the validated graph)"):
             report = optimize_decoder(manifest.graph_path("decoder"), manifest.dims, check=True)
         print(f"  optimize: {report['attention']['layers']} attention layers rewritten, parity "

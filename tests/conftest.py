@@ -6,21 +6,11 @@ lock, so a 2-worker CI run exports each artifact once, not once per worker.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-# (family, mode, max_anchors): both families, both modes, with and without a budget.
-ARTIFACTS = {
-    "clip-t2i": ("clip-llama", "t2i", None),
-    "clip-i2t-k6": ("clip-llama", "i2t", 6),
-    "siglip-t2i-k4": ("siglip-qwen2", "t2i", 4),
-    "siglip-i2t": ("siglip-qwen2", "i2t", None),
-}
+from helpers import ARTIFACTS, locked
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +21,6 @@ def shared_dir(tmp_path_factory, worker_id) -> Path:
     path = root / "shared"
     path.mkdir(exist_ok=True)
     return path
-
-
-@contextmanager
-def locked(path: Path):
-    """Exclusive lock beside `path`: one xdist worker builds it, the others wait and reuse it."""
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _checkpoint(shared_dir: Path, family: str) -> Path:
@@ -84,7 +66,3 @@ def workdir(artifact, tmp_path):
         return dst
 
     return copy
-
-
-def read_manifest(folder: Path) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text())

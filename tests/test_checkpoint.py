@@ -22,9 +22,8 @@ EXPECTED = {  # family -> (M image tokens, image size, tied lm_head)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request, tmp_path_factory):
-    family = request.param
-    return family, make_tiny_llava(tmp_path_factory.mktemp(family) / "model", family)
+def tiny(request, checkpoint):
+    return request.param, checkpoint(request.param)
 
 
 def test_load_tiny_folder(tiny):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import read_manifest
+from helpers import read_manifest
 
 from attanchor_export.cli import main
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import ARTIFACTS, read_manifest
+from helpers import ARTIFACTS, read_manifest
 
 from attanchor_export.cli import main
 

@@ -1,4 +1,4 @@
-"""Issue 10: current transformers without deprecation noise. The KV cache goes in under the name the
+"""Current transformers without deprecation noise. The KV cache goes in under the name the
 installed decoders take (`cache` in 5.2x, `past_key_values` before), and `--quiet` keeps library
 warnings off the terminal."""
 

@@ -1,4 +1,4 @@
-"""Issue 10: `--adapter` merges a peft LoRA adapter before export; check re-applies it; a wrong one fails
+"""`--adapter` merges a peft LoRA adapter before export; check re-applies it; a wrong one fails
 with one line. The LoRA weights are random (init_lora_weights=False), so the adapter changes the logits."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import read_manifest
+from helpers import read_manifest
 
 from attanchor_export.cli import main
 from attanchor_export.errors import CheckpointError

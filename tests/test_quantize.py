@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import read_manifest
+from helpers import read_manifest
 from onnx import TensorProto, helper, numpy_helper
 
 from attanchor_export.errors import ExportError

@@ -1,4 +1,4 @@
-"""Issue 4: the torch-free Pipeline over an artifact: parity, inputs, guards, chat and stream."""
+"""The torch-free Pipeline over an artifact: parity, inputs, guards, chat and stream."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from attanchor_runtime import NumericsError, Pipeline, RuntimeInputError
-from conftest import read_manifest
+from helpers import read_manifest
 from PIL import Image
 
 

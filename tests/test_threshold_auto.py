@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import read_manifest
+from helpers import read_manifest
 
 from attanchor_export.cli import main
 

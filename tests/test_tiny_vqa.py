@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import locked, read_manifest
+from helpers import locked, read_manifest
 
 from attanchor_export.cli import main
 

@@ -215,7 +215,7 @@ def _bytes_read_per_token(manifest) -> tuple[int, int]:
     """(decoder weight bytes, bytes of one embedding-table row): what a decode step must read."""
     table = manifest.data["embed_table"]
     row_bytes = int(table["shape"][1]) * np.dtype(table["dtype"]).itemsize
-    return decoder_weight_bytes(manifest.graph_path("decoder")), row_bytes
+    return decoder_weight_bytes(manifest.path(manifest.graph_file("decoder", "ort"))), row_bytes
 
 
 def _load_torch(manifest, threads, inputs: _Inputs, max_new_tokens, threshold, warmup, say) -> TorchRunner:

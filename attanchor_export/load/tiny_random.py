@@ -5,12 +5,13 @@ model.safetensors, generation_config.json, tokenizer.json + tokenizer_config.jso
 processor_config.json (transformers 5 nests the image processor settings in it; there is no
 separate preprocessor_config.json) and chat_template.jinja. Nothing is downloaded.
 
-Two families cover the two vision-feature conventions of LLaVA:
+Three families; the first two cover LLaVA's two vision-feature conventions, the third a decoder:
   clip-llama    CLIP tower (has a CLS token) + Llama decoder, feature layer -2, strategy "default"
                 (CLS dropped), image 30 / patch 6 -> M = 25 image tokens; untied lm_head (like TinyLlama)
   siglip-qwen2  SigLIP tower (no CLS) + Qwen2 decoder (q/k/v bias), feature layer -1, strategy "full",
                 image 32 / patch 8 -> M = 16 image tokens; lm_head tied to the embeddings (like
                 Qwen2-0.5B), so exporters see a shared weight
+  clip-mistral  as clip-llama with a Mistral decoder (the LLaVA-1.6-Mistral family), no sliding window
 
 Weights are re-drawn from a seeded generator with a much larger std than transformers' 0.02 init:
 at 0.02 the decoder's output barely depends on its input and greedy decoding repeats one token.

@@ -32,6 +32,8 @@ import onnx
 from attanchor_graphs.onnx_utils import name_nodes
 
 from attanchor_export.errors import ExportError
+from attanchor_export.options import ARTIFACT_IR_VERSION as IR_VERSION
+from attanchor_export.options import BLOCK_SIZES, DTYPES, QUANTS
 from attanchor_export.precision.calibration import (
     ArtifactFrontEnd,
     DecoderCalibrationReader,
@@ -52,11 +54,7 @@ from attanchor_export.precision.weights import (
     trt_int4_block,
 )
 
-DTYPES = ("fp32", "fp16")
-QUANTS = ("none", "int8", "int4")
-BLOCK_SIZES = (32, 64, 128)
 FORMS = ("MatMulNBits", "QDQ")
-IR_VERSION = 10  # as the exporter writes (ARTIFACT_IR_VERSION): onnxruntime >= 1.18 and TensorRT 10 load it
 TRT_SUFFIX = ".trt.onnx"
 
 

@@ -6,6 +6,6 @@
 """
 
 from .errors import ArtifactError, NumericsError, RuntimeInputError
-from .pipeline import GenerateOutput, Pipeline
+from .pipeline import FrontEnd, GenerateOutput, Pipeline, Stream
 
-__all__ = ["ArtifactError", "GenerateOutput", "NumericsError", "Pipeline", "RuntimeInputError"]
+__all__ = ["ArtifactError", "FrontEnd", "GenerateOutput", "NumericsError", "Pipeline", "RuntimeInputError", "Stream"]
