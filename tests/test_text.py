@@ -8,15 +8,10 @@ import warnings
 
 import numpy as np
 import pytest
+from attanchor_runtime.chat_template import PromptFormatter, find_chat_template
 from attanchor_runtime.errors import ArtifactError, RuntimeInputError
-from attanchor_runtime.text import (
-    PromptFormatter,
-    TextProcessor,
-    check_single_image,
-    collapse_image_runs,
-    find_chat_template,
-    text_config_from_hf,
-)
+from attanchor_runtime.image_placeholders import check_single_image, collapse_image_runs
+from attanchor_runtime.text import TextProcessor, text_config_from_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,9 +19,9 @@ from attanchor_graphs.reference import anchor_pairs
 
 from .decoder_feeds import Step
 from .errors import NumericsError, RuntimeInputError
+from .image_placeholders import image_run_keep, image_run_starts
 from .manifest import Manifest
 from .sampling import Sampler
-from .text import image_run_keep, image_run_starts
 
 
 @dataclass

@@ -1,397 +1,35 @@
-"""Tokenizer, chat template and streaming detokenizer without transformers.
+"""`TextProcessor`: the tokenizer, the chat template and the stream decoder of one artifact, together.
 
-`TextProcessor` wraps a ``tokenizers.Tokenizer`` (tokenizer.json) plus the chat template and the
-special tokens, and reproduces what transformers does with the same files:
+It reproduces what transformers does with the same files:
 
 * ``encode(text)`` == ``AutoTokenizer.from_pretrained(folder)(text).input_ids``: the tokenizer.json
-  post-processor adds BOS/EOS. On load, as transformers' ``TokenizersBackend`` does, named special
-  tokens from tokenizer_config.json that tokenizer.json lacks are added as special tokens,
-  truncation/padding stored in tokenizer.json are switched off and ``split_special_tokens`` is honoured.
-  ``add_bos_token`` / ``add_eos_token`` in tokenizer_config.json are ignored, as transformers 5 ignores
-  them whenever a tokenizer.json exists: the tokenizer.json post-processor alone decides BOS/EOS. Ship the tokenizer.json written by transformers' ``save_pretrained`` (not a raw Hub copy):
-  some transformers 5 classes (LlamaTokenizer, ...) rebuild the normalizer / pre-tokenizer / decoder in
-  Python when they load, and only the saved file carries that rebuilt pipeline.
+  post-processor adds BOS/EOS; loading follows transformers 5 (:mod:`.tokenizer`).
 * ``decode(ids)`` == ``tokenizer.decode(ids, skip_special_tokens=True)`` including
   ``clean_up_tokenization_spaces`` (which transformers 5 ignores for BPE models).
 * ``format_chat(question)`` == ``processor.apply_chat_template(messages, add_generation_prompt=True)``
-  for one user turn ``[{"type": "image"}, {"type": "text", "text": question}]``, rendered with the same
-  sandboxed jinja2 environment (trim_blocks, lstrip_blocks, loopcontrols, ``{% generation %}``,
-  ``raise_exception``, ``strftime_now``, ``tojson``) and the special-token strings as variables.
-  Without a saved template the LLaVA-1.5 prompt ``USER: <image>\\n{question}\\nASSISTANT:`` is used.
+  for one user turn with one image (:mod:`.chat_template`).
+* ``prompt_ids(question)``: the rendered prompt, encoded, its image placeholder run collapsed to one
+  id (:mod:`.image_placeholders`).
+* ``stream_decoder()``: text pieces while generating (:mod:`.detokenize`).
 
-Module functions `collapse_image_runs` and `check_single_image` validate prompt ids.
+`text_config_from_hf` reads, at export time, what the manifest needs to rebuild a TextProcessor.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .chat_template import DEFAULT_IMAGE_TOKEN, PromptFormatter, find_chat_template, template_from_value
+from .detokenize import StreamDecoder
 from .errors import ArtifactError, RuntimeInputError
+from .image_placeholders import check_single_image, collapse_image_runs
+from .tokenizer import CLEANUP_BPE_KEY, clean_up_tokenization, load_tokenizer
 
-__all__ = [
-    "DEFAULT_IMAGE_TOKEN",
-    "LLAVA_PROMPT",
-    "LLAVA_TEXT_PROMPT",
-    "PromptFormatter",
-    "StreamDecoder",
-    "TextProcessor",
-    "check_single_image",
-    "collapse_image_runs",
-    "image_run_keep",
-    "image_run_starts",
-    "find_chat_template",
-    "render_chat_template",
-    "text_config_from_hf",
-]
-
-DEFAULT_IMAGE_TOKEN = "<image>"
-# LLaVA-1.5 / tiny-llava-v1-hf prompts, used when no chat template is saved.
-LLAVA_PROMPT = "USER: {image_token}\n{question}\nASSISTANT:"
-LLAVA_TEXT_PROMPT = "USER: {question}\nASSISTANT:"
-
-# transformers' SPECIAL_TOKENS_ATTRIBUTES; any other tokenizer_config key ending in "_token" whose value is a
-# token (e.g. "image_token") is a model-specific named special token in transformers 5.
-_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-_CLEANUP_BPE_KEY = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
-_CLEANUP = (
-    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
-)
-
-
-# ------------------------------------------------------------------------------------ image placeholders
-
-
-def collapse_image_runs(ids: Sequence[int] | np.ndarray, image_token_id: int) -> np.ndarray:
-    """1-D ids with every run of consecutive ``image_token_id`` replaced by a single one (int64).
-
-    HF processors expand ``<image>`` into M placeholder ids; the exported embedding graph takes one.
-    """
-    arr = np.asarray(ids, dtype=np.int64)
-    if arr.ndim != 1:
-        raise RuntimeInputError(f"expected a 1-D token id row, got shape {tuple(arr.shape)}")
-    return arr[image_run_keep(arr, image_token_id)]
-
-
-def image_run_keep(arr: np.ndarray, image_token_id: int) -> np.ndarray:
-    """Bool mask over a 1-D row: every id except the 2nd, 3rd, ... of each placeholder run."""
-    keep = arr != image_token_id
-    keep[image_run_starts(arr, image_token_id)] = True
-    return keep
-
-
-def image_run_starts(arr: np.ndarray, image_token_id: int) -> np.ndarray:
-    """Indices where a run of consecutive placeholders begins (a run counts as one image)."""
-    is_image = arr == image_token_id
-    starts = is_image.copy()
-    starts[1:] &= ~is_image[:-1]
-    return np.flatnonzero(starts)
-
-
-def check_single_image(ids_row: Sequence[int] | np.ndarray, image_token_id: int) -> int:
-    """Check a prompt row holds exactly one image placeholder (one run counts as one); return its index.
-
-    Raises RuntimeInputError naming the count otherwise. The index is that of the run's first id.
-    """
-    arr = np.asarray(ids_row)
-    if arr.ndim != 1:
-        raise RuntimeInputError(f"expected a 1-D token id row, got shape {tuple(arr.shape)}")
-    starts = image_run_starts(arr, image_token_id)
-    if starts.size != 1:
-        raise RuntimeInputError(
-            f"each prompt needs exactly one image placeholder (token id {image_token_id}), found {starts.size}"
-        )
-    return int(starts[0])
-
-
-# ----------------------------------------------------------------------------------------- chat template
-
-
-def _compile_template(template: str):
-    """A jinja2 template compiled the way transformers' chat templates are (utils/chat_template_utils.py)."""
-    import jinja2
-    import jinja2.ext
-    import jinja2.nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        # `{% generation %}...{% endgeneration %}` marks assistant text for masks; it renders its body.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    class TemplateDict:
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot store attribute {name!r} on a namespace")
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.globals["dict"] = TemplateDict()
-    env.globals["namespace"] = TemplateNamespace
-    return env.from_string(template)
-
-
-def render_chat_template(
-    template: str,
-    messages: list[dict[str, Any]],
-    *,
-    add_generation_prompt: bool = True,
-    special_tokens: Mapping[str, str] | None = None,
-    **kwargs: Any,
-) -> str:
-    """Render `template` as transformers' ``apply_chat_template(..., tokenize=False)`` does."""
-    variables = {**(special_tokens or {}), **kwargs}
-    return _compile_template(template).render(
-        messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
-    )
-
-
-def _template_from_value(value: Any, source: str) -> str | None:
-    """A chat template string from a tokenizer_config / chat_template.json value (str, list or dict)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)):  # [{"name": ..., "template": ...}, ...]
-        value = {item["name"]: item["template"] for item in value}
-    if isinstance(value, Mapping):
-        if "default" in value:
-            return value["default"]
-        if len(value) == 1:
-            return next(iter(value.values()))
-        raise ArtifactError(f"{source} has several chat templates ({', '.join(value)}) and none named 'default'")
-    raise ArtifactError(f"{source}: unsupported chat_template value of type {type(value).__name__}")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path} must hold a JSON object")
-    return data
-
-
-def find_chat_template(folder: str | os.PathLike) -> str | None:
-    """The chat template saved in `folder`, or None.
-
-    Order (processor files first, as transformers' processors resolve them): chat_template.jinja,
-    chat_template.json, processor_config.json, tokenizer_config.json.
-    """
-    folder = Path(folder)
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        path = folder / name
-        if path.is_file():
-            template = _template_from_value(_read_json(path).get("chat_template"), str(path))
-            if template is not None:
-                return template
-    return None
-
-
-class PromptFormatter:
-    """Renders one user turn (optionally with one image) plus the generation prompt.
-
-    ``template=None`` uses the LLaVA-1.5 prompt. ``special_tokens`` are the named special-token strings
-    transformers passes to templates (``{"bos_token": "<s>", "eos_token": "</s>", ...}``).
-    """
-
-    def __init__(
-        self,
-        template: str | None = None,
-        special_tokens: Mapping[str, str] | None = None,
-        image_token: str = DEFAULT_IMAGE_TOKEN,
-    ) -> None:
-        self.template = template
-        self.special_tokens = dict(special_tokens or {})
-        self.image_token = image_token
-        self._compiled = None
-        if template is not None:
-            try:
-                self._compiled = _compile_template(template)
-            except Exception as exc:  # jinja2.TemplateSyntaxError
-                raise ArtifactError(f"chat template does not compile: {exc}") from exc
-
-    @staticmethod
-    def messages(question: str, with_image: bool = True) -> list[dict[str, Any]]:
-        """The HF-style conversation `format_chat` renders."""
-        content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
-        content.append({"type": "text", "text": question})
-        return [{"role": "user", "content": content}]
-
-    def format_chat(self, question: str, with_image: bool = True) -> str:
-        if not isinstance(question, str):
-            raise RuntimeInputError(f"the question must be a string, got {type(question).__name__}")
-        if self._compiled is None:
-            if with_image:
-                return LLAVA_PROMPT.format(image_token=self.image_token, question=question)
-            return LLAVA_TEXT_PROMPT.format(question=question)
-        return self._compiled.render(
-            messages=self.messages(question, with_image),
-            tools=None,
-            documents=None,
-            add_generation_prompt=True,
-            **self.special_tokens,
-        )
-
-
-# --------------------------------------------------------------------------------------------- tokenizer
-
-
-def _token_content(value: Any) -> str | None:
-    """A special token from tokenizer_config.json: a string or a serialized AddedToken dict."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _special_tokens_from_config(config: Mapping[str, Any]) -> dict[str, str]:
-    """transformers 5 ``special_tokens_map`` from a tokenizer_config.json dict."""
-    out: dict[str, str] = {}
-    for key in _NAMED_SPECIAL_TOKENS:
-        token = _token_content(config.get(key))
-        if token is not None:
-            out[key] = token
-    for key, value in config.items():
-        if key.endswith("_token") and key not in out and key not in _NAMED_SPECIAL_TOKENS:
-            token = _token_content(value)
-            if token is not None:
-                out[key] = token
-    extra = config.get("extra_special_tokens")
-    if isinstance(extra, Mapping):
-        for key, value in extra.items():
-            token = _token_content(value)
-            if token is not None:
-                out.setdefault(key, token)
-    return out
-
-
-class StreamDecoder:
-    """Incremental detokenizer: ``push(token_id)`` returns the newly stable text (possibly "").
-
-    Each push decodes the ids so far and emits the part of the text past what was already emitted,
-    holding back a trailing U+FFFD (an incomplete UTF-8 sequence from byte-level or byte-fallback
-    pieces) and, when clean-up of tokenization spaces is on, everything from the last space (a later
-    token may remove it). ``flush()`` returns the rest at the end of generation, so
-    ``"".join(pieces) + flush() == decode(all ids)``.
-    """
-
-    def __init__(self, processor: TextProcessor, skip_special_tokens: bool = True) -> None:
-        self._processor = processor
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self._emitted = ""
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far."""
-        return self._emitted
-
-    def _stable_end(self, text: str) -> int:
-        end = len(text.rstrip("\ufffd"))
-        if self._processor.cleans_up_spaces:
-            space = text.rfind(" ", 0, end)
-            if space >= 0:
-                end = space
-        return end
-
-    def _open_byte_run(self) -> int:
-        """Start of the trailing run of byte-fallback pieces (``<0xNN>``), len(ids) if there is none.
-
-        Byte-fallback decoders turn a whole run of byte pieces into U+FFFD when the run is not valid
-        UTF-8, so a later byte can still change the text of earlier ones: the run stays held back.
-        Special tokens inside the run are skipped by the decoder, so they do not close it.
-        """
-        proc = self._processor
-        start = len(self.ids)
-        i = start - 1
-        while i >= 0:
-            token_id = self.ids[i]
-            if proc.is_byte_token(token_id):
-                start = i
-            elif not (self.skip_special_tokens and token_id in proc.special_ids):
-                break
-            i -= 1
-        return start
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self._processor.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        end = self._stable_end(text)
-        run = self._open_byte_run()
-        if run < len(self.ids):
-            before = self._processor.decode(self.ids[:run], skip_special_tokens=self.skip_special_tokens)
-            end = min(end, len(os.path.commonprefix([before, text])))
-        if end <= len(self._emitted) or not text.startswith(self._emitted):
-            return ""
-        piece = text[len(self._emitted) : end]
-        self._emitted += piece
-        return piece
-
-    def extend(self, token_ids: Iterable[int]) -> str:
-        return "".join(self.push(t) for t in token_ids)
-
-    def flush(self) -> str:
-        """The text held back so far (call once generation has ended)."""
-        text = self._processor.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if not text.startswith(self._emitted):
-            return ""
-        piece = text[len(self._emitted) :]
-        self._emitted = text
-        return piece
+__all__ = ["TextProcessor", "text_config_from_hf"]
 
 
 class TextProcessor:
@@ -459,36 +97,7 @@ class TextProcessor:
         Keyword arguments override what the folder says (the manifest stores the chat template and the
         special ids; pass them here).
         """
-        from tokenizers import AddedToken, Tokenizer, processors
-
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise ArtifactError(f"{folder} has no tokenizer.json")
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:
-            raise ArtifactError(f"cannot load {path}: {exc}") from exc
-        config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
-
-        # What transformers' TokenizersBackend.__init__ / _post_init do to the loaded backend.
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        if hasattr(tokenizer, "encode_special_tokens"):
-            tokenizer.encode_special_tokens = bool(config.get("split_special_tokens", False))
-        named = _special_tokens_from_config(config)
-        if special_tokens:
-            named.update(special_tokens)
-        added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-        missing = [tok for tok in dict.fromkeys(named.values()) if tok not in added]
-        if missing:
-            tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in missing])
-        if tokenizer.post_processor is None:
-            # transformers 5 ignores add_bos_token / add_eos_token from tokenizer_config.json when a
-            # tokenizer.json exists and installs a post-processor that adds nothing.
-            tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
-
+        tokenizer, config, named = load_tokenizer(folder, special_tokens)
         if chat_template is None:
             chat_template = find_chat_template(folder)
         return cls(
@@ -501,7 +110,7 @@ class TextProcessor:
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-            clean_up_bpe=bool(config.get(_CLEANUP_BPE_KEY, False)),
+            clean_up_bpe=bool(config.get(CLEANUP_BPE_KEY, False)),
         )
 
     # -- text <-> ids ------------------------------------------------------------------------------
@@ -565,8 +174,7 @@ class TextProcessor:
         ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         if self.cleans_up_spaces:
-            for old, new in _CLEANUP:
-                text = text.replace(old, new)
+            text = clean_up_tokenization(text)
         return text
 
     def batch_decode(self, rows: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
@@ -587,7 +195,7 @@ def text_config_from_hf(processor_or_tokenizer: Any) -> dict[str, Any]:
     """
     tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
     template = getattr(processor_or_tokenizer, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    template = _template_from_value(template, type(processor_or_tokenizer).__name__)
+    template = template_from_value(template, type(processor_or_tokenizer).__name__)
     special = {k: str(v) for k, v in dict(getattr(tokenizer, "special_tokens_map", {}) or {}).items() if v is not None}
     image_token = (
         getattr(processor_or_tokenizer, "image_token", None) or special.get("image_token") or DEFAULT_IMAGE_TOKEN
