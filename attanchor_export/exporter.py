@@ -99,7 +99,7 @@ def _text_section(loaded, tokenizer) -> dict:
 
 
 def _image_section(loaded) -> dict:
-    from attanchor_runtime.preprocess import preprocessing_config_from_hf
+    from attanchor_runtime.preprocess_from_hf import preprocessing_config_from_hf
     from transformers import AutoImageProcessor
 
     folder = loaded.processor_folder or loaded.folder

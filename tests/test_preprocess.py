@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import pytest
 from attanchor_runtime.errors import ArtifactError, RuntimeInputError
-from attanchor_runtime.preprocess import ImagePreprocessor, preprocessing_config_from_hf
+from attanchor_runtime.preprocess import ImagePreprocessor
+from attanchor_runtime.preprocess_from_hf import preprocessing_config_from_hf
 from PIL import Image
 
 transformers = pytest.importorskip("transformers")

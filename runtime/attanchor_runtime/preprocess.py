@@ -1,8 +1,8 @@
 """Image preprocessing in numpy + Pillow, matching the transformers CLIP / SigLIP image processors.
 
 The exporter derives a plain dict from the Hugging Face image processor with
-`preprocessing_config_from_hf` and stores it in manifest.json under ``"image_preprocessing"``;
-the runtime rebuilds the pipeline with `ImagePreprocessor.from_config`. Schema (all keys written
+`preprocessing_config_from_hf` (:mod:`.preprocess_from_hf`) and stores it in manifest.json under
+``"image_preprocessing"``; the runtime rebuilds the pipeline with `ImagePreprocessor.from_config`. Schema (all keys written
 by the exporter; a reader fills the flags it misses with the HF class defaults of ``kind``)::
 
     {
@@ -25,13 +25,7 @@ What is replicated (transformers 5.x PIL backend, `PilBackend` in image_processi
 is also what `CLIPImageProcessor` / `SiglipImageProcessor` / AutoImageProcessor fall back to when
 torchvision is not installed; transformers 4.x "slow" processors compute the same values):
 
-* Inputs. A path (str/Path) or bytes is decoded like ``transformers.image_utils.load_image``:
-  EXIF orientation applied, then ``convert("RGB")`` (alpha is *dropped*, not composited). A PIL
-  image is converted like ``image_transforms.convert_to_rgb``: images with an alpha band or a
-  ``transparency`` entry (RGBA, LA, PA, P with tRNS, ...) are alpha-composited onto white, others
-  go through ``convert("RGB")``; no EXIF transpose. A numpy HxWxC uint8 array: C=1 is repeated to
-  3 channels, C=4 is blended onto white in float64 and rounded (``np.round``), C=3 is kept;
-  an HxW array is treated as grayscale.
+* Inputs are converted to HxWx3 uint8 as transformers converts them (:mod:`.image_input`).
 * Resize through Pillow on the uint8 image (``Image.resize((w, h), resample)``). Shortest-edge
   size: the short side becomes S and the long side ``int(S * long / short)`` (truncated, not
   rounded, as torchvision's ``Resize``); an exactly square image becomes SxS.
@@ -49,25 +43,17 @@ on some pixels; this module follows the PIL backend.
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .errors import ArtifactError, RuntimeInputError, one_line
+from .errors import ArtifactError, RuntimeInputError
+from .image_input import describe_image, to_rgb_array
 
-__all__ = [
-    "CLIP_DEFAULTS",
-    "ImagePreprocessor",
-    "SIGLIP_DEFAULTS",
-    "load_image",
-    "preprocessing_config_from_hf",
-    "to_rgb_array",
-]
+__all__ = ["CLIP_DEFAULTS", "SIGLIP_DEFAULTS", "ImagePreprocessor"]
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -103,113 +89,10 @@ SIGLIP_DEFAULTS: dict[str, Any] = {
     "image_mean": IMAGENET_STANDARD_MEAN,
     "image_std": IMAGENET_STANDARD_STD,
 }
-_DEFAULTS = {"clip": CLIP_DEFAULTS, "siglip": SIGLIP_DEFAULTS}
-_SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge")
+KIND_DEFAULTS = {"clip": CLIP_DEFAULTS, "siglip": SIGLIP_DEFAULTS}
+SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge")
 # torchvision InterpolationMode values (strings) -> PIL filter ints, for fast processors that store those.
-_RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-
-
-# --------------------------------------------------------------------------------------------- inputs
-
-
-def _describe(image: Any) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return f"<{len(image)} bytes>"
-    if isinstance(image, Image.Image):
-        return f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>"
-    return f"<{type(image).__name__}>"
-
-
-def _decode_reason(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "no such file"
-    if isinstance(exc, IsADirectoryError):
-        return "is a directory"
-    if isinstance(exc, PermissionError):
-        return "permission denied"
-    if isinstance(exc, Image.UnidentifiedImageError):
-        return "not a recognised image format"
-    return one_line(exc) or type(exc).__name__
-
-
-def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Image.Image:
-    """Decode a file path or encoded bytes into an RGB PIL image, as transformers' ``load_image`` does.
-
-    EXIF orientation is applied and the image is converted with ``convert("RGB")`` (alpha dropped).
-    Raises RuntimeInputError("cannot decode image '<name>': <reason>") when it cannot be read.
-    """
-    name = _describe(source)
-    try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(bytes(source)))
-        else:
-            image = Image.open(os.fspath(source))
-        image.load()  # Image.open is lazy: force the decode here so errors carry the file name
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
-    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, EOFError, struct.error, ...
-        raise RuntimeInputError(f"cannot decode image '{name}': {_decode_reason(exc)}") from exc
-
-
-def _pil_to_rgb_array(image: Image.Image) -> np.ndarray:
-    """transformers.image_transforms.convert_to_rgb(image, return_numpy=True) for a PIL image."""
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(background, image).convert("RGB")
-    else:
-        rgb = image.convert("RGB")
-    return np.array(rgb)
-
-
-def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    """convert_to_rgb for a channels-last uint8 array: repeat gray, blend RGBA onto white (float64, round)."""
-    if array.ndim == 2:
-        array = array[:, :, None]
-    channels = array.shape[-1]
-    if channels == 1:
-        return np.repeat(array, 3, axis=-1)
-    if channels == 4:
-        alpha = array[..., 3:4] / 255
-        composite = alpha * array[..., :3] + (1 - alpha) * 255
-        return np.round(composite).astype(np.uint8)
-    if channels == 3:
-        return array
-    raise RuntimeInputError(f"image {name} has {channels} channels; expected 1, 3 or 4")
-
-
-def to_rgb_array(image: Any, convert_rgb: bool = True) -> np.ndarray:
-    """One input (path, bytes, PIL image or HxWxC uint8 array) -> HxWxC uint8 array, HF conversion rules.
-
-    With ``convert_rgb=False`` the image keeps its own channels (HxW arrays get a channel axis),
-    as the HF processors do with ``do_convert_rgb=False``.
-    """
-    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-        return np.array(load_image(image))
-    if isinstance(image, Image.Image):
-        name = _describe(image)
-        try:
-            array = _pil_to_rgb_array(image) if convert_rgb else np.array(image)
-        except Exception as exc:
-            raise RuntimeInputError(f"cannot decode image '{name}': {_decode_reason(exc)}") from exc
-        return array if array.ndim == 3 else array[:, :, None]
-    if isinstance(image, np.ndarray):
-        name = f"<array {image.dtype} {tuple(image.shape)}>"
-        if image.dtype != np.uint8:
-            raise RuntimeInputError(f"numpy image {name} must be uint8 HxWxC with C in 1, 3, 4")
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
-            raise RuntimeInputError(f"numpy image {name} must be uint8 HxWxC with C in 1, 3, 4")
-        if min(image.shape[:2]) == 0:
-            raise RuntimeInputError(f"numpy image {name} is empty")
-        if convert_rgb:
-            return np.ascontiguousarray(_array_to_rgb(image, name))
-        return np.ascontiguousarray(image if image.ndim == 3 else image[:, :, None])
-    raise RuntimeInputError(
-        f"unsupported image type {type(image).__name__}: pass a path, bytes, a PIL image or a uint8 HxWxC array"
-    )
+RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 # ------------------------------------------------------------------------------------ size arithmetic
@@ -276,9 +159,9 @@ def _as_size(value: Any, key: str, *, crop: bool) -> dict[str, int]:
     if not isinstance(value, Mapping):
         raise ArtifactError(f"image_preprocessing.{key} must be an object like {{'height': H, 'width': W}}, got {value!r}")
     size = {k: v for k, v in value.items() if v is not None}
-    unknown = sorted(set(size) - set(_SIZE_KEYS))
+    unknown = sorted(set(size) - set(SIZE_KEYS))
     if unknown:
-        raise ArtifactError(f"image_preprocessing.{key} has unsupported keys {unknown}; supported: {list(_SIZE_KEYS)}")
+        raise ArtifactError(f"image_preprocessing.{key} has unsupported keys {unknown}; supported: {list(SIZE_KEYS)}")
     for k, v in size.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ArtifactError(f"image_preprocessing.{key}.{k} must be a positive int, got {v!r}")
@@ -307,9 +190,9 @@ def _as_triple(value: Any, key: str) -> tuple[float, float, float]:
 
 def _as_resample(value: Any) -> int:
     if isinstance(value, str):
-        if value.lower() not in _RESAMPLE_NAMES:
-            raise ArtifactError(f"image_preprocessing.resample {value!r} unknown; use one of {sorted(_RESAMPLE_NAMES)}")
-        return _RESAMPLE_NAMES[value.lower()]
+        if value.lower() not in RESAMPLE_NAMES:
+            raise ArtifactError(f"image_preprocessing.resample {value!r} unknown; use one of {sorted(RESAMPLE_NAMES)}")
+        return RESAMPLE_NAMES[value.lower()]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= 5:
         raise ArtifactError(f"image_preprocessing.resample must be a PIL filter int 0-5, got {value!r}")
     return int(value)
@@ -338,8 +221,8 @@ class ImagePreprocessor:
         image_mean: Sequence[float] = IMAGENET_STANDARD_MEAN,
         image_std: Sequence[float] = IMAGENET_STANDARD_STD,
     ) -> None:
-        if kind not in _DEFAULTS:
-            raise ArtifactError(f"image_preprocessing.kind must be one of {sorted(_DEFAULTS)}, got {kind!r}")
+        if kind not in KIND_DEFAULTS:
+            raise ArtifactError(f"image_preprocessing.kind must be one of {sorted(KIND_DEFAULTS)}, got {kind!r}")
         self.kind = kind
         self.do_convert_rgb = bool(do_convert_rgb)
         self.do_resize = bool(do_resize)
@@ -367,9 +250,9 @@ class ImagePreprocessor:
         if not isinstance(config, Mapping):
             raise ArtifactError(f"image_preprocessing must be an object, got {type(config).__name__}")
         kind = config.get("kind", "clip")
-        if kind not in _DEFAULTS:
-            raise ArtifactError(f"image_preprocessing.kind must be one of {sorted(_DEFAULTS)}, got {kind!r}")
-        d = _DEFAULTS[kind]
+        if kind not in KIND_DEFAULTS:
+            raise ArtifactError(f"image_preprocessing.kind must be one of {sorted(KIND_DEFAULTS)}, got {kind!r}")
+        d = KIND_DEFAULTS[kind]
         do_resize = _as_bool(config, "do_resize", d["do_resize"])
         do_center_crop = _as_bool(config, "do_center_crop", d["do_center_crop"])
         do_normalize = _as_bool(config, "do_normalize", d["do_normalize"])
@@ -438,14 +321,14 @@ class ImagePreprocessor:
         array = to_rgb_array(image, convert_rgb=self.do_convert_rgb)
         if array.shape[-1] != 3:
             raise RuntimeInputError(
-                f"image {_describe(image)} has {array.shape[-1]} channels after preprocessing; expected 3 "
+                f"image {describe_image(image)} has {array.shape[-1]} channels after preprocessing; expected 3 "
                 "(the artifact has do_convert_rgb = false)"
             )
         if self.do_resize:
             height, width = array.shape[:2]
             new_h, new_w = self.resize_shape(height, width)
             if new_h <= 0 or new_w <= 0:
-                raise RuntimeInputError(f"image {_describe(image)} of {width}x{height} is too thin to resize")
+                raise RuntimeInputError(f"image {describe_image(image)} of {width}x{height} is too thin to resize")
             pil = Image.fromarray(array)
             array = np.asarray(pil.resize((new_w, new_h), resample=self.resample))
         if self.do_center_crop:
@@ -478,86 +361,3 @@ class ImagePreprocessor:
                 f"images have different sizes after preprocessing ({listed}); pass them one at a time"
             )
         return np.stack(arrays, axis=0)
-
-
-# ------------------------------------------------------------------------------------ from transformers
-
-
-def _hf_kind(processor: Any) -> str:
-    name = type(processor).__name__
-    lowered = name.lower()
-    if lowered.startswith("siglip2"):
-        raise ValueError(f"unsupported image processor {name}: SigLIP2 (NaFlex) preprocessing is not supported")
-    if lowered.startswith("siglip"):
-        return "siglip"
-    if lowered.startswith("clip"):
-        return "clip"
-    raise ValueError(
-        f"unsupported image processor {name}: only CLIPImageProcessor and SiglipImageProcessor "
-        "(and their Fast/Pil variants) are supported"
-    )
-
-
-def _hf_size(value: Any) -> dict[str, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, np.integer)):
-        return {"shortest_edge": int(value)}
-    items = dict(value)  # dict, or transformers.image_utils.SizeDict (iterates over non-None pairs)
-    out = {k: int(v) for k, v in items.items() if v is not None and k in _SIZE_KEYS}
-    unsupported = sorted(k for k, v in items.items() if v is not None and k not in _SIZE_KEYS)
-    if unsupported:
-        raise ValueError(f"unsupported image processor size keys {unsupported}")
-    return out
-
-
-def _hf_resample(value: Any) -> int:
-    if value is None:
-        return 2  # transformers resizes with BILINEAR when resample is None
-    raw = getattr(value, "value", value)
-    if isinstance(raw, str):  # torchvision InterpolationMode
-        if raw.lower() not in _RESAMPLE_NAMES:
-            raise ValueError(f"unsupported resample mode {value!r}")
-        return _RESAMPLE_NAMES[raw.lower()]
-    return int(raw)
-
-
-def preprocessing_config_from_hf(image_processor: Any) -> dict[str, Any]:
-    """The manifest ``image_preprocessing`` dict of a transformers CLIP/SigLIP image processor.
-
-    Accepts the image processor or a processor holding one (``processor.image_processor``). Only
-    reads attributes: transformers is not imported here.
-    """
-    if not hasattr(image_processor, "image_mean") and hasattr(image_processor, "image_processor"):
-        image_processor = image_processor.image_processor
-    kind = _hf_kind(image_processor)
-    defaults = _DEFAULTS[kind]
-
-    def attr(name: str) -> Any:
-        value = getattr(image_processor, name, None)
-        return defaults[name] if value is None and defaults.get(name) is not None else value
-
-    do_resize = bool(attr("do_resize"))
-    do_center_crop = bool(getattr(image_processor, "do_center_crop", None) or False)
-    do_normalize = bool(attr("do_normalize"))
-    mean = attr("image_mean")
-    std = attr("image_std")
-    config = {
-        "kind": kind,
-        "do_convert_rgb": bool(attr("do_convert_rgb")),
-        "do_resize": do_resize,
-        "size": _hf_size(getattr(image_processor, "size", None)),
-        "resample": _hf_resample(getattr(image_processor, "resample", None)),
-        "do_center_crop": do_center_crop,
-        "crop_size": _hf_size(getattr(image_processor, "crop_size", None)) if do_center_crop else None,
-        "do_rescale": bool(attr("do_rescale")),
-        "rescale_factor": float(attr("rescale_factor")),
-        "do_normalize": do_normalize,
-        "image_mean": [float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)],
-        "image_std": [float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)],
-    }
-    if do_center_crop and config["crop_size"] is not None and "shortest_edge" in config["crop_size"]:
-        edge = config["crop_size"]["shortest_edge"]
-        config["crop_size"] = {"height": edge, "width": edge}
-    ImagePreprocessor.from_config(config)  # validate now, at export time, not on the device
-    return config
