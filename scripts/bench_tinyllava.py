@@ -2,7 +2,7 @@
 
     python scripts/bench_tinyllava.py [--threads 2] [--repeats 3] [--json out.json] [--chart out.png]
 
-1. makes the random-weight checkpoint (scripts/make_tinyllava_checkpoint.py) if it is absent;
+1. makes the random-weight checkpoint (scripts/make_random_checkpoint.py --dims tinyllava-1b) if it is absent;
 2. exports it (validation against PyTorch on, last-position logits, decoder graph optimised by
    attanchor_export.trace.optimize and checked against the un-optimised graph) in a child process, and
    records the export's wall time and peak RSS (/usr/bin/time -v, else getrusage of the child);
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     if not (args.checkpoint / "config.json").is_file():
         print(f"[1/3] making the random-weight checkpoint at {args.checkpoint}", flush=True)
         figures["make_checkpoint"] = run_child(
-            [sys.executable, str(HERE / "make_tinyllava_checkpoint.py"), "--out", str(args.checkpoint)])
+            [sys.executable, str(HERE / "make_random_checkpoint.py"), "--dims", "tinyllava-1b", "--dtype", "fp32",
+             "--out", str(args.checkpoint)])
     else:
         print(f"[1/3] checkpoint {args.checkpoint} exists", flush=True)
 

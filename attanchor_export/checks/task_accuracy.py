@@ -12,7 +12,6 @@ the CI test that the fp32 artifact answers exactly as the PyTorch model does.
 
 from __future__ import annotations
 
-import json
 import random
 import string
 import time
@@ -49,21 +48,10 @@ def load_task(data: str, split: str = "test", limit: int | None = None, seed: in
     path = Path(data).expanduser()
     if not path.is_file():
         raise ExportError(f"--data {data}: neither easy-vqa nor an existing JSONL file")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            image, question, answer = rec["image"], rec["question"], rec["answer"]
-        except (ValueError, KeyError, TypeError):
-            raise ExportError(f"{path}:{lineno}: expected a JSON object with image, question and answer") from None
-        image_path = Path(image).expanduser()
-        if not image_path.is_absolute():
-            image_path = path.parent / image_path
-        if not image_path.is_file():
-            raise ExportError(f"{path}:{lineno}: image {image_path} does not exist")
-        rows.append(TaskItem(str(image_path), str(question), str(answer), str(rec.get("kind", "other"))))
+    from attanchor_export.load.image_jsonl import read_image_jsonl
+
+    rows = [TaskItem(str(image), str(rec["question"]), str(rec["answer"]), str(rec.get("kind", "other")))
+            for _, image, rec in read_image_jsonl(path, ("question", "answer"), what="")]
     if not rows:
         raise ExportError(f"{path}: no questions")
     return rows[:limit] if limit else rows

@@ -270,3 +270,23 @@ def tinyllava_1b_config():
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+
+
+def llava_15_7b_config():
+    """LlavaConfig at the dimensions of llava-hf/llava-1.5-7b-hf (Vicuna-7B + CLIP ViT-L/14-336).
+
+    Vicuna-7B: 32 layers, hidden 4096, 32 heads (no GQA), intermediate 11008, vocab 32064. For
+    benchmarks with random weights (scripts/make_random_checkpoint.py); M = 576 image tokens."""
+    from transformers import LlamaConfig
+
+    config = tinyllava_1b_config()
+    config.text_config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=32001, tie_word_embeddings=False,
+    )
+    return config
+
+
+# Real-dimension configs for random-weight benchmarks, by the name scripts take.
+REAL_DIMS = {"tinyllava-1b": tinyllava_1b_config, "llava-1.5-7b": llava_15_7b_config}

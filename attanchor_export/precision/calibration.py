@@ -24,7 +24,6 @@ Sample sets:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,25 +128,10 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
             Sample(str(p), CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)], p.name) for i, p in enumerate(images)
         ]
     elif path.is_file():
-        samples = []
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                image, prompt = record["image"], record["prompt"]
-            except (ValueError, KeyError, TypeError):
-                raise ExportError(
-                    f"--calib {path}:{lineno}: expected a JSON object with \"image\" and \"prompt\""
-                ) from None
-            if not isinstance(image, str) or not isinstance(prompt, str):
-                raise ExportError(f"--calib {path}:{lineno}: \"image\" and \"prompt\" must be strings")
-            image_path = Path(image).expanduser()
-            if not image_path.is_absolute():
-                image_path = path.parent / image_path
-            if not image_path.is_file():
-                raise ExportError(f"--calib {path}:{lineno}: image {image_path} does not exist")
-            samples.append(Sample(str(image_path), prompt, f"{path.name}:{lineno}"))
+        from attanchor_export.load.image_jsonl import read_image_jsonl
+
+        samples = [Sample(str(image), str(rec["prompt"]), f"{path.name}:{lineno}")
+                   for lineno, image, rec in read_image_jsonl(path, ("prompt",), what="--calib ")]
         if not samples:
             raise ExportError(f"--calib {path}: the file has no samples")
     else:

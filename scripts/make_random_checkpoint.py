@@ -1,0 +1,179 @@
+"""Write a random-weight LLaVA checkpoint at real dimensions, shard by shard, for benchmarks.
+
+    python scripts/make_random_checkpoint.py --dims tinyllava-1b|llava-1.5-7b [--dtype fp16|bf16|fp32]
+        [--out DIR] [--seed 0] [--shard-mb 1024] [--force]
+
+The model is never built: parameter names and shapes come from LlavaForConditionalGeneration on
+the meta device (no storage), and each tensor is drawn, converted to --dtype and written into the
+current safetensors shard, which is flushed at --shard-mb. Memory stays about one shard whatever the
+model size (LLaVA-1.5-7B: ~14 GB of fp16 in 14 shards). Dimensions: attanchor_export.load.tiny_random
+(tinyllava_1b_config: CLIP ViT-L/14-336 + TinyLlama-1.1B; llava_15_7b_config: the same tower +
+Vicuna-7B, 32 layers, hidden 4096, 32 heads, intermediate 11008, vocab 32064).
+
+Values follow transformers' own initialisation (normal, std = initializer_range 0.02; norm weights 1,
+biases 0), which keeps activations and logits finite at these depths. Each tensor has its own
+generator seeded from (seed, name), so a shard size change does not change the weights.
+
+The tokenizer is the tiny in-memory BPE tokenizer of attanchor_export.load.tiny_random with its vocabulary
+padded by unused entries so the special ids are LLaVA-1.5's and TinyLLaVA's: <unk> 0, <s> 1, </s> 2,
+<image> 32000, <pad> 32001. The processor is the CLIP recipe (shortest edge 336, centre crop 336) with
+the LLaVA-1.5 chat template. The folder is written under a temporary sibling and renamed when
+complete, so an interrupted run leaves no folder that looks finished. Never in CI, never in the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32000, 32001
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def build_tokenizer():
+    """The tiny BPE tokenizer re-numbered to LLaVA's special ids (vocab padded with <unused{i}>)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from attanchor_export.load.tiny_random import CHAT_TEMPLATE, build_tiny_tokenizer
+
+    tiny = build_tiny_tokenizer()
+    data = json.loads(tiny.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), IMAGE_TOKEN_ID):
+        vocab[f"<unused{i}>"] = i  # printable ASCII: valid byte-level pieces, decodable, never merged into
+    for token in data["added_tokens"]:
+        if token["content"] == "<image>":
+            token["id"] = IMAGE_TOKEN_ID
+        elif token["content"] == "<pad>":
+            token["id"] = PAD_TOKEN_ID
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        padding_side="left", chat_template=CHAT_TEMPLATE, model_max_length=2048,
+    )
+    ids = (tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id, tokenizer.bos_token_id,
+           tokenizer.eos_token_id)
+    if ids != (IMAGE_TOKEN_ID, PAD_TOKEN_ID, 1, 2):
+        raise RuntimeError(f"tokenizer special ids came out as {ids}")
+    return tokenizer
+
+
+def parameter_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(state-dict name, shape) of every stored tensor, from a storage-free meta-device model."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype, seed: int, std: float):
+    import torch
+
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if len(shape) == 1:  # norm weights (biases handled above)
+        return torch.ones(shape, dtype=dtype)
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    out = torch.empty(shape, dtype=dtype)
+    rows = max(1, (64 << 20) // (4 * max(1, out[0].numel())))  # draw in fp32 slabs of ~64 MB, not all at once
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = torch.randn((min(rows, shape[0] - start), *shape[1:]), generator=generator) * std
+    return out
+
+
+def write_shards(shapes, folder: Path, dtype, seed: int, std: float, shard_bytes: int, log=print) -> int:
+    """Writes model-XXXXX-of-YYYYY.safetensors + the index; returns the bytes written."""
+    import torch
+    from safetensors.torch import save_file
+
+    sizes = [(n, s, torch.Size(s).numel() * dtype.itemsize) for n, s in shapes]
+    groups, current, current_bytes = [], [], 0
+    for name, shape, nbytes in sizes:
+        if current and current_bytes + nbytes > shard_bytes:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append((name, shape))
+        current_bytes += nbytes
+    groups.append(current)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups, 1):
+        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: random_tensor(name, shape, dtype, seed, std) for name, shape in group}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+        log(f"  {file}: {len(group)} tensors, {total / 1e9:.2f} GB so far")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def make_random_checkpoint(dims: str, out: Path, dtype: str = "fp16", seed: int = 0, shard_mb: int = 1024,
+                           force: bool = False, log=print) -> Path:
+    import torch
+    from transformers import GenerationConfig, LlavaProcessor
+
+    from attanchor_export.load.tiny_random import CHAT_TEMPLATE, REAL_DIMS, _image_processor
+
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise FileExistsError(f"{out} exists (pass --force to rebuild it)")
+        shutil.rmtree(out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    t0 = time.perf_counter()
+    tokenizer = build_tokenizer()
+    config = REAL_DIMS[dims]()
+    config.torch_dtype = config.text_config.torch_dtype = DTYPES[dtype]
+    shapes = parameter_shapes(config)
+    params = sum(torch.Size(s).numel() for _, s in shapes)
+    log(f"{dims}: {len(shapes)} tensors, {params / 1e9:.2f} B parameters, {dtype}")
+    std = config.text_config.initializer_range
+    total = write_shards(shapes, staging, getattr(torch, DTYPES[dtype]), seed, std, shard_mb << 20, log)
+    config.save_pretrained(staging)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=PAD_TOKEN_ID).save_pretrained(staging)
+    LlavaProcessor(
+        image_processor=_image_processor("clip-llama", config), tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(staging)
+    staging.rename(out)
+    log(f"wrote {out} ({total / 1e9:.2f} GB of weights) in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", choices=["tinyllava-1b", "llava-1.5-7b"], default="tinyllava-1b")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    parser.add_argument("--out", type=Path, help="output folder (default /tmp/<dims>-random-<dtype>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-mb", type=int, default=1024)
+    parser.add_argument("--force", action="store_true", help="rebuild an existing folder")
+    args = parser.parse_args(argv)
+    out = args.out or Path(f"/tmp/{args.dims}-random-{args.dtype}")
+    try:
+        make_random_checkpoint(args.dims, out, args.dtype, args.seed, args.shard_mb, args.force)
+    except FileExistsError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
