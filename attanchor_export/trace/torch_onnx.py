@@ -2,6 +2,14 @@
 
 torch.onnx's dynamo exporter, always: the TorchScript exporter cannot trace DynamicCache and bakes
 traced lengths into graphs that then match only at the traced shape.
+
+Memory: the exported program's initializers are views of the module's own tensors, but its
+optimizer folds every `Transpose(weight)` (how nn.Linear lowers) into a new constant, so the whole
+model existed twice in memory before the first byte was written. Here those transposes become lazy
+initializers instead, computed one at a time while the external data file is written; the same
+optimizer (onnxscript's, as torch.onnx runs it) then does everything else, so the graph is the one
+`optimize=True` gives, without the second copy of the weights. After saving, the in-memory graph
+lets go of the weights, so freeing the model frees them (see the end of trace_to_onnx).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import onnx_ir as ir
 import torch
 
 from attanchor_export.trace.specs import GraphSpec
@@ -19,6 +29,9 @@ from attanchor_export.trace.specs import GraphSpec
 def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, spec: GraphSpec, path: Path,
                   opset: int) -> None:
     """Export with the spec's input/output names; weights go to `<file>.data` (external data)."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
     module.eval()
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
@@ -29,10 +42,50 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, sp
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
             opset_version=opset,
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
+        lazy_weight_transposes(program.model)
+        onnxscript.optimizer.optimize_ir(program.model)
+        onnxscript.rewriter.onnx_fusions.fuse(program.model)
     program.save(str(path), external_data=True)
+    # onnxscript's module-level rewrite rules keep a reference to the last graph they matched; without
+    # this the graph would pin every weight of the traced model for the rest of the export.
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+
+
+def lazy_weight_transposes(model: ir.Model) -> int:
+    """Replace each Transpose of an initializer it alone reads by an initializer holding the transposed
+    tensor, computed only when written. Returns how many were replaced."""
+    graph = model.graph
+    replaced = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = node.inputs[0]
+        if source is None or not source.is_initializer() or source.const_value is None or len(source.uses()) != 1:
+            continue
+        perm_attr = node.attributes.get("perm")
+        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else tuple(reversed(range(len(source.shape))))
+        tensor = source.const_value
+        shape = ir.Shape([tensor.shape[p] for p in perm])
+        lazy = ir.LazyTensor(_transposed(tensor, perm), dtype=tensor.dtype, shape=shape, name=f"{source.name}.T")
+        value = ir.Value(name=f"{source.name}.T", shape=shape, type=ir.TensorType(tensor.dtype), const_value=lazy)
+        graph.initializers.add(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        source.const_value = None  # the lazy tensor holds it now; nothing else may (see trace_to_onnx)
+        replaced += 1
+    return replaced
+
+
+def _transposed(tensor, perm):
+    def compute():
+        return ir.tensor(np.ascontiguousarray(np.transpose(tensor.numpy(), perm)))
+
+    return compute
 
 
 @contextmanager

@@ -13,7 +13,9 @@ _PROVIDERS = {
 }
 
 
-def ort_session(path, device: str = "cpu", threads: int | None = None):
+def ort_session(path, device: str = "cpu", threads: int | None = None, memory_arena: bool = True):
+    """memory_arena=False: give each run's buffers back instead of growing an arena (one-off checks on big
+    models, where the arena's high-water mark would add to the export's peak memory)."""
     import onnxruntime as ort
 
     if device not in _PROVIDERS:
@@ -25,6 +27,7 @@ def ort_session(path, device: str = "cpu", threads: int | None = None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    options.enable_cpu_mem_arena = memory_arena
     threads = threads or int(os.environ.get("ATTANCHOR_THREADS", "0")) or None
     if threads:
         options.intra_op_num_threads = threads
