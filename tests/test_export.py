@@ -153,6 +153,9 @@ def test_interrupted_export_leaves_nothing_under_final_name(checkpoint, tmp_path
     proc = subprocess.Popen(
         [sys.executable, "-m", "attanchor_export.cli", str(checkpoint("clip-llama")), "-o", str(out), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As a terminal's Ctrl-C finds it: a suite started in the background (`pytest ... &`) passes an
+        # ignored SIGINT on to its children, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     # Interrupt mid-write: once the vision graph exists in the partial folder.
