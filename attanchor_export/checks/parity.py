@@ -105,6 +105,9 @@ def _pixels(dims, batch, rng) -> np.ndarray:
     return rng.standard_normal((batch, 3, dims["image_size"], dims["image_size"])).astype(np.float32)
 
 
+# (case, prompt lengths): batch 1 and a left-padded batch of 3, lengths the tracer never saw.
+PARITY_CASES = (("batch1", [11]), ("batch3-ragged", [7, 13, 10]))
+
 # Present KV kept for comparison: every layer while they fit in this many bytes, else the first,
 # middle and last layers (their logits still depend on all layers), so a 7B reference stays small.
 PRESENT_BUDGET_BYTES = 256 << 20
@@ -149,13 +152,13 @@ def compute_reference(loaded, manifest, seed: int = 1234) -> ParityReference:
     torch_decoder = TorchSession(module, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
     pool = token_pool(manifest)
     table = loaded.adapter.embed_tokens(loaded.model).weight.detach().float().numpy() if pool is not None else None
-    kept = _kept_layers(dims, longest=13 + dims["image_tokens"] + 3, batch=3)
+    kept = _kept_layers(dims, anchor["max_anchors"])
     reference = ParityReference([], [], kept, {
         "method": "pytorch-reference-first", "present_layers": "all" if len(kept) == dims["num_layers"] else kept,
     })
     # Lengths and thresholds differ from the tracer's (batch 2, seq 5, past 3).
     threshold_grid = sorted({float(anchor["threshold"]), 2.0})
-    for case, lengths in (("batch1", [11]), ("batch3-ragged", [7, 13, 10])):
+    for case, lengths in PARITY_CASES:
         pixels = _pixels(dims, len(lengths), rng)
         with torch.no_grad():
             features = vision_module(torch.from_numpy(pixels)).numpy()
@@ -170,9 +173,13 @@ def compute_reference(loaded, manifest, seed: int = 1234) -> ParityReference:
     return reference
 
 
-def _kept_layers(dims, longest: int, batch: int) -> list[int]:
+def _kept_layers(dims, max_anchors: int | None) -> list[int]:
     layers = dims["num_layers"]
-    per_layer = 2 * batch * dims["num_kv_heads"] * (longest + 2) * dims["head_dim"] * 4
+    batch = max(len(lengths) for _, lengths in PARITY_CASES)
+    text = max(max(lengths) for _, lengths in PARITY_CASES)
+    anchors = max_anchors or max(text, dims["image_tokens"])  # at most one per candidate, or the budget K
+    longest = text + dims["image_tokens"] + anchors + 2  # prompt, image tokens, anchors, two decode steps
+    per_layer = 2 * batch * dims["num_kv_heads"] * longest * dims["head_dim"] * 4
     if per_layer * layers <= PRESENT_BUDGET_BYTES:
         return list(range(layers))
     return sorted({0, layers // 2, layers - 1})

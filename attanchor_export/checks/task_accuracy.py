@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from attanchor_export.errors import ExportError
+from attanchor_export.load.image_jsonl import read_image_jsonl
 
 DEFAULT_BATCH = 16
 ANSWER_TOKENS = 8  # easy-vqa answers are one word: at most 3 tokens + end of turn
@@ -48,10 +49,8 @@ def load_task(data: str, split: str = "test", limit: int | None = None, seed: in
     path = Path(data).expanduser()
     if not path.is_file():
         raise ExportError(f"--data {data}: neither easy-vqa nor an existing JSONL file")
-    from attanchor_export.load.image_jsonl import read_image_jsonl
-
     rows = [TaskItem(str(image), str(rec["question"]), str(rec["answer"]), str(rec.get("kind", "other")))
-            for _, image, rec in read_image_jsonl(path, ("question", "answer"), what="")]
+            for _, image, rec in read_image_jsonl(path, ("question", "answer"), what="", strings=False)]
     if not rows:
         raise ExportError(f"{path}: no questions")
     return rows[:limit] if limit else rows

@@ -13,8 +13,10 @@ from pathlib import Path
 from attanchor_export.errors import ExportError
 
 
-def read_image_jsonl(path: Path, fields: tuple[str, ...], what: str) -> Iterator[tuple[int, Path, dict]]:
-    """Yields (line number, existing image path, record) for each record; `what` prefixes messages."""
+def read_image_jsonl(path: Path, fields: tuple[str, ...], what: str, strings: bool = True
+                     ) -> Iterator[tuple[int, Path, dict]]:
+    """Yields (line number, existing image path, record) for each record; `what` prefixes messages.
+    strings: the fields must be JSON strings too (else only "image" must be; callers convert the rest)."""
     wanted = ", ".join(f'"{f}"' for f in ("image", *fields))
     for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -24,9 +26,10 @@ def read_image_jsonl(path: Path, fields: tuple[str, ...], what: str) -> Iterator
             values = [record[f] for f in ("image", *fields)]
         except (ValueError, KeyError, TypeError):
             raise ExportError(f"{what}{path}:{lineno}: expected a JSON object with {wanted}") from None
-        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values[1:]) \
-                or not isinstance(values[0], str):
-            raise ExportError(f"{what}{path}:{lineno}: {wanted} must be strings")
+        checked = values if strings else values[:1]
+        if not all(isinstance(v, str) for v in checked):
+            names = wanted if strings else '"image"'
+            raise ExportError(f"{what}{path}:{lineno}: {names} must be strings")
         image = Path(values[0]).expanduser()
         if not image.is_absolute():
             image = Path(path).parent / image

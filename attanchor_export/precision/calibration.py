@@ -33,6 +33,7 @@ from attanchor_runtime.decoder_feeds import empty_past, left_pad
 from attanchor_runtime.manifest import open_embed_table
 
 from attanchor_export.errors import ExportError
+from attanchor_export.load.image_jsonl import read_image_jsonl
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -128,8 +129,6 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
             Sample(str(p), CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)], p.name) for i, p in enumerate(images)
         ]
     elif path.is_file():
-        from attanchor_export.load.image_jsonl import read_image_jsonl
-
         samples = [Sample(str(image), str(rec["prompt"]), f"{path.name}:{lineno}")
                    for lineno, image, rec in read_image_jsonl(path, ("prompt",), what="--calib ")]
         if not samples:

@@ -17,9 +17,6 @@ import numpy as np
 
 from .manifest import kv_names
 
-INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
-LOGITS = "logits"
-
 
 def past_names(num_layers: int) -> list[str]:
     return kv_names(num_layers, "past_key_values")
@@ -82,7 +79,6 @@ Run = Callable[[Sequence[str] | None, dict], list]
 class Greedy:
     tokens: np.ndarray  # [B, new_tokens]: the model's arg-max at each step
     logits: list[np.ndarray]  # per call: [B, S or 1, V] as the graph returned it
-    attention_mask: np.ndarray  # the mask of the last call
 
 
 def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray], np.ndarray],
@@ -106,7 +102,7 @@ def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray
         if keep_logits:
             logits.append(outs[0])
         tokens[:, i] = outs[0][:, -1].argmax(-1)
-    return Greedy(tokens, logits, step.attention_mask)
+    return Greedy(tokens, logits)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray, zero_row: float = 0.0) -> np.ndarray:
