@@ -192,12 +192,15 @@ def _default_output(model: str) -> Path:
 @click.option("--revision", help="Hub revision to download or use: branch, tag or commit.")
 @click.option("--offline", is_flag=True, help="Use the local Hugging Face cache only (as HF_HUB_OFFLINE=1).")
 @click.option("--allow-pickle", is_flag=True, help="Download pickled weights (*.bin) when a repo has no safetensors.")
+@click.option("--memory-budget", type=click.FloatRange(min=0.5), metavar="GIB",
+              help="Memory the export may use; over it, PyTorch (layer-streamed) stands in for the fp32 decoder "
+                   "graph in validation and the gate. [the memory available at start]")
 @click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
 def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, gate_floor,
                threshold, task, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate, adapter,
-               trust_remote_code, revision, offline, allow_pickle, quiet, as_json):
+               trust_remote_code, revision, offline, allow_pickle, memory_budget, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
     from attanchor_export.exporter import ExportOptions, export_artifact
 
@@ -214,6 +217,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
         quantize_vision=quantize_vision, gate_floors=_parse_floors(gate_floor), adapter=adapter,
+        memory_budget=memory_budget,
     )
     result = export_artifact(model, options, report.step)
     engines = None

@@ -172,7 +172,8 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
     located = locate(model_name, options.revision, offline=options.offline, allow_pickle=options.allow_pickle,
                      trust_remote_code=options.trust_remote_code)
     with steps("load checkpoint"):
-        loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code)
+        # Streamed: the decoder's weights stay in the shards until written (a LoRA merge needs them loaded).
+        loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code, streamed=not options.adapter)
         tokenizer = _load_tokenizer(loaded)
         cost.record_checkpoint(loaded)
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
@@ -189,15 +190,53 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         _write_processor_files(loaded, tokenizer, staging.path)
         data = _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations)
         result = ExportResult(folder=options.output, manifest=data)
-        if options.validate:
-            _validate(loaded, staging, data, options, steps, result, cost)  # frees the model halfway
-        else:
-            _free_model(loaded)
-        if options.dtype != "fp32" or options.quant != "none":
-            _quantize(staging, data, options, steps, cost)
+        budget = _decoder_budget(staging.path / specs["decoder"].file, options)
+        cost.budget = budget
+        # PyTorch first, then the model is freed before onnxruntime opens the same weights: the two never
+        # sit in memory side by side.
+        reference = _parity_reference(loaded, staging, data, options, steps, budget) if options.validate else None
+        gate_reference = _torch_gate_reference(loaded, staging, data, options, steps, budget)
+        _free_model(loaded)
+        if reference is not None:
+            _validate(reference, staging, data, options, steps, result, cost)
+        if _reduces_precision(options):
+            _quantize(staging, data, options, steps, cost, gate_reference, low_memory=not budget["fp32_decoder_fits"])
         with steps("write manifest (sizes and sha256 of every file)"):
             _write_final_manifest(staging.path, data, cost)
     return result
+
+
+def _reduces_precision(options: ExportOptions) -> bool:
+    return options.dtype != "fp32" or options.quant != "none"
+
+
+def _decoder_budget(decoder: Path, options: ExportOptions) -> dict:
+    """Whether onnxruntime can open the fp32 decoder within the memory budget. When it cannot (7B: 27 GB
+    of fp32 weights), its parity run is skipped and the reduced-precision decoder is gated against the
+    PyTorch model (layer-streamed, fp32) instead of against the fp32 graph."""
+    from attanchor_export.export_cost import fp32_session_bytes, memory_budget_bytes
+
+    budget = memory_budget_bytes(options.memory_budget)
+    need = fp32_session_bytes(decoder)
+    return {"memory_budget_bytes": budget, "fp32_decoder_session_bytes": need, "fp32_decoder_fits": need <= budget}
+
+
+def _parity_reference(loaded, staging, data: dict, options: ExportOptions, steps, budget: dict):
+    from attanchor_export.checks.parity import compute_reference
+
+    with steps("PyTorch reference outputs for validation"):
+        return compute_reference(loaded, _draft(staging.path, data), decoder=budget["fp32_decoder_fits"])
+
+
+def _torch_gate_reference(loaded, staging, data: dict, options: ExportOptions, steps, budget: dict):
+    """The accuracy gate's reference from PyTorch, where the fp32 decoder graph cannot be run; else None
+    (the gate then runs the fp32 graph, as it always has)."""
+    if budget["fp32_decoder_fits"] or not _reduces_precision(options):
+        return None
+    from attanchor_export.precision.gate import pytorch_reference
+
+    with steps("PyTorch reference for the accuracy gate (decoder layers streamed, fp32)"):
+        return pytorch_reference(loaded, staging.path, data)
 
 
 def _check_options(options: ExportOptions) -> None:
@@ -249,7 +288,7 @@ def _write_graphs(loaded, specs: dict, folder: Path, options: ExportOptions, ste
     with steps("trace decoder graph"):
         path = folder / specs["decoder"].file
         export_decoder(adapter.language_model(model), adapter.lm_head(model), dims, specs["decoder"], path,
-                       options.opset)
+                       options.opset, streamed=loaded.streamed)
         _finalize_onnx(path)
     optimizations = {}
     if options.optimize:
@@ -303,17 +342,12 @@ def _draft(folder: Path, data: dict) -> Manifest:
     return Manifest(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, **data})
 
 
-def _validate(loaded, staging, data: dict, options: ExportOptions, steps, result: ExportResult,
+def _validate(reference, staging, data: dict, options: ExportOptions, steps, result: ExportResult,
               cost: ExportCost) -> None:
-    from attanchor_export.checks.parity import compare_to_reference, compute_reference
+    from attanchor_export.checks.parity import compare_to_reference
 
-    draft = _draft(staging.path, data)
     with steps("validate against PyTorch"):
-        # PyTorch first, then the model is freed before onnxruntime opens the same weights: the two never
-        # sit in memory side by side.
-        reference = compute_reference(loaded, draft)
-        _free_model(loaded)
-        checks = compare_to_reference(reference, draft, atol=options.atol)
+        checks = compare_to_reference(reference, _draft(staging.path, data), atol=options.atol)
     result.checks, result.passed = checks, all(c.passed for c in checks)
     data["validation"] = {"atol": options.atol, "passed": result.passed, **reference.method,
                           "checks": [c.to_json() for c in checks]}
@@ -327,8 +361,10 @@ def _validate(loaded, staging, data: dict, options: ExportOptions, steps, result
         )
 
 
-def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCost) -> None:
-    """After the fp32 graphs passed parity: rewrite them to the requested precision and gate them."""
+def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCost, reference=None,
+              low_memory: bool = False) -> None:
+    """After the fp32 graphs passed parity: rewrite them to the requested precision and gate them
+    (against `reference` when given: the PyTorch model's outputs, else the fp32 graphs')."""
     from attanchor_export.precision.gate import AccuracyGateFailed
     from attanchor_export.precision.quantize import quantize_artifact
 
@@ -336,7 +372,7 @@ def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCo
         update = quantize_artifact(
             staging.path, data, options.dtype, options.quant, options.block_size, options.calib,
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
-            floors=options.gate_floors, task=options.task,
+            floors=options.gate_floors, task=options.task, reference=reference, low_memory=low_memory,
         )
     except AccuracyGateFailed as e:
         data["precision"] = e.precision or data["precision"]
@@ -351,7 +387,7 @@ def _free_model(loaded) -> None:
     """Drop the torch model (the export needs only its outputs from here on) and give the heap back."""
     import gc
 
-    loaded.model = None
+    loaded.model = loaded.streamed = None
     gc.collect()
     release_heap()
 

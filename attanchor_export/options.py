@@ -50,6 +50,9 @@ class ExportOptions:
     quantize_vision: bool = False
     gate_floors: dict | None = None  # overrides of the gate's floors for this format
     adapter: str | None = None  # peft LoRA folder or Hub id, merged before tracing (load/lora.py)
+    # GiB the export may use; None = the memory available when it starts. Decides whether onnxruntime may
+    # open the fp32 decoder (parity, gate reference) or PyTorch, layer-streamed, stands in for it.
+    memory_budget: float | None = None
 
 
 def default(cls, name: str):

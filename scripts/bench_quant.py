@@ -64,32 +64,23 @@ def build_and_export(folder: Path, layers: int | None, opset: int) -> tuple[Path
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int, quantize_lm_head: bool, accuracy_level: int | None) -> dict:
-    import onnx
-    from attanchor_graphs.onnx_utils import name_nodes
+    import onnx_ir as ir
 
-    from attanchor_export.precision.quantize import save_model
-    from attanchor_export.precision.weights import (
-        count_quantized,
-        linear_matmuls,
-        normalize_linears,
-        quantize_weights_nbits,
-    )
+    from attanchor_export.options import ARTIFACT_IR_VERSION
+    from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 
     t0 = time.perf_counter()
-    model = onnx.load(str(src))
-    name_nodes(model.graph)
-    normalize_linears(model.graph)
-    names, _ = linear_matmuls(model.graph, quantize_lm_head)
-    model = quantize_weights_nbits(model, names, 4, block_size, symmetric=False, qdq=False,
-                                   accuracy_level=accuracy_level or None)
+    model = ir.load(str(src))
+    nodes, _ = linear_nodes(model.graph, quantize_lm_head)
+    quantized = quantize_graph(model, nodes, 4, block_size, symmetric=False, qdq=False,
+                               accuracy_level=accuracy_level or None)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, dst)
-    quantized = count_quantized(model)["MatMulNBits"]
+    save_beside(model, dst, ARTIFACT_IR_VERSION)
     del model
     seconds = time.perf_counter() - t0
-    print(f"int4 quantized {quantized}/{len(names)} linears (accuracy_level={accuracy_level}) in {seconds:.0f} s",
+    print(f"int4 quantized {quantized}/{len(nodes)} linears (accuracy_level={accuracy_level}) in {seconds:.0f} s",
           flush=True)
-    return {"quantized_nodes": quantized, "linear_layers": len(names), "seconds": round(seconds, 1)}
+    return {"quantized_nodes": quantized, "linear_layers": len(nodes), "seconds": round(seconds, 1)}
 
 
 class DecodeBench:

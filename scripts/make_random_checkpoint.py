@@ -32,6 +32,16 @@ import time
 from pathlib import Path
 
 IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32000, 32001
+# Gate floors these checkpoints declare (attanchor_config.json). Their weights follow transformers' init
+# (std 0.02), so the logits of a prompt are nearly tied: any weight noise reorders them, and top-1
+# agreement says nothing (int4: 0.31 at 1B, 0.12 at 7B, with logits cosine 0.79 at 7B for a correct
+# graph). The cosine floors are the tiny random checkpoints' (tiny_random.RANDOM_CHECKPOINT_FLOORS);
+# trained models get the floors set from tiny-vqa. Memory and time figures only, never accuracy.
+BENCHMARK_FLOORS = {
+    "fp16": {"cos_mean": 0.999, "top1": 0.5, "vision_cos_mean": 0.999},
+    "int8": {"cos_mean": 0.98, "top1": 0.3, "vision_cos_mean": 0.99},
+    "int4": {"cos_mean": 0.70, "top1": 0.0, "vision_cos_mean": 0.95},
+}
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -152,6 +162,7 @@ def make_random_checkpoint(dims: str, out: Path, dtype: str = "fp16", seed: int 
         num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=CHAT_TEMPLATE,
     ).save_pretrained(staging)
+    (staging / "attanchor_config.json").write_text(json.dumps({"gate_floors": BENCHMARK_FLOORS}, indent=2))
     staging.rename(out)
     log(f"wrote {out} ({total / 1e9:.2f} GB of weights) in {time.perf_counter() - t0:.0f} s")
     return out

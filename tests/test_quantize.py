@@ -15,7 +15,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from attanchor_export.errors import ExportError
 from attanchor_export.load.tiny_random import RANDOM_CHECKPOINT_FLOORS as GATE_FLOORS
-from attanchor_export.precision import quantize as quantize_mod
 from attanchor_export.precision.calibration import (
     ArtifactFrontEnd,
     DecoderCalibrationReader,
@@ -27,7 +26,8 @@ from attanchor_export.precision.fp16 import convert_fp16, fp32_islands
 from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, evaluate
 from attanchor_export.precision.quantize import graph_bytes
 from attanchor_export.precision.quantize import quantize_artifact as _quantize_artifact
-from attanchor_export.precision.weights import count_quantized, linear_matmuls, normalize_linears
+from attanchor_export.precision.streamed_weights import linear_nodes
+from attanchor_export.precision.weights import count_quantized, normalize_linears
 
 
 def quantize_artifact(folder, data, **kwargs):
@@ -190,16 +190,15 @@ def test_impossible_floor_fails_with_one_line(fresh):
 
 def test_broken_quantization_fails_the_default_gate(fresh, monkeypatch):
     """Scales off by 4x (a packing/scale bug) must not pass the int4 floor."""
-    original = quantize_mod.quantize_weights_nbits
+    from attanchor_export.precision import streamed_weights
 
-    def broken(model, *args, **kwargs):
-        model = original(model, *args, **kwargs)
-        for init in model.graph.initializer:
-            if init.name.endswith("_scales"):
-                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 4, init.name))
-        return model
+    original = streamed_weights._Quantized.part
 
-    monkeypatch.setattr(quantize_mod, "quantize_weights_nbits", broken)
+    def broken(self, value, index):
+        compute = original(self, value, index)
+        return (lambda: compute() * 4) if index == 1 else compute  # index 1: the scales
+
+    monkeypatch.setattr(streamed_weights._Quantized, "part", broken)
     folder, data = fresh("siglip-t2i-k4")
     with pytest.raises(AccuracyGateFailed) as info:
         quantize_artifact(folder, data, quant="int4")
@@ -309,8 +308,10 @@ def test_fp32_islands_and_linear_normalization_on_a_hand_written_graph():
     assert islands["norm"] == {n.name for n in model.graph.node if n.name.startswith(("ln_", "rms_"))}
     assert islands["logits"] == {"lm_head"}
     normalize_linears(model.graph)  # Gemm(transB) -> MatMul + Add: the quantizer sees it
-    names, head = linear_matmuls(model.graph, include_lm_head=False)
-    assert names == ["fc"] and head == "lm_head"
+    import onnx_ir as ir
+
+    nodes, head = linear_nodes(ir.from_proto(model).graph, include_lm_head=False)
+    assert [n.name for n in nodes] == ["fc"] and head.name == "lm_head"
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     ref = ort.InferenceSession(_norm_graph().SerializeToString()).run(None, {"x": x})[0]
     normalized = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]

@@ -82,20 +82,10 @@ def _reapply_adapter(manifest: Manifest, loaded, override: str | None, steps) ->
 
 def regate(manifest: Manifest, loaded) -> dict:
     """Re-run the export's accuracy gate, with PyTorch (not the long-gone fp32 graphs) as reference."""
-    from attanchor_export.checks.parity import TorchSession
-    from attanchor_export.precision.calibration import ArtifactFrontEnd
-    from attanchor_export.precision.gate import compute_reference, run_gate
-    from attanchor_export.trace.decoder import DecoderWithCache
+    from attanchor_export.precision.gate import pytorch_reference, run_gate
 
     data, precision = manifest.data, manifest.precision
-    dims = manifest.dims
-    front = ArtifactFrontEnd(manifest.folder, data)
-    front.vision = TorchSession(loaded.adapter.vision_tower_and_projector(loaded.model), ["pixel_values"])
-    last_only = bool(data["graphs"]["decoder"].get("notes", {}).get("last_logits_only"))
-    decoder = DecoderWithCache(loaded.adapter.language_model(loaded.model), loaded.adapter.lm_head(loaded.model),
-                               dims["num_layers"], last_logits_only=last_only)
-    session = TorchSession(decoder, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
-    reference = compute_reference(front, session)
+    reference = pytorch_reference(loaded, manifest.folder, data, torch_vision=True)
     fmt = precision.quant if precision.quant != "none" else precision.dtype
     floors = (precision.gate or {}).get("floors")
     changed = {"vision": precision.vision_quantized}

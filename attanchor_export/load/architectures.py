@@ -180,6 +180,9 @@ class LlavaAdapter(Adapter):
             self.feature_layer, self.select_strategy,
         )
 
+    def decoder_layers(self, model) -> nn.ModuleList:
+        return self.language_model(model).layers
+
     def language_model(self, model) -> nn.Module:
         return model.model.language_model
 

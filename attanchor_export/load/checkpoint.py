@@ -40,6 +40,10 @@ class Loaded:
     alias: str | None = None  # e.g. "tinyllava-1b" when MODEL was an alias
     processor_folder: Path | None = None  # tokenizer / processor / chat template files, if present
     extra: dict = field(default_factory=dict)
+    # Streamed load (load/streamed.py): the decoder's weights stay in the shards; None for a full load,
+    # with `streaming` saying why ("streamed", or the reason a full load was needed).
+    streamed: Any = None
+    streaming: str = "full load"
 
     @property
     def dims(self):
@@ -129,11 +133,14 @@ def load_checkpoint(
     attn_implementation: str | None = None,
     offline: bool = False,
     allow_pickle: bool = False,
+    streamed: bool = False,
 ) -> Loaded:
     """Load MODEL (alias, Hub id, folder, or what locate() returned) in eval mode with its adapter.
 
     The architecture is checked from config.json before any weight is read, so an unsupported
     checkpoint fails in a second. trust_remote_code is passed to transformers only when asked.
+    `streamed`: keep the decoder layers and lm_head on disk (load/streamed.py) where the checkpoint
+    allows it (fp32 model, safetensors, keys that only need renaming); otherwise a full load.
     """
     if not isinstance(name, Located):
         name = locate(name, revision, offline=offline, allow_pickle=allow_pickle,
@@ -149,10 +156,16 @@ def load_checkpoint(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; tqdm bars would interleave with it
-    try:
-        model = adapter.model_class().from_pretrained(folder, config=config, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load weights from {folder}: {one_line(e)}") from None
+    stream, streaming = None, "full load"
+    if streamed and dtype == torch.float32 and attn_implementation is None and not trust_remote_code:
+        stream, streaming = _try_streamed(adapter, config, folder)
+    if stream is not None:
+        model = stream.model
+    else:
+        try:
+            model = adapter.model_class().from_pretrained(folder, config=config, **kwargs)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot load weights from {folder}: {one_line(e)}") from None
     model.eval()
     processor_folder = folder if any((folder / f).is_file() for f in _PROCESSOR_FILES) else None
     return Loaded(
@@ -165,4 +178,20 @@ def load_checkpoint(
         commit=commit,
         alias=alias,
         processor_folder=processor_folder,
+        streamed=stream,
+        streaming=streaming,
     )
+
+
+def _try_streamed(adapter, config, folder: Path):
+    """(StreamedModel, "streamed") or (None, why a full load is needed)."""
+    from attanchor_export.load.streamed import StreamingUnavailable, load_streamed
+
+    try:
+        stream = load_streamed(adapter.model_class(), config, folder,
+                               lambda m: [*adapter.decoder_layers(m), adapter.lm_head(m)])
+    except StreamingUnavailable as e:
+        return None, f"full load: {e}"
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights from {folder}: {one_line(e)}") from None
+    return stream, "streamed"

@@ -25,3 +25,34 @@ def cache_kwargs(module, cache) -> dict:
 
 
 __all__ = ["cache_kwargs"]
+
+
+def checkpoint_renamer(model):
+    """checkpoint key -> parameter name of `model` (None for a key the model does not have), by the
+    renaming rules transformers applies when it loads (e.g. llava-hf's language_model.model.* ->
+    model.language_model.*). Raises load.streamed.StreamingUnavailable for a key that needs more than a
+    rename (tensors merged or split on load): only a full load reproduces those."""
+    from attanchor_export.load.streamed import StreamingUnavailable
+
+    state = model.state_dict()  # meta tensors: only the names are used
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):  # another transformers layout: exact names only
+        return lambda key: key if key in state else None
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(key: str) -> str | None:
+        name, converted = rename_source_key(key, renamings, converters, prefix, state)
+        if converted is not None:
+            raise StreamingUnavailable(f"checkpoint tensor {key} is converted on load, not just renamed")
+        return name if name in state else None
+
+    return rename
+
+
+__all__ += ["checkpoint_renamer"]

@@ -122,8 +122,9 @@ def build_tiny_tokenizer():
     )
 
 
-def tiny_llava_config(family: str = "clip-llama", tokenizer=None):
-    """LlavaConfig of the tiny `family` model, token ids taken from `tokenizer` (default: the tiny one)."""
+def tiny_llava_config(family: str = "clip-llama", tokenizer=None, text_dims: dict | None = None):
+    """LlavaConfig of the tiny `family` model, token ids taken from `tokenizer` (default: the tiny one).
+    `text_dims` overrides decoder sizes (hidden_size, intermediate_size, num_hidden_layers, ...)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -144,6 +145,7 @@ def tiny_llava_config(family: str = "clip-llama", tokenizer=None):
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, **ids,
     )
+    decoder.update(text_dims or {})
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_channels=3)
     if family == "clip-llama":
         vision = CLIPVisionConfig(image_size=30, patch_size=6, projection_dim=32, **tower)
@@ -211,18 +213,20 @@ def _image_processor(family: str, config):
     return SiglipImageProcessorPil(size={"height": size, "width": size})
 
 
-def make_tiny_llava(path, family: str = "clip-llama", seed: int = 0) -> Path:
+def make_tiny_llava(path, family: str = "clip-llama", seed: int = 0, text_dims: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
     """Build a tiny random LlavaForConditionalGeneration of `family`, save it to `path`, return the path.
 
     The folder loads with LlavaForConditionalGeneration/AutoProcessor/AutoTokenizer.from_pretrained.
     The processor expands one <image> into exactly M image tokens (as HF generate needs).
+    `text_dims`: decoder size overrides (tiny_llava_config); `dtype`: the weights' stored dtype (fp32).
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    config = tiny_llava_config(family, tokenizer)
+    config = tiny_llava_config(family, tokenizer, text_dims)
 
     torch.manual_seed(seed)  # construction draws from the global RNG; the redraw below is what counts
     model = LlavaForConditionalGeneration(config).eval()
@@ -230,6 +234,8 @@ def make_tiny_llava(path, family: str = "clip-llama", seed: int = 0) -> Path:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if dtype is not None:
+        model.to(dtype)
     model.save_pretrained(path)
 
     processor = LlavaProcessor(

@@ -191,11 +191,28 @@ class ArtifactFrontEnd:
         self.dims = manifest_data["dims"]
         graphs = manifest_data["graphs"]
         self.preprocess = ImagePreprocessor.from_config(manifest_data["image_preprocessing"])
-        self.vision = ort_session(self.folder / (vision_file or graphs["vision"]["file"]), threads=threads)
+        self._vision_path, self._threads, self._vision = self.folder / (vision_file or graphs["vision"]["file"]), threads, None
         self.embedding = ort_session(self.folder / graphs["embedding"]["file"], threads=threads)
         self.encoder = PromptEncoder(self.folder, manifest_data)
         self.threshold = float(manifest_data["anchor"]["threshold"])
         self.table = open_embed_table(self.folder, manifest_data["embed_table"])
+
+    @property
+    def vision(self):
+        """The vision session, opened on first use: a gate form that keeps the fp32 vision graph never
+        needs it (1.2 GB of CLIP-L weights it would otherwise hold through the whole decoder run)."""
+        if self._vision is None:
+            from attanchor_runtime.sessions import ort_session
+
+            self._vision = ort_session(self._vision_path, threads=self._threads)
+        return self._vision
+
+    @vision.setter
+    def vision(self, session) -> None:  # anything with onnxruntime's run(names, feeds), e.g. the torch tower
+        self._vision = session
+
+    def release_vision(self) -> None:
+        self._vision = None
 
     def pixels(self, samples: Sequence[Sample]) -> np.ndarray:
         return np.concatenate([self.preprocess(s.image) for s in samples], axis=0)

@@ -12,6 +12,8 @@ the very thing the block list is for). docs/QUANTIZATION.md explains the choices
 
 from __future__ import annotations
 
+import contextlib
+
 import onnx
 from attanchor_graphs.onnx_utils import (
     constant_value,
@@ -25,6 +27,7 @@ from attanchor_graphs.onnx_utils import (
 from onnx import TensorProto
 
 from attanchor_export.errors import ExportError
+from attanchor_export.options import ARTIFACT_IR_VERSION
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
             "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNormalization",
@@ -241,6 +244,80 @@ def convert_fp16(model, output_logits: str | None = "logits") -> tuple[onnx.Mode
     return model, {k: len(v) for k, v in islands.items()}
 
 
+def convert_fp16_file(path, output_logits: str | None = "logits") -> dict:
+    """convert_fp16 on `path` without loading its weights: the converter runs on the graph alone (it only
+    retypes the external initializers it converts), then the external data file is rewritten one tensor
+    at a time, the converted ones through the converter's own fp32 -> fp16 function. Memory is one
+    tensor, where loading the graph would hold all of them (27 GB of fp32 at 7B). Returns the counts."""
+    from pathlib import Path
+
+    path = Path(path)
+    skeleton = onnx.load(str(path), load_external_data=False)
+    before = {i.name: i.data_type for i in skeleton.graph.initializer}
+    with _shapes_from_dims():
+        model, kept = convert_fp16(skeleton, output_logits)
+    _rewrite_external_data(model, path, before)
+    return kept
+
+
+@contextlib.contextmanager
+def _shapes_from_dims():
+    """The converter reads an initializer's shape through numpy_helper.to_array, i.e. its data; the dims
+    say the same without reading (and without the data, which the skeleton does not hold)."""
+    import onnxruntime.transformers.float16 as converter
+    from onnx import helper
+
+    original = converter.make_value_info_from_tensor
+    converter.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        converter.make_value_info_from_tensor = original
+
+
+_ALIGN = 4096  # large tensors start on a page: onnxruntime can map them in place
+
+
+def _rewrite_external_data(model, path, before: dict) -> None:
+    """Write `model` over `path`, its external tensors copied from the old data file, fp32 -> fp16 where
+    the converter retyped them; through temporary names, replaced at the end."""
+    import os
+
+    import numpy as np
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    data = path.with_name(path.name + ".data")
+    tmp, tmp_data = path.with_name(f".{path.name}.fp16"), path.with_name(f".{path.name}.fp16.data")
+    try:
+        with open(data, "rb") as src, open(tmp_data, "wb") as dst:
+            for tensor in model.graph.initializer:
+                if tensor.data_location != TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in tensor.external_data}
+                src.seek(int(info.get("offset", 0)))
+                raw = src.read(int(info["length"]))
+                if before.get(tensor.name) == TensorProto.FLOAT and tensor.data_type == TensorProto.FLOAT16:
+                    raw = convert_np_to_float16(np.frombuffer(raw, np.float32)).tobytes()
+                if len(raw) >= _ALIGN:
+                    dst.write(b"\0" * (-dst.tell() % _ALIGN))
+                offset = dst.tell()
+                dst.write(raw)
+                del tensor.external_data[:]
+                for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                del raw
+        model.ir_version = ARTIFACT_IR_VERSION
+        tmp.write_bytes(model.SerializeToString())
+        os.replace(tmp_data, data)
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, tmp_data):
+            if p.exists():
+                p.unlink()
+    onnx.checker.check_model(str(path))
+
+
 def _complete_value_info(model) -> None:
     """Types for tensors that have none (nodes added by graph rewrites such as the attention pass): the
     converter runs without shape inference and decides where Casts go from value_info. Inferred on a
@@ -263,4 +340,4 @@ def _complete_value_info(model) -> None:
     graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known and v.name in produced)
 
 
-__all__ = ["NORM_OPS", "SOFTMAX_OPS", "convert_fp16", "fp32_islands", "logits_nodes"]
+__all__ = ["NORM_OPS", "SOFTMAX_OPS", "convert_fp16", "convert_fp16_file", "fp32_islands", "logits_nodes"]

@@ -83,19 +83,25 @@ class GateReference:
     new_tokens: int = DEFAULT_NEW_TOKENS
     samples: list[Sample] = field(default_factory=list)
     task: dict | None = None  # fp32_task_answers: the fp32 answers on the task's gate subset
+    # What produced `tokens` and `logits`: the fp32 decoder graph, or the PyTorch model where that graph
+    # is over the memory budget (precision.quantize.torch_gate_reference).
+    decoder: str = "fp32 decoder graph (onnxruntime)"
 
 
-def _run_decoder(session, dims: dict, inputs: dict, new_tokens: int, embed, forced: np.ndarray | None = None):
-    """Prefill, then `new_tokens - 1` cached decode steps. Returns (tokens [B, n], logits [P, V], answer [P]):
-    per row, its valid prompt positions then one position per step; `answer` marks the positions that
-    predict a generated token (the prompt's last, and every step's).
+def _run_decoder(session, dims: dict, inputs: dict, new_tokens: int, embed, forced: np.ndarray | None = None,
+                 prefilled: list | None = None, keep_prefill: bool = False):
+    """Prefill, then `new_tokens - 1` cached decode steps. Returns (tokens [B, n], logits [P, V], answer [P],
+    the prefill's outputs if `keep_prefill` else None): per row, its valid prompt positions then one position per
+    step; `answer` marks the positions that predict a generated token (the prompt's last, and every step's).
 
     `forced`: feed these tokens instead of the model's own arg-max (teacher forcing); the tokens returned
-    are still the model's own arg-max at each step."""
+    are still the model's own arg-max at each step. `prefilled`: an earlier run's prefill outputs on the
+    same inputs (decoder_feeds.greedy)."""
     mask = inputs["attention_mask"]
     batch = mask.shape[0]
     prefill = prefill_feeds(inputs["inputs_embeds"], mask, inputs["position_ids"], empty_past(dims, batch))
-    run = greedy(session.run, dims["num_layers"], prefill, embed, new_tokens, forced=forced, keep_logits=True)
+    run = greedy(session.run, dims["num_layers"], prefill, embed, new_tokens, forced=forced, keep_logits=True,
+                 prefilled=prefilled, keep_prefill=keep_prefill)
     prompt, steps = run.logits[0], run.logits[1:]
     valid = mask[:, -prompt.shape[1]:].astype(bool)
     rows, answer = [], []
@@ -103,7 +109,7 @@ def _run_decoder(session, dims: dict, inputs: dict, new_tokens: int, embed, forc
         idx = np.flatnonzero(valid[b])
         rows += [prompt[b, idx], *(step[b, -1:] for step in steps)]
         answer += [False] * (len(idx) - 1) + [True] * (1 + len(steps))
-    return run.tokens, np.concatenate(rows, axis=0), np.array(answer, bool)
+    return run.tokens, np.concatenate(rows, axis=0), np.array(answer, bool), run.prefill_outputs
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -120,16 +126,39 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def compute_reference(front: ArtifactFrontEnd, decoder_session, samples: Sequence[Sample] | None = None,
                       new_tokens: int = DEFAULT_NEW_TOKENS) -> GateReference:
-    """Run the fp32 artifact (front end + `decoder_session`) over the gate set."""
+    """Run the fp32 artifact (front end + `decoder_session`) over the gate set. One greedy run gives the
+    teacher-forced logits too: fed its own tokens, the reference is its own teacher."""
     samples = list(samples or gate_samples())
     features = front.image_features(front.pixels(samples))
     inputs = front.decoder_inputs(samples, features)
-    tokens, _, _ = _run_decoder(decoder_session, front.dims, inputs, new_tokens, front.embed)
-    _, logits, answer = _run_decoder(decoder_session, front.dims, inputs, new_tokens, front.embed, forced=tokens)
+    front.release_vision()  # the decoder run (minutes, at 7B) does not need it
+    tokens, logits, answer, _ = _run_decoder(decoder_session, front.dims, inputs, new_tokens, front.embed)
     return GateReference(
         labels=[s.label for s in samples], features=features, inputs=inputs, tokens=tokens, logits=logits,
         answer=answer, prompt_source=front.encoder.source, new_tokens=new_tokens, samples=samples,
     )
+
+
+def pytorch_reference(loaded, folder: Path, manifest_data: dict, torch_vision: bool = False,
+                      new_tokens: int = DEFAULT_NEW_TOKENS) -> GateReference:
+    """The reference with the PyTorch decoder (fp32; one layer's weights in memory at a time when the
+    model is streamed) in place of the fp32 decoder graph, on the inputs the artifact's own vision and
+    embedding graphs build (`torch_vision`: image features from the PyTorch tower instead). No task
+    answers: those need the fp32 graphs. Used where the fp32 decoder is over the memory budget, and by
+    the `check` verb, long after the fp32 graphs are gone."""
+    from attanchor_export.checks.parity import TorchSession
+    from attanchor_export.trace.decoder import DecoderWithCache
+
+    adapter, model, dims = loaded.adapter, loaded.model, manifest_data["dims"]
+    front = ArtifactFrontEnd(folder, manifest_data)
+    if torch_vision:
+        front.vision = TorchSession(adapter.vision_tower_and_projector(model), ["pixel_values"])
+    last_only = bool(manifest_data["graphs"]["decoder"].get("notes", {}).get("last_logits_only", False))
+    module = DecoderWithCache(adapter.language_model(model), adapter.lm_head(model), dims["num_layers"], last_only)
+    session = TorchSession(module, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
+    reference = compute_reference(front, session, gate_samples(), new_tokens)
+    reference.decoder = f"PyTorch fp32 ({loaded.streaming})"
+    return reference
 
 
 def _prefix_len(a: np.ndarray, b: np.ndarray) -> int:
@@ -142,8 +171,10 @@ def evaluate(reference: GateReference, decoder_session, front: ArtifactFrontEnd,
     """Metrics of one reduced-precision form against `reference`. `front`: the front end with the
     form's own vision graph (used for greedy generation and the vision metrics when `vision_changed`)."""
     dims, embed = front.dims, front.embed
-    _, logits, answer = _run_decoder(decoder_session, dims, reference.inputs, reference.new_tokens, embed,
-                                     forced=reference.tokens)
+    # The free-running greedy below starts from the same prompt unless the vision graph changed: its
+    # prefill is this one's, kept rather than run twice.
+    _, logits, answer, prefilled = _run_decoder(decoder_session, dims, reference.inputs, reference.new_tokens,
+                                                embed, forced=reference.tokens, keep_prefill=not vision_changed)
     finite = bool(np.isfinite(logits).all())
     if logits.shape != reference.logits.shape:
         raise ValueError(f"gate: logits shape {logits.shape} differs from the reference {reference.logits.shape}")
@@ -167,7 +198,8 @@ def evaluate(reference: GateReference, decoder_session, front: ArtifactFrontEnd,
         result["vision_cos_min"] = float(vcos.min())
         result["finite"] = result["finite"] and bool(np.isfinite(features).all())
         inputs = front.decoder_inputs(reference.samples, features)
-    tokens, _, _ = _run_decoder(decoder_session, dims, inputs, reference.new_tokens, embed)
+    tokens, _, _, _ = _run_decoder(decoder_session, dims, inputs, reference.new_tokens, embed, prefilled=prefilled)
+    del prefilled
     result["greedy_match"] = float((tokens == reference.tokens).mean())
     result["greedy_prefix"] = float(np.mean([_prefix_len(t, r) for t, r in zip(tokens, reference.tokens)]))
     result["greedy_tokens"] = int(reference.new_tokens)
@@ -197,8 +229,10 @@ def judge(result: dict, floors: dict) -> list[str]:
 
 
 def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: dict, changed: dict,
-             floors: dict | None = None) -> dict:
-    """Evaluate every distinct (decoder, vision) pair the backends open; JSON-ready results."""
+             floors: dict | None = None, low_memory: bool = False) -> dict:
+    """Evaluate every distinct (decoder, vision) pair the backends open; JSON-ready results.
+    `low_memory`: decoder sessions without arena or folded weight casts (sessions.ort_session), for
+    decoders whose fp32-widened weights would not fit (an fp16 7B decoder on CPU)."""
     from attanchor_runtime.sessions import ort_session
 
     limits = floors_for(fmt, floors)
@@ -213,7 +247,9 @@ def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: d
             continue
         done.add(key)
         front = ArtifactFrontEnd(folder, manifest_data, vision_file=vision)
-        metrics = evaluate(reference, ort_session(folder / decoder), front, vision_changed=changed["vision"])
+        session = ort_session(folder / decoder, memory_arena=not low_memory, fold_constants=not low_memory)
+        metrics = evaluate(reference, session, front, vision_changed=changed["vision"])
+        del session
         failures = judge(metrics, limits)
         if reference.task is not None:
             metrics["task"] = task_metrics(folder, manifest_data, files, reference.task, fmt)
@@ -227,7 +263,7 @@ def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: d
         "target_cos": TARGET_COS,
         "set": {"samples": len(reference.labels), "images": "synthetic (calibration.gate_samples)",
                 "prompts": reference.prompt_source, "new_tokens": reference.new_tokens,
-                "positions": results[0]["positions"] if results else 0},
+                "positions": results[0]["positions"] if results else 0, "reference": reference.decoder},
         "task": None if reference.task is None else {
             "data": reference.task["task"], "questions": len(reference.task["items"]),
             "fp32_accuracy": reference.task["accuracy"], "max_drop": TASK_FLOORS[fmt],

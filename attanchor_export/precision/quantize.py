@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from attanchor_graphs.onnx_utils import name_nodes
 
 from attanchor_export.errors import ExportError
@@ -41,16 +42,21 @@ from attanchor_export.precision.calibration import (
     gate_samples,
     load_calibration_set,
 )
-from attanchor_export.precision.fp16 import convert_fp16
-from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, fp32_task_answers, run_gate
+from attanchor_export.precision.fp16 import convert_fp16_file
+from attanchor_export.precision.gate import (
+    DEFAULT_NEW_TOKENS,
+    AccuracyGateFailed,
+    GateReference,
+    compute_reference,
+    fp32_task_answers,
+    run_gate,
+)
+from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 from attanchor_export.precision.weights import (
     DEFAULT_ACCURACY_LEVEL,
     count_quantized,
     int8_static_qdq,
-    k_dims,
-    linear_matmuls,
     normalize_linears,
-    quantize_weights_nbits,
     trt_int4_block,
 )
 
@@ -167,10 +173,12 @@ def quantize_artifact(
     forms: tuple[str, ...] = FORMS,
     gate: bool = True,
     floors: dict | None = None,
-    gate_tokens: int = 32,
+    gate_tokens: int = DEFAULT_NEW_TOKENS,
     calibrate_method: str = "MinMax",
     accuracy_level: int | None = None,
     task: str | None = None,
+    reference: GateReference | None = None,
+    low_memory: bool = False,
 ) -> dict:
     """Rewrite the fp32 graphs in `folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -183,6 +191,9 @@ def quantize_artifact(
     compatibility), "backends" (which file each backend opens), calibration and "gate" (floors, target,
     per-form metrics, passed). Raises AccuracyGateFailed (results and precision attached) when a form is
     below its floor, ExportError on bad options. fp32/none returns the plain precision section untouched.
+    `reference`: the gate's reference computed beforehand (gate.pytorch_reference, when the fp32 decoder
+    graph is over the memory budget); None runs the fp32 graphs for it. `low_memory`: the gate's sessions
+    neither keep an arena nor fold weight casts (gate.run_gate), for a decoder that is over the budget.
     """
     folder = Path(folder)
     forms = _check_options(dtype, quant, block_size, forms)
@@ -194,9 +205,10 @@ def quantize_artifact(
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
     )
     precision = _precision_header(req)
-    with steps("fp32 reference for the accuracy gate"):
-        front = ArtifactFrontEnd(folder, manifest_data)
-        reference = _fp32_reference(req, manifest_data, front, gate_tokens, task) if gate else None
+    front = ArtifactFrontEnd(folder, manifest_data) if (gate and reference is None) or req.quant == "int8" else None
+    if gate and reference is None:
+        with steps("fp32 reference for the accuracy gate"):
+            reference = _fp32_reference(req, manifest_data, front, gate_tokens, task)
     readers = _calibration(req, front, calib, precision, steps)
     del front
     records: dict[str, dict] = {}
@@ -210,7 +222,8 @@ def quantize_artifact(
     else:
         with steps(f"accuracy gate ({req.fmt})"):
             changed = {g: g in req.targets for g in ("vision", "decoder")}
-            precision["gate"] = run_gate(folder, manifest_data, reference, req.fmt, backends, changed, floors)
+            precision["gate"] = run_gate(folder, manifest_data, reference, req.fmt, backends, changed, floors,
+                                         low_memory=low_memory)
         _raise_if_failed(req.fmt, precision)
     return {"precision": precision}
 
@@ -265,54 +278,87 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
     base = {"graph": graph, "dtype": req.dtype}
     if req.dtype == "fp16":
         with steps(f"fp16 {file}"):
-            model, kept = convert_fp16(onnx.load(str(path)), "logits" if graph == "decoder" else None)
-            save_model(model, path)
+            kept = convert_fp16_file(path, "logits" if graph == "decoder" else None)
             base["fp16"] = {"converter": "onnxruntime.transformers.float16", "kept_fp32_nodes": kept}
-            del model
     if not req.quantizes(graph):
         records[file] = {**base, "format": "fp16", "backend": ["ort", "trt"],
                          "opset": _opsets(onnx.load(str(path), load_external_data=False)), "bytes": graph_bytes(path)}
         return
-    normalized = req.folder / f".{file}.normalized.onnx"
-    names, head, ks = _normalized_copy(req, graph, normalized)
+    source, copied = _linear_source(req, graph)
+    names, head, ks = _linears(req, graph, source)
     written = []
     try:
         if "QDQ" in req.forms:
             trt_file = trt_name(file) if "MatMulNBits" in req.forms else file
             with steps(f"{req.quant} QDQ {trt_file} (TensorRT)"):
-                records[trt_file] = _qdq_form(req, graph, base, normalized, trt_file, names, ks, reader)
+                records[trt_file] = _qdq_form(req, graph, base, source, trt_file, names, ks, reader)
             backends["trt"][graph] = trt_file
             written.append(records[trt_file])
         if "MatMulNBits" in req.forms:
             with steps(f"{req.quant} MatMulNBits {file} (onnxruntime)"):
-                records[file] = _nbits_form(req, path, base, normalized, names)
+                records[file] = _nbits_form(req, path, base, source, names)
             if "QDQ" not in req.forms:
                 backends["trt"][graph] = None
             written.append(records[file])
     finally:
-        remove_model(normalized)
+        if copied:
+            remove_model(source)
     for record in written:
         _count_linears(record, graph, names, head if req.quantize_lm_head else None)
 
 
-def _normalized_copy(req: _Request, graph: str, normalized: Path) -> tuple[list[str], str | None, list[int]]:
-    """Named nodes, every constant-weight linear as MatMul(x, W): the copy both forms start from.
-    Returns the linears to quantize, the lm_head's name, and their K dims."""
-    file = req.files[graph]
-    model = onnx.load(str(req.folder / file))
+def _linear_source(req: _Request, graph: str) -> tuple[Path, bool]:
+    """The file both forms start from, with every constant-weight linear a MatMul(x, W[K, N]) and every
+    node named: the graph itself (what the dynamo exporter writes), or, for a graph with Gemm or
+    MatMul(x, Transpose(W)) linears or unnamed nodes (hand-written or older exporters; small), a
+    normalised copy made in memory. Returns (path, whether it is a copy to remove)."""
+    path = req.folder / req.files[graph]
+    skeleton = onnx.load(str(path), load_external_data=False)
+    if not _needs_normalizing(skeleton.graph):
+        return path, False
+    model = onnx.load(str(path))
     name_nodes(model.graph)
     normalize_linears(model.graph)
-    names, head = linear_matmuls(model.graph, req.quantize_lm_head, "logits" if graph == "decoder" else None)
-    if not names:
-        raise ExportError(f"{file}: found no MatMul with a constant weight to quantize")
-    ks = k_dims(model.graph, names)
+    normalized = req.folder / f".{req.files[graph]}.normalized.onnx"
     save_model(model, normalized)
-    return names, head, ks
+    return normalized, True
 
 
-def _qdq_form(req: _Request, graph: str, base: dict, normalized: Path, trt_file: str, names, ks, reader) -> dict:
+def _needs_normalizing(graph) -> bool:
+    inits = {i.name for i in graph.initializer}
+    transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    return any(not n.name for n in graph.node) or any(
+        (n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in inits)
+        or (n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in transposed)
+        for n in graph.node
+    )
+
+
+def _linears(req: _Request, graph: str, source: Path) -> tuple[list[str], str | None, list[int]]:
+    """The linears to quantize (node names), the lm_head's name, and their K dims (no weight is read)."""
+    model = ir.load(str(source))
+    nodes, head = linear_nodes(model.graph, req.quantize_lm_head, "logits" if graph == "decoder" else None)
+    if not nodes:
+        raise ExportError(f"{req.files[graph]}: found no MatMul with a constant weight to quantize")
+    return [n.name for n in nodes], head.name if head is not None else None, [int(n.inputs[1].shape[0]) for n in nodes]
+
+
+def _write_form(source: Path, target: Path, names: list[str], **quantization) -> onnx.ModelProto:
+    """Quantize `names` of `source` into `target` with weights streamed (precision.streamed_weights);
+    returns `target`'s ModelProto without its weights (for counting and opsets)."""
+    model = ir.load(str(source))
+    wanted = set(names)
+    quantize_graph(model, [n for n in model.graph if n.name in wanted], **quantization)
+    save_beside(model, target, IR_VERSION)
+    del model
+    onnx.checker.check_model(str(target))
+    return onnx.load(str(target), load_external_data=False)
+
+
+def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str, names, ks, reader) -> dict:
     """The TensorRT form: INT4 blocked DequantizeLinear weights, or calibrated int8 QDQ; its record."""
     record = {**base, "format": "QDQ", "bits": req.bits, "backend": ["trt"]}
+    target = req.folder / trt_file
     if req.quant == "int4":
         trt_block = trt_int4_block(req.block_size, ks)
         record.update(block_size=trt_block or req.block_size, symmetric=True,
@@ -322,31 +368,29 @@ def _qdq_form(req: _Request, graph: str, base: dict, normalized: Path, trt_file:
             record["note"] = f"K dims {sorted(set(ks))} are not multiples of 64: TensorRT INT4 needs blocks of 64 or 128"
         elif trt_block != req.block_size:
             record["note"] = f"TensorRT INT4 takes blocks of 64/128 dividing K: block {trt_block} used"
-        qmodel = quantize_weights_nbits(onnx.load(str(normalized)), names, 4, trt_block or req.block_size,
-                                        symmetric=True, qdq=True)
+        qmodel = _write_form(source, target, names, bits=4, block_size=trt_block or req.block_size,
+                             symmetric=True, qdq=True)
     else:
-        qmodel = int8_static_qdq(normalized, req.folder / trt_file, names, reader, req.calibrate_method)
+        qmodel = int8_static_qdq(source, target, names, reader, req.calibrate_method)
         record.update(symmetric=True, weights="int8 per-channel", activations="int8 per-tensor (calibrated)",
                       tensorrt_compatible=True)
+        save_model(qmodel, target)
     record["quantized_nodes"] = count_quantized(qmodel)["QDQ_int4" if req.quant == "int4" else "QDQ_int8"]
     record["opset"] = _opsets(qmodel)
     if "MatMulNBits" not in req.forms:  # the only form: both backends open it, under the graph's own name
-        remove_model(req.folder / req.files[graph])
         record["backend"] = ["ort", "trt"]
-    save_model(qmodel, req.folder / trt_file)
-    record["bytes"] = graph_bytes(req.folder / trt_file)
+    record["bytes"] = graph_bytes(target)
     return record
 
 
-def _nbits_form(req: _Request, path: Path, base: dict, normalized: Path, names) -> dict:
+def _nbits_form(req: _Request, path: Path, base: dict, source: Path, names) -> dict:
     """The onnxruntime form: weight-only MatMulNBits, asymmetric, in the graph's own file; its record."""
-    qmodel = quantize_weights_nbits(onnx.load(str(normalized)), names, req.bits, req.block_size,
-                                    symmetric=False, qdq=False, accuracy_level=req.accuracy_level or None)
+    qmodel = _write_form(source, path, names, bits=req.bits, block_size=req.block_size, symmetric=False,
+                         qdq=False, accuracy_level=req.accuracy_level or None)
     record = {**base, "format": "MatMulNBits", "bits": req.bits, "block_size": req.block_size,
               "symmetric": False, "backend": ["ort"],
               "quantized_nodes": count_quantized(qmodel)["MatMulNBits"], "opset": _opsets(qmodel),
               "tensorrt_compatible": False, "accuracy_level": req.accuracy_level}
-    save_model(qmodel, path)
     record["bytes"] = graph_bytes(path)
     return record
 

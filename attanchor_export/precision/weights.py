@@ -1,14 +1,15 @@
 """Weight quantization of linear layers: which MatMuls are linears, and the three quantized forms.
 
-- MatMulNBits (com.microsoft, `quantize_weights_nbits(..., qdq=False)`): weight-only, blockwise,
+- MatMulNBits (com.microsoft; precision.streamed_weights, `qdq=False`): weight-only, blockwise,
   asymmetric 4 or 8 bits with zero points, any block size; onnxruntime's native fused GEMM/GEMV kernel.
-- QDQ INT4 (`qdq=True, symmetric=True`): opset 21 blocked DequantizeLinear of signed INT4 weights +
-  MatMul, what TensorRT reads for weight-only INT4 (zero points 0, blocks of 64 or 128: `trt_int4_block`).
+- QDQ INT4 (precision.streamed_weights, `qdq=True, symmetric=True`): opset 21 blocked DequantizeLinear of
+  signed INT4 weights + MatMul, what TensorRT reads for weight-only INT4 (zero points 0, blocks of 64
+  or 128: `trt_int4_block`).
 - QDQ INT8 (`int8_static_qdq`): quantize_static, per-channel symmetric weights and per-tensor symmetric
   activations calibrated over real decoder inputs (the readers of precision.calibration).
 
 Before any of them, `normalize_linears` brings every constant-weight linear to MatMul(x, W[K, N]) and
-`linear_matmuls` names them; `count_quantized` counts what a quantized graph holds, by kind.
+precision.streamed_weights.linear_nodes finds them; `count_quantized` counts what a quantized graph holds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from attanchor_graphs.onnx_utils import consumers, initializers, producers
 from onnx import TensorProto, numpy_helper
 
 from attanchor_export.precision.calibration import _as_reader
-from attanchor_export.precision.fp16 import logits_nodes
 
 TRT_INT4_BLOCK_SIZES = (128, 64)  # TensorRT INT4 block quantization accepts these only
 # MatMulNBits accuracy_level when the caller leaves it to us: 4 (int8 compute on CPU) for int4, measured
@@ -102,50 +102,6 @@ def normalize_linears(graph) -> None:
         graph.initializer.remove(i)
 
 
-def linear_matmuls(graph, include_lm_head: bool, output_logits: str | None = "logits") -> tuple[list[str], str | None]:
-    """Names of the MatMuls with a constant 2-D weight (the model's linear layers), and the lm_head's."""
-    inits = initializers(graph)
-    head = next((n.name for n in logits_nodes(graph, output_logits) if n.op_type == "MatMul"), None) \
-        if output_logits else None
-    names = []
-    for n in graph.node:
-        if n.op_type != "MatMul" or len(n.input) < 2:
-            continue
-        w = inits.get(n.input[1])
-        if w is None or len(w.dims) != 2 or w.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            continue
-        if n.name == head and not include_lm_head:
-            continue
-        names.append(n.name)
-    return names, head
-
-
-def k_dims(graph, names) -> list[int]:
-    """The input width K of each named linear (its weight is [K, N])."""
-    inits = initializers(graph)
-    by_name = {n.name: n for n in graph.node}
-    return [int(inits[by_name[x].input[1]].dims[0]) for x in names]
-
-
-def quantize_weights_nbits(model, names: list[str], bits: int, block_size: int, symmetric: bool,
-                           qdq: bool, accuracy_level: int | None = None) -> onnx.ModelProto:
-    """MatMulNBitsQuantizer on exactly `names` (other MatMuls excluded)."""
-    from onnxruntime.quantization import QuantFormat
-
-    with _quiet_ort_quantization():
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        targets = set(names)
-        exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in targets]
-        quantizer = MatMulNBitsQuantizer(
-            model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-            nodes_to_exclude=exclude, quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
-            op_types_to_quantize=("MatMul",),
-        )
-        quantizer.process()
-    return quantizer.model.model
-
-
 def count_quantized(model) -> dict[str, int]:
     """Quantized linear layers in a graph, by kind."""
     graph = model.graph
@@ -200,6 +156,6 @@ def int8_static_qdq(src: Path, dst: Path, names: list[str], reader, method: str)
 
 
 __all__ = [
-    "DEFAULT_ACCURACY_LEVEL", "TRT_INT4_BLOCK_SIZES", "count_quantized", "int8_static_qdq", "k_dims",
-    "linear_matmuls", "normalize_linears", "quantize_weights_nbits", "trt_int4_block",
+    "DEFAULT_ACCURACY_LEVEL", "TRT_INT4_BLOCK_SIZES", "count_quantized", "int8_static_qdq", "normalize_linears",
+    "trt_int4_block",
 ]

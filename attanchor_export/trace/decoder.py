@@ -60,7 +60,8 @@ def example_inputs(dims, batch=2, seq=5, past=3, dtype=torch.float32):
     return embeds, mask, positions, kv
 
 
-def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, opset: int) -> None:
+def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, opset: int, streamed=None) -> None:
+    """`streamed`: the load.streamed.StreamedModel the modules belong to (traced on meta, weights streamed)."""
     module = DecoderWithCache(language_model, lm_head, dims.num_layers, spec.notes.get("last_logits_only", False))
     batch, seq, past, total = Dim(BATCH), Dim(SEQ_LEN), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN)
     dynamic_shapes = {
@@ -70,7 +71,7 @@ def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, o
         # One tuple of dims for the whole *past argument: dynamic_shapes mirrors the argument structure.
         "past": tuple({0: batch, 2: past} for _ in range(2 * dims.num_layers)),
     }
-    trace_to_onnx(module, example_inputs(dims), dynamic_shapes, spec, path, opset)
+    trace_to_onnx(module, example_inputs(dims), dynamic_shapes, spec, path, opset, streamed=streamed)
 
 
 __all__ = ["DecoderWithCache", "export_decoder", "example_inputs", "kv_names"]

@@ -10,13 +10,17 @@ initializers instead, computed one at a time while the external data file is wri
 optimizer (onnxscript's, as torch.onnx runs it) then does everything else, so the graph is the one
 `optimize=True` gives, without the second copy of the weights. After saving, the in-memory graph
 lets go of the weights, so freeing the model frees them (see the end of trace_to_onnx).
+
+A streamed model (load/streamed.py) is traced on the meta device: no weight exists while the tracer
+and optimizer run, and each initializer is bound to a lazy tensor that reads its checkpoint tensor
+(converted to fp32) only when the external data file is written, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +31,16 @@ from attanchor_export.trace.specs import GraphSpec
 
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, spec: GraphSpec, path: Path,
-                  opset: int) -> None:
-    """Export with the spec's input/output names; weights go to `<file>.data` (external data)."""
+                  opset: int, streamed=None) -> None:
+    """Export with the spec's input/output names; weights go to `<file>.data` (external data).
+    `streamed` (a load.streamed.StreamedModel): trace on meta, weights read from its store when written."""
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
     module.eval()
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), _quiet_exporter(), _traced_on_meta(module, streamed) as originals:
+        if originals is not None:
+            args = _to_meta(args)
         program = torch.onnx.export(
             module,
             args,
@@ -45,6 +52,9 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, sp
             optimize=False,
             verbose=False,
         )
+    with torch.no_grad(), _quiet_exporter():
+        if originals is not None:
+            bind_streamed_weights(program.model, originals, streamed)
         lazy_weight_transposes(program.model)
         onnxscript.optimizer.optimize_ir(program.model)
         onnxscript.rewriter.onnx_fusions.fuse(program.model)
@@ -53,6 +63,46 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, sp
     # this the graph would pin every weight of the traced model for the rest of the export.
     for value in program.model.graph.initializers.values():
         value.const_value = None
+
+
+@contextmanager
+def _traced_on_meta(module, streamed):
+    if streamed is None:
+        yield None
+        return
+    from attanchor_export.load.streamed import on_meta
+
+    paused = streamed.streamer.paused() if streamed.streamer is not None else nullcontext()
+    with paused, on_meta(module) as originals:
+        yield originals
+
+
+def _to_meta(args):
+    if isinstance(args, torch.Tensor):
+        return args.to("meta")
+    return type(args)(_to_meta(a) for a in args)
+
+
+def bind_streamed_weights(model: ir.Model, originals: dict, streamed) -> None:
+    """Give each initializer of a meta trace its value: a real tensor it was traced from (buffers, the
+    materialised small parts), or a lazy read of the checkpoint tensor behind a meta parameter."""
+    for name, value in model.graph.initializers.items():
+        original = originals.get(name)
+        if original is None:
+            raise RuntimeError(f"meta trace: initializer {name} is no parameter or buffer of the traced module")
+        shape = ir.Shape(list(original.shape))
+        if original.is_meta:
+            value.const_value = ir.LazyTensor(_reader(streamed.store, streamed.key(original)), dtype=ir.DataType.FLOAT,
+                                              shape=shape, name=name)
+        else:
+            value.const_value = ir.tensor(original.detach().numpy(), name=name)
+
+
+def _reader(store, key):
+    def read():
+        return ir.tensor(store.numpy(key))
+
+    return read
 
 
 def lazy_weight_transposes(model: ir.Model) -> int:

@@ -79,17 +79,22 @@ Run = Callable[[Sequence[str] | None, dict], list]
 class Greedy:
     tokens: np.ndarray  # [B, new_tokens]: the model's arg-max at each step
     logits: list[np.ndarray]  # per call: [B, S or 1, V] as the graph returned it
+    prefill_outputs: list | None = None  # the prefill call's outputs, when asked to keep them
 
 
 def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray], np.ndarray],
-           new_tokens: int, forced: np.ndarray | None = None, keep_logits: bool = False) -> Greedy:
+           new_tokens: int, forced: np.ndarray | None = None, keep_logits: bool = False,
+           prefilled: list | None = None, keep_prefill: bool = False) -> Greedy:
     """Prefill `prefill` (its own past, usually `empty_past`), then `new_tokens - 1` cached steps.
 
     embed: token ids [B, 1] -> embeddings [B, 1, H] (the runtime's table lookup).
     forced: feed these tokens [B, >= new_tokens - 1] instead of the arg-max (teacher forcing); the
-    returned tokens are still the model's own arg-max at every step."""
+    returned tokens are still the model's own arg-max at every step.
+    prefilled: the outputs of an earlier run on the same `prefill` feeds (skips the prefill call: at 7B
+    a 600-token prefill is minutes on a CPU); keep_prefill: return this run's, to pass on so."""
     names = past_names(num_layers)
-    outs = run(None, prefill)
+    outs = prefilled if prefilled is not None else run(None, prefill)
+    first = outs if keep_prefill else None
     logits = [outs[0]] if keep_logits else []
     batch = outs[0].shape[0]
     tokens = np.zeros((batch, new_tokens), np.int64)
@@ -102,7 +107,7 @@ def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray
         if keep_logits:
             logits.append(outs[0])
         tokens[:, i] = outs[0][:, -1].argmax(-1)
-    return Greedy(tokens, logits)
+    return Greedy(tokens, logits, first)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray, zero_row: float = 0.0) -> np.ndarray:

@@ -1,0 +1,212 @@
+"""Blockwise weight-only forms written from a graph whose weights stay on disk.
+
+`write_nbits(src, dst, names, ...)` opens `src` with onnx-ir (external data memory-mapped, nothing
+read up front), swaps each named MatMul(x, W) for its quantized form, and writes `dst`: each
+quantized tensor is computed only when the writer reaches it, from one weight read out of the map,
+and that weight's pages are released right after. Memory is one weight (plus its quantized copy)
+whatever the model size; the old path (onnxruntime's MatMulNBitsQuantizer on a loaded ModelProto)
+held the whole fp32 graph, 27 GB at 7B.
+
+The numbers are onnxruntime's: `DefaultWeightOnlyQuantizer.qbits_block_quant` (the C++ kernels the
+MatMulNBitsQuantizer calls) quantizes each weight, so both paths give the same bytes. Forms:
+- MatMulNBits (com.microsoft; `qdq=False`): packed [N, k_blocks, blob] uint8, scales [N, k_blocks],
+  zero points when asymmetric; attributes K, N, bits, block_size (and accuracy_level when set).
+- QDQ INT4 (`qdq=True`, symmetric): DequantizeLinear(INT4 [K, N], scales [k_blocks, N], axis 0,
+  block_size) feeding the original MatMul, what TensorRT reads for weight-only INT4.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+_MS = "com.microsoft"
+
+
+def linear_nodes(graph: ir.Graph, include_lm_head: bool, logits: str | None = "logits"):
+    """(MatMul nodes with a constant 2-D float weight, in graph order; the lm_head MatMul or None)."""
+    head = lm_head_node(graph, logits) if logits else None
+    nodes = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if w is None or not w.is_initializer() or w.const_value is None or len(w.const_value.shape) != 2:
+            continue
+        if w.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            continue
+        if node is head and not include_lm_head:
+            continue
+        nodes.append(node)
+    return nodes, head
+
+
+def lm_head_node(graph: ir.Graph, logits: str = "logits"):
+    """The MatMul that produces `logits`, through reshapes / casts / a bias Add."""
+    value = next((o for o in graph.outputs if o.name == logits), None)
+    for _ in range(16):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if node.op_type in ("MatMul", "MatMulNBits"):
+            return node
+        if node.op_type not in ("Add", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast", "Slice", "Flatten"):
+            return None
+        value = node.inputs[0]
+    return None
+
+
+class _Quantized:
+    """Each weight's quantized parts, computed once for the two or three initializers that hold them and
+    dropped when the last is written (thread-safe: the writer may run tensors in parallel)."""
+
+    def __init__(self, quantizer, parts: int):
+        self.quantizer, self.parts = quantizer, parts
+        self._lock = threading.Lock()
+        self._cache: dict[str, list] = {}
+
+    def part(self, value: ir.Value, index: int):
+        def compute():
+            with self._lock:
+                entry = self._cache.get(value.name)
+                if entry is None:
+                    tensor = value.const_value
+                    weight = np.asarray(tensor.numpy())  # fp32 or fp16: the scales take its type
+                    entry = self._cache[value.name] = [self.quantizer.qbits_block_quant(weight), self.parts]
+                    del weight
+                    if isinstance(tensor, ir.ExternalTensor):
+                        tensor.release()  # unmap: touched pages would otherwise count in our RSS
+                result = entry[0][index]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._cache[value.name]
+            return result
+
+        return compute
+
+
+def _quantizer(bits: int, block_size: int, symmetric: bool, qdq: bool, accuracy_level: int | None):
+    from onnxruntime.quantization import QuantFormat
+
+    from attanchor_export.precision.weights import _quiet_ort_quantization
+
+    with _quiet_ort_quantization():
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=bits,
+            quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
+        )
+        return DefaultWeightOnlyQuantizer(config)
+
+
+def _lazy(compute, dtype: ir.DataType, shape, name: str, packed_as: ir.DataType | None = None):
+    def tensor():
+        array = compute()
+        if packed_as is not None:
+            return ir.PackedTensor(array, packed_as, shape=shape, name=name)
+        return ir.tensor(np.ascontiguousarray(array), name=name)
+
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
+                     const_value=ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(shape), name=name))
+    return value
+
+
+def quantize_graph(model: ir.Model, nodes, bits: int, block_size: int, symmetric: bool, qdq: bool,
+                   accuracy_level: int | None = None) -> int:
+    """Rewrite `nodes` (MatMuls with constant [K, N] weights) of `model` in place; returns how many."""
+    if qdq and (bits != 4 or not symmetric):
+        raise ValueError("the QDQ form is symmetric INT4")
+    graph = model.graph
+    quantized = _Quantized(_quantizer(bits, block_size, symmetric, qdq, accuracy_level),
+                           parts=2 if (qdq or symmetric) else 3)
+    if qdq:
+        _import(model, "", 21)
+    else:
+        _import(model, _MS, 1)
+    count = 0
+    for node in nodes:
+        w = node.inputs[1]
+        k, n = (int(d) for d in w.const_value.shape)
+        blocks = (k + block_size - 1) // block_size
+        scale_type = w.const_value.dtype  # MatMulNBits / DequantizeLinear: scales in the activations' type
+        if qdq:
+            q = _lazy(quantized.part(w, 0), ir.DataType.INT4, [k, n], f"{w.name}_DQ_Q4", packed_as=ir.DataType.INT4)
+            s = _lazy(quantized.part(w, 1), scale_type, [blocks, n], f"{w.name}_DQ_scales")
+            for v in (q, s):
+                graph.initializers.add(v)
+            dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0, "block_size": block_size},
+                         name=f"{node.name}_DQ_Q4")
+            dq.outputs[0].name = f"{w.name}_DQ_Q4_output"
+            graph.insert_before(node, dq)
+            node.replace_input_with(1, dq.outputs[0])
+        else:
+            per_byte = 8 // bits
+            blob = (block_size + per_byte - 1) // per_byte
+            inputs = [node.inputs[0],
+                      _lazy(quantized.part(w, 0), ir.DataType.UINT8, [n, blocks, blob], f"{w.name}_Q{bits}"),
+                      _lazy(quantized.part(w, 1), scale_type, [n, blocks], f"{w.name}_scales")]
+            if not symmetric:
+                inputs.append(_lazy(quantized.part(w, 2), ir.DataType.UINT8, [n, (blocks + per_byte - 1) // per_byte],
+                                    f"{w.name}_zero_points"))
+            for v in inputs[1:]:
+                graph.initializers.add(v)
+            attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+            if accuracy_level:
+                attributes["accuracy_level"] = accuracy_level
+            replacement = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_MS, name=f"{node.name}_Q{bits}")
+            graph.insert_before(node, replacement)
+            out_name = node.outputs[0].name
+            node.outputs[0].replace_all_uses_with(replacement.outputs[0], replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            replacement.outputs[0].name = out_name
+        if not w.uses():
+            graph.initializers.pop(w.name)
+        count += 1
+    return count
+
+
+def _import(model: ir.Model, domain: str, version: int) -> None:
+    if model.opset_imports.get(domain, 0) < version:
+        model.opset_imports[domain] = version
+        model.graph.opset_imports[domain] = version
+
+
+def save_beside(model: ir.Model, path: Path, ir_version: int) -> None:
+    """Write `model` to `path` + `path.data` through temporary names, then replace both: `path` may be
+    the file its weights are still being read from."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.writing.onnx")
+    tmp_data = tmp.with_name(tmp.name + ".data")
+    model.ir_version = ir_version
+    try:
+        ir.save(model, str(tmp), external_data=tmp_data.name, max_workers=1)
+        _point_external_data(tmp, path.name + ".data")
+        os.replace(tmp_data, path.with_name(path.name + ".data"))
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, tmp_data):
+            if p.exists():
+                p.unlink()
+
+
+def _point_external_data(onnx_file: Path, location: str) -> None:
+    """Rename the external data file every tensor of `onnx_file` refers to (protobuf only, no weights)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_file), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx_file.write_bytes(proto.SerializeToString())
+
+
+__all__ = ["linear_nodes", "lm_head_node", "quantize_graph", "save_beside"]

@@ -1,0 +1,203 @@
+"""Streamed export: the decoder's weights stay in the checkpoint's shards until each is written.
+
+The 7B figures come from scripts/bench_export.py; these tests pin the properties behind them on small
+checkpoints: what a streamed load holds, that the meta-traced graph is the one a full load traces, that
+the int4 writer reads one weight at a time, and a memory cap on the whole export's steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from attanchor_export.exporter import ExportOptions, export_artifact  # noqa: E402
+from attanchor_export.load.checkpoint import load_checkpoint  # noqa: E402
+from attanchor_export.load.tiny_random import make_tiny_llava  # noqa: E402
+
+# A decoder big enough that holding it whole shows against the interpreter's noise: 4 layers of
+# hidden 1024 / intermediate 4096 (64 MB of fp32 per layer, 256 MB in all), stored as fp16.
+WIDE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4)
+LAYER_FP32_BYTES = 4 * (2 * 1024 * 1024 + 2 * 1024 * 512 + 3 * 1024 * 4096)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_llava(tmp_path_factory.mktemp("wide") / "ckpt", text_dims=WIDE, dtype=torch.float16)
+
+
+def _decoder_parameters(loaded):
+    return list(loaded.adapter.decoder_layers(loaded.model).parameters())
+
+
+def test_streamed_load_keeps_decoder_on_disk(checkpoint):
+    loaded = load_checkpoint(str(checkpoint("clip-llama")), streamed=True)
+    assert loaded.streaming == "streamed"
+    assert all(p.is_meta for p in _decoder_parameters(loaded))
+    tower = loaded.adapter.vision_tower_and_projector(loaded.model)
+    assert not any(p.is_meta for p in tower.parameters())
+    assert not loaded.adapter.embed_tokens(loaded.model).weight.is_meta
+    assert loaded.streamed.streamed_bytes > 0
+
+
+def test_streamed_weights_equal_a_full_load(checkpoint):
+    """The store's tensors (and a streamed layer's forward) are exactly what from_pretrained loads."""
+    folder = str(checkpoint("siglip-qwen2"))  # tied embeddings: lm_head is the (materialised) table
+    full, streamed = load_checkpoint(folder), load_checkpoint(folder, streamed=True)
+    for name, p in full.model.named_parameters():
+        got = streamed.streamed.store.tensor(streamed.streamed.key(streamed.model.get_parameter(name)))
+        assert torch.equal(got, p.detach()), name
+    x = torch.randn(2, 5, full.dims.hidden_size)
+    pos = torch.arange(5).expand(2, 5)
+    layer_full, layer_streamed = full.adapter.decoder_layers(full.model)[0], \
+        streamed.adapter.decoder_layers(streamed.model)[0]
+    rotary = full.adapter.language_model(full.model).rotary_emb(x, pos)
+    with torch.no_grad():
+        a = layer_full(x, position_embeddings=rotary)
+        b = layer_streamed(x, position_embeddings=rotary)
+    a, b = (t[0] if isinstance(t, tuple) else t for t in (a, b))
+    assert torch.equal(a, b)
+    assert all(p.is_meta for p in _decoder_parameters(streamed))  # released again after the forward
+
+
+def test_meta_trace_writes_the_graph_a_full_load_traces(checkpoint, tmp_path):
+    from attanchor_export.trace.decoder import export_decoder
+    from attanchor_export.trace.specs import decoder_spec
+
+    folder = str(checkpoint("clip-llama"))
+    graphs = {}
+    for label, streamed in (("full", False), ("streamed", True)):
+        loaded = load_checkpoint(folder, streamed=streamed)
+        path = tmp_path / f"{label}.onnx"
+        a = loaded.adapter
+        export_decoder(a.language_model(loaded.model), a.lm_head(loaded.model), loaded.dims,
+                       decoder_spec(loaded.dims), path, 18, streamed=loaded.streamed)
+        graphs[label] = onnx.load(str(path))
+    full, streamed = graphs["full"], graphs["streamed"]
+    # Same weights, bit for bit, under the same names (the small constants are numbered as traced).
+    def weights(model):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if not i.name.startswith("val_")}
+
+    want, got = weights(full), weights(streamed)
+    assert set(got) == set(want) and len(want) >= 2 * 9 + 2
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
+    # Same function. (The meta trace keeps the value cache's past length as its own symbol: a few more
+    # Shape/Add nodes, nothing else.)
+    assert abs(len(full.graph.node) - len(streamed.graph.node)) <= 16
+    import onnxruntime as ort
+
+    dims = load_checkpoint(folder).dims
+    from attanchor_export.trace.decoder import example_inputs
+
+    embeds, mask, positions, past = (t.numpy() if isinstance(t, torch.Tensor) else [p.numpy() for p in t]
+                                     for t in example_inputs(dims, batch=3, seq=4, past=6))
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+             **dict(zip([i.name for i in full.graph.input][3:], past))}
+    outs = [ort.InferenceSession(str(tmp_path / f"{label}.onnx")).run(None, feeds) for label in ("full", "streamed")]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_int4_writer_matches_onnxruntime_quantizer(artifact, tmp_path):
+    """Same bytes as onnxruntime's MatMulNBitsQuantizer on a loaded ModelProto (the path it replaced)."""
+    import onnx_ir as ir
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
+
+    source = artifact("clip-t2i") / "decoder.onnx"
+    model = ir.load(str(source))
+    nodes, head = linear_nodes(model.graph, include_lm_head=False)
+    assert head is not None and head not in nodes and len(nodes) == 14
+    names = {n.name for n in nodes}
+    assert quantize_graph(model, nodes, 4, 32, symmetric=False, qdq=False, accuracy_level=4) == 14
+    save_beside(model, tmp_path / "q.onnx", 10)
+    reference = onnx.load(str(source))
+    exclude = [n.name for n in reference.graph.node if n.op_type == "MatMul" and n.name not in names]
+    quantizer = MatMulNBitsQuantizer(reference, bits=4, block_size=32, is_symmetric=False, accuracy_level=4,
+                                     nodes_to_exclude=exclude, quant_format=QuantFormat.QOperator)
+    quantizer.process()
+    want = {i.name: onnx.numpy_helper.to_array(i) for i in quantizer.model.model.graph.initializer}
+    got = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert set(got) == set(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+# Run in a fresh interpreter: a pytest worker's heap, after other tests, would blur a growth figure.
+_MEASURE = """
+import json, sys
+from contextlib import contextmanager
+from pathlib import Path
+from attanchor_export.exporter import ExportOptions, export_artifact
+
+def status():
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+growth = {}
+
+@contextmanager
+def step(name):  # each step's peak RSS growth: VmHWM reset to VmRSS at the step's start
+    Path("/proc/self/clear_refs").write_text("5")
+    start = status()["VmRSS"]
+    yield
+    growth[name] = status()["VmHWM"] - start
+
+# A tiny export first: every module the export imports, and the tracer's caches, are in place before
+# anything is measured. atol 1e-3: the tiny checkpoints' chaotic decoder gain (tiny_random) at hidden
+# 1024 moves the present KV by ~1.2e-4 between two correct fp32 implementations; this is about memory.
+export_artifact(sys.argv[3], ExportOptions(output=Path(sys.argv[2] + "-warmup")))
+growth.clear()
+result = export_artifact(sys.argv[1], ExportOptions(output=Path(sys.argv[2]), atol=1e-3), step)
+print(json.dumps({"passed": result.passed, "export": result.manifest["export"], "growth": growth}))
+"""
+
+
+def test_export_steps_hold_a_layer_not_the_decoder(wide_checkpoint, checkpoint, tmp_path):
+    """The memory cap: the streamed steps of an fp32 export (load, decoder trace, PyTorch reference) grow
+    the resident set by about a layer, where holding the decoder would take all four layers and more."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _MEASURE, str(wide_checkpoint), str(tmp_path / "art"),
+                          str(checkpoint("clip-llama"))],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    growth, export = result["growth"], result["export"]
+    assert result["passed"]
+    assert export["loading"] == "streamed" and export["streamed_weight_bytes"] >= 4 * LAYER_FP32_BYTES // 2
+    decoder_fp32 = 4 * LAYER_FP32_BYTES
+    # Measured (MiB): load 10, decoder trace 72 (the tracer, plus one weight read, widened, transposed
+    # and written at a time), PyTorch reference 113 (one 60 MiB layer at a time, activations, and the
+    # reference outputs it keeps), against 240 MiB of fp32 decoder, which a full load holds from the
+    # start (and the old trace held twice). onnxruntime's parity run does hold the whole decoder (~285):
+    # that is the step the memory budget decides on (test below).
+    caps = {"load checkpoint": 0.1, "trace decoder graph": 0.4, "PyTorch reference outputs for validation": 0.6}
+    for step, cap in caps.items():
+        assert growth[step] < cap * decoder_fp32, (step, {k: v >> 20 for k, v in growth.items()})
+
+
+def test_over_budget_export_gates_int4_against_pytorch(checkpoint, tmp_path, monkeypatch):
+    """A budget too small for the fp32 decoder session: no fp32 decoder parity, and the int4 gate's
+    reference is PyTorch's (layer-streamed) instead of the fp32 graph's; the manifest says both."""
+    import attanchor_export.export_cost as export_cost
+
+    # The tiny decoder (1 MB) is far below any real budget: make its fp32 session "need" 1 GB per byte.
+    monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
+    result = export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=tmp_path / "art", quant="int4",
+                                                                          memory_budget=0.5))
+    manifest = result.manifest
+    assert manifest["export"]["fp32_decoder_fits"] is False
+    assert manifest["validation"]["decoder"].startswith("skipped")
+    assert not any(c["graph"] == "decoder" for c in manifest["validation"]["checks"])
+    gate = manifest["precision"]["gate"]
+    assert gate["passed"] and gate["set"]["reference"].startswith("PyTorch fp32 (streamed)")
