@@ -130,6 +130,29 @@ def test_int4_writer_matches_onnxruntime_quantizer(artifact, tmp_path):
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+def test_fp16_file_conversion_matches_the_in_memory_converter(artifact, tmp_path):
+    """convert_fp16_file (graph converted without its weights, data rewritten a tensor at a time) gives
+    the graph and the bytes convert_fp16 gives on the loaded model."""
+    import shutil
+
+    from attanchor_export.precision.fp16 import convert_fp16, convert_fp16_file
+
+    source = artifact("clip-t2i") / "decoder.onnx"
+    for name in ("decoder.onnx", "decoder.onnx.data"):
+        shutil.copy(source.with_name(name), tmp_path / name)
+    want, want_kept = convert_fp16(onnx.load(str(source)))
+    kept = convert_fp16_file(tmp_path / "decoder.onnx")
+    got = onnx.load(str(tmp_path / "decoder.onnx"))
+    assert kept == want_kept
+    assert [(n.op_type, list(n.input)) for n in got.graph.node] == [(n.op_type, list(n.input)) for n in want.graph.node]
+    a = {i.name: onnx.numpy_helper.to_array(i) for i in want.graph.initializer}
+    b = {i.name: onnx.numpy_helper.to_array(i) for i in got.graph.initializer}
+    assert set(a) == set(b)
+    assert sum(v.dtype == np.float16 and v.ndim == 2 for v in b.values()) >= 14
+    for name, value in a.items():
+        assert value.dtype == b[name].dtype and np.array_equal(value, b[name]), name
+
+
 # Run in a fresh interpreter: a pytest worker's heap, after other tests, would blur a growth figure.
 _MEASURE = """
 import json, sys
@@ -186,18 +209,19 @@ def test_export_steps_hold_a_layer_not_the_decoder(wide_checkpoint, checkpoint, 
         assert growth[step] < cap * decoder_fp32, (step, {k: v >> 20 for k, v in growth.items()})
 
 
-def test_over_budget_export_gates_int4_against_pytorch(checkpoint, tmp_path, monkeypatch):
-    """A budget too small for the fp32 decoder session: no fp32 decoder parity, and the int4 gate's
-    reference is PyTorch's (layer-streamed) instead of the fp32 graph's; the manifest says both."""
+@pytest.mark.parametrize("precision", [{"quant": "int4"}, {"dtype": "fp16"}], ids=["int4", "fp16"])
+def test_over_budget_export_gates_against_pytorch(checkpoint, tmp_path, monkeypatch, precision):
+    """A budget too small for the fp32 decoder session: no fp32 decoder parity, and the gate's reference
+    is PyTorch's (layer-streamed) instead of the fp32 graph's; the manifest says both."""
     import attanchor_export.export_cost as export_cost
 
     # The tiny decoder (1 MB) is far below any real budget: make its fp32 session "need" 1 GB per byte.
     monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
-    result = export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=tmp_path / "art", quant="int4",
-                                                                          memory_budget=0.5))
-    manifest = result.manifest
+    options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, **precision)
+    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest
     assert manifest["export"]["fp32_decoder_fits"] is False
     assert manifest["validation"]["decoder"].startswith("skipped")
-    assert not any(c["graph"] == "decoder" for c in manifest["validation"]["checks"])
+    assert manifest["validation"]["passed"] and not any(c["graph"] == "decoder" for c in manifest["validation"]["checks"])
     gate = manifest["precision"]["gate"]
-    assert gate["passed"] and gate["set"]["reference"].startswith("PyTorch fp32 (streamed)")
+    assert gate["passed"] and gate["set"]["reference"] == "PyTorch fp32 (streamed)"
+    assert len(gate["results"]) == (2 if "quant" in precision else 1)

@@ -28,13 +28,17 @@ def _no_steps(name):
     return contextlib.nullcontext()
 
 
-def load_source(manifest: Manifest, model: str | None = None, adapter: str | None = None, steps=_no_steps):
+def load_source(manifest: Manifest, model: str | None = None, adapter: str | None = None, steps=_no_steps,
+                streamed: bool = False):
     """The PyTorch model an artifact was exported from (its recorded source, or `model`), with the LoRA
-    adapter it was exported with merged again: what check, eval --compare-torch and bench compare with."""
+    adapter it was exported with merged again: what check, eval --compare-torch and bench compare with.
+    `streamed`: decoder weights read per layer as it runs (load/streamed.py; a 7B check fits in memory);
+    not for timing (bench), and not with an adapter (the merge needs the weights)."""
     from attanchor_export.load.checkpoint import load_checkpoint
 
     with steps("load source checkpoint"):
-        loaded = load_checkpoint(_source(manifest, model))
+        streamed = streamed and not (manifest.source.adapter or adapter)
+        loaded = load_checkpoint(_source(manifest, model), streamed=streamed)
     _reapply_adapter(manifest, loaded, adapter, steps)
     return loaded
 
@@ -46,7 +50,7 @@ def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
     with steps("verify files (sha256)"):
         manifest = Manifest.load(folder, verify="sha256")
     quantized = manifest.precision.quantized
-    loaded = load_source(manifest, model, adapter, steps)
+    loaded = load_source(manifest, model, adapter, steps, streamed=True)
     checks, sections = [], {}
     if quantized:
         with steps("accuracy gate against PyTorch"):
