@@ -47,17 +47,15 @@ class WeightStore:
     could be what pushes a 24 GB machine into reclaim). Read, each tensor's bytes exist once, briefly.
     """
 
-    def __init__(self, files: dict[str, tuple[Path, str]], shapes: dict[str, tuple], dtypes: dict[str, str],
-                 offsets: dict[str, tuple[int, int]] | None = None):
-        self._files = files  # parameter name -> (shard, key in the shard)
+    def __init__(self, where: dict[str, tuple[Path, int, int]], shapes: dict[str, tuple], dtypes: dict[str, str]):
+        self._where = where  # parameter name -> (shard, start, end): the tensor's bytes in its shard
         self.shapes = shapes
         self.dtypes = dtypes  # as safetensors names them: F16, BF16, F32
-        self._offsets = offsets or {}  # parameter name -> (start, end) byte offsets in its shard
 
     @classmethod
     def open(cls, folder: Path, rename) -> WeightStore:
         """Index every *.safetensors shard of `folder`; `rename(key) -> parameter name or None`."""
-        files, shapes, dtypes, offsets = {}, {}, {}, {}
+        where, shapes, dtypes = {}, {}, {}
         shards = sorted(Path(folder).glob("*.safetensors"))
         if not shards:
             raise StreamingUnavailable("the checkpoint has no safetensors weights")
@@ -69,27 +67,22 @@ class WeightStore:
                     continue
                 if info["dtype"] not in _TORCH_DTYPES:
                     raise StreamingUnavailable(f"tensor {key} has dtype {info['dtype']}")
-                files[name] = (shard, key)
+                begin, end = info["data_offsets"]
+                where[name] = (shard, start + begin, start + end)
                 shapes[name] = tuple(info["shape"])
                 dtypes[name] = info["dtype"]
-                begin, end = info["data_offsets"]
-                offsets[name] = (start + begin, start + end)
-        return cls(files, shapes, dtypes, offsets)
+        return cls(where, shapes, dtypes)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._files
-
-    def names(self) -> list[str]:
-        return list(self._files)
+        return name in self._where
 
     def nbytes(self, names: Iterable[str] | None = None) -> int:
         sizes = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-        return sum(int(np.prod(self.shapes[n])) * sizes.get(self.dtypes[n], 4) for n in (names or self._files))
+        return sum(int(np.prod(self.shapes[n])) * sizes.get(self.dtypes[n], 4) for n in (names or self._where))
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor as `dtype` (nothing else is read)."""
-        shard, _ = self._files[name]
-        begin, end = self._offsets[name]
+        shard, begin, end = self._where[name]
         raw = bytearray(end - begin)
         with open(shard, "rb") as f:
             f.seek(begin)
@@ -127,10 +120,6 @@ def build_on_meta(model_class, config) -> torch.nn.Module:
     return model
 
 
-def meta_parameters(module: torch.nn.Module) -> dict[int, torch.nn.Parameter]:
-    return {id(p): p for p in module.parameters() if p.is_meta}
-
-
 def parameter_names(model: torch.nn.Module) -> dict[int, list[str]]:
     """id(parameter) -> every name it has in `model` (tied weights have several)."""
     names: dict[int, list[str]] = {}
@@ -159,14 +148,26 @@ class StreamedModel:
     def key(self, parameter) -> str:
         return self._key[id(parameter)]
 
-    def materialize(self, keep: set[int] = frozenset()) -> None:
-        """Give every meta parameter its fp32 value for good, except those whose id is in `keep`."""
-        for sub in self.model.modules():
+    def fill(self, module: torch.nn.Module, keep: set[int] = frozenset()) -> list:
+        """Give the meta parameters of `module` (except those whose id is in `keep`) their fp32 values;
+        returns (submodule, name, meta parameter) for each, to put back with `empty`."""
+        swapped = []
+        for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_meta and id(p) not in keep:
-                    real = torch.nn.Parameter(self.store.tensor(self.key(p)), requires_grad=False)
-                    self._key[id(real)] = self.key(p)
-                    sub._parameters[name] = real
+                    sub._parameters[name] = torch.nn.Parameter(self.store.tensor(self.key(p)), requires_grad=False)
+                    swapped.append((sub, name, p))
+        return swapped
+
+    @staticmethod
+    def empty(swapped: list) -> None:
+        for sub, name, meta in swapped:
+            sub._parameters[name] = meta
+
+    def materialize(self, keep: set[int] = frozenset()) -> None:
+        """Give every meta parameter its fp32 value for good, except those whose id is in `keep`."""
+        for sub, name, meta in self.fill(self.model, keep):
+            self._key[id(sub._parameters[name])] = self.key(meta)  # key() answers for the real one too
         _retie(self.model)
 
     def stream(self, modules: list[torch.nn.Module]) -> LayerStreamer:
@@ -216,20 +217,11 @@ class LayerStreamer:
             self.handles.append(m.register_forward_hook(self._release))
 
     def _load(self, module, args):
-        if not self.enabled:
-            return
-        swapped = []
-        for sub in module.modules():
-            for name, p in list(sub._parameters.items()):
-                if p is not None and p.is_meta:
-                    sub._parameters[name] = torch.nn.Parameter(self.streamed.store.tensor(self.streamed.key(p)),
-                                                               requires_grad=False)
-                    swapped.append((sub, name, p))
-        self._loaded[id(module)] = swapped
+        if self.enabled:
+            self._loaded[id(module)] = self.streamed.fill(module)
 
     def _release(self, module, args, output):
-        for sub, name, meta in self._loaded.pop(id(module), []):
-            sub._parameters[name] = meta
+        self.streamed.empty(self._loaded.pop(id(module), []))
 
     @contextmanager
     def paused(self):
