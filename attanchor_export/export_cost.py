@@ -60,11 +60,50 @@ def fp32_session_bytes(graph: Path) -> int:
     return int(FP32_SESSION_FACTOR * (graph.stat().st_size + (data.stat().st_size if data.exists() else 0)))
 
 
+# Disk an export writes at its peak, as a fraction of the fp32 graph bytes it reduces: the fp32 graphs
+# stay on disk while each reduced-precision file is written from them (memory-mapped), and are removed
+# only at the end. Int4 forms measured at 7B dims: 0.14 of the fp32 decoder each; margins on top.
+REDUCED_FORM_FRACTION = {"fp16": 0.5, "int4": 0.2, "int8": 0.3}
+
+
+def fp32_graph_bytes(loaded) -> dict:
+    """The bytes of each fp32 graph the export will write, from the parameter counts (meta or real)."""
+    adapter, model = loaded.adapter, loaded.model
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    embed = count(adapter.embed_tokens(model))
+    head = adapter.lm_head(model).weight.numel()
+    decoder = count(adapter.language_model(model)) - embed + head  # the lm_head is its own initializer
+    return {"vision": 4 * count(adapter.vision_tower_and_projector(model)), "decoder": 4 * decoder,
+            "embed_table": 4 * embed}
+
+
+def disk_needed_bytes(graphs: dict, dtype: str, quant: str, forms: int, vision_reduced: bool) -> int:
+    """Peak disk of an export: every fp32 graph, plus the reduced files written beside them."""
+    reduced = graphs["decoder"] + (graphs["vision"] if vision_reduced else 0)
+    extra = 0.0
+    if dtype == "fp16":
+        extra += REDUCED_FORM_FRACTION["fp16"] * (graphs["decoder"] + graphs["vision"])
+    if quant != "none":
+        extra += forms * REDUCED_FORM_FRACTION[quant] * reduced
+    return int(1.05 * (sum(graphs.values()) + extra))
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the filesystem `folder` will be written to (its nearest existing ancestor)."""
+    import shutil
+
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 class ExportCost:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.checkpoint: dict = {}
         self.budget: dict = {}
+        self.disk: dict = {}
 
     def record_checkpoint(self, loaded) -> None:
         params = sum(p.numel() for p in loaded.model.parameters())
@@ -81,6 +120,7 @@ class ExportCost:
             "artifact_bytes": sum(p.stat().st_size for p in Path(artifact).rglob("*") if p.is_file()),
             **self.checkpoint,
             **self.budget,
+            **self.disk,
         }
         if self.checkpoint:
             out["peak_rss_over_fp32_weights"] = round(out["peak_rss_bytes"] / max(1, out["fp32_weight_bytes"]), 2)
@@ -88,7 +128,9 @@ class ExportCost:
 
 
 def size(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / (1 << 10):.1f} KiB"
 
 
 def describe(cost: dict) -> str:

@@ -153,7 +153,7 @@ def _merge_floors(declared: dict | None, given: dict | None, options: ExportOpti
         return given
     merged = {fmt: dict(v) for fmt, v in declared.items()}
     if given:
-        fmt = options.quant if options.quant != "none" else options.dtype
+        fmt = _precision_name(options)
         flat = {k: v for k, v in given.items() if not isinstance(v, dict)}
         merged.setdefault(fmt, {}).update(flat)
         for k, v in given.items():
@@ -176,6 +176,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code, streamed=not options.adapter)
         tokenizer = _load_tokenizer(loaded)
         cost.record_checkpoint(loaded)
+        cost.disk = _check_disk(loaded, options)
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
         sections = {"image_preprocessing": _image_section(loaded), "text": _text_section(loaded, tokenizer)}
     options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
@@ -204,6 +205,27 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         with steps("write manifest (sizes and sha256 of every file)"):
             _write_final_manifest(staging.path, data, cost)
     return result
+
+
+def _check_disk(loaded, options: ExportOptions) -> dict:
+    """Fail in the first minute, not after the trace, when the output's disk cannot hold the export's peak
+    (the fp32 graphs and the reduced files written beside them)."""
+    from attanchor_export.export_cost import disk_needed_bytes, fp32_graph_bytes, free_disk_bytes, size
+    from attanchor_export.precision.quantize import FORMS
+
+    need = disk_needed_bytes(fp32_graph_bytes(loaded), options.dtype, options.quant, len(FORMS),
+                             options.quantize_vision)
+    parent = Path(options.output).absolute().parent
+    free = free_disk_bytes(parent)
+    if need > free:
+        raise ExportError(f"not enough free disk for the export at {parent}: it needs about {size(need)} at its "
+                          f"peak (fp32 graphs and the {_precision_name(options)} files beside them), "
+                          f"{size(free)} is free")
+    return {"disk_needed_bytes": need, "disk_free_bytes": free}
+
+
+def _precision_name(options: ExportOptions) -> str:
+    return options.quant if options.quant != "none" else options.dtype
 
 
 def _reduces_precision(options: ExportOptions) -> bool:

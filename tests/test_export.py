@@ -218,3 +218,22 @@ def test_manifest_written_once_with_export_cost(checkpoint, tmp_path, monkeypatc
     assert cost["parameters"] > 0 and cost["fp32_weight_bytes"] == 4 * cost["parameters"]
     assert cost["checkpoint_weight_bytes"] > 0 and cost["seconds"] > 0
     assert cost["artifact_bytes"] >= sum(r["bytes"] for r in read_manifest(out)["files"].values())
+    weights = sum(r["bytes"] for f, r in read_manifest(out)["files"].items() if f.endswith((".data", ".bin")))
+    assert weights <= cost["disk_needed_bytes"] <= cost["disk_free_bytes"]
+
+
+def test_too_little_disk_fails_before_tracing(checkpoint, tmp_path, monkeypatch):
+    """The disk check runs right after the load: a one-line error naming the need and the free space,
+    and no staging folder, instead of a disk-full error after the trace."""
+    import attanchor_export.export_cost as export_cost
+
+    monkeypatch.setattr(export_cost, "free_disk_bytes", lambda folder: 1 << 10)
+    traced = []
+    import attanchor_export.trace.decoder as decoder
+
+    monkeypatch.setattr(decoder, "export_decoder", lambda *a, **k: traced.append(a))
+    result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "out", "--dtype", "fp16")
+    assert result.exit_code == 1 and not traced
+    line = result.stderr.strip()
+    assert "\n" not in line and "not enough free disk" in line and "fp16" in line and "1.0 KiB is free" in line
+    assert not list(tmp_path.iterdir())
