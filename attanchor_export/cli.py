@@ -167,7 +167,8 @@ def _default_output(model: str) -> Path:
               default=str(opts.default(opts.ExportOptions, "block_size")), show_default=True,
               help="int4 block size.")
 @click.option("--calib", help="Calibration images: a folder or JSONL of {image, prompt} (int8 TensorRT).")
-@click.option("--quantize-lm-head", is_flag=True, help="Also quantize lm_head (smaller, less accurate).")
+@click.option("--quantize-lm-head/--keep-lm-head", default=None,
+              help="Quantize the lm_head too, or keep it fp32. [int4: quantized; int8: kept]")
 @click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
 @click.option("--gate-floor", multiple=True, metavar="METRIC=VALUE",
               help="Tighten or relax the accuracy gate, e.g. cos_mean=0.99 (see docs/QUANTIZATION.md).")

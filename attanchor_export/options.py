@@ -46,7 +46,7 @@ class ExportOptions:
     quant: str = "none"  # int8 | int4 (weight-only, blockwise)
     block_size: int = 128
     calib: str | None = None
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool | None = None  # None: the format's default (precision.quantize.lm_head_quantized)
     quantize_vision: bool = False
     gate_floors: dict | None = None  # overrides of the gate's floors for this format
     adapter: str | None = None  # peft LoRA folder or Hub id, merged before tracing (load/lora.py)

@@ -107,8 +107,9 @@ def test_int4_writes_matmulnbits_for_ort_and_qdq_for_trt(fresh, name, artifact):
     nbits = [n for n in ort_model.graph.node if n.op_type == "MatMulNBits"]
     layers = graphs["decoder.onnx"]["linear_layers"]
     assert len(nbits) == graphs["decoder.onnx"]["quantized_nodes"] == layers > 0
-    # every decoder linear but the lm_head (not asked for): q, k, v, o, gate, up, down per layer
-    assert layers == 7 * data["dims"]["num_layers"]
+    # every decoder linear (q, k, v, o, gate, up, down per layer) and, by int4's default, the lm_head
+    assert layers == 7 * data["dims"]["num_layers"] + 1 and graphs["decoder.onnx"]["lm_head"]
+    assert precision["lm_head_quantized"] is True
     attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 128
     assert graphs["decoder.onnx"]["opset"].get("com.microsoft") == 1
@@ -170,9 +171,11 @@ def test_fp16_int4_with_lm_head_vision_and_small_blocks(fresh):
     assert all("vision_cos_mean" in r for r in precision["gate"]["results"])
 
 
-def test_only_one_form_can_be_asked_for(fresh):
+def test_only_one_form_can_be_asked_for_and_the_lm_head_kept(fresh):
     folder, data = fresh("clip-t2i")
-    precision = quantize_artifact(folder, data, quant="int4", forms=("QDQ",))["precision"]
+    precision = quantize_artifact(folder, data, quant="int4", forms=("QDQ",), quantize_lm_head=False)["precision"]
+    assert precision["lm_head_quantized"] is False and precision["graphs"]["decoder.onnx"]["lm_head"] is None
+    assert precision["graphs"]["decoder.onnx"]["linear_layers"] == 7 * data["dims"]["num_layers"]
     assert not (folder / "decoder.trt.onnx").exists()
     assert precision["backends"]["ort"]["decoder"] == precision["backends"]["trt"]["decoder"] == "decoder.onnx"
     assert count_quantized(onnx.load(str(folder / "decoder.onnx")))["QDQ_int4"] > 0  # ORT runs QDQ too

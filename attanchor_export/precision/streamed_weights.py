@@ -164,6 +164,8 @@ def quantize_graph(model: ir.Model, nodes, bits: int, block_size: int, symmetric
             replacement = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_MS, name=f"{node.name}_Q{bits}")
             graph.insert_before(node, replacement)
             out_name = node.outputs[0].name
+            # The lm_head's output may be the graph's `logits` itself, which must keep its declared type.
+            replacement.outputs[0].type, replacement.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
             node.outputs[0].replace_all_uses_with(replacement.outputs[0], replace_graph_outputs=True)
             graph.remove(node, safe=True)
             replacement.outputs[0].name = out_name
