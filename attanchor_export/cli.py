@@ -170,6 +170,10 @@ def _default_output(model: str) -> Path:
 @click.option("--quantize-lm-head/--keep-lm-head", default=None,
               help="Quantize the lm_head too, or keep it fp32. [int4: quantized; int8: kept]")
 @click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
+@click.option("--ort-fusions/--no-ort-fusions", default=opts.default(opts.ExportOptions, "ort_fusions"),
+              show_default=True,
+              help="int4/int8: fuse RMSNorm, residual Add and rotary in the onnxruntime-only decoder form "
+                   "(the TensorRT form stays standard ops).")
 @click.option("--gate-floor", multiple=True, metavar="METRIC=VALUE",
               help="Tighten or relax the accuracy gate, e.g. cos_mean=0.99 (see docs/QUANTIZATION.md).")
 @click.option("--threshold", callback=lambda ctx, param, value: _threshold_value(value),
@@ -199,7 +203,8 @@ def _default_output(model: str) -> Path:
 @click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
-def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, gate_floor,
+def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, ort_fusions,
+               gate_floor,
                threshold, task, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate, adapter,
                trust_remote_code, revision, offline, allow_pickle, memory_budget, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
@@ -217,7 +222,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         trust_remote_code=trust_remote_code, revision=revision, offline=offline, allow_pickle=allow_pickle,
         dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
-        quantize_vision=quantize_vision, gate_floors=_parse_floors(gate_floor), adapter=adapter,
+        quantize_vision=quantize_vision, ort_fusions=ort_fusions, gate_floors=_parse_floors(gate_floor), adapter=adapter,
         memory_budget=memory_budget,
     )
     result = export_artifact(model, options, report.step)

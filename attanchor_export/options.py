@@ -48,6 +48,8 @@ class ExportOptions:
     calib: str | None = None
     quantize_lm_head: bool | None = None  # None: the format's default (precision.quantize.lm_head_quantized)
     quantize_vision: bool = False
+    # int4/int8: fuse the onnxruntime-only decoder form (RMSNorm, residual Add, rotary; precision.ort_fusions)
+    ort_fusions: bool = True
     gate_floors: dict | None = None  # overrides of the gate's floors for this format
     adapter: str | None = None  # peft LoRA folder or Hub id, merged before tracing (load/lora.py)
     # GiB the export may use; None = the memory available when it starts. Decides whether onnxruntime may

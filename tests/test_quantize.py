@@ -110,11 +110,16 @@ def test_int4_writes_matmulnbits_for_ort_and_qdq_for_trt(fresh, name, artifact):
     # every decoder linear (q, k, v, o, gate, up, down per layer) and, by int4's default, the lm_head
     assert layers == 7 * data["dims"]["num_layers"] + 1 and graphs["decoder.onnx"]["lm_head"]
     assert precision["lm_head_quantized"] is True
+    # onnxruntime's form only: RMSNorm and rotary fused (the TensorRT form below stays standard ops)
+    fused = graphs["decoder.onnx"]["ort_fusions"]["fused"]
+    assert fused["RotaryEmbedding"] == fused["SkipSimplifiedLayerNormalization"] == 2 * data["dims"]["num_layers"]
+    assert "ort_fusions" not in graphs["decoder.trt.onnx"]
     attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 128
     assert graphs["decoder.onnx"]["opset"].get("com.microsoft") == 1
 
     trt_model = onnx.load(str(folder / "decoder.trt.onnx"))
+    assert not {n.domain for n in trt_model.graph.node} - {"", "ai.onnx"}
     assert {o.domain or "ai.onnx": o.version for o in trt_model.opset_import}["ai.onnx"] == 21
     dqs = [n for n in trt_model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dqs) == count_quantized(trt_model)["QDQ_int4"] == layers

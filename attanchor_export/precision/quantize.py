@@ -130,6 +130,8 @@ class _Request:
     quantize_vision: bool
     accuracy_level: int
     calibrate_method: str
+    ort_fusions: bool  # fuse the onnxruntime-only decoder form (precision.ort_fusions)
+    dims: dict
 
     @property
     def fmt(self) -> str:  # the gate's format name
@@ -189,6 +191,7 @@ def quantize_artifact(
     task: str | None = None,
     reference: GateReference | None = None,
     low_memory: bool = False,
+    ort_fusions: bool = True,
 ) -> dict:
     """Rewrite the fp32 graphs in `folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -213,6 +216,7 @@ def quantize_artifact(
         folder, {g: manifest_data["graphs"][g]["file"] for g in ("vision", "embedding", "decoder")}, dtype, quant,
         block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
+        ort_fusions, manifest_data["dims"],
     )
     precision = _precision_header(req)
     front = ArtifactFrontEnd(folder, manifest_data) if (gate and reference is None) or req.quant == "int8" else None
@@ -306,7 +310,7 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
             written.append(records[trt_file])
         if "MatMulNBits" in req.forms:
             with steps(f"{req.quant} MatMulNBits {file} (onnxruntime)"):
-                records[file] = _nbits_form(req, path, base, source, names)
+                records[file] = _nbits_form(req, graph, path, base, source, names)
             if "QDQ" not in req.forms:
                 backends["trt"][graph] = None
             written.append(records[file])
@@ -393,14 +397,23 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
     return record
 
 
-def _nbits_form(req: _Request, path: Path, base: dict, source: Path, names) -> dict:
-    """The onnxruntime form: weight-only MatMulNBits, asymmetric, in the graph's own file; its record."""
+def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path, names) -> dict:
+    """The onnxruntime form: weight-only MatMulNBits, asymmetric, in the graph's own file; its record.
+    Only onnxruntime reads this file, so the decoder's RMSNorms and rotary are fused too (ort_fusions)."""
     qmodel = _write_form(source, path, names, bits=req.bits, block_size=req.block_size, symmetric=False,
                          qdq=False, accuracy_level=req.accuracy_level or None)
+    fusions = None
+    if graph == "decoder" and req.ort_fusions:
+        from attanchor_export.precision.ort_fusions import fuse_decoder_file
+
+        fusions = fuse_decoder_file(path, req.dims)
+        qmodel = onnx.load(str(path), load_external_data=False)
     record = {**base, "format": "MatMulNBits", "bits": req.bits, "block_size": req.block_size,
               "symmetric": False, "backend": ["ort"],
               "quantized_nodes": count_quantized(qmodel)["MatMulNBits"], "opset": _opsets(qmodel),
               "tensorrt_compatible": False, "accuracy_level": req.accuracy_level}
+    if fusions is not None:
+        record["ort_fusions"] = fusions
     record["bytes"] = graph_bytes(path)
     return record
 

@@ -14,12 +14,13 @@ _PROVIDERS = {
 
 
 def ort_session(path, device: str = "cpu", threads: int | None = None, memory_arena: bool = True,
-                fold_constants: bool = True):
+                fold_constants: bool = True, profile: str | None = None):
     """memory_arena=False: give each run's buffers back instead of growing an arena (one-off checks on big
     models, where the arena's high-water mark would add to the export's peak memory).
     fold_constants=False: keep Cast(weight) nodes as runtime casts. The CPU provider has no fp16 MatMul,
     so it casts fp16 weights to fp32 and constant folding makes those fp32 copies permanent: 27 GB for a
-    7B fp16 decoder. Unfolded, each cast lives only while its MatMul runs (slower, for one-off checks)."""
+    7B fp16 decoder. Unfolded, each cast lives only while its MatMul runs (slower, for one-off checks).
+    profile: a file prefix for onnxruntime's per-node profiler (session.end_profiling() writes the JSON)."""
     import onnxruntime as ort
 
     if device not in _PROVIDERS:
@@ -32,6 +33,8 @@ def ort_session(path, device: str = "cpu", threads: int | None = None, memory_ar
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
     options.enable_cpu_mem_arena = memory_arena
+    if profile:
+        options.enable_profiling, options.profile_file_prefix = True, str(profile)
     threads = threads or int(os.environ.get("ATTANCHOR_THREADS", "0")) or None
     if threads:
         options.intra_op_num_threads = threads

@@ -1,0 +1,295 @@
+"""onnxruntime-only fusions of the decoder's onnxruntime form (the MatMulNBits file, which TensorRT never reads).
+
+A decode step is small matrix-vector work, so per-node overhead counts: at TinyLLaVA-1B dims the
+standard-op int4 graph runs ~1,330 nodes per step, and the profiler (scripts/profile_decode.py) puts
+the element-wise glue and the gaps between nodes at about a quarter of the step. Two patterns are most
+of those nodes, and onnxruntime has one fused CPU/CUDA kernel for each:
+
+- RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) -> SimplifiedLayerNormalization, found by
+  onnxruntime's own fusion (onnxruntime.transformers); its residual Add is then folded in too,
+  SkipSimplifiedLayerNormalization (com.microsoft), which also returns the sum the next residual needs.
+- rotary embedding on the [B, heads, S, head_dim] queries and keys (Mul, Slice, Slice, Neg, Concat,
+  Mul, Add) -> RotaryEmbedding (com.microsoft), fed the graph's own position_ids: AttAnchor's explicit
+  positions are kept. Its cos/sin caches are the graph's own angle subgraph evaluated on positions
+  0..max_position_embeddings-1, so rope scaling variants come out as the graph computes them.
+
+Only the .onnx protobuf changes (plus the two small caches); weights in external data are not read. The
+standard-op file stays what TensorRT reads. The fused file is checked like every form: the accuracy
+gate compares it with the fp32 reference, and tests compare fused and unfused fp32 graphs in
+onnxruntime. Anything that does not match exactly is left as it was and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+_MS = "com.microsoft"
+FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
+
+
+def fuse_decoder_file(path: Path, dims: dict) -> dict:
+    """Fuse the decoder at `path` in place (protobuf only); returns what was fused."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    report = fuse_decoder(model, dims, path.parent)
+    tmp = path.with_name(path.name + ".fusing")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(path)
+    return report
+
+
+def fuse_decoder(model: onnx.ModelProto, dims: dict, folder: Path) -> dict:
+    before = len(model.graph.node)
+    _fuse_rms_norms(model)
+    _fold_residual_adds(model)
+    _fuse_rotary(model, dims, folder)
+    _import(model, _MS, 1)
+    ops = op_counts(model)
+    return {"fused": {op: ops[op] for op in FUSED_OPS}, "nodes_before": before, "nodes_after": len(model.graph.node)}
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
+
+
+def _fuse_rms_norms(model: onnx.ModelProto) -> None:
+    from onnxruntime.transformers.fusion_simplified_layernorm import FusionSimplifiedLayerNormalization
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    quiet = logging.getLogger("onnxruntime.transformers")  # its "fused N nodes" lines are not for users
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        wrapped = OnnxModel(model)
+        FusionSimplifiedLayerNormalization(wrapped).apply()
+        wrapped.prune_graph(allow_remove_graph_inputs=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def _fold_residual_adds(model: onnx.ModelProto) -> int:
+    """Add(a, b) -> SimplifiedLayerNormalization  =>  SkipSimplifiedLayerNormalization(a, b), whose 4th
+    output is a + b for the later consumers of the sum (the next residual)."""
+    graph = model.graph
+    producer = _producers(graph)
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    count, nodes = 0, list(graph.node)
+    for norm in nodes:
+        if norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx"):
+            continue
+        add = producer.get(norm.input[0])
+        if add is None or add.op_type != "Add" or any(i in constants for i in add.input):
+            continue  # a bias Add (broadcast) is not a residual
+        axis = next((helper.get_attribute_value(a) for a in norm.attribute if a.name == "axis"), -1)
+        if axis != -1 or len(norm.output) > 1:
+            continue
+        eps = next((helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"), 1e-5)
+        fused = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+            [norm.output[0], "", "", add.output[0]], name=f"{norm.name}_skip", domain=_MS, epsilon=eps)
+        graph.node.append(fused)
+        graph.node.remove(norm)
+        graph.node.remove(add)
+        count += 1
+    if count:
+        _toposort(graph)
+    return count
+
+
+# ------------------------------------------------------------------------------------------- rotary
+
+
+def _fuse_rotary(model: onnx.ModelProto, dims: dict, folder: Path) -> int:
+    graph = model.graph
+    producer, consumers = _producers(graph), _consumers(graph)
+    half = dims["head_dim"] // 2
+    matches = [m for n in graph.node if n.op_type == "Neg" and (m := _rotary_match(n, producer, consumers, half, graph))]
+    angles = {(m["cos"], m["sin"]) for m in matches}
+    if not matches or len(angles) != 1 or "position_ids" not in {i.name for i in graph.input}:
+        return 0
+    cos_name, sin_name = angles.pop()
+    caches = _angle_caches(model, cos_name, sin_name, dims, folder, half)
+    if caches is None:
+        return 0
+    cos_cache, sin_cache = caches
+    graph.initializer.extend([numpy_helper.from_array(cos_cache, "attanchor_ort/rotary_cos_cache"),
+                              numpy_helper.from_array(sin_cache, "attanchor_ort/rotary_sin_cache")])
+    for m in matches:
+        rotary = helper.make_node(
+            "RotaryEmbedding", [m["x"], "position_ids", "attanchor_ort/rotary_cos_cache", "attanchor_ort/rotary_sin_cache"],
+            [m["nodes"][-1].output[0]], name=f"{m['nodes'][-1].name}_rotary", domain=_MS, interleaved=0)
+        graph.node.append(rotary)
+        for node in m["nodes"]:
+            graph.node.remove(node)
+    _prune(graph)
+    _toposort(graph)
+    return len(matches)
+
+
+def _rotary_match(neg, producer, consumers, half: int, graph) -> dict | None:
+    """x*cos + Concat(-x[..., half:], x[..., :half])*sin around one Neg, x a 4-D [B, heads, S, head_dim]."""
+    upper = producer.get(neg.input[0])
+    if upper is None or upper.op_type != "Slice":
+        return None
+    x = upper.input[0]
+    cat = _only(consumers.get(neg.output[0]), "Concat")
+    if cat is None or len(cat.input) != 2 or cat.input[0] != neg.output[0]:
+        return None
+    lower = producer.get(cat.input[1])
+    if lower is None or lower.op_type != "Slice" or lower.input[0] != x:
+        return None
+    if _slice(lower, graph) != (0, half) or (_slice(upper, graph) or (None,))[0] != half:
+        return None
+    mul_sin = _only(consumers.get(cat.output[0]), "Mul")
+    if mul_sin is None:
+        return None
+    sin = mul_sin.input[1] if mul_sin.input[0] == cat.output[0] else mul_sin.input[0]
+    add = _only(consumers.get(mul_sin.output[0]), "Add")
+    if add is None:
+        return None
+    mul_cos = producer.get(add.input[0] if add.input[1] == mul_sin.output[0] else add.input[1])
+    if mul_cos is None or mul_cos.op_type != "Mul" or x not in mul_cos.input:
+        return None
+    cos = mul_cos.input[1] if mul_cos.input[0] == x else mul_cos.input[0]
+    transpose = producer.get(x)  # queries/keys reach the rotary as Transpose(view, [0, 2, 1, 3])
+    perm = next((helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm"), None) if transpose else None
+    if transpose is None or transpose.op_type != "Transpose" or list(perm or []) != [0, 2, 1, 3]:
+        return None
+    users = {id(n) for n in consumers.get(x, [])}
+    if users != {id(upper), id(lower), id(mul_cos)}:
+        return None
+    return {"x": x, "cos": cos, "sin": sin, "nodes": [mul_cos, upper, lower, neg, cat, mul_sin, add]}
+
+
+def _slice(node, graph) -> tuple[int, int] | None:
+    """(start, end) of a Slice on the last axis, from constant inputs; None when not that."""
+    values = [_constant(graph, name) for name in node.input[1:4]]
+    if any(v is None for v in values[:2]) or values[0].size != 1:
+        return None
+    axes = values[2] if len(values) > 2 else None
+    if axes is not None and int(axes.reshape(-1)[0]) not in (-1, 3):
+        return None
+    return int(values[0].reshape(-1)[0]), int(values[1].reshape(-1)[0])
+
+
+def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path, half: int):
+    """cos/sin [max_positions, half] from the graph's own angle subgraph on positions 0..max-1; None when
+    that subgraph needs more than position_ids or its halves differ (not the rotate-half layout)."""
+    import onnxruntime as ort
+
+    graph = model.graph
+    producer = _producers(graph)
+    needed, stack, inputs = set(), [cos_name, sin_name], set()
+    graph_inputs = {i.name for i in graph.input}
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if name in graph_inputs:
+            inputs.add(name)
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(i for i in node.input if i)
+    if inputs != {"position_ids"}:
+        return None
+    nodes = [n for n in graph.node if id(n) in needed]
+    used = {i for n in nodes for i in n.input}
+    inits = []
+    for t in graph.initializer:
+        if t.name in used:
+            t = onnx.TensorProto.FromString(t.SerializeToString())
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(folder))
+            inits.append(t)
+    sub = helper.make_graph(nodes, "angles", [next(i for i in graph.input if i.name == "position_ids")],
+                            [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in (cos_name, sin_name)],
+                            initializer=inits)
+    probe = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    positions = np.arange(dims["max_position_embeddings"], dtype=np.int64)[None]
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        cos, sin = session.run(None, {"position_ids": positions})
+    except Exception:  # noqa: BLE001 - an angle path we cannot evaluate alone: leave the rotary as it is
+        return None
+    cos, sin = (a.reshape(-1, a.shape[-1]) for a in (cos, sin))
+    if cos.shape != (positions.shape[1], 2 * half) or not (
+            np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
+        return None
+    return np.ascontiguousarray(cos[:, :half], np.float32), np.ascontiguousarray(sin[:, :half], np.float32)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _producers(graph) -> dict:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def _consumers(graph) -> dict:
+    out: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _only(nodes, op_type: str):
+    return nodes[0] if nodes and len(nodes) == 1 and nodes[0].op_type == op_type else None
+
+
+def _constant(graph, name: str):
+    for t in graph.initializer:
+        if t.name == name and t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].name == "value" else None
+    return None
+
+
+def _prune(graph) -> None:
+    """Drop nodes whose outputs nothing reads any more (the unsqueezed angles of the old rotary)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+
+
+def _toposort(graph) -> None:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("fused graph has a cycle or a missing input")
+        for n in ready:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)  # the originals go with the field below
+            ordered.append(copy)
+            available.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _import(model, domain: str, version: int) -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+__all__ = ["fuse_decoder", "fuse_decoder_file", "op_counts"]

@@ -1,0 +1,49 @@
+"""The onnxruntime-only decoder fusions: same outputs as the standard-op graph, fewer nodes."""
+
+from __future__ import annotations
+
+import shutil
+
+import onnx
+import pytest
+from helpers import read_manifest
+
+from attanchor_export.checks.decoder_parity import decoder_parity
+from attanchor_export.precision.ort_fusions import fuse_decoder_file, op_counts
+
+
+@pytest.mark.parametrize("name", ["clip-t2i", "siglip-t2i-k4"])  # Llama and Qwen2 decoders
+def test_fused_decoder_matches_the_standard_graph(artifact, tmp_path, name):
+    source = artifact(name)
+    dims = read_manifest(source)["dims"]
+    for f in ("decoder.onnx", "decoder.onnx.data"):
+        shutil.copy(source / f, tmp_path / f)
+    fused = tmp_path / "decoder.onnx"
+    report = fuse_decoder_file(fused, dims)
+    layers = dims["num_layers"]
+    # every layer: two norms with their residual Add folded in (but the first, which has no residual
+    # before it), plus the final norm; queries and keys rotated by one RotaryEmbedding each
+    assert report["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2 * layers,
+                               "RotaryEmbedding": 2 * layers}
+    model = onnx.load(str(fused), load_external_data=False)
+    ops = op_counts(model)
+    assert ops["Pow"] == ops["Neg"] == ops["Reciprocal"] == 0
+    assert report["nodes_after"] == len(model.graph.node) < 0.75 * report["nodes_before"]
+    assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(str(source / "decoder.onnx"),
+                                                                              load_external_data=False).graph.input]
+    # batch 1 and a left-padded batch 3 (positions not 0..S-1 in every row), prefill and cached steps
+    parity = decoder_parity(source / "decoder.onnx", fused, dims)
+    assert parity["max_abs_diff"] < 1e-4, parity
+
+
+def test_a_graph_without_the_patterns_is_left_alone(artifact, tmp_path):
+    """The vision graph has LayerNorms and no rotary: nothing matches, nothing changes."""
+    source = artifact("clip-t2i")
+    for f in ("vision.onnx", "vision.onnx.data"):
+        if (source / f).exists():
+            shutil.copy(source / f, tmp_path / f)
+    before = onnx.load(str(tmp_path / "vision.onnx"), load_external_data=False)
+    report = fuse_decoder_file(tmp_path / "vision.onnx", read_manifest(source)["dims"])
+    assert report["fused"] == {"SimplifiedLayerNormalization": 0, "SkipSimplifiedLayerNormalization": 0,
+                               "RotaryEmbedding": 0}
+    assert report["nodes_after"] == report["nodes_before"] == len(before.graph.node)
