@@ -1,0 +1,32 @@
+"""scripts/profile_decode.py: the per-op-type split of a decode step adds up."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("profile_decode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_splits_prefill_and_decode_steps(artifact, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert _script().main([str(artifact("clip-t2i")), "--prompt-len", "12", "--steps", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    step, prefill = report["decode_step"], report["prefill"]
+    assert report["decode_runs"] == 3
+    for part in (step, prefill):
+        assert 0 < part["kernel_ms"] <= part["wall_ms"]
+        assert abs(sum(op["ms"] for op in part["ops"].values()) - part["kernel_ms"]) < 1e-6 * part["kernel_ms"] + 1e-9
+        assert part["nodes"] == sum(op["nodes"] for op in part["ops"].values())
+    # the same graph runs every call: a decode step runs as many nodes as the prefill
+    assert step["nodes"] == prefill["nodes"] and "MatMul" in step["ops"]
+    text = capsys.readouterr().out
+    assert text.startswith("prefill (12 tokens)") and "decode step (mean of 3" in text
