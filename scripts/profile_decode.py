@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from attanchor_runtime.decoder_feeds import Step, empty_past, past_names, prefill_feeds  # noqa: E402
+from attanchor_runtime.errors import ArtifactError  # noqa: E402
 from attanchor_runtime.manifest import Manifest  # noqa: E402
 from attanchor_runtime.sessions import ort_session  # noqa: E402
 
@@ -94,7 +95,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    trace, wall = run_profiled(args.artifact, args.prompt_len, args.steps, args.threads)
+    try:
+        trace, wall = run_profiled(args.artifact, args.prompt_len, args.steps, args.threads)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report = summarize(trace, args.steps)
     report.update(artifact=str(args.artifact), prompt_len=args.prompt_len, threads=args.threads,
                   decode_tok_s_profiled=args.steps / wall)

@@ -30,3 +30,9 @@ def test_profile_splits_prefill_and_decode_steps(artifact, tmp_path, capsys):
     assert step["nodes"] == prefill["nodes"] and "MatMul" in step["ops"]
     text = capsys.readouterr().out
     assert text.startswith("prefill (12 tokens)") and "decode step (mean of 3" in text
+
+
+def test_not_an_artifact_is_one_line(tmp_path, capsys):
+    assert _script().main([str(tmp_path), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "manifest.json" in err and err.count("\n") == 1

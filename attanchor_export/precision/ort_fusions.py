@@ -30,25 +30,28 @@ import onnx
 from onnx import helper, numpy_helper
 
 _MS = "com.microsoft"
-FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
+FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+             "GroupQueryAttention")
 
 
-def fuse_decoder_file(path: Path, dims: dict) -> dict:
+def fuse_decoder_file(path: Path, dims: dict, attention: bool = True) -> dict:
     """Fuse the decoder at `path` in place (protobuf only); returns what was fused."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    report = fuse_decoder(model, dims, path.parent)
+    report = fuse_decoder(model, dims, path.parent, attention)
     tmp = path.with_name(path.name + ".fusing")
     tmp.write_bytes(model.SerializeToString())
     tmp.replace(path)
     return report
 
 
-def fuse_decoder(model: onnx.ModelProto, dims: dict, folder: Path) -> dict:
+def fuse_decoder(model: onnx.ModelProto, dims: dict, folder: Path, attention: bool = True) -> dict:
     before = len(model.graph.node)
     _fuse_rms_norms(model)
     _fold_residual_adds(model)
     _fuse_rotary(model, dims, folder)
+    if attention:
+        _fuse_attention(model, dims)
     _import(model, _MS, 1)
     ops = op_counts(model)
     return {"fused": {op: ops[op] for op in FUSED_OPS}, "nodes_before": before, "nodes_after": len(model.graph.node)}
@@ -220,6 +223,122 @@ def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path,
             np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
         return None
     return np.ascontiguousarray(cos[:, :half], np.float32), np.ascontiguousarray(sin[:, :half], np.float32)
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def _fuse_attention(model: onnx.ModelProto, dims: dict) -> int:
+    """The grouped attention block (attanchor_graphs.attention_pass's form: cache Concats, scaled
+    Q.K^T, Tile'd mask, Softmax, .V, back to [B, S, hidden]) -> GroupQueryAttention, fed the 3-D
+    projections (rotary applied to them by RotaryEmbedding with num_heads), the layer's own past, and
+    the shared padding-and-causal mask as attention_bias. The decoder's inputs and outputs stay the same
+    (past [B, kv, P, D] in, present [B, kv, P + S, D] out): every row's cache holds its left padding,
+    so seqlens_k is total length - 1 for all rows, computed once from attention_mask."""
+    graph = model.graph
+    producer, consumers = _producers(graph), _consumers(graph)
+    heads, kv_heads = dims["num_heads"], dims["num_kv_heads"]
+    matches = [m for n in graph.node if n.op_type == "Softmax" and (m := _attention_match(n, producer, consumers, graph))]
+    if not matches:
+        return 0
+    lengths = _sequence_lengths(graph)
+    for m in matches:
+        q = _rotary_3d(graph, m["q_rotary"], m["q_linear"], heads)
+        k = _rotary_3d(graph, m["k_rotary"], m["k_linear"], kv_heads)
+        graph.node.append(helper.make_node(
+            "GroupQueryAttention",
+            [q, k, m["v_linear"], m["past_key"], m["past_value"], lengths[0], lengths[1], "", "", "", m["bias"]],
+            [m["out"], m["present_key"], m["present_value"]], name=f"{m['softmax'].name}_gqa", domain=_MS,
+            num_heads=heads, kv_num_heads=kv_heads, scale=m["scale"]))
+        for node in m["nodes"]:
+            graph.node.remove(node)
+    _prune(graph)
+    _toposort(graph)
+    return len(matches)
+
+
+def _attention_match(softmax, producer, consumers, graph) -> dict | None:
+    def op(name, op_type):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    add = op(softmax.input[0], "Add")
+    scores = op(add.input[0], "MatMul") if add else None
+    tile = op(add.input[1], "Tile") if add else None
+    pv = _only(consumers.get(softmax.output[0]), "MatMul")
+    if None in (scores, tile, pv) or pv.input[0] != softmax.output[0]:
+        return None
+    scaled, k_t = op(scores.input[0], "Mul"), op(scores.input[1], "Transpose")
+    grouped = op(scaled.input[0], "Reshape") if scaled else None
+    scale = _constant(graph, scaled.input[1]) if scaled else None
+    if None in (k_t, grouped, scale) or scale.size != 1:
+        return None
+    q_rotary = op(grouped.input[0], "RotaryEmbedding")
+    k_cat, v_cat = op(k_t.input[0], "Concat"), op(pv.input[1], "Concat")
+    if None in (q_rotary, k_cat, v_cat) or len(k_cat.input) != 2 or len(v_cat.input) != 2:
+        return None
+    k_rotary = op(k_cat.input[1], "RotaryEmbedding")
+    v_t = op(v_cat.input[1], "Transpose")
+    outputs = {o.name for o in graph.output}
+    if None in (k_rotary, v_t) or k_cat.output[0] not in outputs or v_cat.output[0] not in outputs:
+        return None
+    # the present caches feed only this block (and the graph outputs)
+    if len(consumers.get(k_cat.output[0], [])) != 1 or len(consumers.get(v_cat.output[0], [])) != 1:
+        return None
+    # back to [B, S, hidden]: Reshapes (order-preserving), one Transpose [0, 2, 1, 3], a last Reshape
+    tail, node = [], _only(consumers.get(pv.output[0]), "Reshape")
+    while node is not None and node.op_type == "Reshape":
+        tail.append(node)
+        nxt = consumers.get(node.output[0], [])
+        node = nxt[0] if len(nxt) == 1 and nxt[0].op_type in ("Reshape", "Transpose") else None
+    back = node
+    perm = next((helper.get_attribute_value(a) for a in back.attribute if a.name == "perm"), None) if back else None
+    flat = _only(consumers.get(back.output[0]), "Reshape") if back is not None else None
+    if not tail or flat is None or list(perm or []) != [0, 2, 1, 3]:
+        return None
+    linears = {}
+    for role, rotary_or_t in (("q", q_rotary), ("k", k_rotary), ("v", v_t)):
+        transpose = rotary_or_t if role == "v" else op(rotary_or_t.input[0], "Transpose")
+        view = op(transpose.input[0], "Reshape") if transpose else None
+        if view is None or len(consumers.get(view.output[0], [])) != 1:
+            return None
+        linears[role] = (view.input[0], transpose, view)
+    nodes = [add, scores, pv, scaled, k_t, grouped, k_cat, v_cat, *tail, back, flat, softmax,
+             linears["v"][1], linears["v"][2]]
+    return {"softmax": softmax, "scale": float(scale.reshape(-1)[0]),
+            "bias": tile.input[0], "out": flat.output[0],
+            "q_rotary": q_rotary, "q_linear": linears["q"], "k_rotary": k_rotary, "k_linear": linears["k"],
+            "v_linear": linears["v"][0], "past_key": k_cat.input[0], "past_value": v_cat.input[0],
+            "present_key": k_cat.output[0], "present_value": v_cat.output[0], "nodes": nodes}
+
+
+def _rotary_3d(graph, rotary, linear, heads: int) -> str:
+    """RotaryEmbedding on the [B, S, heads * D] projection instead of its [B, heads, S, D] transpose."""
+    source, transpose, view = linear
+    out = f"{rotary.output[0]}_3d"
+    graph.node.append(helper.make_node("RotaryEmbedding", [source, *rotary.input[1:]], [out], name=f"{rotary.name}_3d",
+                                       domain=_MS, interleaved=0, num_heads=heads))
+    for node in (rotary, transpose, view):
+        graph.node.remove(node)
+    return out
+
+
+def _sequence_lengths(graph) -> tuple[str, str]:
+    """seqlens_k [B] (int32, total length - 1 in every row) and total_sequence_length (int32 scalar)."""
+    p = "attanchor_ort/"
+    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), p + "one"),
+                              numpy_helper.from_array(np.array([0], np.int64), p + "zero")])
+    graph.node.extend([
+        helper.make_node("Shape", ["attention_mask"], [p + "mask_shape"]),
+        helper.make_node("Gather", [p + "mask_shape", p + "one"], [p + "total_1d"], axis=0),
+        helper.make_node("Gather", [p + "mask_shape", p + "zero"], [p + "batch_1d"], axis=0),
+        helper.make_node("Sub", [p + "total_1d", p + "one"], [p + "last_1d"]),
+        helper.make_node("Expand", [p + "last_1d", p + "batch_1d"], [p + "last_b"]),
+        helper.make_node("Cast", [p + "last_b"], [p + "seqlens_k"], to=onnx.TensorProto.INT32),
+        helper.make_node("Squeeze", [p + "total_1d"], [p + "total_0d"]),
+        helper.make_node("Cast", [p + "total_0d"], [p + "total_sequence_length"], to=onnx.TensorProto.INT32),
+    ])
+    return p + "seqlens_k", p + "total_sequence_length"
 
 
 # ------------------------------------------------------------------------------------------ helpers
