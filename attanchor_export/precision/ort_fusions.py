@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from attanchor_runtime.manifest import KV_CONCAT, KV_SHARED_BUFFER
 from onnx import helper, numpy_helper
 
 _MS = "com.microsoft"
@@ -54,7 +55,8 @@ def fuse_decoder(model: onnx.ModelProto, dims: dict, folder: Path, attention: bo
         _fuse_attention(model, dims)
     _import(model, _MS, 1)
     ops = op_counts(model)
-    return {"fused": {op: ops[op] for op in FUSED_OPS}, "nodes_before": before, "nodes_after": len(model.graph.node)}
+    return {"fused": {op: ops[op] for op in FUSED_OPS}, "nodes_before": before, "nodes_after": len(model.graph.node),
+            "kv_cache": KV_SHARED_BUFFER if shares_kv_buffer(model) else KV_CONCAT}
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm
@@ -242,6 +244,7 @@ def _fuse_attention(model: onnx.ModelProto, dims: dict) -> int:
     if not matches:
         return 0
     lengths = _sequence_lengths(graph)
+    _past_shape_from_mask(graph, dims)
     for m in matches:
         q = _rotary_3d(graph, m["q_rotary"], m["q_linear"], heads)
         k = _rotary_3d(graph, m["k_rotary"], m["k_linear"], kv_heads)
@@ -310,6 +313,43 @@ def _attention_match(softmax, producer, consumers, graph) -> dict | None:
             "q_rotary": q_rotary, "q_linear": linears["q"], "k_rotary": k_rotary, "k_linear": linears["k"],
             "v_linear": linears["v"][0], "past_key": k_cat.input[0], "past_value": v_cat.input[0],
             "present_key": k_cat.output[0], "present_value": v_cat.output[0], "nodes": nodes}
+
+
+def _past_shape_from_mask(graph, dims: dict) -> None:
+    """Shape(past_key_values.*) -> [B, kv_heads, T - S, head_dim] from attention_mask [B, T] and
+    inputs_embeds [B, S, H]. The same numbers for a past of exactly T - S positions, and the right ones
+    when the past is a longer preallocated buffer that GroupQueryAttention fills in place (the runtime's
+    shared KV buffer): nothing else in the graph then depends on the buffer's length."""
+    p = "attanchor_ort/"
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    shapes = [n for n in graph.node if n.op_type == "Shape" and n.input[0] in past]
+    if not shapes:
+        return
+    graph.initializer.extend([numpy_helper.from_array(np.array([dims["num_kv_heads"]], np.int64), p + "kv_heads"),
+                              numpy_helper.from_array(np.array([dims["head_dim"]], np.int64), p + "head_dim")])
+    graph.node.extend([
+        helper.make_node("Shape", ["inputs_embeds"], [p + "new_1d"], start=1, end=2),
+        helper.make_node("Sub", [p + "total_1d", p + "new_1d"], [p + "past_1d"]),
+        helper.make_node("Concat", [p + "batch_1d", p + "kv_heads", p + "past_1d", p + "head_dim"], [p + "past_shape"],
+                         axis=0),
+    ])
+    for shape in shapes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in shape.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", 4)
+        bounds = f"{p}past_shape_{start}_{end}"
+        graph.initializer.extend([numpy_helper.from_array(np.array([start], np.int64), bounds + "_start"),
+                                  numpy_helper.from_array(np.array([end], np.int64), bounds + "_end")])
+        graph.node.append(helper.make_node("Slice", [p + "past_shape", bounds + "_start", bounds + "_end"],
+                                           [shape.output[0]], name=f"{shape.name}_from_mask"))
+        graph.node.remove(shape)
+
+
+def shares_kv_buffer(model: onnx.ModelProto) -> bool:
+    """Whether the past inputs feed nothing but GroupQueryAttention: then past and present may be one
+    preallocated buffer per layer, updated in place (no whole-cache copy per step)."""
+    past = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    users = [n for n in model.graph.node if any(i in past for i in n.input)]
+    return bool(past) and bool(users) and all(n.op_type == "GroupQueryAttention" for n in users)
 
 
 def _rotary_3d(graph, rotary, linear, heads: int) -> str:
@@ -411,4 +451,4 @@ def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-__all__ = ["fuse_decoder", "fuse_decoder_file", "op_counts"]
+__all__ = ["fuse_decoder", "fuse_decoder_file", "op_counts", "shares_kv_buffer"]

@@ -98,8 +98,18 @@ class Source(Section):
         return self.get("adapter") or None
 
 
+# precision.graphs[FILE].ort_fusions.kv_cache: how a decoder file's KV cache moves between steps.
+KV_CONCAT = "concat"  # present = Concat(past, new): the standard-op graphs (and TensorRT's)
+KV_SHARED_BUFFER = "shared-buffer"  # past and present may be one preallocated buffer, written in place
+
+
 class Precision(Section):
     """manifest "precision": the graphs' dtype, the quantization, and which file each backend opens."""
+
+    def kv_cache(self, file: str) -> str:
+        """KV_SHARED_BUFFER when `file`'s past inputs feed only GroupQueryAttention (precision.ort_fusions)."""
+        record = (self.get("graphs") or {}).get(file) or {}
+        return (record.get("ort_fusions") or {}).get("kv_cache", KV_CONCAT)
 
     @property
     def dtype(self) -> str:
