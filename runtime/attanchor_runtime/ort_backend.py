@@ -46,6 +46,23 @@ class SharedKV:
         self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
 
 
+def decode_shared(session, past: list[str], present: list[str], inputs_embeds, attention_mask, position_ids,
+                  cache: SharedKV) -> np.ndarray:
+    """One call of a KV_SHARED_BUFFER decoder session: `cache` grows to the mask's length if needed and is
+    bound as both past and present, so the step's keys and values land in it; returns the logits."""
+    cache.reserve(attention_mask.shape[1])
+    binding = session.io_binding()
+    binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds))
+    binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
+    binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+    binding.bind_output("logits", "cpu")
+    for past_name, present_name, value in zip(past, present, cache.values):
+        binding.bind_ortvalue_input(past_name, value)
+        binding.bind_ortvalue_output(present_name, value)  # the same memory: appended to in place
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
 class OrtBackend:
     name = "ort"
 
@@ -95,17 +112,9 @@ class OrtBackend:
         return outputs[0], outputs[1:]
 
     def _decode_shared(self, inputs_embeds, attention_mask, position_ids, cache: SharedKV):
-        cache.reserve(attention_mask.shape[1])
-        binding = self.decoder_session.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
-        binding.bind_output("logits", "cpu")
-        for past, present, value in zip(self.past_names, self.present_names, cache.values):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # the same memory: appended to in place
-        self.decoder_session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy(), cache
+        logits = decode_shared(self.decoder_session, self.past_names, self.present_names, inputs_embeds,
+                               attention_mask, position_ids, cache)
+        return logits, cache
 
     def _decode_bound(self, inputs_embeds, attention_mask, position_ids, past):
         import onnxruntime as ort
