@@ -244,6 +244,8 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
             from attanchor_export.checks.recheck import gate_summary
 
             report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
+        elif gate and isinstance(gate.get("skipped"), str):
+            report.info(f"[yellow]accuracy gate ({gate['format']}) not run: {gate['skipped']}[/yellow]")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
         if result.manifest.get("export"):
             from attanchor_export.export_cost import describe

@@ -40,6 +40,12 @@ def release_heap() -> None:
 FP32_SESSION_FACTOR = 2.0
 
 
+# onnxruntime's CPU provider has no fp16 MatMul: loading an fp16 graph makes an fp32 copy of every fp16
+# weight beside it (constant folding off or not; measured 2.4x the fp16 bytes on a chain of fp16
+# MatMuls, onnxruntime 1.32). 3x leaves a margin. 7B: 13 GB of fp16 weights -> ~40 GB to gate on a CPU.
+FP16_CPU_SESSION_FACTOR = 3.0
+
+
 def memory_budget_bytes(gib: float | None) -> int:
     """`gib` GiB, or (None) the memory available now (MemAvailable), which is what this export can use."""
     if gib is not None:
@@ -56,8 +62,17 @@ def memory_budget_bytes(gib: float | None) -> int:
 
 
 def fp32_session_bytes(graph: Path) -> int:
+    return int(FP32_SESSION_FACTOR * _graph_bytes(graph))
+
+
+def fp16_cpu_session_bytes(fp32_graph: Path) -> int:
+    """What a CPU session of the fp16 form of the fp32 graph at `fp32_graph` will hold (half its bytes, 3x)."""
+    return int(FP16_CPU_SESSION_FACTOR * _graph_bytes(fp32_graph) / 2)
+
+
+def _graph_bytes(graph: Path) -> int:
     data = graph.with_name(graph.name + ".data")
-    return int(FP32_SESSION_FACTOR * (graph.stat().st_size + (data.stat().st_size if data.exists() else 0)))
+    return graph.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 # Disk an export writes at its peak, as a fraction of the fp32 graph bytes it reduces: the fp32 graphs
@@ -142,4 +157,6 @@ def describe(cost: dict) -> str:
         text += f", {size(cost['streamed_weight_bytes'])} of decoder weights streamed from the checkpoint"
     if cost.get("fp32_decoder_fits") is False:
         text += " (fp32 decoder over the memory budget: judged against PyTorch)"
+    if cost.get("fp16_gate_fits") is False:
+        text += " (fp16 decoder's CPU gate over the memory budget: not gated here)"
     return text + f", artifact {size(cost['artifact_bytes'])}"

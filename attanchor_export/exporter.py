@@ -201,7 +201,8 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         if reference is not None:
             _validate(reference, staging, data, options, steps, result, cost)
         if _reduces_precision(options):
-            _quantize(staging, data, options, steps, cost, gate_reference, low_memory=not budget["fp32_decoder_fits"])
+            _quantize(staging, data, options, steps, cost, gate_reference, low_memory=not budget["fp32_decoder_fits"],
+                      gate_skipped=_gate_skipped(budget))
         with steps("write manifest (sizes and sha256 of every file)"):
             _write_final_manifest(staging.path, data, cost)
     return result
@@ -228,6 +229,17 @@ def _precision_name(options: ExportOptions) -> str:
     return options.quant if options.quant != "none" else options.dtype
 
 
+def _gate_skipped(budget: dict) -> str | None:
+    """Why the accuracy gate cannot run on this machine, or None."""
+    if budget.get("fp16_gate_fits") is not False:
+        return None
+    from attanchor_export.export_cost import size
+
+    return (f"onnxruntime's CPU session of the fp16 decoder needs about {size(budget['fp16_decoder_cpu_session_bytes'])} "
+            f"(an fp32 copy of every fp16 weight), over the {size(budget['memory_budget_bytes'])} budget: gate it "
+            "where it runs (attanchor-export check DIR on the GPU)")
+
+
 def _reduces_precision(options: ExportOptions) -> bool:
     return options.dtype != "fp32" or options.quant != "none"
 
@@ -236,11 +248,16 @@ def _decoder_budget(decoder: Path, options: ExportOptions) -> dict:
     """Whether onnxruntime can open the fp32 decoder within the memory budget. When it cannot (7B: 27 GB
     of fp32 weights), its parity run is skipped and the reduced-precision decoder is gated against the
     PyTorch model (layer-streamed, fp32) instead of against the fp32 graph."""
-    from attanchor_export.export_cost import fp32_session_bytes, memory_budget_bytes
+    from attanchor_export.export_cost import fp16_cpu_session_bytes, fp32_session_bytes, memory_budget_bytes
 
     budget = memory_budget_bytes(options.memory_budget)
     need = fp32_session_bytes(decoder)
-    return {"memory_budget_bytes": budget, "fp32_decoder_session_bytes": need, "fp32_decoder_fits": need <= budget}
+    out = {"memory_budget_bytes": budget, "fp32_decoder_session_bytes": need, "fp32_decoder_fits": need <= budget}
+    if options.dtype == "fp16" and options.quant == "none":
+        # The fp16 gate runs the fp16 decoder on the CPU, which widens every weight at load (7B: ~40 GB).
+        fp16_need = fp16_cpu_session_bytes(decoder)
+        out.update(fp16_decoder_cpu_session_bytes=fp16_need, fp16_gate_fits=fp16_need <= budget)
+    return out
 
 
 def _parity_reference(loaded, staging, data: dict, options: ExportOptions, steps, budget: dict):
@@ -253,7 +270,7 @@ def _parity_reference(loaded, staging, data: dict, options: ExportOptions, steps
 def _torch_gate_reference(loaded, staging, data: dict, options: ExportOptions, steps, budget: dict):
     """The accuracy gate's reference from PyTorch, where the fp32 decoder graph cannot be run; else None
     (the gate then runs the fp32 graph, as it always has)."""
-    if budget["fp32_decoder_fits"] or not _reduces_precision(options):
+    if budget["fp32_decoder_fits"] or not _reduces_precision(options) or budget.get("fp16_gate_fits") is False:
         return None
     from attanchor_export.precision.gate import pytorch_reference
 
@@ -384,7 +401,7 @@ def _validate(reference, staging, data: dict, options: ExportOptions, steps, res
 
 
 def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCost, reference=None,
-              low_memory: bool = False) -> None:
+              low_memory: bool = False, gate_skipped: str | None = None) -> None:
     """After the fp32 graphs passed parity: rewrite them to the requested precision and gate them
     (against `reference` when given: the PyTorch model's outputs, else the fp32 graphs')."""
     from attanchor_export.precision.gate import AccuracyGateFailed
@@ -395,7 +412,7 @@ def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCo
             staging.path, data, options.dtype, options.quant, options.block_size, options.calib,
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
             floors=options.gate_floors, task=options.task, reference=reference, low_memory=low_memory,
-            ort_fusions=options.ort_fusions,
+            ort_fusions=options.ort_fusions, gate=gate_skipped is None,
         )
     except AccuracyGateFailed as e:
         data["precision"] = e.precision or data["precision"]
@@ -404,6 +421,8 @@ def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCo
         raise AccuracyGateFailed(f"{e}; the artifact is kept for inspection at {failed_folder}",
                                  results=e.results, precision=e.precision) from None
     data["precision"] = update["precision"]
+    if gate_skipped:
+        data["precision"]["gate"]["skipped"] = gate_skipped
 
 
 def _free_model(loaded) -> None:

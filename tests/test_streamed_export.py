@@ -225,3 +225,22 @@ def test_over_budget_export_gates_against_pytorch(checkpoint, tmp_path, monkeypa
     gate = manifest["precision"]["gate"]
     assert gate["passed"] and gate["set"]["reference"] == "PyTorch fp32 (streamed)"
     assert len(gate["results"]) == (2 if "quant" in precision else 1)
+
+
+def test_fp16_gate_over_budget_is_skipped_up_front_and_said(checkpoint, tmp_path, monkeypatch):
+    """onnxruntime's CPU session of an fp16 decoder widens every weight to fp32 at load: when that is over
+    the budget, no gate reference is computed, the fp16 files are still written and validated, and the
+    manifest and summary say the gate did not run and why."""
+    import attanchor_export.export_cost as export_cost
+    import attanchor_export.precision.gate as gate_module
+
+    monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
+    monkeypatch.setattr(export_cost, "FP16_CPU_SESSION_FACTOR", 1 << 30)
+    monkeypatch.setattr(gate_module, "pytorch_reference", lambda *a, **k: pytest.fail("gate reference computed"))
+    options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, dtype="fp16")
+    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest
+    assert manifest["export"]["fp16_gate_fits"] is False and manifest["validation"]["passed"]
+    gate = manifest["precision"]["gate"]
+    assert gate["passed"] is None and "fp32 copy of every fp16 weight" in gate["skipped"]
+    assert "check DIR on the GPU" in gate["skipped"]
+    assert manifest["precision"]["dtype"] == "fp16"
