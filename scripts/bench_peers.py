@@ -10,10 +10,11 @@ Top to bottom, what a run does:
    2048, 22 layers, 32 / 4 KV heads, intermediate 5632, vocab 32064) or `--dims small` (hidden 256, 2 layers,
    same vocab), saved fp32 safetensors with scripts/make_random_checkpoint.py's tokenizer. Cached by dims+seed.
 2. ensure_peers(): a venv of its own for the peers (their pins never touch the project venv), under
-   CACHE/venv: torch (the project's version), onnxruntime-genai, transformers, onnx-ir, matplotlib; then
-   llama-cpp-python built once from its PyPI sdist (CMAKE_ARGS="-DGGML_NATIVE=ON", or $CMAKE_ARGS), whose
-   vendor/llama.cpp also gives convert_hf_to_gguf.py and gguf-py. CACHE: --cache, default
-   ~/.cache/attanchor-export/peers. Logs: CACHE/logs/.
+   CACHE/venv: torch (the project's version, installed first as the README does; extra pip arguments for it
+   from $ATTANCHOR_PEERS_TORCH_PIP_ARGS), onnxruntime-genai, transformers, onnx-ir, matplotlib; then
+   llama-cpp-python built once from its PyPI sdist (CMAKE_ARGS="-DGGML_NATIVE=ON", or $CMAKE_ARGS; about
+   18 min on the 2-core machine), whose vendor/llama.cpp also gives convert_hf_to_gguf.py and gguf-py.
+   CACHE: --cache (or $ATTANCHOR_PEERS_CACHE), default ~/.cache/attanchor-export/peers. Logs: CACHE/logs/.
 3. build(): every system from that one checkpoint, each in CACHE/models/<dims>-seed<seed>/<system>/ with a
    build.json (files, bytes on disk, weight bytes read per decode token), cached:
      project-fp32         export_decoder + optimize_decoder, as an export writes decoder.onnx (bench_quant.py)
@@ -31,8 +32,8 @@ Top to bottom, what a run does:
    (--prompt-len fixed random ids in [3, 32000), the same ids for everyone, no BOS added), the greedy token
    from its logits, then --new-tokens cached greedy steps (EOS ignored). It prints ONE JSON line: prefill_s
    (prompt in -> first token out), decode_tok_s (new_tokens / time from the first token to the last),
-   tokens (all 1 + new_tokens greedy ids). The parent adds the child's peak RSS (os.wait4's ru_maxrss: the
-   child's own high-water mark) and parses that line (noise on stdout is skipped).
+   tokens (all 1 + new_tokens greedy ids) and its own peak RSS (VmHWM; os.wait4's ru_maxrss is the fallback,
+   it also counts the parent's pages at fork). The parent parses that line (noise on stdout is skipped).
      project: attanchor_runtime.sessions.ort_session (the session options users get) and
               attanchor_runtime.decoder_feeds.greedy (explicit position_ids, attention_mask, past -> present),
               the embedding rows looked up from embed_tokens.npy as the runtime's table lookup does;
@@ -203,7 +204,9 @@ def ensure_peers(cache: Path, families: set[str], chart: bool = False) -> None:
     marker = cache / "venv" / f".base-{hashlib.sha256(' '.join(packages).encode()).hexdigest()[:12]}"
     if not marker.is_file():
         say(f"installing the peers' packages into {cache / 'venv'} (log: {logs / 'peers-pip.log'})")
-        _sh([python, "-m", "pip", "install", packages[0]], logs / "peers-pip.log", "pip install torch (peers venv)")
+        extra = os.environ.get("ATTANCHOR_PEERS_TORCH_PIP_ARGS", "").split()  # e.g. a CPU-only torch index
+        _sh([python, "-m", "pip", "install", *extra, packages[0]], logs / "peers-pip.log",
+            "pip install torch (peers venv)")
         _sh([python, "-m", "pip", "install", *packages[1:]], logs / "peers-pip.log",
             "pip install onnxruntime-genai and friends (peers venv)")
         marker.write_text(json.dumps(packages) + "\n")
@@ -465,7 +468,7 @@ def run_project(spec: dict) -> dict:
     dims = spec["dims"]
     t0 = clock()
     session = ort_session(spec["model"], threads=spec["threads"])
-    table = np.load(Path(spec["model"]).with_name("embed_tokens.npy"))
+    table = np.load(spec["embed"], mmap_mode="r")  # [vocab, hidden] fp32, the artifact's embed_tokens.bin
     load_s = clock() - t0
     ids = np.array(spec["prompt"], np.int64)[None]
 
@@ -502,10 +505,10 @@ def run_transformers(spec: dict) -> dict:
     @torch.inference_mode()
     def generate():
         start = clock()
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # as generate() prefills
         tokens, token_times = [int(out.logits[0, -1].argmax())], [clock()]
         for _ in range(spec["new_tokens"]):
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
             tokens.append(int(out.logits[0, -1].argmax()))
             token_times.append(clock())
         return start, token_times, tokens
@@ -520,8 +523,7 @@ def run_genai(spec: dict) -> dict:
     config = og.Config(spec["model"])
     config.clear_providers()  # CPU
     threads = {"intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1}
-    # EOS never stops a run (the others ignore it too): an id no greedy step can produce
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}, "eos_token_id": -1}}))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
     model = og.Model(config)
     load_s = clock() - t0
     total = len(spec["prompt"]) + 1 + spec["new_tokens"]
@@ -531,11 +533,12 @@ def run_genai(spec: dict) -> dict:
         params.set_search_options(do_sample=False, max_length=total, batch_size=1)
         generator = og.Generator(model, params)
         start = clock()
-        generator.append_tokens(spec["prompt"])  # runs the prompt; the first token is its logits' arg-max
+        generator.append_tokens(spec["prompt"])  # runs the prompt
         tokens, token_times = [], []
         while len(tokens) < 1 + spec["new_tokens"]:
-            if tokens:
-                generator.generate_next_token()
+            if generator.is_done():  # greedy hit EOS (id 2; genai takes no id outside the vocab)
+                raise RuntimeError(f"onnxruntime-genai stopped at EOS after {len(tokens)} tokens")
+            generator.generate_next_token()  # the arg-max of the last logits (then, next call, one step)
             tokens.append(int(generator.get_next_tokens()[0]))
             token_times.append(clock())
         return start, token_times, tokens
@@ -544,6 +547,7 @@ def run_genai(spec: dict) -> dict:
 
 
 def run_llama(spec: dict) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -553,14 +557,19 @@ def run_llama(spec: dict) -> dict:
                 n_threads_batch=spec["threads"], verbose=False)
     load_s = clock() - t0
 
+    vocab = llm.n_vocab()
+
+    def last_token() -> int:  # arg-max of the batch's last logits (eval keeps none unless logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
     def generate():
         llm.reset()
         start = clock()
         llm.eval(spec["prompt"])
-        tokens, token_times = [int(np.argmax(llm.scores[llm.n_tokens - 1]))], [clock()]
+        tokens, token_times = [last_token()], [clock()]
         for _ in range(spec["new_tokens"]):
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(last_token())
             token_times.append(clock())
         return start, token_times, tokens
 
@@ -690,6 +699,17 @@ def run_child(cmd: list[str], log: Path, timeout: float, threads: int) -> tuple[
     return proc.returncode, stdout, int(usage.ru_maxrss) * 1024, time.perf_counter() - t0
 
 
+def run_record(name: str, round_no: int, rc: int, stdout: str, ru_maxrss: int, wall: float, log: Path) -> dict:
+    """One measurement as the summary reads it: ok (exit 0 and a result line) with the child's figures, peak
+    RSS (its VmHWM, else ru_maxrss), and where its log is."""
+    result = parse_child_output(stdout) if rc == 0 else None
+    run = {"system": name, "round": round_no, "returncode": rc, "ru_maxrss_bytes": ru_maxrss, "wall_s": round(wall, 2),
+           "log": str(log), **({"ok": True, **result} if result else {"ok": False})}
+    run.pop(MARK, None)
+    run["peak_rss_bytes"] = run.get("vm_hwm_bytes") or ru_maxrss
+    return run
+
+
 def rotated(names: list[str], round_index: int) -> list[str]:
     k = round_index % len(names)
     return names[k:] + names[:k]
@@ -704,11 +724,7 @@ def measure(entries: list[str], specs: dict, args, cache: Path, log_dir: Path) -
             log = log_dir / f"round{r + 1}-{name}.log"
             rc, stdout, rss, wall = run_child([python, str(SCRIPT), "--child", task, "--spec", json.dumps(spec)],
                                               log, args.child_timeout, args.threads)
-            result = parse_child_output(stdout) if rc == 0 else None
-            run = {"system": name, "round": r + 1, "returncode": rc, "ru_maxrss_bytes": rss, "wall_s": round(wall, 2),
-                   "log": str(log), **({"ok": True, **result} if result else {"ok": False})}
-            run.pop(MARK, None)
-            run["peak_rss_bytes"] = run.get("vm_hwm_bytes") or rss
+            run = run_record(name, r + 1, rc, stdout, rss, wall, log)
             runs.append(run)
             if not run["ok"]:
                 say(f"  round {r + 1} {name}: FAILED (exit {rc}); log: {log}")
@@ -855,11 +871,13 @@ def write_chart(result: dict, png: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     bw = summary["bandwidth"]
     if bw:
+        right = 1.3 * max(summary["systems"][n]["decode_tok_s"]["max"] for n in names)
         for i, n in enumerate(names):
             wpt = summary["systems"][n]["weight_bytes_per_token"]
-            if wpt:
+            if wpt and bw["median"] / wpt <= right:
                 ax1.plot([bw["median"] / wpt], [i], "k|", markersize=14)
-        ax1.set_xlabel(f"| = bandwidth bound at {bw['median'] / 1e9:.1f} GB/s (median probe)")
+        ax1.set_xlim(0, right)
+        ax1.set_xlabel(f"| = bandwidth bound at {bw['median'] / 1e9:.1f} GB/s (median probe; off the axis: not drawn)")
     ax1.set_yticks(list(y), labels)
     ax1.invert_yaxis()
     s = result["settings"]
@@ -880,6 +898,7 @@ def child_specs(systems: list[System], builds: dict, args, prompt: list[int], ca
                 "threads": args.threads, "warmup": args.warmup}
         if s.family == "project":
             spec["dims"] = builds[s.name]["dims"]
+            spec["embed"] = str(Path(builds[s.name]["model"]).with_name("embed_tokens.npy"))
         python = sys.executable if s.family in ("project", "transformers") else str(peer_python(cache))
         specs[s.name] = (spec, python, s.family)
     specs[BANDWIDTH] = ({"bytes": args.bandwidth_bytes, "repeats": 5}, sys.executable, BANDWIDTH)
@@ -948,12 +967,18 @@ def main(argv=None) -> int:
                 "versions": {"onnxruntime-genai": GENAI_VERSION, "llama-cpp-python": LLAMA_CPP_VERSION}}
     result = {"settings": settings, "summary": summary, "builds": builds, "runs": runs, "table": table}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         say(f"wrote {args.json}")
     if args.chart:
         save_chart(result, args.chart, cache, args.json)
         say(f"wrote {args.chart}")
     return 0
+
+
+def write_json(path: Path, result: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def save_chart(result: dict, png: Path, cache: Path, json_path: Path | None) -> None:

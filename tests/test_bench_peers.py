@@ -1,0 +1,187 @@
+"""scripts/bench_peers.py without its peers: parsing child lines, the summary's figures, the table, the JSON,
+and the project's own runner on conftest's tiny artifact through the child protocol."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_peers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_peers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _line(system: str, prefill: float, tok_s: float, tokens=(5, 6, 7), hwm: int = 2_000_000_000) -> str:
+    return json.dumps({"bench_peers": 1, "task": system.split("-")[0], "prefill_s": prefill, "decode_tok_s": tok_s,
+                       "decode_s": 64 / tok_s, "tokens": list(tokens), "load_s": 0.5, "vm_hwm_bytes": hwm})
+
+
+# Per round: (project-int4, project-fp32, llama-q4_0) decode tok/s, chosen so that the median of the
+# same-round ratios (llama/int4: 1.5, 1.0, 2.0 -> 1.5) differs from the ratio of the medians (40/30).
+INT4 = [20.0, 30.0, 40.0]
+FP32 = [9.0, 8.0, 10.0]
+Q4 = [30.0, 30.0, 80.0]
+BANDWIDTH = [30e9, 40e9, 35e9]
+BUILDS = {
+    "project-int4": {"weight_bytes_per_token": 800_000_000, "file_bytes": 1_100_000_000},
+    "project-fp32": {"weight_bytes_per_token": 4_100_000_000, "file_bytes": 4_500_000_000},
+    "llama-q4_0": {"weight_bytes_per_token": 600_000_000, "file_bytes": 640_000_000},
+    "transformers-fp32": {"weight_bytes_per_token": 4_100_000_000, "file_bytes": 4_400_000_000},
+}
+
+
+def _runs(bench, tmp_path, fp32_tokens=(5, 6, 7)):
+    runs = []
+    for r in range(3):
+        log = tmp_path / f"r{r}.log"
+        noisy = "llama_model_loader: some library chatter\n{not json}\n{\"other\": 1}\n"
+        runs.append(bench.run_record("project-int4", r + 1, 0, noisy + _line("project-int4", 3.0 + r, INT4[r]) + "\n",
+                                     3_000_000_000, 10.0, log))
+        runs.append(bench.run_record("project-fp32", r + 1, 0, _line("project-fp32", 5.0, FP32[r]), 0, 10.0, log))
+        runs.append(bench.run_record("llama-q4_0", r + 1, 0, _line("llama-q4_0", 4.0, Q4[r], tokens=(5, 9, 9)),
+                                     0, 10.0, log))
+        runs.append(bench.run_record("transformers-fp32", r + 1, 0,
+                                     _line("transformers-fp32", 6.0, 4.0, tokens=fp32_tokens), 0, 10.0, log))
+        bw = json.dumps({"bench_peers": 1, "task": "bandwidth", "bytes_per_s": BANDWIDTH[r], "method": "dot"})
+        runs.append(bench.run_record("bandwidth", r + 1, 0, bw, 0, 1.0, log))
+    # a failed run: a crash with a traceback on stdout and no result line
+    runs.append(bench.run_record("llama-q4_0", 4, 1, "Traceback (most recent call last):\n", 0, 2.0,
+                                 tmp_path / "failed.log"))
+    return runs
+
+
+def test_parse_child_output_takes_the_marked_line(bench):
+    out = "loading...\n" + _line("project-int4", 1.0, 2.0) + "\n{\"bench_peers\": 2}\nbye\n"
+    assert bench.parse_child_output(out)["decode_tok_s"] == 2.0
+    assert bench.parse_child_output("no result\n{broken\n") is None
+    assert bench.parse_child_output('{"prefill_s": 1}') is None  # JSON, but not a result line
+
+
+def test_run_record_failed_and_rss(bench, tmp_path):
+    ok = bench.run_record("project-int4", 1, 0, _line("project-int4", 1.0, 2.0, hwm=123), 999, 1.0, tmp_path / "a")
+    assert ok["ok"] and ok["peak_rss_bytes"] == 123 and "bench_peers" not in ok
+    crashed = bench.run_record("genai-int4", 1, 0, "segfault-ish garbage", 999, 1.0, tmp_path / "b")
+    assert not crashed["ok"]
+    nonzero = bench.run_record("genai-int4", 1, 3, _line("genai-int4", 1.0, 2.0), 999, 1.0, tmp_path / "c")
+    assert not nonzero["ok"] and nonzero["returncode"] == 3  # a result line does not rescue a failed exit
+
+
+def test_summary_figures(bench, tmp_path):
+    s = bench.summarize(_runs(bench, tmp_path), BUILDS)
+    int4, q4, fp32 = (s["systems"][n] for n in ("project-int4", "llama-q4_0", "project-fp32"))
+    assert int4["prefill_s"] == {"min": 3.0, "median": 4.0, "max": 5.0, "n": 3}
+    assert q4["decode_tok_s"] == {"min": 30.0, "median": 30.0, "max": 80.0, "n": 3}
+    assert q4["runs"] == 3 and q4["failed"] == 1 and q4["failed_logs"] == [str(tmp_path / "failed.log")]
+    assert q4["decode_ratio_to_baseline"] == pytest.approx(1.5)  # median of 1.5, 1.0, 2.0 (not 30 / 30)
+    assert int4["decode_ratio_to_baseline"] == pytest.approx(1.0)
+    assert fp32["decode_ratio_to_baseline"] == pytest.approx(statistics.median([9 / 20, 8 / 30, 10 / 40]))
+    assert s["bandwidth"]["median"] == 35e9 and s["bandwidth"]["max"] == 40e9
+    # fraction of the bound: median tok/s * bytes per token / median bandwidth
+    assert int4["fraction_of_bound"] == pytest.approx(30.0 * 800e6 / 35e9)
+    assert fp32["fraction_of_bound"] == pytest.approx(9.0 * 4.1e9 / 35e9)
+    assert int4["peak_rss_bytes"] == 2_000_000_000  # the child's VmHWM, not the fork-inflated ru_maxrss
+    assert s["fp32_systems"] == ["project-fp32", "transformers-fp32"] and s["fp32_tokens_agree"] is True
+    assert q4["agree_with_reference"] == 1 and fp32["agree_with_reference"] == 3
+
+
+def test_fp32_disagreement_is_reported(bench, tmp_path):
+    s = bench.summarize(_runs(bench, tmp_path, fp32_tokens=(5, 6, 8)), BUILDS)
+    assert s["fp32_tokens_agree"] is False
+    assert s["systems"]["project-fp32"]["agree_with_reference"] == 2
+    assert "fp32 greedy tokens: DISAGREE" in bench.format_table(s)
+
+
+def test_table_text(bench, tmp_path):
+    s = bench.summarize(_runs(bench, tmp_path), BUILDS)
+    table = bench.format_table(s, prompt_len=512)
+    lines = table.splitlines()
+    assert lines[0].startswith("| system | prefill 512 tok (s) | decode tok/s | decode vs project-int4 |")
+    q4 = next(line for line in lines if line.startswith("| llama.cpp Q4_0 |"))
+    assert q4 == ("| llama.cpp Q4_0 | 4.00 / 4.00 / 4.00 | 30.0 / 30.0 / 80.0 | 1.50x | 600 MB | 51% | 2.0 GB | "
+                  "640 MB | 3 (1 failed) |")
+    int4 = next(line for line in lines if line.startswith("| this project int4"))
+    assert "| 3.00 / 4.00 / 5.00 | 20.0 / 30.0 / 40.0 | 1.00x | 800 MB | 69% |" in int4
+    assert "memory read bandwidth: median 35.0 GB/s, max 40.0 GB/s, min 30.0 GB/s (3 probes" in table
+    assert "fp32 greedy tokens: all agree across project-fp32, transformers-fp32" in table
+    assert f"llama-q4_0: 1 failed run(s), first log: {tmp_path / 'failed.log'}" in table
+
+
+def test_json_output_round_trips(bench, tmp_path):
+    runs = _runs(bench, tmp_path)
+    s = bench.summarize(runs, BUILDS)
+    result = {"settings": {"rounds": 3}, "summary": s, "builds": BUILDS, "runs": runs, "table": bench.format_table(s)}
+    bench.write_json(tmp_path / "out" / "peers.json", result)
+    back = json.loads((tmp_path / "out" / "peers.json").read_text())
+    assert back["summary"]["systems"]["llama-q4_0"]["decode_ratio_to_baseline"] == pytest.approx(1.5)
+    assert back["summary"]["bandwidth"]["median"] == 35e9
+    assert len(back["runs"]) == 16 and sum(not r["ok"] for r in back["runs"]) == 1
+
+
+def test_rotation_and_systems(bench):
+    names = ["a", "b", "c"]
+    assert [bench.rotated(names, r) for r in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                           ["a", "b", "c"]]
+    assert bench.BASELINE in bench.BY_NAME and bench.REFERENCE in bench.BY_NAME
+    with pytest.raises(bench.BenchError, match="unknown system"):
+        bench.main(["--systems", "project-int4,nope"])
+
+
+def test_weight_bytes_skip_the_embedding(bench, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "embed")
+    weight = numpy_helper.from_array(np.zeros((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [table, weight])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    assert bench.onnx_weight_bytes(tmp_path / "m.onnx") == 4 * 3 * 4
+
+    from safetensors.numpy import save_file
+
+    save_file({"model.embed_tokens.weight": np.zeros((10, 4), np.float32), "lm_head.weight": np.zeros((10, 4), np.float16)},
+              str(tmp_path / "model.safetensors"))
+    assert bench.safetensors_weight_bytes(tmp_path) == 10 * 4 * 2
+
+
+def test_project_runner_end_to_end(bench, artifact, tmp_path):
+    """The project's runner in a fresh child on the tiny exported artifact: one result line whose tokens are
+    the runtime's own greedy tokens."""
+    from attanchor_runtime.decoder_feeds import empty_past, greedy, prefill_feeds
+    from attanchor_runtime.manifest import Manifest
+    from attanchor_runtime.sessions import ort_session
+
+    folder = artifact("clip-t2i")
+    manifest = Manifest.load(folder)
+    dims, table = manifest.dims, np.asarray(manifest.embed_table(), np.float32)
+    np.save(tmp_path / "embed_tokens.npy", table)
+    prompt = np.random.default_rng(0).integers(3, dims["vocab_size"] - 8, 24).tolist()
+    spec = {"model": str(manifest.graph_path("decoder")), "embed": str(tmp_path / "embed_tokens.npy"), "dims": dims,
+            "prompt": prompt, "new_tokens": 6, "threads": 1, "warmup": 1}
+    rc, stdout, rss, wall = bench.run_child([sys.executable, str(SCRIPT), "--child", "project", "--spec",
+                                             json.dumps(spec)], tmp_path / "child.log", 120, 1)
+    run = bench.run_record("project-fp32", 1, rc, stdout, rss, wall, tmp_path / "child.log")
+    assert run["ok"], (tmp_path / "child.log").read_text()[-2000:]
+    assert run["prefill_s"] > 0 and run["decode_tok_s"] > 0 and run["peak_rss_bytes"] > 10 << 20
+    assert len(run["tokens"]) == 7
+
+    session = ort_session(spec["model"], threads=1)
+    ids = np.array([prompt], np.int64)
+    feeds = prefill_feeds(table[ids], np.ones_like(ids), np.arange(len(prompt))[None], empty_past(dims, 1))
+    expected = greedy(session.run, dims["num_layers"], feeds, lambda t: table[t], 7).tokens[0].tolist()
+    assert run["tokens"] == expected
