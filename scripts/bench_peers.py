@@ -410,25 +410,9 @@ def peer_task(cache: Path, task: str, spec: dict, log: Path, what: str) -> dict:
 def onnx_weight_bytes(path: Path) -> int:
     """Bytes of the initializers a decode step reads: all but the data of a Gather (the token-embedding
     table, of which one row is read per token). Nothing is loaded."""
-    import numpy as np
-    import onnx
-    from onnx import helper
+    from attanchor_export.bench.probes import decoder_weight_bytes
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
-    total = 0
-    for t in graph.initializer:
-        if t.name in gathered:
-            continue
-        length = {e.key: e.value for e in t.external_data}.get("length")
-        if t.data_location == onnx.TensorProto.EXTERNAL and length is not None:
-            total += int(length)
-        elif t.raw_data:
-            total += len(t.raw_data)
-        else:
-            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            total += int(np.prod(list(t.dims), dtype=np.int64)) * itemsize
-    return total
+    return decoder_weight_bytes(path, skip_gathered=True)
 
 
 def safetensors_weight_bytes(folder: Path, skip: str = "embed_tokens") -> int:

@@ -154,14 +154,18 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     return BandwidthProbe(nbytes).measure(repeats)
 
 
-def decoder_weight_bytes(path) -> int:
-    """Bytes of every initializer of an ONNX graph (external data included, nothing loaded)."""
+def decoder_weight_bytes(path, skip_gathered: bool = False) -> int:
+    """Bytes of every initializer of an ONNX graph (external data included, nothing loaded).
+    skip_gathered: leave out Gather's data (an embedding table: one row is read per token)."""
     import onnx
     from onnx import helper
 
     model = onnx.load(str(path), load_external_data=False)
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"} if skip_gathered else set()
     total = 0
     for t in model.graph.initializer:
+        if t.name in gathered:
+            continue
         length = {e.key: e.value for e in t.external_data}.get("length")
         if t.data_location == onnx.TensorProto.EXTERNAL and length is not None:
             total += int(length)
