@@ -18,9 +18,12 @@ Top to bottom, what a run does:
 3. build(): every system from that one checkpoint, each in CACHE/models/<dims>-seed<seed>/<system>/ with a
    build.json (files, bytes on disk, weight bytes read per decode token), cached:
      project-fp32         export_decoder + optimize_decoder, as an export writes decoder.onnx (bench_quant.py)
-     project-int4         + quantize_graph: MatMulNBits block 128 asymmetric, accuracy_level 4, lm_head fp32
-                          (the export's int4 defaults)
-     project-int4-lmhead  the same with the lm_head quantized too (the export's --quantize-lm-head)
+     project-int4         + quantize_graph (MatMulNBits block 128 asymmetric, accuracy_level 4, the lm_head
+                          too: precision.quantize.lm_head_quantized) + precision.ort_fusions.fuse_decoder_file
+                          (RMSNorm, residual Adds, rotary, GroupQueryAttention with an in-place KV buffer):
+                          what `attanchor-export --quant int4` writes for onnxruntime
+     project-int4-keep-lm-head  the same with the lm_head kept fp32 (the export's --keep-lm-head)
+     project-int4-unfused the default int4 weights in the standard-op graph (no onnxruntime fusions)
      genai-fp32/-int4     python -m onnxruntime_genai.models.builder -i CKPT -o DIR -p fp32|int4 -e cpu
                           (its defaults: int4 block 32, accuracy_level 4 on CPU)
      llama-f32/-f16       llama.cpp's convert_hf_to_gguf.py --outtype f32|f16
@@ -34,9 +37,10 @@ Top to bottom, what a run does:
    (prompt in -> first token out), decode_tok_s (new_tokens / time from the first token to the last),
    tokens (all 1 + new_tokens greedy ids) and its own peak RSS (VmHWM; os.wait4's ru_maxrss is the fallback,
    it also counts the parent's pages at fork). The parent parses that line (noise on stdout is skipped).
-     project: attanchor_runtime.sessions.ort_session (the session options users get) and
-              attanchor_runtime.decoder_feeds.greedy (explicit position_ids, attention_mask, past -> present),
-              the embedding rows looked up from embed_tokens.npy as the runtime's table lookup does;
+     project: attanchor_runtime.sessions.ort_session (the session options users get); a standard-op graph
+              through attanchor_runtime.decoder_feeds.greedy (explicit position_ids, attention_mask, past ->
+              present), a fused one through ort_backend.SharedKV + decode_shared (one buffer per layer bound
+              as past and present, as OrtBackend decodes it); embedding rows from embed_tokens.npy;
      genai:   og.Model + og.Generator, greedy search, 2 intra-op threads set through og.Config.overlay;
      llama:   llama_cpp.Llama(n_threads=n_threads_batch=2, n_batch=n_ubatch=prompt length), eval() + arg-max;
      transformers: LlamaForCausalLM.from_pretrained(attn_implementation="sdpa"), torch.set_num_threads(2).
@@ -106,9 +110,12 @@ class System:
 
 SYSTEMS = [
     System("project-fp32", "this project fp32", "project", "fp32", fp32=True),
-    System("project-int4", "this project int4 (block 128, lm_head fp32, the default)", "project", "int4"),
-    System("project-int4-lmhead", "this project int4 + lm_head int4 (--quantize-lm-head)", "project",
-           "int4-lmhead"),
+    System("project-int4", "this project int4 (the default: block 128, lm_head int4, fused, in-place KV)", "project",
+           "int4"),
+    System("project-int4-keep-lm-head", "this project int4, lm_head fp32 (--keep-lm-head), fused", "project",
+           "int4-keep-lm-head"),
+    System("project-int4-unfused", "this project int4, standard ops (no onnxruntime fusions)", "project",
+           "int4-unfused"),
     System("genai-fp32", "onnxruntime-genai builder fp32", "genai", "fp32", fp32=True),
     System("genai-int4", "onnxruntime-genai int4 (block 32)", "genai", "int4"),
     System("llama-f32", "llama.cpp F32", "llama", "f32", fp32=True),
@@ -119,6 +126,7 @@ SYSTEMS = [
 ]
 BY_NAME = {s.name: s for s in SYSTEMS}
 BANDWIDTH = "bandwidth"  # the probe child, one per round like a system
+BUILD_VERSION = 2  # bumped when a recipe changes: cached folders of another version are rebuilt
 
 
 class BenchError(Exception):
@@ -267,7 +275,9 @@ def build(system: System, cache: Path, ckpt: Path, dims: str, seed: int) -> dict
     """The system's folder with its build.json (built now unless cached); returns build.json."""
     out = model_dir(cache, dims, seed, system.name)
     if (out / "build.json").is_file():
-        return json.loads((out / "build.json").read_text())
+        cached = json.loads((out / "build.json").read_text())
+        if cached.get("build_version") == BUILD_VERSION:
+            return cached
     if system.family == "transformers":
         info = {"model": str(ckpt), "files": sorted(str(p) for p in ckpt.glob("*.safetensors")),
                 "weight_bytes_per_token": safetensors_weight_bytes(ckpt)}
@@ -286,6 +296,7 @@ def build(system: System, cache: Path, ckpt: Path, dims: str, seed: int) -> dict
         info["files"] = sorted(str(p) for p in out.rglob("*") if p.is_file())
         say(f"built {system.name} in {info['build_s']:.0f} s")
     info["file_bytes"] = sum(Path(p).stat().st_size for p in info["files"])
+    info["build_version"] = BUILD_VERSION
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -297,8 +308,11 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, dims: str,
     import numpy as np
     import onnx
     import onnx_ir as ir
+    from attanchor_runtime.manifest import KV_CONCAT
 
     from attanchor_export.options import ARTIFACT_IR_VERSION
+    from attanchor_export.precision.ort_fusions import fuse_decoder_file
+    from attanchor_export.precision.quantize import lm_head_quantized
     from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
     from attanchor_export.precision.weights import DEFAULT_ACCURACY_LEVEL
 
@@ -321,12 +335,13 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, dims: str,
         optimized = optimize_decoder(path, model_dims)
         np.save(out / "embed_tokens.npy", model.model.embed_tokens.weight.detach().numpy().astype(np.float32))
         del model
-        notes = {"optimize": {k: v for k, v in optimized.items() if isinstance(v, (int, float, str))}}
+        notes = {"optimize": {k: v for k, v in optimized.items() if isinstance(v, (int, float, str))},
+                 "kv_cache": KV_CONCAT}
     else:
         source = build(BY_NAME["project-fp32"], cache, ckpt, dims, seed)
         src = Path(source["model"])
         model = ir.load(str(src))
-        lm_head = system.variant == "int4-lmhead"
+        lm_head = lm_head_quantized("int4", False if system.variant == "int4-keep-lm-head" else None)
         nodes, _ = linear_nodes(model.graph, lm_head)
         level = DEFAULT_ACCURACY_LEVEL["int4"]
         count = quantize_graph(model, nodes, 4, 128, symmetric=False, qdq=False, accuracy_level=level)
@@ -338,7 +353,10 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, dims: str,
         os.link(src.with_name("embed_tokens.npy"), out / "embed_tokens.npy")
         model_dims = source["dims"]
         notes = {"block_size": 128, "symmetric": False, "accuracy_level": level, "lm_head_quantized": lm_head,
-                 "quantized_linears": count}
+                 "quantized_linears": count, "kv_cache": KV_CONCAT}
+        if system.variant != "int4-unfused":  # the export's onnxruntime form (ExportOptions.ort_fusions)
+            notes["ort_fusions"] = fuse_decoder_file(path, model_dims)
+            notes["kv_cache"] = notes["ort_fusions"]["kv_cache"]
     dims_dict = model_dims if isinstance(model_dims, dict) else model_dims.to_dict()
     return {"model": str(path), "dims": dims_dict, "notes": notes, "weight_bytes_per_token": onnx_weight_bytes(path)}
 
@@ -446,7 +464,9 @@ def _measure(generate, warmup: int) -> dict:
 
 def run_project(spec: dict) -> dict:
     import numpy as np
-    from attanchor_runtime.decoder_feeds import empty_past, greedy, prefill_feeds
+    from attanchor_runtime.decoder_feeds import empty_past, greedy, past_names, prefill_feeds, present_names
+    from attanchor_runtime.manifest import KV_CONCAT, KV_SHARED_BUFFER
+    from attanchor_runtime.ort_backend import SharedKV, decode_shared
     from attanchor_runtime.sessions import ort_session
 
     dims = spec["dims"]
@@ -459,21 +479,31 @@ def run_project(spec: dict) -> dict:
     def embed(tokens):
         return np.asarray(table[tokens], np.float32)  # the runtime's table lookup
 
+    shared = spec.get("kv_cache") == KV_SHARED_BUFFER
+    kv_names = past_names(dims["num_layers"]), present_names(dims["num_layers"])
+
     def generate():
-        token_times = []
+        token_times, cache = [], None
 
         def run(names, feeds):
-            out = session.run(names, feeds)
+            if cache is None:  # standard-op decoder: present of one call is the next call's past
+                out = session.run(names, feeds)
+            else:  # fused decoder: one in-place KV buffer per layer, as OrtBackend decodes it
+                out = [decode_shared(session, *kv_names, feeds["inputs_embeds"], feeds["attention_mask"],
+                                     feeds["position_ids"], cache)]
             token_times.append(clock())  # each call's token is the arg-max of its logits, taken right after
             return out
 
         start = clock()
+        if shared:
+            cache = SharedKV(1, dims, np.float32, int(dims["max_position_embeddings"]))
         mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-        feeds = prefill_feeds(embed(ids), mask, positions, empty_past(dims, 1))
+        feeds = prefill_feeds(embed(ids), mask, positions, {} if shared else empty_past(dims, 1))
         result = greedy(run, dims["num_layers"], feeds, embed, 1 + spec["new_tokens"])
         return start, token_times, result.tokens[0]
 
-    return {**_measure(generate, spec["warmup"]), "load_s": load_s}
+    return {**_measure(generate, spec["warmup"]), "load_s": load_s,
+            "kv_cache": spec.get("kv_cache", KV_CONCAT)}
 
 
 def run_transformers(spec: dict) -> dict:
@@ -883,6 +913,7 @@ def child_specs(systems: list[System], builds: dict, args, prompt: list[int], ca
         if s.family == "project":
             spec["dims"] = builds[s.name]["dims"]
             spec["embed"] = str(Path(builds[s.name]["model"]).with_name("embed_tokens.npy"))
+            spec["kv_cache"] = builds[s.name].get("notes", {}).get("kv_cache")
         python = sys.executable if s.family in ("project", "transformers") else str(peer_python(cache))
         specs[s.name] = (spec, python, s.family)
     specs[BANDWIDTH] = ({"bytes": args.bandwidth_bytes, "repeats": 5}, sys.executable, BANDWIDTH)
