@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as module NAME (registered in sys.modules: dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 # (family, mode, max_anchors): both families, both modes, with and without a budget.
 ARTIFACTS = {

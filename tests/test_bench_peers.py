@@ -3,25 +3,20 @@ and the project's own runner on conftest's tiny artifact through the child proto
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_peers.py"
+SCRIPT = SCRIPTS / "bench_peers.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_peers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_peers")
 
 
 def _line(system: str, prefill: float, tok_s: float, tokens=(5, 6, 7), hwm: int = 2_000_000_000) -> str:

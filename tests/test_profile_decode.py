@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
+from helpers import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_decode")
 
 
 def test_profile_splits_prefill_and_decode_steps(artifact, tmp_path, capsys):
