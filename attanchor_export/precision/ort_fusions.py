@@ -27,6 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from attanchor_graphs.onnx_utils import (
+    attribute,
+    constant_value,
+    consumers,
+    initializers,
+    is_constant,
+    producers,
+    prune,
+    toposort,
+)
 from attanchor_runtime.manifest import KV_CONCAT, KV_SHARED_BUFFER
 from onnx import helper, numpy_helper
 
@@ -80,19 +90,18 @@ def _fold_residual_adds(model: onnx.ModelProto) -> int:
     """Add(a, b) -> SimplifiedLayerNormalization  =>  SkipSimplifiedLayerNormalization(a, b), whose 4th
     output is a + b for the later consumers of the sum (the next residual)."""
     graph = model.graph
-    producer = _producers(graph)
-    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer, inits = producers(graph), initializers(graph)
     count, nodes = 0, list(graph.node)
     for norm in nodes:
         if norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx"):
             continue
         add = producer.get(norm.input[0])
-        if add is None or add.op_type != "Add" or any(i in constants for i in add.input):
+        if add is None or add.op_type != "Add" or any(is_constant(i, inits, producer) for i in add.input):
             continue  # a bias Add (broadcast) is not a residual
-        axis = next((helper.get_attribute_value(a) for a in norm.attribute if a.name == "axis"), -1)
+        axis = attribute(norm, "axis", -1)
         if axis != -1 or len(norm.output) > 1:
             continue
-        eps = next((helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"), 1e-5)
+        eps = attribute(norm, "epsilon", 1e-5)
         fused = helper.make_node(
             "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
             [norm.output[0], "", "", add.output[0]], name=f"{norm.name}_skip", domain=_MS, epsilon=eps)
@@ -101,7 +110,7 @@ def _fold_residual_adds(model: onnx.ModelProto) -> int:
         graph.node.remove(add)
         count += 1
     if count:
-        _toposort(graph)
+        toposort(graph)
     return count
 
 
@@ -110,9 +119,9 @@ def _fold_residual_adds(model: onnx.ModelProto) -> int:
 
 def _fuse_rotary(model: onnx.ModelProto, dims: dict, folder: Path) -> int:
     graph = model.graph
-    producer, consumers = _producers(graph), _consumers(graph)
+    producer, readers, inits = producers(graph), consumers(graph), initializers(graph)
     half = dims["head_dim"] // 2
-    matches = [m for n in graph.node if n.op_type == "Neg" and (m := _rotary_match(n, producer, consumers, half, graph))]
+    matches = [m for n in graph.node if n.op_type == "Neg" and (m := _rotary_match(n, producer, readers, half, inits))]
     angles = {(m["cos"], m["sin"]) for m in matches}
     if not matches or len(angles) != 1 or "position_ids" not in {i.name for i in graph.input}:
         return 0
@@ -130,30 +139,30 @@ def _fuse_rotary(model: onnx.ModelProto, dims: dict, folder: Path) -> int:
         graph.node.append(rotary)
         for node in m["nodes"]:
             graph.node.remove(node)
-    _prune(graph)
-    _toposort(graph)
+    toposort(graph)
+    prune(graph)
     return len(matches)
 
 
-def _rotary_match(neg, producer, consumers, half: int, graph) -> dict | None:
+def _rotary_match(neg, producer, readers, half: int, inits) -> dict | None:
     """x*cos + Concat(-x[..., half:], x[..., :half])*sin around one Neg, x a 4-D [B, heads, S, head_dim]."""
     upper = producer.get(neg.input[0])
     if upper is None or upper.op_type != "Slice":
         return None
     x = upper.input[0]
-    cat = _only(consumers.get(neg.output[0]), "Concat")
+    cat = _only(readers.get(neg.output[0]), "Concat")
     if cat is None or len(cat.input) != 2 or cat.input[0] != neg.output[0]:
         return None
     lower = producer.get(cat.input[1])
     if lower is None or lower.op_type != "Slice" or lower.input[0] != x:
         return None
-    if _slice(lower, graph) != (0, half) or (_slice(upper, graph) or (None,))[0] != half:
+    if _slice(lower, inits, producer) != (0, half) or (_slice(upper, inits, producer) or (None,))[0] != half:
         return None
-    mul_sin = _only(consumers.get(cat.output[0]), "Mul")
+    mul_sin = _only(readers.get(cat.output[0]), "Mul")
     if mul_sin is None:
         return None
     sin = mul_sin.input[1] if mul_sin.input[0] == cat.output[0] else mul_sin.input[0]
-    add = _only(consumers.get(mul_sin.output[0]), "Add")
+    add = _only(readers.get(mul_sin.output[0]), "Add")
     if add is None:
         return None
     mul_cos = producer.get(add.input[0] if add.input[1] == mul_sin.output[0] else add.input[1])
@@ -161,18 +170,18 @@ def _rotary_match(neg, producer, consumers, half: int, graph) -> dict | None:
         return None
     cos = mul_cos.input[1] if mul_cos.input[0] == x else mul_cos.input[0]
     transpose = producer.get(x)  # queries/keys reach the rotary as Transpose(view, [0, 2, 1, 3])
-    perm = next((helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm"), None) if transpose else None
+    perm = attribute(transpose, "perm") if transpose else None
     if transpose is None or transpose.op_type != "Transpose" or list(perm or []) != [0, 2, 1, 3]:
         return None
-    users = {id(n) for n in consumers.get(x, [])}
+    users = {id(n) for n in readers.get(x, [])}
     if users != {id(upper), id(lower), id(mul_cos)}:
         return None
     return {"x": x, "cos": cos, "sin": sin, "nodes": [mul_cos, upper, lower, neg, cat, mul_sin, add]}
 
 
-def _slice(node, graph) -> tuple[int, int] | None:
+def _slice(node, inits, producer) -> tuple[int, int] | None:
     """(start, end) of a Slice on the last axis, from constant inputs; None when not that."""
-    values = [_constant(graph, name) for name in node.input[1:4]]
+    values = [constant_value(name, inits, producer) for name in node.input[1:4]]
     if any(v is None for v in values[:2]) or values[0].size != 1:
         return None
     axes = values[2] if len(values) > 2 else None
@@ -187,7 +196,7 @@ def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path,
     import onnxruntime as ort
 
     graph = model.graph
-    producer = _producers(graph)
+    producer = producers(graph)
     needed, stack, inputs = set(), [cos_name, sin_name], set()
     graph_inputs = {i.name for i in graph.input}
     while stack:
@@ -238,9 +247,9 @@ def _fuse_attention(model: onnx.ModelProto, dims: dict) -> int:
     (past [B, kv, P, D] in, present [B, kv, P + S, D] out): every row's cache holds its left padding,
     so seqlens_k is total length - 1 for all rows, computed once from attention_mask."""
     graph = model.graph
-    producer, consumers = _producers(graph), _consumers(graph)
+    producer, readers, inits = producers(graph), consumers(graph), initializers(graph)
     heads, kv_heads = dims["num_heads"], dims["num_kv_heads"]
-    matches = [m for n in graph.node if n.op_type == "Softmax" and (m := _attention_match(n, producer, consumers, graph))]
+    matches = [m for n in graph.node if n.op_type == "Softmax" and (m := _attention_match(n, producer, readers, inits, graph))]
     if not matches:
         return 0
     lengths = _sequence_lengths(graph)
@@ -255,12 +264,12 @@ def _fuse_attention(model: onnx.ModelProto, dims: dict) -> int:
             num_heads=heads, kv_num_heads=kv_heads, scale=m["scale"]))
         for node in m["nodes"]:
             graph.node.remove(node)
-    _prune(graph)
-    _toposort(graph)
+    toposort(graph)
+    prune(graph)
     return len(matches)
 
 
-def _attention_match(softmax, producer, consumers, graph) -> dict | None:
+def _attention_match(softmax, producer, readers, inits, graph) -> dict | None:
     def op(name, op_type):
         node = producer.get(name)
         return node if node is not None and node.op_type == op_type else None
@@ -268,12 +277,12 @@ def _attention_match(softmax, producer, consumers, graph) -> dict | None:
     add = op(softmax.input[0], "Add")
     scores = op(add.input[0], "MatMul") if add else None
     tile = op(add.input[1], "Tile") if add else None
-    pv = _only(consumers.get(softmax.output[0]), "MatMul")
+    pv = _only(readers.get(softmax.output[0]), "MatMul")
     if None in (scores, tile, pv) or pv.input[0] != softmax.output[0]:
         return None
     scaled, k_t = op(scores.input[0], "Mul"), op(scores.input[1], "Transpose")
     grouped = op(scaled.input[0], "Reshape") if scaled else None
-    scale = _constant(graph, scaled.input[1]) if scaled else None
+    scale = constant_value(scaled.input[1], inits, producer) if scaled else None
     if None in (k_t, grouped, scale) or scale.size != 1:
         return None
     q_rotary = op(grouped.input[0], "RotaryEmbedding")
@@ -286,24 +295,24 @@ def _attention_match(softmax, producer, consumers, graph) -> dict | None:
     if None in (k_rotary, v_t) or k_cat.output[0] not in outputs or v_cat.output[0] not in outputs:
         return None
     # the present caches feed only this block (and the graph outputs)
-    if len(consumers.get(k_cat.output[0], [])) != 1 or len(consumers.get(v_cat.output[0], [])) != 1:
+    if len(readers.get(k_cat.output[0], [])) != 1 or len(readers.get(v_cat.output[0], [])) != 1:
         return None
     # back to [B, S, hidden]: Reshapes (order-preserving), one Transpose [0, 2, 1, 3], a last Reshape
-    tail, node = [], _only(consumers.get(pv.output[0]), "Reshape")
+    tail, node = [], _only(readers.get(pv.output[0]), "Reshape")
     while node is not None and node.op_type == "Reshape":
         tail.append(node)
-        nxt = consumers.get(node.output[0], [])
+        nxt = readers.get(node.output[0], [])
         node = nxt[0] if len(nxt) == 1 and nxt[0].op_type in ("Reshape", "Transpose") else None
     back = node
-    perm = next((helper.get_attribute_value(a) for a in back.attribute if a.name == "perm"), None) if back else None
-    flat = _only(consumers.get(back.output[0]), "Reshape") if back is not None else None
+    perm = attribute(back, "perm") if back else None
+    flat = _only(readers.get(back.output[0]), "Reshape") if back is not None else None
     if not tail or flat is None or list(perm or []) != [0, 2, 1, 3]:
         return None
     linears = {}
     for role, rotary_or_t in (("q", q_rotary), ("k", k_rotary), ("v", v_t)):
         transpose = rotary_or_t if role == "v" else op(rotary_or_t.input[0], "Transpose")
         view = op(transpose.input[0], "Reshape") if transpose else None
-        if view is None or len(consumers.get(view.output[0], [])) != 1:
+        if view is None or len(readers.get(view.output[0], [])) != 1:
             return None
         linears[role] = (view.input[0], transpose, view)
     nodes = [add, scores, pv, scaled, k_t, grouped, k_cat, v_cat, *tail, back, flat, softmax,
@@ -334,8 +343,7 @@ def _past_shape_from_mask(graph, dims: dict) -> None:
                          axis=0),
     ])
     for shape in shapes:
-        attrs = {a.name: helper.get_attribute_value(a) for a in shape.attribute}
-        start, end = attrs.get("start", 0), attrs.get("end", 4)
+        start, end = attribute(shape, "start", 0), attribute(shape, "end", 4)
         bounds = f"{p}past_shape_{start}_{end}"
         graph.initializer.extend([numpy_helper.from_array(np.array([start], np.int64), bounds + "_start"),
                                   numpy_helper.from_array(np.array([end], np.int64), bounds + "_end")])
@@ -384,62 +392,8 @@ def _sequence_lengths(graph) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _producers(graph) -> dict:
-    return {o: n for n in graph.node for o in n.output if o}
-
-
-def _consumers(graph) -> dict:
-    out: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
-
-
 def _only(nodes, op_type: str):
     return nodes[0] if nodes and len(nodes) == 1 and nodes[0].op_type == op_type else None
-
-
-def _constant(graph, name: str):
-    for t in graph.initializer:
-        if t.name == name and t.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(t)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            return numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].name == "value" else None
-    return None
-
-
-def _prune(graph) -> None:
-    """Drop nodes whose outputs nothing reads any more (the unsqueezed angles of the old rotary)."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
-
-
-def _toposort(graph) -> None:
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError("fused graph has a cycle or a missing input")
-        for n in ready:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(n)  # the originals go with the field below
-            ordered.append(copy)
-            available.update(n.output)
-        pending = [n for n in pending if all(n is not r for r in ready)]
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def _import(model, domain: str, version: int) -> None:
