@@ -44,6 +44,9 @@ FP32_SESSION_FACTOR = 2.0
 # weight beside it (constant folding off or not; measured 2.4x the fp16 bytes on a chain of fp16
 # MatMuls, onnxruntime 1.32). 3x leaves a margin. 7B: 13 GB of fp16 weights -> ~40 GB to gate on a CPU.
 FP16_CPU_SESSION_FACTOR = 3.0
+# attanchor_runtime.sessions.FedWeightsSession feeds the fp16 weights from the mapped file and widens one
+# at a time: the fp16 bytes plus one widened weight, activations and one gate row's KV cache.
+FP16_FED_SESSION_FACTOR = 1.25
 
 
 def memory_budget_bytes(gib: float | None) -> int:
@@ -65,9 +68,11 @@ def fp32_session_bytes(graph: Path) -> int:
     return int(FP32_SESSION_FACTOR * _graph_bytes(graph))
 
 
-def fp16_cpu_session_bytes(fp32_graph: Path) -> int:
-    """What a CPU session of the fp16 form of the fp32 graph at `fp32_graph` will hold (half its bytes, 3x)."""
-    return int(FP16_CPU_SESSION_FACTOR * _graph_bytes(fp32_graph) / 2)
+def fp16_cpu_session_bytes(fp32_graph: Path, fed: bool = False) -> int:
+    """What a CPU session of the fp16 form of the fp32 graph at `fp32_graph` will hold: an ordinary
+    session (3x its fp16 bytes), or with `fed` weights (sessions.FedWeightsSession, 1.25x)."""
+    factor = FP16_FED_SESSION_FACTOR if fed else FP16_CPU_SESSION_FACTOR
+    return int(factor * _graph_bytes(fp32_graph) / 2)
 
 
 def _graph_bytes(graph: Path) -> int:
@@ -159,4 +164,6 @@ def describe(cost: dict) -> str:
         text += " (fp32 decoder over the memory budget: judged against PyTorch)"
     if cost.get("fp16_gate_fits") is False:
         text += " (fp16 decoder's CPU gate over the memory budget: not gated here)"
+    elif cost.get("fp16_gate_weights_fed"):
+        text += " (fp16 decoder gated with its weights fed from disk)"
     return text + f", artifact {size(cost['artifact_bytes'])}"

@@ -201,7 +201,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         if reference is not None:
             _validate(reference, staging, data, options, steps, result, cost)
         if _reduces_precision(options):
-            _quantize(staging, data, options, steps, cost, gate_reference, low_memory=not budget["fp32_decoder_fits"],
+            _quantize(staging, data, options, steps, cost, gate_reference, low_memory=_low_memory_gate(budget),
                       gate_skipped=_gate_skipped(budget))
         with steps("write manifest (sizes and sha256 of every file)"):
             _write_final_manifest(staging.path, data, cost)
@@ -235,9 +235,14 @@ def _gate_skipped(budget: dict) -> str | None:
         return None
     from attanchor_export.export_cost import size
 
-    return (f"onnxruntime's CPU session of the fp16 decoder needs about {size(budget['fp16_decoder_cpu_session_bytes'])} "
-            f"(an fp32 copy of every fp16 weight), over the {size(budget['memory_budget_bytes'])} budget: gate it "
+    return (f"onnxruntime's CPU session of the fp16 decoder needs about {size(budget['fp16_decoder_fed_session_bytes'])} "
+            f"even with its weights fed from disk, over the {size(budget['memory_budget_bytes'])} budget: gate it "
             "where it runs (attanchor-export check DIR on the GPU)")
+
+
+def _low_memory_gate(budget: dict) -> bool:
+    """The gate's decoder sessions run without an arena, one row at a time, fp16 weights fed from disk."""
+    return not budget["fp32_decoder_fits"] or bool(budget.get("fp16_gate_weights_fed"))
 
 
 def _reduces_precision(options: ExportOptions) -> bool:
@@ -254,9 +259,11 @@ def _decoder_budget(decoder: Path, options: ExportOptions) -> dict:
     need = fp32_session_bytes(decoder)
     out = {"memory_budget_bytes": budget, "fp32_decoder_session_bytes": need, "fp32_decoder_fits": need <= budget}
     if options.dtype == "fp16" and options.quant == "none":
-        # The fp16 gate runs the fp16 decoder on the CPU, which widens every weight at load (7B: ~40 GB).
-        fp16_need = fp16_cpu_session_bytes(decoder)
-        out.update(fp16_decoder_cpu_session_bytes=fp16_need, fp16_gate_fits=fp16_need <= budget)
+        # The fp16 gate runs the fp16 decoder on the CPU, which widens every weight at load (7B: ~40 GB);
+        # fed from disk instead (sessions.FedWeightsSession) it needs little more than the fp16 bytes.
+        whole, fed = fp16_cpu_session_bytes(decoder), fp16_cpu_session_bytes(decoder, fed=True)
+        out.update(fp16_decoder_cpu_session_bytes=whole, fp16_decoder_fed_session_bytes=fed,
+                   fp16_gate_fits=fed <= budget, fp16_gate_weights_fed=whole > budget and fed <= budget)
     return out
 
 

@@ -228,19 +228,46 @@ def test_over_budget_export_gates_against_pytorch(checkpoint, tmp_path, monkeypa
 
 
 def test_fp16_gate_over_budget_is_skipped_up_front_and_said(checkpoint, tmp_path, monkeypatch):
-    """onnxruntime's CPU session of an fp16 decoder widens every weight to fp32 at load: when that is over
-    the budget, no gate reference is computed, the fp16 files are still written and validated, and the
+    """When even the fed-weights session of the fp16 decoder is over the budget, no gate reference is computed, the fp16 files are still written and validated, and the
     manifest and summary say the gate did not run and why."""
     import attanchor_export.export_cost as export_cost
     import attanchor_export.precision.gate as gate_module
 
     monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
     monkeypatch.setattr(export_cost, "FP16_CPU_SESSION_FACTOR", 1 << 30)
+    monkeypatch.setattr(export_cost, "FP16_FED_SESSION_FACTOR", 1 << 30)
     monkeypatch.setattr(gate_module, "pytorch_reference", lambda *a, **k: pytest.fail("gate reference computed"))
     options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, dtype="fp16")
     manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest
     assert manifest["export"]["fp16_gate_fits"] is False and manifest["validation"]["passed"]
     gate = manifest["precision"]["gate"]
-    assert gate["passed"] is None and "fp32 copy of every fp16 weight" in gate["skipped"]
+    assert gate["passed"] is None and "even with its weights fed from disk" in gate["skipped"]
     assert "check DIR on the GPU" in gate["skipped"]
     assert manifest["precision"]["dtype"] == "fp16"
+
+
+def test_fp16_gate_feeds_weights_when_a_whole_session_is_over_budget(checkpoint, tmp_path, monkeypatch):
+    """The 7B case: an ordinary CPU session of the fp16 decoder (every weight widened) is over the budget,
+    the fed-weights one is not; the gate runs on FedWeightsSession against PyTorch and says so."""
+    import attanchor_runtime.sessions as sessions
+
+    import attanchor_export.export_cost as export_cost
+
+    opened = []
+    real = sessions.FedWeightsSession
+
+    def spy(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sessions, "FedWeightsSession", spy)
+    monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
+    monkeypatch.setattr(export_cost, "FP16_CPU_SESSION_FACTOR", 1 << 30)
+    options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, dtype="fp16")
+    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest
+    export = manifest["export"]
+    assert export["fp16_gate_fits"] is True and export["fp16_gate_weights_fed"] is True
+    gate = manifest["precision"]["gate"]
+    assert gate["passed"] and gate["set"]["reference"] == "PyTorch fp32 (streamed)"
+    assert opened == ["decoder.onnx"]
+    assert gate["results"][0]["cos_mean"] > 0.999

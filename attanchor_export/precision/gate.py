@@ -254,9 +254,9 @@ def judge(result: dict, floors: dict) -> list[str]:
 def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: dict, changed: dict,
              floors: dict | None = None, low_memory: bool = False) -> dict:
     """Evaluate every distinct (decoder, vision) pair the backends open; JSON-ready results.
-    `low_memory`: decoder sessions without arena or folded weight casts (sessions.ort_session), run one
-    gate row at a time, for decoders whose fp32-widened weights would not fit (an fp16 7B decoder on CPU)."""
-    from attanchor_runtime.sessions import ort_session
+    `low_memory`: decoder sessions without an arena that feed fp16 weights from disk instead of widening
+    them all at load (sessions.FedWeightsSession: an fp16 7B decoder on a CPU), run one gate row at a time."""
+    from attanchor_runtime.sessions import FedWeightsSession, ort_session
 
     limits = floors_for(fmt, floors)
     results, done = [], set()
@@ -270,7 +270,7 @@ def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: d
             continue
         done.add(key)
         front = ArtifactFrontEnd(folder, manifest_data, vision_file=vision)
-        session = ort_session(folder / decoder, memory_arena=not low_memory, fold_constants=not low_memory)
+        session = FedWeightsSession(folder / decoder) if low_memory else ort_session(folder / decoder)
         metrics = evaluate(reference, session, front, vision_changed=changed["vision"],
                            rows_per_run=1 if low_memory else None)
         del session

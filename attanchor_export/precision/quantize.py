@@ -205,8 +205,8 @@ def quantize_artifact(
     per-form metrics, passed). Raises AccuracyGateFailed (results and precision attached) when a form is
     below its floor, ExportError on bad options. fp32/none returns the plain precision section untouched.
     `reference`: the gate's reference computed beforehand (gate.pytorch_reference, when the fp32 decoder
-    graph is over the memory budget); None runs the fp32 graphs for it. `low_memory`: the gate's sessions
-    neither keep an arena nor fold weight casts (gate.run_gate), for a decoder that is over the budget.
+    graph is over the memory budget); None runs the fp32 graphs for it. `low_memory`: the gate's decoder sessions
+    keep no arena and feed fp16 weights from disk (gate.run_gate), for a decoder that is over the budget.
     """
     folder = Path(folder)
     forms = _check_options(dtype, quant, block_size, forms)

@@ -14,12 +14,9 @@ _PROVIDERS = {
 
 
 def ort_session(path, device: str = "cpu", threads: int | None = None, memory_arena: bool = True,
-                fold_constants: bool = True, profile: str | None = None):
+                profile: str | None = None):
     """memory_arena=False: give each run's buffers back instead of growing an arena (one-off checks on big
     models, where the arena's high-water mark would add to the export's peak memory).
-    fold_constants=False: keep Cast(weight) nodes as runtime casts. The CPU provider has no fp16 MatMul,
-    so it casts fp16 weights to fp32 and constant folding makes those fp32 copies permanent: 27 GB for a
-    7B fp16 decoder. Unfolded, each cast lives only while its MatMul runs (slower, for one-off checks).
     profile: a file prefix for onnxruntime's per-node profiler (session.end_profiling() writes the JSON)."""
     import onnxruntime as ort
 
@@ -29,6 +26,13 @@ def ort_session(path, device: str = "cpu", threads: int | None = None, memory_ar
         raise ArtifactError(
             "device 'cuda' needs onnxruntime-gpu: pip uninstall onnxruntime && pip install 'attanchor-export[gpu]'"
         )
+    options = _options(threads, memory_arena, profile)
+    return _open(Path(path), str(path), options, _PROVIDERS[device])
+
+
+def _options(threads: int | None, memory_arena: bool, profile: str | None = None):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
@@ -39,10 +43,79 @@ def ort_session(path, device: str = "cpu", threads: int | None = None, memory_ar
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    path = Path(path)
+    return options
+
+
+def _open(path: Path, model, options, providers: list[str], **extra):
+    import onnxruntime as ort
+
     try:
-        extra = {} if fold_constants else {"disabled_optimizers": ["ConstantFolding"]}
-        return ort.InferenceSession(str(path), options, providers=_PROVIDERS[device], **extra)
+        return ort.InferenceSession(model, options, providers=providers, **extra)
     except Exception as e:  # onnxruntime raises its own untyped errors: keep the first line only
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"onnxruntime cannot load {path.name}: {first}") from None
+
+
+class FedWeightsSession:
+    """A CPU session of a graph with fp16 weights that never holds an fp32 copy of them.
+
+    onnxruntime's CPU provider has no fp16 MatMul: when a session opens, it casts every fp16 initializer
+    to fp32 and keeps that copy (2x the fp16 bytes, folding on or off; a 7B fp16 decoder needs ~40 GB).
+    Here each fp16 weight in external data becomes a graph input, fed at every run straight from the
+    memory-mapped data file, so the casts happen inside each run. Priority-based execution order runs
+    each cast just before its MatMul: in the default order every cast goes first and all the fp32
+    copies are alive at once. The graph's nodes and weight bytes are the file's; what it costs
+    is time (every run widens every weight again), so it serves one-off checks and gates, not generation.
+    Memory: the mapped fp16 bytes (page cache) plus about one widened weight.
+    `run(output_names, feeds)` as InferenceSession's."""
+
+    def __init__(self, path, threads: int | None = None):
+        import onnx
+        import onnxruntime as ort
+
+        path = Path(path)
+        model = onnx.load(str(path), load_external_data=False)
+        self.weights: dict = {}  # graph input name -> np.memmap of the fp16 weight
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT16:
+                mapped = _mapped_external(init, path.parent)
+                if mapped is not None:
+                    self.weights[init.name] = mapped
+        kept = [init for init in model.graph.initializer if init.name not in self.weights]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        for name, array in self.weights.items():
+            model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT16, array.shape))
+        options = _options(threads, memory_arena=False)
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        # Opened from bytes: the other external initializers are found relative to the graph's folder.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        self.session = _open(path, model.SerializeToString(), options, _PROVIDERS["cpu"],
+                             disabled_optimizers=["ConstantFolding"])
+
+    def run(self, output_names, feeds: dict, run_options=None):
+        return self.session.run(output_names, {**feeds, **self.weights}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+
+def _mapped_external(init, folder: Path):
+    """A read-only numpy mapping of an initializer stored in external data, or None (stored inline)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    info = {entry.key: entry.value for entry in init.external_data}
+    if init.data_location != TensorProto.EXTERNAL or "location" not in info:
+        return None
+    dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+    file = folder / info["location"]
+    if not file.is_file():
+        raise ArtifactError(f"{file.name} is missing: it holds the weights of {init.name}")
+    shape = tuple(int(d) for d in init.dims)
+    if not all(shape):  # numpy cannot map zero bytes
+        return None
+    return np.memmap(file, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
