@@ -172,8 +172,9 @@ def _default_output(model: str) -> Path:
 @click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
 @click.option("--ort-fusions/--no-ort-fusions", default=opts.default(opts.ExportOptions, "ort_fusions"),
               show_default=True,
-              help="int4/int8: fuse RMSNorm, residual Add and rotary in the onnxruntime-only decoder form "
-                   "(the TensorRT form stays standard ops).")
+              help="int4/int8: fuse RMSNorm, residual Add and rotary, and read the KV cache in place (no "
+                   "whole-cache copy per step), in the onnxruntime-only decoder form (the TensorRT form stays "
+                   "standard ops).")
 @click.option("--gate-floor", multiple=True, metavar="METRIC=VALUE",
               help="Tighten or relax the accuracy gate, e.g. cos_mean=0.99 (see docs/QUANTIZATION.md).")
 @click.option("--threshold", callback=lambda ctx, param, value: _threshold_value(value),
@@ -456,9 +457,13 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--compare-torch", is_flag=True,
               help="Also answer with the source PyTorch model: its accuracy and the share of identical answers.")
+@click.option("--compare", type=click.Path(path_type=Path), metavar="DIR",
+              help="Also answer with another artifact (another precision, or exported with --no-ort-fusions): "
+                   "its accuracy and the share of identical answers.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @handle_errors
-def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device, batch, compare_torch, as_json):
+def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device, batch, compare_torch, compare,
+             as_json):
     """Task accuracy of an artifact through the torch-free runtime (overall and per question type)."""
     from attanchor_export.checks.task_accuracy import run_eval
 
@@ -471,7 +476,7 @@ def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device,
                                      param_hint="--thresholds") from None
     with library_quiet(as_json):
         result = run_eval(folder, data, split, limit, values, backend, device, batch, progress_factory=_progress_bar,
-                          compare_torch=compare_torch)
+                          compare_torch=compare_torch, compare=compare)
     if as_json:
         click.echo(json.dumps(result, default=float))
         return

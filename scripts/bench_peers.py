@@ -20,14 +20,15 @@ Top to bottom, what a run does:
      project-fp32         export_decoder + optimize_decoder, as an export writes decoder.onnx (bench_quant.py)
      project-int4         + quantize_graph (MatMulNBits block 128 asymmetric, accuracy_level 4, the lm_head
                           too: precision.quantize.lm_head_quantized) + precision.ort_fusions.fuse_decoder_file
-                          (RMSNorm, residual Adds, rotary, GroupQueryAttention with an in-place KV buffer):
+                          (RMSNorm, residual Adds, rotary, attention reading the KV cache in place):
                           what `attanchor-export --quant int4` writes for onnxruntime
      project-int4-keep-lm-head  the same with the lm_head kept fp32 (the export's --keep-lm-head)
      project-int4-unfused the default int4 weights in the standard-op graph (no onnxruntime fusions)
+     project-int8         MatMulNBits bits 8, block 128, accuracy_level 4, lm_head fp32, fused: `--quant int8`
      genai-fp32/-int4     python -m onnxruntime_genai.models.builder -i CKPT -o DIR -p fp32|int4 -e cpu
                           (its defaults: int4 block 32, accuracy_level 4 on CPU)
      llama-f32/-f16       llama.cpp's convert_hf_to_gguf.py --outtype f32|f16
-     llama-q4_0/-q4_k_m   llama_cpp.llama_model_quantize (the ctypes API) of the F32 file to Q4_0 / Q4_K_M
+     llama-q4_0/-q4_k_m/-q8_0  llama_cpp.llama_model_quantize (the ctypes API) of the F32 file
      transformers-fp32    the checkpoint itself, eager PyTorch with sdpa attention: the reference row
 4. Rounds (--rounds, default 6): every system, plus a memory-bandwidth probe, each in a FRESH child process
    (the project's and transformers' in the project venv, the peers' in the peers venv), the order rotated by
@@ -39,8 +40,8 @@ Top to bottom, what a run does:
    it also counts the parent's pages at fork). The parent parses that line (noise on stdout is skipped).
      project: attanchor_runtime.sessions.ort_session (the session options users get); a standard-op graph
               through attanchor_runtime.decoder_feeds.greedy (explicit position_ids, attention_mask, past ->
-              present), a fused one through ort_backend.SharedKV + decode_shared (one buffer per layer bound
-              as past and present, as OrtBackend decodes it); embedding rows from embed_tokens.npy;
+              present), a fused one through ort_backend.KVBuffer + decode_append (one buffer per layer read
+              in place, the new positions written in, as OrtBackend decodes it); embedding rows from embed_tokens.npy;
      genai:   og.Model + og.Generator, greedy search, 2 intra-op threads set through og.Config.overlay;
      llama:   llama_cpp.Llama(n_threads=n_threads_batch=2, n_batch=n_ubatch=prompt length), eval() + arg-max;
      transformers: LlamaForCausalLM.from_pretrained(attn_implementation="sdpa"), torch.set_num_threads(2).
@@ -110,23 +111,26 @@ class System:
 
 SYSTEMS = [
     System("project-fp32", "this project fp32", "project", "fp32", fp32=True),
-    System("project-int4", "this project int4 (the default: block 128, lm_head int4, fused, in-place KV)", "project",
+    System("project-int4", "this project int4 (the default: block 128, lm_head int4, fused, KV read in place)", "project",
            "int4"),
     System("project-int4-keep-lm-head", "this project int4, lm_head fp32 (--keep-lm-head), fused", "project",
            "int4-keep-lm-head"),
     System("project-int4-unfused", "this project int4, standard ops (no onnxruntime fusions)", "project",
            "int4-unfused"),
+    System("project-int8", "this project int8 (MatMulNBits block 128, lm_head fp32, fused)", "project", "int8"),
     System("genai-fp32", "onnxruntime-genai builder fp32", "genai", "fp32", fp32=True),
     System("genai-int4", "onnxruntime-genai int4 (block 32)", "genai", "int4"),
     System("llama-f32", "llama.cpp F32", "llama", "f32", fp32=True),
     System("llama-f16", "llama.cpp F16", "llama", "f16"),
     System("llama-q4_0", "llama.cpp Q4_0", "llama", "q4_0"),
     System("llama-q4_k_m", "llama.cpp Q4_K_M", "llama", "q4_k_m"),
+    System("llama-q8_0", "llama.cpp Q8_0", "llama", "q8_0"),
     System("transformers-fp32", "transformers eager (sdpa) fp32", "transformers", "fp32", fp32=True),
 ]
 BY_NAME = {s.name: s for s in SYSTEMS}
 BANDWIDTH = "bandwidth"  # the probe child, one per round like a system
-BUILD_VERSION = 2  # bumped when a recipe changes: cached folders of another version are rebuilt
+# Per family, bumped when its recipe changes: cached folders of another version are rebuilt.
+BUILD_VERSION = {"project": 3, "genai": 2, "llama": 2, "transformers": 2}
 
 
 class BenchError(Exception):
@@ -276,7 +280,7 @@ def build(system: System, cache: Path, ckpt: Path, dims: str, seed: int) -> dict
     out = model_dir(cache, dims, seed, system.name)
     if (out / "build.json").is_file():
         cached = json.loads((out / "build.json").read_text())
-        if cached.get("build_version") == BUILD_VERSION:
+        if cached.get("build_version") == BUILD_VERSION[system.family]:
             return cached
     if system.family == "transformers":
         info = {"model": str(ckpt), "files": sorted(str(p) for p in ckpt.glob("*.safetensors")),
@@ -296,7 +300,7 @@ def build(system: System, cache: Path, ckpt: Path, dims: str, seed: int) -> dict
         info["files"] = sorted(str(p) for p in out.rglob("*") if p.is_file())
         say(f"built {system.name} in {info['build_s']:.0f} s")
     info["file_bytes"] = sum(Path(p).stat().st_size for p in info["files"])
-    info["build_version"] = BUILD_VERSION
+    info["build_version"] = BUILD_VERSION[system.family]
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -341,10 +345,11 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, dims: str,
         source = build(BY_NAME["project-fp32"], cache, ckpt, dims, seed)
         src = Path(source["model"])
         model = ir.load(str(src))
-        lm_head = lm_head_quantized("int4", False if system.variant == "int4-keep-lm-head" else None)
+        quant = system.variant.split("-")[0]  # int4 | int8
+        lm_head = lm_head_quantized(quant, False if system.variant == "int4-keep-lm-head" else None)
         nodes, _ = linear_nodes(model.graph, lm_head)
-        level = DEFAULT_ACCURACY_LEVEL["int4"]
-        count = quantize_graph(model, nodes, 4, 128, symmetric=False, qdq=False, accuracy_level=level)
+        level = DEFAULT_ACCURACY_LEVEL[quant]
+        count = quantize_graph(model, nodes, int(quant[3:]), 128, symmetric=False, qdq=False, accuracy_level=level)
         if count != len(nodes):
             raise BenchError(f"{system.name}: quantized {count} of {len(nodes)} linears")
         path = out / "decoder.onnx"
@@ -388,7 +393,7 @@ def build_genai(system: System, out: Path, cache: Path, ckpt: Path, dims: str, s
                       "search": genai.get("search", {})}}
 
 
-GGUF_QUANT = {"q4_0": 2, "q4_k_m": 15}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, LLAMA_FTYPE_MOSTLY_Q4_K_M
+GGUF_QUANT = {"q4_0": 2, "q4_k_m": 15, "q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, _Q4_K_M, _Q8_0
 
 
 def build_llama(system: System, out: Path, cache: Path, ckpt: Path, dims: str, seed: int) -> dict:
@@ -465,8 +470,8 @@ def _measure(generate, warmup: int) -> dict:
 def run_project(spec: dict) -> dict:
     import numpy as np
     from attanchor_runtime.decoder_feeds import empty_past, greedy, past_names, prefill_feeds, present_names
-    from attanchor_runtime.manifest import KV_CONCAT, KV_SHARED_BUFFER
-    from attanchor_runtime.ort_backend import SharedKV, decode_shared
+    from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT
+    from attanchor_runtime.ort_backend import KVBuffer, decode_append
     from attanchor_runtime.sessions import ort_session
 
     dims = spec["dims"]
@@ -479,7 +484,7 @@ def run_project(spec: dict) -> dict:
     def embed(tokens):
         return np.asarray(table[tokens], np.float32)  # the runtime's table lookup
 
-    shared = spec.get("kv_cache") == KV_SHARED_BUFFER
+    shared = spec.get("kv_cache") == KV_APPEND
     kv_names = past_names(dims["num_layers"]), present_names(dims["num_layers"])
 
     def generate():
@@ -488,15 +493,15 @@ def run_project(spec: dict) -> dict:
         def run(names, feeds):
             if cache is None:  # standard-op decoder: present of one call is the next call's past
                 out = session.run(names, feeds)
-            else:  # fused decoder: one in-place KV buffer per layer, as OrtBackend decodes it
-                out = [decode_shared(session, *kv_names, feeds["inputs_embeds"], feeds["attention_mask"],
+            else:  # fused decoder: one KV buffer per layer read in place, as OrtBackend decodes it
+                out = [decode_append(session, *kv_names, feeds["inputs_embeds"], feeds["attention_mask"],
                                      feeds["position_ids"], cache)]
             token_times.append(clock())  # each call's token is the arg-max of its logits, taken right after
             return out
 
         start = clock()
         if shared:
-            cache = SharedKV(1, dims, np.float32, int(dims["max_position_embeddings"]))
+            cache = KVBuffer(1, dims, np.float32, int(dims["max_position_embeddings"]))
         mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
         feeds = prefill_feeds(embed(ids), mask, positions, {} if shared else empty_past(dims, 1))
         result = greedy(run, dims["num_layers"], feeds, embed, 1 + spec["new_tokens"])

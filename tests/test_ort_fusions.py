@@ -6,6 +6,7 @@ import shutil
 
 import onnx
 import pytest
+from attanchor_runtime.manifest import KV_APPEND
 from helpers import read_manifest
 
 from attanchor_export.checks.decoder_parity import decoder_parity
@@ -22,19 +23,24 @@ def test_fused_decoder_matches_the_standard_graph(artifact, tmp_path, name):
     report = fuse_decoder_file(fused, dims)
     layers = dims["num_layers"]
     # every layer: two norms with their residual Add folded in (but the first, which has no residual
-    # before it), plus the final norm; queries and keys rotated by one RotaryEmbedding each
-    # and each layer's attention one GroupQueryAttention (its cache Concats, Q.K^T, mask, Softmax, .V)
+    # before it), plus the final norm; queries and keys rotated by one RotaryEmbedding each; and each
+    # layer's attention reads its past in place (no cache Concat), returning the new positions only
     assert report["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2 * layers,
-                               "RotaryEmbedding": 2 * layers, "GroupQueryAttention": layers}
+                               "RotaryEmbedding": 2 * layers}
+    assert report["attention_in_place"] == layers and report["kv_cache"] == KV_APPEND
     model = onnx.load(str(fused), load_external_data=False)
     ops = op_counts(model)
-    assert ops["Pow"] == ops["Neg"] == ops["Reciprocal"] == ops["Softmax"] == 0
-    assert not [n for n in model.graph.node if n.op_type == "Concat" and n.output[0].startswith("present")]
-    assert report["nodes_after"] == len(model.graph.node) < 0.5 * report["nodes_before"]
+    assert ops["Pow"] == ops["Neg"] == ops["Reciprocal"] == 0 and ops["Softmax"] == layers
+    producer = {o: n for n in model.graph.node for o in n.output}
+    past = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    assert not [n for n in model.graph.node if n.op_type == "Concat" and set(n.input) & past]
+    assert all(producer[o.name].op_type in ("RotaryEmbedding", "Transpose") for o in model.graph.output
+               if o.name.startswith("present."))  # the new positions, computed straight into the output
+    assert report["nodes_after"] == len(model.graph.node) < report["nodes_before"]
     assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(str(source / "decoder.onnx"),
                                                                               load_external_data=False).graph.input]
     # batch 1 and a left-padded batch 3 (positions not 0..S-1 in every row), prefill and cached steps
-    parity = decoder_parity(source / "decoder.onnx", fused, dims)
+    parity = decoder_parity(source / "decoder.onnx", fused, dims, candidate_kv=KV_APPEND)
     assert parity["max_abs_diff"] < 1e-4, parity
 
 

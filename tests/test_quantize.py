@@ -113,7 +113,8 @@ def test_int4_writes_matmulnbits_for_ort_and_qdq_for_trt(fresh, name, artifact):
     # onnxruntime's form only: RMSNorm and rotary fused (the TensorRT form below stays standard ops)
     fused = graphs["decoder.onnx"]["ort_fusions"]["fused"]
     assert fused["RotaryEmbedding"] == fused["SkipSimplifiedLayerNormalization"] == 2 * data["dims"]["num_layers"]
-    assert fused["GroupQueryAttention"] == data["dims"]["num_layers"]
+    assert graphs["decoder.onnx"]["ort_fusions"]["attention_in_place"] == data["dims"]["num_layers"]
+    assert graphs["decoder.onnx"]["ort_fusions"]["kv_cache"] == "append"
     assert "ort_fusions" not in graphs["decoder.trt.onnx"]
     attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 128

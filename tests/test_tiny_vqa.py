@@ -133,6 +133,20 @@ def test_eval_cli_prints_one_json_object(fp32):
     assert set(no_anchor["by_kind"]) <= {"yes/no", "color", "shape"}
 
 
+def test_eval_compares_another_artifact_answer_by_answer(fp32, int4):
+    """--compare DIR: the other artifact's accuracy and its share of identical answers. Against itself
+    every answer is the same; int4 against fp32 stays within the int4 floor."""
+    same = json.loads(run_cli("eval", fp32, "--data", "easy-vqa", "--limit", "24", "--compare", fp32, "--json").stdout)
+    result = same["results"][0]
+    assert result["compared"]["same_answers"] == 1.0 and result["compared"]["accuracy"] == result["accuracy"]
+    assert result["compared"]["precision"] == "fp32/none"
+    quant = json.loads(run_cli("eval", fp32, "--data", "easy-vqa", "--limit", "24", "--compare", int4, "--json").stdout)
+    compared = quant["results"][0]["compared"]
+    assert compared["precision"] == "fp32/int4 fused" and compared["same_answers"] >= 0.9, compared
+    table = run_cli("eval", fp32, "--data", "easy-vqa", "--limit", "8", "--compare", int4)
+    assert table.exit_code == 0 and "same" in table.output, table.output
+
+
 def test_eval_jsonl_and_its_errors(fp32, tmp_path):
     from attanchor_export.checks.task_accuracy import load_task
 

@@ -10,31 +10,33 @@ import time
 
 import numpy as np
 from attanchor_runtime.decoder_feeds import empty_past, greedy, prefill_feeds
+from attanchor_runtime.ort_backend import BackendRun
 
 clock = time.perf_counter
 
 
 class _TimedRun:
-    """`run(output_names, feeds)` over an onnxruntime session, recording (start, seconds) of each call."""
+    """A decoder_feeds `run(output_names, feeds)`, recording (start, seconds) of each call."""
 
-    def __init__(self, session):
-        self.session, self.calls = session, []
+    def __init__(self, run):
+        self.run, self.calls = run, []
 
     def __call__(self, output_names, feeds):
         t0 = clock()
         try:
-            return self.session.run(output_names, feeds)
+            return self.run(output_names, feeds)
         finally:
             self.calls.append((t0, clock() - t0))
 
 
 def runtime_once(pipe, ids: np.ndarray, pixels, max_new_tokens: int, threshold: float) -> dict:
     """The runtime's graphs on one prompt row: Pipeline.front_end (vision, embedding, anchors), then
-    the decoder fed as attanchor_runtime.decoder_feeds defines it (prefill from an empty past, one
-    cached step per token). Every decoder session.run is timed, so the Python overhead of a step is
-    the time between two tokens minus the time inside the decoder."""
+    the decoder as the backend drives it (ort_backend.BackendRun: its own KV cache, in place where the
+    decoder allows), fed as attanchor_runtime.decoder_feeds defines it (prefill from an empty past, one
+    cached step per token). Every decoder call is timed, so the Python overhead of a step is the time
+    between two tokens minus the time inside the call."""
     dims = pipe.manifest.dims
-    run = _TimedRun(pipe.backend.decoder_session)
+    run = _TimedRun(BackendRun(pipe.backend, 1))  # the bench opens the onnxruntime backend
 
     def embed(tokens):
         return np.asarray(pipe.embed_table[tokens], np.float32)  # as Pipeline's decode steps do

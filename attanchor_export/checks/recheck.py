@@ -93,7 +93,8 @@ def regate(manifest: Manifest, loaded) -> dict:
     fmt = precision.quant if precision.quant != "none" else precision.dtype
     floors = (precision.gate or {}).get("floors")
     changed = {"vision": precision.vision_quantized}
-    return run_gate(manifest.folder, data, reference, fmt, precision.backends, changed, {fmt: floors} if floors else None)
+    return run_gate(manifest.folder, data, reference, fmt, precision.backends, changed, {fmt: floors} if floors else None,
+                    graphs=precision.get("graphs"))
 
 
 def gate_checks(gate: dict) -> list[dict]:

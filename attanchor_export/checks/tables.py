@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _as_dict(check) -> dict:
     return check if isinstance(check, dict) else check.to_json()
@@ -51,8 +53,13 @@ def print_eval(result: dict) -> None:
     kinds = sorted({k for r in results for k in r["by_kind"]})
     table = Table(title=f"{result['data']} accuracy, {result['precision']} ({result['backend']}), "
                         f"{results[0]['questions']} questions")
-    torch_cols = ("pytorch", "same answers") if "pytorch" in results[0] else ()
-    for column in ("threshold", "overall", *kinds, "anchors/q", "on shape (chance)", "s/question", *torch_cols):
+    first, others = results[0], []  # (result key, column title) of the systems compared answer by answer
+    if "pytorch" in first:
+        others.append(("pytorch", "pytorch"))
+    if "compared" in first:
+        others.append(("compared", f"{Path(first['compared']['folder']).name} ({first['compared']['precision']})"))
+    for column in ("threshold", "overall", *kinds, "anchors/q", "on shape (chance)", "s/question",
+                   *(c for _, title in others for c in (title, "same answers"))):
         table.add_column(column, justify="right")
     for r in results:
         loc = r.get("localisation")
@@ -60,5 +67,5 @@ def print_eval(result: dict) -> None:
         table.add_row(f"{r['threshold']:g}", f"{r['accuracy']:.4f}",
                       *(f"{r['by_kind'][k]['accuracy']:.4f}" if k in r["by_kind"] else "-" for k in kinds),
                       f"{r['anchors_per_question']:.2f}", shown_loc, f"{r['seconds_per_question']:.3f}",
-                      *((f"{r['pytorch']['accuracy']:.4f}", f"{r['pytorch']['same_answers']:.2%}") if torch_cols else ()))
+                      *(c for key, _ in others for c in (f"{r[key]['accuracy']:.4f}", f"{r[key]['same_answers']:.2%}")))
     Console().print(table)

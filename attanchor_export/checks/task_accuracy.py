@@ -170,16 +170,18 @@ def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, bat
 
 def run_eval(folder, data: str, split: str = "test", limit: int | None = None, thresholds=(None,),
              backend: str = "ort", device: str = "cpu", batch: int = DEFAULT_BATCH, progress_factory=None,
-             compare_torch: bool = False) -> dict:
+             compare_torch: bool = False, compare: Path | None = None) -> dict:
     """`attanchor-export eval`: one result per threshold (None = the artifact's default), JSON-ready.
 
     The top-level "accuracy" is the first threshold's, so `--json | jq .accuracy` answers "how good is it".
     compare_torch: also answer with the source PyTorch model on the same prompt ids and pixels, and
-    report its accuracy and the share of identical answers.
+    report its accuracy and the share of identical answers. compare: the same for another artifact
+    (another precision, or the same one exported without onnxruntime fusions), on the same backend.
     """
     from attanchor_runtime import Pipeline
 
     pipe = Pipeline.load(folder, backend=backend, device=device)
+    other = Pipeline.load(compare, backend=backend, device=device) if compare is not None else None
     items = load_task(data, split=split, limit=limit)
     from attanchor_export.checks.recheck import load_source
 
@@ -192,17 +194,32 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
         records = result.pop("records")
         if loaded is not None:
             answers = torch_answers(loaded, pipe, items, result["threshold"], batch=batch)
-            result["pytorch"] = {
-                "accuracy": float(np.mean([normalize(a) == normalize(it.answer) for a, it in zip(answers, items)])),
-                "same_answers": float(np.mean([a == r["answer"] for a, r in zip(answers, records, strict=True)])),
-            }
+            result["pytorch"] = _agreement(answers, records, items)
+        if other is not None:
+            with (progress_factory(f"{label}, {Path(compare).name}", len(items)) if progress_factory
+                  else _no_progress()) as advance:
+                theirs = answer_items(other, items, threshold, batch=batch, progress=advance)
+            result["compared"] = {"folder": str(compare), "precision": _precision(other.manifest),
+                                  **_agreement([r["answer"] for r in theirs], records, items)}
         results.append(result)
-    precision = pipe.manifest.precision
     return {
         "folder": str(folder), "data": data, "split": split if data == "easy-vqa" else None,
-        "precision": f"{precision.get('dtype', 'fp32')}/{precision.get('quant', 'none')}", "backend": backend,
+        "precision": _precision(pipe.manifest), "backend": backend,
         "accuracy": results[0]["accuracy"], "results": results,
     }
+
+
+def _precision(manifest) -> str:
+    """"fp32/none", "fp32/int4 fused" (the onnxruntime decoder has fused kernels), ..."""
+    precision = manifest.precision
+    record = (precision.get("graphs") or {}).get(manifest.graph_file("decoder", "ort")) or {}
+    return precision.label + (" fused" if record.get("ort_fusions") else "")
+
+
+def _agreement(answers: list[str], records: list[dict], items) -> dict:
+    """Another system's answers to the same questions: its accuracy and the share equal to `records`'."""
+    return {"accuracy": float(np.mean([normalize(a) == normalize(it.answer) for a, it in zip(answers, items, strict=True)])),
+            "same_answers": float(np.mean([a == r["answer"] for a, r in zip(answers, records, strict=True)]))}
 
 
 class _no_progress:

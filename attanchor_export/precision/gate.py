@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from attanchor_runtime.decoder_feeds import cosine_rows, empty_past, greedy, prefill_feeds
+from attanchor_runtime.manifest import KV_CONCAT, Precision
 
 from attanchor_export.errors import ExportError
 from attanchor_export.precision.calibration import ArtifactFrontEnd, Sample, gate_samples
@@ -89,7 +90,7 @@ class GateReference:
 
 
 def _run_decoder(session, dims: dict, inputs: dict, new_tokens: int, embed, forced: np.ndarray | None = None,
-                 prefilled: list | None = None, keep_prefill: bool = False):
+                 prefilled: list | None = None, keep_prefill: bool = False, kv_cache: str = KV_CONCAT):
     """Prefill, then `new_tokens - 1` cached decode steps. Returns (tokens [B, n], logits [P, V], answer [P],
     the prefill's outputs if `keep_prefill` else None): per row, its valid prompt positions then one position per
     step; `answer` marks the positions that predict a generated token (the prompt's last, and every step's).
@@ -101,7 +102,7 @@ def _run_decoder(session, dims: dict, inputs: dict, new_tokens: int, embed, forc
     batch = mask.shape[0]
     prefill = prefill_feeds(inputs["inputs_embeds"], mask, inputs["position_ids"], empty_past(dims, batch))
     run = greedy(session.run, dims["num_layers"], prefill, embed, new_tokens, forced=forced, keep_logits=True,
-                 prefilled=prefilled, keep_prefill=keep_prefill)
+                 prefilled=prefilled, keep_prefill=keep_prefill, kv_cache=kv_cache)
     prompt, steps = run.logits[0], run.logits[1:]
     valid = mask[:, -prompt.shape[1]:].astype(bool)
     rows, answer = [], []
@@ -174,11 +175,12 @@ def _rows(inputs: dict, rows: slice) -> dict:
 
 
 def evaluate(reference: GateReference, decoder_session, front: ArtifactFrontEnd,
-             vision_changed: bool = False, rows_per_run: int | None = None) -> dict:
+             vision_changed: bool = False, rows_per_run: int | None = None, kv_cache: str = KV_CONCAT) -> dict:
     """Metrics of one reduced-precision form against `reference`. `front`: the front end with the
     form's own vision graph (used for greedy generation and the vision metrics when `vision_changed`).
     `rows_per_run`: run the gate set this many rows at a time (None: all at once). Per row the positions
-    and tokens are the same either way; fewer rows hold less KV cache (2.6 GB per 4 x 632-token rows at 7B)."""
+    and tokens are the same either way; fewer rows hold less KV cache (2.6 GB per 4 x 632-token rows at 7B).
+    kv_cache: what the decoder's present outputs hold (manifest KV_CONCAT / KV_APPEND)."""
     dims, embed = front.dims, front.embed
     result = {}
     free_inputs = reference.inputs
@@ -199,9 +201,9 @@ def evaluate(reference: GateReference, decoder_session, front: ArtifactFrontEnd,
         # prefill is the teacher-forced run's, kept rather than run twice.
         _, part, part_answer, prefilled = _run_decoder(
             decoder_session, dims, _rows(reference.inputs, rows), reference.new_tokens, embed,
-            forced=reference.tokens[rows], keep_prefill=not vision_changed)
+            forced=reference.tokens[rows], keep_prefill=not vision_changed, kv_cache=kv_cache)
         free, _, _, _ = _run_decoder(decoder_session, dims, _rows(free_inputs, rows), reference.new_tokens, embed,
-                                     prefilled=prefilled)
+                                     prefilled=prefilled, kv_cache=kv_cache)
         del prefilled
         logits.append(part)
         answer.append(part_answer)
@@ -252,8 +254,9 @@ def judge(result: dict, floors: dict) -> list[str]:
 
 
 def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: dict, changed: dict,
-             floors: dict | None = None, low_memory: bool = False) -> dict:
+             floors: dict | None = None, low_memory: bool = False, graphs: dict | None = None) -> dict:
     """Evaluate every distinct (decoder, vision) pair the backends open; JSON-ready results.
+    `graphs`: the precision section's per-file records (how each decoder file carries its KV cache).
     `low_memory`: decoder sessions without an arena that feed fp16 weights from disk instead of widening
     them all at load (sessions.FedWeightsSession: an fp16 7B decoder on a CPU), run one gate row at a time."""
     from attanchor_runtime.sessions import FedWeightsSession, ort_session
@@ -272,11 +275,11 @@ def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: d
         front = ArtifactFrontEnd(folder, manifest_data, vision_file=vision)
         session = FedWeightsSession(folder / decoder) if low_memory else ort_session(folder / decoder)
         metrics = evaluate(reference, session, front, vision_changed=changed["vision"],
-                           rows_per_run=1 if low_memory else None)
+                           rows_per_run=1 if low_memory else None, kv_cache=Precision({"graphs": graphs}).kv_cache(decoder))
         del session
         failures = judge(metrics, limits)
         if reference.task is not None:
-            metrics["task"] = task_metrics(folder, manifest_data, files, reference.task, fmt)
+            metrics["task"] = task_metrics(folder, manifest_data, files, reference.task, fmt, graphs)
             failures += metrics["task"]["failures"]
         results.append({"backends": [backend], "decoder": decoder, "vision": vision,
                         "vision_changed": changed["vision"], **metrics,
@@ -298,13 +301,16 @@ def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: d
     }
 
 
-def _task_pipeline(folder: Path, manifest_data: dict, files: dict):
-    """A runtime Pipeline over the staging folder that opens `files` (one precision form) on onnxruntime."""
+def _task_pipeline(folder: Path, manifest_data: dict, files: dict, graphs: dict | None = None):
+    """A runtime Pipeline over the staging folder that opens `files` (one precision form) on onnxruntime;
+    `graphs`: their precision records (the KV cache form)."""
     from attanchor_runtime import Pipeline
     from attanchor_runtime.manifest import Manifest
     from attanchor_runtime.ort_backend import OrtBackend
 
     precision = {**manifest_data.get("precision", {}), "backends": {"ort": dict(files)}}
+    if graphs:
+        precision["graphs"] = graphs
     manifest = Manifest(Path(folder), {**manifest_data, "precision": precision})
     return Pipeline(manifest, OrtBackend(manifest))
 
@@ -319,11 +325,11 @@ def fp32_task_answers(folder: Path, manifest_data: dict, files: dict, task: str)
             "answers": [r["answer"] for r in result["records"]]}
 
 
-def task_metrics(folder: Path, manifest_data: dict, files: dict, fp32: dict, fmt: str) -> dict:
+def task_metrics(folder: Path, manifest_data: dict, files: dict, fp32: dict, fmt: str, graphs: dict | None = None) -> dict:
     """Task accuracy of one form vs fp32 on the same questions; failures if it lost more than the floor."""
     from attanchor_export.checks.task_accuracy import evaluate_artifact
 
-    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), fp32["items"])
+    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files, graphs), fp32["items"])
     floor = fp32["accuracy"] - TASK_FLOORS[fmt]
     same = sum(r["answer"] == a for r, a in zip(result["records"], fp32["answers"], strict=True))
     failures = []

@@ -12,6 +12,8 @@ of those nodes, and onnxruntime has one fused CPU/CUDA kernel for each:
   Mul, Add) -> RotaryEmbedding (com.microsoft), fed the graph's own position_ids: AttAnchor's explicit
   positions are kept. Its cos/sin caches are the graph's own angle subgraph evaluated on positions
   0..max_position_embeddings-1, so rope scaling variants come out as the graph computes them.
+- attention reads the KV cache in place: no Concat of past and new positions per step; present.{i} is
+  the new positions only and the runtime appends them to its buffer (KV_APPEND; see the attention section).
 
 Only the .onnx protobuf changes (plus the two small caches); weights in external data are not read. The
 standard-op file stays what TensorRT reads. The fused file is checked like every form: the accuracy
@@ -37,12 +39,11 @@ from attanchor_graphs.onnx_utils import (
     prune,
     toposort,
 )
-from attanchor_runtime.manifest import KV_CONCAT, KV_SHARED_BUFFER
+from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT
 from onnx import helper, numpy_helper
 
 _MS = "com.microsoft"
-FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
-             "GroupQueryAttention")
+FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
 
 
 def fuse_decoder_file(path: Path, dims: dict, attention: bool = True) -> dict:
@@ -61,12 +62,12 @@ def fuse_decoder(model: onnx.ModelProto, dims: dict, folder: Path, attention: bo
     _fuse_rms_norms(model)
     _fold_residual_adds(model)
     _fuse_rotary(model, dims, folder)
-    if attention:
-        _fuse_attention(model, dims)
+    in_place = _attend_in_place(model, dims) if attention else 0
     _import(model, _MS, 1)
     ops = op_counts(model)
-    return {"fused": {op: ops[op] for op in FUSED_OPS}, "nodes_before": before, "nodes_after": len(model.graph.node),
-            "kv_cache": KV_SHARED_BUFFER if shares_kv_buffer(model) else KV_CONCAT}
+    return {"fused": {op: ops[op] for op in FUSED_OPS}, "attention_in_place": in_place,
+            "nodes_before": before, "nodes_after": len(model.graph.node),
+            "kv_cache": KV_APPEND if in_place else KV_CONCAT}
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm
@@ -237,33 +238,58 @@ def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path,
 
 
 # ---------------------------------------------------------------------------------------- attention
+# The grouped attention block (attanchor_graphs.attention_pass: cache Concats, Q.K^T on [B, kv, group*S,
+# head_dim] queries, a Tile'd mask, Softmax, .V) reads the cache where it lies instead of copying it:
+#
+#   scores = Concat(Q.K_past^T, Q.K_new^T)   probs = Softmax(scores + mask)   out = probs_past.V_past + probs_new.V_new
+#
+# and present.{i}.key/value are the new positions only (KV_APPEND). The past may then be a preallocated
+# buffer longer than the past (the runtime's KVBuffer, written after each call): its length comes from
+# attention_mask (T - S), and the slots after it are masked out. onnxruntime's GroupQueryAttention also
+# avoids the copy, but its CPU kernel was slower than these standard ops plus the copy (1.10x at 512
+# positions, 1.25x at 1,536, TinyLLaVA-1B int4, 2 threads), so it is not used.
 
 
-def _fuse_attention(model: onnx.ModelProto, dims: dict) -> int:
-    """The grouped attention block (attanchor_graphs.attention_pass's form: cache Concats, scaled
-    Q.K^T, Tile'd mask, Softmax, .V, back to [B, S, hidden]) -> GroupQueryAttention, fed the 3-D
-    projections (rotary applied to them by RotaryEmbedding with num_heads), the layer's own past, and
-    the shared padding-and-causal mask as attention_bias. The decoder's inputs and outputs stay the same
-    (past [B, kv, P, D] in, present [B, kv, P + S, D] out): every row's cache holds its left padding,
-    so seqlens_k is total length - 1 for all rows, computed once from attention_mask."""
+def _attend_in_place(model: onnx.ModelProto, dims: dict) -> int:
     graph = model.graph
     producer, readers, inits = producers(graph), consumers(graph), initializers(graph)
-    heads, kv_heads = dims["num_heads"], dims["num_kv_heads"]
     matches = [m for n in graph.node if n.op_type == "Softmax" and (m := _attention_match(n, producer, readers, inits, graph))]
-    if not matches:
+    layers = sum(1 for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
+    if not matches or len(matches) != layers:  # all layers or none: the present outputs mean one thing
         return 0
-    lengths = _sequence_lengths(graph)
-    _past_shape_from_mask(graph, dims)
-    for m in matches:
-        q = _rotary_3d(graph, m["q_rotary"], m["q_linear"], heads)
-        k = _rotary_3d(graph, m["k_rotary"], m["k_linear"], kv_heads)
-        graph.node.append(helper.make_node(
-            "GroupQueryAttention",
-            [q, k, m["v_linear"], m["past_key"], m["past_value"], lengths[0], lengths[1], "", "", "", m["bias"]],
-            [m["out"], m["present_key"], m["present_value"]], name=f"{m['softmax'].name}_gqa", domain=_MS,
-            num_heads=heads, kv_num_heads=kv_heads, scale=m["scale"]))
+    lengths = _lengths(graph)
+    _past_shape_from_mask(graph, dims, lengths)  # before the Shape of the buffer below is added
+    p = "attanchor_ort/"
+    graph.node.append(helper.make_node("Shape", [matches[0]["past_key"]], [p + "capacity_1d"], start=2, end=3))
+    masks: dict[str, str] = {}
+    for i, m in enumerate(matches):
+        if m["mask"] not in masks:
+            masks[m["mask"]] = _buffer_mask(graph, m["mask"], lengths, f"{p}mask{len(masks)}/")
         for node in m["nodes"]:
             graph.node.remove(node)
+        # the new positions are computed straight into the present outputs (no copy)
+        _rename(graph, m["k_new"], m["present_key"])
+        _rename(graph, m["v_new"], m["present_value"])
+        q, k_new, v_new = m["q"], m["present_key"], m["present_value"]
+        a = f"{p}attention{i}/"
+        graph.node.extend([
+            helper.make_node("Transpose", [m["past_key"]], [a + "k_past_t"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [q, a + "k_past_t"], [a + "scores_past"]),
+            helper.make_node("Transpose", [k_new], [a + "k_new_t"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [q, a + "k_new_t"], [a + "scores_new"]),
+            helper.make_node("Concat", [a + "scores_past", a + "scores_new"], [a + "scores"], axis=-1),
+            helper.make_node("Add", [a + "scores", masks[m["mask"]]], [m["softmax"].input[0]]),
+            helper.make_node("Slice", [m["softmax"].output[0], p + "zero", p + "capacity_1d", p + "last_axis"],
+                             [a + "probs_past"]),
+            helper.make_node("Slice", [m["softmax"].output[0], p + "capacity_1d", p + "end", p + "last_axis"],
+                             [a + "probs_new"]),
+            helper.make_node("MatMul", [a + "probs_past", m["past_value"]], [a + "out_past"]),
+            helper.make_node("MatMul", [a + "probs_new", v_new], [a + "out_new"]),
+            helper.make_node("Add", [a + "out_past", a + "out_new"], [m["out"]]),
+        ])
+    for node in graph.node:
+        if not node.name and node.output[0].startswith(p):
+            node.name = node.output[0]
     toposort(graph)
     prune(graph)
     return len(matches)
@@ -280,55 +306,62 @@ def _attention_match(softmax, producer, readers, inits, graph) -> dict | None:
     pv = _only(readers.get(softmax.output[0]), "MatMul")
     if None in (scores, tile, pv) or pv.input[0] != softmax.output[0]:
         return None
-    scaled, k_t = op(scores.input[0], "Mul"), op(scores.input[1], "Transpose")
-    grouped = op(scaled.input[0], "Reshape") if scaled else None
-    scale = constant_value(scaled.input[1], inits, producer) if scaled else None
-    if None in (k_t, grouped, scale) or scale.size != 1:
+    k_t = op(scores.input[1], "Transpose")
+    k_cat, v_cat = (op(k_t.input[0], "Concat") if k_t else None), op(pv.input[1], "Concat")
+    if None in (k_cat, v_cat) or len(k_cat.input) != 2 or len(v_cat.input) != 2:
         return None
-    q_rotary = op(grouped.input[0], "RotaryEmbedding")
-    k_cat, v_cat = op(k_t.input[0], "Concat"), op(pv.input[1], "Concat")
-    if None in (q_rotary, k_cat, v_cat) or len(k_cat.input) != 2 or len(v_cat.input) != 2:
+    if list(attribute(k_t, "perm") or []) != [0, 1, 3, 2] or any(attribute(c, "axis") not in (2, -2) for c in (k_cat, v_cat)):
         return None
-    k_rotary = op(k_cat.input[1], "RotaryEmbedding")
-    v_t = op(v_cat.input[1], "Transpose")
     outputs = {o.name for o in graph.output}
-    if None in (k_rotary, v_t) or k_cat.output[0] not in outputs or v_cat.output[0] not in outputs:
+    past = {i.name for i in graph.input}
+    if k_cat.output[0] not in outputs or v_cat.output[0] not in outputs or not {k_cat.input[0], v_cat.input[0]} <= past:
         return None
     # the present caches feed only this block (and the graph outputs)
     if len(readers.get(k_cat.output[0], [])) != 1 or len(readers.get(v_cat.output[0], [])) != 1:
         return None
-    # back to [B, S, hidden]: Reshapes (order-preserving), one Transpose [0, 2, 1, 3], a last Reshape
-    tail, node = [], _only(readers.get(pv.output[0]), "Reshape")
-    while node is not None and node.op_type == "Reshape":
-        tail.append(node)
-        nxt = readers.get(node.output[0], [])
-        node = nxt[0] if len(nxt) == 1 and nxt[0].op_type in ("Reshape", "Transpose") else None
-    back = node
-    perm = attribute(back, "perm") if back else None
-    flat = _only(readers.get(back.output[0]), "Reshape") if back is not None else None
-    if not tail or flat is None or list(perm or []) != [0, 2, 1, 3]:
-        return None
-    linears = {}
-    for role, rotary_or_t in (("q", q_rotary), ("k", k_rotary), ("v", v_t)):
-        transpose = rotary_or_t if role == "v" else op(rotary_or_t.input[0], "Transpose")
-        view = op(transpose.input[0], "Reshape") if transpose else None
-        if view is None or len(readers.get(view.output[0], [])) != 1:
-            return None
-        linears[role] = (view.input[0], transpose, view)
-    nodes = [add, scores, pv, scaled, k_t, grouped, k_cat, v_cat, *tail, back, flat, softmax,
-             linears["v"][1], linears["v"][2]]
-    return {"softmax": softmax, "scale": float(scale.reshape(-1)[0]),
-            "bias": tile.input[0], "out": flat.output[0],
-            "q_rotary": q_rotary, "q_linear": linears["q"], "k_rotary": k_rotary, "k_linear": linears["k"],
-            "v_linear": linears["v"][0], "past_key": k_cat.input[0], "past_value": v_cat.input[0],
-            "present_key": k_cat.output[0], "present_value": v_cat.output[0], "nodes": nodes}
+    return {"softmax": softmax, "q": scores.input[0], "mask": add.input[1], "out": pv.output[0],
+            "k_new": k_cat.input[1], "v_new": v_cat.input[1], "past_key": k_cat.input[0], "past_value": v_cat.input[0],
+            "present_key": k_cat.output[0], "present_value": v_cat.output[0],
+            "nodes": [add, scores, pv, k_t, k_cat, v_cat]}
 
 
-def _past_shape_from_mask(graph, dims: dict) -> None:
+def _lengths(graph) -> dict[str, str]:
+    """1-D int64 tensors of the batch, total (T, from attention_mask), new (S, from inputs_embeds) and past
+    (T - S) lengths, and the constants the rewrites slice with."""
+    p = "attanchor_ort/"
+    graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), p + name) for name, v in
+                              (("zero", 0), ("one", 1), ("last_axis", -1), ("end", np.iinfo(np.int64).max))])
+    graph.node.extend([
+        helper.make_node("Shape", ["attention_mask"], [p + "mask_shape"]),
+        helper.make_node("Gather", [p + "mask_shape", p + "one"], [p + "total_1d"], axis=0),
+        helper.make_node("Gather", [p + "mask_shape", p + "zero"], [p + "batch_1d"], axis=0),
+        helper.make_node("Shape", ["inputs_embeds"], [p + "new_1d"], start=1, end=2),
+        helper.make_node("Sub", [p + "total_1d", p + "new_1d"], [p + "past_1d"]),
+    ])
+    return {k: p + f"{k}_1d" for k in ("batch", "total", "new", "past")}
+
+
+def _buffer_mask(graph, mask: str, lengths: dict, p: str) -> str:
+    """The [.., T] additive mask widened to the buffer: [.., past | capacity - past slots masked out | S]."""
+    graph.initializer.append(numpy_helper.from_array(np.array([np.finfo(np.float32).min], np.float32), p + "masked"))
+    o = "attanchor_ort/"
+    graph.node.extend([
+        helper.make_node("Slice", [mask, o + "zero", lengths["past"], o + "last_axis"], [p + "past"]),
+        helper.make_node("Slice", [mask, lengths["past"], o + "end", o + "last_axis"], [p + "new"]),
+        helper.make_node("Sub", [o + "capacity_1d", lengths["past"]], [p + "unused_1d"]),
+        helper.make_node("Shape", [mask], [p + "leading"], start=0, end=-1),
+        helper.make_node("Concat", [p + "leading", p + "unused_1d"], [p + "unused_shape"], axis=0),
+        helper.make_node("Expand", [p + "masked", p + "unused_shape"], [p + "unused"]),
+        helper.make_node("Concat", [p + "past", p + "unused", p + "new"], [p + "buffer"], axis=-1),
+    ])
+    return p + "buffer"
+
+
+def _past_shape_from_mask(graph, dims: dict, lengths: dict) -> None:
     """Shape(past_key_values.*) -> [B, kv_heads, T - S, head_dim] from attention_mask [B, T] and
     inputs_embeds [B, S, H]. The same numbers for a past of exactly T - S positions, and the right ones
-    when the past is a longer preallocated buffer that GroupQueryAttention fills in place (the runtime's
-    shared KV buffer): nothing else in the graph then depends on the buffer's length."""
+    when the past is a longer preallocated buffer (the runtime's KVBuffer): nothing but the attention
+    then depends on the buffer's length."""
     p = "attanchor_ort/"
     past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
     shapes = [n for n in graph.node if n.op_type == "Shape" and n.input[0] in past]
@@ -336,12 +369,8 @@ def _past_shape_from_mask(graph, dims: dict) -> None:
         return
     graph.initializer.extend([numpy_helper.from_array(np.array([dims["num_kv_heads"]], np.int64), p + "kv_heads"),
                               numpy_helper.from_array(np.array([dims["head_dim"]], np.int64), p + "head_dim")])
-    graph.node.extend([
-        helper.make_node("Shape", ["inputs_embeds"], [p + "new_1d"], start=1, end=2),
-        helper.make_node("Sub", [p + "total_1d", p + "new_1d"], [p + "past_1d"]),
-        helper.make_node("Concat", [p + "batch_1d", p + "kv_heads", p + "past_1d", p + "head_dim"], [p + "past_shape"],
-                         axis=0),
-    ])
+    graph.node.append(helper.make_node("Concat", [lengths["batch"], p + "kv_heads", lengths["past"], p + "head_dim"],
+                                       [p + "past_shape"], axis=0))
     for shape in shapes:
         start, end = attribute(shape, "start", 0), attribute(shape, "end", 4)
         bounds = f"{p}past_shape_{start}_{end}"
@@ -352,41 +381,10 @@ def _past_shape_from_mask(graph, dims: dict) -> None:
         graph.node.remove(shape)
 
 
-def shares_kv_buffer(model: onnx.ModelProto) -> bool:
-    """Whether the past inputs feed nothing but GroupQueryAttention: then past and present may be one
-    preallocated buffer per layer, updated in place (no whole-cache copy per step)."""
-    past = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
-    users = [n for n in model.graph.node if any(i in past for i in n.input)]
-    return bool(past) and bool(users) and all(n.op_type == "GroupQueryAttention" for n in users)
-
-
-def _rotary_3d(graph, rotary, linear, heads: int) -> str:
-    """RotaryEmbedding on the [B, S, heads * D] projection instead of its [B, heads, S, D] transpose."""
-    source, transpose, view = linear
-    out = f"{rotary.output[0]}_3d"
-    graph.node.append(helper.make_node("RotaryEmbedding", [source, *rotary.input[1:]], [out], name=f"{rotary.name}_3d",
-                                       domain=_MS, interleaved=0, num_heads=heads))
-    for node in (rotary, transpose, view):
-        graph.node.remove(node)
-    return out
-
-
-def _sequence_lengths(graph) -> tuple[str, str]:
-    """seqlens_k [B] (int32, total length - 1 in every row) and total_sequence_length (int32 scalar)."""
-    p = "attanchor_ort/"
-    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), p + "one"),
-                              numpy_helper.from_array(np.array([0], np.int64), p + "zero")])
-    graph.node.extend([
-        helper.make_node("Shape", ["attention_mask"], [p + "mask_shape"]),
-        helper.make_node("Gather", [p + "mask_shape", p + "one"], [p + "total_1d"], axis=0),
-        helper.make_node("Gather", [p + "mask_shape", p + "zero"], [p + "batch_1d"], axis=0),
-        helper.make_node("Sub", [p + "total_1d", p + "one"], [p + "last_1d"]),
-        helper.make_node("Expand", [p + "last_1d", p + "batch_1d"], [p + "last_b"]),
-        helper.make_node("Cast", [p + "last_b"], [p + "seqlens_k"], to=onnx.TensorProto.INT32),
-        helper.make_node("Squeeze", [p + "total_1d"], [p + "total_0d"]),
-        helper.make_node("Cast", [p + "total_0d"], [p + "total_sequence_length"], to=onnx.TensorProto.INT32),
-    ])
-    return p + "seqlens_k", p + "total_sequence_length"
+def _rename(graph, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -405,4 +403,4 @@ def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-__all__ = ["fuse_decoder", "fuse_decoder_file", "op_counts", "shares_kv_buffer"]
+__all__ = ["fuse_decoder", "fuse_decoder_file", "op_counts"]

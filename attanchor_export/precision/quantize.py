@@ -237,7 +237,7 @@ def quantize_artifact(
         with steps(f"accuracy gate ({req.fmt})"):
             changed = {g: g in req.targets for g in ("vision", "decoder")}
             precision["gate"] = run_gate(folder, manifest_data, reference, req.fmt, backends, changed, floors,
-                                         low_memory=low_memory)
+                                         low_memory=low_memory, graphs=records)
         _raise_if_failed(req.fmt, precision)
     return {"precision": precision}
 

@@ -2,8 +2,9 @@
 
 decoder.onnx (and its engines) take inputs_embeds [B, S, H], attention_mask [B, past + S] (1 = real,
 left padding 0), position_ids [B, S] and past_key_values.{i}.key/value [B, kv_heads, past, head_dim];
-they return logits and present.{i}.key/value. A step after the prompt feeds one new embedding per
-row at position max + 1 and appends a 1 to the mask. Everything that drives a decoder (runtime
+they return logits and present.{i}.key/value: the whole cache (KV_CONCAT), or only the new positions
+(KV_APPEND, the fused onnxruntime form; `next_past` appends them). A step after the prompt feeds one
+new embedding per row at position max + 1 and appends a 1 to the mask. Everything that drives a decoder (runtime
 backends, export parity, calibration, gates, TensorRT build checks, benchmarks) builds its feeds
 here, over any `run(output_names_or_None, feeds) -> list` (an onnxruntime session, a torch wrapper).
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import kv_names
+from .manifest import KV_APPEND, KV_CONCAT, kv_names
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -64,12 +65,21 @@ class Step:
         ones = np.ones((self.attention_mask.shape[0], 1), self.attention_mask.dtype)
         return Step(np.concatenate([self.attention_mask, ones], axis=1), self.position_ids + 1)
 
-    def feeds(self, step_embeds: np.ndarray, past_names_: Sequence[str], present: Sequence) -> dict:
-        """Feeds for one new token per row: `present` of the previous call becomes this call's past."""
+    def feeds(self, step_embeds: np.ndarray, past_names_: Sequence[str], past: Sequence) -> dict:
+        """Feeds for one new token per row over `past` (see next_past)."""
         feeds = {"inputs_embeds": step_embeds, "attention_mask": self.attention_mask,
                  "position_ids": self.position_ids}
-        feeds.update(zip(past_names_, present))
+        feeds.update(zip(past_names_, past))
         return feeds
+
+
+def next_past(kv_cache: str, past: Sequence, present: Sequence) -> list:
+    """The next call's past: the call's `present` itself (KV_CONCAT), or past + present along the
+    positions axis (KV_APPEND: present holds the new positions only). An empty `present` (a run that
+    keeps its own cache, ort_backend.BackendRun) gives an empty past."""
+    if kv_cache == KV_APPEND and len(present):
+        return [np.concatenate([p, n], axis=2) for p, n in zip(past, present)]
+    return list(present)
 
 
 Run = Callable[[Sequence[str] | None, dict], list]
@@ -84,8 +94,9 @@ class Greedy:
 
 def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray], np.ndarray],
            new_tokens: int, forced: np.ndarray | None = None, keep_logits: bool = False,
-           prefilled: list | None = None, keep_prefill: bool = False) -> Greedy:
+           prefilled: list | None = None, keep_prefill: bool = False, kv_cache: str = KV_CONCAT) -> Greedy:
     """Prefill `prefill` (its own past, usually `empty_past`), then `new_tokens - 1` cached steps.
+    kv_cache: what the decoder's present outputs hold (next_past).
 
     embed: token ids [B, 1] -> embeddings [B, 1, H] (the runtime's table lookup).
     forced: feed these tokens [B, >= new_tokens - 1] instead of the arg-max (teacher forcing); the
@@ -94,6 +105,7 @@ def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray
     a 600-token prefill is minutes on a CPU); keep_prefill: return this run's, to pass on so."""
     names = past_names(num_layers)
     outs = prefilled if prefilled is not None else run(None, prefill)
+    past = next_past(kv_cache, [prefill[n] for n in names if n in prefill], outs[1:])
     first = outs if keep_prefill else None
     logits = [outs[0]] if keep_logits else []
     batch = outs[0].shape[0]
@@ -103,7 +115,8 @@ def greedy(run: Run, num_layers: int, prefill: dict, embed: Callable[[np.ndarray
     for i in range(1, new_tokens):
         fed = (forced if forced is not None else tokens)[:, i - 1]
         step = step.advance()
-        outs = run(None, step.feeds(embed(fed[:, None]), names, outs[1:]))
+        outs = run(None, step.feeds(embed(fed[:, None]), names, past))
+        past = next_past(kv_cache, past, outs[1:])
         if keep_logits:
             logits.append(outs[0])
         tokens[:, i] = outs[0][:, -1].argmax(-1)

@@ -100,14 +100,16 @@ class Source(Section):
 
 # precision.graphs[FILE].ort_fusions.kv_cache: how a decoder file's KV cache moves between steps.
 KV_CONCAT = "concat"  # present = Concat(past, new): the standard-op graphs (and TensorRT's)
-KV_SHARED_BUFFER = "shared-buffer"  # past and present may be one preallocated buffer, written in place
+# present = the new positions only, read the past in place: the caller appends present to its cache, and
+# the past may be a buffer longer than the mask's past (the slots after it are ignored).
+KV_APPEND = "append"
 
 
 class Precision(Section):
     """manifest "precision": the graphs' dtype, the quantization, and which file each backend opens."""
 
     def kv_cache(self, file: str) -> str:
-        """KV_SHARED_BUFFER when `file`'s past inputs feed only GroupQueryAttention (precision.ort_fusions)."""
+        """KV_APPEND when `file` returns only the new positions (precision.ort_fusions), else KV_CONCAT."""
         record = (self.get("graphs") or {}).get(file) or {}
         return (record.get("ort_fusions") or {}).get("kv_cache", KV_CONCAT)
 

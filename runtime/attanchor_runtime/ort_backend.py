@@ -1,11 +1,12 @@
 """The ONNX Runtime backend: three sessions and a KV cache handed from one step to the next.
 
-A standard-op decoder concatenates past and new keys itself: each step's `present` arrays become the
-next step's `past` as they are (a whole-cache copy inside the graph per step). A decoder whose
-manifest says KV_SHARED_BUFFER (the int4/int8 onnxruntime form, its attention fused into
-GroupQueryAttention) instead gets one preallocated buffer per layer on the CPU, bound as both past and
-present, which the kernel appends to in place (SharedKV). On CUDA the cache stays on the device
-through IO binding (OrtValues in, OrtValues out), so no step round-trips through host memory.
+A standard-op decoder (KV_CONCAT) concatenates past and new keys itself: each step's `present` arrays
+become the next step's `past` as they are (a whole-cache copy inside the graph per step). A decoder
+whose manifest says KV_APPEND (the int4/int8 onnxruntime form, precision.ort_fusions) reads its past
+where it lies and returns only the new positions: the backend keeps one preallocated buffer per layer
+(KVBuffer), feeds it whole, and writes the new positions in after each call. On CUDA a KV_CONCAT
+cache stays on the device through IO binding (OrtValues in, OrtValues out); a KVBuffer is host memory
+that onnxruntime copies in per call (TensorRT is the GPU path this project measures).
 """
 
 from __future__ import annotations
@@ -14,53 +15,70 @@ import numpy as np
 
 from .decoder_feeds import empty_past, past_names, prefill_feeds, present_names
 from .errors import RuntimeInputError
-from .manifest import KV_SHARED_BUFFER, Manifest
+from .manifest import KV_APPEND, Manifest
 from .sessions import ort_session
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class SharedKV:
-    """One [B, kv_heads, capacity, head_dim] key and value buffer per layer, written in place by the
-    decoder. Capacity grows by doubling (one copy each time, so O(1) per token amortised) up to the
-    model's context; past that, a clear error instead of a kernel's out-of-range write."""
+class KVBuffer:
+    """One [B, kv_heads, capacity, head_dim] key and one value buffer per layer, for a KV_APPEND decoder.
+    Capacity grows in steps of `chunk` positions (one copy of what is there each time, so the decoder reads
+    fewer than `chunk` unused slots) up to the model's context; past that, a clear error instead of a
+    write out of range."""
 
-    def __init__(self, batch: int, dims: dict, dtype, limit: int, initial: int = 256):
-        self.batch, self.dims, self.dtype, self.limit, self.initial = batch, dims, dtype, limit, initial
-        self.capacity, self.buffers, self.values = 0, [], []
+    def __init__(self, batch: int, dims: dict, dtype, limit: int, chunk: int = 32):
+        self.batch, self.dims, self.dtype, self.limit, self.chunk = batch, dims, dtype, limit, chunk
+        self.capacity, self.buffers = 0, []
 
     def reserve(self, total: int) -> None:
-        import onnxruntime as ort
-
         if total <= self.capacity:
             return
         if total > self.limit:
             raise RuntimeInputError(f"context full: {total} positions, the model's context is {self.limit}")
-        capacity = min(self.limit, max(total, 2 * self.capacity, self.initial))
+        capacity = min(self.limit, -(-total // self.chunk) * self.chunk)
         shape = (self.batch, self.dims["num_kv_heads"], capacity, self.dims["head_dim"])
         buffers = [np.zeros(shape, self.dtype) for _ in range(2 * self.dims["num_layers"])]
         for old, new in zip(self.buffers, buffers):
             new[:, :, : self.capacity] = old
-        # OrtValues over the numpy memory (no copy): the kernel's writes land in `buffers`.
         self.capacity, self.buffers = capacity, buffers
-        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+
+    def past(self, length: int) -> list[np.ndarray]:
+        """What the decoder reads as its past when `length` positions are filled: the whole buffers (the
+        graph ignores the slots after `length`), or zero-length arrays for a prefill."""
+        if length == 0:
+            return list(empty_past(self.dims, self.batch, self.dtype).values())
+        return self.buffers
+
+    def append(self, present: list[np.ndarray], start: int) -> None:
+        for buffer, new in zip(self.buffers, present):
+            buffer[:, :, start : start + new.shape[2]] = new
 
 
-def decode_shared(session, past: list[str], present: list[str], inputs_embeds, attention_mask, position_ids,
-                  cache: SharedKV) -> np.ndarray:
-    """One call of a KV_SHARED_BUFFER decoder session: `cache` grows to the mask's length if needed and is
-    bound as both past and present, so the step's keys and values land in it; returns the logits."""
+def decode_append(session, past: list[str], present: list[str], inputs_embeds, attention_mask, position_ids,
+                  cache: KVBuffer) -> np.ndarray:
+    """One call of a KV_APPEND decoder session: `cache` grows to the mask's length if needed, is read in
+    place, and takes the new positions; returns the logits."""
+    start = attention_mask.shape[1] - inputs_embeds.shape[1]
     cache.reserve(attention_mask.shape[1])
-    binding = session.io_binding()
-    binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds))
-    binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
-    binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
-    binding.bind_output("logits", "cpu")
-    for past_name, present_name, value in zip(past, present, cache.values):
-        binding.bind_ortvalue_input(past_name, value)
-        binding.bind_ortvalue_output(present_name, value)  # the same memory: appended to in place
-    session.run_with_iobinding(binding)
-    return binding.get_outputs()[0].numpy()
+    feeds = prefill_feeds(inputs_embeds, attention_mask, position_ids, dict(zip(past, cache.past(start))))
+    outputs = session.run(["logits", *present], feeds)  # numpy inputs are read where they are, not copied
+    cache.append(outputs[1:], start)
+    return outputs[0]
+
+
+class BackendRun:
+    """decoder_feeds.greedy's `run(output_names, feeds)` over OrtBackend.decode, so what greedy drives
+    (benchmarks, gates) is what Pipeline runs: the backend's own cache (a KVBuffer where the decoder
+    appends), carried here between calls. Returns [logits]; the past in `feeds` is ignored."""
+
+    def __init__(self, backend, batch: int):
+        self.backend, self.cache = backend, backend.empty_cache(batch)
+
+    def __call__(self, output_names, feeds: dict) -> list:
+        logits, self.cache = self.backend.decode(feeds["inputs_embeds"], feeds["attention_mask"],
+                                                 feeds["position_ids"], self.cache)
+        return [logits]
 
 
 class OrtBackend:
@@ -78,7 +96,7 @@ class OrtBackend:
         self.present_names = present_names(self.num_layers)
         self.output_names = [o.name for o in self.decoder_session.get_outputs()]
         decoder_file = manifest.graph_file("decoder", "ort")
-        self.shared_kv = device == "cpu" and manifest.precision.kv_cache(decoder_file) == KV_SHARED_BUFFER
+        self.appends_kv = manifest.precision.kv_cache(decoder_file) == KV_APPEND
         past_type = next(i.type for i in self.decoder_session.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = _NUMPY_TYPES.get(past_type, np.float32)
 
@@ -96,25 +114,22 @@ class OrtBackend:
         return dict(zip(names, self.embedding_session.run(names, feeds)))
 
     def empty_cache(self, batch: int):
-        if self.shared_kv:
-            return SharedKV(batch, self.manifest.dims, self.kv_dtype, int(self.manifest.dims["max_position_embeddings"]))
+        if self.appends_kv:
+            return KVBuffer(batch, self.manifest.dims, self.kv_dtype, int(self.manifest.dims["max_position_embeddings"]))
         return list(empty_past(self.manifest.dims, batch, self.kv_dtype).values())
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past):
         """One decoder call; `past` and the returned cache are flat [k0, v0, k1, v1, ...] lists, or one
-        SharedKV (from empty_cache) that every call appends to in place."""
-        if isinstance(past, SharedKV):
-            return self._decode_shared(inputs_embeds, attention_mask, position_ids, past)
+        KVBuffer (from empty_cache) that every call appends to."""
+        if isinstance(past, KVBuffer):
+            logits = decode_append(self.decoder_session, self.past_names, self.present_names, inputs_embeds,
+                                   attention_mask, position_ids, past)
+            return logits, past
         if self.device == "cuda":
             return self._decode_bound(inputs_embeds, attention_mask, position_ids, past)
         feeds = prefill_feeds(inputs_embeds, attention_mask, position_ids, dict(zip(self.past_names, past)))
         outputs = self.decoder_session.run(self.output_names, feeds)
         return outputs[0], outputs[1:]
-
-    def _decode_shared(self, inputs_embeds, attention_mask, position_ids, cache: SharedKV):
-        logits = decode_shared(self.decoder_session, self.past_names, self.present_names, inputs_embeds,
-                               attention_mask, position_ids, cache)
-        return logits, cache
 
     def _decode_bound(self, inputs_embeds, attention_mask, position_ids, past):
         import onnxruntime as ort

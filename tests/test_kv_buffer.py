@@ -1,0 +1,112 @@
+"""The KV cache of the fused onnxruntime decoder form, read in place (ort_backend.KVBuffer, KV_APPEND)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from attanchor_runtime.decoder_feeds import Step, empty_past, left_pad, next_past
+from attanchor_runtime.errors import RuntimeInputError
+from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, Manifest
+from attanchor_runtime.ort_backend import KVBuffer, OrtBackend
+from attanchor_runtime.pipeline import Pipeline
+
+from attanchor_export.exporter import ExportOptions, export_artifact
+
+
+@pytest.fixture(scope="module")
+def int4(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kv-buffer") / "int4"
+    export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=out, quant="int4"))
+    return Manifest.load(out)
+
+
+def _prefill(dims, rng):
+    """A left-padded batch of 3 whose rows start at different positions."""
+    _, mask = left_pad([np.zeros(n, np.int64) for n in (5, 9, 7)], 0)
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1).astype(np.int64)
+    return rng.standard_normal((3, mask.shape[1], dims["hidden_size"])).astype(np.float32), mask, positions
+
+
+def _run(backend, cache, dims, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    embeds, mask, positions = _prefill(dims, rng)
+    logits, cache = backend.decode(embeds, mask, positions, cache)
+    out, step = [logits[:, -1]], Step.after_prefill(mask, positions)
+    for _ in range(steps):
+        step = step.advance()
+        logits, cache = backend.decode(rng.standard_normal((3, 1, dims["hidden_size"])).astype(np.float32),
+                                       step.attention_mask, step.position_ids, cache)
+        out.append(logits[:, -1])
+    return np.stack(out), cache
+
+
+def test_manifest_says_the_int4_decoder_appends_to_its_kv_buffer(int4):
+    assert int4.precision.kv_cache("decoder.onnx") == KV_APPEND
+    assert int4.precision.kv_cache("decoder.trt.onnx") == KV_CONCAT  # TensorRT's form: standard ops
+    backend = OrtBackend(int4)
+    assert backend.appends_kv and isinstance(backend.empty_cache(2), KVBuffer)
+
+
+def test_buffer_equals_the_concatenated_cache_across_growth(int4):
+    """Same graph, two ways to carry the cache: the past concatenated with each call's new positions
+    (exact length), or one buffer read in place, longer than the past, growing 4 positions at a time
+    (each growth copies what is there; stale slots after the past are masked out)."""
+    dims = int4.dims
+    listed, _ = _run(_Appending(OrtBackend(int4)), list(empty_past(dims, 3).values()), dims, steps=12)
+    buffer = KVBuffer(3, dims, np.float32, limit=dims["max_position_embeddings"], chunk=4)
+    in_place, cache = _run(OrtBackend(int4), buffer, dims, steps=12)
+    assert cache is buffer and buffer.capacity >= 9 + 12 and buffer.capacity % 4 == 0
+    np.testing.assert_allclose(in_place, listed, atol=1e-5, rtol=0)
+
+
+class _Appending:
+    """The backend's arrays path for the fused decoder: each call's new positions appended to the past
+    in numpy (decoder_feeds.next_past) instead of written into a KVBuffer."""
+
+    def __init__(self, backend):
+        backend.appends_kv = False
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def decode(self, embeds, mask, positions, past):
+        logits, new = self.backend.decode(embeds, mask, positions, past)
+        return logits, next_past(KV_APPEND, past, new)
+
+
+def test_stale_slots_after_the_past_change_nothing(int4):
+    """Slots of the buffer the mask does not cover hold garbage (a row reused, a longer earlier run):
+    the logits are the same as with zeros there."""
+    dims = int4.dims
+    clean, _ = _run(OrtBackend(int4), KVBuffer(3, dims, np.float32, limit=64, chunk=32), dims, steps=3)
+    dirty = KVBuffer(3, dims, np.float32, limit=64, chunk=32)
+    dirty.reserve(32)
+    for buffer in dirty.buffers:
+        buffer[...] = 1e3  # what a previous, longer sequence might have left
+    got, _ = _run(OrtBackend(int4), dirty, dims, steps=3)
+    np.testing.assert_allclose(got, clean, atol=1e-5, rtol=0)
+
+
+def test_context_full_is_one_clear_error_at_the_buffer_end(int4):
+    dims = int4.dims
+    backend = OrtBackend(int4)
+    total = 9 + 6  # prompt width 9, then 6 steps: the last one writes the buffer's last position
+    cache = KVBuffer(3, dims, np.float32, limit=total, chunk=4)
+    full, _ = _run(backend, cache, dims, steps=6)
+    reference = KVBuffer(3, dims, np.float32, limit=dims["max_position_embeddings"])
+    unbounded, _ = _run(backend, reference, dims, steps=6)
+    np.testing.assert_allclose(full, unbounded, atol=1e-5, rtol=0)  # the last slot is as good as any
+    assert cache.capacity == total
+    with pytest.raises(RuntimeInputError, match=f"context full: {total + 1} positions"):
+        _run(backend, KVBuffer(3, dims, np.float32, limit=total), dims, steps=7)
+
+
+def test_generate_answers_the_same_with_either_cache(int4):
+    pipe = Pipeline(int4, OrtBackend(int4))
+    ids = [[int4.dims["bos_token_id"], int4.dims["image_token_id"], 5, 9, 11]]
+    pixels = np.random.default_rng(1).random((1, 3, int4.dims["image_size"], int4.dims["image_size"]), np.float32)
+    buffered = pipe.generate(ids, pixels, max_new_tokens=12).tokens
+    pipe.backend = _Appending(pipe.backend)
+    listed = pipe.generate(ids, pixels, max_new_tokens=12).tokens
+    np.testing.assert_array_equal(buffered, listed)
