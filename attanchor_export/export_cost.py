@@ -75,6 +75,11 @@ def fp16_cpu_session_bytes(fp32_graph: Path, fed: bool = False) -> int:
     return int(factor * _graph_bytes(fp32_graph) / 2)
 
 
+def fp16_session_fits(fp16_graph: Path, budget: int) -> bool:
+    """Whether an ordinary CPU session of the fp16 graph at `fp16_graph` (every weight widened) fits."""
+    return FP16_CPU_SESSION_FACTOR * _graph_bytes(fp16_graph) <= budget
+
+
 def _graph_bytes(graph: Path) -> int:
     data = graph.with_name(graph.name + ".data")
     return graph.stat().st_size + (data.stat().st_size if data.exists() else 0)

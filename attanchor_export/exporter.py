@@ -237,7 +237,7 @@ def _gate_skipped(budget: dict) -> str | None:
 
     return (f"onnxruntime's CPU session of the fp16 decoder needs about {size(budget['fp16_decoder_fed_session_bytes'])} "
             f"even with its weights fed from disk, over the {size(budget['memory_budget_bytes'])} budget: gate it "
-            "where it runs (attanchor-export check DIR on the GPU)")
+            "on a machine with that much memory (attanchor-export check DIR)")
 
 
 def _low_memory_gate(budget: dict) -> bool:

@@ -242,7 +242,7 @@ def test_fp16_gate_over_budget_is_skipped_up_front_and_said(checkpoint, tmp_path
     assert manifest["export"]["fp16_gate_fits"] is False and manifest["validation"]["passed"]
     gate = manifest["precision"]["gate"]
     assert gate["passed"] is None and "even with its weights fed from disk" in gate["skipped"]
-    assert "check DIR on the GPU" in gate["skipped"]
+    assert "attanchor-export check DIR" in gate["skipped"]
     assert manifest["precision"]["dtype"] == "fp16"
 
 
@@ -271,3 +271,11 @@ def test_fp16_gate_feeds_weights_when_a_whole_session_is_over_budget(checkpoint,
     assert gate["passed"] and gate["set"]["reference"] == "PyTorch fp32 (streamed)"
     assert opened == ["decoder.onnx"]
     assert gate["results"][0]["cos_mean"] > 0.999
+    # `check` later, on a machine where the whole session would not fit either: the same fed session
+    from click.testing import CliRunner
+
+    from attanchor_export.cli import main
+
+    check = CliRunner().invoke(main, ["check", str(tmp_path / "art"), "--json"], catch_exceptions=False)
+    assert check.exit_code == 0, check.output
+    assert opened == ["decoder.onnx", "decoder.onnx"]

@@ -86,6 +86,7 @@ def _reapply_adapter(manifest: Manifest, loaded, override: str | None, steps) ->
 
 def regate(manifest: Manifest, loaded) -> dict:
     """Re-run the export's accuracy gate, with PyTorch (not the long-gone fp32 graphs) as reference."""
+    from attanchor_export.export_cost import fp16_session_fits, memory_budget_bytes
     from attanchor_export.precision.gate import pytorch_reference, run_gate
 
     data, precision = manifest.data, manifest.precision
@@ -93,8 +94,11 @@ def regate(manifest: Manifest, loaded) -> dict:
     fmt = precision.quant if precision.quant != "none" else precision.dtype
     floors = (precision.gate or {}).get("floors")
     changed = {"vision": precision.vision_quantized}
+    # An fp16 decoder whose widened weights would not fit is run with them fed from disk (FedWeightsSession).
+    low_memory = precision.dtype == "fp16" and not fp16_session_fits(
+        manifest.path(manifest.graph_file("decoder", "ort")), memory_budget_bytes(None))
     return run_gate(manifest.folder, data, reference, fmt, precision.backends, changed, {fmt: floors} if floors else None,
-                    graphs=precision.get("graphs"))
+                    low_memory=low_memory, graphs=precision.get("graphs"))
 
 
 def gate_checks(gate: dict) -> list[dict]:
