@@ -791,7 +791,9 @@ def summarize(runs: list[dict], builds: dict[str, dict], baseline: str = BASELIN
     ok = [r for r in runs if r.get("ok")]
     bw = _stats([r["bytes_per_s"] for r in ok if r["system"] == BANDWIDTH])
     by_round = {(r["system"], r["round"]): r for r in ok}
-    names = [n for n in dict.fromkeys(r["system"] for r in runs) if n != BANDWIDTH]
+    rank = {name: i for i, name in enumerate(labels)}  # the table lists systems as given, not as first run
+    names = sorted((n for n in dict.fromkeys(r["system"] for r in runs) if n != BANDWIDTH),
+                   key=lambda n: rank.get(n, len(rank)))
     ref_tokens = next((r["tokens"] for r in ok if r["system"] == reference), None)
     systems = {}
     for name in names:

@@ -246,8 +246,8 @@ def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path,
 # and present.{i}.key/value are the new positions only (KV_APPEND). The past may then be a preallocated
 # buffer longer than the past (the runtime's KVBuffer, written after each call): its length comes from
 # attention_mask (T - S), and the slots after it are masked out. onnxruntime's GroupQueryAttention also
-# avoids the copy, but its CPU kernel was slower than these standard ops plus the copy (1.10x at 512
-# positions, 1.25x at 1,536, TinyLLaVA-1B int4, 2 threads), so it is not used.
+# avoids the copy, but its CPU kernel is slower than these standard ops (this form decodes 1.11x faster
+# at 512 positions, 1.39x at 1,536; TinyLLaVA-1B int4, 2 threads, docs/QUANTIZATION.md), so it is not used.
 
 
 def _attend_in_place(model: onnx.ModelProto, dims: dict) -> int:
