@@ -65,22 +65,18 @@ def memory_budget_bytes(gib: float | None) -> int:
 
 
 def fp32_session_bytes(graph: Path) -> int:
-    return int(FP32_SESSION_FACTOR * _graph_bytes(graph))
+    return int(FP32_SESSION_FACTOR * graph_bytes(graph))
 
 
-def fp16_cpu_session_bytes(fp32_graph: Path, fed: bool = False) -> int:
-    """What a CPU session of the fp16 form of the fp32 graph at `fp32_graph` will hold: an ordinary
-    session (3x its fp16 bytes), or with `fed` weights (sessions.FedWeightsSession, 1.25x)."""
+def fp16_cpu_session_bytes(fp16_bytes: int, fed: bool = False) -> int:
+    """What a CPU session of a graph with `fp16_bytes` of fp16 weights will hold: an ordinary session
+    (3x), or with `fed` weights (sessions.FedWeightsSession, 1.25x)."""
     factor = FP16_FED_SESSION_FACTOR if fed else FP16_CPU_SESSION_FACTOR
-    return int(factor * _graph_bytes(fp32_graph) / 2)
+    return int(factor * fp16_bytes)
 
 
-def fp16_session_fits(fp16_graph: Path, budget: int) -> bool:
-    """Whether an ordinary CPU session of the fp16 graph at `fp16_graph` (every weight widened) fits."""
-    return FP16_CPU_SESSION_FACTOR * _graph_bytes(fp16_graph) <= budget
-
-
-def _graph_bytes(graph: Path) -> int:
+def graph_bytes(graph: Path) -> int:
+    """The graph file plus its external data file."""
     data = graph.with_name(graph.name + ".data")
     return graph.stat().st_size + (data.stat().st_size if data.exists() else 0)
 

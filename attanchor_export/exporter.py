@@ -253,7 +253,12 @@ def _decoder_budget(decoder: Path, options: ExportOptions) -> dict:
     """Whether onnxruntime can open the fp32 decoder within the memory budget. When it cannot (7B: 27 GB
     of fp32 weights), its parity run is skipped and the reduced-precision decoder is gated against the
     PyTorch model (layer-streamed, fp32) instead of against the fp32 graph."""
-    from attanchor_export.export_cost import fp16_cpu_session_bytes, fp32_session_bytes, memory_budget_bytes
+    from attanchor_export.export_cost import (
+        fp16_cpu_session_bytes,
+        fp32_session_bytes,
+        graph_bytes,
+        memory_budget_bytes,
+    )
 
     budget = memory_budget_bytes(options.memory_budget)
     need = fp32_session_bytes(decoder)
@@ -261,7 +266,8 @@ def _decoder_budget(decoder: Path, options: ExportOptions) -> dict:
     if options.dtype == "fp16" and options.quant == "none":
         # The fp16 gate runs the fp16 decoder on the CPU, which widens every weight at load (7B: ~40 GB);
         # fed from disk instead (sessions.FedWeightsSession) it needs little more than the fp16 bytes.
-        whole, fed = fp16_cpu_session_bytes(decoder), fp16_cpu_session_bytes(decoder, fed=True)
+        fp16_bytes = graph_bytes(decoder) // 2  # the fp32 decoder, before its fp16 rewrite
+        whole, fed = fp16_cpu_session_bytes(fp16_bytes), fp16_cpu_session_bytes(fp16_bytes, fed=True)
         out.update(fp16_decoder_cpu_session_bytes=whole, fp16_decoder_fed_session_bytes=fed,
                    fp16_gate_fits=fed <= budget, fp16_gate_weights_fed=whole > budget and fed <= budget)
     return out

@@ -72,6 +72,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -734,8 +735,6 @@ def round_order(names: list[str], round_index: int, seed: int = 0) -> list[str]:
     every system behind the same neighbour, so whatever a neighbour leaves behind (a 4.7 GB fp32 process
     that just freed its memory) biases the same system every round. With rotation project-int4, always
     right after project-fp32, measured 0.87x the unfused int4 form; the two alone, 1.08x."""
-    import random
-
     order = list(names)
     random.Random(f"{seed}-{round_index}").shuffle(order)
     return order

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from attanchor_runtime.decoder_feeds import empty_past, prefill_feeds
 from attanchor_runtime.errors import ArtifactError
+from attanchor_runtime.manifest import Manifest
 from attanchor_runtime.sessions import FedWeightsSession, ort_session
 from onnx import TensorProto, helper, numpy_helper
 
@@ -136,14 +138,9 @@ def test_fed_decoder_widens_one_weight_at_a_time(checkpoint, tmp_path, monkeypat
 
     monkeypatch.setattr(sessions, "_options", profiled)
     session = FedWeightsSession(tmp_path / "art" / "decoder.onnx", threads=1)
-    feeds = {}
-    for spec in session.get_inputs():
-        if spec.name == "inputs_embeds":
-            feeds[spec.name] = np.random.default_rng(0).standard_normal((1, 5, spec.shape[2]), dtype=np.float32)
-        elif spec.name in ("attention_mask", "position_ids"):
-            feeds[spec.name] = np.arange(5, dtype=np.int64)[None] if spec.name == "position_ids" else np.ones((1, 5), np.int64)
-        else:  # an empty past
-            feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32)
+    dims = Manifest.load(tmp_path / "art").dims
+    embeds = np.random.default_rng(0).standard_normal((1, 5, dims["hidden_size"]), dtype=np.float32)
+    feeds = prefill_feeds(embeds, np.ones((1, 5), np.int64), np.arange(5)[None], empty_past(dims, 1))
     peak, widened = _widened_alive_peak(session, optimized, feeds)
     assert widened >= 8, widened  # the decoder's fp16 weights were found and widened in the run
     assert peak <= 2, f"{peak} of {widened} widened weights alive at once"

@@ -86,7 +86,7 @@ def _reapply_adapter(manifest: Manifest, loaded, override: str | None, steps) ->
 
 def regate(manifest: Manifest, loaded) -> dict:
     """Re-run the export's accuracy gate, with PyTorch (not the long-gone fp32 graphs) as reference."""
-    from attanchor_export.export_cost import fp16_session_fits, memory_budget_bytes
+    from attanchor_export.export_cost import fp16_cpu_session_bytes, graph_bytes, memory_budget_bytes
     from attanchor_export.precision.gate import pytorch_reference, run_gate
 
     data, precision = manifest.data, manifest.precision
@@ -95,8 +95,8 @@ def regate(manifest: Manifest, loaded) -> dict:
     floors = (precision.gate or {}).get("floors")
     changed = {"vision": precision.vision_quantized}
     # An fp16 decoder whose widened weights would not fit is run with them fed from disk (FedWeightsSession).
-    low_memory = precision.dtype == "fp16" and not fp16_session_fits(
-        manifest.path(manifest.graph_file("decoder", "ort")), memory_budget_bytes(None))
+    decoder = manifest.path(manifest.graph_file("decoder", "ort"))
+    low_memory = precision.dtype == "fp16" and fp16_cpu_session_bytes(graph_bytes(decoder)) > memory_budget_bytes(None)
     return run_gate(manifest.folder, data, reference, fmt, precision.backends, changed, {fmt: floors} if floors else None,
                     low_memory=low_memory, graphs=precision.get("graphs"))
 
