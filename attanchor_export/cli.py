@@ -230,28 +230,29 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
     engines = None
     if trt:
         engines = str(_build_engines(output, report))
+    manifest = result.manifest
     if as_json:
         report.emit_json({"folder": str(output), "passed": result.passed, "timings": report.timings,
-                          "precision": result.manifest.get("precision"),
-                          "export": result.manifest.get("export"),
+                          "precision": manifest.precision.to_json(),
+                          "export": manifest.export.to_json() if manifest.export else None,
                           "checks": [c.to_json() for c in result.checks], "engines": engines})
     else:
         if result.checks and not quiet:
             from attanchor_export.checks.tables import print_checks
 
             print_checks(result.checks, summary=True)
-        gate = result.manifest.get("precision", {}).get("gate")
-        if gate and gate.get("results"):
-            from attanchor_export.checks.recheck import gate_summary
+        gate = manifest.precision.gate
+        if gate and gate.results:
+            from attanchor_export.check import gate_summary
 
-            report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
-        elif gate and isinstance(gate.get("skipped"), str):
-            report.info(f"[yellow]accuracy gate ({gate['format']}) not run: {gate['skipped']}[/yellow]")
+            report.info(f"accuracy gate ({gate.format}, floors {dict(gate.floors)}): {gate_summary(gate)}")
+        elif gate and isinstance(gate.skipped, str):
+            report.info(f"[yellow]accuracy gate ({gate.format}) not run: {gate.skipped}[/yellow]")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
-        if result.manifest.get("export"):
+        if manifest.export:
             from attanchor_export.export_cost import describe
 
-            report.info(f"export cost: {describe(result.manifest['export'])}")
+            report.info(f"export cost: {describe(manifest.export)}")
 
 
 def _threshold_value(value):
@@ -294,7 +295,7 @@ def _build_engines(folder: Path, report: Reporter, **options):
 @handle_errors
 def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose):
     """Re-run parity of an artifact against its PyTorch source and print a report."""
-    from attanchor_export.checks.recheck import check_artifact
+    from attanchor_export.check import check_artifact
     from attanchor_export.checks.tables import print_checks
 
     report = Reporter(quiet, as_json)

@@ -18,7 +18,7 @@ DEMO_QUESTION = "what color is the triangle?"
 
 def demo_item():
     """The first easy-vqa test question of the demo's form whose shape is a triangle."""
-    from attanchor_export.checks.task_accuracy import load_task
+    from attanchor_export.load.datasets import load_task
 
     for it in load_task("easy-vqa", split="test"):
         if it.question == DEMO_QUESTION:
@@ -27,15 +27,15 @@ def demo_item():
 
 
 def _reusable(artifact: Path, checkpoint: Path) -> bool:
-    import json
+    from attanchor_runtime.errors import ArtifactError
+    from attanchor_runtime.manifest import Manifest
 
-    from attanchor_runtime.manifest import Source
-
-    manifest = artifact / "manifest.json"
-    if not manifest.is_file():
+    try:
+        manifest = Manifest.load(artifact, verify="none")
+    except ArtifactError:  # missing, or written by another version: export it again
         return False
-    data = json.loads(manifest.read_text())
-    return Source(data.get("source") or {}).resolved == str(checkpoint) and data.get("validation", {}).get("passed")
+    validation = manifest.validation
+    return manifest.source.resolved == str(checkpoint) and validation is not None and validation.passed
 
 
 def run_demo(output: Path, report, fresh: bool = False) -> dict:
@@ -69,7 +69,7 @@ def run_demo(output: Path, report, fresh: bool = False) -> dict:
     image.write_bytes(Path(item.image).read_bytes())
     with report.step("answer through the torch-free runtime"):
         pipe = Pipeline.load(artifact)
-        ids = pipe.text.prompt_ids(item.question)
+        ids = pipe.prompt_ids(item.question)
         out = pipe.generate(input_ids=[ids], pixel_values=pipe.images(image), max_new_tokens=8)
         answer = pipe.text.decode(out.tokens[0, : out.lengths[0]]).strip()
         anchors = out.anchors[0]
@@ -77,7 +77,7 @@ def run_demo(output: Path, report, fresh: bool = False) -> dict:
         verdict = "right" if answer.lower() == item.answer else f"wrong, expected {item.answer}"
         draw_anchors(pipe, image, item.question, anchors, output / "anchors.png",
                      caption=f"A: {answer}  ({verdict})")
-    side = int(round(pipe.manifest.dims["image_tokens"] ** 0.5))
+    side = int(round(pipe.manifest.dims.image_tokens ** 0.5))
     report.info(f"\n[bold]USER:[/bold] <image> {item.question}\n[bold]ASSISTANT:[/bold] {answer}  "
                 f"[dim]({verdict}; easy-vqa test image {item.image_id})[/dim]")
     placed = ", ".join(f"{w!r} -> patch (row {m // side}, col {m % side})" for w, m in words) or "none"

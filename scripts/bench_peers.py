@@ -38,10 +38,10 @@ Top to bottom, what a run does:
    (prompt in -> first token out), decode_tok_s (new_tokens / time from the first token to the last),
    tokens (all 1 + new_tokens greedy ids) and its own peak RSS (VmHWM; os.wait4's ru_maxrss is the fallback,
    it also counts the parent's pages at fork). The parent parses that line (noise on stdout is skipped).
-     project: attanchor_runtime.sessions.ort_session (the session options users get); a standard-op graph
-              through attanchor_runtime.decoder_feeds.greedy (explicit position_ids, attention_mask, past ->
-              present), a fused one through ort_backend.KVBuffer + decode_append (one buffer per layer read
-              in place, the new positions written in, as OrtBackend decodes it); embedding rows from embed_tokens.npy;
+     project: attanchor_runtime.sessions.ort_session (the session options users get) driven by the runtime's
+              own decode loop (attanchor_runtime.decode.generate over ort_backend.OrtDecoder: explicit
+              position_ids, attention_mask, past -> present; a fused graph reads one KVBuffer per layer in
+              place, as OrtBackend decodes it); embedding rows from embed_tokens.npy;
      genai:   og.Model + og.Generator, greedy search, 2 intra-op threads set through og.Config.overlay;
      llama:   llama_cpp.Llama(n_threads=n_threads_batch=2, n_batch=n_ubatch=prompt length), eval() + arg-max;
      transformers: LlamaForCausalLM.from_pretrained(attn_implementation="sdpa"), torch.set_num_threads(2).
@@ -325,9 +325,9 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, dims: str,
         import torch
         from transformers import LlamaForCausalLM
 
+        from attanchor_export.families.base import decoder_spec
         from attanchor_export.trace.decoder import export_decoder
         from attanchor_export.trace.optimize import optimize_decoder
-        from attanchor_export.trace.specs import decoder_spec
 
         model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         model_dims = project_dims(model.config)
@@ -343,8 +343,10 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, dims: str,
         notes = {"optimize": {k: v for k, v in optimized.items() if isinstance(v, (int, float, str))},
                  "kv_cache": KV_CONCAT}
     else:
-        source = build(BY_NAME["project-fp32"], cache, ckpt, dims, seed)
-        src = Path(source["model"])
+        from attanchor_runtime.manifest import Dims
+
+        fp32_build = build(BY_NAME["project-fp32"], cache, ckpt, dims, seed)
+        src = Path(fp32_build["model"])
         model = ir.load(str(src))
         quant = system.variant.split("-")[0]  # int4 | int8
         lm_head = lm_head_quantized(quant, False if system.variant == "int4-keep-lm-head" else None)
@@ -357,24 +359,23 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, dims: str,
         save_beside(model, path, ARTIFACT_IR_VERSION)
         del model
         os.link(src.with_name("embed_tokens.npy"), out / "embed_tokens.npy")
-        model_dims = source["dims"]
+        model_dims = Dims.from_json(fp32_build["dims"])
         notes = {"block_size": 128, "symmetric": False, "accuracy_level": level, "lm_head_quantized": lm_head,
                  "quantized_linears": count, "kv_cache": KV_CONCAT}
         if system.variant != "int4-unfused":  # the export's onnxruntime form (ExportOptions.ort_fusions)
             notes["ort_fusions"] = fuse_decoder_file(path, model_dims)
             notes["kv_cache"] = notes["ort_fusions"]["kv_cache"]
-    dims_dict = model_dims if isinstance(model_dims, dict) else model_dims.to_dict()
-    return {"model": str(path), "dims": dims_dict, "notes": notes, "weight_bytes_per_token": onnx_weight_bytes(path)}
+    return {"model": str(path), "dims": model_dims.to_json(), "notes": notes,
+            "weight_bytes_per_token": onnx_weight_bytes(path)}
 
 
 def project_dims(config):
-    from attanchor_export.load.architectures import ModelDims
+    from attanchor_runtime.manifest import Dims
 
-    return ModelDims(
+    return Dims(
         hidden_size=config.hidden_size, num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=config.hidden_size // config.num_attention_heads,
         vocab_size=config.vocab_size, image_tokens=576, image_size=336, patch_size=14, vision_hidden_size=1024,
-        image_token_id=32000, pad_token_id=32001, bos_token_id=1, eos_token_id=2, eos_token_ids=(2,),
         max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=False,
     )
 
@@ -470,45 +471,33 @@ def _measure(generate, warmup: int) -> dict:
 
 def run_project(spec: dict) -> dict:
     import numpy as np
-    from attanchor_runtime.decoder_feeds import empty_past, greedy, past_names, prefill_feeds, present_names
-    from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT
-    from attanchor_runtime.ort_backend import KVBuffer, decode_append
+    from attanchor_runtime.decode import SequentialStep, generate
+    from attanchor_runtime.manifest import KV_CONCAT
+    from attanchor_runtime.ort_backend import OrtDecoder
     from attanchor_runtime.sessions import ort_session
 
-    dims = spec["dims"]
     t0 = clock()
     session = ort_session(spec["model"], threads=spec["threads"])
+    decoder = OrtDecoder.of_session(session, spec["dims"]["max_position_embeddings"], spec.get("kv_cache", KV_CONCAT))
     table = np.load(spec["embed"], mmap_mode="r")  # [vocab, hidden] fp32, the artifact's embed_tokens.bin
     load_s = clock() - t0
     ids = np.array(spec["prompt"], np.int64)[None]
 
     def embed(tokens):
-        return np.asarray(table[tokens], np.float32)  # the runtime's table lookup
+        return np.asarray(table[tokens], np.float32)[:, None, :]  # the runtime's table lookup (Pipeline.embed)
 
-    shared = spec.get("kv_cache") == KV_APPEND
-    kv_names = past_names(dims["num_layers"]), present_names(dims["num_layers"])
-
-    def generate():
-        token_times, cache = [], None
-
-        def run(names, feeds):
-            if cache is None:  # standard-op decoder: present of one call is the next call's past
-                out = session.run(names, feeds)
-            else:  # fused decoder: one KV buffer per layer read in place, as OrtBackend decodes it
-                out = [decode_append(session, *kv_names, feeds["inputs_embeds"], feeds["attention_mask"],
-                                     feeds["position_ids"], cache)]
-            token_times.append(clock())  # each call's token is the arg-max of its logits, taken right after
-            return out
-
-        start = clock()
-        if shared:
-            cache = KVBuffer(1, dims, np.float32, int(dims["max_position_embeddings"]))
+    def generate_once():
+        start, token_times = clock(), []
         mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-        feeds = prefill_feeds(embed(ids), mask, positions, {} if shared else empty_past(dims, 1))
-        result = greedy(run, dims["num_layers"], feeds, embed, 1 + spec["new_tokens"])
-        return start, token_times, result.tokens[0]
+        for item in generate(decoder, SequentialStep.after_prefill(mask, positions),
+                             np.asarray(table[ids], np.float32), embed, 1 + spec["new_tokens"]):
+            if isinstance(item, np.ndarray):
+                token_times.append(clock())  # each call's token, the moment the loop yields it
+            else:
+                tokens = item.tokens[0]
+        return start, token_times, tokens
 
-    return {**_measure(generate, spec["warmup"]), "load_s": load_s,
+    return {**_measure(generate_once, spec["warmup"]), "load_s": load_s,
             "kv_cache": spec.get("kv_cache", KV_CONCAT)}
 
 

@@ -27,12 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attanchor_export.errors import CheckpointError
-
-
-class StreamingUnavailable(Exception):
-    """This checkpoint cannot be streamed (the message says why); load it whole instead."""
-
+from attanchor_export.errors import CheckpointError, StreamingUnavailable
+from attanchor_export.load.hf_compat import checkpoint_renamer
 
 _TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
                  "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -183,7 +179,6 @@ class StreamedModel:
 def load_streamed(model_class, config, folder: Path, streamed_modules) -> StreamedModel:
     """Build `model_class` on meta, index `folder`'s shards, materialise everything but the parameters
     only `streamed_modules(model)` use, and hook those modules to stream their weights."""
-    from attanchor_export.load.hf_compat import checkpoint_renamer
 
     model = build_on_meta(model_class, config)
     streamed = StreamedModel(model, WeightStore.open(folder, checkpoint_renamer(model)))
@@ -261,5 +256,5 @@ def on_meta(module: torch.nn.Module):
             table[name] = t
 
 
-__all__ = ["LayerStreamer", "StreamedModel", "StreamingUnavailable", "WeightStore", "build_on_meta", "load_streamed",
+__all__ = ["LayerStreamer", "StreamedModel", "WeightStore", "build_on_meta", "load_streamed",
            "on_meta"]
