@@ -217,11 +217,11 @@ class TorchBackend:
 
     @torch.no_grad()
     def vision(self, feeds: dict) -> np.ndarray:
-        (pixels,) = (feeds[n] for n in self.manifest.graphs.vision.input_names)
-        return self.vision_module(torch.from_numpy(np.asarray(pixels, np.float32))).numpy()
+        return self.vision_module(*(torch.from_numpy(np.asarray(feeds[n]))
+                                    for n in self.manifest.graphs.vision.input_names)).numpy()
 
     def embed(self, feeds: dict) -> dict:
-        ids, mask, features, threshold = (feeds[n] for n in self.manifest.graphs.embedding.input_names)
+        ids, mask, features, threshold = (feeds[n] for n in self.manifest.graphs.embedding.input_names[:4])
         anchor = self.manifest.anchor
         outputs = anchored_inputs(self.loaded, ids, mask, None, float(threshold), anchor.mode, anchor.max_anchors,
                                   features=torch.from_numpy(np.asarray(features)))

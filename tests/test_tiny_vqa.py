@@ -69,7 +69,8 @@ def int4(shared_dir, tiny_vqa_checkpoint):
 def fp32_eval(fp32):
     from attanchor_runtime import Pipeline
 
-    from attanchor_export.checks.task_accuracy import evaluate_artifact, load_task
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
+    from attanchor_export.load.datasets import load_task
 
     pipe = Pipeline.load(fp32)
     items = load_task("easy-vqa", limit=QUESTIONS)
@@ -148,7 +149,7 @@ def test_eval_compares_another_artifact_answer_by_answer(fp32, int4):
 
 
 def test_eval_jsonl_and_its_errors(fp32, tmp_path):
-    from attanchor_export.checks.task_accuracy import load_task
+    from attanchor_export.load.datasets import load_task
 
     items = load_task("easy-vqa", limit=3)
     rows = [{"image": it.image, "question": it.question, "answer": it.answer} for it in items]

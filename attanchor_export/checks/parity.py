@@ -75,11 +75,6 @@ def make_prompts(manifest: Manifest, rng: np.random.Generator, lengths: list[int
     return ids, mask
 
 
-def random_pixels(manifest: Manifest, batch: int, rng) -> np.ndarray:
-    size = manifest.dims.image_size
-    return rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-
-
 # (case, prompt lengths): batch 1 and a left-padded batch of 3, lengths the tracer never saw.
 PARITY_CASES = (("batch1", [11]), ("batch3-ragged", [7, 13, 10]))
 DECODE_STEPS = 2  # after the prefill, on each side's own cache
@@ -136,7 +131,7 @@ def source_outputs(loaded, manifest: Manifest, seed: int = 1234, decoder: bool =
     # Lengths and thresholds differ from the tracer's (batch 2, seq 5, past 3).
     threshold_grid = sorted({anchor.threshold, 2.0})
     for case, lengths in PARITY_CASES:
-        pixels = random_pixels(manifest, len(lengths), rng)
+        pixels = family.example_pixels(len(lengths), rng)
         features = backend.vision(family.vision_feeds(pixels, len(lengths)))
         outputs.vision.append((case, pixels, features))
         ids, text_mask = make_prompts(manifest, rng, lengths, pool)
@@ -263,7 +258,7 @@ def validate_end_to_end(loaded, manifest: Manifest, max_new_tokens: int = 12, se
     default = anchor.threshold
     for case, lengths in (("batch1", [9]), ("batch3-ragged", [12, 6, 9])):
         ids, mask = make_prompts(manifest, rng, lengths, pool)
-        pixels = random_pixels(manifest, len(lengths), rng)
+        pixels = family_of(manifest).example_pixels(len(lengths), rng)
         rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
         for threshold in (2.0, default, default / 2):
             label = f"{case} thr={threshold:g}"
@@ -289,4 +284,4 @@ def validate_end_to_end(loaded, manifest: Manifest, max_new_tokens: int = 12, se
 
 
 __all__ = ["CheckResult", "DecoderCall", "ParityCase", "SourceOutputs", "compare_with_source", "make_prompts",
-           "random_pixels", "source_outputs", "token_pool", "validate_end_to_end", "validate_graphs"]
+           "source_outputs", "token_pool", "validate_end_to_end", "validate_graphs"]

@@ -52,8 +52,10 @@ def build_embedding_model(
     for k, v in (("location", table.file), ("offset", "0"), ("length", str(nbytes))):
         init.external_data.add(key=k, value=v)
 
-    input_ids, text_mask, image_features, threshold = spec.input_names
-    inputs_embeds, attention_mask, position_ids, gather_index = spec.output_names
+    # The four roles every family's embedding graph has, in this order; a family may declare more inputs
+    # after them (its position nodes read them by name).
+    input_ids, text_mask, image_features, threshold = spec.input_names[:4]
+    inputs_embeds, attention_mask, position_ids, gather_index = spec.output_names[:4]
     position_nodes, position_initializers = family.position_nodes(attention_mask, position_ids)
     const = helper.make_tensor
     nodes = [

@@ -285,8 +285,7 @@ def gate_inputs(manifest: Manifest, plan: BuildPlan, seed: int = 0) -> dict:
     dims, text = manifest.dims, manifest.text
     opts = plan.options
     batch = min(2, opts.max_batch)
-    size = dims.image_size
-    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    pixels = family_of(manifest).example_pixels(batch, rng)
     ordinary = np.array([i for i in range(min(dims.vocab_size, 4096)) if i not in text.special_ids], np.int64)
     emb = plan.engines["embedding"]
     max_text = emb.profiles[0].dims["text_len"][2] if emb.backend == "tensorrt" else opts.max_input_len

@@ -130,15 +130,17 @@ class Pipeline:
     def generate_steps(self, input_ids, pixel_values, max_new_tokens: int = 32, threshold: float | None = None,
                        attention_mask=None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
-                       stop_token_ids: Sequence[int] = (), front: FrontEnd | None = None) -> Iterator:
+                       stop_token_ids: Sequence[int] = (), front: FrontEnd | None = None,
+                       **image_inputs) -> Iterator:
         """Yields each step's new tokens (int64 [B]) and finally the GenerateOutput.
-        front: `front_end`'s result for these inputs, computed beforehand (a benchmark times it apart)."""
+        front: `front_end`'s result for these inputs, computed beforehand (a benchmark times it apart).
+        image_inputs: vision inputs beside pixel_values that a family's processor returns (front_end)."""
         if max_new_tokens < 1:
             raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.eos_token_ids if eos_token_id is None else list(np.atleast_1d(eos_token_id))
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
         if front is None:
-            front = self.front_end(input_ids, pixel_values, threshold, attention_mask)
+            front = self.front_end(input_ids, pixel_values, threshold, attention_mask, **image_inputs)
         seq_len = front.inputs_embeds.shape[1]
         if seq_len + max_new_tokens > self.max_positions:
             raise RuntimeInputError(
@@ -165,13 +167,15 @@ class Pipeline:
             )
 
     def front_end(self, input_ids, pixel_values, threshold: float | None = None, attention_mask=None,
-                  image_features: np.ndarray | None = None) -> FrontEnd:
+                  image_features: np.ndarray | None = None, **image_inputs) -> FrontEnd:
         """Vision, embedding and anchors for a batch: the decoder's prefill inputs (see FrontEnd).
 
         input_ids and attention_mask as for `generate`; threshold None = the manifest's default;
-        image_features: the vision graph's output for these pixels, when computed beforehand."""
+        image_features: the vision graph's output for these pixels, when computed beforehand;
+        image_inputs: vision inputs beside pixel_values, for families whose processor returns more
+        (Qwen2.5-VL: image_grid_thw); a LLaVA artifact takes none."""
         batch = self.family.prepare_batch(input_ids, attention_mask)
-        vision_feeds = self.family.vision_feeds(pixel_values, len(batch.input_ids))
+        vision_feeds = self.family.vision_feeds(pixel_values, len(batch.input_ids), **image_inputs)
         threshold = self.default_threshold if threshold is None else float(threshold)
         if not np.isfinite(threshold):
             raise RuntimeInputError(f"threshold must be a finite number, got {threshold}")

@@ -66,7 +66,12 @@ class RuntimeFamily:
         raise NotImplementedError
 
     def vision_feeds(self, pixel_values, batch: int, **image_inputs) -> dict[str, np.ndarray]:
-        """The vision graph's feeds for a batch of `batch` prompt rows, checked (RuntimeInputError)."""
+        """The vision graph's feeds for a batch of `batch` prompt rows, checked (RuntimeInputError).
+        image_inputs: what the family's processor returns beside pixel_values (Qwen: image_grid_thw)."""
+        raise NotImplementedError
+
+    def example_pixels(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        """Random pixel_values for `batch` rows, of the shape vision_feeds takes (parity and engine checks)."""
         raise NotImplementedError
 
     # -- prompts -------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ class Llava(RuntimeFamily):
         (name,) = self.manifest.graphs.vision.input_names
         return {name: pixels.astype(np.float32, copy=False)}
 
+    def example_pixels(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        size = self.manifest.dims.image_size
+        return rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+
     def prompt_ids(self, text, question: str) -> np.ndarray:
         return text.prompt_ids(question)
 
