@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 from helpers import SCRIPTS
 
+from attanchor_export.bench_peers import build as build_step
 from attanchor_export.bench_peers.cli import main, write_json
 from attanchor_export.bench_peers.common import BenchError, parse_child_output
 from attanchor_export.bench_peers.rounds import round_order, run_child, run_record
@@ -140,6 +142,38 @@ def test_round_order_and_systems():
     assert BASELINE in BY_NAME and REFERENCE in BY_NAME
     with pytest.raises(BenchError, match="unknown system"):
         main(["--systems", "project-int4,nope"])
+
+
+def test_derived_systems_are_built_from_their_source_once(tmp_path, monkeypatch):
+    """build() builds a system's source first (llama-f32 for llama-q4_0), hands the builder its build.json,
+    and afterwards answers both from the cache without building again."""
+    calls = []
+
+    def fake_builder(system, out, cache, ckpt, source):
+        calls.append((system.name, source))
+        (out / "weights.bin").write_bytes(b"x" * (10 if source is None else 3))
+        return {"model": str(out / "weights.bin"), "weight_bytes_per_token": 1}
+
+    monkeypatch.setitem(build_step.BUILDERS, "llama", fake_builder)
+    info = build_step.build(BY_NAME["llama-q4_0"], tmp_path, tmp_path / "ckpt", "small", 0)
+    f32 = build_step.model_dir(tmp_path, "small", 0, "llama-f32")
+    assert [name for name, _ in calls] == ["llama-f32", "llama-q4_0"]
+    assert calls[0][1] is None and calls[1][1]["model"] == str(f32 / "weights.bin")
+    assert calls[1][1] == json.loads((f32 / "build.json").read_text())
+    q4 = build_step.model_dir(tmp_path, "small", 0, "llama-q4_0")
+    assert info["model"] == str(q4 / "weights.bin") and info["file_bytes"] == 3  # staging paths renamed
+    assert not q4.with_name("llama-q4_0.partial").exists()
+    assert build_step.build(BY_NAME["llama-q4_0"], tmp_path, tmp_path / "ckpt", "small", 0) == info
+    assert len(calls) == 2
+
+
+def test_entry_point_imports_with_the_standard_library_alone():
+    """The peers venv, which has no attanchor_export installed, runs its children through the entry point: it
+    and every module of the package it loads must import with the standard library alone (-S: no site)."""
+    proc = subprocess.run([sys.executable, "-S", str(SCRIPT), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--systems" in proc.stdout and "llama-q4_k_m" in proc.stdout
 
 
 def test_weight_bytes_skip_the_embedding(tmp_path):
