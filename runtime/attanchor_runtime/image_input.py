@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from typing import Any
 
@@ -107,8 +108,10 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview) -> Im
                 image = Image.open(io.BytesIO(bytes(source)))
             else:
                 image = Image.open(os.fspath(source))
-    except Image.DecompressionBombError as exc:
-        raise RuntimeInputError(f"image '{name}' is over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: it refuses before we can
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" ({int(found.group(1)) / 1e6:.0f} megapixels)" if found else ""
+        raise RuntimeInputError(f"image '{name}'{size} is over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
                                 "(attanchor_runtime.image_input.MAX_IMAGE_PIXELS): downscale it first") from exc
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, EOFError, struct.error, ...
         raise RuntimeInputError(f"cannot decode image '{name}': {_decode_reason(exc)}") from exc
