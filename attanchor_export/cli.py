@@ -211,9 +211,9 @@ def _default_output(model: str) -> Path:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact folder [out/<model>-onnx].")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs a GPU and tensorrt).")
 @click.option("--dtype", type=click.Choice(opts.DTYPES), default=opts.default(opts.ExportOptions, "dtype"),
-              show_default=True)
+              show_default=True, help="Float type of the graphs' weights (fp16 is gated against fp32).")
 @click.option("--quant", type=click.Choice(opts.QUANTS), default=opts.default(opts.ExportOptions, "quant"),
-              show_default=True)
+              show_default=True, help="Weight-only quantization of the decoder, gated on accuracy.")
 @click.option("--block-size", type=click.Choice([str(b) for b in opts.BLOCK_SIZES]),
               default=str(opts.default(opts.ExportOptions, "block_size")), show_default=True,
               help="int4 block size.")
@@ -234,9 +234,10 @@ def _default_output(model: str) -> Path:
 @click.option("--task", metavar="easy-vqa|FILE.jsonl",
               help="Questions with answers: quantized formats are also gated on task accuracy vs fp32.")
 @click.option("--mode", type=click.Choice(opts.MODES), default=opts.default(opts.ExportOptions, "mode"),
-              show_default=True)
+              show_default=True, help="t2i: question words are copied next to image patches; i2t: the reverse.")
 @click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
-@click.option("--opset", type=click.IntRange(*opts.OPSETS), default=opts.DEFAULT_OPSET, show_default=True)
+@click.option("--opset", type=click.IntRange(*opts.OPSETS), default=opts.DEFAULT_OPSET, show_default=True,
+              help="ONNX opset of the graphs (TensorRT 10.3 parses up to 20).")
 @click.option("--last-logits-only/--all-logits", default=opts.default(opts.ExportOptions, "last_logits_only"),
               show_default=True,
               help="Prefill returns only the last position's logits (all the runtime reads) or every position's.")
@@ -368,10 +369,13 @@ def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose):
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--image", required=True, help="Image file.")
 @click.option("--prompt", required=True, help="Question about the image.")
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="onnxruntime, or the TensorRT engines built with `build`.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime's device (cuda needs onnxruntime-gpu).")
 @click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Stop after this many generated tokens.")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
@@ -421,7 +425,7 @@ def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, s
 @main.command("build")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--max-batch", type=click.IntRange(min=1), default=opts.default(BuildOptions, "max_batch"),
-              show_default=True)
+              show_default=True, help="Largest batch the engines accept.")
 @click.option("--max-input-len", type=click.IntRange(min=1),
               help="Prefill positions incl. image tokens and anchors [image tokens + 512].")
 @click.option("--max-seq-len", type=click.IntRange(min=2), help="Prompt + generated positions [min(model, 2048)].")
@@ -473,7 +477,8 @@ def lint_cmd(folder, target, as_json):
 @main.command("bench")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--compare-torch", is_flag=True, help="Also time transformers eager on the same prompts.")
-@click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Tokens generated per measured run.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime (and torch) intra-op threads.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Measured runs per prompt (after one warm-up).")
@@ -523,9 +528,12 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
 @click.option("--limit", type=click.IntRange(min=1), help="At most N questions (a fixed random subset for easy-vqa).")
 @click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
 @click.option("--thresholds", help="Several thresholds, comma-separated, e.g. 0.3,0.5,2 (2 = no anchors).")
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="onnxruntime, or the TensorRT engines built with `build`.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime's device (cuda needs onnxruntime-gpu).")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Questions answered together (left-padded).")
 @click.option("--compare-torch", is_flag=True,
               help="Also answer with the source PyTorch model: its accuracy and the share of identical answers.")
 @click.option("--compare", type=click.Path(path_type=Path), metavar="DIR",
