@@ -512,7 +512,10 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
                        threads=threads, compare_torch=compare_torch, repeats=repeats, threshold=threshold,
                        quiet_wait=quiet_wait, verify=verify)
     document = json.dumps(result, indent=2, default=float) + "\n"
-    click.echo(document, nl=False) if as_json else click.echo(format_report(result))
+    if as_json:
+        click.echo(document, nl=False)
+    else:
+        click.echo(format_report(result))
     if json_out:
         Path(json_out).write_text(document)
     if chart:

@@ -15,17 +15,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 CHUNK = 1 << 24  # elements per read: 64 MB of fp32
-_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+# NaN and Inf are the values whose exponent bits are all ones. Tested on the bits (an integer view), not
+# with np.isfinite, which takes 5 s per GiB of fp16 here against 0.3 s.
+_EXPONENT = {TensorProto.FLOAT: (np.uint32, 0x7F800000), TensorProto.FLOAT16: (np.uint16, 0x7C00),
+             TensorProto.DOUBLE: (np.uint64, 0x7FF0000000000000), TensorProto.BFLOAT16: (np.uint16, 0x7F80)}
 
 
-def _count_nonfinite(values: np.ndarray) -> int:
-    flat = values.reshape(-1)
+def _count_nonfinite(values: np.ndarray, data_type: int) -> int:
+    bits, mask = _EXPONENT[data_type]
+    flat = values.reshape(-1).view(np.dtype(bits).newbyteorder(values.dtype.byteorder))
     bad = 0
     for start in range(0, flat.size, CHUNK):
-        chunk = flat[start:start + CHUNK]
-        if chunk.dtype.kind != "f":  # bfloat16 (ml_dtypes) is not a numpy float kind
-            chunk = chunk.astype(np.float32)
-        bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+        exponent = flat[start:start + CHUNK] & bits(mask)
+        if exponent.max() == mask:
+            bad += int(np.count_nonzero(exponent == mask))
     return bad
 
 
@@ -53,10 +56,10 @@ def scan_graph(path: Path) -> list[dict]:
     model = onnx.load(str(path), load_external_data=False)
     rows, scanned = [], 0
     for tensor in _weights(model):
-        if tensor.data_type not in _FLOATS:
+        if tensor.data_type not in _EXPONENT:
             continue  # int4/int8 weights are integers; their float scales are scanned
         scanned += 1
-        bad = _count_nonfinite(_values(tensor, path.parent))
+        bad = _count_nonfinite(_values(tensor, path.parent), tensor.data_type)
         if bad:
             rows.append({"graph": path.name, "case": tensor.name, "metric": "non_finite_values", "value": bad,
                          "limit": 0, "passed": False})

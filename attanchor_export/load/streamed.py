@@ -33,11 +33,14 @@ from attanchor_export.errors import CheckpointError
 def check_finite(tensor: torch.Tensor, name: str) -> None:
     """CheckpointError naming `name` when the tensor holds NaN or Inf: a damaged checkpoint must not
     become an artifact that answers (wrongly) whenever the bad row is used."""
-    if not tensor.is_floating_point() or tensor.is_meta:
+    if not tensor.is_floating_point() or tensor.is_meta or tensor.numel() == 0:
+        return
+    # aminmax propagates NaN and shows Inf, at a fraction of isfinite's cost (0.1-0.3 s/GiB against 7-16
+    # here): the scan of a 7B checkpoint costs seconds, not minutes. isfinite only to name the first.
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
         return
     finite = torch.isfinite(tensor)
-    if bool(finite.all()):
-        return
     bad = int((~finite).sum())
     first = [int(i) for i in (~finite).nonzero()[0]]
     raise CheckpointError(f"the checkpoint is damaged: tensor {name} holds {bad} NaN/Inf value(s), the first at "

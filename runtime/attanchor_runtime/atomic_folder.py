@@ -153,7 +153,11 @@ def replace_folder(src: Path, dst: Path, may_replace: Callable[[Path], bool] | N
             raise TargetAppeared(f"{dst} appeared while this one was written and may not be replaced")
         trash = dst.with_name(f".{dst.name}.{OLD}-{_owner()}")
         os.replace(dst, trash)
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(trash, dst)  # the old folder goes back: never neither
+            raise
         # A folder that cannot be removed now stays hidden under its owner's name: the next writer of
         # dst removes it once this process is gone (remove_stale).
         shutil.rmtree(trash, ignore_errors=True)

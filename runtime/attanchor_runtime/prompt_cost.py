@@ -2,8 +2,8 @@
 
 A long prompt is cheap to tokenize and expensive to prefill: onnxruntime's CPU attention holds
 [batch, heads, L, L] score tensors (several at once: scores, masked, softmax), the decoder may return
-logits for every position ([batch, L, vocab]), and the KV cache grows with every position. A
-4,000-word prompt on a 135M model took 7.9 GB. The estimate (bytes, fp32) is
+logits for every position ([batch, L, vocab]), and the KV cache grows with every position, so the
+cost grows with the square of the prompt. The estimate (bytes, fp32) is
 
     KV cache      2 (key, value) x layers x batch x kv_heads x head_dim x total positions x 4 x 2
                   (the past and the step's present exist together)
@@ -11,11 +11,13 @@ logits for every position ([batch, L, vocab]), and the KV cache grows with every
     logits        batch x (L or 1) x vocab x 4                   (1: a --last-logits-only decoder)
     activations   batch x L x hidden x 4 x ACTIVATION_WIDTHS
 
-with L the prefill positions (prompt tokens - 1 + image tokens + anchors). Measured on tiny-vqa
-(SmolLM2-135M, 30 layers, fp32 onnxruntime CPU, 2026-12): peak RSS growth 175 / 395 / 935 MiB at
-563 / 1,063 / 2,063 positions, which the formula over-estimates by 1.3x. `Pipeline.generate` refuses
-a call above its memory budget (Pipeline.load(memory_budget=GiB) or generate(memory_budget=GiB);
-default: the memory available when the call starts).
+with L the prefill positions (prompt tokens - 1 + image tokens + anchors). Measured with
+`python scripts/measure_prompt_memory.py DIR` on the tiny-vqa fp32 artifact (SmolLM2-135M, 30 layers,
+decoder returning every position's logits, onnxruntime CPU, 2026-12-04): peak RSS growth 173 / 393 /
+934 MiB at 563 / 1,063 / 2,063 positions, which the formula over-estimates by 1.26 / 1.23 / 1.31x.
+`Pipeline.generate` refuses a call above its memory budget (Pipeline.load(memory_budget=GiB) or
+generate(memory_budget=GiB); default: the memory available when the call starts plus what the process
+already holds beyond the loaded weights, which onnxruntime reuses).
 """
 
 from __future__ import annotations
