@@ -179,3 +179,34 @@ def test_demo_answers_a_real_question(fp32, shared_dir, tmp_path):
     picture = Image.open(out / "anchors.png")
     assert picture.width >= 512 and picture.height > picture.width  # image plus the caption strip
     assert np.asarray(picture).std() > 10
+
+
+def test_demo_shows_only_its_own_progress(fp32, tmp_path, monkeypatch):
+    """Building tiny-vqa, transformers draws tqdm bars (de-quantizing the GGUF, writing shards): they stay
+    off the terminal, the tool's own steps do not, and --quiet prints nothing at all."""
+    import shutil
+
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attanchor_export.load.tiny_vqa as tiny_vqa
+
+    real = tiny_vqa.checkpoint_folder
+
+    def first_build():
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50)).save_pretrained(tmp_path / "lm")  # "Writing model shards"
+        return real()
+
+    monkeypatch.setattr(tiny_vqa, "checkpoint_folder", first_build)
+    out = tmp_path / "demo"
+    shutil.copytree(fp32, out / "artifact")
+    result = run_cli("demo", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "de-quantizing" not in result.stderr and "Writing model shards" not in result.stderr
+    assert "it/s" not in result.stderr and "✓ tiny-vqa checkpoint" in result.stderr and "ASSISTANT:" in result.stderr
+    quiet = run_cli("demo", "-o", out, "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (out / "anchors.png").is_file()

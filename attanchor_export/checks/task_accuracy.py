@@ -12,6 +12,7 @@ the CI test that the fp32 artifact answers exactly as the PyTorch model does.
 
 from __future__ import annotations
 
+import json
 import random
 import string
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from attanchor_runtime.errors import RuntimeInputError
 
 from attanchor_export.errors import ExportError
 from attanchor_export.load.image_jsonl import read_image_jsonl
@@ -35,6 +37,7 @@ class TaskItem:
     answer: str
     kind: str = "other"
     image_id: int | None = None
+    source: str | None = None  # "FILE.jsonl:LINE" for a JSONL row: how a skipped row is named
 
 
 def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
@@ -49,11 +52,42 @@ def load_task(data: str, split: str = "test", limit: int | None = None, seed: in
     path = Path(data).expanduser()
     if not path.is_file():
         raise ExportError(f"--data {data}: neither easy-vqa nor an existing JSONL file")
-    rows = [TaskItem(str(image), str(rec["question"]), str(rec["answer"]), str(rec.get("kind", "other")))
-            for _, image, rec in read_image_jsonl(path, ("question", "answer"), what="", strings=False)]
+    rows = []
+    for lineno, image, rec in read_image_jsonl(path, ("question", "answer"), what="", strings=False):
+        for key in ("question", "answer"):
+            value = rec[key]
+            # An answer may be a number ("how many": 3); null, true or a list is a broken row, not "None".
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ExportError(f'{path}:{lineno}: "{key}" is {json.dumps(value)}: expected a string')
+        rows.append(TaskItem(str(image), str(rec["question"]), str(rec["answer"]), str(rec.get("kind", "other")),
+                             source=f"{path}:{lineno}"))
     if not rows:
         raise ExportError(f"{path}: no questions")
     return rows[:limit] if limit else rows
+
+
+def readable_items(pipe, items: Sequence[TaskItem], on_skip: Callable[[str], None] | None = None
+                   ) -> tuple[list[TaskItem], list[dict]]:
+    """The items the artifact can answer, and a record of each one it cannot (an image that does not
+    decode or is over the size limits, a question too long for the context), checked before any
+    question is answered so one bad row costs neither the run nor the rows measured before it."""
+    dims = pipe.manifest.dims
+    fixed = int(dims["image_tokens"]) - 1 + (pipe.manifest.anchor.max_anchors or 0) + ANSWER_TOKENS
+    kept, skipped = [], []
+    for it in items:
+        try:
+            pipe.images(it.image)
+            length = len(pipe.text.prompt_ids(it.question))
+            if length + fixed > pipe.max_positions:
+                raise RuntimeInputError(f"the question is {length} tokens, too long for the model's context")
+        except RuntimeInputError as e:
+            where = it.source or it.image
+            skipped.append({"row": where, "image": it.image, "reason": str(e)})
+            if on_skip:
+                on_skip(f"{where}: {e}; skipped")
+            continue
+        kept.append(it)
+    return kept, skipped
 
 
 def normalize(text: str) -> str:
@@ -170,19 +204,26 @@ def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, bat
 
 def run_eval(folder, data: str, split: str = "test", limit: int | None = None, thresholds=(None,),
              backend: str = "ort", device: str = "cpu", batch: int = DEFAULT_BATCH, progress_factory=None,
-             compare_torch: bool = False, compare: Path | None = None) -> dict:
+             compare_torch: bool = False, compare: Path | None = None, verify: str = "size",
+             on_skip: Callable[[str], None] | None = None) -> dict:
     """`attanchor-export eval`: one result per threshold (None = the artifact's default), JSON-ready.
 
     The top-level "accuracy" is the first threshold's, so `--json | jq .accuracy` answers "how good is it".
     compare_torch: also answer with the source PyTorch model on the same prompt ids and pixels, and
     report its accuracy and the share of identical answers. compare: the same for another artifact
     (another precision, or the same one exported without onnxruntime fusions), on the same backend.
+    verify: how the artifacts' files are checked first (Pipeline.load). Rows that cannot be answered
+    (readable_items) are left out, each reported through on_skip and listed under "skipped".
     """
+    if not thresholds:
+        raise ExportError("no threshold to evaluate")
     from attanchor_runtime import Pipeline
 
-    pipe = Pipeline.load(folder, backend=backend, device=device)
-    other = Pipeline.load(compare, backend=backend, device=device) if compare is not None else None
-    items = load_task(data, split=split, limit=limit)
+    pipe = Pipeline.load(folder, backend=backend, device=device, verify=verify)
+    other = Pipeline.load(compare, backend=backend, device=device, verify=verify) if compare is not None else None
+    items, skipped = readable_items(pipe, load_task(data, split=split, limit=limit), on_skip)
+    if not items:
+        raise ExportError(f"--data {data}: none of its {len(skipped)} questions can be answered (see the warnings)")
     from attanchor_export.checks.recheck import load_source
 
     loaded = load_source(pipe.manifest) if compare_torch else None
@@ -205,7 +246,7 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
     return {
         "folder": str(folder), "data": data, "split": split if data == "easy-vqa" else None,
         "precision": _precision(pipe.manifest), "backend": backend,
-        "accuracy": results[0]["accuracy"], "results": results,
+        "accuracy": results[0]["accuracy"], "results": results, "skipped": skipped,
     }
 
 
