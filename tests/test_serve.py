@@ -309,3 +309,12 @@ def test_cli_refuses_a_folder_that_is_not_an_artifact(tmp_path):
 
     result = CliRunner().invoke(main, ["serve", str(tmp_path)])
     assert result.exit_code != 0 and "no manifest.json" in result.output
+
+
+def test_bench_serve_runs_and_prints_its_table(tiny_vqa_fp32, capsys):
+    """scripts/bench_serve.py (the throughput table in docs/SERVING.md), at its smallest."""
+    from helpers import load_script
+
+    load_script("bench_serve").main([str(tiny_vqa_fp32), "--clients", "1,2", "--requests", "1", "--configs", "batched"])
+    out = capsys.readouterr().out
+    assert "| batched | " in out and '"rows_per_batch"' in out

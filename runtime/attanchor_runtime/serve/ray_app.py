@@ -15,6 +15,7 @@ engines must have been built on that node's GPU type.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -57,7 +58,15 @@ def application(folder, options: ServeOptions, replicas: int = 1, replica_cpus: 
 def build(args: dict):
     """`serve run attanchor_runtime.serve.ray_app:build artifact=DIR [replicas=N] [OPTION=VALUE ...]`:
     any ServeOptions field by name (max_batch=8, timeout_s=300, model_name=...)."""
+    folder, replicas, replica_cpus, replica_gpus, options = parse_build_args(args)
+    return application(folder, options, replicas, replica_cpus, replica_gpus)
+
+
+def parse_build_args(args: dict) -> tuple[str, int, float, float, ServeOptions]:
+    """`serve run`'s KEY=VALUE strings -> (artifact, replicas, replica_cpus, replica_gpus, ServeOptions)."""
     args = dict(args)
+    if "artifact" not in args:
+        raise ValueError("artifact=DIR is required")
     folder = args.pop("artifact")
     replicas = int(args.pop("replicas", 1))
     replica_cpus = float(args.pop("replica_cpus", 1))
@@ -78,7 +87,7 @@ def build(args: dict):
             values[name] = Path(value)
         else:
             values[name] = value
-    return application(folder, ServeOptions(**values), replicas, replica_cpus, replica_gpus)
+    return folder, replicas, replica_cpus, replica_gpus, ServeOptions(**values)
 
 
 def serve_on_ray(folder, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2,
@@ -91,6 +100,7 @@ def serve_on_ray(folder, options: ServeOptions, host: str = "127.0.0.1", port: i
     from ray import serve
 
     own_cluster = address is None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a serving command does not report usage anywhere
     # A local head: no dashboard, a small object store (requests carry images, not tensors, between
     # processes). Ray's own GCS/raylet ports are Ray's business: see docs/SERVING.md.
     ray.init(address=address, include_dashboard=False if own_cluster else None,
