@@ -18,8 +18,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -181,7 +179,7 @@ class Server:
         body = await request.body()
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
@@ -290,10 +288,11 @@ async def _disconnected(request: Request) -> None:
 def create_app(pipe, options: ServeOptions | None = None, name: str | None = None,
                replica: str | None = None) -> Starlette:
     """The server for one loaded Pipeline. `name`: the model id when options.model_name is unset (the
-    artifact folder's name); `replica`: what the x-attanchor-replica header says (host:pid by default)."""
+    artifact folder's name); `replica`: what the x-attanchor-replica header says (by default a random id
+    per process: the header should not tell the world a host name)."""
     options = options or ServeOptions()
     name = name or pipe.manifest.folder.name
-    replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+    replica = replica or uuid.uuid4().hex[:12]
     server = Server(pipe, options, name, replica)
 
     @asynccontextmanager
