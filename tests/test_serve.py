@@ -275,20 +275,30 @@ def test_file_urls_only_under_the_allowed_folder(tight, pipe, items, tmp_path):
 def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_vqa_fp32, items, tmp_path):
     """A request already generating finishes; one still running after --shutdown-grace gets a clean 503;
     no new connection is taken; the process exits 0."""
-    proc = ServeProcess(tiny_vqa_fp32, "--max-batch", "1", "--shutdown-grace", "3", log=tmp_path / "serve.log")
+    proc = ServeProcess(tiny_vqa_fp32, "--max-batch", "1", "--shutdown-grace", "5", log=tmp_path / "serve.log")
     url = data_url(items[0].image)
     results = {}
 
     def stream(name, body):
-        with httpx.stream("POST", f"{proc.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
-            results[name] = (r.status_code, "".join(r.iter_text()))
+        try:
+            with httpx.stream("POST", f"{proc.url}/v1/chat/completions", json={**body, "stream": True},
+                              timeout=60) as r:
+                results[name] = (r.status_code, "".join(r.iter_text()))
+        except httpx.HTTPError as exc:
+            results[name] = (None, repr(exc))
 
-    short = threading.Thread(target=stream, args=("short", _long(url, max_tokens=24)))
+    def until(what):
+        deadline = time.monotonic() + 30
+        while not what(proc.health()):
+            assert time.monotonic() < deadline, proc.health()
+            time.sleep(0.05)
+
+    short = threading.Thread(target=stream, args=("short", _long(url, max_tokens=40)))
     long = threading.Thread(target=stream, args=("long", _long(url, seed=2)))
     short.start()
-    time.sleep(0.2)
+    until(lambda h: h["running"] == 1)  # the short one is generating (--max-batch 1)...
     long.start()
-    time.sleep(0.3)
+    until(lambda h: h["waiting"] == 1)  # ...and the long one waits behind it
     proc.proc.send_signal(15)
     short.join(60)
     long.join(60)
