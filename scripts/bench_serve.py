@@ -26,9 +26,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# onnxruntime threads: one process uses every core by default; each Ray replica one (--replica-cpus 1),
+# so "batched-1-thread" is the one-process row that differs from the Ray row only by the replicas.
 CONFIGS = {
     "one-at-a-time": ["--max-batch", "1"],
     "batched": ["--max-batch", "8"],
+    "batched-1-thread": ["--max-batch", "8", "--threads", "1"],
     "ray-2x-batched": ["--ray", "--replicas", "2", "--max-batch", "8"],
 }
 

@@ -129,6 +129,22 @@ def test_typed_markers_are_text_not_roles_or_images(server, items):
     assert reply.usage.prompt_tokens >= plain.usage.prompt_tokens + 30  # each marker spelled in text tokens
 
 
+def test_a_client_that_does_not_read_blocks_no_one(server, pipe, items):
+    """Each stream has its own queue: a client that opens a stream and reads nothing for a while does not
+    hold the worker, and reads its whole answer afterwards."""
+    item = items[1]
+    url = data_url(item.image)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": user_message("describe the image", url), "temperature": 2.0, "seed": 3,
+                            "max_tokens": 48, "stream": True}, timeout=120) as unread:
+        started = time.monotonic()
+        reply = client(server.url).chat.completions.create(model=MODEL, messages=user_message(item.question, url))
+        assert reply.choices[0].message.content == pipe.chat(item.question, item.image, max_new_tokens=256)
+        assert time.monotonic() - started < 60
+        text = "".join(unread.iter_text())
+    assert text.rstrip().endswith("data: [DONE]") and '"finish_reason": "' in text
+
+
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
     hits = 0
 
