@@ -4,12 +4,14 @@ that must hold on one device and through Ray Serve alike (test_serve.py, test_se
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -212,3 +214,71 @@ def check_unknown_model(url: str, image: str) -> None:
         raise AssertionError("an unknown model name was served")
     check_error(httpx.get(f"{url}/v1/models/gpt-4o", headers={"Authorization": f"Bearer {KEY}"}), 404,
                 "model_not_found")
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self):
+        type(self).hits += 1
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def check_bad_inputs(url: str, model: str, image: str) -> None:
+    """Each bad input gets its status and an OpenAI-style error body. The server must run with
+    --max-image-pixels 1000000 --max-body-mb 1 and neither --allow-files nor --allow-remote-images."""
+    good = data_url(image)
+    png = Path(image).read_bytes()
+    watcher = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
+    threading.Thread(target=watcher.serve_forever, daemon=True).start()
+
+    def body(question="what color is the shape?", url=good, **extra):
+        return {"model": model, "messages": user_message(question, url), **extra}
+
+    cases = [
+        ("malformed JSON", post(url, b'{"model": '), 400, None, "not valid JSON"),
+        ("not an object", post(url, b"[1, 2]"), 400, None, "JSON object"),
+        ("missing messages", post(url, {"model": model}), 400, None, "messages"),
+        ("empty messages", post(url, {"model": model, "messages": []}), 400, None, "messages"),
+        ("unknown role", post(url, {"messages": [{"role": "tool", "content": "x"}]}), 400, None, "role"),
+        ("non-image data URL", post(url, body(url="data:text/plain;base64,aGVsbG8=")), 400, "invalid_image_url", None),
+        ("bad base64", post(url, body(url="data:image/png;base64,!!!not-base64")), 400, "invalid_image_url", "base64"),
+        ("truncated PNG", post(url, body(url=data_url(png[: len(png) // 2]))), 400, "invalid_image", None),
+        ("not an image", post(url, body(url=data_url(b"GIF89a" + b"\0" * 64))), 400, "invalid_image", None),
+        ("over the pixel limit", post(url, body(url=data_url(png_bytes(np.zeros((1000, 1200, 3), np.uint8))))),
+         400, "image_too_large", "1,200,000 pixels"),
+        ("decompression bomb", post(url, body(url=data_url(bomb_png()))), 400, "image_too_large", "900000000 pixels"),
+        ("100000x1 strip", post(url, body(url=data_url(png_bytes(np.zeros((1, 100000, 3), np.uint8))))),
+         400, "image_too_large", "100000x1"),
+        ("body over the limit", post(url, body(url=data_url(b"\0" * 1_200_000))), 413, "request_too_large", None),
+        ("prompt over the context", post(url, body(question="red " * 9000)), 400, "context_length_exceeded", None),
+        ("max_tokens over the context", post(url, body(max_tokens=9000)), 400, "context_length_exceeded", None),
+        ("no image", post(url, {"messages": user_message("what shape?", None)}), 400, "image_count", "has 0"),
+        ("two images", post(url, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": good}}, {"type": "image_url", "image_url": {"url": good}},
+            {"type": "text", "text": "same?"}]}]}), 400, "image_count", "has 2"),
+        ("image from the assistant", post(url, {"messages": [
+            *user_message("what shape?", good),
+            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": good}}]},
+            {"role": "user", "content": "and now?"}]}), 400, None, "only user messages"),
+        ("n = 2", post(url, body(n=2)), 400, None, "n = 2"),
+        ("temperature 5", post(url, body(temperature=5)), 400, None, "temperature"),
+        ("unknown model", post(url, body(model="gpt-4o")), 404, "model_not_found", None),
+        ("wrong key", post(url, body(), key="wrong"), 401, "invalid_api_key", None),
+        ("file URL without --allow-files", post(url, body(url=f"file://{image}")), 400,
+         "image_source_not_allowed", "--allow-files"),
+        ("http URL without --allow-remote-images",
+         post(url, body(url=f"http://127.0.0.1:{watcher.server_address[1]}/a.png")), 400,
+         "image_source_not_allowed", "--allow-remote-images"),
+    ]
+    watcher.shutdown()
+    for name, response, status, code, says in cases:
+        try:
+            check_error(response, status, code, says)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+    assert _CountingHandler.hits == 0  # nothing was fetched
