@@ -85,7 +85,8 @@ def test_remote_images_public_addresses_only_with_every_redirect_checked(image_s
     started = time.monotonic()
     assert "timed out" in refused(f"{image_server}/slow", "image_fetch_failed", timeout=1.0)
     assert time.monotonic() - started < 4
-    assert "resolve" in refused("http://no-such-host.invalid/x.png", "image_fetch_failed")
+    message = refused("http://no-such-host.invalid/x.png", "image_fetch_failed")
+    assert "resolve" in message or "timed out" in message  # a closed network may not answer DNS at all
 
 
 def test_public_address_rule():
