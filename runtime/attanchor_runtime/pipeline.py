@@ -203,20 +203,27 @@ class Pipeline:
         return output  # the last item generate_steps yields is the GenerateOutput
 
     def generate_steps(self, input_ids, pixel_values, max_new_tokens: int = 32, threshold: float | None = None,
-                       attention_mask=None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
-                       stop_token_ids: Sequence[int] = (), memory_budget: float | None = None) -> Iterator:
+                       attention_mask=None, memory_budget: float | None = None, **sampling) -> Iterator:
         """Yields each step's new tokens (int64 [B]) and finally the GenerateOutput.
 
         memory_budget: GiB this call may use (default: the pipeline's, see Pipeline.load); a prompt whose
         estimated cost (prompt_cost) is over it is refused before it runs."""
         if max_new_tokens < 1:
             raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        front = self.front_end(input_ids, pixel_values, threshold, attention_mask, max_new_tokens=max_new_tokens,
+                               memory_budget=memory_budget)
+        yield from self.decode_steps(front, max_new_tokens, **sampling)
+
+    def decode_steps(self, front: FrontEnd, max_new_tokens: int = 32, do_sample: bool = False,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                     eos_token_id=None, stop_token_ids: Sequence[int] = ()) -> Iterator:
+        """The decode loop over a `front_end` result: as `generate_steps`, for a caller that needs the
+        anchors before the answer ends (a server sends them with its stream and may stop early)."""
+        if max_new_tokens < 1:
+            raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.eos_token_ids if eos_token_id is None else list(np.atleast_1d(eos_token_id))
         stop = np.array(sorted({*eos, *stop_token_ids}), np.int64)
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
-        front = self.front_end(input_ids, pixel_values, threshold, attention_mask, max_new_tokens=max_new_tokens,
-                               memory_budget=memory_budget)
         timings, clock = dict(front.timings), time.perf_counter
         seq_len = front.inputs_embeds.shape[1]
         if seq_len + max_new_tokens > self.max_positions:
