@@ -1,13 +1,15 @@
 """`attanchor-export check DIR`: everything that says an artifact is good, re-run on demand.
 
-Graph parity and end-to-end tokens against the PyTorch source (fp32 artifacts), the accuracy gate
-(quantized artifacts), and the TensorRT lint; one dict out, for the table or --json.
+Every file's sha256, every weight scanned for NaN/Inf, graph parity and end-to-end tokens against the
+PyTorch source (fp32 artifacts), the accuracy gate (quantized artifacts), and the TensorRT lint; one
+dict out, for the table or --json.
 """
 
 from __future__ import annotations
 
 from attanchor_runtime.manifest import Gate, Manifest
 
+from attanchor_export.checks.finite import describe_failures, scan_artifact
 from attanchor_export.checks.parity import validate_end_to_end, validate_graphs
 from attanchor_export.export_cost import MemoryPlan
 from attanchor_export.load.source import load_source
@@ -20,8 +22,13 @@ def check_artifact(folder, model: str | None = None, end_to_end: bool = True,
                    steps=no_steps, adapter: str | None = None) -> dict:
     with steps("verify files (sha256)"):
         manifest = Manifest.load(folder, verify="sha256")
+    with steps("scan weights for NaN/Inf"):
+        finite = scan_artifact(manifest)
+    if not all(c["passed"] for c in finite):  # damaged weights: nothing else is worth comparing
+        return {"folder": str(folder), "passed": False, "checks": finite,
+                "sections": {"weights": describe_failures(finite)}}
     loaded = load_source(manifest, model, adapter, steps, streamed=True)
-    checks, sections = [], {}
+    checks, sections = list(finite), {}
     if manifest.precision.quantized:
         with steps("accuracy gate against PyTorch"):
             gate = regate(manifest, loaded)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import platform
 import shutil
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from attanchor_runtime.manifest import (
 )
 
 from attanchor_export import __version__
-from attanchor_export.artifact import check_target, staging_folder
+from attanchor_export.artifact import check_target, remove_stale_staging, staging_folder
 from attanchor_export.checks.parity import compare_with_source, source_outputs
 from attanchor_export.errors import ExportError, ValidationFailed
 from attanchor_export.export_cost import (
@@ -150,6 +151,9 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
         threshold = calibration.threshold
     elif not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise ExportError(f'threshold must be a number or "auto", got {threshold!r}')
+    elif not math.isfinite(threshold):
+        # Stored as the runtime's default, a NaN or infinite threshold would break every later run.
+        raise ExportError(f"threshold must be a finite number, got {threshold}")
     return replace(options, threshold=float(threshold), calib=calib, task=task, gate_floors=floors), calibration
 
 
@@ -173,16 +177,22 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
     """The export job as its list of steps; the manifest is written (and every file hashed) once, at the end."""
     cost = ExportCost()
     _check_options(options)
-    check_target(Path(options.output).absolute(), options.force)  # fail before minutes of loading
+    # Fail before minutes of loading; the paths are checked again once the model and adapter are located.
+    check_target(Path(options.output).absolute(), options.force, _protected_paths(model_name, options.adapter))
+    remove_stale_staging(options.output)  # what killed exports to this place left (their owner is gone)
     # A missing or pickled adapter fails here, before the model loads.
     located_adapter = locate_adapter(options.adapter, offline=options.offline, allow_pickle=options.allow_pickle) \
         if options.adapter else None
     # Download (if needed) before the step's spinner: huggingface_hub draws its own progress bars.
     located = locate(model_name, options.revision, offline=options.offline, allow_pickle=options.allow_pickle,
                      trust_remote_code=options.trust_remote_code)
+    protected = _protected_paths(located.folder, located_adapter.folder if located_adapter else None)
     with steps("load checkpoint"):
         # Streamed: the decoder's weights stay in the shards until written (a LoRA merge needs them loaded).
         loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code, streamed=not options.adapter)
+        if loaded.processor_folder:
+            protected.append(("the checkpoint's processor files", Path(loaded.processor_folder)))
+        _check_budget_fits(loaded, options)
         tokenizer = _load_tokenizer(loaded)
         cost.record_checkpoint(loaded)
         cost.disk = _check_disk(loaded, options)
@@ -194,8 +204,10 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
     if located_adapter is not None:
         with steps("merge LoRA adapter"):  # merged before anything is traced: graphs and checks see one model
             adapter = apply_adapter(loaded, located_adapter)
+    if loaded.streamed is None:
+        _check_finite_parameters(loaded, steps)  # a streamed load checks each tensor as it is read
     graphs = loaded.family.graph_specs(options.max_anchors, options.last_logits_only)
-    with staging_folder(options.output, options.force) as staging:
+    with staging_folder(options.output, options.force, protected) as staging:
         table, optimizations = _write_graphs(loaded, graphs, staging.path, options, steps)
         _write_processor_files(loaded, tokenizer, staging.path)
         manifest = Manifest(
@@ -231,6 +243,35 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
                         checks=checks)
 
 
+def _protected_paths(model, adapter) -> list[tuple[str, Path]]:
+    """What an output folder must never be or contain: the checkpoint and adapter folders (when local)."""
+    out = []
+    for what, path in (("the source checkpoint", model), ("the adapter", adapter)):
+        if path and Path(path).expanduser().exists():
+            out.append((what, Path(path).expanduser()))
+    return out
+
+
+def _check_budget_fits(loaded, options: ExportOptions) -> None:
+    """An anchor budget K adds K positions to every prompt's static shape: K beyond the context is a
+    (huge) allocation that can never run."""
+    dims = loaded.dims
+    room = dims.max_position_embeddings - dims.image_tokens
+    if options.max_anchors is not None and options.max_anchors > room:
+        raise ExportError(f"--max-anchors {options.max_anchors} does not fit the model's context of "
+                          f"{dims.max_position_embeddings} positions ({dims.image_tokens} of them image tokens): "
+                          f"use at most {max(room, 0)}")
+
+
+def _check_finite_parameters(loaded, steps) -> None:
+    """A model loaded whole (adapter merge, no safetensors): every weight checked for NaN/Inf before tracing."""
+    from attanchor_export.load.streamed import check_finite
+
+    with steps("check weights for NaN/Inf"):
+        for name, parameter in loaded.model.named_parameters():
+            check_finite(parameter.detach(), name)
+
+
 def _check_disk(loaded, options: ExportOptions) -> dict:
     """Fail in the first minute, not after the trace, when the output's disk cannot hold the export's peak
     (the fp32 graphs and the reduced files written beside them)."""
@@ -241,8 +282,20 @@ def _check_disk(loaded, options: ExportOptions) -> dict:
     if need > free:
         raise ExportError(f"not enough free disk for the export at {parent}: it needs about {size(need)} at its "
                           f"peak (fp32 graphs and the {_precision_name(options)} files beside them), "
-                          f"{size(free)} is free")
+                          f"{size(free)} is free{_leftovers_note(parent)}")
     return {"disk_needed_bytes": need, "disk_free_bytes": free}
+
+
+def _leftovers_note(parent: Path) -> str:
+    """Staging or half-replaced folders in `parent` that are still there (their export may be running):
+    named in the free-disk error, since they may be what fills the disk."""
+    from attanchor_export.artifact import staging_leftovers
+
+    found = staging_leftovers(parent)
+    if not found:
+        return ""
+    listed = ", ".join(f"{p} ({size(n)})" for p, n in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return f"; unfinished exports' folders take space there: {listed} (remove them once no export is running)"
 
 
 def _precision_name(options: ExportOptions) -> str:
@@ -258,6 +311,9 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"unknown anchor mode {options.mode!r}: choose {' or '.join(MODES)}")
     if options.max_anchors is not None and options.max_anchors < 1:
         raise ExportError("--max-anchors must be a positive integer")
+    number = isinstance(options.threshold, (int, float)) and not isinstance(options.threshold, bool)
+    if number and not math.isfinite(options.threshold):
+        raise ExportError(f"threshold must be a finite number, got {options.threshold}")
 
 
 def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, steps):

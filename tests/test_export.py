@@ -148,8 +148,10 @@ def test_failed_validation_keeps_folder_under_failed_name(checkpoint, tmp_path):
     assert read_manifest(failed)["validation"]["passed"] is False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_export_leaves_nothing_under_final_name(checkpoint, tmp_path, sig):
+    """Ctrl-C and SIGTERM (`timeout`, `kill`) clean up; SIGKILL cannot, so its staging folder records the
+    owner and the next export to the same place removes it once that process is gone."""
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "attanchor_export.cli", str(checkpoint("clip-llama")), "-o", str(out), "--quiet"],
@@ -166,10 +168,21 @@ def test_interrupted_export_leaves_nothing_under_final_name(checkpoint, tmp_path
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
     assert not out.exists()
+    partial = list(tmp_path.glob(".interrupted.partial-*"))
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
-        assert not list(tmp_path.glob(".interrupted.partial-*")), "Ctrl-C must clean the partial folder"
+        assert not partial, "Ctrl-C must clean the partial folder"
+    elif sig == signal.SIGTERM:
+        assert proc.returncode == 143
+        assert stderr.strip().splitlines()[-1].startswith("error: terminated")
+        assert not partial, "SIGTERM must clean the partial folder"
+    else:
+        assert len(partial) == 1 and partial[0].name.startswith(f".interrupted.partial-{proc.pid}@")
+        from attanchor_export.artifact import remove_stale_staging
+
+        assert remove_stale_staging(out) == partial  # what the next export to `out` does first
+        assert not list(tmp_path.iterdir())
 
 
 def test_help_lists_verbs():

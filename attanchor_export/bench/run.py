@@ -106,6 +106,7 @@ def run_bench(
     quiet_wait: float = 0.0,
     bandwidth_bytes: int = 1 << 30,
     progress=None,
+    verify: str = "size",
 ) -> dict:
     """Benchmark the artifact at `folder`; returns a JSON-able dict (keys in the module docstring and
     README). prompts: questions put through the artifact's chat template (default DEFAULT_PROMPTS);
@@ -113,13 +114,14 @@ def run_bench(
     manifest default) or "auto" (the threshold at which ~10% of the prompt's text tokens become
     anchors, as in the paper - random-weight checkpoints otherwise insert none); repeats: measured
     runs per prompt after `warmup` unmeasured ones; quiet_wait: seconds to wait for an idle machine
-    before each measured run; progress: optional callable(str) for status lines."""
+    before each measured run; progress: optional callable(str) for status lines; verify: how the
+    artifact's files are checked first (Pipeline.load: none, size or sha256)."""
     say = progress or (lambda message: None)
     if max_new_tokens < 2:
         raise ValueError("max_new_tokens must be >= 2 to measure decode")
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    runtime = _load_runtime(folder, threads, say)
+    runtime = _load_runtime(folder, threads, say, verify)
     pipe, manifest = runtime.pipe, runtime.pipe.manifest
     inputs = _prepare_inputs(pipe, list(prompts or DEFAULT_PROMPTS), image)
     op_inputs = _anchor_op_inputs(pipe, inputs)
@@ -165,13 +167,13 @@ class _Runtime:
     peak: int | None = None  # peak RSS after load + one full generate
 
 
-def _load_runtime(folder, threads, say) -> _Runtime:
+def _load_runtime(folder, threads, say, verify: str = "size") -> _Runtime:
     rss = PeakRss()
     before = rss.current()
     exact = rss.reset()
     say("load runtime")
     t0 = clock()
-    pipe = Pipeline.load(folder, backend="ort", device="cpu", threads=threads)
+    pipe = Pipeline.load(folder, backend="ort", device="cpu", threads=threads, verify=verify)
     return _Runtime(pipe, clock() - t0, rss, before, exact)
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 from attanchor_runtime import Pipeline
 from attanchor_runtime.batch import left_pad
+from attanchor_runtime.errors import RuntimeInputError
 
+from attanchor_export.errors import ExportError
 from attanchor_export.load import easy_vqa as ev
 from attanchor_export.load.datasets import TaskItem, load_task
 
@@ -28,6 +30,27 @@ DEFAULT_BATCH = 16
 ANSWER_TOKENS = 8  # easy-vqa answers are one word: at most 3 tokens + end of turn
 
 
+def readable_items(pipe, items: Sequence[TaskItem], on_skip: Callable[[str], None] | None = None
+                   ) -> tuple[list[TaskItem], list[dict]]:
+    """The items the artifact can answer, and a record of each one it cannot (an image that does not
+    decode or is over the size limits, a question too long for the context), checked before any
+    question is answered so one bad row costs neither the run nor the rows measured before it."""
+    fixed = pipe.manifest.dims.image_tokens - 1 + (pipe.manifest.anchor.max_anchors or 0) + ANSWER_TOKENS
+    kept, skipped = [], []
+    for it in items:
+        try:
+            pipe.images(it.image)
+            length = len(pipe.prompt_ids(it.question))
+            if length + fixed > pipe.max_positions:
+                raise RuntimeInputError(f"the question is {length} tokens, too long for the model's context")
+        except RuntimeInputError as e:
+            where = it.source or it.image
+            skipped.append({"row": where, "image": it.image, "reason": str(e)})
+            if on_skip:
+                on_skip(f"{where}: {e}; skipped")
+            continue
+        kept.append(it)
+    return kept, skipped
 def normalize(text: str) -> str:
     return text.strip().strip(string.punctuation + " ").lower()
 
@@ -136,17 +159,24 @@ def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, bat
 
 def run_eval(folder, data: str, split: str = "test", limit: int | None = None, thresholds=(None,),
              backend: str = "ort", device: str = "cpu", batch: int = DEFAULT_BATCH, progress_factory=None,
-             compare_torch: bool = False, compare: Path | None = None) -> dict:
+             compare_torch: bool = False, compare: Path | None = None, verify: str = "size",
+             on_skip: Callable[[str], None] | None = None) -> dict:
     """`attanchor-export eval`: one result per threshold (None = the artifact's default), JSON-ready.
 
     The top-level "accuracy" is the first threshold's, so `--json | jq .accuracy` answers "how good is it".
     compare_torch: also answer with the source PyTorch model on the same prompt ids and pixels, and
     report its accuracy and the share of identical answers. compare: the same for another artifact
     (another precision, or the same one exported without onnxruntime fusions), on the same backend.
+    verify: how the artifacts' files are checked first (Pipeline.load). Rows that cannot be answered
+    (readable_items) are left out, each reported through on_skip and listed under "skipped".
     """
-    pipe = Pipeline.load(folder, backend=backend, device=device)
-    other = Pipeline.load(compare, backend=backend, device=device) if compare is not None else None
-    items = load_task(data, split=split, limit=limit)
+    if not thresholds:
+        raise ExportError("no threshold to evaluate")
+    pipe = Pipeline.load(folder, backend=backend, device=device, verify=verify)
+    other = Pipeline.load(compare, backend=backend, device=device, verify=verify) if compare is not None else None
+    items, skipped = readable_items(pipe, load_task(data, split=split, limit=limit), on_skip)
+    if not items:
+        raise ExportError(f"--data {data}: none of its {len(skipped)} questions can be answered (see the warnings)")
     if compare_torch:
         from attanchor_export.load.source import load_source  # torch: only for --compare-torch
 
@@ -172,7 +202,7 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
     return {
         "folder": str(folder), "data": data, "split": split if data == "easy-vqa" else None,
         "precision": _precision(pipe.manifest), "backend": backend,
-        "accuracy": results[0]["accuracy"], "results": results,
+        "accuracy": results[0]["accuracy"], "results": results, "skipped": skipped,
     }
 
 

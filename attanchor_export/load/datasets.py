@@ -19,6 +19,7 @@ Samples (`Sample`: an image and a prompt, no answer), so the graphs see real dec
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class TaskItem:
     answer: str
     kind: str = "other"
     image_id: int | None = None
+    source: str | None = None  # "FILE.jsonl:LINE" for a JSONL row: how a skipped row is named
 
 
 def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
@@ -53,8 +55,15 @@ def load_task(data: str, split: str = "test", limit: int | None = None, seed: in
     path = Path(data).expanduser()
     if not path.is_file():
         raise ExportError(f"--data {data}: neither easy-vqa nor an existing JSONL file")
-    rows = [TaskItem(str(image), str(rec["question"]), str(rec["answer"]), str(rec.get("kind", "other")))
-            for _, image, rec in read_image_jsonl(path, ("question", "answer"), what="", strings=False)]
+    rows = []
+    for lineno, image, rec in read_image_jsonl(path, ("question", "answer"), what="", strings=False):
+        for key in ("question", "answer"):
+            value = rec[key]
+            # An answer may be a number ("how many": 3); null, true or a list is a broken row, not "None".
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ExportError(f'{path}:{lineno}: "{key}" is {json.dumps(value)}: expected a string')
+        rows.append(TaskItem(str(image), str(rec["question"]), str(rec["answer"]), str(rec.get("kind", "other")),
+                             source=f"{path}:{lineno}"))
     if not rows:
         raise ExportError(f"{path}: no questions")
     return rows[:limit] if limit else rows

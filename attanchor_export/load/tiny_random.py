@@ -18,7 +18,7 @@ at 0.02 the decoder's output barely depends on its input and greedy decoding rep
 With embeddings at std 1 and decoder linears at 3/sqrt(fan_in) the tiny models generate varied tokens,
 and the cosine between a text embedding and a projected image feature (dim 64) spreads to about
 +-0.4, so the paper's threshold 0.12 inserts anchors for most text tokens while 0.3 inserts a few;
-tests/test_reference.py checks both properties.
+tests/test_source_model.py checks both properties.
 
 `tinyllava_1b_config()` is the LlavaConfig of bczhou/tiny-llava-v1-hf, for benchmarks with random
 weights (1.4 B parameters: never build it in CI).

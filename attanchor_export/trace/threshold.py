@@ -28,6 +28,7 @@ def calibration_prompts(source: str | None, limit: int = 256) -> list[tuple[obje
 def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> np.ndarray:
     """Best cosine over patches for every candidate (text token after the image) of every prompt."""
     import torch  # the PyTorch side is imported when used: `bench --threshold auto` needs threshold_for_rate only
+    from attanchor_runtime.image_input import load_image
     from PIL import Image
 
     from attanchor_export.source_model import image_features
@@ -37,8 +38,8 @@ def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> n
     scores = []
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
-        images = [Image.open(im).convert("RGB") if isinstance(im, str) else Image.fromarray(np.asarray(im))
-                  for im, _ in chunk]
+        # --calib images through the runtime's bounded loader (size limits, 16-bit scaling), as at run time.
+        images = [load_image(im) if isinstance(im, str) else Image.fromarray(np.asarray(im)) for im, _ in chunk]
         pixels = image_processor(images=images, return_tensors="np")["pixel_values"]
         features = image_features(loaded, pixels).float().numpy()
         for (_, question), feats in zip(chunk, features, strict=True):

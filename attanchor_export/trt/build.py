@@ -44,6 +44,7 @@ from attanchor_runtime.batch import PreparedBatch
 from attanchor_runtime.cuda_util import Cuda, CudaUnavailable
 from attanchor_runtime.decode import decoder_calls
 from attanchor_runtime.engines import (
+    ENGINE_META,
     ENGINES_DIR,
     EngineMeta,
     engine_dir_name,
@@ -207,6 +208,12 @@ def _options(options: BuildOptions | None, overrides: dict) -> BuildOptions:
     return options
 
 
+def _foreign_engine_dir(folder: Path) -> str | None:
+    if any(folder.iterdir()) and not (folder / ENGINE_META).is_file():
+        return f"it holds no {ENGINE_META}"
+    return None
+
+
 def _gate_failed(gate: dict, failed_dir: Path) -> GateFailed:
     bad = [c for c in gate["checks"] if not c["passed"]]
     first = bad[0]
@@ -226,7 +233,8 @@ def build_engines(folder, options: BuildOptions | None = None, *, gate: bool = T
     info = cuda.device_info()
     final = folder / ENGINES_DIR / engine_dir_name(info.name, info.sm, trt.__version__)
     start = time.perf_counter()
-    with staging_folder(final, force=True) as staging:  # a rebuild replaces this GPU's engines only when done
+    # A rebuild replaces this GPU's engines only when done, and only a folder of engines.
+    with staging_folder(final, force=True, foreign=_foreign_engine_dir) as staging:
         out = staging.path
         cache_path = Path(plan.options.timing_cache) if plan.options.timing_cache else out / "timing.cache"
         if not plan.options.timing_cache and (final / "timing.cache").is_file():

@@ -32,8 +32,11 @@ class PreparedBatch:
     source_index: list[np.ndarray]
 
 
-def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attention_mask=None) -> PreparedBatch:
-    """Accept [B, T] or a list of 1-D rows; collapse placeholder runs; left-pad."""
+def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attention_mask=None,
+                      vocab_size: int | None = None) -> PreparedBatch:
+    """Accept [B, T] or a list of 1-D rows; collapse placeholder runs; left-pad. vocab_size: refuse ids
+    outside 0..vocab_size - 1 (a negative id would wrap around in the table lookup, one past the table
+    fails inside onnxruntime)."""
     if isinstance(input_ids, np.ndarray) and input_ids.ndim == 2:
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != input_ids.shape:
@@ -57,6 +60,8 @@ def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attenti
         runs = image_run_starts(row, image_token_id).size
         if runs != 1:
             raise RuntimeInputError(f"input_ids row {b} has {runs} image placeholder runs, expected exactly 1")
+        if vocab_size is not None:
+            _check_token_ids(row, b, vocab_size)
         keep = image_run_keep(row, image_token_id)
         kept_rows.append(row[keep].astype(np.int64))
         sources.append(np.flatnonzero(keep) + offsets[b])
@@ -64,6 +69,14 @@ def prepare_input_ids(input_ids, image_token_id: int, pad_token_id: int, attenti
     width = ids.shape[1]
     source_index = [np.concatenate([np.full(width - len(row), -1), src]) for row, src in zip(kept_rows, sources)]
     return PreparedBatch(ids, mask, source_index)
+
+
+def _check_token_ids(row: np.ndarray, b: int, vocab_size: int) -> None:
+    if row.size and row.min() < 0:
+        raise RuntimeInputError(f"input_ids row {b} holds token id {int(row.min())}: ids must be >= 0")
+    if row.size and row.max() >= vocab_size:
+        raise RuntimeInputError(f"input_ids row {b} holds token id {int(row.max())}, outside the vocabulary of "
+                                f"{vocab_size} (ids 0..{vocab_size - 1})")
 
 
 __all__ = ["PreparedBatch", "left_pad", "prepare_input_ids"]

@@ -670,6 +670,20 @@ class Manifest(Section):
                 raise ArtifactError(f"{self.folder}: {name} does not match its sha256 in the manifest")
 
 
+def listed_files(folder) -> frozenset[str] | None:
+    """The files manifest.json in `folder` lists, when this tool wrote it (any format_version: an older
+    artifact may still be replaced by a new export); None when it is missing or unreadable; ArtifactError
+    when it is another tool's."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ArtifactError(f"{Path(folder) / MANIFEST} was not written by this tool")
+    files = data.get("files")
+    return frozenset(files if isinstance(files, Mapping) else ())
+
+
 def write_manifest(manifest: Manifest) -> Manifest:
     """The one writer: records every file beside the manifest (size + sha256), writes manifest.json into
     `manifest.folder` and returns the manifest as written."""
@@ -691,5 +705,5 @@ __all__ = [
     "FORMAT_VERSION", "Family", "FileRecord", "FormRecord", "GRAPHS", "Gate", "GateResult", "GraphNotes",
     "GraphSpec", "Graphs", "KV_APPEND", "KV_CONCAT", "MANIFEST", "Manifest", "ModelTypes", "NoGraphForm", "Onnx",
     "Optimizations", "Precision", "Source", "TaskResult", "TensorSpec", "Text", "Validation", "freeze",
-    "parse", "sha256_of", "to_json", "write_manifest",
+    "listed_files", "parse", "sha256_of", "to_json", "write_manifest",
 ]

@@ -4,9 +4,13 @@ The Pipeline, the decode loop and the backends know no family. Everything that d
 families, as an artifact's graphs expect it, is here:
 
 - images: a preprocessor (path, bytes, PIL or uint8 array -> the vision graph's pixel input) and the
-  check of what a caller passes instead (`vision_feeds`);
-- prompts: the chat prompt for one question (`prompt_ids`), and caller rows -> one left-padded batch
-  with one image slot per row (`prepare_batch`), then the embedding graph's feeds (`embedding_feeds`);
+  check of what a caller passes instead (`vision_feeds`: shape, dtype, NaN/Inf, a value range the
+  processor can make), and how many prefill positions an image takes (`image_positions`);
+- prompts: the chat prompt for one question (`prompt_ids`) or a whole conversation (`chat_ids`), and
+  caller rows -> one left-padded batch with one image slot per row and every token id inside the
+  table (`prepare_batch`), then the embedding graph's feeds (`embedding_feeds`), or their outputs
+  recomputed with at most K anchors per row when the prompt would not fit the context otherwise
+  (`capped_embedding`);
 - positions: the Step of a prefill (`first_step`), which says where each decode step's token goes.
 
 A family is one file that subclasses RuntimeFamily and registers under the manifest's family.name;
@@ -70,6 +74,11 @@ class RuntimeFamily:
         image_inputs: what the family's processor returns beside pixel_values (Qwen: image_grid_thw)."""
         raise NotImplementedError
 
+    def image_positions(self, vision_feeds: dict[str, np.ndarray]) -> int:
+        """Prefill positions one row's image takes (its features), for the context and memory checks made
+        before the vision graph runs. Fixed per artifact unless the family's images vary in size."""
+        return self.manifest.dims.image_tokens
+
     def example_pixels(self, batch: int, rng: np.random.Generator) -> np.ndarray:
         """Random pixel_values for `batch` rows, of the shape vision_feeds takes (parity and engine checks)."""
         raise NotImplementedError
@@ -79,13 +88,25 @@ class RuntimeFamily:
         """The chat prompt for one question about one image, as the caller's input_ids row."""
         raise NotImplementedError
 
+    def chat_ids(self, text: TextProcessor, messages: list[dict]) -> np.ndarray:
+        """A whole conversation (transformers-style messages, one image) as one input_ids row."""
+        raise NotImplementedError
+
     def prepare_batch(self, input_ids, attention_mask=None) -> PreparedBatch:
-        """The caller's rows (int64 [B, T] + mask, or a list of 1-D rows) as one left-padded batch."""
+        """The caller's rows (int64 [B, T] + mask, or a list of 1-D rows) as one left-padded batch; ids
+        outside the embedding table are refused (RuntimeInputError)."""
         raise NotImplementedError
 
     def embedding_feeds(self, batch: PreparedBatch, image_features: np.ndarray, threshold: float,
                         vision_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The embedding graph's feeds."""
+        raise NotImplementedError
+
+    def capped_embedding(self, batch: PreparedBatch, image_features: np.ndarray, threshold: float, cap: int,
+                         vision_feeds: dict[str, np.ndarray], embed_table: np.ndarray) -> dict[str, np.ndarray]:
+        """The embedding graph's outputs (by its output names) with at most `cap` anchors per row, the
+        highest scores, computed in numpy with AnchorInsert's specification from the same table rows and
+        image features: the graph has no budget to pass when it was exported without K."""
         raise NotImplementedError
 
     # -- positions -----------------------------------------------------------------------------------
