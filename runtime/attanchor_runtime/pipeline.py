@@ -106,7 +106,6 @@ class Pipeline:
         self.mode = manifest.anchor.mode
         # Decode steps embed new tokens straight from the table file: no graph, no copy of the table.
         self.embed_table = manifest.embed_table_memmap()
-        self.vocab_size = int(self.embed_table.shape[0])
         self._text, self._images = text, image_preprocessor
         # GiB one generate call may use (prompt_cost); None: what is available when the call starts.
         self.memory_budget: float | None = None
