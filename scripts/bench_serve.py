@@ -74,7 +74,7 @@ class Server:
 
 
 def questions(n: int):
-    from attanchor_export.checks.task_accuracy import load_task
+    from attanchor_export.load.datasets import load_task
 
     items = load_task("easy-vqa", limit=n)
     return [(it.question, "data:image/png;base64," + base64.b64encode(Path(it.image).read_bytes()).decode())
