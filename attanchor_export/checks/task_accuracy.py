@@ -109,8 +109,9 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
             continue
         if it.image not in labels:
             rgb = np.asarray(Image.open(it.image).convert("RGB").resize((size, size), Image.NEAREST))
-            colour = next((c for c in ev.COLORS if c in ev.words_of(it.question)), None) or ev.colour_of(rgb)
-            labels[it.image] = ev.patch_overlap(ev.shape_mask(rgb, colour), patch) > 0
+            # The shape's colour from its pixels: a question's colour word is often another colour
+            # ("is there a red shape?" about a blue one).
+            labels[it.image] = ev.patch_overlap(ev.shape_mask(rgb, ev.colour_of(rgb)), patch) > 0
         on_shape = labels[it.image]
         ids = rec["prompt_ids"]
         for text_index, image_index in rec["anchors"]:

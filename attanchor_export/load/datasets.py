@@ -2,8 +2,9 @@
 prompt samples for calibration and the accuracy gate.
 
 Task questions (`load_task`): `easy-vqa` (the PyPI data set; a fixed random subset of `limit`
-questions) or a JSONL file of {"image", "question", "answer"[, "kind"]} rows. Answered by `eval` and by
-the gate's task part (checks.task_accuracy).
+questions of a split) or a JSONL file of {"image", "question", "answer"[, "kind"]} rows. Answered by
+`eval` (default split: test) and by the gate's task part (GATE_SPLIT: validation, held-out train images),
+so the two never share a question (checks.task_accuracy, precision.gate).
 
 Samples (`Sample`: an image and a prompt, no answer), so the graphs see real decoder inputs:
 - `builtin_samples()`: a small default set that needs no network: images synthesised procedurally
@@ -14,7 +15,7 @@ Samples (`Sample`: an image and a prompt, no answer), so the graphs see real dec
   calibration set, so a gate never grades the data it was calibrated on.
 - `load_calibration_set(calib)`: `--calib DIR_OR_JSONL`: a folder of images (prompts cycled from the
   built-in list), a JSONL file of {"image": path, "prompt": text} lines (paths relative to the file), or
-  "easy-vqa" (its train split: the gates and eval use test).
+  "easy-vqa" (its train split without the validation images: the gate grades validation, eval test).
 """
 
 from __future__ import annotations
@@ -44,11 +45,21 @@ class TaskItem:
     source: str | None = None  # "FILE.jsonl:LINE" for a JSONL row: how a skipped row is named
 
 
+# The split of a named data set the quantization gate's task part answers: never eval's default (test).
+GATE_SPLIT = "validation"
+CALIBRATION_QUESTIONS, CALIBRATION_TASK_SEED = 256, 1
+
+
 def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
-    """`easy-vqa` (a fixed random subset of `limit` questions of `split`) or a JSONL file of
-    {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file)."""
+    """`easy-vqa` (a fixed random subset of `limit` questions of `split`: train, validation or test) or a
+    JSONL file of {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file; no
+    splits: the first `limit` rows)."""
     if data == "easy-vqa":
-        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id) for q in easy_vqa.questions(split)]
+        try:
+            questions = easy_vqa.questions(split)
+        except ValueError as e:
+            raise ExportError(f"--data {data}: {e}") from None
+        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id) for q in questions]
         if limit and limit < len(rows):
             rows = random.Random(seed).sample(rows, limit)
         return rows
@@ -151,9 +162,11 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
     """`--calib`: None = the built-in set; "easy-vqa"; a folder of images; or a JSONL file of {"image", "prompt"}."""
     if calib is None:
         return builtin_samples()
-    if calib == "easy-vqa":  # real images and questions (train split; the gates and eval use test)
-        items = load_task("easy-vqa", split="train", limit=limit or 256, seed=1)
-        return [Sample(it.image, it.question, f"easy-vqa:{it.image_id}") for it in items]
+    if calib == "easy-vqa":  # real images and questions: train, without the gate's validation images
+        held = easy_vqa.validation_image_ids()
+        rows = [q for q in easy_vqa.questions("train") if q.image_id not in held]
+        rows = random.Random(CALIBRATION_TASK_SEED).sample(rows, min(len(rows), limit or CALIBRATION_QUESTIONS))
+        return [Sample(q.image, q.question, f"easy-vqa:{q.image_id}") for q in rows]
     path = Path(calib).expanduser()
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -172,5 +185,5 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
     return samples[:limit] if limit else samples
 
 
-__all__ = ["CALIBRATION_PROMPTS", "GATE_PROMPTS", "IMAGE_SUFFIXES", "Sample", "TaskItem", "builtin_samples",
+__all__ = ["CALIBRATION_PROMPTS", "GATE_PROMPTS", "GATE_SPLIT", "IMAGE_SUFFIXES", "Sample", "TaskItem", "builtin_samples",
            "gate_samples", "load_calibration_set", "load_task", "synthetic_image"]
