@@ -236,6 +236,7 @@ def graph_specs(dims, grid: ImageGrid, max_anchors: int | None = None):
 
 
 def export_vision(model, grid: ImageGrid, spec, path: Path, opset: int) -> None:
+    import onnx
     from torch.export import Dim
 
     from attanchor_export.trace.specs import BATCH
@@ -246,6 +247,10 @@ def export_vision(model, grid: ImageGrid, spec, path: Path, opset: int) -> None:
     pixels = torch.randn(2 * grid.num_patches, grid.patch_dim, generator=torch.Generator().manual_seed(0))
     images = Dim(BATCH, min=1)
     trace_to_onnx(encoder, (pixels,), {"pixel_values": {0: grid.num_patches * images}}, spec, path, opset)
+    # torch names the output's first axis after an internal symbol ("16*s26"); say what it is.
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = f"{grid.num_image_tokens}*{BATCH}"
+    path.write_bytes(model.SerializeToString())
 
 
 def export_decoder(model, dims, spec, path: Path, opset: int) -> None:
