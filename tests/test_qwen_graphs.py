@@ -289,3 +289,26 @@ def test_end_to_end_with_anchors_equals_the_reference(exported, questions, embed
     np.testing.assert_array_equal(tokens, want)
     plain, *_ = _onnx_generate(exported, inputs, threshold=2.0)
     assert not np.array_equal(tokens, plain), "anchors changed nothing: the case proves nothing"
+
+
+def test_vision_encoder_takes_qwen2_vl_towers_too():
+    """Qwen2-VL's tower (LayerNorm, quick-GELU MLP, no windows) runs through the same module."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14),
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    grid = fam.image_grid(config, 56, 84)
+    encoder = fam.VisionEncoder(model.model.visual, grid)
+    assert encoder.full_blocks == {0, 1}
+    pixels = torch.randn(2 * grid.num_patches, grid.patch_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = torch.cat(model.model.get_image_features(pixels, torch.tensor([list(grid.grid_thw)] * 2)).pooler_output)
+        got = encoder(pixels)
+    assert got.shape == want.shape == (12, 32)
+    assert (got - want).abs().max() <= 1e-5

@@ -291,3 +291,15 @@ def test_decode_positions_equal_generate_without_anchors(qwen):
         hf = seen[k].numpy()
         hf = hf[1:] if hf.shape[0] == 4 else hf  # [4, B, 1] when transformers prepends its text positions
         np.testing.assert_array_equal(rt.decode_position_ids(deltas, step_mask), hf)
+
+
+def test_check_config_refuses_what_the_graphs_do_not_build(qwen):
+    import copy
+
+    config = copy.deepcopy(qwen[0].config)
+    fam.check_config(config)
+    config.text_config.rope_parameters["mrope_section"] = [2, 3, 2]
+    from attanchor_export.errors import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match=r"mrope_section \[2, 3, 2\] must sum to head_dim / 2 = 8"):
+        fam.check_config(config)

@@ -15,6 +15,18 @@ Three graphs, in the layout onnxruntime-genai and transformers.js use for this m
 
 Image size: `--image-size HxW` (multiples of patch x merge = 28); default the largest square side s
 that is a multiple of 28 with s <= 448 and s * s <= the processor's max_pixels (default_image_size).
+
+Qwen2-VL's tower (no windows, LayerNorm) runs through the same VisionEncoder. What Qwen3-VL
+(transformers' qwen3_vl) would change: the positions are the same (its get_rope_index numbers text and
+image tokens by the same rules, so mrope_position_ids and the anchor contract carry over), but its
+decoder interleaves the sections (frequency i takes h for i % 3 == 1 and w for i % 3 == 2 within
+3 * section, t elsewhere; traced from the model, so only the rotary ops differ); its vision tower has no
+windows, patch 16 (factor 32 for the image size) and learned position embeddings interpolated to the
+grid (a constant table at a fixed grid); and DeepStack adds merged features of 3 intermediate vision
+layers to the hidden states of the image tokens after the first 3 decoder layers. With anchors those
+features would be gathered with the same gather_index (zero rows for text slots, so text copies get
+none and i2t image copies get their patch's), as a second embedding output [3, B, L, D] and decoder
+input (zeros for decode steps).
 """
 
 from __future__ import annotations
@@ -124,19 +136,23 @@ class VisionEncoder(nn.Module):
         self.num_patches = grid.num_patches
         self.patch_dim = grid.patch_dim
         self.heads = config.num_heads
-        self.full_blocks = set(config.fullatt_block_indexes)
         self.merged_dim = visual.merger.hidden_size
         grid_thw = torch.tensor([grid.grid_thw])
         with torch.no_grad():
             rotary_ids = get_vision_position_ids(grid_thw, config.spatial_merge_size)
             probe = torch.zeros(1, dtype=visual.rotary_pos_emb.inv_freq.dtype)
             cos, sin = visual.rotary_pos_emb(probe, rotary_ids)  # [N, head_dim], patches in processor order
-            window_index, cu_window = get_vision_window_index(
-                grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
         self.register_buffer("cos", cos.float(), persistent=False)
         self.register_buffer("sin", sin.float(), persistent=False)
-        self.register_buffer("window_bias", window_bias(window_index, cu_window, config.spatial_merge_size**2),
-                             persistent=False)
+        if getattr(config, "window_size", None):  # Qwen2.5-VL; Qwen2-VL's tower attends over the whole image
+            self.full_blocks = set(config.fullatt_block_indexes)
+            window_index, cu_window = get_vision_window_index(
+                grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
+            bias = window_bias(window_index, cu_window, config.spatial_merge_size**2)
+        else:
+            self.full_blocks = set(range(len(visual.blocks)))
+            bias = torch.zeros(0)
+        self.register_buffer("window_bias", bias, persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         v = self.visual
