@@ -440,8 +440,7 @@ def processor_inputs(tokenizer, image_processor, prompts: list[str], images: lis
         if prompt.count(pad) != 1:
             raise ValueError(f"each prompt needs exactly one {pad}")
         expanded.append(prompt.replace(pad, pad * (int(grid.prod()) // merge)))
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(expanded, return_tensors="pt", padding=True)
+    encoded = tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
     image_token_id = tokenizer.convert_tokens_to_ids(pad)
     return {
         "input_ids": encoded["input_ids"],
