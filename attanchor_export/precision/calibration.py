@@ -112,14 +112,14 @@ def gate_samples(n: int = DEFAULT_GATE_SIZE) -> list[Sample]:
 
 
 def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> list[Sample]:
-    """`--calib`: None = the built-in set; "easy-vqa"; a folder of images; or a JSONL file of {"image", "prompt"}."""
+    """`--calib`: None = the built-in set; "easy-vqa" or "tiny-scenes"; a folder of images; or a JSONL file of {"image", "prompt"}."""
     if calib is None:
         return builtin_samples()
-    if calib == "easy-vqa":  # real images and questions (train split; the gates and eval use test)
+    if calib in ("easy-vqa", "tiny-scenes"):  # real images and questions (train split; the gates and eval use test)
         from attanchor_export.checks.task_accuracy import load_task
 
-        items = load_task("easy-vqa", split="train", limit=limit or 256, seed=1)
-        return [Sample(it.image, it.question, f"easy-vqa:{it.image_id}") for it in items]
+        items = load_task(calib, split="train", limit=limit or 256, seed=1)
+        return [Sample(it.image, it.question, f"{calib}:{it.image_id}") for it in items]
     path = Path(calib).expanduser()
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
