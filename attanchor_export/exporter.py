@@ -22,6 +22,7 @@ from attanchor_export.errors import ExportError, ValidationFailed
 from attanchor_export.export_cost import ExportCost, release_heap
 from attanchor_export.load.checkpoint import load_checkpoint, locate
 from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, MODES, ExportOptions
+from attanchor_export.trace.candidates import excluded_token_ids
 from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
 from attanchor_export.trace.specs import decoder_spec, embedding_spec, vision_spec
 
@@ -124,7 +125,7 @@ def checkpoint_defaults(folder: Path) -> dict:
     return {k: data[k] for k in ("threshold", "calib", "task", "gate_floors") if k in data}
 
 
-def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
+def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps, excluded=()):
     """Fill threshold/calib/task from the checkpoint's declared defaults, then resolve threshold "auto"."""
     declared = checkpoint_defaults(loaded.folder)
     threshold = options.threshold if options.threshold is not None else declared.get("threshold", DEFAULT_THRESHOLD)
@@ -139,7 +140,7 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
 
         with steps("calibrate the anchor threshold (target anchor rate)"):
             processor = AutoImageProcessor.from_pretrained(str(loaded.processor_folder or loaded.folder))
-            calibration = calibrate(loaded, tokenizer, processor, calib)
+            calibration = calibrate(loaded, tokenizer, processor, calib, excluded_token_ids=excluded)
         threshold = calibration["threshold"]
     elif not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise ExportError(f'threshold must be a number or "auto", got {threshold!r}')
@@ -179,7 +180,8 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         cost.disk = _check_disk(loaded, options)
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
         sections = {"image_preprocessing": _image_section(loaded), "text": _text_section(loaded, tokenizer)}
-    options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
+        excluded = excluded_token_ids(tokenizer)  # never anchors: special (and whitespace-only) tokens
+    options, calibration = _anchor_defaults(loaded, tokenizer, options, steps, excluded)
     lora = _merge_adapter(loaded, located_adapter, steps)
     specs = {
         "vision": vision_spec(loaded.dims),
@@ -187,9 +189,10 @@ def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) ->
         "decoder": decoder_spec(loaded.dims, options.last_logits_only),
     }
     with staging_folder(options.output, options.force) as staging:
-        table, optimizations = _write_graphs(loaded, specs, staging.path, options, steps)
+        table, optimizations = _write_graphs(loaded, specs, staging.path, options, steps, excluded)
         _write_processor_files(loaded, tokenizer, staging.path)
-        data = _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations)
+        data = _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations,
+                              excluded)
         result = ExportResult(folder=options.output, manifest=data)
         budget = _decoder_budget(staging.path / specs["decoder"].file, options)
         cost.budget = budget
@@ -317,7 +320,7 @@ def _merge_adapter(loaded, located_adapter, steps) -> dict | None:
         return apply_adapter(loaded, located_adapter)
 
 
-def _write_graphs(loaded, specs: dict, folder: Path, options: ExportOptions, steps) -> tuple[dict, dict]:
+def _write_graphs(loaded, specs: dict, folder: Path, options: ExportOptions, steps, excluded) -> tuple[dict, dict]:
     """vision.onnx, embedding.onnx (+ the embed table), decoder.onnx; returns (embed table entry, optimizations)."""
     import torch
 
@@ -334,6 +337,7 @@ def _write_graphs(loaded, specs: dict, folder: Path, options: ExportOptions, ste
         table = write_embed_table(weight, folder)
         embedding = build_embedding_model(
             specs["embedding"], table, dims.image_token_id, options.mode, options.max_anchors, ARTIFACT_IR_VERSION,
+            excluded_token_ids=excluded,
         )
         save_embedding_model(embedding, folder / specs["embedding"].file)
         onnx.checker.check_model(str(folder / specs["embedding"].file))
@@ -363,7 +367,8 @@ def _write_processor_files(loaded, tokenizer, folder: Path) -> None:
             shutil.copy2(source / name, folder / name)
 
 
-def _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations) -> dict:
+def _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations,
+                   excluded) -> dict:
     return {
         "source": {
             "model": model_name, "resolved": loaded.source, "alias": loaded.alias,
@@ -375,9 +380,9 @@ def _manifest_data(model_name, loaded, sections, lora, options, calibration, spe
         },
         "dims": loaded.dims.to_dict(),
         "anchor": {
-            "op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": options.mode,
+            "op": "ai.attanchor::AnchorInsert", "op_version": 2, "mode": options.mode,
             "threshold": float(options.threshold), "max_anchors": options.max_anchors,
-            "calibration": calibration,
+            "calibration": calibration, "excluded_token_ids": list(excluded),
         },
         "graphs": {name: spec.to_json() for name, spec in specs.items()},
         "embed_table": table,

@@ -169,7 +169,8 @@ def compute_reference(loaded, manifest, seed: int = 1234, decoder: bool = True) 
         ids, text_mask = make_prompts(dims, rng, lengths, pool)
         for threshold in threshold_grid:
             anchored = tuple(np.asarray(t) for t in anchored_inputs(
-                loaded, ids, text_mask, pixels, threshold, mode=anchor["mode"], max_anchors=anchor["max_anchors"]))
+                loaded, ids, text_mask, pixels, threshold, mode=anchor["mode"], max_anchors=anchor["max_anchors"],
+                excluded_token_ids=anchor.excluded_token_ids))
             calls = _reference_calls(torch_decoder, dims, anchored[:3], kept, rng, pool, table) if decoder else []
             reference.cases.append(ParityCase(f"{case} thr={threshold:g}", ids, text_mask, threshold, features,
                                               anchored, calls))
@@ -321,7 +322,8 @@ def validate_end_to_end(loaded, manifest, max_new_tokens: int = 12, seed: int = 
             out = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=max_new_tokens,
                                 threshold=threshold)
             embeds, amask, pos, _ = anchored_inputs(loaded, ids, mask, pixels, threshold,
-                                                    mode=anchor["mode"], max_anchors=anchor["max_anchors"])
+                                                    mode=anchor["mode"], max_anchors=anchor["max_anchors"],
+                                                    excluded_token_ids=anchor.excluded_token_ids)
             ref = greedy_generate(loaded, embeds, amask, pos, max_new_tokens, eos_token_id=eos).numpy()
             anchors = sum(len(a) for a in out.anchors)
             results.append(_token_check(f"{label} anchors={anchors}", out.tokens, ref, "vs reference"))

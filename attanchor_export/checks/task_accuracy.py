@@ -194,7 +194,9 @@ def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, bat
         for i, r in enumerate(rows):
             ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
         pixels = np.concatenate([pipe.images(it.image) for it in chunk])
-        embeds, out_mask, positions, _ = anchored_inputs(loaded, ids, mask, pixels, threshold)
+        embeds, out_mask, positions, _ = anchored_inputs(
+            loaded, ids, mask, pixels, threshold, mode=pipe.mode, max_anchors=pipe.manifest.anchor.max_anchors,
+            excluded_token_ids=pipe.manifest.anchor.excluded_token_ids)
         tokens = greedy_generate(loaded, embeds, out_mask, positions, ANSWER_TOKENS, eos_token_id=eos)
         for row in tokens.tolist():
             kept = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from attanchor_graphs.reference import anchor_insert, position_ids_from_mask
+from attanchor_graphs.reference import anchor_insert, candidate_mask_from_ids, position_ids_from_mask
 from transformers import DynamicCache
 
 from attanchor_export.load.hf_compat import cache_kwargs
@@ -46,13 +46,14 @@ def image_features(loaded, pixel_values) -> torch.Tensor:
 
 @torch.no_grad()
 def anchored_inputs(loaded, input_ids, attention_mask, pixel_values, threshold, mode="t2i", max_anchors=None,
-                    features=None):
+                    features=None, excluded_token_ids=()):
     """Prompt ids + image -> (inputs_embeds [B,L,D], attention_mask [B,L], position_ids [B,L], gather_index [B,L]).
 
     input_ids int64 [B,T], left padded, one image placeholder per row; attention_mask [B,T] (None = all 1).
     Scores are computed in float32 whatever the model dtype, as the exported graph does.
     features: image_features(loaded, pixel_values) computed beforehand (e.g. to time the vision pass
-    on its own); None computes them here.
+    on its own); None computes them here. excluded_token_ids: ids that are never anchors (the manifest's
+    anchor.excluded_token_ids, AnchorInsert version 2); empty = version 1, every token a candidate.
     """
     dims = loaded.adapter.dims
     ids = _as_long(input_ids)
@@ -64,6 +65,7 @@ def anchored_inputs(loaded, input_ids, attention_mask, pixel_values, threshold, 
     gather_index, out_mask = anchor_insert(
         text.float().numpy(), features.float().numpy(), mask.numpy(), where.numpy(),
         np.float32(threshold), mode=mode, max_anchors=max_anchors,
+        candidate_mask=candidate_mask_from_ids(ids.numpy(), excluded_token_ids) if len(excluded_token_ids) else None,
     )
     gather_index = torch.from_numpy(gather_index)
     both = torch.cat([text, features.to(text.dtype)], dim=1)  # index space of gather_index: text n -> n, image m -> T + m

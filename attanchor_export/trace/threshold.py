@@ -22,8 +22,9 @@ def calibration_prompts(source: str | None, limit: int = 256) -> list[tuple[obje
     return [(s.image, s.prompt) for s in load_calibration_set(source, limit=limit)]
 
 
-def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> np.ndarray:
-    """Best cosine over patches for every candidate (text token after the image) of every prompt."""
+def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32, excluded_token_ids=()) -> np.ndarray:
+    """Best cosine over patches for every candidate (text token after the image that is not excluded:
+    the words, see attanchor_export.trace.candidates) of every prompt."""
     import torch
     from attanchor_graphs.reference import cosine_scores
     from PIL import Image
@@ -32,6 +33,7 @@ def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> n
 
     dims = loaded.dims
     embed = loaded.adapter.embed_tokens(loaded.model)
+    excluded = {int(i) for i in excluded_token_ids}
     scores = []
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
@@ -47,7 +49,7 @@ def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> n
                 continue
             after = ids[ids.index(dims.image_token_id) + 1 :]
             # A run of placeholders (processors that expand <image>) is one image slot: skip the rest of it.
-            after = [t for t in after if t != dims.image_token_id]
+            after = [t for t in after if t != dims.image_token_id and t not in excluded]
             if not after:
                 continue
             with torch.no_grad():
@@ -61,14 +63,15 @@ def threshold_for_rate(scores: np.ndarray, rate: float = TARGET_RATE) -> float:
     return float(np.quantile(np.asarray(scores, np.float64), 1.0 - rate))
 
 
-def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: float = TARGET_RATE) -> dict:
+def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: float = TARGET_RATE,
+              excluded_token_ids=()) -> dict:
     """The manifest's anchor calibration record; "threshold" is the chosen value."""
     pairs = calibration_prompts(source)
-    scores = best_scores(loaded, tokenizer, image_processor, pairs)
+    scores = best_scores(loaded, tokenizer, image_processor, pairs, excluded_token_ids=excluded_token_ids)
     if scores.size == 0:
         from attanchor_export.errors import ExportError
 
-        raise ExportError("--threshold auto: no calibration prompt has text after the image placeholder")
+        raise ExportError("--threshold auto: no calibration prompt has a candidate word after the image placeholder")
     threshold = threshold_for_rate(scores, rate)
     return {
         "threshold": round(threshold, 6),

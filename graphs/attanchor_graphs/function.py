@@ -238,9 +238,10 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None, ve
     valid = b.op("Not", b.op("Equal", mask, b.i64(0)))  # [B, T]
     p = b.unsq(img_pos, 1)  # [B, 1]
     pre = b.op("And", valid, b.op("Less", ar_t, p))  # text before the image
-    cand = b.op("And", valid, b.op("Greater", ar_t, p))  # text after: the candidates
-    if len(inputs) == len(FUNCTION_INPUTS_V2):  # version 2: and not excluded by the caller
-        cand = b.op("And", cand, b.op("Not", b.op("Equal", inputs[5], b.i64(0))))
+    cand = b.op("And", valid, b.op("Greater", ar_t, p))  # text after: placed after the image block
+    eligible = cand  # the anchor candidates: version 2 leaves out what candidate_mask excludes
+    if len(inputs) == len(FUNCTION_INPUTS_V2):
+        eligible = b.op("And", cand, b.op("Not", b.op("Equal", inputs[5], b.i64(0))))
     pre_slot = b.exclusive_prefix_count(pre, axis=1)
     post_rank = b.exclusive_prefix_count(cand, axis=1)
     n_pre = b.count(pre, axis=1, keepdims=1)  # [B, 1]
@@ -251,7 +252,7 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None, ve
         first = b.op("Where", b.op("Equal", s, best_max), ar_m, m_len)
         best = b.op("ReduceMin", first, axes=[2], keepdims=0)  # [B, T]
         score = b.op("Squeeze", best_max, b.axes(2))
-        anchor = b.op("And", cand, _is_anchor(b, score, thr))
+        anchor = b.op("And", eligible, _is_anchor(b, score, thr))
         keep = _budget(b, anchor, score, k, t_len)
         n_kept = b.count(keep, axis=1, keepdims=1)
 
@@ -271,7 +272,7 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None, ve
     else:
         # Per image, the best candidate text token: non-candidates are pushed to -inf and
         # also excluded from the first-index search.
-        cand3 = b.unsq(cand, 2)  # [B, T, 1]
+        cand3 = b.unsq(eligible, 2)  # [B, T, 1]
         s_c = b.op("Where", cand3, s, neg_inf)
         best_max = b.op("ReduceMax", s_c, axes=[1], keepdims=1)  # [B, 1, M]
         hit = b.op("And", b.op("Equal", s_c, best_max), cand3)

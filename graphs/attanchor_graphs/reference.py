@@ -182,8 +182,8 @@ def _row_i2t(s, valid, p, thr, k, num_text, allowed):
     cand = valid & (np.arange(t) > p) & allowed
     row = [n for n in range(p) if valid[n]]
     row.extend(num_text + j for j in range(m))
-    if not cand.any():
-        return row
+    if not cand.any():  # no candidate; the text after the image may still be there (version 2)
+        return row + [n for n in range(p + 1, t) if valid[n]]
     cidx = np.flatnonzero(cand)
     sc = s[cidx]  # [#candidates, M]
     score = sc.max(axis=0)

@@ -163,6 +163,14 @@ class Anchor(Section):
     def calibration(self) -> dict | None:  # how `--threshold auto` chose the threshold
         return self.get("calibration")
 
+    @property
+    def op_version(self) -> int:  # AnchorInsert version: 2 = words only (excluded_token_ids applied)
+        return int(self.get("op_version") or 1)
+
+    @property
+    def excluded_token_ids(self) -> tuple[int, ...]:  # ids that are never anchors (special tokens)
+        return tuple(int(i) for i in self.get("excluded_token_ids") or ())
+
 
 class Text(Section):
     """manifest "text": the tokenizer file and the prompt's special tokens."""
