@@ -47,9 +47,10 @@ def main():
                          final_eval_n=args.final_eval_n,
                          anchors=not args.no_anchors)
     model, tokenizer = tiny_vqa.base_model(seed=args.seed)
-    processor, patch = tiny_vqa.image_processor(), model.config.vision_config.patch_size
-    train = data.scenes_split("train", processor, patch)
-    validation = data.scenes_split("validation", processor, patch)
+    vision = model.config.vision_config
+    processor, grid = tiny_vqa.image_processor(), vision.image_size // vision.patch_size
+    train = data.scenes_split("train", processor, grid)
+    validation = data.scenes_split("validation", processor, grid)
     print(f"{scenes.NAME}: {len(train)} train questions, {len(validation)} validation questions", flush=True)
     record = loop.run(model, tokenizer, train, validation, recipe, args.out, args.ckpt, tiny_vqa.ANSWER_END,
                       excluded_token_ids(tokenizer), stage_a_from=args.stage_a_from,

@@ -114,6 +114,30 @@ def test_colour_and_shape_words_are_anchored_on_the_shape(fp32_eval):
     assert loc["on_shape"] >= 0.40 and loc["ratio_to_chance"] >= 2.0, loc
 
 
+def test_only_words_are_ever_anchored(fp32, fp32_eval):
+    """No token the tokenizer marks special (ChatML's <|im_start|>/<|im_end|>, <image>, <pad>) and no
+    whitespace-only token is anchored: at the default threshold on every eval question, and at threshold
+    -1, where every remaining candidate becomes an anchor (so the anchored ids are exactly the words)."""
+    from tokenizers import Tokenizer
+
+    pipe, items, result = fp32_eval
+    data = json.loads((fp32 / "tokenizer.json").read_text())
+    special = {t["id"] for t in data["added_tokens"] if t["special"]}
+    tok = Tokenizer.from_file(str(fp32 / "tokenizer.json"))
+    anchored = [r["prompt_ids"][t] for r in result["records"] for t, _ in r["anchors"]]
+    assert anchored and not special & set(anchored)
+    image = pipe.manifest.text.image_token_id
+    batch = items[:8]
+    ids = [pipe.text.prompt_ids(it.question) for it in batch]
+    out = pipe.generate(input_ids=ids, pixel_values=np.concatenate([pipe.images(it.image) for it in batch]),
+                        max_new_tokens=1, threshold=-1.0)
+    for row, pairs in zip(ids, out.anchors, strict=True):
+        after = [int(t) for t in row[list(row).index(image) + 1 :]]
+        assert special & set(after), "the template puts control tokens after the image: the test can fail"
+        words = {t for t in after if t not in special and tok.decode([t], skip_special_tokens=False).strip()}
+        assert {int(row[n]) for n, _ in pairs} == words
+
+
 def test_int4_stays_within_two_points_of_fp32(int4):
     gate = read_manifest(int4)["precision"]["gate"]
     assert gate["passed"] and gate["task"]["data"] == "easy-vqa" and gate["task"]["max_drop"] == 0.02

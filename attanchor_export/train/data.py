@@ -98,16 +98,18 @@ def easy_vqa_splits(processor, patch: int, validation_share: float = 0.1, seed: 
             TaskData("easy-vqa", _subset(questions, held), pixels, row, label_tensor, pairs))
 
 
-def scenes_split(split: str, processor, patch: int) -> TaskData:
-    """tiny-scenes `split` ("train" or "validation") rendered in memory."""
+def scenes_split(split: str, processor, grid: int, limit: int | None = None) -> TaskData:
+    """tiny-scenes `split` ("train" or "validation") rendered in memory; `grid` patches per side
+    (tiny-vqa's tower: 64 / 8 = 8); `limit`: the first N scenes only (tests)."""
     from attanchor_export.load import scenes as sc
 
     if split == "test":
         raise ValueError("training code never reads the test split")
-    all_scenes = sc.scenes(split)
+    all_scenes = sc.scenes(split)[:limit]
     pairs = [(c, s) for c in sc.COLORS for s in sc.SHAPES]
-    labels = [labels_from_overlap(sc.patch_overlap(s, patch), [pairs.index((i.colour, i.shape)) for i in s.items],
+    labels = [labels_from_overlap(sc.patch_overlap(s, sc.SIZE // grid), [pairs.index((i.colour, i.shape)) for i in s.items],
                                   len(pairs)) for s in all_scenes]
     pixels = pixel_tensor([sc.render(s) for s in all_scenes], processor)
-    return TaskData(sc.NAME, list(sc.questions(split, with_images=False)), pixels,
-                    {s.index: s.index for s in all_scenes}, torch.as_tensor(np.stack(labels)), pairs)
+    questions = [q for q in sc.questions(split, with_images=False) if q.image_id < len(all_scenes)]
+    return TaskData(sc.NAME, questions, pixels, {s.index: s.index for s in all_scenes},
+                    torch.as_tensor(np.stack(labels)), pairs)
