@@ -156,11 +156,17 @@ def main():
                 print(f"   {refused}", file=sys.stderr, flush=True)
                 continue
             items = load_task("tiny-scenes", split="test", limit=args.limit if fmt == "fp32" else args.quant_limit)
-            print(f"== {label} {fmt}: {len(items)} test questions", file=sys.stderr, flush=True)
-            result = answer(folder, items)
+            saved = args.out / f"eval-{label}-{fmt}.json"
+            result = json.loads(saved.read_text()) if saved.is_file() else None
+            asked = [[it.image_id, it.question] for it in items]
+            if result is None or result.get("asked") != asked:
+                print(f"== {label} {fmt}: {len(items)} test questions", file=sys.stderr, flush=True)
+                result = answer(folder, items)
+                result["asked"] = asked
+                saved.write_text(json.dumps(result, indent=1) + "\n")
+            else:
+                print(f"== {label} {fmt}: answers reused from {saved}", file=sys.stderr, flush=True)
             rows.append({"label": label, "format": fmt, "items": items, **result})
-            (args.out / f"eval-{label}-{fmt}.json").write_text(json.dumps(
-                {k: v for k, v in rows[-1].items() if k != "items"}, indent=1) + "\n")
     by_format = {}
     for r in rows:
         by_format.setdefault(r["format"], []).append(r)
