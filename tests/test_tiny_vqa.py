@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +137,32 @@ def test_only_words_are_ever_anchored(fp32, fp32_eval):
         assert special & set(after), "the template puts control tokens after the image: the test can fail"
         words = {t for t in after if t not in special and tok.decode([t], skip_special_tokens=False).strip()}
         assert {int(row[n]) for n, _ in pairs} == words
+
+
+def test_tiny_scenes_aliases_assemble_from_their_parts(tiny_vqa_cache):
+    """tiny-scenes (anchored) and tiny-scenes-noanchor (threshold 2: no anchor at training or inference)
+    assemble from their committed fp16 parts; the checkpoint holds exactly those weights, widened."""
+    import torch
+    from safetensors.torch import load_file
+
+    from attanchor_export.load.checkpoint import resolve_model
+    from attanchor_export.load.tiny_scenes import MODELS
+
+    with locked(tiny_vqa_cache):
+        folders = {name: resolve_model(name) for name in MODELS}
+    for name, (folder, alias) in folders.items():
+        folder = Path(folder)
+        assert alias == name
+        declared = json.loads((folder / "attanchor_config.json").read_text())
+        assert declared["task"] == "tiny-scenes"
+        assert declared["threshold"] == ("auto" if name == "tiny-scenes" else 2.0)
+        stored = load_file(str(MODELS[name][0] / "vision_projector.safetensors"))
+        assembled = load_file(str(folder / "model.safetensors"))
+        for key in ("model.multi_modal_projector.linear_1.weight", "model.vision_tower.vision_model.embeddings.patch_embedding.weight"):
+            assert stored[key].dtype == torch.float16 and assembled[key].dtype == torch.float32
+            assert torch.equal(assembled[key], stored[key].float())
+        trained = json.loads((folder / "training.json").read_text())
+        assert trained["anchors"] is (name == "tiny-scenes") and trained["task"] == "tiny-scenes"
 
 
 def test_int4_stays_within_two_points_of_fp32(int4):
