@@ -8,7 +8,7 @@ attanchor_runtime.families.qwen2_5_vl.mrope_position_ids and the embedding graph
 from __future__ import annotations
 
 import numpy as np
-from attanchor_graphs.reference import anchor_pairs
+from attanchor_graphs.specification import anchor_pairs
 from PIL import Image
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from attanchor_graphs.reference import anchor_insert
+from attanchor_graphs.specification import anchor_insert
 from attanchor_runtime.decoder_feeds import empty_past, left_pad
 from attanchor_runtime.families import qwen2_5_vl as rt
 from attanchor_runtime.image_placeholders import collapse_image_runs
@@ -132,7 +132,7 @@ def test_vision_encoder_has_windows_and_full_blocks(exported):
 @pytest.mark.parametrize("size", list(SIZES))
 def test_embedding_graph_matches_the_reference(exported, questions, embedding, threshold, size):
     """AnchorInsert's layout, the fused embeddings and the 3-D positions against the numpy specification
-    (attanchor_graphs.reference + mrope_position_ids) and the slot-by-slot contract."""
+    (attanchor_graphs.specification + mrope_position_ids) and the slot-by-slot contract."""
     mode, budget = EMBEDDINGS[embedding]
     grid = exported.grids[size]
     ids, mask = _collapsed(exported, _processor_inputs(exported, questions, size))

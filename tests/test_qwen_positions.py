@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from attanchor_graphs.reference import anchor_insert
+from attanchor_graphs.specification import anchor_insert
 from attanchor_runtime.chat_template import PromptFormatter
 from attanchor_runtime.decoder_feeds import left_pad
 from attanchor_runtime.errors import ArtifactError, RuntimeInputError
