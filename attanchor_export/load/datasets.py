@@ -43,6 +43,7 @@ class TaskItem:
     kind: str = "other"
     image_id: int | None = None
     source: str | None = None  # "FILE.jsonl:LINE" for a JSONL row: how a skipped row is named
+    split: str | None = None  # tiny-scenes: the split its image_id indexes
 
 
 # The split of a named data set the quantization gate's task part answers: never eval's default (test).
@@ -51,15 +52,21 @@ CALIBRATION_QUESTIONS, CALIBRATION_TASK_SEED = 256, 1
 
 
 def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
-    """`easy-vqa` (a fixed random subset of `limit` questions of `split`: train, validation or test) or a
-    JSONL file of {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file; no
-    splits: the first `limit` rows)."""
-    if data == "easy-vqa":
+    """`easy-vqa` (the PyPI data set; splits train, validation (held-out train images), test), `tiny-scenes`
+    (generated, attanchor_export/load/scenes.py; splits train, validation, test) (a fixed random subset of
+    `limit` questions of `split`), or a JSONL file of {"image", "question", "answer"[, "kind"]} rows (image
+    paths relative to the file; no splits: the first `limit` rows)."""
+    if data in ("easy-vqa", "tiny-scenes"):
+        if data == "easy-vqa":
+            source = easy_vqa
+        else:
+            from attanchor_export.load import scenes as source
         try:
-            questions = easy_vqa.questions(split)
+            questions = source.questions(split)
         except ValueError as e:
             raise ExportError(f"--data {data}: {e}") from None
-        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id) for q in questions]
+        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id,
+                         split=split if data == "tiny-scenes" else None) for q in questions]
         if limit and limit < len(rows):
             rows = random.Random(seed).sample(rows, limit)
         return rows
@@ -159,7 +166,7 @@ def gate_samples(n: int = DEFAULT_GATE_SIZE) -> list[Sample]:
 
 
 def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> list[Sample]:
-    """`--calib`: None = the built-in set; "easy-vqa"; a folder of images; or a JSONL file of {"image", "prompt"}."""
+    """`--calib`: None = the built-in set; "easy-vqa" or "tiny-scenes"; a folder of images; or a JSONL file of {"image", "prompt"}."""
     if calib is None:
         return builtin_samples()
     if calib == "easy-vqa":  # real images and questions: train, without the gate's validation images
@@ -167,6 +174,9 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
         rows = [q for q in easy_vqa.questions("train") if q.image_id not in held]
         rows = random.Random(CALIBRATION_TASK_SEED).sample(rows, min(len(rows), limit or CALIBRATION_QUESTIONS))
         return [Sample(q.image, q.question, f"easy-vqa:{q.image_id}") for q in rows]
+    if calib == "tiny-scenes":  # its train split: the gate grades validation, eval test (other scenes)
+        items = load_task(calib, split="train", limit=limit or CALIBRATION_QUESTIONS, seed=CALIBRATION_TASK_SEED)
+        return [Sample(it.image, it.question, f"{calib}:{it.image_id}") for it in items]
     path = Path(calib).expanduser()
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
