@@ -1,10 +1,10 @@
 """Data sets the checks and the precision stage both read: task questions with answers, and image +
 prompt samples for calibration and the accuracy gate.
 
-Task questions (`load_task`): `easy-vqa` (the PyPI data set; a fixed random subset of `limit`
-questions of a split) or a JSONL file of {"image", "question", "answer"[, "kind"]} rows. Answered by
-`eval` (default split: test) and by the gate's task part (GATE_SPLIT: validation, held-out train images),
-so the two never share a question (checks.task_accuracy, precision.gate).
+Task questions (`load_task`): `easy-vqa` (the PyPI data set) or `tiny-scenes` (generated; a fixed random
+subset of `limit` questions of a split), or a JSONL file of {"image", "question", "answer"[, "kind"]} rows.
+Answered by `eval` (default split: test) and by the gate's task part (GATE_SPLIT: validation; easy-vqa's
+is held-out train images), so the two never share a question (checks.task_accuracy, precision.gate).
 
 Samples (`Sample`: an image and a prompt, no answer), so the graphs see real decoder inputs:
 - `builtin_samples()`: a small default set that needs no network: images synthesised procedurally
@@ -15,7 +15,8 @@ Samples (`Sample`: an image and a prompt, no answer), so the graphs see real dec
   calibration set, so a gate never grades the data it was calibrated on.
 - `load_calibration_set(calib)`: `--calib DIR_OR_JSONL`: a folder of images (prompts cycled from the
   built-in list), a JSONL file of {"image": path, "prompt": text} lines (paths relative to the file), or
-  "easy-vqa" (its train split without the validation images: the gate grades validation, eval test).
+  "easy-vqa" (its train split without the validation images: the gate grades validation, eval test),
+  or "tiny-scenes" (its train split; validation and test are other scenes).
 """
 
 from __future__ import annotations
