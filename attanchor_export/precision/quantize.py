@@ -51,6 +51,7 @@ from attanchor_export.precision.gate import (
     fp32_task_answers,
     run_gate,
 )
+from attanchor_export.precision.smoothing import smooth_file
 from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 from attanchor_export.precision.weights import (
     DEFAULT_ACCURACY_LEVEL,
@@ -66,6 +67,8 @@ FORMS = ("MatMulNBits", "QDQ")
 # fp32 lm_head is a third of what an int4 decode step reads (scripts/bench_peers.py). int8: no (its
 # static calibration of the logits has not been measured).
 LM_HEAD_QUANTIZED_BY_DEFAULT = {"int4": True, "int8": False}
+# SmoothQuant's alpha for the int8 TensorRT form (precision.smoothing); None turns smoothing off.
+INT8_SMOOTH_ALPHA: float | None = 0.5
 
 
 def lm_head_quantized(quant: str, asked: bool | None) -> bool:
@@ -130,6 +133,7 @@ class _Request:
     quantize_vision: bool
     accuracy_level: int
     calibrate_method: str
+    smooth_alpha: float | None  # int8 QDQ: SmoothQuant's alpha (precision.smoothing); None = not smoothed
     ort_fusions: bool  # fuse the onnxruntime-only decoder form (precision.ort_fusions)
     dims: dict
 
@@ -192,6 +196,7 @@ def quantize_artifact(
     reference: GateReference | None = None,
     low_memory: bool = False,
     ort_fusions: bool = True,
+    smooth_alpha: float | None = INT8_SMOOTH_ALPHA,
 ) -> dict:
     """Rewrite the fp32 graphs in `folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -216,7 +221,7 @@ def quantize_artifact(
         folder, {g: manifest_data["graphs"][g]["file"] for g in ("vision", "embedding", "decoder")}, dtype, quant,
         block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
-        ort_fusions, manifest_data["dims"],
+        smooth_alpha, ort_fusions, manifest_data["dims"],
     )
     precision = _precision_header(req)
     front = ArtifactFrontEnd(folder, manifest_data) if (gate and reference is None) or req.quant == "int8" else None
@@ -385,7 +390,14 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
         qmodel = _write_form(source, target, names, bits=4, block_size=trt_block or req.block_size,
                              symmetric=True, qdq=True)
     else:
-        qmodel = int8_static_qdq(source, target, names, reader, req.calibrate_method)
+        smoothed = req.folder / f".{trt_file}.smoothed.onnx"
+        try:
+            if req.smooth_alpha is not None:  # activation outliers into the weights, same function in fp32
+                record["smoothing"] = smooth_file(source, smoothed, names, reader, req.smooth_alpha, IR_VERSION)
+            qmodel = int8_static_qdq(smoothed if req.smooth_alpha is not None else source, target, names, reader,
+                                     req.calibrate_method)
+        finally:
+            remove_model(smoothed)
         record.update(symmetric=True, weights="int8 per-channel", activations="int8 per-tensor (calibrated)",
                       tensorrt_compatible=True)
         save_model(qmodel, target)

@@ -1,0 +1,111 @@
+"""int8 TensorRT form (calibrated QDQ) variants on an fp32 artifact, each through the export's own gate.
+
+    python scripts/measure_int8.py FP32_ARTIFACT [VARIANT ...] [--calib easy-vqa] [--samples N] [--json OUT]
+
+A VARIANT is `<method>[+sq<alpha>]`: method = onnxruntime's CalibrationMethod (minmax, percentile,
+entropy), sq<alpha> = SmoothQuant folded in first (precision.smoothing), e.g. `minmax`, `minmax+sq0.5`,
+`percentile+sq0.8`; `nbits` is the weight-only onnxruntime form (MatMulNBits bits=8, no calibration).
+The fp32 reference (gate set and the task's gate questions, when the artifact declares a task) is
+computed once; each variant quantizes a copy of the artifact's decoder with `quantize_artifact(...,
+forms=("QDQ",))` and is gated against it. Prints one row per variant: logits cos mean / min, top-1,
+top-1 over answer positions, task accuracy, answers identical to fp32, seconds. The histogram
+calibrators (percentile, entropy) hold every calibrated activation of every sample in memory
+(onnxruntime's HistogramCalibrater): about 8 GB for 256 tiny-vqa samples, so pass --samples for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from attanchor_runtime.sessions import ort_session
+
+from attanchor_export.precision.calibration import ArtifactFrontEnd, gate_samples, load_calibration_set
+from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, fp32_task_answers
+from attanchor_export.precision.quantize import quantize_artifact
+
+METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
+def parse(variant: str) -> dict:
+    if variant == "nbits":
+        return {"forms": ("MatMulNBits",)}
+    method, _, smooth = variant.partition("+")
+    if method not in METHODS or (smooth and not smooth.startswith("sq")):
+        raise SystemExit(f"error: unknown variant {variant!r}: <minmax|percentile|entropy>[+sq<alpha>] or nbits")
+    return {"forms": ("QDQ",), "calibrate_method": METHODS[method], "smooth_alpha": float(smooth[2:]) if smooth else None}
+
+
+def copy_artifact(src: Path, dst: Path) -> None:
+    """Hard links for every file but the decoder's, which quantize_artifact rewrites in place."""
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file():
+            (shutil.copy2 if p.name.startswith("decoder.") else os.link)(p, dst / p.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("variants", nargs="*", default=["minmax", "minmax+sq0.5"])
+    parser.add_argument("--calib", help="--calib of the export [easy-vqa for tiny-vqa, else the built-in set]")
+    parser.add_argument("--task", help="--task of the export [easy-vqa for tiny-vqa, else none]")
+    parser.add_argument("--samples", type=int, default=None, help="calibration samples (easy-vqa: 256)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    data = json.loads((args.artifact / "manifest.json").read_text())
+    tiny_vqa = data["source"].get("alias") == "tiny-vqa"  # declares calib and task easy-vqa
+    calib = args.calib or ("easy-vqa" if tiny_vqa else None)
+    task = args.task or ("easy-vqa" if tiny_vqa else None)
+    files = {g: data["graphs"][g]["file"] for g in ("vision", "embedding", "decoder")}
+
+    start = time.time()
+    front = ArtifactFrontEnd(args.artifact, data)
+    reference = compute_reference(front, ort_session(args.artifact / files["decoder"]), gate_samples())
+    if task:
+        reference.task = fp32_task_answers(args.artifact, data, files, task)
+    del front
+    print(f"fp32 reference: {time.time() - start:.0f} s; calib {calib}, task {task}"
+          + (f" (fp32 {reference.task['accuracy']:.3f})" if task else ""), file=sys.stderr)
+    if args.samples and calib == "easy-vqa":  # load_calibration_set's own limit, through a wrapper
+        import attanchor_export.precision.quantize as quantize
+
+        quantize.load_calibration_set = lambda c, limit=None: load_calibration_set(c, limit=args.samples)
+
+    rows = []
+    for variant in args.variants:
+        options = parse(variant)
+        with tempfile.TemporaryDirectory(prefix="measure-int8-", dir=args.artifact.parent) as tmp:
+            folder = Path(tmp) / "a"
+            copy_artifact(args.artifact, folder)
+            start = time.time()
+            try:
+                precision = quantize_artifact(folder, data, quant="int8", calib=calib, task=task,
+                                              reference=reference, **options)["precision"]
+            except AccuracyGateFailed as failed:
+                precision = failed.precision
+            seconds = time.time() - start
+        result = precision["gate"]["results"][0]
+        record = precision["graphs"].get("decoder.onnx", {})
+        row = {"variant": variant, **{k: result[k] for k in ("cos_mean", "cos_min", "top1", "top1_answer")},
+               "task": (result.get("task") or {}).get("accuracy"),
+               "same_answers": (result.get("task") or {}).get("same_answers"),
+               "passed": result["passed"], "seconds": round(seconds),
+               "samples": (precision.get("calibration") or {}).get("samples"),
+               "smoothing": record.get("smoothing")}
+        rows.append(row)
+        print(f"{variant:22s} cos {row['cos_mean']:.4f} min {row['cos_min']:+.3f} top1 {row['top1']:.3f} "
+              f"ans {row['top1_answer']:.3f} task {row['task']} same {row['same_answers']} "
+              f"{'pass' if row['passed'] else 'FAIL'} {row['seconds']} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
