@@ -425,7 +425,7 @@ def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCo
             staging.path, data, options.dtype, options.quant, options.block_size, options.calib,
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
             floors=options.gate_floors, task=options.task, reference=reference, low_memory=low_memory,
-            ort_fusions=options.ort_fusions, gate=gate_skipped is None,
+            ort_fusions=options.ort_fusions, gate=gate_skipped is None, smooth_alpha=options.smooth_alpha,
         )
     except AccuracyGateFailed as e:
         data["precision"] = e.precision or data["precision"]

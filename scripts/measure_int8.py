@@ -1,6 +1,6 @@
 """int8 TensorRT form (calibrated QDQ) variants on an fp32 artifact, each through the export's own gate.
 
-    python scripts/measure_int8.py FP32_ARTIFACT [VARIANT ...] [--calib easy-vqa] [--samples N] [--json OUT]
+    python scripts/measure_int8.py FP32_ARTIFACT [VARIANT ...] [--samples N] [--json OUT] [--reference CACHE]
 
 A VARIANT is `<method>[+sq<alpha>]`: method = onnxruntime's CalibrationMethod (minmax, percentile,
 entropy), sq<alpha> = SmoothQuant folded in first (precision.smoothing), e.g. `minmax`, `minmax+sq0.5`,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--task", help="--task of the export [easy-vqa for tiny-vqa, else none]")
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (easy-vqa: 256)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--reference", type=Path, help="cache of the fp32 reference: read if it exists, else written")
     args = parser.parse_args()
     data = json.loads((args.artifact / "manifest.json").read_text())
     tiny_vqa = data["source"].get("alias") == "tiny-vqa"  # declares calib and task easy-vqa
@@ -66,11 +68,16 @@ def main() -> None:
     files = {g: data["graphs"][g]["file"] for g in ("vision", "embedding", "decoder")}
 
     start = time.time()
-    front = ArtifactFrontEnd(args.artifact, data)
-    reference = compute_reference(front, ort_session(args.artifact / files["decoder"]), gate_samples())
-    if task:
-        reference.task = fp32_task_answers(args.artifact, data, files, task)
-    del front
+    if args.reference and args.reference.is_file():
+        reference = pickle.loads(args.reference.read_bytes())
+    else:
+        front = ArtifactFrontEnd(args.artifact, data)
+        reference = compute_reference(front, ort_session(args.artifact / files["decoder"]), gate_samples())
+        if task:
+            reference.task = fp32_task_answers(args.artifact, data, files, task)
+        del front
+        if args.reference:
+            args.reference.write_bytes(pickle.dumps(reference))
     print(f"fp32 reference: {time.time() - start:.0f} s; calib {calib}, task {task}"
           + (f" (fp32 {reference.task['accuracy']:.3f})" if task else ""), file=sys.stderr)
     if args.samples and calib == "easy-vqa":  # load_calibration_set's own limit, through a wrapper

@@ -34,7 +34,7 @@ from attanchor_graphs.onnx_utils import name_nodes
 
 from attanchor_export.errors import ExportError
 from attanchor_export.options import ARTIFACT_IR_VERSION as IR_VERSION
-from attanchor_export.options import BLOCK_SIZES, DTYPES, QUANTS
+from attanchor_export.options import BLOCK_SIZES, DEFAULT_SMOOTH_ALPHA, DTYPES, QUANTS
 from attanchor_export.precision.calibration import (
     ArtifactFrontEnd,
     DecoderCalibrationReader,
@@ -67,8 +67,6 @@ FORMS = ("MatMulNBits", "QDQ")
 # fp32 lm_head is a third of what an int4 decode step reads (scripts/bench_peers.py). int8: no (its
 # static calibration of the logits has not been measured).
 LM_HEAD_QUANTIZED_BY_DEFAULT = {"int4": True, "int8": False}
-# SmoothQuant's alpha for the int8 TensorRT form (precision.smoothing); None turns smoothing off.
-INT8_SMOOTH_ALPHA: float | None = 0.5
 
 
 def lm_head_quantized(quant: str, asked: bool | None) -> bool:
@@ -154,7 +152,7 @@ class _Request:
         return self.quant != "none" and (graph != "vision" or self.quantize_vision)
 
 
-def _check_options(dtype, quant, block_size, forms):
+def _check_options(dtype, quant, block_size, forms, smooth_alpha=None):
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if quant not in QUANTS:
@@ -166,6 +164,8 @@ def _check_options(dtype, quant, block_size, forms):
             "--dtype fp16 with --quant int8 is not supported: use --quant int8 (fp32 activations, int8 weights "
             "for onnxruntime, calibrated int8 QDQ for TensorRT) or --dtype fp16 --quant int4"
         )
+    if smooth_alpha is not None and not (isinstance(smooth_alpha, (int, float)) and 0 < smooth_alpha <= 1):
+        raise ExportError(f"smooth_alpha must be in (0, 1] or None (no smoothing), got {smooth_alpha!r}")
     forms = tuple(forms)
     if not forms or any(f not in FORMS for f in forms):
         raise ExportError(f"forms must be a non-empty subset of {', '.join(FORMS)}, got {forms!r}")
@@ -196,7 +196,7 @@ def quantize_artifact(
     reference: GateReference | None = None,
     low_memory: bool = False,
     ort_fusions: bool = True,
-    smooth_alpha: float | None = INT8_SMOOTH_ALPHA,
+    smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA,
 ) -> dict:
     """Rewrite the fp32 graphs in `folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -214,7 +214,7 @@ def quantize_artifact(
     keep no arena and feed fp16 weights from disk (gate.run_gate), for a decoder that is over the budget.
     """
     folder = Path(folder)
-    forms = _check_options(dtype, quant, block_size, forms)
+    forms = _check_options(dtype, quant, block_size, forms, smooth_alpha)
     if dtype == "fp32" and quant == "none":
         return {"precision": {"dtype": "fp32", "quant": "none"}}
     req = _Request(
