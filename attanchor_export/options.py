@@ -21,7 +21,7 @@ DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 # int8 TensorRT form: SmoothQuant's alpha (precision.smoothing; docs/QUANTIZATION.md has the measurements)
-DEFAULT_SMOOTH_ALPHA = 0.8
+DEFAULT_SMOOTH_ALPHA = 0.7
 
 
 @dataclass
