@@ -10,7 +10,8 @@ computed once; each variant quantizes a copy of the artifact's decoder with `qua
 forms=("QDQ",))` and is gated against it. Prints one row per variant: logits cos mean / min, top-1,
 top-1 over answer positions, task accuracy, answers identical to fp32, seconds. The histogram
 calibrators (percentile, entropy) hold every calibrated activation of every sample in memory
-(onnxruntime's HistogramCalibrater): about 8 GB for 256 tiny-vqa samples, so pass --samples for them.
+(onnxruntime's HistogramCalibrater): about 8 GB for 256 tiny-vqa samples, so pass --samples for them;
+they also need samples of one length, so with them every sample is cut to the shortest one's length.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from pathlib import Path
 
 from attanchor_runtime.sessions import ort_session
 
-from attanchor_export.precision.calibration import ArtifactFrontEnd, gate_samples, load_calibration_set
+from attanchor_export.precision.calibration import (
+    ArtifactFrontEnd,
+    DecoderCalibrationReader,
+    gate_samples,
+    load_calibration_set,
+)
 from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, fp32_task_answers
 from attanchor_export.precision.quantize import quantize_artifact
 
@@ -41,6 +47,15 @@ def parse(variant: str) -> dict:
     if method not in METHODS or (smooth and not smooth.startswith("sq")):
         raise SystemExit(f"error: unknown variant {variant!r}: <minmax|percentile|entropy>[+sq<alpha>] or nbits")
     return {"forms": ("QDQ",), "calibrate_method": METHODS[method], "smooth_alpha": float(smooth[2:]) if smooth else None}
+
+
+class SameLengthReader(DecoderCalibrationReader):
+    @classmethod
+    def from_samples(cls, front, samples):
+        feeds = DecoderCalibrationReader.from_samples(front, samples).feeds
+        n = min(f["attention_mask"].shape[1] for f in feeds)
+        cut = ("inputs_embeds", "attention_mask", "position_ids")
+        return cls([{k: (v[:, :n] if k in cut else v) for k, v in f.items()} for f in feeds])
 
 
 def copy_artifact(src: Path, dst: Path) -> None:
@@ -80,10 +95,15 @@ def main() -> None:
             args.reference.write_bytes(pickle.dumps(reference))
     print(f"fp32 reference: {time.time() - start:.0f} s; calib {calib}, task {task}"
           + (f" (fp32 {reference.task['accuracy']:.3f})" if task else ""), file=sys.stderr)
-    if args.samples and calib == "easy-vqa":  # load_calibration_set's own limit, through a wrapper
-        import attanchor_export.precision.quantize as quantize
+    import attanchor_export.precision.quantize as quantize
 
+    if args.samples and calib == "easy-vqa":  # load_calibration_set's own limit, through a wrapper
         quantize.load_calibration_set = lambda c, limit=None: load_calibration_set(c, limit=args.samples)
+    if any(v.split("+")[0] in ("percentile", "entropy") for v in args.variants):
+        # onnxruntime's histogram calibrators stack every sample's outputs with np.asarray, which fails
+        # ("inhomogeneous shape") on prompts of different lengths: cut every sample to the shortest one's
+        # length (from the end: causal, so the kept positions are exactly what they were).
+        quantize.DecoderCalibrationReader = SameLengthReader
 
     rows = []
     for variant in args.variants:
