@@ -19,7 +19,8 @@ choice; the short version:
 - int8 (`quant="int8"`): the onnxruntime form is weight-only MatMulNBits with bits=8 (blockwise,
   asymmetric); the TensorRT form is QDQ int8 from quantize_static: per-channel symmetric weights and
   per-tensor symmetric activations calibrated over real decoder inputs (images + prompts through the
-  artifact's vision and embedding graphs, `calib`).
+  artifact's vision and embedding graphs, `calib`), after SmoothQuant has moved the activations'
+  outlier channels into the weights (precision.smoothing, `smooth_alpha`).
 """
 
 from __future__ import annotations
