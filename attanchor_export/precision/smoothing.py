@@ -163,8 +163,9 @@ def channel_absmax(model_path: Path, reader, names: list[str]) -> dict[str, np.n
     model_path = Path(model_path)
     proto = onnx.load(str(model_path), load_external_data=False)
     present = {o.name for o in proto.graph.output}
+    inputs = {i.name for i in proto.graph.input}  # read from the feeds: a graph input cannot be an output
     for name in names:
-        if name not in present:
+        if name not in present and name not in inputs:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     maxima: dict[str, np.ndarray] = {}
     with tempfile.NamedTemporaryFile(dir=model_path.parent, prefix=".smooth-stats-", suffix=".onnx") as tmp:
@@ -174,7 +175,10 @@ def channel_absmax(model_path: Path, reader, names: list[str]) -> dict[str, np.n
         session = ort_session(Path(tmp.name))
         reader.rewind()
         while (feeds := reader.get_next()) is not None:
-            for name, out in zip(names, session.run(names, feeds)):
+            computed = [n for n in names if n not in inputs]
+            outs = dict(zip(computed, session.run(computed, feeds) if computed else []))
+            for name in names:
+                out = np.asarray(feeds[name] if name in inputs else outs[name], np.float32)
                 m = np.abs(out.reshape(-1, out.shape[-1])).max(axis=0).astype(np.float64)
                 maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
         reader.rewind()
