@@ -227,8 +227,8 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         trust_remote_code=trust_remote_code, revision=revision, offline=offline, allow_pickle=allow_pickle,
         dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
-        quantize_vision=quantize_vision, smooth_alpha=smooth_alpha, ort_fusions=ort_fusions, gate_floors=_parse_floors(gate_floor), adapter=adapter,
-        memory_budget=memory_budget,
+        quantize_vision=quantize_vision, ort_fusions=ort_fusions, gate_floors=_parse_floors(gate_floor), adapter=adapter,
+        memory_budget=memory_budget, smooth_alpha=smooth_alpha,
     )
     result = export_artifact(model, options, report.step)
     engines = None
