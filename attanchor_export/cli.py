@@ -3,6 +3,7 @@
     attanchor-export MODEL [-o DIR] [--trt] [--dtype fp32|fp16] [--quant none|int8|int4] ...
     attanchor-export run DIR --image IMG --prompt TEXT
     attanchor-export check DIR | build DIR | bench DIR | lint DIR | demo
+    attanchor-export serve DIR [--ray --replicas N]
 
 Every user-facing failure ends as one `error: ...` line and a non-zero exit code; torch and
 transformers are imported only by the verbs that need them, so `run` works on a Jetson without them.
@@ -11,6 +12,7 @@ transformers are imported only by the verbs that need them, so `run` works on a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +25,15 @@ from attanchor_runtime.errors import UserError
 from attanchor_export import options as opts
 from attanchor_export.trt.plan import EMPTY_PAST_MODES, BuildOptions
 
-EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 2, 130, 143
+VERIFY_CHOICES = ("none", "size", "sha256")
+VERIFY_HELP = ("Check the artifact's files against the manifest first: none, size (cheap: catches truncated or "
+               "missing files) or sha256 (reads every byte: also catches same-size damage).")
+
+
+class Terminated(BaseException):
+    """SIGTERM (`kill`, `timeout`, a service manager), raised in the main thread as Ctrl-C raises
+    KeyboardInterrupt, so the same cleanup runs (staging folders removed) before exit code 143."""
 
 
 class Reporter:
@@ -33,7 +43,8 @@ class Reporter:
         from rich.console import Console
 
         self.quiet, self.as_json = quiet, as_json
-        self.console = Console(stderr=True, highlight=False)
+        # The stream as it is now: a step may hide the libraries' own output (sys.stderr) meanwhile.
+        self.console = Console(file=sys.stderr, highlight=False)
         self.timings: dict[str, float] = {}
 
     @contextmanager
@@ -95,6 +106,27 @@ def _fail(message: str, code: int = EXIT_FAILED):
     sys.exit(code)
 
 
+@contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated for the duration (main thread only; the previous handler comes back)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(fn):
     """Turn known errors into one line; unknown ones into one line plus a hint to see the traceback."""
     import functools
@@ -102,9 +134,12 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_raises():
+                return fn(*args, **kwargs)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written under the output name", EXIT_INTERRUPTED)
+        except Terminated:
+            _fail("terminated (SIGTERM); nothing was written under the output name", EXIT_TERMINATED)
         except click.exceptions.Exit:
             raise
         except SystemExit:
@@ -134,6 +169,7 @@ class ModelOrVerb(click.Group):
 
     def parse_args(self, ctx, args):
         if args and not args[0].startswith("-") and args[0] not in self.commands:
+            _refuse_mistyped_verb(args[0], list(self.commands))
             args = ["export", *args]
         return super().parse_args(ctx, args)
 
@@ -150,6 +186,22 @@ def main():
     """
 
 
+def _refuse_mistyped_verb(word: str, verbs: list[str]) -> None:
+    """`chek DIR` is a typo, not a model to export: say which verb was meant (a folder, a Hub id or an
+    alias of that name is still exported)."""
+    import difflib
+
+    if Path(word).expanduser().exists() or "/" in word or "\\" in word:
+        return
+    close = difflib.get_close_matches(word, [v for v in verbs if v != "export"], n=1, cutoff=0.6)
+    if not close:
+        return
+    from attanchor_export.load.checkpoint import ALIASES, TINY_VQA
+
+    if word not in (*ALIASES, TINY_VQA):
+        _fail(f"no command {word!r} (did you mean {close[0]!r}?) and no model folder of that name", EXIT_USAGE)
+
+
 def _default_output(model: str) -> Path:
     name = Path(model).name if Path(model).exists() else model.replace("/", "--")
     return Path("out") / f"{name}-onnx"
@@ -160,9 +212,9 @@ def _default_output(model: str) -> Path:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact folder [out/<model>-onnx].")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs a GPU and tensorrt).")
 @click.option("--dtype", type=click.Choice(opts.DTYPES), default=opts.default(opts.ExportOptions, "dtype"),
-              show_default=True)
+              show_default=True, help="Float type of the graphs' weights (fp16 is gated against fp32).")
 @click.option("--quant", type=click.Choice(opts.QUANTS), default=opts.default(opts.ExportOptions, "quant"),
-              show_default=True)
+              show_default=True, help="Weight-only quantization of the decoder, gated on accuracy.")
 @click.option("--block-size", type=click.Choice([str(b) for b in opts.BLOCK_SIZES]),
               default=str(opts.default(opts.ExportOptions, "block_size")), show_default=True,
               help="int4 block size.")
@@ -172,7 +224,7 @@ def _default_output(model: str) -> Path:
 @click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
 @click.option("--smooth-alpha", callback=lambda ctx, param, value: _smooth_alpha(value), metavar="ALPHA|off",
               help="int8 TensorRT form: SmoothQuant's migration strength, 0 < ALPHA <= 1 (higher moves more of "
-                   f"the activation outliers into the weights), or off. [{opts.DEFAULT_SMOOTH_ALPHA}]")
+                   f"the activation outliers into the weights), or off. [{opts.default(opts.ExportOptions, 'smooth_alpha')}]")
 @click.option("--ort-fusions/--no-ort-fusions", default=opts.default(opts.ExportOptions, "ort_fusions"),
               show_default=True,
               help="int4/int8: fuse RMSNorm, residual Add and rotary, and read the KV cache in place (no "
@@ -186,9 +238,10 @@ def _default_output(model: str) -> Path:
 @click.option("--task", metavar="easy-vqa|FILE.jsonl",
               help="Questions with answers: quantized formats are also gated on task accuracy vs fp32.")
 @click.option("--mode", type=click.Choice(opts.MODES), default=opts.default(opts.ExportOptions, "mode"),
-              show_default=True)
+              show_default=True, help="t2i: question words are copied next to image patches; i2t: the reverse.")
 @click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
-@click.option("--opset", type=click.IntRange(*opts.OPSETS), default=opts.DEFAULT_OPSET, show_default=True)
+@click.option("--opset", type=click.IntRange(*opts.OPSETS), default=opts.DEFAULT_OPSET, show_default=True,
+              help="ONNX opset of the graphs (TensorRT 10.3 parses up to 20).")
 @click.option("--last-logits-only/--all-logits", default=opts.default(opts.ExportOptions, "last_logits_only"),
               show_default=True,
               help="Prefill returns only the last position's logits (all the runtime reads) or every position's.")
@@ -234,33 +287,34 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
     engines = None
     if trt:
         engines = str(_build_engines(output, report))
+    manifest = result.manifest
     if as_json:
         report.emit_json({"folder": str(output), "passed": result.passed, "timings": report.timings,
-                          "precision": result.manifest.get("precision"),
-                          "export": result.manifest.get("export"),
+                          "precision": manifest.precision.to_json(),
+                          "export": manifest.export.to_json() if manifest.export else None,
                           "checks": [c.to_json() for c in result.checks], "engines": engines})
     else:
         if result.checks and not quiet:
             from attanchor_export.checks.tables import print_checks
 
             print_checks(result.checks, summary=True)
-        gate = result.manifest.get("precision", {}).get("gate")
-        if gate and gate.get("results"):
-            from attanchor_export.checks.recheck import gate_summary
+        gate = manifest.precision.gate
+        if gate and gate.results:
+            from attanchor_export.check import gate_summary
 
-            report.info(f"accuracy gate ({gate['format']}, floors {gate['floors']}): {gate_summary(gate)}")
-        elif gate and isinstance(gate.get("skipped"), str):
-            report.info(f"[yellow]accuracy gate ({gate['format']}) not run: {gate['skipped']}[/yellow]")
+            report.info(f"accuracy gate ({gate.format}, floors {dict(gate.floors)}): {gate_summary(gate)}")
+        elif gate and isinstance(gate.skipped, str):
+            report.info(f"[yellow]accuracy gate ({gate.format}) not run: {gate.skipped}[/yellow]")
         report.info(f"[bold]wrote {output}[/bold] ({len(result.checks)} parity checks passed)")
-        if result.manifest.get("export"):
+        if manifest.export:
             from attanchor_export.export_cost import describe
 
-            report.info(f"export cost: {describe(result.manifest['export'])}")
+            report.info(f"export cost: {describe(manifest.export)}")
 
 
 def _smooth_alpha(value):
     if value is None:
-        return opts.DEFAULT_SMOOTH_ALPHA
+        return opts.default(opts.ExportOptions, "smooth_alpha")
     if value == "off":
         return None
     try:
@@ -276,9 +330,12 @@ def _threshold_value(value):
     if value is None or value == "auto":
         return value
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise click.BadParameter(f'{value!r}: expected a number or "auto"', param_hint="--threshold") from None
+    if not math.isfinite(number):  # stored as every later run's default, it would break them all
+        raise click.BadParameter(f"{value!r}: expected a finite number", param_hint="--threshold")
+    return number
 
 
 def _parse_floors(items) -> dict | None:
@@ -306,13 +363,13 @@ def _build_engines(folder: Path, report: Reporter, **options):
 @click.option("--model", help="Source checkpoint, if not where the manifest says.")
 @click.option("--no-e2e", is_flag=True, help="Graph parity only, skip end-to-end generation.")
 @click.option("--adapter", help="The LoRA adapter, if not where the manifest says (same files, by sha256).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with every check on stdout.")
 @click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="One row per case instead of the worst per metric.")
 @handle_errors
 def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose):
     """Re-run parity of an artifact against its PyTorch source and print a report."""
-    from attanchor_export.checks.recheck import check_artifact
+    from attanchor_export.check import check_artifact
     from attanchor_export.checks.tables import print_checks
 
     report = Reporter(quiet, as_json)
@@ -332,25 +389,38 @@ def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose):
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--image", required=True, help="Image file.")
 @click.option("--prompt", required=True, help="Question about the image.")
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="onnxruntime, or the TensorRT engines built with `build`.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime's device (cuda needs onnxruntime-gpu).")
 @click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Stop after this many generated tokens.")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0)
-@click.option("--top-p", type=float, default=1.0)
-@click.option("--seed", type=int)
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="With --sample: divide the logits by this (lower = closer to greedy).")
+@click.option("--top-k", type=int, default=0, show_default=True,
+              help="With --sample: keep only the K most likely tokens (0 = all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="With --sample: keep the smallest set of tokens whose probabilities sum to P (1 = all).")
+@click.option("--seed", type=int, help="With --sample: random seed, for repeatable answers.")
 @click.option("--show-anchors", type=click.Path(path_type=Path), help="Write a PNG with the anchored patches.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--verify", type=click.Choice(VERIFY_CHOICES), default="size", show_default=True, help=VERIFY_HELP)
+@click.option("--memory-budget", type=click.FloatRange(min=0.01), metavar="GIB",
+              help="Refuse a prompt whose estimated memory (KV cache, attention, logits) is over this. "
+                   "[the memory available]")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: the answer, its anchors (text index, image patch) and token ids.")
 @handle_errors
 def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, stream, sample, temperature,
-            top_k, top_p, seed, show_anchors, as_json):
+            top_k, top_p, seed, show_anchors, verify, memory_budget, as_json):
     """Answer PROMPT about IMAGE with an exported artifact (no torch needed)."""
     from attanchor_runtime import Pipeline
 
-    pipe = Pipeline.load(folder, backend=backend, device=device)
+    if show_anchors:
+        _check_writable_file(show_anchors, "--show-anchors")  # before the answer, not after it
+    pipe = Pipeline.load(folder, backend=backend, device=device, verify=verify, memory_budget=memory_budget)
     kwargs = dict(max_new_tokens=max_new_tokens, threshold=threshold, do_sample=sample, temperature=temperature,
                   top_k=top_k, top_p=top_p, seed=seed)
     pieces = []
@@ -375,7 +445,7 @@ def run_cmd(folder, image, prompt, backend, device, threshold, max_new_tokens, s
 @main.command("build")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--max-batch", type=click.IntRange(min=1), default=opts.default(BuildOptions, "max_batch"),
-              show_default=True)
+              show_default=True, help="Largest batch the engines accept.")
 @click.option("--max-input-len", type=click.IntRange(min=1),
               help="Prefill positions incl. image tokens and anchors [image tokens + 512].")
 @click.option("--max-seq-len", type=click.IntRange(min=2), help="Prompt + generated positions [min(model, 2048)].")
@@ -408,7 +478,7 @@ def build_cmd(folder, max_batch, max_input_len, max_seq_len, workspace, timing_c
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--target", default="10.3", show_default=True,
               help="TensorRT version to lint against: 10.3 (JetPack 6), 10.15, 11.4, 11.5, or latest.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (graph -> findings) on stdout.")
 @handle_errors
 def lint_cmd(folder, target, as_json):
     """Check every graph against TensorRT's ONNX operator support (no GPU needed)."""
@@ -427,7 +497,8 @@ def lint_cmd(folder, target, as_json):
 @main.command("bench")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--compare-torch", is_flag=True, help="Also time transformers eager on the same prompts.")
-@click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Tokens generated per measured run.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime (and torch) intra-op threads.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Measured runs per prompt (after one warm-up).")
@@ -438,11 +509,14 @@ def lint_cmd(folder, target, as_json):
                    "Default: the manifest's.")
 @click.option("--quiet-wait", type=float, default=0.0, show_default=True,
               help="Seconds to wait for an idle CPU before each measured run (shared machines).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the figures as JSON.")
+@click.option("--verify", type=click.Choice(VERIFY_CHOICES), default="size", show_default=True, help=VERIFY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object on stdout (no table).")
+@click.option("--json-out", type=click.Path(path_type=Path), metavar="PATH",
+              help="Also write the figures as JSON to PATH.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Write a PNG chart.")
 @handle_errors
 def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, image, threshold, quiet_wait,
-              json_out, chart):
+              verify, as_json, json_out, chart):
     """Time to first token (vision / anchors / prefill), decode tokens/s, anchor overhead, memory."""
     from attanchor_export.bench import format_report, run_bench, write_chart
 
@@ -451,12 +525,19 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
             threshold = float(threshold)
         except ValueError:
             _fail(f'--threshold must be a number or "auto", got {threshold!r}')
+    for path, option in ((json_out, "--json-out"), (chart, "--chart")):
+        if path:
+            _check_writable_file(path, option)  # before minutes of timing, not after
     result = run_bench(folder, prompts=list(prompts) or None, image=image, max_new_tokens=max_new_tokens,
                        threads=threads, compare_torch=compare_torch, repeats=repeats, threshold=threshold,
-                       quiet_wait=quiet_wait)
-    click.echo(format_report(result))
+                       quiet_wait=quiet_wait, verify=verify)
+    document = json.dumps(result, indent=2, default=float) + "\n"
+    if as_json:
+        click.echo(document, nl=False)
+    else:
+        click.echo(format_report(result))
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2, default=float) + "\n")
+        Path(json_out).write_text(document)
     if chart:
         write_chart(result, chart)
 
@@ -470,37 +551,64 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
 @click.option("--limit", type=click.IntRange(min=1), help="At most N questions (a fixed random subset for easy-vqa).")
 @click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
 @click.option("--thresholds", help="Several thresholds, comma-separated, e.g. 0.3,0.5,2 (2 = no anchors).")
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="onnxruntime, or the TensorRT engines built with `build`.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime's device (cuda needs onnxruntime-gpu).")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Questions answered together (left-padded).")
 @click.option("--compare-torch", is_flag=True,
               help="Also answer with the source PyTorch model: its accuracy and the share of identical answers.")
 @click.option("--compare", type=click.Path(path_type=Path), metavar="DIR",
               help="Also answer with another artifact (another precision, or exported with --no-ort-fusions): "
                    "its accuracy and the share of identical answers.")
+@click.option("--verify", type=click.Choice(VERIFY_CHOICES), default="size", show_default=True, help=VERIFY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @handle_errors
 def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device, batch, compare_torch, compare,
-             as_json):
+             verify, as_json):
     """Task accuracy of an artifact through the torch-free runtime (overall and per question type)."""
     from attanchor_export.checks.task_accuracy import run_eval
 
     values: list = [threshold]
     if thresholds:
-        try:
-            values = [float(t) for t in thresholds.split(",") if t.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{thresholds!r}: expected numbers separated by commas",
-                                     param_hint="--thresholds") from None
+        values = _thresholds_value(thresholds)
     with library_quiet(as_json):
         result = run_eval(folder, data, split, limit, values, backend, device, batch, progress_factory=_progress_bar,
-                          compare_torch=compare_torch, compare=compare)
+                          compare_torch=compare_torch, compare=compare, verify=verify,
+                          on_skip=lambda message: click.echo(f"warning: {message}", err=True))
     if as_json:
         click.echo(json.dumps(result, default=float))
         return
     from attanchor_export.checks.tables import print_eval
 
     print_eval(result)
+
+
+def _thresholds_value(text: str) -> list[float]:
+    """--thresholds a,b,c: finite numbers, at least one."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected numbers separated by commas", param_hint="--thresholds") from None
+    if not values:
+        raise click.BadParameter(f"{text!r} holds no number: expected e.g. 0.3,0.5,2", param_hint="--thresholds")
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{text!r}: thresholds must be finite numbers", param_hint="--thresholds")
+    return values
+
+
+def _check_writable_file(path: Path, option: str) -> None:
+    """An output file's folder must exist and be writable, and the path must not be a folder: said
+    before the work, not as an internal error after it."""
+    path = Path(path)
+    parent = path.absolute().parent
+    if path.is_dir():
+        _fail(f"{option} {path} is a folder: give a file name")
+    if not parent.is_dir():
+        _fail(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        _fail(f"{option} {path}: not writable")
 
 
 @contextmanager
@@ -515,15 +623,83 @@ def _progress_bar(label: str, total: int):
         yield lambda n: progress.advance(task, n)
 
 
-@main.command("demo")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
-@click.option("--fresh", is_flag=True, help="Export again even if a validated artifact is in the folder.")
+@main.command("serve")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per model copy [all cores; "
+              "with --ray, the CPUs of a replica].")
+@click.option("--api-key", envvar="ATTANCHOR_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* "
+              "[env ATTANCHOR_API_KEY]. Never printed or logged.")
+@click.option("--model-name", help="The model id clients name [the artifact folder's name].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests batched into one generate.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Waiting requests past this get 429.")
+@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="How long a request waits for others to batch with.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds per request, queueing included (504 past it).")
+@click.option("--max-tokens", "max_tokens_default", type=click.IntRange(min=1), default=256, show_default=True,
+              help="max_tokens of a request that sets none.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+              help="Request body limit (413 past it).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=4096 * 4096, show_default=True,
+              help="Decoded width x height limit, checked before decoding.")
+@click.option("--max-image-aspect", type=click.FloatRange(min=1), default=50.0, show_default=True,
+              help="Long side / short side limit.")
+@click.option("--allow-files", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Allow file:// image URLs under this folder.")
+@click.option("--allow-remote-images", is_flag=True,
+              help="Allow http(s):// image URLs (public addresses only, size-capped, time-limited).")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM, seconds for requests in flight before they get 503.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve (the [ray] extra).")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, help="With --ray: model copies.")
+@click.option("--ray-address", help="With --ray: join this cluster (e.g. auto, or HOST:6379) instead of starting "
+              "a local head.")
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --ray: CPUs Ray reserves per replica.")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --ray: GPUs Ray reserves per replica.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn's log level (access lines at info).")
 @handle_errors
-def demo_cmd(output, fresh):
+def serve_cmd(folder, host, port, use_ray, replicas, ray_address, replica_cpus, replica_gpus, shutdown_grace,
+              log_level, max_body_mb, **options):
+    """Serve FOLDER over HTTP: the OpenAI chat-completions API with images, and a page at / (docs/SERVING.md)."""
+    from attanchor_runtime.serve import ServeOptions
+
+    if not (folder / "manifest.json").is_file():
+        raise click.BadParameter(f"{folder} is not an artifact folder (no manifest.json)", param_hint="FOLDER")
+    if host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who reaches this port can use it", err=True)
+    serve_options = ServeOptions(max_body_bytes=int(max_body_mb * 2**20), **options)
+    if use_ray:
+        from attanchor_runtime.serve.ray_app import serve_on_ray
+
+        serve_on_ray(folder, serve_options, host, port, replicas, ray_address, replica_cpus, replica_gpus,
+                     shutdown_grace)
+    else:
+        from attanchor_runtime.serve.run import serve
+
+        serve(folder, serve_options, host, port, shutdown_grace, log_level)
+
+
+@main.command("demo")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True,
+              help="Folder for the demo's files: artifact/, demo.png, anchors.png (only what the demo wrote "
+                   "there before is replaced).")
+@click.option("--fresh", is_flag=True, help="Export again even if a validated artifact is in the folder.")
+@click.option("--quiet", is_flag=True, help="No progress and no report (the files are still written).")
+@handle_errors
+def demo_cmd(output, fresh, quiet):
     """Whole flow on the trained tiny-vqa model: build, export, check, answer, show the anchors."""
     from attanchor_export.demo import run_demo
 
-    report = Reporter()
+    report = Reporter(quiet)
     with library_quiet(True):
         run_demo(output, report, fresh=fresh)
 

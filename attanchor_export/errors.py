@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from attanchor_runtime.errors import UserError, one_line
 
-__all__ = ["CheckpointError", "ExportError", "UnsupportedArchitecture", "ValidationFailed", "one_line"]
+__all__ = ["CheckpointError", "ExportError", "StreamingUnavailable", "UnsupportedArchitecture", "ValidationFailed",
+           "one_line"]
 
 
 class ExportError(UserError, RuntimeError):
@@ -27,3 +28,8 @@ class ValidationFailed(ExportError):
     def __init__(self, message: object = "", checks=None) -> None:
         super().__init__(message)
         self.checks = list(checks or [])
+
+
+class StreamingUnavailable(Exception):
+    """This checkpoint cannot be streamed (load/streamed.py; the message says why): load it whole instead.
+    Not a UserError: the loader catches it and falls back."""

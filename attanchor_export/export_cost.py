@@ -7,10 +7,15 @@ high-water mark (getrusage), which includes the interpreter, torch and onnxrunti
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from attanchor_runtime.manifest import ExportRecord, Manifest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -59,20 +64,11 @@ def memory_budget_bytes(gib: float | None) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
 
 def fp32_session_bytes(graph: Path) -> int:
     return int(FP32_SESSION_FACTOR * graph_bytes(graph))
-
-
-def fp16_cpu_session_bytes(fp16_bytes: int, fed: bool = False) -> int:
-    """What a CPU session of a graph with `fp16_bytes` of fp16 weights will hold: an ordinary session
-    (3x), or with `fed` weights (sessions.FedWeightsSession, 1.25x)."""
-    factor = FP16_FED_SESSION_FACTOR if fed else FP16_CPU_SESSION_FACTOR
-    return int(factor * fp16_bytes)
 
 
 def graph_bytes(graph: Path) -> int:
@@ -89,41 +85,126 @@ REDUCED_FORM_FRACTION = {"fp16": 0.5, "int4": 0.2, "int8": 0.3}
 
 def fp32_graph_bytes(loaded) -> dict:
     """The bytes of each fp32 graph the export will write, from the parameter counts (meta or real)."""
-    adapter, model = loaded.adapter, loaded.model
+    family, model = loaded.family, loaded.model
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    embed = count(adapter.embed_tokens(model))
-    head = adapter.lm_head(model).weight.numel()
-    decoder = count(adapter.language_model(model)) - embed + head  # the lm_head is its own initializer
-    return {"vision": 4 * count(adapter.vision_tower_and_projector(model)), "decoder": 4 * decoder,
-            "embed_table": 4 * embed}
+    embed = count(family.embed_tokens(model))
+    head = family.lm_head(model).weight.numel()
+    decoder = count(family.language_model(model)) - embed + head  # the lm_head is its own initializer
+    return {"vision": 4 * count(family.vision_module(model)), "decoder": 4 * decoder, "embed_table": 4 * embed}
 
 
-def disk_needed_bytes(graphs: dict, dtype: str, quant: str, forms: int, vision_reduced: bool) -> int:
-    """Peak disk of an export: every fp32 graph, plus the reduced files written beside them."""
-    reduced = graphs["decoder"] + (graphs["vision"] if vision_reduced else 0)
+def disk_needed_bytes(fp32_bytes: dict, dtype: str, quant: str, forms: int, vision_reduced: bool) -> int:
+    """Peak disk of an export: every fp32 graph (`fp32_bytes`, fp32_graph_bytes), plus the reduced files
+    written beside them."""
+    decoder, vision = fp32_bytes["decoder"], fp32_bytes["vision"]
+    reduced = decoder + (vision if vision_reduced else 0)
     extra = 0.0
     if dtype == "fp16":
-        extra += REDUCED_FORM_FRACTION["fp16"] * (graphs["decoder"] + graphs["vision"])
+        extra += REDUCED_FORM_FRACTION["fp16"] * (decoder + vision)
     if quant != "none":
         extra += forms * REDUCED_FORM_FRACTION[quant] * reduced
-    return int(1.05 * (sum(graphs.values()) + extra))
+    return int(1.05 * (sum(fp32_bytes.values()) + extra))
 
 
 def free_disk_bytes(folder: Path) -> int:
     """Free bytes on the filesystem `folder` will be written to (its nearest existing ancestor)."""
-    import shutil
-
     folder = Path(folder).absolute()
     while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What fits in the memory budget, decided once: the export and `check` both ask it.
+
+    Where onnxruntime cannot open the fp32 decoder within the budget (7B: 27 GB of fp32 weights), its
+    parity run is skipped and the reduced-precision decoder is gated against the PyTorch source model
+    (layer-streamed, fp32). An fp16 decoder is gated on a CPU session, which widens every weight at load
+    (3x the fp16 bytes): over the budget its weights are fed from disk instead (FedWeightsSession, 1.25x),
+    and where even that does not fit the gate is not run here."""
+
+    budget_bytes: int
+    fp32_decoder_session_bytes: int | None = None  # None: no fp32 decoder graph in question (check)
+    fp16_decoder_cpu_session_bytes: int | None = None  # None: the decoder's weights are not fp16
+    fp16_decoder_fed_session_bytes: int | None = None
+
+    @classmethod
+    def for_export(cls, fp32_decoder: Path, dtype: str, quant: str, budget_gib: float | None = None) -> MemoryPlan:
+        """For an export whose fp32 decoder graph is `fp32_decoder`, rewritten to dtype/quant."""
+        fp16 = graph_bytes(fp32_decoder) // 2 if (dtype, quant) == ("fp16", "none") else None
+        return cls.of(memory_budget_bytes(budget_gib), fp32_session_bytes(fp32_decoder), fp16)
+
+    @classmethod
+    def for_check(cls, manifest: Manifest, budget_gib: float | None = None) -> MemoryPlan:
+        """For re-gating an artifact: its onnxruntime decoder file, fp16 or not."""
+        precision = manifest.precision
+        fp16 = graph_bytes(manifest.path(manifest.graph_file("decoder", "ort"))) \
+            if (precision.dtype, precision.quant) == ("fp16", "none") else None
+        return cls.of(memory_budget_bytes(budget_gib), None, fp16)
+
+    @classmethod
+    def of(cls, budget: int, fp32_session: int | None, fp16_bytes: int | None) -> MemoryPlan:
+        if fp16_bytes is None:
+            return cls(budget, fp32_session)
+        return cls(budget, fp32_session, int(FP16_CPU_SESSION_FACTOR * fp16_bytes),
+                   int(FP16_FED_SESSION_FACTOR * fp16_bytes))
+
+    @property
+    def fp32_decoder_fits(self) -> bool:
+        return self.fp32_decoder_session_bytes is None or self.fp32_decoder_session_bytes <= self.budget_bytes
+
+    @property
+    def fp16_gate_fits(self) -> bool | None:
+        """Whether the fp16 decoder's gate fits at all (weights fed from disk if need be); None: not fp16."""
+        if self.fp16_decoder_fed_session_bytes is None:
+            return None
+        return self.fp16_decoder_fed_session_bytes <= self.budget_bytes
+
+    @property
+    def fp16_weights_fed(self) -> bool:
+        """The fp16 decoder's ordinary CPU session is over the budget: feed its weights from disk."""
+        whole = self.fp16_decoder_cpu_session_bytes
+        return whole is not None and whole > self.budget_bytes
+
+    @property
+    def low_memory_gate(self) -> bool:
+        """The gate's decoder sessions run without an arena, one row at a time, fp16 weights fed from disk."""
+        return not self.fp32_decoder_fits or self.fp16_weights_fed
+
+    @property
+    def pytorch_gate_baseline(self) -> bool:
+        """The gate's baseline comes from the PyTorch source model (the fp32 decoder graph does not fit)."""
+        return not self.fp32_decoder_fits and self.fp16_gate_fits is not False
+
+    @property
+    def gate_skipped(self) -> str | None:
+        """Why the accuracy gate cannot run on this machine, or None."""
+        if self.fp16_gate_fits is not False:
+            return None
+        return (f"onnxruntime's CPU session of the fp16 decoder needs about {size(self.fp16_decoder_fed_session_bytes)} "
+                f"even with its weights fed from disk, over the {size(self.budget_bytes)} budget: gate it "
+                "on a machine with that much memory (attanchor-export check DIR)")
+
+    def to_record(self) -> dict:
+        """The manifest's export-section fields."""
+        out = {"memory_budget_bytes": self.budget_bytes}
+        if self.fp32_decoder_session_bytes is not None:
+            out.update(fp32_decoder_session_bytes=self.fp32_decoder_session_bytes,
+                       fp32_decoder_fits=self.fp32_decoder_fits)
+        if self.fp16_decoder_cpu_session_bytes is not None:
+            out.update(fp16_decoder_cpu_session_bytes=self.fp16_decoder_cpu_session_bytes,
+                       fp16_decoder_fed_session_bytes=self.fp16_decoder_fed_session_bytes,
+                       fp16_gate_fits=self.fp16_gate_fits,
+                       fp16_gate_weights_fed=self.fp16_weights_fed and bool(self.fp16_gate_fits))
+        return out
+
+
 class ExportCost:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.checkpoint: dict = {}
-        self.budget: dict = {}
+        self.memory: MemoryPlan | None = None
         self.disk: dict = {}
 
     def record_checkpoint(self, loaded) -> None:
@@ -134,18 +215,18 @@ class ExportCost:
         if loaded.streamed is not None:  # what stayed in the shards instead of in memory
             self.checkpoint["streamed_weight_bytes"] = loaded.streamed.streamed_bytes
 
-    def to_json(self, artifact: Path) -> dict:
+    def record(self, artifact: Path) -> ExportRecord:
         out = {
             "seconds": round(time.perf_counter() - self.started, 1),
             "peak_rss_bytes": peak_rss_bytes(),
             "artifact_bytes": sum(p.stat().st_size for p in Path(artifact).rglob("*") if p.is_file()),
             **self.checkpoint,
-            **self.budget,
+            **(self.memory.to_record() if self.memory is not None else {}),
             **self.disk,
         }
         if self.checkpoint:
             out["peak_rss_over_fp32_weights"] = round(out["peak_rss_bytes"] / max(1, out["fp32_weight_bytes"]), 2)
-        return out
+        return ExportRecord(**out)
 
 
 def size(n: int) -> str:
@@ -154,17 +235,17 @@ def size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / (1 << 10):.1f} KiB"
 
 
-def describe(cost: dict) -> str:
+def describe(cost: ExportRecord) -> str:
     """One line for the CLI summary."""
-    text = f"{cost['seconds']:.0f} s, peak RSS {size(cost['peak_rss_bytes'])}"
-    if "fp32_weight_bytes" in cost:
-        text += f" ({cost['peak_rss_over_fp32_weights']:.2f}x the {size(cost['fp32_weight_bytes'])} of fp32 weights)"
-    if cost.get("loading") == "streamed":
-        text += f", {size(cost['streamed_weight_bytes'])} of decoder weights streamed from the checkpoint"
-    if cost.get("fp32_decoder_fits") is False:
+    text = f"{cost.seconds:.0f} s, peak RSS {size(cost.peak_rss_bytes)}"
+    if cost.fp32_weight_bytes is not None:
+        text += f" ({cost.peak_rss_over_fp32_weights:.2f}x the {size(cost.fp32_weight_bytes)} of fp32 weights)"
+    if cost.loading == "streamed":
+        text += f", {size(cost.streamed_weight_bytes)} of decoder weights streamed from the checkpoint"
+    if cost.fp32_decoder_fits is False:
         text += " (fp32 decoder over the memory budget: judged against PyTorch)"
-    if cost.get("fp16_gate_fits") is False:
+    if cost.fp16_gate_fits is False:
         text += " (fp16 decoder's CPU gate over the memory budget: not gated here)"
-    elif cost.get("fp16_gate_weights_fed"):
+    elif cost.fp16_gate_weights_fed:
         text += " (fp16 decoder gated with its weights fed from disk)"
-    return text + f", artifact {size(cost['artifact_bytes'])}"
+    return text + f", artifact {size(cost.artifact_bytes)}"

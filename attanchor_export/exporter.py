@@ -6,24 +6,54 @@ progress, stay quiet or emit JSON without this module knowing which.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import gc
 import json
+import math
 import platform
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
-from attanchor_runtime.manifest import FORMAT, FORMAT_VERSION, Manifest, write_manifest
+import onnxruntime
+import torch
+import transformers
+from attanchor_runtime.manifest import (
+    Anchor,
+    Graphs,
+    Manifest,
+    Onnx,
+    Optimizations,
+    Source,
+    Text,
+    Validation,
+    write_manifest,
+)
 
 from attanchor_export import __version__
-from attanchor_export.artifact import check_target, staging_folder
+from attanchor_export.artifact import check_target, remove_stale_staging, staging_folder
+from attanchor_export.checks.parity import compare_with_source, source_outputs
 from attanchor_export.errors import ExportError, ValidationFailed
-from attanchor_export.export_cost import ExportCost, release_heap
+from attanchor_export.export_cost import (
+    ExportCost,
+    MemoryPlan,
+    disk_needed_bytes,
+    fp32_graph_bytes,
+    free_disk_bytes,
+    release_heap,
+    size,
+)
 from attanchor_export.load.checkpoint import load_checkpoint, locate
-from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, MODES, ExportOptions
+from attanchor_export.load.lora import apply_adapter, locate_adapter
+from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, MODES, ExportOptions, no_steps
+from attanchor_export.precision.gate import AccuracyGateFailed, source_model_baseline
+from attanchor_export.precision.quantize import FORMS, quantize_artifact
+from attanchor_export.trace.decoder import export_decoder
 from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
-from attanchor_export.trace.specs import decoder_spec, embedding_spec, vision_spec
+from attanchor_export.trace.optimize import optimize_decoder
+from attanchor_export.trace.threshold import calibrate
+from attanchor_export.trace.vision import export_vision
 
 CHECKPOINT_DEFAULTS = "attanchor_config.json"  # per-checkpoint AttAnchor defaults (checkpoint_defaults)
 
@@ -37,13 +67,9 @@ PROCESSOR_FILES = (
 @dataclass
 class ExportResult:
     folder: Path
-    manifest: dict
+    manifest: Manifest
     checks: list = field(default_factory=list)
     passed: bool = True
-
-
-def _no_steps(name):
-    return contextlib.nullcontext()
 
 
 def _finalize_onnx(path: Path) -> None:
@@ -56,10 +82,6 @@ def _finalize_onnx(path: Path) -> None:
 
 
 def _versions() -> dict:
-    import onnxruntime
-    import torch
-    import transformers
-
     return {
         "attanchor_export": __version__,
         "python": platform.python_version(),
@@ -83,31 +105,19 @@ def _load_tokenizer(loaded):
     return tokenizer
 
 
-def _text_section(loaded, tokenizer) -> dict:
-    dims = loaded.dims
+def _text_section(loaded, tokenizer) -> Text:
+    tokens = loaded.tokens
     template = getattr(tokenizer, "chat_template", None)
-    return {
-        "tokenizer_file": "tokenizer.json",
-        "chat_template": template if isinstance(template, str) else None,
-        "image_token": tokenizer.convert_ids_to_tokens(dims.image_token_id),
-        "image_token_id": dims.image_token_id,
-        "bos_token_id": dims.bos_token_id,
-        "eos_token_ids": list(dims.eos_token_ids),
-        "pad_token_id": dims.pad_token_id,
-        "add_bos": bool(getattr(tokenizer, "add_bos_token", True)),
-    }
-
-
-def _image_section(loaded) -> dict:
-    from attanchor_runtime.preprocess_from_hf import preprocessing_config_from_hf
-    from transformers import AutoImageProcessor
-
-    folder = loaded.processor_folder or loaded.folder
-    try:
-        processor = AutoImageProcessor.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"cannot load the image processor from {folder}: {str(e).splitlines()[0]}") from None
-    return preprocessing_config_from_hf(processor)
+    return Text(
+        tokenizer_file="tokenizer.json",
+        chat_template=template if isinstance(template, str) else None,
+        image_token=tokenizer.convert_ids_to_tokens(tokens.image_token_id),
+        image_token_id=tokens.image_token_id,
+        bos_token_id=tokens.bos_token_id,
+        eos_token_ids=tokens.eos_token_ids,
+        pad_token_id=tokens.pad_token_id,
+        add_bos=bool(getattr(tokenizer, "add_bos_token", True)),
+    )
 
 
 def checkpoint_defaults(folder: Path) -> dict:
@@ -135,14 +145,15 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
     if threshold == "auto":
         from transformers import AutoImageProcessor
 
-        from attanchor_export.trace.threshold import calibrate
-
         with steps("calibrate the anchor threshold (target anchor rate)"):
             processor = AutoImageProcessor.from_pretrained(str(loaded.processor_folder or loaded.folder))
             calibration = calibrate(loaded, tokenizer, processor, calib)
-        threshold = calibration["threshold"]
+        threshold = calibration.threshold
     elif not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise ExportError(f'threshold must be a number or "auto", got {threshold!r}')
+    elif not math.isfinite(threshold):
+        # Stored as the runtime's default, a NaN or infinite threshold would break every later run.
+        raise ExportError(f"threshold must be a finite number, got {threshold}")
     return replace(options, threshold=float(threshold), calib=calib, task=task, gate_floors=floors), calibration
 
 
@@ -162,58 +173,108 @@ def _merge_floors(declared: dict | None, given: dict | None, options: ExportOpti
     return merged
 
 
-def export_artifact(model_name: str, options: ExportOptions, steps=_no_steps) -> ExportResult:
+def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> ExportResult:
     """The export job as its list of steps; the manifest is written (and every file hashed) once, at the end."""
     cost = ExportCost()
     _check_options(options)
-    check_target(Path(options.output).absolute(), options.force)  # fail before minutes of loading
-    located_adapter = _locate_adapter(options)
+    # Fail before minutes of loading; the paths are checked again once the model and adapter are located.
+    check_target(Path(options.output).absolute(), options.force, _protected_paths(model_name, options.adapter))
+    remove_stale_staging(options.output)  # what killed exports to this place left (their owner is gone)
+    # A missing or pickled adapter fails here, before the model loads.
+    located_adapter = locate_adapter(options.adapter, offline=options.offline, allow_pickle=options.allow_pickle) \
+        if options.adapter else None
     # Download (if needed) before the step's spinner: huggingface_hub draws its own progress bars.
     located = locate(model_name, options.revision, offline=options.offline, allow_pickle=options.allow_pickle,
                      trust_remote_code=options.trust_remote_code)
+    protected = _protected_paths(located.folder, located_adapter.folder if located_adapter else None)
     with steps("load checkpoint"):
         # Streamed: the decoder's weights stay in the shards until written (a LoRA merge needs them loaded).
         loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code, streamed=not options.adapter)
+        if loaded.processor_folder:
+            protected.append(("the checkpoint's processor files", Path(loaded.processor_folder)))
+        _check_budget_fits(loaded, options)
         tokenizer = _load_tokenizer(loaded)
         cost.record_checkpoint(loaded)
         cost.disk = _check_disk(loaded, options)
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
-        sections = {"image_preprocessing": _image_section(loaded), "text": _text_section(loaded, tokenizer)}
+        family = loaded.family.manifest_section(loaded.processor_folder or loaded.folder)
+        text = _text_section(loaded, tokenizer)
     options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
-    lora = _merge_adapter(loaded, located_adapter, steps)
-    specs = {
-        "vision": vision_spec(loaded.dims),
-        "embedding": embedding_spec(loaded.dims, options.max_anchors),
-        "decoder": decoder_spec(loaded.dims, options.last_logits_only),
-    }
-    with staging_folder(options.output, options.force) as staging:
-        table, optimizations = _write_graphs(loaded, specs, staging.path, options, steps)
+    adapter = None
+    if located_adapter is not None:
+        with steps("merge LoRA adapter"):  # merged before anything is traced: graphs and checks see one model
+            adapter = apply_adapter(loaded, located_adapter)
+    if loaded.streamed is None:
+        _check_finite_parameters(loaded, steps)  # a streamed load checks each tensor as it is read
+    graphs = loaded.family.graph_specs(options.max_anchors, options.last_logits_only)
+    with staging_folder(options.output, options.force, protected) as staging:
+        table, optimizations = _write_graphs(loaded, graphs, staging.path, options, steps)
         _write_processor_files(loaded, tokenizer, staging.path)
-        data = _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations)
-        result = ExportResult(folder=options.output, manifest=data)
-        budget = _decoder_budget(staging.path / specs["decoder"].file, options)
-        cost.budget = budget
+        manifest = Manifest(
+            folder=staging.path,
+            source=Source(model_name, str(loaded.source), loaded.alias, loaded.revision, loaded.commit, adapter),
+            family=family, dims=loaded.dims,
+            anchor=Anchor(mode=options.mode, threshold=float(options.threshold), max_anchors=options.max_anchors,
+                          calibration=calibration),
+            text=text, graphs=graphs, embed_table=table,
+            onnx=Onnx(options.opset, ARTIFACT_IR_VERSION), optimizations=optimizations, versions=_versions(),
+        )
+        memory = cost.memory = MemoryPlan.for_export(staging.path / graphs.decoder.file, options.dtype, options.quant,
+                                                     options.memory_budget)
         # PyTorch first, then the model is freed before onnxruntime opens the same weights: the two never
         # sit in memory side by side.
-        reference = _parity_reference(loaded, staging, data, options, steps, budget) if options.validate else None
-        gate_reference = _torch_gate_reference(loaded, staging, data, options, steps, budget)
+        source = None
+        if options.validate:
+            with steps("PyTorch reference outputs for validation"):
+                source = source_outputs(loaded, manifest, decoder=memory.fp32_decoder_fits)
+        baseline = None
+        if _reduces_precision(options) and memory.pytorch_gate_baseline:
+            with steps("PyTorch baseline for the accuracy gate (decoder layers streamed, fp32)"):
+                baseline = source_model_baseline(loaded, manifest)
         _free_model(loaded)
-        if reference is not None:
-            _validate(reference, staging, data, options, steps, result, cost)
+        checks = []
+        if source is not None:
+            manifest, checks = _validate(source, staging, manifest, options, steps, cost)
         if _reduces_precision(options):
-            _quantize(staging, data, options, steps, cost, gate_reference, low_memory=_low_memory_gate(budget),
-                      gate_skipped=_gate_skipped(budget))
+            manifest = _quantize(staging, manifest, options, steps, cost, baseline, memory)
         with steps("write manifest (sizes and sha256 of every file)"):
-            _write_final_manifest(staging.path, data, cost)
-    return result
+            manifest = _write_final_manifest(manifest, cost)
+    return ExportResult(folder=options.output, manifest=dataclasses.replace(manifest, folder=Path(options.output)),
+                        checks=checks)
+
+
+def _protected_paths(model, adapter) -> list[tuple[str, Path]]:
+    """What an output folder must never be or contain: the checkpoint and adapter folders (when local)."""
+    out = []
+    for what, path in (("the source checkpoint", model), ("the adapter", adapter)):
+        if path and Path(path).expanduser().exists():
+            out.append((what, Path(path).expanduser()))
+    return out
+
+
+def _check_budget_fits(loaded, options: ExportOptions) -> None:
+    """An anchor budget K adds K positions to every prompt's static shape: K beyond the context is a
+    (huge) allocation that can never run."""
+    dims = loaded.dims
+    room = dims.max_position_embeddings - dims.image_tokens
+    if options.max_anchors is not None and options.max_anchors > room:
+        raise ExportError(f"--max-anchors {options.max_anchors} does not fit the model's context of "
+                          f"{dims.max_position_embeddings} positions ({dims.image_tokens} of them image tokens): "
+                          f"use at most {max(room, 0)}")
+
+
+def _check_finite_parameters(loaded, steps) -> None:
+    """A model loaded whole (adapter merge, no safetensors): every weight checked for NaN/Inf before tracing."""
+    from attanchor_export.load.streamed import check_finite
+
+    with steps("check weights for NaN/Inf"):
+        for name, parameter in loaded.model.named_parameters():
+            check_finite(parameter.detach(), name)
 
 
 def _check_disk(loaded, options: ExportOptions) -> dict:
     """Fail in the first minute, not after the trace, when the output's disk cannot hold the export's peak
     (the fp32 graphs and the reduced files written beside them)."""
-    from attanchor_export.export_cost import disk_needed_bytes, fp32_graph_bytes, free_disk_bytes, size
-    from attanchor_export.precision.quantize import FORMS
-
     need = disk_needed_bytes(fp32_graph_bytes(loaded), options.dtype, options.quant, len(FORMS),
                              options.quantize_vision)
     parent = Path(options.output).absolute().parent
@@ -221,74 +282,28 @@ def _check_disk(loaded, options: ExportOptions) -> dict:
     if need > free:
         raise ExportError(f"not enough free disk for the export at {parent}: it needs about {size(need)} at its "
                           f"peak (fp32 graphs and the {_precision_name(options)} files beside them), "
-                          f"{size(free)} is free")
+                          f"{size(free)} is free{_leftovers_note(parent)}")
     return {"disk_needed_bytes": need, "disk_free_bytes": free}
+
+
+def _leftovers_note(parent: Path) -> str:
+    """Staging or half-replaced folders in `parent` that are still there (their export may be running):
+    named in the free-disk error, since they may be what fills the disk."""
+    from attanchor_export.artifact import staging_leftovers
+
+    found = staging_leftovers(parent)
+    if not found:
+        return ""
+    listed = ", ".join(f"{p} ({size(n)})" for p, n in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return f"; unfinished exports' folders take space there: {listed} (remove them once no export is running)"
 
 
 def _precision_name(options: ExportOptions) -> str:
     return options.quant if options.quant != "none" else options.dtype
 
 
-def _gate_skipped(budget: dict) -> str | None:
-    """Why the accuracy gate cannot run on this machine, or None."""
-    if budget.get("fp16_gate_fits") is not False:
-        return None
-    from attanchor_export.export_cost import size
-
-    return (f"onnxruntime's CPU session of the fp16 decoder needs about {size(budget['fp16_decoder_fed_session_bytes'])} "
-            f"even with its weights fed from disk, over the {size(budget['memory_budget_bytes'])} budget: gate it "
-            "on a machine with that much memory (attanchor-export check DIR)")
-
-
-def _low_memory_gate(budget: dict) -> bool:
-    """The gate's decoder sessions run without an arena, one row at a time, fp16 weights fed from disk."""
-    return not budget["fp32_decoder_fits"] or bool(budget.get("fp16_gate_weights_fed"))
-
-
 def _reduces_precision(options: ExportOptions) -> bool:
     return options.dtype != "fp32" or options.quant != "none"
-
-
-def _decoder_budget(decoder: Path, options: ExportOptions) -> dict:
-    """Whether onnxruntime can open the fp32 decoder within the memory budget. When it cannot (7B: 27 GB
-    of fp32 weights), its parity run is skipped and the reduced-precision decoder is gated against the
-    PyTorch model (layer-streamed, fp32) instead of against the fp32 graph."""
-    from attanchor_export.export_cost import (
-        fp16_cpu_session_bytes,
-        fp32_session_bytes,
-        graph_bytes,
-        memory_budget_bytes,
-    )
-
-    budget = memory_budget_bytes(options.memory_budget)
-    need = fp32_session_bytes(decoder)
-    out = {"memory_budget_bytes": budget, "fp32_decoder_session_bytes": need, "fp32_decoder_fits": need <= budget}
-    if options.dtype == "fp16" and options.quant == "none":
-        # The fp16 gate runs the fp16 decoder on the CPU, which widens every weight at load (7B: ~40 GB);
-        # fed from disk instead (sessions.FedWeightsSession) it needs little more than the fp16 bytes.
-        fp16_bytes = graph_bytes(decoder) // 2  # the fp32 decoder, before its fp16 rewrite
-        whole, fed = fp16_cpu_session_bytes(fp16_bytes), fp16_cpu_session_bytes(fp16_bytes, fed=True)
-        out.update(fp16_decoder_cpu_session_bytes=whole, fp16_decoder_fed_session_bytes=fed,
-                   fp16_gate_fits=fed <= budget, fp16_gate_weights_fed=whole > budget and fed <= budget)
-    return out
-
-
-def _parity_reference(loaded, staging, data: dict, options: ExportOptions, steps, budget: dict):
-    from attanchor_export.checks.parity import compute_reference
-
-    with steps("PyTorch reference outputs for validation"):
-        return compute_reference(loaded, _draft(staging.path, data), decoder=budget["fp32_decoder_fits"])
-
-
-def _torch_gate_reference(loaded, staging, data: dict, options: ExportOptions, steps, budget: dict):
-    """The accuracy gate's reference from PyTorch, where the fp32 decoder graph cannot be run; else None
-    (the gate then runs the fp32 graph, as it always has)."""
-    if budget["fp32_decoder_fits"] or not _reduces_precision(options) or budget.get("fp16_gate_fits") is False:
-        return None
-    from attanchor_export.precision.gate import pytorch_reference
-
-    with steps("PyTorch reference for the accuracy gate (decoder layers streamed, fp32)"):
-        return pytorch_reference(loaded, staging.path, data)
 
 
 def _check_options(options: ExportOptions) -> None:
@@ -296,60 +311,36 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"unknown anchor mode {options.mode!r}: choose {' or '.join(MODES)}")
     if options.max_anchors is not None and options.max_anchors < 1:
         raise ExportError("--max-anchors must be a positive integer")
+    number = isinstance(options.threshold, (int, float)) and not isinstance(options.threshold, bool)
+    if number and not math.isfinite(options.threshold):
+        raise ExportError(f"threshold must be a finite number, got {options.threshold}")
 
 
-def _locate_adapter(options: ExportOptions):
-    if not options.adapter:
-        return None
-    from attanchor_export.load.lora import locate_adapter
-
-    # A missing or pickled adapter fails here, before the model loads.
-    return locate_adapter(options.adapter, offline=options.offline, allow_pickle=options.allow_pickle)
-
-
-def _merge_adapter(loaded, located_adapter, steps) -> dict | None:
-    if not located_adapter:
-        return None
-    from attanchor_export.load.lora import apply_adapter
-
-    # Merged before anything is traced, so the graphs and the parity checks see one model.
-    with steps("merge LoRA adapter"):
-        return apply_adapter(loaded, located_adapter)
-
-
-def _write_graphs(loaded, specs: dict, folder: Path, options: ExportOptions, steps) -> tuple[dict, dict]:
-    """vision.onnx, embedding.onnx (+ the embed table), decoder.onnx; returns (embed table entry, optimizations)."""
-    import torch
-
-    from attanchor_export.trace.decoder import export_decoder
-    from attanchor_export.trace.vision import export_vision
-
-    dims, adapter, model = loaded.dims, loaded.adapter, loaded.model
+def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, steps):
+    """vision.onnx, embedding.onnx (+ the embed table), decoder.onnx; returns (embed table, optimizations)."""
+    family, model = loaded.family, loaded.model
     with steps("trace vision graph"):
-        path = folder / specs["vision"].file
-        export_vision(adapter.vision_tower_and_projector(model), dims, specs["vision"], path, options.opset)
+        path = folder / graphs.vision.file
+        export_vision(family, model, graphs.vision, path, options.opset)
         _finalize_onnx(path)
     with steps("build embedding graph"):
-        weight = adapter.embed_tokens(model).weight.detach().to(torch.float32).numpy()
+        weight = family.embed_tokens(model).weight.detach().to(torch.float32).numpy()
         table = write_embed_table(weight, folder)
-        embedding = build_embedding_model(
-            specs["embedding"], table, dims.image_token_id, options.mode, options.max_anchors, ARTIFACT_IR_VERSION,
-        )
-        save_embedding_model(embedding, folder / specs["embedding"].file)
-        onnx.checker.check_model(str(folder / specs["embedding"].file))
+        embedding = build_embedding_model(family, graphs.embedding, table, loaded.tokens.image_token_id,
+                                          options.mode, options.max_anchors, ARTIFACT_IR_VERSION)
+        save_embedding_model(embedding, folder / graphs.embedding.file)
+        onnx.checker.check_model(str(folder / graphs.embedding.file))
     with steps("trace decoder graph"):
-        path = folder / specs["decoder"].file
-        export_decoder(adapter.language_model(model), adapter.lm_head(model), dims, specs["decoder"], path,
+        path = folder / graphs.decoder.file
+        export_decoder(family.language_model(model), family.lm_head(model), loaded.dims, graphs.decoder, path,
                        options.opset, streamed=loaded.streamed)
         _finalize_onnx(path)
-    optimizations = {}
+    optimizations = Optimizations()
     if options.optimize:
-        from attanchor_export.trace.optimize import optimize_decoder
-
         # Rewrites only the .onnx protobuf (weights untouched); validation then checks the optimised
         # graph against PyTorch, so no extra ONNX-vs-ONNX check here.
         with steps("optimize decoder graph"):
-            optimizations["decoder"] = optimize_decoder(path, dims)
+            optimizations = Optimizations(decoder=optimize_decoder(path, loaded.dims))
     return table, optimizations
 
 
@@ -363,93 +354,58 @@ def _write_processor_files(loaded, tokenizer, folder: Path) -> None:
             shutil.copy2(source / name, folder / name)
 
 
-def _manifest_data(model_name, loaded, sections, lora, options, calibration, specs, table, optimizations) -> dict:
-    return {
-        "source": {
-            "model": model_name, "resolved": loaded.source, "alias": loaded.alias,
-            "revision": loaded.revision, "commit": loaded.commit, "adapter": lora,
-        },
-        "architecture": loaded.adapter.architecture,
-        "model_types": {
-            "vision": loaded.config.vision_config.model_type, "text": loaded.config.text_config.model_type,
-        },
-        "dims": loaded.dims.to_dict(),
-        "anchor": {
-            "op": "ai.attanchor::AnchorInsert", "op_version": 1, "mode": options.mode,
-            "threshold": float(options.threshold), "max_anchors": options.max_anchors,
-            "calibration": calibration,
-        },
-        "graphs": {name: spec.to_json() for name, spec in specs.items()},
-        "embed_table": table,
-        **sections,
-        "precision": {"dtype": "fp32", "quant": "none"},
-        "onnx": {"opset": options.opset, "ir_version": ARTIFACT_IR_VERSION},
-        "optimizations": optimizations,
-        "versions": _versions(),
-    }
-
-
-def _draft(folder: Path, data: dict) -> Manifest:
-    """The manifest as the runtime will read it, before manifest.json exists (no file hashes yet)."""
-    return Manifest(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, **data})
-
-
-def _validate(reference, staging, data: dict, options: ExportOptions, steps, result: ExportResult,
-              cost: ExportCost) -> None:
-    from attanchor_export.checks.parity import compare_to_reference
-
+def _validate(source, staging, manifest: Manifest, options: ExportOptions, steps, cost: ExportCost):
+    """(the manifest with its validation section, the checks); ValidationFailed when one fails."""
     with steps("validate against PyTorch"):
-        checks = compare_to_reference(reference, _draft(staging.path, data), atol=options.atol)
-    result.checks, result.passed = checks, all(c.passed for c in checks)
-    data["validation"] = {"atol": options.atol, "passed": result.passed, **reference.method,
-                          "checks": [c.to_json() for c in checks]}
-    if not result.passed:
-        _write_final_manifest(staging.path, data, cost)
+        checks = compare_with_source(source, manifest, atol=options.atol)
+    passed = all(c.passed for c in checks)
+    manifest = dataclasses.replace(manifest, validation=Validation(
+        atol=options.atol, passed=passed, **source.method, checks=tuple(c.to_json() for c in checks)))
+    if not passed:
+        _write_final_manifest(manifest, cost)
         failed_folder = staging.fail()
         raise ValidationFailed(
             f"validation failed: {sum(not c.passed for c in checks)} of {len(checks)} checks; "
             f"the artifact is kept for inspection at {failed_folder}",
             checks=checks,
         )
+    return manifest, checks
 
 
-def _quantize(staging, data: dict, options: ExportOptions, steps, cost: ExportCost, reference=None,
-              low_memory: bool = False, gate_skipped: str | None = None) -> None:
+def _quantize(staging, manifest: Manifest, options: ExportOptions, steps, cost: ExportCost, baseline,
+              memory: MemoryPlan) -> Manifest:
     """After the fp32 graphs passed parity: rewrite them to the requested precision and gate them
-    (against `reference` when given: the PyTorch model's outputs, else the fp32 graphs')."""
-    from attanchor_export.precision.gate import AccuracyGateFailed
-    from attanchor_export.precision.quantize import quantize_artifact
-
+    (against `baseline` when given: the PyTorch model's outputs, else the fp32 graphs')."""
     try:
-        update = quantize_artifact(
-            staging.path, data, options.dtype, options.quant, options.block_size, options.calib,
+        precision = quantize_artifact(
+            manifest, options.dtype, options.quant, options.block_size, options.calib,
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
-            floors=options.gate_floors, task=options.task, reference=reference, low_memory=low_memory,
-            ort_fusions=options.ort_fusions, gate=gate_skipped is None, smooth_alpha=options.smooth_alpha,
+            floors=options.gate_floors, task=options.task, baseline=baseline, low_memory=memory.low_memory_gate,
+            ort_fusions=options.ort_fusions, gate=memory.gate_skipped is None,
+            smooth_alpha=options.smooth_alpha,
         )
     except AccuracyGateFailed as e:
-        data["precision"] = e.precision or data["precision"]
-        _write_final_manifest(staging.path, data, cost)
+        if e.precision is not None:
+            manifest = dataclasses.replace(manifest, precision=e.precision)
+        _write_final_manifest(manifest, cost)
         failed_folder = staging.fail()
         raise AccuracyGateFailed(f"{e}; the artifact is kept for inspection at {failed_folder}",
                                  results=e.results, precision=e.precision) from None
-    data["precision"] = update["precision"]
-    if gate_skipped:
-        data["precision"]["gate"]["skipped"] = gate_skipped
+    if memory.gate_skipped:
+        precision = dataclasses.replace(precision, gate=dataclasses.replace(precision.gate,
+                                                                            skipped=memory.gate_skipped))
+    return dataclasses.replace(manifest, precision=precision)
 
 
 def _free_model(loaded) -> None:
     """Drop the torch model (the export needs only its outputs from here on) and give the heap back."""
-    import gc
-
     loaded.model = loaded.streamed = None
     gc.collect()
     release_heap()
 
 
-def _write_final_manifest(folder: Path, data: dict, cost: ExportCost) -> None:
-    data["export"] = cost.to_json(folder)
-    write_manifest(folder, data)
+def _write_final_manifest(manifest: Manifest, cost: ExportCost) -> Manifest:
+    return write_manifest(dataclasses.replace(manifest, export=cost.record(manifest.folder)))
 
 
 __all__ = ["ExportOptions", "ExportResult", "export_artifact"]

@@ -1,14 +1,17 @@
 """What an export can be asked for, declared once: the options dataclass and the tables of choices.
 
-Torch-free and onnx-free, so the CLI reads its defaults and choices from here at import time
-without loading the exporter; the exporter and the precision stage check values against the same
-tables.
+Torch-free, so the CLI reads its defaults and choices from here at import time without loading the
+exporter; the exporter and the precision stage check values against the same tables.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+# t2i | i2t, which side picks anchors: the op's own list, here for the CLI and the exporter
+from attanchor_graphs.specification import MODES  # noqa: F401
 
 # IR 10 (onnx 1.16): loaded by onnxruntime >= 1.18, which is what JetPack 6 wheels ship, and by
 # TensorRT 10's parser. The installed onnx would write a newer IR that older runtimes refuse.
@@ -16,7 +19,6 @@ ARTIFACT_IR_VERSION = 10
 DEFAULT_THRESHOLD = 0.12  # the paper's TinyLLaVA / LLaVA-1.5 setting; "auto" calibrates per model
 DEFAULT_OPSET = 18  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; int4 QDQ needs 21 (precision stage)
 OPSETS = (17, 21)  # the range the exporter accepts
-MODES = ("t2i", "i2t")  # which side picks anchors: text tokens against image patches, or the reverse
 DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
@@ -66,3 +68,8 @@ def default(cls, name: str):
         if f.name == name:
             return f.default
     raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def no_steps(name: str):
+    """The default `steps` of every long job: announce nothing (the CLI passes its progress reporter)."""
+    return contextlib.nullcontext()

@@ -7,8 +7,9 @@ Each file is prefilled with the same `--prompt-len` random embeddings, then ever
 decode step of each file, the order rotated by one each round; printed per file: median ms per step,
 tok/s, and the median over rounds of its speed relative to the first file in the same round. How a file
 carries its KV cache comes from the manifest.json beside it (an artifact) or the build.json beside it
-(scripts/bench_peers.py's folders): KV_APPEND files are decoded as the runtime decodes them
-(ort_backend.KVBuffer), the others feed each step's present back as the next past. The sessions share one
+(scripts/bench_peers.py's folders); every file is stepped by the runtime's own decode loop
+(decode.decoder_calls over ort_backend.OrtDecoder: KV_APPEND files read one KVBuffer in place, the others
+feed each step's present back as the next past). The sessions share one
 onnxruntime thread pool of `--threads` (per-session pools would spin against each other). Random inputs:
 speed only. Not in CI.
 """
@@ -23,50 +24,39 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from attanchor_runtime.decoder_feeds import Step, empty_past, past_names, prefill_feeds, present_names
-from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, Manifest
-from attanchor_runtime.ort_backend import KVBuffer, decode_append
+from attanchor_runtime.decode import SequentialStep, decoder_calls
+from attanchor_runtime.manifest import KV_CONCAT, Manifest
+from attanchor_runtime.ort_backend import OrtDecoder
 
 
-def describe(path: Path) -> tuple[dict, str]:
-    """(dims, kv_cache) of a decoder file, from the manifest or bench_peers build.json beside it."""
+def describe(path: Path) -> tuple[int, str]:
+    """(context length, kv_cache) of a decoder file, from the manifest or bench_peers build.json beside it."""
     if (path.parent / "manifest.json").is_file():
         manifest = Manifest.load(path.parent)
-        return manifest.dims, manifest.precision.kv_cache(path.name)
+        return manifest.dims.max_position_embeddings, manifest.precision.kv_cache(path.name)
     build = json.loads((path.parent / "build.json").read_text())
-    return build["dims"], build.get("notes", {}).get("kv_cache", KV_CONCAT)
+    return build["dims"]["max_position_embeddings"], build.get("notes", {}).get("kv_cache", KV_CONCAT)
 
 
 class Decoder:
+    """One decoder file, prefilled, then stepped one cached call at a time by the runtime's loop."""
+
     def __init__(self, path: Path, prompt_len: int):
-        self.dims, self.kv_cache = describe(path)
+        max_positions, self.kv_cache = describe(path)
         options = ort.SessionOptions()
         options.use_per_session_threads, options.log_severity_level = False, 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        layers = self.dims["num_layers"]
-        self.past, self.present = past_names(layers), present_names(layers)
-        rng = np.random.default_rng(0)
-        embeds = rng.standard_normal((1, prompt_len, self.dims["hidden_size"]), dtype=np.float32) * 0.02
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        decoder = OrtDecoder.of_session(session, max_positions, self.kv_cache)
+        hidden = next(i for i in session.get_inputs() if i.name == decoder.inputs[0]).shape[-1]
+        embeds = np.random.default_rng(0).standard_normal((1, prompt_len, hidden), dtype=np.float32) * 0.02
         mask, positions = np.ones((1, prompt_len), np.int64), np.arange(prompt_len, dtype=np.int64)[None]
-        if self.kv_cache == KV_APPEND:
-            self.cache = KVBuffer(1, self.dims, np.float32, int(self.dims["max_position_embeddings"]))
-        else:
-            self.cache = list(empty_past(self.dims, 1).values())
-        self.call(embeds, mask, positions)
-        self.step = Step.after_prefill(mask, positions)
-        self.token = np.full((1, 1, self.dims["hidden_size"]), 0.01, np.float32)
-
-    def call(self, embeds, mask, positions) -> None:
-        if self.kv_cache == KV_APPEND:
-            decode_append(self.session, self.past, self.present, embeds, mask, positions, self.cache)
-        else:
-            feeds = prefill_feeds(embeds, mask, positions, dict(zip(self.past, self.cache)))
-            self.cache = self.session.run(["logits", *self.present], feeds)[1:]
+        token = np.full((1, 1, hidden), 0.01, np.float32)
+        self.calls = decoder_calls(decoder, SequentialStep.after_prefill(mask, positions), embeds, lambda _: token)
+        next(self.calls)  # the prefill
 
     def decode_step(self) -> float:
-        self.step = self.step.advance()
         start = time.perf_counter()
-        self.call(self.token, self.step.attention_mask, self.step.position_ids)
+        next(self.calls)
         return time.perf_counter() - start
 
 

@@ -67,12 +67,14 @@ def main(argv=None) -> int:
     if run["returncode"]:
         print(f"export failed with exit code {run['returncode']}", file=sys.stderr)
         return run["returncode"]
-    cost = json.loads((out / "manifest.json").read_text())["export"]
+    from attanchor_runtime.manifest import Manifest
+
+    cost = Manifest.load(out, verify="none").export
     gib = 1 << 30
-    peak = run["peak_rss_bytes"] or cost["peak_rss_bytes"]
+    peak = run["peak_rss_bytes"] or cost.peak_rss_bytes
     figures = {"dims": args.dims, "checkpoint_dtype": args.ckpt_dtype, "export_options": extra,
-               "wall_seconds": run["seconds"], "peak_rss_bytes": peak, "manifest_export": cost,
-               "peak_over_fp32_weights": round(peak / cost["fp32_weight_bytes"], 3)}
+               "wall_seconds": run["seconds"], "peak_rss_bytes": peak, "manifest_export": cost.to_json(),
+               "peak_over_fp32_weights": round(peak / cost.fp32_weight_bytes, 3)}
     target = TARGETS[args.dims]
     checks = {"seconds": run["seconds"] <= target["seconds"]}
     if "peak_over_fp32_weights" in target:
@@ -83,8 +85,8 @@ def main(argv=None) -> int:
     print(f"{args.dims} ({args.ckpt_dtype} checkpoint) export {' '.join(extra) or '(fp32)'}:")
     print(f"  wall {run['seconds']:.0f} s (target <= {target['seconds']} s)")
     print(f"  peak RSS {peak / gib:.2f} GiB = {figures['peak_over_fp32_weights']:.2f}x the "
-          f"{cost['fp32_weight_bytes'] / gib:.2f} GiB of fp32 weights (checkpoint {cost['checkpoint_weight_bytes'] / gib:.2f} "
-          f"GiB, artifact {cost['artifact_bytes'] / gib:.2f} GiB)")
+          f"{cost.fp32_weight_bytes / gib:.2f} GiB of fp32 weights (checkpoint {cost.checkpoint_weight_bytes / gib:.2f} "
+          f"GiB, artifact {cost.artifact_bytes / gib:.2f} GiB)")
     for name, result in figures["targets"].items():
         print(f"  {name}: target {result['target']}: {'met' if result['met'] else 'NOT met'}")
     if args.json:

@@ -33,12 +33,12 @@ import numpy as np
 
 def build_and_export(folder: Path, layers: int | None, opset: int) -> tuple[Path, object]:
     import torch
+    from attanchor_runtime.manifest import Dims
     from transformers import LlamaForCausalLM
 
-    from attanchor_export.load.architectures import ModelDims
+    from attanchor_export.families.base import decoder_spec
     from attanchor_export.load.tiny_random import tinyllava_1b_config
     from attanchor_export.trace.decoder import export_decoder
-    from attanchor_export.trace.specs import decoder_spec
 
     text = tinyllava_1b_config().text_config
     if layers:
@@ -47,11 +47,10 @@ def build_and_export(folder: Path, layers: int | None, opset: int) -> tuple[Path
     model = LlamaForCausalLM(text).eval()
     params = sum(p.numel() for p in model.parameters())
     head_dim = text.hidden_size // text.num_attention_heads
-    dims = ModelDims(
+    dims = Dims(
         hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
         num_kv_heads=text.num_key_value_heads, head_dim=head_dim, vocab_size=text.vocab_size,
-        image_tokens=576, image_size=336, patch_size=14, vision_hidden_size=1024, image_token_id=32000,
-        pad_token_id=32001, bos_token_id=1, eos_token_id=2, eos_token_ids=(2,),
+        image_tokens=576, image_size=336, patch_size=14, vision_hidden_size=1024,
         max_position_embeddings=text.max_position_embeddings, tie_word_embeddings=False,
     )
     path = folder / "fp32" / "decoder.onnx"
@@ -84,40 +83,36 @@ def quantize_int4(src: Path, dst: Path, block_size: int, quantize_lm_head: bool,
 
 
 class DecodeBench:
-    """One session, prefilled once; `round()` times `steps` cached decode steps from that prefill."""
+    """One session, prefilled once; `round()` times `steps` cached decode steps from that prefill, each
+    through the runtime's decode loop (decode.decoder_calls on an ort_backend.OrtDecoder)."""
 
     def __init__(self, path: Path, dims, threads: int, prompt_len: int):
-        from attanchor_runtime.decoder_feeds import Step, empty_past, past_names, prefill_feeds
+        from attanchor_runtime.decode import SequentialStep, decoder_calls
+        from attanchor_runtime.ort_backend import OrtDecoder
         from attanchor_runtime.sessions import ort_session
 
-        self.names = past_names(dims.num_layers)
+        self.decoder_calls = decoder_calls
         t0 = time.perf_counter()
-        self.session = ort_session(path, threads=threads)
+        self.decoder = OrtDecoder.of_session(ort_session(path, threads=threads), dims.max_position_embeddings)
         self.load_s = time.perf_counter() - t0
         rng = np.random.default_rng(0)
         mask, positions = np.ones((1, prompt_len), np.int64), np.arange(prompt_len, dtype=np.int64)[None]
-        past = empty_past({"num_layers": dims.num_layers, "num_kv_heads": dims.num_kv_heads,
-                           "head_dim": dims.head_dim}, 1)
-        feeds = prefill_feeds(rng.standard_normal((1, prompt_len, dims.hidden_size)).astype(np.float32),
-                              mask, positions, past)
-        self.session.run(None, feeds)  # warm-up (allocations, prepacking)
-        t0 = time.perf_counter()
-        outs = self.session.run(None, feeds)
-        self.prefill_s = time.perf_counter() - t0
-        self.past, self.after_prefill = outs[1:], Step.after_prefill(mask, positions)
+        embeds = rng.standard_normal((1, prompt_len, dims.hidden_size)).astype(np.float32)
+        first = SequentialStep.after_prefill(mask, positions)
+        next(decoder_calls(self.decoder, first, embeds, lambda call: None))  # warm-up (allocations, prepacking)
+        self.prefill = next(decoder_calls(self.decoder, first, embeds, lambda call: None))
+        self.prefill_s = self.prefill.seconds
         self.step_embeds = rng.standard_normal((64, 1, 1, dims.hidden_size)).astype(np.float32)
         self.round(2)  # warm the decode path
 
     def round(self, steps: int) -> list[float]:
-        past, step, times = self.past, self.after_prefill, []
-        for i in range(steps):
-            step = step.advance()
-            feeds = step.feeds(self.step_embeds[i % len(self.step_embeds)], self.names, past)
-            t0 = time.perf_counter()
-            outs = self.session.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-            past = outs[1:]
-        return times
+        """Seconds inside each of `steps` decoder calls after the (kept) prefill; its cache list is not
+        changed by the calls, so every round starts from the same prefill."""
+        def next_embeds(call):
+            return self.step_embeds[call.index % len(self.step_embeds)] if call.index < steps else None
+
+        calls = self.decoder_calls(self.decoder, self.prefill.step, None, next_embeds, start=self.prefill)
+        return [call.seconds for call in calls if call.index]
 
 
 def with_accuracy_level(src: Path, level: int) -> Path:
@@ -147,13 +142,8 @@ def _dims_of(path: Path):
     kv = inputs["past_key_values.0.key"]
     return types.SimpleNamespace(
         hidden_size=inputs["inputs_embeds"][2], num_kv_heads=kv[1], head_dim=kv[3],
-        num_layers=sum(1 for n in inputs if n.endswith(".key")), vocab_size=32064,
+        num_layers=sum(1 for n in inputs if n.endswith(".key")), vocab_size=32064, max_position_embeddings=2048,
     )
-
-
-def graph_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def main() -> None:
@@ -186,6 +176,8 @@ def main() -> None:
             fp32, dims = build_and_export(work, args.layers, args.opset)
         int4 = work / "int4" / "decoder.onnx"
         quant = quantize_int4(fp32, int4, args.block_size, args.quantize_lm_head, args.accuracy_level)
+        from attanchor_export.export_cost import graph_bytes
+
         sizes = {"fp32_bytes": graph_bytes(fp32), "int4_bytes": graph_bytes(int4)}
         sizes["ratio"] = round(sizes["int4_bytes"] / sizes["fp32_bytes"], 3)
         print(f"size: fp32 {sizes['fp32_bytes'] / 2**20:.0f} MiB, int4 {sizes['int4_bytes'] / 2**20:.0f} MiB, "

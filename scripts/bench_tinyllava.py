@@ -1,4 +1,4 @@
-"""The issue-4 benchmark in one command: TinyLLaVA-1B dimensions, random weights, fp32, 2 threads.
+"""The TinyLLaVA-1B benchmark in one command: its dimensions, random weights, fp32, 2 threads.
 
     python scripts/bench_tinyllava.py [--threads 2] [--repeats 3] [--json out.json] [--chart out.png]
 
@@ -64,8 +64,9 @@ def run_child(argv: list[str]) -> dict:
 def export_child(checkpoint: str, output: str) -> None:
     """Child: export with validation, then make sure the decoder is optimised (parity-checked)."""
     import contextlib
+    import dataclasses
 
-    from attanchor_runtime.manifest import Manifest, write_manifest
+    from attanchor_runtime.manifest import Manifest, Optimizations, write_manifest
 
     from attanchor_export.exporter import ExportOptions, export_artifact
     from attanchor_export.trace.optimize import optimize_decoder
@@ -84,17 +85,15 @@ def export_child(checkpoint: str, output: str) -> None:
     print(f"  validation: {sum(c.passed for c in checks)}/{len(checks)} checks passed, worst diff {worst}",
           flush=True)
     manifest = Manifest.load(output, verify="none")
-    if not (manifest.data.get("optimizations") or {}).get("decoder"):
+    if not manifest.optimizations.decoder:
         # An artifact exported with --no-optimize: rewrite it here, checked against the graph that was
         # just validated against PyTorch.
         with steps("optimize decoder graph (+ parity vs the validated graph)"):
             report = optimize_decoder(manifest.graph_path("decoder"), manifest.dims, check=True)
         print(f"  optimize: {report['attention']['layers']} attention layers rewritten, parity "
               f"{report['parity']['max_abs_diff']:.3g}", flush=True)
-        data = dict(manifest.data)
-        data["optimizations"] = {"decoder": report}
         with steps("rewrite manifest"):
-            write_manifest(Path(output), data)
+            write_manifest(dataclasses.replace(manifest, optimizations=Optimizations(decoder=report)))
 
 
 def main(argv=None) -> int:
@@ -146,11 +145,13 @@ def main(argv=None) -> int:
                        compare_torch=not args.no_torch, repeats=args.repeats, threshold=threshold,
                        quiet_wait=args.quiet_wait, progress=lambda m: print(f"  {m}", flush=True))
     result["build"] = figures
-    manifest = json.loads((args.artifact / "manifest.json").read_text())
+    from attanchor_runtime.manifest import Manifest
+
+    manifest = Manifest.load(args.artifact, verify="none")
     result["artifact"] = {
-        "optimizations": manifest.get("optimizations"),
-        "last_logits_only": manifest["graphs"]["decoder"].get("notes", {}).get("last_logits_only"),
-        "validation_passed": (manifest.get("validation") or {}).get("passed"),
+        "optimizations": manifest.optimizations.to_json(),
+        "last_logits_only": manifest.graphs.decoder.notes.last_logits_only,
+        "validation_passed": manifest.validation.passed if manifest.validation else None,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

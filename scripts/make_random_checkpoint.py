@@ -133,7 +133,7 @@ def make_random_checkpoint(dims: str, out: Path, dtype: str = "fp16", seed: int 
     import torch
     from transformers import GenerationConfig, LlavaProcessor
 
-    from attanchor_export.load.tiny_random import CHAT_TEMPLATE, REAL_DIMS, _image_processor
+    from attanchor_export.load.tiny_random import CHAT_TEMPLATE, REAL_DIMS, image_processor
 
     out = Path(out)
     if out.exists():
@@ -156,7 +156,7 @@ def make_random_checkpoint(dims: str, out: Path, dtype: str = "fp16", seed: int 
     config.save_pretrained(staging)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=PAD_TOKEN_ID).save_pretrained(staging)
     LlavaProcessor(
-        image_processor=_image_processor("clip-llama", config), tokenizer=tokenizer,
+        image_processor=image_processor("clip-llama", config), tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token

@@ -5,7 +5,7 @@
 A VARIANT is `<method>[+sq<alpha>]`: method = onnxruntime's CalibrationMethod (minmax, percentile,
 entropy), sq<alpha> = SmoothQuant folded in first (precision.smoothing), e.g. `minmax`, `minmax+sq0.5`,
 `percentile+sq0.8`; `nbits` is the weight-only onnxruntime form (MatMulNBits bits=8, no calibration).
-The fp32 reference (gate set and the task's gate questions, when the artifact declares a task) is
+The fp32 baseline (gate set and the task's gate questions, when the artifact declares a task) is
 computed once; each variant quantizes a copy of the artifact's decoder with `quantize_artifact(...,
 forms=("QDQ",))` and is gated against it. Prints one row per variant: logits cos mean / min, top-1,
 top-1 over answer positions, task accuracy, answers identical to fp32, seconds. The histogram
@@ -26,15 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from attanchor_runtime.sessions import ort_session
+from attanchor_runtime.manifest import Manifest
 
-from attanchor_export.precision.calibration import (
-    ArtifactFrontEnd,
-    DecoderCalibrationReader,
-    gate_samples,
-    load_calibration_set,
+from attanchor_export.load.datasets import gate_samples, load_calibration_set
+from attanchor_export.precision.calibration import DecoderCalibrationReader
+from attanchor_export.precision.gate import (
+    AccuracyGateFailed,
+    fp32_baseline,
+    fp32_task_answers,
+    gate_pipeline,
 )
-from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, fp32_task_answers
 from attanchor_export.precision.quantize import quantize_artifact
 
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -51,11 +52,12 @@ def parse(variant: str) -> dict:
 
 class SameLengthReader(DecoderCalibrationReader):
     @classmethod
-    def from_samples(cls, front, samples):
-        feeds = DecoderCalibrationReader.from_samples(front, samples).feeds
+    def from_samples(cls, pipe, samples):
+        feeds = DecoderCalibrationReader.from_samples(pipe, samples).feeds
         n = min(f["attention_mask"].shape[1] for f in feeds)
         cut = ("inputs_embeds", "attention_mask", "position_ids")
-        return cls([{k: (v[:, :n] if k in cut else v) for k, v in f.items()} for f in feeds])
+        return cls([{k: (v[..., :n, :] if k == "inputs_embeds" else v[..., :n]) if k in cut else v
+                     for k, v in f.items()} for f in feeds])
 
 
 def copy_artifact(src: Path, dst: Path) -> None:
@@ -76,25 +78,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--reference", type=Path, help="cache of the fp32 reference: read if it exists, else written")
     args = parser.parse_args()
-    data = json.loads((args.artifact / "manifest.json").read_text())
-    tiny_vqa = data["source"].get("alias") == "tiny-vqa"  # declares calib and task easy-vqa
+    manifest = Manifest.load(args.artifact)
+    tiny_vqa = manifest.source.alias == "tiny-vqa"  # declares calib and task easy-vqa
     calib = args.calib or ("easy-vqa" if tiny_vqa else None)
     task = args.task or ("easy-vqa" if tiny_vqa else None)
-    files = {g: data["graphs"][g]["file"] for g in ("vision", "embedding", "decoder")}
+    files = {g: manifest.graphs[g].file for g in ("vision", "embedding", "decoder")}
 
     start = time.time()
     if args.reference and args.reference.is_file():
-        reference = pickle.loads(args.reference.read_bytes())
+        baseline = pickle.loads(args.reference.read_bytes())
     else:
-        front = ArtifactFrontEnd(args.artifact, data)
-        reference = compute_reference(front, ort_session(args.artifact / files["decoder"]), gate_samples())
+        baseline = fp32_baseline(gate_pipeline(manifest), gate_samples())
         if task:
-            reference.task = fp32_task_answers(args.artifact, data, files, task)
-        del front
+            baseline.task = fp32_task_answers(manifest, files, task)
         if args.reference:
-            args.reference.write_bytes(pickle.dumps(reference))
-    print(f"fp32 reference: {time.time() - start:.0f} s; calib {calib}, task {task}"
-          + (f" (fp32 {reference.task['accuracy']:.3f})" if task else ""), file=sys.stderr)
+            args.reference.write_bytes(pickle.dumps(baseline))
+    print(f"fp32 baseline: {time.time() - start:.0f} s; calib {calib}, task {task}"
+          + (f" (fp32 {baseline.task['accuracy']:.3f})" if task else ""), file=sys.stderr)
     import attanchor_export.precision.quantize as quantize
 
     if args.samples and calib == "easy-vqa":  # load_calibration_set's own limit, through a wrapper
@@ -113,19 +113,19 @@ def main() -> None:
             copy_artifact(args.artifact, folder)
             start = time.time()
             try:
-                precision = quantize_artifact(folder, data, quant="int8", calib=calib, task=task,
-                                              reference=reference, **options)["precision"]
+                precision = quantize_artifact(Manifest.load(folder), quant="int8", calib=calib, task=task,
+                                              baseline=baseline, **options)
             except AccuracyGateFailed as failed:
                 precision = failed.precision
             seconds = time.time() - start
-        result = precision["gate"]["results"][0]
-        record = precision["graphs"].get("decoder.onnx", {})
-        row = {"variant": variant, **{k: result[k] for k in ("cos_mean", "cos_min", "top1", "top1_answer")},
-               "task": (result.get("task") or {}).get("accuracy"),
-               "same_answers": (result.get("task") or {}).get("same_answers"),
-               "passed": result["passed"], "seconds": round(seconds),
-               "samples": (precision.get("calibration") or {}).get("samples"),
-               "smoothing": record.get("smoothing")}
+        result = precision.gate.results[0]
+        record = precision.graphs[files["decoder"]]
+        row = {"variant": variant, **{k: getattr(result, k) for k in ("cos_mean", "cos_min", "top1", "top1_answer")},
+               "task": result.task.accuracy if result.task else None,
+               "same_answers": result.task.same_answers if result.task else None,
+               "passed": result.passed, "seconds": round(seconds),
+               "samples": (precision.calibration or {}).get("samples"),
+               "smoothing": record.smoothing.to_json() if record.smoothing else None}
         rows.append(row)
         print(f"{variant:22s} cos {row['cos_mean']:.4f} min {row['cos_min']:+.3f} top1 {row['top1']:.3f} "
               f"ans {row['top1_answer']:.3f} task {row['task']} same {row['same_answers']} "

@@ -4,7 +4,8 @@
 
 Opens the decoder the onnxruntime backend opens (the runtime's own session options), prefills
 `--prompt-len` random embeddings, then profiles `--steps` cached decode steps fed exactly as the
-runtime feeds them (decoder_feeds.Step; the fused form's cache read in place from ort_backend.KVBuffer).
+runtime feeds them (its decode loop, decode.decoder_calls, on ort_backend.OrtDecoder: the fused form's
+cache read in place from a KVBuffer).
 Prints, per decode step: wall ms, ms inside kernels, the gap between them (scheduling and per-node
 overhead), nodes run, and each op type's ms and node count, largest first, with its share of the step. The prefill is profiled too and reported apart.
 Random inputs: the figures are kernel times at the artifact's real dimensions, not accuracy.
@@ -24,45 +25,33 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from attanchor_runtime.decoder_feeds import Step, empty_past, past_names, prefill_feeds, present_names  # noqa: E402
+from attanchor_runtime.decode import decoder_calls  # noqa: E402
 from attanchor_runtime.errors import ArtifactError  # noqa: E402
-from attanchor_runtime.manifest import KV_APPEND, Manifest  # noqa: E402
-from attanchor_runtime.ort_backend import KVBuffer, decode_append  # noqa: E402
-from attanchor_runtime.sessions import ort_session  # noqa: E402
+from attanchor_runtime.families import family_of  # noqa: E402
+from attanchor_runtime.manifest import Manifest  # noqa: E402
+from attanchor_runtime.ort_backend import OrtDecoder  # noqa: E402
 
 
 def run_profiled(folder: Path, prompt_len: int, steps: int, threads: int, seed: int = 0) -> tuple[list, float]:
     manifest = Manifest.load(folder)
-    dims = manifest.dims
     prefix = Path(tempfile.mkdtemp(prefix="attanchor-profile-")) / "decoder"
-    file = manifest.graph_file("decoder", "ort")
-    session = ort_session(manifest.path(file), "cpu", threads, profile=str(prefix))
+    decoder = OrtDecoder.open(manifest, threads=threads, profile=str(prefix))
     rng = np.random.default_rng(seed)
-    hidden = dims["hidden_size"]
-    names = past_names(dims["num_layers"])
-    if manifest.precision.kv_cache(file) == KV_APPEND:  # as OrtBackend decodes it: one buffer, read in place
-        cache = KVBuffer(1, dims, np.float32, int(dims["max_position_embeddings"]))
-        present = present_names(dims["num_layers"])
-
-        def call(embeds, mask, positions):
-            decode_append(session, names, present, embeds, mask, positions, cache)
-    else:  # each call's present is the next call's past
-        past = list(empty_past(dims, 1).values())
-
-        def call(embeds, mask, positions):
-            nonlocal past
-            past = session.run(None, prefill_feeds(embeds, mask, positions, dict(zip(names, past))))[1:]
-
+    hidden = manifest.dims.hidden_size
     mask = np.ones((1, prompt_len), np.int64)
-    positions = np.arange(prompt_len, dtype=np.int64)[None]
-    call(rng.standard_normal((1, prompt_len, hidden), dtype=np.float32) * 0.02, mask, positions)
-    step = Step.after_prefill(mask, positions)
+    first = family_of(manifest).first_step(mask, np.arange(prompt_len, dtype=np.int64)[None])
+
+    def next_embeds(call):
+        return rng.standard_normal((1, 1, hidden), dtype=np.float32) * 0.02 if call.index < steps else None
+
+    calls = decoder_calls(decoder, first, rng.standard_normal((1, prompt_len, hidden), dtype=np.float32) * 0.02,
+                          next_embeds)
+    next(calls)  # the prefill
     started = time.perf_counter()
-    for _ in range(steps):
-        step = step.advance()
-        call(rng.standard_normal((1, 1, hidden), dtype=np.float32) * 0.02, step.attention_mask, step.position_ids)
+    for _ in calls:
+        pass
     wall = time.perf_counter() - started
-    trace = json.loads(Path(session.end_profiling()).read_text())
+    trace = json.loads(Path(decoder.session.end_profiling()).read_text())
     return trace, wall
 
 

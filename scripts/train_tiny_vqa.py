@@ -8,7 +8,7 @@ The recipe (AttAnchor, arXiv 2509.23109, in miniature):
            describe it (colour + shape words for patches on the shape, " background" elsewhere).
            Why an auxiliary term: with the LM loss alone the projector's outputs live in a direction of
            their own, and the cosines to question words stay at -0.01..0.08 with no clear peak (measured
-           in a probe, see FACTS.md), so AttAnchor's anchors would land by chance. Aligning the features
+           in a 15-minute probe with the LM loss alone, 2026-12-01), so AttAnchor's anchors would land by chance. Aligning the features
            with the words is what makes "copy the word next to the patch it resembles" meaningful.
   stage B  the LLaVA objective on the AttAnchor input layout (t2i at the threshold that anchors about
            10% of question tokens after stage A), loss on the answer tokens only, LoRA (r=16) on the
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from attanchor_graphs.reference import anchor_insert
+from attanchor_graphs.specification import anchor_insert
 from PIL import Image
 
 from attanchor_export.load import easy_vqa as data
@@ -132,10 +132,10 @@ def flip(pixels, overlap):
 
 
 def vision(model, pixels):
-    """Projected features [B, M, D], through the same adapter code the exporter traces."""
-    from attanchor_export.load.architectures import adapter_for
+    """Projected features [B, M, D], through the same family code the exporter traces."""
+    from attanchor_export.families import family_for
 
-    return adapter_for(model.config).vision_tower_and_projector(model)(pixels)
+    return family_for(model.config).vision_module(model)(pixels)
 
 
 @torch.no_grad()
@@ -262,7 +262,7 @@ def answer_picks(answers, length):
 
 def calibrate_threshold(model, prompts, qs, index, pixels, rate: float, n: int = 512, seed: int = 0) -> float:
     """The cosine threshold at which `rate` of the question tokens (candidates) become anchors."""
-    from attanchor_graphs.reference import cosine_scores
+    from attanchor_graphs.specification import cosine_scores
 
     rng = random.Random(seed)
     sample = rng.sample(qs, n)

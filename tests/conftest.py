@@ -1,11 +1,14 @@
 """Shared fixtures: tiny random checkpoints and exported artifacts, built once per test run.
 
 pytest-xdist workers share them through a folder beside their base temp dirs, guarded by a file
-lock, so a 2-worker CI run exports each artifact once, not once per worker.
+lock, so a 2-worker CI run exports each artifact once, not once per worker. ATTANCHOR_TEST_SHARED=DIR
+keeps that folder across runs (a developer rerunning a few tests skips the exports; delete DIR after
+changing what export writes).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +18,10 @@ from helpers import ARTIFACTS, locked
 
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory, worker_id) -> Path:
+    if os.environ.get("ATTANCHOR_TEST_SHARED"):
+        path = Path(os.environ["ATTANCHOR_TEST_SHARED"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     root = tmp_path_factory.getbasetemp()
     if worker_id != "master":
         root = root.parent  # common to all xdist workers of this run
@@ -66,3 +73,45 @@ def workdir(artifact, tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_cache(shared_dir):
+    """ATTANCHOR_CACHE for this run: the wheel is fetched once and shared by the tests and xdist workers."""
+    path = shared_dir / "attanchor-cache"
+    old = os.environ.get("ATTANCHOR_CACHE")
+    os.environ["ATTANCHOR_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ATTANCHOR_CACHE", None)
+    else:
+        os.environ["ATTANCHOR_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_checkpoint(tiny_vqa_cache):
+    from attanchor_export.load.tiny_vqa import checkpoint_folder
+
+    with locked(tiny_vqa_cache):
+        return checkpoint_folder()
+
+
+def _export_tiny_vqa(shared_dir, name, **options):
+    from attanchor_export.exporter import ExportOptions, export_artifact
+
+    out = shared_dir / name
+    with locked(out):
+        if not (out / "manifest.json").is_file():
+            export_artifact("tiny-vqa", ExportOptions(output=out, **options))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_fp32(shared_dir, tiny_vqa_checkpoint):
+    """The trained tiny-vqa model exported in fp32, once per run (every test file that needs it shares it)."""
+    return _export_tiny_vqa(shared_dir, "tiny-vqa-fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_int4(shared_dir, tiny_vqa_checkpoint):
+    return _export_tiny_vqa(shared_dir, "tiny-vqa-int4", quant="int4")

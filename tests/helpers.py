@@ -39,3 +39,32 @@ def locked(path: Path):
 
 def read_manifest(folder: Path) -> dict:
     return json.loads((Path(folder) / "manifest.json").read_text())
+
+
+TINY_DIMS = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+             "vocab_size": 672, "image_tokens": 25, "image_size": 30, "patch_size": 6, "vision_hidden_size": 32,
+             "max_position_embeddings": 512}
+
+
+def tiny_manifest(folder="/artifact", max_anchors=None, **sections):
+    """A complete manifest in memory (tiny LLaVA dims and graph specs), any section replaced by the JSON
+    given for it (manifest.json's own layout), for tests of one section without an export."""
+    from attanchor_runtime.manifest import Dims, Graphs, Manifest, to_json
+
+    from attanchor_export.families.base import decoder_spec, embedding_spec
+    from attanchor_export.families.llava import vision_spec
+
+    dims = Dims(**{**TINY_DIMS, **sections.pop("dims", {})})
+    data = {
+        "source": {}, "dims": to_json(dims),
+        "family": {"name": "llava", "architecture": "LlavaForConditionalGeneration",
+                   "model_types": {"vision": "clip_vision_model", "text": "llama"},
+                   "payload": {"image_preprocessing": {}, "positions": "sequential"}},
+        "anchor": {"mode": "t2i", "threshold": 0.12, "max_anchors": max_anchors},
+        "text": {"image_token_id": 670, "pad_token_id": 671, "bos_token_id": 1, "eos_token_ids": [2]},
+        "graphs": to_json(Graphs(vision_spec(dims), embedding_spec(dims, max_anchors), decoder_spec(dims))),
+        "embed_table": {"file": "embed_tokens.bin", "dtype": "float32", "shape": [dims.vocab_size, dims.hidden_size]},
+        "onnx": {"opset": 18, "ir_version": 10},
+        **sections,
+    }
+    return Manifest.from_dict(folder, data)

@@ -199,16 +199,18 @@ def test_weight_bytes_skip_the_embedding(tmp_path):
 def test_project_runner_end_to_end(artifact, tmp_path):
     """The project's runner in a fresh child on the tiny exported artifact: one result line whose tokens are
     the runtime's own greedy tokens."""
-    from attanchor_runtime.decoder_feeds import empty_past, greedy, prefill_feeds
+    from attanchor_runtime.decode import SequentialStep, generate
     from attanchor_runtime.manifest import Manifest
+    from attanchor_runtime.ort_backend import OrtDecoder
     from attanchor_runtime.sessions import ort_session
 
     folder = artifact("clip-t2i")
     manifest = Manifest.load(folder)
-    dims, table = manifest.dims, np.asarray(manifest.embed_table(), np.float32)
+    dims, table = manifest.dims, np.asarray(manifest.embed_table_memmap(), np.float32)
     np.save(tmp_path / "embed_tokens.npy", table)
-    prompt = np.random.default_rng(0).integers(3, dims["vocab_size"] - 8, 24).tolist()
-    spec = {"model": str(manifest.graph_path("decoder")), "embed": str(tmp_path / "embed_tokens.npy"), "dims": dims,
+    prompt = np.random.default_rng(0).integers(3, dims.vocab_size - 8, 24).tolist()
+    spec = {"model": str(manifest.graph_path("decoder")), "embed": str(tmp_path / "embed_tokens.npy"),
+            "dims": dims.to_json(),
             "prompt": prompt, "new_tokens": 6, "threads": 1, "warmup": 1}
     rc, stdout, rss, wall = run_child([sys.executable, str(SCRIPT), "--child", "project", "--spec",
                                        json.dumps(spec)], tmp_path / "child.log", 120, 1)
@@ -217,8 +219,9 @@ def test_project_runner_end_to_end(artifact, tmp_path):
     assert run["prefill_s"] > 0 and run["decode_tok_s"] > 0 and run["peak_rss_bytes"] > 10 << 20
     assert len(run["tokens"]) == 7
 
-    session = ort_session(spec["model"], threads=1)
+    decoder = OrtDecoder.of_session(ort_session(spec["model"], threads=1), dims.max_position_embeddings)
     ids = np.array([prompt], np.int64)
-    feeds = prefill_feeds(table[ids], np.ones_like(ids), np.arange(len(prompt))[None], empty_past(dims, 1))
-    expected = greedy(session.run, dims["num_layers"], feeds, lambda t: table[t], 7).tokens[0].tolist()
+    step = SequentialStep.after_prefill(np.ones_like(ids), np.arange(len(prompt))[None])
+    *_, generated = generate(decoder, step, table[ids], lambda t: table[t][:, None, :], 7)
+    expected = generated.tokens[0].tolist()
     assert run["tokens"] == expected

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from attanchor_export.errors import CheckpointError, UnsupportedArchitecture
-from attanchor_export.load.architectures import LlavaAdapter, adapter_for
+from attanchor_export.families import family_for
+from attanchor_export.families.llava import Llava
 from attanchor_export.load.checkpoint import ALIASES, load_checkpoint, resolve_model
 from attanchor_export.load.tiny_random import FAMILIES, make_tiny_llava, tinyllava_1b_config
 
@@ -30,7 +31,7 @@ def test_load_tiny_folder(tiny):
     family, folder = tiny
     loaded = load_checkpoint(str(folder))
     m, size, tied = EXPECTED[family]
-    assert isinstance(loaded.adapter, LlavaAdapter)
+    assert isinstance(loaded.family, Llava)
     assert not loaded.model.training
     assert loaded.source == str(folder.resolve()) and loaded.folder == folder.resolve()
     assert loaded.commit is None and loaded.alias is None
@@ -39,9 +40,10 @@ def test_load_tiny_folder(tiny):
     d = loaded.dims
     assert (d.hidden_size, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim) == (64, 2, 4, 2, 16)
     assert (d.image_tokens, d.image_size, d.tie_word_embeddings) == (m, size, tied)
-    assert (d.bos_token_id, d.eos_token_id, d.eos_token_ids) == (1, 2, (2,))
+    t = loaded.tokens
+    assert (t.bos_token_id, t.eos_token_ids) == (1, (2,))
     assert d.vocab_size == loaded.model.config.text_config.vocab_size
-    assert d.image_token_id == loaded.model.config.image_token_id
+    assert t.image_token_id == loaded.model.config.image_token_id
 
 
 def test_tiny_folder_has_processor_and_chat_template(tiny):
@@ -152,9 +154,9 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
 
 def test_unsupported_vision_tower_is_reported():
     config = tinyllava_1b_config()
-    config.vision_config.model_type = "dinov2"  # what adapter_for looks at
+    config.vision_config.model_type = "dinov2"  # what family_for looks at
     with pytest.raises(UnsupportedArchitecture, match="unsupported vision tower dinov2"):
-        adapter_for(config)
+        family_for(config)
 
 
 def test_remote_code_is_not_run_by_default(tmp_path):
@@ -192,7 +194,8 @@ def test_trust_remote_code_is_false_unless_asked(tiny, monkeypatch):
 
 
 def test_tinyllava_1b_dims_without_weights():
-    d = adapter_for(tinyllava_1b_config()).dims
+    family = family_for(tinyllava_1b_config())
+    d, t = family.dims, family.tokens
     assert (d.hidden_size, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim) == (2048, 22, 32, 4, 64)
-    assert (d.vocab_size, d.image_token_id, d.pad_token_id, d.max_position_embeddings) == (32064, 32000, 32001, 2048)
+    assert (d.vocab_size, t.image_token_id, t.pad_token_id, d.max_position_embeddings) == (32064, 32000, 32001, 2048)
     assert (d.image_tokens, d.image_size, d.patch_size, d.vision_hidden_size) == (576, 336, 14, 1024)

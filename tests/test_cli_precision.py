@@ -47,7 +47,7 @@ def test_gate_below_floor_fails_and_keeps_failed_folder(checkpoint, tmp_path):
     assert not out.exists()
     precision = read_manifest(tmp_path / "q8.failed")["precision"]
     assert precision["gate"]["passed"] is False
-    assert "smoothing" not in precision["graphs"]["decoder.trt.onnx"]  # --smooth-alpha off reached the quantizer
+    assert precision["graphs"]["decoder.trt.onnx"]["smoothing"] is None  # --smooth-alpha off reached the quantizer
 
 
 def test_bad_smooth_alpha_is_a_usage_error(checkpoint, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from attanchor_runtime.engines import (
@@ -22,6 +21,7 @@ from attanchor_runtime.engines import (
 )
 from attanchor_runtime.errors import ArtifactError
 from attanchor_runtime.manifest import Manifest
+from helpers import tiny_manifest
 
 
 def meta(**kw) -> EngineMeta:
@@ -95,8 +95,8 @@ def test_find_engine_dir_picks_this_gpu_and_tensorrt(tmp_path):
 
 
 def _files(data_digest: str) -> Manifest:
-    return Manifest(Path("/artifact"), {"files": {"decoder.onnx": {"sha256": "aa"},
-                                                  "decoder.onnx.data": {"sha256": data_digest}}})
+    return tiny_manifest(files={"decoder.onnx": {"bytes": 1, "sha256": "aa"},
+                                "decoder.onnx.data": {"bytes": 1, "sha256": data_digest}})
 
 
 def test_check_sources(tmp_path):
@@ -120,7 +120,7 @@ def test_open_engine_dir(tmp_path):
     sources = {"decoder": {"backend": "tensorrt", "sources": {"decoder.onnx": "aa"}}}
     write(tmp_path, "orin-sm87-trt10.3.0.30", meta(engines=sources))
     write(tmp_path, "orin-sm87-trt10.3.0.30.failed", meta(engines=sources, gate={"passed": False}))
-    manifest = Manifest(tmp_path, {"files": {"decoder.onnx": {"sha256": "aa"}}})
+    manifest = tiny_manifest(tmp_path, files={"decoder.onnx": {"bytes": 1, "sha256": "aa"}})
     path, found = open_engine_dir(manifest, "87", "10.3.0.30")
     assert path.name == "orin-sm87-trt10.3.0.30" and found.on_tensorrt("decoder")
     # Named explicitly (the build gate does): a failed gate is no reason to refuse, another GPU is.
@@ -129,7 +129,8 @@ def test_open_engine_dir(tmp_path):
     with pytest.raises(ArtifactError, match="orin-sm87-trt10.3.0.30.failed: built for sm87"):
         open_engine_dir(manifest, "89", "10.3.0.30", failed)
     with pytest.raises(ArtifactError, match="built from another decoder.onnx"):
-        open_engine_dir(Manifest(tmp_path, {"files": {"decoder.onnx": {"sha256": "bb"}}}), "87", "10.3.0.30")
+        open_engine_dir(tiny_manifest(tmp_path, files={"decoder.onnx": {"bytes": 1, "sha256": "bb"}}), "87",
+                        "10.3.0.30")
 
 
 def test_select_profile_is_the_engines_module_s():

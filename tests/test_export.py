@@ -64,11 +64,12 @@ def test_embedding_with_budget_has_static_length(artifact):
     import onnxruntime as ort
 
     folder = artifact("siglip-t2i-k4")
-    dims = read_manifest(folder)["dims"]
+    manifest = read_manifest(folder)
+    dims = manifest["dims"]
     session = ort.InferenceSession(str(folder / "embedding.onnx"), providers=["CPUExecutionProvider"])
     for width in (5, 9):
         ids = np.full((2, width), 7, np.int64)
-        ids[:, 1] = dims["image_token_id"]
+        ids[:, 1] = manifest["text"]["image_token_id"]
         mask = np.ones_like(ids)
         feats = np.random.default_rng(0).standard_normal((2, dims["image_tokens"], dims["hidden_size"]))
         for threshold in (-1.0, 2.0):
@@ -147,8 +148,10 @@ def test_failed_validation_keeps_folder_under_failed_name(checkpoint, tmp_path):
     assert read_manifest(failed)["validation"]["passed"] is False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_export_leaves_nothing_under_final_name(checkpoint, tmp_path, sig):
+    """Ctrl-C and SIGTERM (`timeout`, `kill`) clean up; SIGKILL cannot, so its staging folder records the
+    owner and the next export to the same place removes it once that process is gone."""
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "attanchor_export.cli", str(checkpoint("clip-llama")), "-o", str(out), "--quiet"],
@@ -165,10 +168,21 @@ def test_interrupted_export_leaves_nothing_under_final_name(checkpoint, tmp_path
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
     assert not out.exists()
+    partial = list(tmp_path.glob(".interrupted.partial-*"))
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
-        assert not list(tmp_path.glob(".interrupted.partial-*")), "Ctrl-C must clean the partial folder"
+        assert not partial, "Ctrl-C must clean the partial folder"
+    elif sig == signal.SIGTERM:
+        assert proc.returncode == 143
+        assert stderr.strip().splitlines()[-1].startswith("error: terminated")
+        assert not partial, "SIGTERM must clean the partial folder"
+    else:
+        assert len(partial) == 1 and partial[0].name.startswith(f".interrupted.partial-{proc.pid}@")
+        from attanchor_export.artifact import remove_stale_staging
+
+        assert remove_stale_staging(out) == partial  # what the next export to `out` does first
+        assert not list(tmp_path.iterdir())
 
 
 def test_help_lists_verbs():
@@ -187,7 +201,7 @@ def test_mistral_decoder_exports_and_matches(checkpoint, tmp_path):
 
     ck = checkpoint("clip-mistral")
     result = export_artifact(str(ck), ExportOptions(output=tmp_path / "mistral"))
-    assert result.passed and read_manifest(tmp_path / "mistral")["model_types"]["text"] == "mistral"
+    assert result.passed and read_manifest(tmp_path / "mistral")["family"]["model_types"]["text"] == "mistral"
     e2e = validate_end_to_end(load_checkpoint(str(ck)), Manifest.load(tmp_path / "mistral"))
     assert all(r.passed for r in e2e), [r for r in e2e if not r.passed]
 
@@ -195,17 +209,17 @@ def test_mistral_decoder_exports_and_matches(checkpoint, tmp_path):
 def test_manifest_written_once_with_export_cost(checkpoint, tmp_path, monkeypatch):
     """Every file is hashed once, at the end; the torch model is gone before the artifact runs; the manifest
     says how it was validated and what the export cost."""
-    import attanchor_export.checks.parity as parity
     import attanchor_export.exporter as exporter_module
 
     calls, model_at_compare = [], []
     real = exporter_module.write_manifest
-    monkeypatch.setattr(exporter_module, "write_manifest", lambda folder, data: (calls.append(folder), real(folder, data)))
-    real_compare, real_reference = parity.compare_to_reference, parity.compute_reference
+    monkeypatch.setattr(exporter_module, "write_manifest", lambda manifest: (calls.append(manifest.folder),
+                                                                            real(manifest))[1])
+    real_compare, real_source = exporter_module.compare_with_source, exporter_module.source_outputs
     loaded_seen = []
-    monkeypatch.setattr(parity, "compute_reference",
-                        lambda loaded, *a, **k: (loaded_seen.append(loaded), real_reference(loaded, *a, **k))[1])
-    monkeypatch.setattr(parity, "compare_to_reference",
+    monkeypatch.setattr(exporter_module, "source_outputs",
+                        lambda loaded, *a, **k: (loaded_seen.append(loaded), real_source(loaded, *a, **k))[1])
+    monkeypatch.setattr(exporter_module, "compare_with_source",
                         lambda *a, **k: (model_at_compare.append(loaded_seen[0].model), real_compare(*a, **k))[1])
     out = tmp_path / "art"
     result = exporter_module.export_artifact(str(checkpoint("clip-llama")), exporter_module.ExportOptions(output=out))
@@ -225,13 +239,11 @@ def test_manifest_written_once_with_export_cost(checkpoint, tmp_path, monkeypatc
 def test_too_little_disk_fails_before_tracing(checkpoint, tmp_path, monkeypatch):
     """The disk check runs right after the load: a one-line error naming the need and the free space,
     and no staging folder, instead of a disk-full error after the trace."""
-    import attanchor_export.export_cost as export_cost
+    import attanchor_export.exporter as exporter_module
 
-    monkeypatch.setattr(export_cost, "free_disk_bytes", lambda folder: 1 << 10)
+    monkeypatch.setattr(exporter_module, "free_disk_bytes", lambda folder: 1 << 10)
     traced = []
-    import attanchor_export.trace.decoder as decoder
-
-    monkeypatch.setattr(decoder, "export_decoder", lambda *a, **k: traced.append(a))
+    monkeypatch.setattr(exporter_module, "export_decoder", lambda *a, **k: traced.append(a))
     result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "out", "--dtype", "fp16")
     assert result.exit_code == 1 and not traced
     line = result.stderr.strip()

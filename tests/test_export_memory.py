@@ -26,25 +26,25 @@ def test_linear_weights_are_written_lazily_not_folded(artifact):
 
 
 def test_model_weights_are_freed_before_onnxruntime_runs(checkpoint, tmp_path, monkeypatch):
-    import attanchor_export.checks.parity as parity
+    import attanchor_export.exporter as exporter
     from attanchor_export.exporter import ExportOptions, export_artifact
 
     seen = {}
-    real_reference, real_compare = parity.compute_reference, parity.compare_to_reference
+    real_source, real_compare = exporter.source_outputs, exporter.compare_with_source
 
     def reference(loaded, *args, **kwargs):
-        language_model = loaded.adapter.language_model(loaded.model)
+        language_model = loaded.family.language_model(loaded.model)
         seen["weight"] = weakref.ref(language_model.layers[0].self_attn.q_proj.weight)
-        seen["tower"] = weakref.ref(next(loaded.adapter.vision_tower_and_projector(loaded.model).parameters()))
-        return real_reference(loaded, *args, **kwargs)
+        seen["tower"] = weakref.ref(next(loaded.family.vision_module(loaded.model).parameters()))
+        return real_source(loaded, *args, **kwargs)
 
     def compare(*args, **kwargs):
         gc.collect()
         seen["alive"] = [name for name in ("weight", "tower") if seen[name]() is not None]
         return real_compare(*args, **kwargs)
 
-    monkeypatch.setattr(parity, "compute_reference", reference)
-    monkeypatch.setattr(parity, "compare_to_reference", compare)
+    monkeypatch.setattr(exporter, "source_outputs", reference)
+    monkeypatch.setattr(exporter, "compare_with_source", compare)
     assert export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=tmp_path / "art")).passed
     # Nothing (traced programs, onnxscript's rewrite rules, lazy tensors) keeps the weights alive.
     assert seen["alive"] == []

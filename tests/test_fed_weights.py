@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from attanchor_runtime.decoder_feeds import empty_past, prefill_feeds
 from attanchor_runtime.errors import ArtifactError
 from attanchor_runtime.manifest import Manifest
+from attanchor_runtime.ort_backend import empty_past
 from attanchor_runtime.sessions import FedWeightsSession, ort_session
 from onnx import TensorProto, helper, numpy_helper
 
@@ -138,9 +138,11 @@ def test_fed_decoder_widens_one_weight_at_a_time(checkpoint, tmp_path, monkeypat
 
     monkeypatch.setattr(sessions, "_options", profiled)
     session = FedWeightsSession(tmp_path / "art" / "decoder.onnx", threads=1)
-    dims = Manifest.load(tmp_path / "art").dims
-    embeds = np.random.default_rng(0).standard_normal((1, 5, dims["hidden_size"]), dtype=np.float32)
-    feeds = prefill_feeds(embeds, np.ones((1, 5), np.int64), np.arange(5)[None], empty_past(dims, 1))
+    manifest = Manifest.load(tmp_path / "art")
+    dims, spec = manifest.dims, manifest.graphs.decoder
+    embeds = np.random.default_rng(0).standard_normal((1, 5, dims.hidden_size), dtype=np.float32)
+    feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, 5), np.int64), "position_ids": np.arange(5)[None],
+             **empty_past(spec.past_names, 1, dims.num_kv_heads, dims.head_dim)}
     peak, widened = _widened_alive_peak(session, optimized, feeds)
     assert widened >= 8, widened  # the decoder's fp16 weights were found and widened in the run
     assert peak <= 2, f"{peak} of {widened} widened weights alive at once"

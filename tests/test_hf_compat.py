@@ -54,10 +54,10 @@ class _Records(logging.Handler):
 def test_export_path_never_uses_the_deprecated_cache_name(checkpoint, tmp_path):
     """Export + validation, the eager decoder wrapper that tracing runs and the greedy reference: no
     warning (warnings module or transformers' logger) about past_key_values."""
-    from attanchor_export.checks.torch_reference import greedy_generate
     from attanchor_export.exporter import ExportOptions, export_artifact
     from attanchor_export.load.checkpoint import load_checkpoint
-    from attanchor_export.trace.decoder import DecoderWithCache, example_inputs
+    from attanchor_export.source_model import decoder_module, greedy_generate
+    from attanchor_export.trace.decoder import example_inputs
 
     hf_logger = logging.getLogger("transformers")
     handler = _Records()
@@ -70,10 +70,9 @@ def test_export_path_never_uses_the_deprecated_cache_name(checkpoint, tmp_path):
             warnings.simplefilter("always")
             result = export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=tmp_path / "art"))
             loaded = load_checkpoint(str(checkpoint("clip-llama")))
-            a = loaded.adapter
-            decoder = DecoderWithCache(a.language_model(loaded.model), a.lm_head(loaded.model), a.dims.num_layers)
+            decoder = decoder_module(loaded)
             with torch.no_grad():
-                embeds, mask, positions, past = example_inputs(a.dims)
+                embeds, mask, positions, past = example_inputs(loaded.dims)
                 decoder(embeds, mask, positions, past)
             tokens = greedy_generate(loaded, embeds, mask[:, -embeds.shape[1]:], positions - 3, 3)
     finally:

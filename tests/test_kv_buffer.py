@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from attanchor_runtime.decoder_feeds import Step, empty_past, left_pad, next_past
+from attanchor_graphs.specification import position_ids_from_mask
+from attanchor_runtime.batch import left_pad
+from attanchor_runtime.decode import SequentialStep
 from attanchor_runtime.errors import RuntimeInputError
 from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, Manifest
 from attanchor_runtime.ort_backend import KVBuffer, OrtBackend
@@ -23,18 +25,23 @@ def int4(checkpoint, tmp_path_factory):
 def _prefill(dims, rng):
     """A left-padded batch of 3 whose rows start at different positions."""
     _, mask = left_pad([np.zeros(n, np.int64) for n in (5, 9, 7)], 0)
-    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1).astype(np.int64)
-    return rng.standard_normal((3, mask.shape[1], dims["hidden_size"])).astype(np.float32), mask, positions
+    return rng.standard_normal((3, mask.shape[1], dims.hidden_size)).astype(np.float32), mask, \
+        position_ids_from_mask(mask)
+
+
+def _buffer(manifest, limit, chunk=32, batch=3):
+    dims = manifest.dims
+    return KVBuffer(batch, 2 * dims.num_layers, dims.num_kv_heads, dims.head_dim, np.float32, limit, chunk)
 
 
 def _run(backend, cache, dims, steps, seed=0):
     rng = np.random.default_rng(seed)
     embeds, mask, positions = _prefill(dims, rng)
     logits, cache = backend.decode(embeds, mask, positions, cache)
-    out, step = [logits[:, -1]], Step.after_prefill(mask, positions)
+    out, step = [logits[:, -1]], SequentialStep.after_prefill(mask, positions)
     for _ in range(steps):
         step = step.advance()
-        logits, cache = backend.decode(rng.standard_normal((3, 1, dims["hidden_size"])).astype(np.float32),
+        logits, cache = backend.decode(rng.standard_normal((3, 1, dims.hidden_size)).astype(np.float32),
                                        step.attention_mask, step.position_ids, cache)
         out.append(logits[:, -1])
     return np.stack(out), cache
@@ -52,35 +59,28 @@ def test_buffer_equals_the_concatenated_cache_across_growth(int4):
     (exact length), or one buffer read in place, longer than the past, growing 4 positions at a time
     (each growth copies what is there; stale slots after the past are masked out)."""
     dims = int4.dims
-    listed, _ = _run(_Appending(OrtBackend(int4)), list(empty_past(dims, 3).values()), dims, steps=12)
-    buffer = KVBuffer(3, dims, np.float32, limit=dims["max_position_embeddings"], chunk=4)
+    appending = _appending(OrtBackend(int4))
+    listed, _ = _run(appending, appending.empty_cache(3), dims, steps=12)
+    buffer = _buffer(int4, limit=dims.max_position_embeddings, chunk=4)
     in_place, cache = _run(OrtBackend(int4), buffer, dims, steps=12)
     assert cache is buffer and buffer.capacity >= 9 + 12 and buffer.capacity % 4 == 0
     np.testing.assert_allclose(in_place, listed, atol=1e-5, rtol=0)
 
 
-class _Appending:
-    """The backend's arrays path for the fused decoder: each call's new positions appended to the past
-    in numpy (decoder_feeds.next_past) instead of written into a KVBuffer."""
-
-    def __init__(self, backend):
-        backend.appends_kv = False
-        self.backend = backend
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def decode(self, embeds, mask, positions, past):
-        logits, new = self.backend.decode(embeds, mask, positions, past)
-        return logits, next_past(KV_APPEND, past, new)
+def _appending(backend):
+    """The backend's arrays path for the fused decoder: its cache a list of arrays, each call's new
+    positions appended to the past in numpy instead of written into a KVBuffer."""
+    backend.decoder.appends_kv = False
+    assert isinstance(backend.empty_cache(3), list)
+    return backend
 
 
 def test_stale_slots_after_the_past_change_nothing(int4):
     """Slots of the buffer the mask does not cover hold garbage (a row reused, a longer earlier run):
     the logits are the same as with zeros there."""
     dims = int4.dims
-    clean, _ = _run(OrtBackend(int4), KVBuffer(3, dims, np.float32, limit=64, chunk=32), dims, steps=3)
-    dirty = KVBuffer(3, dims, np.float32, limit=64, chunk=32)
+    clean, _ = _run(OrtBackend(int4), _buffer(int4, limit=64), dims, steps=3)
+    dirty = _buffer(int4, limit=64)
     dirty.reserve(32)
     for buffer in dirty.buffers:
         buffer[...] = 1e3  # what a previous, longer sequence might have left
@@ -92,21 +92,21 @@ def test_context_full_is_one_clear_error_at_the_buffer_end(int4):
     dims = int4.dims
     backend = OrtBackend(int4)
     total = 9 + 6  # prompt width 9, then 6 steps: the last one writes the buffer's last position
-    cache = KVBuffer(3, dims, np.float32, limit=total, chunk=4)
+    cache = _buffer(int4, limit=total, chunk=4)
     full, _ = _run(backend, cache, dims, steps=6)
-    reference = KVBuffer(3, dims, np.float32, limit=dims["max_position_embeddings"])
+    reference = _buffer(int4, limit=dims.max_position_embeddings)
     unbounded, _ = _run(backend, reference, dims, steps=6)
     np.testing.assert_allclose(full, unbounded, atol=1e-5, rtol=0)  # the last slot is as good as any
     assert cache.capacity == total
     with pytest.raises(RuntimeInputError, match=f"context full: {total + 1} positions"):
-        _run(backend, KVBuffer(3, dims, np.float32, limit=total), dims, steps=7)
+        _run(backend, _buffer(int4, limit=total), dims, steps=7)
 
 
 def test_generate_answers_the_same_with_either_cache(int4):
     pipe = Pipeline(int4, OrtBackend(int4))
-    ids = [[int4.dims["bos_token_id"], int4.dims["image_token_id"], 5, 9, 11]]
-    pixels = np.random.default_rng(1).random((1, 3, int4.dims["image_size"], int4.dims["image_size"]), np.float32)
+    ids = [[int4.text.bos_token_id, int4.text.image_token_id, 5, 9, 11]]
+    pixels = np.random.default_rng(1).random((1, 3, int4.dims.image_size, int4.dims.image_size), np.float32)
     buffered = pipe.generate(ids, pixels, max_new_tokens=12).tokens
-    pipe.backend = _Appending(pipe.backend)
+    pipe.backend = _appending(pipe.backend)
     listed = pipe.generate(ids, pixels, max_new_tokens=12).tokens
     np.testing.assert_array_equal(buffered, listed)

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from attanchor_runtime.manifest import AdapterRecord, Manifest
 from click.testing import CliRunner
 from helpers import read_manifest
 
@@ -89,11 +90,10 @@ def adapted(checkpoint, lora, tmp_path_factory):
 def _decoder_logits_ort(folder, embeds, mask, positions):
     import onnxruntime as ort
 
-    manifest = read_manifest(folder)
-    dims = manifest["dims"]
-    session = ort.InferenceSession(str(folder / manifest["graphs"]["decoder"]["file"]),
-                                   providers=["CPUExecutionProvider"])
-    empty = np.zeros((embeds.shape[0], dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
+    manifest = Manifest.load(folder)
+    dims = manifest.dims
+    session = ort.InferenceSession(str(manifest.graph_path("decoder")), providers=["CPUExecutionProvider"])
+    empty = np.zeros((embeds.shape[0], dims.num_kv_heads, 0, dims.head_dim), np.float32)
     feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
     feeds.update({i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values.")})
     return session.run(["logits"], feeds)[0]
@@ -158,7 +158,7 @@ def test_adapter_saved_against_the_bare_language_model(checkpoint, tmp_path):
     lora = make_lora(checkpoint("siglip-qwen2"), tmp_path / "lm-lora", against="language_model")
     result = export_artifact(str(checkpoint("siglip-qwen2")),
                              ExportOptions(output=tmp_path / "art", adapter=str(lora)))
-    assert result.passed and result.manifest["source"]["adapter"]["applies_to"] == "language_model"
+    assert result.passed and result.manifest.source.adapter.applies_to == "language_model"
 
 
 def _wrong_adapters(checkpoint, lora, tmp):
@@ -219,7 +219,9 @@ def test_pickled_adapter_is_read_only_when_allowed(lora, tmp_path):
     torch.save(load_file(str(lora / "adapter_model.safetensors")), pickled / "adapter_model.bin")
     with pytest.raises(CheckpointError, match="--allow-pickle"):
         locate_adapter(str(pickled))
-    assert locate_adapter(str(pickled), allow_pickle=True).weights.name == "adapter_model.bin"
+    located = locate_adapter(str(pickled), allow_pickle=True)
+    assert located.weights.name == "adapter_model.bin"
     # check DIR of an artifact exported with it may read it again: the recorded hash vouches for the file
-    record = {"source": str(pickled), "files": {"adapter_model.bin": "x"}, "sha256": None}
+    record = AdapterRecord(source=str(pickled), resolved=str(pickled), sha256=located.sha256,
+                           files={"adapter_model.bin": "x"})
     assert locate_adapter(str(pickled), expect=record).weights.name == "adapter_model.bin"

@@ -11,12 +11,13 @@ import onnx
 import pytest
 import torch
 
-from attanchor_export.checks.decoder_parity import decoder_parity
-from attanchor_export.load.architectures import LlavaAdapter
+from attanchor_export.families import family_for
+from attanchor_export.families.base import decoder_spec
 from attanchor_export.load.tiny_random import tiny_llava_config
-from attanchor_export.trace.decoder import DecoderWithCache, export_decoder
+from attanchor_export.source_model import DecoderWithCache
+from attanchor_export.trace.decoder import export_decoder
+from attanchor_export.trace.decoder_parity import decoder_parity
 from attanchor_export.trace.optimize import optimize_decoder
-from attanchor_export.trace.specs import decoder_spec
 
 
 def _language_model(family):
@@ -29,7 +30,7 @@ def _language_model(family):
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0, 1.0 / p.shape[-1] ** 0.5)
-    return model, LlavaAdapter(config).dims
+    return model, family_for(config).dims
 
 
 @pytest.fixture(scope="module", params=[("clip-llama", False), ("clip-llama", True), ("siglip-qwen2", False)],
@@ -83,8 +84,6 @@ def test_no_repeated_kv_no_nan_guard_position_ids_kept(optimized):
 
 
 def _torch_reference(model, embeds, mask, pos, past, last):
-    from transformers.cache_utils import DynamicCache  # noqa: F401 - DecoderWithCache imports it lazily
-
     module = DecoderWithCache(model.model, model.lm_head, model.config.num_hidden_layers, last).eval()
     with torch.no_grad():
         out = module(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(pos),

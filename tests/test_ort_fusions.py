@@ -6,22 +6,21 @@ import shutil
 
 import onnx
 import pytest
-from attanchor_runtime.manifest import KV_APPEND
-from helpers import read_manifest
+from attanchor_runtime.manifest import KV_APPEND, Manifest
 
-from attanchor_export.checks.decoder_parity import decoder_parity
 from attanchor_export.precision.ort_fusions import fuse_decoder_file, op_counts
+from attanchor_export.trace.decoder_parity import decoder_parity
 
 
 @pytest.mark.parametrize("name", ["clip-t2i", "siglip-t2i-k4"])  # Llama and Qwen2 decoders
 def test_fused_decoder_matches_the_standard_graph(artifact, tmp_path, name):
     source = artifact(name)
-    dims = read_manifest(source)["dims"]
+    dims = Manifest.load(source).dims
     for f in ("decoder.onnx", "decoder.onnx.data"):
         shutil.copy(source / f, tmp_path / f)
     fused = tmp_path / "decoder.onnx"
     report = fuse_decoder_file(fused, dims)
-    layers = dims["num_layers"]
+    layers = dims.num_layers
     # every layer: two norms with their residual Add folded in (but the first, which has no residual
     # before it), plus the final norm; queries and keys rotated by one RotaryEmbedding each; and each
     # layer's attention reads its past in place (no cache Concat), returning the new positions only
@@ -51,6 +50,6 @@ def test_a_graph_without_the_patterns_is_left_alone(artifact, tmp_path):
         if (source / f).exists():
             shutil.copy(source / f, tmp_path / f)
     before = onnx.load(str(tmp_path / "vision.onnx"), load_external_data=False)
-    report = fuse_decoder_file(tmp_path / "vision.onnx", read_manifest(source)["dims"])
+    report = fuse_decoder_file(tmp_path / "vision.onnx", Manifest.load(source).dims)
     assert not any(report["fused"].values())
     assert report["nodes_after"] == report["nodes_before"] == len(before.graph.node)

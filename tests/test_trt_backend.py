@@ -68,7 +68,7 @@ def test_decode_matches_onnxruntime_and_cache_round_trips(fake, workdir):
     backend = TrtBackend(manifest, trt=trt, cuda=cuda, full_logits=True)
     ref = OrtBackend(manifest)
     rng = np.random.default_rng(1)
-    embeds = rng.standard_normal((2, 7, manifest.dims["hidden_size"])).astype(np.float32)
+    embeds = rng.standard_normal((2, 7, manifest.dims.hidden_size)).astype(np.float32)
     mask = np.ones((2, 7), np.int64)
     pos = np.tile(np.arange(7), (2, 1))
     logits, cache = backend.decode(embeds, mask, pos, backend.empty_cache(2))

@@ -68,10 +68,10 @@ def test_build_and_generate(fake, workdir, name, empty_past):
     assert meta["gate"]["passed"], meta["gate"]
     assert {c["case"] for c in meta["gate"]["checks"] if c["graph"] == "decoder"} == {"prefill", "decode step"}
     assert meta["sm"] == "87" and meta["tensorrt"] == trt.__version__ and meta["compute_capability"] == "8.7"
-    files = Manifest.load(folder).data["files"]
+    files = Manifest.load(folder).files
     for record in meta["engines"].values():
         for source, digest in record.get("sources", {}).items():
-            assert files[source]["sha256"] == digest
+            assert files[source].sha256 == digest
     assert (result.engine_dir / "timing.cache").is_file()
     # fp32: strongly typed, no precision flag, TF32 (on by default) cleared.
     assert trt.built and all(b["strongly_typed"] and b["flags"] == [] for b in trt.built)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from attanchor_runtime.families import family_of
 from attanchor_runtime.manifest import Manifest
 from engine_inputs import prompt_rows, random_pixels
 
@@ -50,22 +51,17 @@ def test_real_engines_match_onnxruntime(real_gpu, workdir, name, empty_past):
     ort_out = Pipeline(manifest, ref).generate(ids, pixels, max_new_tokens=8)
     assert trt_out.anchors == ort_out.anchors
     np.testing.assert_array_equal(trt_out.tokens, ort_out.tokens)
-    feats = ref.vision(pixels)
-    np.testing.assert_allclose(backend.vision(pixels), feats, atol=1e-3)
-    embedded = ref.embed(*_prepared(manifest, ids), feats, 0.12)
+    family = family_of(manifest)
+    vision_feeds = family.vision_feeds(pixels, len(pixels))
+    feats = ref.vision(vision_feeds)
+    np.testing.assert_allclose(backend.vision(vision_feeds), feats, atol=1e-3)
+    embedded = ref.embed(family.embedding_feeds(family.prepare_batch(ids), feats, 0.12, vision_feeds))
     logits, _ = backend.decode(embedded["inputs_embeds"], embedded["attention_mask"], embedded["position_ids"],
                                backend.empty_cache(2))
     want, _ = ref.decode(embedded["inputs_embeds"], embedded["attention_mask"], embedded["position_ids"],
                          ref.empty_cache(2))
     assert np.max(np.abs(logits - want)) <= 1e-3
     backend.close()
-
-
-def _prepared(manifest, ids):
-    from attanchor_runtime.pipeline import prepare_input_ids
-
-    batch = prepare_input_ids(ids, manifest.text["image_token_id"], manifest.text["pad_token_id"])
-    return batch.input_ids, batch.attention_mask
 
 
 @pytest.mark.gpu

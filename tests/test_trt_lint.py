@@ -9,7 +9,8 @@ import onnx
 import pytest
 from attanchor_graphs.trt_lint import lint_model
 from attanchor_graphs.trt_ops import TABLES, table
-from attanchor_runtime.manifest import FORMAT, FORMAT_VERSION
+from attanchor_runtime.manifest import write_manifest
+from helpers import tiny_manifest
 from onnx import TensorProto, helper, numpy_helper
 
 from attanchor_export.errors import ExportError
@@ -70,16 +71,14 @@ def test_embedding_without_budget_is_an_error_unless_allowed(artifact):
 def test_lint_artifact_reads_the_trt_decoder_form(tmp_path):
     ok = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x")], [vi("y")])
     bad = model([helper.make_node("Unique", ["x"], ["y"])], [vi("x")], [vi("y")])
-    onnx.save(ok, tmp_path / "decoder.onnx")
+    for name in ("vision.onnx", "embedding.onnx", "decoder.onnx"):
+        onnx.save(ok, tmp_path / name)
     onnx.save(bad, tmp_path / "decoder.trt.onnx")
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "graphs": {"decoder": {"file": "decoder.onnx"}},
-                "precision": {"backends": {"trt": {"decoder": "decoder.trt.onnx"}}}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(tiny_manifest(tmp_path, precision={"backends": {"trt": {"decoder": "decoder.trt.onnx"}}}))
     report = lint_artifact(tmp_path)
     assert report["decoder"].name == "decoder.trt.onnx" and not report.ok
     # No TensorRT form (MatMulNBits only): the onnxruntime file is linted, which shows why.
-    manifest["precision"]["backends"]["trt"]["decoder"] = None
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(tiny_manifest(tmp_path, precision={"backends": {"trt": {"decoder": None}}}))
     report = lint_artifact(tmp_path)
     assert report["decoder"].name == "decoder.onnx" and report.ok
     with pytest.raises(ExportError, match="unknown TensorRT target '9.0'"):

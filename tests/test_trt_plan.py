@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import TINY_DIMS, tiny_manifest
 
-from attanchor_export.trace.specs import decoder_spec, embedding_spec, vision_spec
 from attanchor_export.trt.build import compare
 from attanchor_export.trt.plan import (
     BuildOptions,
@@ -19,22 +18,14 @@ from attanchor_export.trt.plan import (
     profile_problems,
 )
 
-M, HIDDEN, HEADS, HEAD_DIM, LAYERS = 25, 64, 2, 16, 3
+M, HIDDEN, HEADS, HEAD_DIM, LAYERS = (TINY_DIMS[k] for k in ("image_tokens", "hidden_size", "num_kv_heads", "head_dim",
+                                                            "num_layers"))
 
 
-def manifest(max_anchors=None, precision=None, max_positions=512, **extra) -> dict:
-    dims = SimpleNamespace(image_size=30, image_tokens=M, hidden_size=HIDDEN, num_kv_heads=HEADS,
-                           head_dim=HEAD_DIM, num_layers=LAYERS, vocab_size=672)
-    specs = {"vision": vision_spec(dims), "embedding": embedding_spec(dims, max_anchors),
-             "decoder": decoder_spec(dims)}
-    return {
-        "folder": "/nonexistent-artifact",
-        "dims": {**vars(dims), "max_position_embeddings": max_positions},
-        "graphs": {name: spec.to_json() for name, spec in specs.items()},
-        "anchor": {"mode": "t2i", "threshold": 0.12, "max_anchors": max_anchors},
-        "precision": precision or {"dtype": "fp32", "quant": "none"},
-        **extra,
-    }
+def manifest(max_anchors=None, precision=None, max_positions=512, **extra):
+    """A tiny artifact's manifest (helpers.TINY_DIMS: image tokens M, hidden HIDDEN, ...) with no files."""
+    return tiny_manifest("/nonexistent-artifact", max_anchors, dims={"max_position_embeddings": max_positions},
+                         precision=precision or {"dtype": "fp32", "quant": "none"}, **extra)
 
 
 def plan_for(options=None, **kwargs) -> BuildPlan:

@@ -46,7 +46,7 @@ class AnchorOp:
         from attanchor_graphs.model import build_anchor_model
 
         anchor = manifest.anchor
-        model = build_anchor_model(anchor["mode"], anchor.get("max_anchors"))
+        model = build_anchor_model(anchor.mode, anchor.max_anchors)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:

@@ -5,9 +5,9 @@
     write_chart(result, "bench.png")
     json.dump(result, open("bench.json", "w"))
 
-Everything is measured through the torch-free runtime's graphs (ONNX Runtime, CPU) on batch 1:
-`Pipeline.front_end` (vision, embedding, anchors), then the decoder fed as
-attanchor_runtime.decoder_feeds defines it, greedy, so every run generates exactly `max_new_tokens`:
+Everything is measured through the torch-free runtime (ONNX Runtime, CPU) on batch 1, the loop users
+run: `Pipeline.front_end` (vision, embedding, anchors), then `Pipeline.generate_steps` (the runtime's
+decode loop), greedy with EOS ignored, so every run generates exactly `max_new_tokens`:
 
 - time to first token (TTFT) to the first token, split into vision, embedding (the embedding graph:
   token rows, AnchorInsert, gather, position ids), prefill and the rest (Python between graphs);
@@ -24,7 +24,7 @@ attanchor_runtime.decoder_feeds defines it, greedy, so every run generates exact
 - peak RSS of the runtime after load + one full generate (VmHWM, reset before loading where Linux
   allows, else the process lifetime ru_maxrss);
 - with compare_torch: the same prompts through `transformers` eager in this process (the manifest's
-  source checkpoint, default attention implementation), run by attanchor_export.checks.torch_reference
+  source checkpoint, default attention implementation), run by attanchor_export.source_model
   (anchored inputs, greedy), runtime and torch runs interleaved so background load hits both alike;
   ratios and whether greedy tokens match.
 
@@ -61,6 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from attanchor_runtime.pipeline import Pipeline
+
+from attanchor_export.trace.threshold import threshold_for_rate
 
 from .anchor_op import AnchorOp, anchor_inputs, best_scores
 from .inputs import DEFAULT_PROMPTS, synthetic_image
@@ -103,6 +106,7 @@ def run_bench(
     quiet_wait: float = 0.0,
     bandwidth_bytes: int = 1 << 30,
     progress=None,
+    verify: str = "size",
 ) -> dict:
     """Benchmark the artifact at `folder`; returns a JSON-able dict (keys in the module docstring and
     README). prompts: questions put through the artifact's chat template (default DEFAULT_PROMPTS);
@@ -110,13 +114,14 @@ def run_bench(
     manifest default) or "auto" (the threshold at which ~10% of the prompt's text tokens become
     anchors, as in the paper - random-weight checkpoints otherwise insert none); repeats: measured
     runs per prompt after `warmup` unmeasured ones; quiet_wait: seconds to wait for an idle machine
-    before each measured run; progress: optional callable(str) for status lines."""
+    before each measured run; progress: optional callable(str) for status lines; verify: how the
+    artifact's files are checked first (Pipeline.load: none, size or sha256)."""
     say = progress or (lambda message: None)
     if max_new_tokens < 2:
         raise ValueError("max_new_tokens must be >= 2 to measure decode")
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    runtime = _load_runtime(folder, threads, say)
+    runtime = _load_runtime(folder, threads, say, verify)
     pipe, manifest = runtime.pipe, runtime.pipe.manifest
     inputs = _prepare_inputs(pipe, list(prompts or DEFAULT_PROMPTS), image)
     op_inputs = _anchor_op_inputs(pipe, inputs)
@@ -162,15 +167,13 @@ class _Runtime:
     peak: int | None = None  # peak RSS after load + one full generate
 
 
-def _load_runtime(folder, threads, say) -> _Runtime:
-    from attanchor_runtime.pipeline import Pipeline
-
+def _load_runtime(folder, threads, say, verify: str = "size") -> _Runtime:
     rss = PeakRss()
     before = rss.current()
     exact = rss.reset()
     say("load runtime")
     t0 = clock()
-    pipe = Pipeline.load(folder, backend="ort", device="cpu", threads=threads)
+    pipe = Pipeline.load(folder, backend="ort", device="cpu", threads=threads, verify=verify)
     return _Runtime(pipe, clock() - t0, rss, before, exact)
 
 
@@ -189,7 +192,7 @@ def _prepare_inputs(pipe, prompts: list[str], image) -> _Inputs:
     pixels = pipe.images(picture)
     preprocess_s = clock() - t0
     t0 = clock()
-    rows = [np.asarray(pipe.text.encode(pipe.text.format_chat(p)), np.int64) for p in prompts]
+    rows = [pipe.prompt_ids(p) for p in prompts]
     return _Inputs(prompts, rows, pixels, preprocess_s, (clock() - t0) / len(prompts))
 
 
@@ -201,21 +204,17 @@ def _anchor_op_inputs(pipe, inputs: _Inputs) -> list[tuple]:
 
 def _choose_threshold(threshold, manifest, op_inputs) -> tuple[float, str]:
     """(threshold, how it was chosen: manifest | auto | given)."""
-    from attanchor_export.trace.threshold import threshold_for_rate
-
     if threshold is None:
-        return float(manifest.anchor["threshold"]), "manifest"
+        return manifest.anchor.threshold, "manifest"
     if threshold == "auto":
         scores = np.concatenate([best_scores(*x) for x in op_inputs])
-        return float(threshold_for_rate(scores) if scores.size else manifest.anchor["threshold"]), "auto"
+        return float(threshold_for_rate(scores) if scores.size else manifest.anchor.threshold), "auto"
     return float(threshold), "given"
 
 
 def _bytes_read_per_token(manifest) -> tuple[int, int]:
     """(decoder weight bytes, bytes of one embedding-table row): what a decode step must read."""
-    table = manifest.data["embed_table"]
-    row_bytes = int(table["shape"][1]) * np.dtype(table["dtype"]).itemsize
-    return decoder_weight_bytes(manifest.path(manifest.graph_file("decoder", "ort"))), row_bytes
+    return decoder_weight_bytes(manifest.path(manifest.graph_file("decoder", "ort"))), manifest.embed_table.row_bytes
 
 
 def _load_torch(manifest, threads, inputs: _Inputs, max_new_tokens, threshold, warmup, say) -> TorchRunner:
@@ -290,10 +289,10 @@ def _result(folder, manifest, settings, inputs: _Inputs, runtime: _Runtime, runs
     result = {
         "schema": BENCH_SCHEMA,
         "folder": str(Path(folder).resolve()),
-        "source": manifest.data.get("source", {}).get("model"),
-        "dims": {k: dims.get(k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
-                                          "image_tokens", "image_size")},
-        "precision": manifest.precision,
+        "source": manifest.source.model,
+        "dims": {k: getattr(dims, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                                "vocab_size", "image_tokens", "image_size")},
+        "precision": manifest.precision.to_json(),
         "settings": settings,
         "prompts": [
             {"text": p, "text_tokens": int(len(r)), "sequence_length": next(

@@ -9,55 +9,35 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from attanchor_runtime.decoder_feeds import empty_past, greedy, prefill_feeds
-from attanchor_runtime.ort_backend import BackendRun
 
 clock = time.perf_counter
 
 
-class _TimedRun:
-    """A decoder_feeds `run(output_names, feeds)`, recording (start, seconds) of each call."""
-
-    def __init__(self, run):
-        self.run, self.calls = run, []
-
-    def __call__(self, output_names, feeds):
-        t0 = clock()
-        try:
-            return self.run(output_names, feeds)
-        finally:
-            self.calls.append((t0, clock() - t0))
-
-
 def runtime_once(pipe, ids: np.ndarray, pixels, max_new_tokens: int, threshold: float) -> dict:
-    """The runtime's graphs on one prompt row: Pipeline.front_end (vision, embedding, anchors), then
-    the decoder as the backend drives it (ort_backend.BackendRun: its own KV cache, in place where the
-    decoder allows), fed as attanchor_runtime.decoder_feeds defines it (prefill from an empty past, one
-    cached step per token). Every decoder call is timed, so the Python overhead of a step is the time
-    between two tokens minus the time inside the call."""
-    dims = pipe.manifest.dims
-    run = _TimedRun(BackendRun(pipe.backend, 1))  # the bench opens the onnxruntime backend
-
-    def embed(tokens):
-        return np.asarray(pipe.embed_table[tokens], np.float32)  # as Pipeline's decode steps do
-
+    """The loop users run on one prompt row: Pipeline.front_end (vision, embedding, anchors), then
+    Pipeline.generate_steps (the runtime's decode loop on the backend's own KV cache), greedy, EOS
+    ignored so every run makes `max_new_tokens` tokens. Each token is taken the moment the loop yields
+    it, and the loop reports the seconds inside each decoder call, so the Python overhead of a step is
+    the time between two tokens minus the time inside the call."""
     t0 = clock()
     front = pipe.front_end([ids], pixels, threshold)
-    prefill = prefill_feeds(front.inputs_embeds, front.attention_mask, front.position_ids, empty_past(dims, 1))
-    result = greedy(run, dims["num_layers"], prefill, embed, max_new_tokens)
-    # Each call's token is its logits' arg-max, taken right after the call returns.
-    token_times = np.array([start + seconds for start, seconds in run.calls])
+    token_times, tokens = [], []
+    for item in pipe.generate_steps(None, None, max_new_tokens, eos_token_id=[], front=front):
+        if isinstance(item, np.ndarray):
+            token_times.append(clock())
+            tokens.append(int(item[0]))
+        else:
+            timings = item.timings
     ttft = token_times[0] - t0
     steps = len(token_times) - 1
     loop = float(token_times[-1] - token_times[0])
-    inside = sum(seconds for _, seconds in run.calls[1:])  # call 0 is the prefill
-    timings = front.timings
+    inside = sum(timings["decode_steps"])
     return {
         "ttft_s": float(ttft),
         "vision_s": timings["vision"],
         "embedding_s": timings["embedding"],
-        "prefill_s": run.calls[0][1],
-        "other_s": max(0.0, float(ttft) - timings["vision"] - timings["embedding"] - run.calls[0][1]),
+        "prefill_s": timings["prefill"],
+        "other_s": max(0.0, float(ttft) - timings["vision"] - timings["embedding"] - timings["prefill"]),
         "decode_steps": steps,
         "decode_s": loop,
         "decode_tokens_per_s": steps / loop if loop > 0 else None,
@@ -65,18 +45,18 @@ def runtime_once(pipe, ids: np.ndarray, pixels, max_new_tokens: int, threshold: 
         "python_overhead_share": max(0.0, 1.0 - inside / loop) if loop > 0 else None,
         "anchors": sum(len(a) for a in front.anchors),
         "sequence_length": int(front.inputs_embeds.shape[1]),  # prefill positions incl. anchors
-        "tokens": result.tokens[0].tolist(),
+        "tokens": tokens,
     }
 
 
 class TorchRunner:
-    """transformers eager on the manifest's source checkpoint, run by the PyTorch reference
-    (attanchor_export.checks.torch_reference: anchored inputs, greedy decoding)."""
+    """transformers eager on the manifest's source checkpoint, run by the source model
+    (attanchor_export.source_model: anchored inputs, greedy decoding)."""
 
     def __init__(self, manifest, threads):
-        import torch
+        import torch  # the PyTorch side is imported only with --compare-torch: bench runs without torch
 
-        from attanchor_export.checks.recheck import load_source
+        from attanchor_export.load.source import load_source
 
         self.torch = torch
         self._threads = torch.get_num_threads()
@@ -88,14 +68,14 @@ class TorchRunner:
         self.load_s = clock() - t0
         self.name = str(self.loaded.source)
         anchor = manifest.anchor
-        self.mode, self.max_anchors = anchor["mode"], anchor.get("max_anchors")
+        self.mode, self.max_anchors = anchor.mode, anchor.max_anchors
         self.attn_implementation = getattr(self.loaded.model.config, "_attn_implementation", None)
 
     def restore_threads(self):
         self.torch.set_num_threads(self._threads)
 
     def once(self, ids: np.ndarray, pixels, max_new_tokens: int, threshold: float) -> dict:
-        from attanchor_export.checks.torch_reference import anchored_inputs, greedy_generate, image_features
+        from attanchor_export.source_model import anchored_inputs, greedy_generate, image_features
 
         token_times = []
         t0 = clock()

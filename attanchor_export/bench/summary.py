@@ -57,12 +57,12 @@ def runtime_summary(runs: list[dict], no_anchor_runs: list[dict], anchor_times: 
     return runtime
 
 
-def bandwidth_summary(probes: list[dict], runs: list[dict], dims: dict, max_new_tokens: int,
+def bandwidth_summary(probes: list[dict], runs: list[dict], dims, max_new_tokens: int,
                       weight_bytes: int, row_bytes: int) -> dict:
     """The decode bound: bytes read per token over the probed read bandwidth, and how close runs came."""
     per_token = weight_bytes + row_bytes
     mean_context = median([(r["sequence_length"] or 0) for r in runs]) or 0
-    kv_bytes = 2 * dims["num_layers"] * dims["num_kv_heads"] * dims["head_dim"] * 4 * (
+    kv_bytes = 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * 4 * (
         mean_context + max_new_tokens / 2)
     read = median([b["bytes_per_s"] for b in probes])
     methods = [b["method"] for b in probes]

@@ -36,10 +36,10 @@ scripts/bench_peers.py is the entry point; cli.py reads top to bottom as a run d
    (prompt in -> first token out), decode_tok_s (new_tokens / time from the first token to the last),
    tokens (all 1 + new_tokens greedy ids) and its own peak RSS (VmHWM; os.wait4's ru_maxrss is the fallback,
    it also counts the parent's pages at fork). The parent parses that line (noise on stdout is skipped).
-     project: attanchor_runtime.sessions.ort_session (the session options users get); a standard-op graph
-              through attanchor_runtime.decoder_feeds.greedy (explicit position_ids, attention_mask, past ->
-              present), a fused one through ort_backend.KVBuffer + decode_append (one buffer per layer read
-              in place, the new positions written in, as OrtBackend decodes it); embedding rows from embed_tokens.npy;
+     project: attanchor_runtime.sessions.ort_session (the session options users get) driven by the runtime's
+              own decode loop (attanchor_runtime.decode.generate over ort_backend.OrtDecoder: explicit
+              position_ids, attention_mask, past -> present; a fused graph reads one KVBuffer per layer in
+              place, as OrtBackend decodes it); embedding rows from embed_tokens.npy;
      genai:   og.Model + og.Generator, greedy search, 2 intra-op threads set through og.Config.overlay;
      llama:   llama_cpp.Llama(n_threads=n_threads_batch=2, n_batch=n_ubatch=prompt length), eval() + arg-max;
      transformers: LlamaForCausalLM.from_pretrained(attn_implementation="sdpa"), torch.set_num_threads(2).

@@ -16,6 +16,7 @@ from .systems import BUILD_VERSION, BY_NAME, System
 from .weight_bytes import safetensors_weight_bytes
 
 # family -> builder(system, staging folder, cache, checkpoint, the source system's build.json or None) -> info
+# (that build.json is the builder's `source_build`)
 BUILDERS = {"project": build_project, "genai": build_genai, "llama": build_llama}
 
 

@@ -11,7 +11,7 @@ from .venvs import llama_tree, peer_task
 GGUF_QUANT = {"q4_0": 2, "q4_k_m": 15, "q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, _Q4_K_M, _Q8_0
 
 
-def build_llama(system: System, out: Path, cache: Path, ckpt: Path, source: dict | None) -> dict:
+def build_llama(system: System, out: Path, cache: Path, ckpt: Path, source_build: dict | None) -> dict:
     log = cache / "logs" / f"build-{system.name}.log"
     log.unlink(missing_ok=True)
     path = out / f"model-{system.variant}.gguf"
@@ -22,7 +22,7 @@ def build_llama(system: System, out: Path, cache: Path, ckpt: Path, source: dict
         notes = {"converter": "convert_hf_to_gguf.py (vendor/llama.cpp of llama-cpp-python "
                  f"{LLAMA_CPP_VERSION}), pre-tokenizer 'default'", "outtype": system.variant}
     else:
-        src = Path(source["model"])
+        src = Path(source_build["model"])
         peer_task(cache, "gguf-quantize", {"src": str(src), "dst": str(path), "ftype": GGUF_QUANT[system.variant]},
                   log, f"llama.cpp: quantizing to {system.variant.upper()}")
         notes = {"quantizer": "llama_cpp.llama_model_quantize", "from": src.name}

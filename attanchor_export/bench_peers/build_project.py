@@ -11,7 +11,7 @@ from .systems import System
 from .weight_bytes import onnx_weight_bytes
 
 
-def build_project(system: System, out: Path, cache: Path, ckpt: Path, source: dict | None) -> dict:
+def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_build: dict | None) -> dict:
     """decoder.onnx as an export writes it: traced by export_decoder, pinned and checked, rewritten by the
     grouped-attention pass; int4 from that fp32 graph with the export's MatMulNBits path."""
     import numpy as np
@@ -29,9 +29,9 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source: di
         import torch
         from transformers import LlamaForCausalLM
 
+        from attanchor_export.families.base import decoder_spec
         from attanchor_export.trace.decoder import export_decoder
         from attanchor_export.trace.optimize import optimize_decoder
-        from attanchor_export.trace.specs import decoder_spec
 
         model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         model_dims = project_dims(model.config)
@@ -47,7 +47,9 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source: di
         notes = {"optimize": {k: v for k, v in optimized.items() if isinstance(v, (int, float, str))},
                  "kv_cache": KV_CONCAT}
     else:
-        src = Path(source["model"])
+        from attanchor_runtime.manifest import Dims
+
+        src = Path(source_build["model"])
         model = ir.load(str(src))
         quant = system.variant.split("-")[0]  # int4 | int8
         lm_head = lm_head_quantized(quant, False if system.variant == "int4-keep-lm-head" else None)
@@ -60,23 +62,22 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source: di
         save_beside(model, path, ARTIFACT_IR_VERSION)
         del model
         os.link(src.with_name("embed_tokens.npy"), out / "embed_tokens.npy")
-        model_dims = source["dims"]
+        model_dims = Dims.from_json(source_build["dims"])
         notes = {"block_size": 128, "symmetric": False, "accuracy_level": level, "lm_head_quantized": lm_head,
                  "quantized_linears": count, "kv_cache": KV_CONCAT}
         if system.variant != "int4-unfused":  # the export's onnxruntime form (ExportOptions.ort_fusions)
             notes["ort_fusions"] = fuse_decoder_file(path, model_dims)
             notes["kv_cache"] = notes["ort_fusions"]["kv_cache"]
-    dims_dict = model_dims if isinstance(model_dims, dict) else model_dims.to_dict()
-    return {"model": str(path), "dims": dims_dict, "notes": notes, "weight_bytes_per_token": onnx_weight_bytes(path)}
+    return {"model": str(path), "dims": model_dims.to_json(), "notes": notes,
+            "weight_bytes_per_token": onnx_weight_bytes(path)}
 
 
 def project_dims(config):
-    from attanchor_export.load.architectures import ModelDims
+    from attanchor_runtime.manifest import Dims
 
-    return ModelDims(
+    return Dims(
         hidden_size=config.hidden_size, num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads, head_dim=config.hidden_size // config.num_attention_heads,
         vocab_size=config.vocab_size, image_tokens=576, image_size=336, patch_size=14, vision_hidden_size=1024,
-        image_token_id=32000, pad_token_id=32001, bos_token_id=1, eos_token_id=2, eos_token_ids=(2,),
         max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=False,
     )

@@ -22,45 +22,33 @@ def _measure(generate, warmup: int) -> dict:
 
 def run_project(spec: dict) -> dict:
     import numpy as np
-    from attanchor_runtime.decoder_feeds import empty_past, greedy, past_names, prefill_feeds, present_names
-    from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT
-    from attanchor_runtime.ort_backend import KVBuffer, decode_append
+    from attanchor_runtime.decode import SequentialStep, generate
+    from attanchor_runtime.manifest import KV_CONCAT
+    from attanchor_runtime.ort_backend import OrtDecoder
     from attanchor_runtime.sessions import ort_session
 
-    dims = spec["dims"]
     t0 = clock()
     session = ort_session(spec["model"], threads=spec["threads"])
+    decoder = OrtDecoder.of_session(session, spec["dims"]["max_position_embeddings"], spec.get("kv_cache", KV_CONCAT))
     table = np.load(spec["embed"], mmap_mode="r")  # [vocab, hidden] fp32, the artifact's embed_tokens.bin
     load_s = clock() - t0
     ids = np.array(spec["prompt"], np.int64)[None]
 
     def embed(tokens):
-        return np.asarray(table[tokens], np.float32)  # the runtime's table lookup
+        return np.asarray(table[tokens], np.float32)[:, None, :]  # the runtime's table lookup (Pipeline.embed)
 
-    shared = spec.get("kv_cache") == KV_APPEND
-    kv_names = past_names(dims["num_layers"]), present_names(dims["num_layers"])
-
-    def generate():
-        token_times, cache = [], None
-
-        def run(names, feeds):
-            if cache is None:  # standard-op decoder: present of one call is the next call's past
-                out = session.run(names, feeds)
-            else:  # fused decoder: one KV buffer per layer read in place, as OrtBackend decodes it
-                out = [decode_append(session, *kv_names, feeds["inputs_embeds"], feeds["attention_mask"],
-                                     feeds["position_ids"], cache)]
-            token_times.append(clock())  # each call's token is the arg-max of its logits, taken right after
-            return out
-
-        start = clock()
-        if shared:
-            cache = KVBuffer(1, dims, np.float32, int(dims["max_position_embeddings"]))
+    def generate_once():
+        start, token_times = clock(), []
         mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-        feeds = prefill_feeds(embed(ids), mask, positions, {} if shared else empty_past(dims, 1))
-        result = greedy(run, dims["num_layers"], feeds, embed, 1 + spec["new_tokens"])
-        return start, token_times, result.tokens[0]
+        for item in generate(decoder, SequentialStep.after_prefill(mask, positions),
+                             np.asarray(table[ids], np.float32), embed, 1 + spec["new_tokens"]):
+            if isinstance(item, np.ndarray):
+                token_times.append(clock())  # each call's token, the moment the loop yields it
+            else:
+                tokens = item.tokens[0]
+        return start, token_times, tokens
 
-    return {**_measure(generate, spec["warmup"]), "load_s": load_s,
+    return {**_measure(generate_once, spec["warmup"]), "load_s": load_s,
             "kv_cache": spec.get("kv_cache", KV_CONCAT)}
 
 

@@ -1,2 +1,2 @@
-"""Checks: is an artifact right? The PyTorch reference, graph and end-to-end parity at export, the `check` and
-`eval` verbs, and the tables that report them."""
+"""Checks: is an artifact right? Graph and end-to-end parity against the source model (at export and in
+`check`), task accuracy (`eval`, and the gate's task part), how outputs are compared, and the tables."""

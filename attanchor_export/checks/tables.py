@@ -51,8 +51,9 @@ def print_eval(result: dict) -> None:
 
     results = result["results"]
     kinds = sorted({k for r in results for k in r["by_kind"]})
+    skipped = len(result.get("skipped") or [])
     table = Table(title=f"{result['data']} accuracy, {result['precision']} ({result['backend']}), "
-                        f"{results[0]['questions']} questions")
+                        f"{results[0]['questions']} questions" + (f" ({skipped} unreadable skipped)" if skipped else ""))
     first, others = results[0], []  # (result key, column title) of the systems compared answer by answer
     if "pytorch" in first:
         others.append(("pytorch", "pytorch"))

@@ -12,50 +12,45 @@ the CI test that the fp32 artifact answers exactly as the PyTorch model does.
 
 from __future__ import annotations
 
-import random
 import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from attanchor_runtime import Pipeline
+from attanchor_runtime.batch import left_pad
+from attanchor_runtime.errors import RuntimeInputError
 
 from attanchor_export.errors import ExportError
-from attanchor_export.load.image_jsonl import read_image_jsonl
+from attanchor_export.load import easy_vqa as ev
+from attanchor_export.load.datasets import TaskItem, load_task
 
 DEFAULT_BATCH = 16
 ANSWER_TOKENS = 8  # easy-vqa answers are one word: at most 3 tokens + end of turn
 
 
-@dataclass(frozen=True)
-class TaskItem:
-    image: str
-    question: str
-    answer: str
-    kind: str = "other"
-    image_id: int | None = None
-
-
-def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
-    """`easy-vqa` (the PyPI data set; a fixed random subset of `limit` questions) or a JSONL file of
-    {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file)."""
-    if data == "easy-vqa":
-        from attanchor_export.load import easy_vqa as easy_vqa_data
-        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id) for q in easy_vqa_data.questions(split)]
-        if limit and limit < len(rows):
-            rows = random.Random(seed).sample(rows, limit)
-        return rows
-    path = Path(data).expanduser()
-    if not path.is_file():
-        raise ExportError(f"--data {data}: neither easy-vqa nor an existing JSONL file")
-    rows = [TaskItem(str(image), str(rec["question"]), str(rec["answer"]), str(rec.get("kind", "other")))
-            for _, image, rec in read_image_jsonl(path, ("question", "answer"), what="", strings=False)]
-    if not rows:
-        raise ExportError(f"{path}: no questions")
-    return rows[:limit] if limit else rows
-
-
+def readable_items(pipe, items: Sequence[TaskItem], on_skip: Callable[[str], None] | None = None
+                   ) -> tuple[list[TaskItem], list[dict]]:
+    """The items the artifact can answer, and a record of each one it cannot (an image that does not
+    decode or is over the size limits, a question too long for the context), checked before any
+    question is answered so one bad row costs neither the run nor the rows measured before it."""
+    fixed = pipe.manifest.dims.image_tokens - 1 + (pipe.manifest.anchor.max_anchors or 0) + ANSWER_TOKENS
+    kept, skipped = [], []
+    for it in items:
+        try:
+            pipe.images(it.image)
+            length = len(pipe.prompt_ids(it.question))
+            if length + fixed > pipe.max_positions:
+                raise RuntimeInputError(f"the question is {length} tokens, too long for the model's context")
+        except RuntimeInputError as e:
+            where = it.source or it.image
+            skipped.append({"row": where, "image": it.image, "reason": str(e)})
+            if on_skip:
+                on_skip(f"{where}: {e}; skipped")
+            continue
+        kept.append(it)
+    return kept, skipped
 def normalize(text: str) -> str:
     return text.strip().strip(string.punctuation + " ").lower()
 
@@ -66,7 +61,7 @@ def answer_items(pipe, items: Sequence[TaskItem], threshold: float | None = None
     records = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        ids = [pipe.text.prompt_ids(it.question) for it in chunk]
+        ids = [pipe.prompt_ids(it.question) for it in chunk]
         pixels = np.concatenate([pipe.images(it.image) for it in chunk])
         t0 = time.perf_counter()
         out = pipe.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=ANSWER_TOKENS, threshold=threshold)
@@ -102,9 +97,8 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
     """easy-vqa: share of colour/shape-word anchors on a patch that overlaps the shape, and chance."""
     from PIL import Image
 
-    from attanchor_export.load import easy_vqa as ev
     dims = pipe.manifest.dims
-    size, patch = int(dims["image_size"]), int(dims["patch_size"])
+    size, patch = dims.image_size, dims.patch_size
     words = [*ev.COLORS, *ev.SHAPES]
     word_ids = {int(t) for w in words for t in pipe.text.encode(" " + w, add_special_tokens=False)}
     labels: dict = {}
@@ -142,19 +136,14 @@ def evaluate_artifact(pipe, items: Sequence[TaskItem], threshold: float | None =
 
 
 def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, batch: int = DEFAULT_BATCH) -> list[str]:
-    """The PyTorch model's greedy answers to the same prompt ids and pixels (attanchor_export.checks.torch_reference)."""
-    from attanchor_export.checks.torch_reference import anchored_inputs, greedy_generate
+    """The PyTorch model's greedy answers to the same prompt ids and pixels (attanchor_export.source_model)."""
+    from attanchor_export.source_model import anchored_inputs, greedy_generate
 
     answers = []
-    eos = list(loaded.dims.eos_token_ids)
+    eos = list(loaded.tokens.eos_token_ids)
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        rows = [pipe.text.prompt_ids(it.question) for it in chunk]
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), pipe.pad_token_id, np.int64)
-        mask = np.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids, mask = left_pad([pipe.prompt_ids(it.question) for it in chunk], pipe.pad_token_id)
         pixels = np.concatenate([pipe.images(it.image) for it in chunk])
         embeds, out_mask, positions, _ = anchored_inputs(loaded, ids, mask, pixels, threshold)
         tokens = greedy_generate(loaded, embeds, out_mask, positions, ANSWER_TOKENS, eos_token_id=eos)
@@ -170,22 +159,30 @@ def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, bat
 
 def run_eval(folder, data: str, split: str = "test", limit: int | None = None, thresholds=(None,),
              backend: str = "ort", device: str = "cpu", batch: int = DEFAULT_BATCH, progress_factory=None,
-             compare_torch: bool = False, compare: Path | None = None) -> dict:
+             compare_torch: bool = False, compare: Path | None = None, verify: str = "size",
+             on_skip: Callable[[str], None] | None = None) -> dict:
     """`attanchor-export eval`: one result per threshold (None = the artifact's default), JSON-ready.
 
     The top-level "accuracy" is the first threshold's, so `--json | jq .accuracy` answers "how good is it".
     compare_torch: also answer with the source PyTorch model on the same prompt ids and pixels, and
     report its accuracy and the share of identical answers. compare: the same for another artifact
     (another precision, or the same one exported without onnxruntime fusions), on the same backend.
+    verify: how the artifacts' files are checked first (Pipeline.load). Rows that cannot be answered
+    (readable_items) are left out, each reported through on_skip and listed under "skipped".
     """
-    from attanchor_runtime import Pipeline
+    if not thresholds:
+        raise ExportError("no threshold to evaluate")
+    pipe = Pipeline.load(folder, backend=backend, device=device, verify=verify)
+    other = Pipeline.load(compare, backend=backend, device=device, verify=verify) if compare is not None else None
+    items, skipped = readable_items(pipe, load_task(data, split=split, limit=limit), on_skip)
+    if not items:
+        raise ExportError(f"--data {data}: none of its {len(skipped)} questions can be answered (see the warnings)")
+    if compare_torch:
+        from attanchor_export.load.source import load_source  # torch: only for --compare-torch
 
-    pipe = Pipeline.load(folder, backend=backend, device=device)
-    other = Pipeline.load(compare, backend=backend, device=device) if compare is not None else None
-    items = load_task(data, split=split, limit=limit)
-    from attanchor_export.checks.recheck import load_source
-
-    loaded = load_source(pipe.manifest) if compare_torch else None
+        loaded = load_source(pipe.manifest)
+    else:
+        loaded = None
     results = []
     for threshold in thresholds:
         label = f"threshold {pipe.default_threshold if threshold is None else threshold:g}"
@@ -205,15 +202,15 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
     return {
         "folder": str(folder), "data": data, "split": split if data == "easy-vqa" else None,
         "precision": _precision(pipe.manifest), "backend": backend,
-        "accuracy": results[0]["accuracy"], "results": results,
+        "accuracy": results[0]["accuracy"], "results": results, "skipped": skipped,
     }
 
 
 def _precision(manifest) -> str:
     """"fp32/none", "fp32/int4 fused" (the onnxruntime decoder has fused kernels), ..."""
     precision = manifest.precision
-    record = (precision.get("graphs") or {}).get(manifest.graph_file("decoder", "ort")) or {}
-    return precision.label + (" fused" if record.get("ort_fusions") else "")
+    record = precision.graphs.get(manifest.graph_file("decoder", "ort"))
+    return precision.label + (" fused" if record is not None and record.ort_fusions else "")
 
 
 def _agreement(answers: list[str], records: list[dict], items) -> dict:

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from attanchor_export.errors import CheckpointError, one_line
-from attanchor_export.load.architectures import Adapter, adapter_for
+from attanchor_export.errors import CheckpointError, StreamingUnavailable, one_line
+from attanchor_export.families import ModelFamily, family_for
+from attanchor_export.load.streamed import load_streamed
 
 ALIASES = {
     "tinyllava-1b": "bczhou/tiny-llava-v1-hf",
@@ -32,7 +33,7 @@ class Loaded:
 
     model: torch.nn.Module
     config: Any
-    adapter: Adapter
+    family: ModelFamily
     source: str  # what the user asked for after alias expansion: a Hub id or an absolute folder
     folder: Path  # where the files are (the folder itself, or the Hub cache snapshot)
     revision: str | None = None  # the revision asked for (branch, tag or commit), if any
@@ -47,7 +48,11 @@ class Loaded:
 
     @property
     def dims(self):
-        return self.adapter.dims
+        return self.family.dims
+
+    @property
+    def tokens(self):
+        return self.family.tokens
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:
@@ -135,7 +140,7 @@ def load_checkpoint(
     allow_pickle: bool = False,
     streamed: bool = False,
 ) -> Loaded:
-    """Load MODEL (alias, Hub id, folder, or what locate() returned) in eval mode with its adapter.
+    """Load MODEL (alias, Hub id, folder, or what locate() returned) in eval mode with its family.
 
     The architecture is checked from config.json before any weight is read, so an unsupported
     checkpoint fails in a second. trust_remote_code is passed to transformers only when asked.
@@ -148,7 +153,7 @@ def load_checkpoint(
     source, alias, folder, revision, commit = name.source, name.alias, name.folder, name.revision, name.commit
     check_folder(folder)
     config = load_config(folder, trust_remote_code)
-    adapter = adapter_for(config)
+    family = family_for(config)
 
     kwargs = dict(dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
@@ -158,12 +163,12 @@ def load_checkpoint(
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; tqdm bars would interleave with it
     stream, streaming = None, "full load"
     if streamed and dtype == torch.float32 and attn_implementation is None and not trust_remote_code:
-        stream, streaming = _try_streamed(adapter, config, folder)
+        stream, streaming = _try_streamed(family, config, folder)
     if stream is not None:
         model = stream.model
     else:
         try:
-            model = adapter.model_class().from_pretrained(folder, config=config, **kwargs)
+            model = family.model_class().from_pretrained(folder, config=config, **kwargs)
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot load weights from {folder}: {one_line(e)}") from None
     model.eval()
@@ -171,7 +176,7 @@ def load_checkpoint(
     return Loaded(
         model=model,
         config=model.config,
-        adapter=adapter_for(model.config),
+        family=family_for(model.config),
         source=source,
         folder=folder,
         revision=revision,
@@ -183,13 +188,11 @@ def load_checkpoint(
     )
 
 
-def _try_streamed(adapter, config, folder: Path):
+def _try_streamed(family, config, folder: Path):
     """(StreamedModel, "streamed") or (None, why a full load is needed)."""
-    from attanchor_export.load.streamed import StreamingUnavailable, load_streamed
-
     try:
-        stream = load_streamed(adapter.model_class(), config, folder,
-                               lambda m: [*adapter.decoder_layers(m), adapter.lm_head(m)])
+        stream = load_streamed(family.model_class(), config, folder,
+                               lambda m: [*family.decoder_layers(m), family.lm_head(m)])
     except StreamingUnavailable as e:
         return None, f"full load: {e}"
     except (OSError, ValueError) as e:

@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from attanchor_export.errors import CheckpointError
+
 COLORS = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
     "gray": (128, 128, 128), "teal": (4, 130, 130), "brown": (165, 42, 42), "yellow": (255, 255, 0),
@@ -41,8 +43,6 @@ def _require():
     try:
         import easy_vqa
     except ImportError:
-        from attanchor_export.errors import CheckpointError
-
         raise CheckpointError("the easy-vqa data set is not installed: pip install easy-vqa==1.0") from None
     return easy_vqa
 

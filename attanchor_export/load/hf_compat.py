@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 
+from attanchor_export.errors import StreamingUnavailable
+
 
 @functools.cache
 def _cache_arg(cls: type) -> str:
@@ -30,10 +32,8 @@ __all__ = ["cache_kwargs"]
 def checkpoint_renamer(model):
     """checkpoint key -> parameter name of `model` (None for a key the model does not have), by the
     renaming rules transformers applies when it loads (e.g. llava-hf's language_model.model.* ->
-    model.language_model.*). Raises load.streamed.StreamingUnavailable for a key that needs more than a
+    model.language_model.*). Raises errors.StreamingUnavailable for a key that needs more than a
     rename (tensors merged or split on load): only a full load reproduces those."""
-    from attanchor_export.load.streamed import StreamingUnavailable
-
     state = model.state_dict()  # meta tensors: only the names are used
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping

@@ -1,7 +1,9 @@
 """JSONL files of image + text records (`--data` questions, `--calib` prompts), read one way.
 
 Each non-empty line is a JSON object holding an "image" path (relative paths are relative to the
-file) and the string fields the caller names. Bad lines fail with one line naming file:line.
+file) and the string fields the caller names. The file is UTF-8 text (a leading byte-order mark is
+skipped); a gzip-compressed file, a line that is not UTF-8 and every other bad line fail with one
+line naming file:line.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def read_image_jsonl(path: Path, fields: tuple[str, ...], what: str, strings: bo
     """Yields (line number, existing image path, record) for each record; `what` prefixes messages.
     strings: the fields must be JSON strings too (else only "image" must be; callers convert the rest)."""
     wanted = ", ".join(f'"{f}"' for f in ("image", *fields))
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for lineno, line in _text_lines(Path(path), what):
         if not line.strip():
             continue
         try:
@@ -36,3 +38,21 @@ def read_image_jsonl(path: Path, fields: tuple[str, ...], what: str, strings: bo
         if not image.is_file():
             raise ExportError(f"{what}{path}:{lineno}: image {image} does not exist")
         yield lineno, image, record
+
+
+def _text_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, BOM skipped; gzip and non-UTF-8 bytes are one-line errors."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ExportError(f"{what}{path}: cannot read it: {e.strerror}") from None
+    if raw[:2] == b"\x1f\x8b":
+        raise ExportError(f"{what}{path} is gzip-compressed: decompress it first (gunzip -k {path.name})")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            yield lineno, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ExportError(f"{what}{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                              f"{e.start + 1}): save the file as UTF-8") from None

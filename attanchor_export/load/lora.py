@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from attanchor_runtime.manifest import sha256_of
+from attanchor_runtime.manifest import AdapterRecord, sha256_of
 
 from attanchor_export.errors import CheckpointError, one_line
 
@@ -118,7 +118,7 @@ def _text_summary(config) -> dict:
 def _check_base(name: str, config: dict, loaded) -> None:
     """Other base model: by class (peft's auto_mapping) and, when the recorded base is a folder here or a
     Hub id, by its config. A base recorded as a path that does not exist here proves nothing."""
-    model, text = type(loaded.model).__name__, type(loaded.adapter.language_model(loaded.model)).__name__
+    model, text = type(loaded.model).__name__, type(loaded.family.language_model(loaded.model)).__name__
     base_class = (config.get("auto_mapping") or {}).get("base_model_class")
     if base_class and base_class not in (model, text):
         raise CheckpointError(
@@ -142,7 +142,7 @@ def _check_base(name: str, config: dict, loaded) -> None:
 
 def _pick_target(name: str, entries: dict, loaded, base_class: str | None):
     """The module the adapter was saved against: the whole model or its language model."""
-    candidates = [("model", loaded.model), ("language_model", loaded.adapter.language_model(loaded.model))]
+    candidates = [("model", loaded.model), ("language_model", loaded.family.language_model(loaded.model))]
     scored = []
     for kind, module in candidates:
         names = dict(module.named_modules())
@@ -191,26 +191,26 @@ class LocatedAdapter:
 
 
 def locate_adapter(source: str, offline: bool = False, allow_pickle: bool = False,
-                   expect: dict | None = None) -> LocatedAdapter:
+                   expect: AdapterRecord | None = None) -> LocatedAdapter:
     """Find (download) and hash the adapter. expect: the manifest record of an earlier export (check DIR):
     the files must hash the same, and a pickled adapter it used is allowed again (same file, by hash);
     a Hub adapter is fetched at the commit it had then."""
     revision = None
     if expect is not None:
-        allow_pickle = allow_pickle or PICKLED_WEIGHTS in expect.get("files", {})
-        revision = expect.get("commit") if source == expect.get("source") else None
+        allow_pickle = allow_pickle or PICKLED_WEIGHTS in expect.files
+        revision = expect.commit if source == expect.source else None
     folder, commit = resolve_adapter(source, offline=offline, allow_pickle=allow_pickle, revision=revision)
     config_file, weights = adapter_files(folder, source, allow_pickle)
     files, digest = adapter_hash([config_file, weights])
-    if expect is not None and expect.get("sha256") not in (None, digest):
+    if expect is not None and expect.sha256 != digest:
         raise CheckpointError(
             f"adapter {source} is not the one the artifact was exported with (sha256 {digest[:12]}..., "
-            f"manifest {expect['sha256'][:12]}...): pass the original with --adapter"
+            f"manifest {expect.sha256[:12]}...): pass the original with --adapter"
         )
     return LocatedAdapter(source, folder, commit, config_file, weights, files, digest)
 
 
-def apply_adapter(loaded, located: LocatedAdapter) -> dict:
+def apply_adapter(loaded, located: LocatedAdapter) -> AdapterRecord:
     """Merge the located LoRA adapter into loaded.model (in place); return the manifest record."""
     source, folder, config_file, weights = located.source, located.folder, located.config_file, located.weights
     try:
@@ -242,12 +242,12 @@ def apply_adapter(loaded, located: LocatedAdapter) -> dict:
     elif merged is not target:  # peft merges into the wrapped module itself; anything else is a surprise
         raise CheckpointError(f"adapter {source}: peft returned a new language model instead of merging in place")
     loaded.model.eval()
-    return {
-        "source": source, "resolved": str(folder), "commit": located.commit, "applies_to": kind,
-        "base_model": config.get("base_model_name_or_path"), "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
-        "modules": len(entries), "files": located.files, "sha256": located.sha256,
-    }
+    return AdapterRecord(
+        source=source, resolved=str(folder), commit=located.commit, applies_to=kind,
+        base_model=config.get("base_model_name_or_path"), r=config.get("r"),
+        lora_alpha=config.get("lora_alpha"), target_modules=config.get("target_modules"),
+        modules=len(entries), files=located.files, sha256=located.sha256,
+    )
 
 
 __all__ = ["LocatedAdapter", "adapter_hash", "apply_adapter", "locate_adapter", "resolve_adapter"]

@@ -18,7 +18,7 @@ at 0.02 the decoder's output barely depends on its input and greedy decoding rep
 With embeddings at std 1 and decoder linears at 3/sqrt(fan_in) the tiny models generate varied tokens,
 and the cosine between a text embedding and a projected image feature (dim 64) spreads to about
 +-0.4, so the paper's threshold 0.12 inserts anchors for most text tokens while 0.3 inserts a few;
-tests/test_reference.py checks both properties.
+tests/test_source_model.py checks both properties.
 
 `tinyllava_1b_config()` is the LlavaConfig of bczhou/tiny-llava-v1-hf, for benchmarks with random
 weights (1.4 B parameters: never build it in CI).
@@ -77,7 +77,7 @@ FAMILIES = ("clip-llama", "siglip-qwen2", "clip-mistral")
 # checkpoint_defaults). Their decoder weights are chaotic by construction (see _redraw_weights), so a
 # correct int4 graph reaches only cos 0.77-0.81 / top-1 0.25-0.35 against fp32 (10 % weight noise gives
 # the same), while a broken one (4x scales) lands at 0.62-0.67; docs/QUANTIZATION.md has the table.
-# Trained models get accuracy_gate.GATE_FLOORS, set from tiny-vqa.
+# Trained models get precision.gate.GATE_FLOORS, set from tiny-vqa.
 RANDOM_CHECKPOINT_FLOORS = {
     "fp16": {"cos_mean": 0.999, "top1": 0.95, "vision_cos_mean": 0.999},
     "int8": {"cos_mean": 0.98, "top1": 0.70, "vision_cos_mean": 0.99},
@@ -203,7 +203,7 @@ def _redraw_weights(model: torch.nn.Module, seed: int) -> None:
             p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
 
 
-def _image_processor(family: str, config):
+def image_processor(family: str, config):
     from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 
     size = config.vision_config.image_size
@@ -239,7 +239,7 @@ def make_tiny_llava(path, family: str = "clip-llama", seed: int = 0, text_dims: 
     model.save_pretrained(path)
 
     processor = LlavaProcessor(
-        image_processor=_image_processor(family, config),
+        image_processor=image_processor(family, config),
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,

@@ -1,2 +1,2 @@
-"""Precision: fp16, int8 and int4 forms of an artifact, the calibration inputs they need and the accuracy gate
+"""Precision: fp16, int8 and int4 forms of an artifact, the int8 calibration inputs and the accuracy gate
 that decides whether each form is kept."""

@@ -28,6 +28,7 @@ from onnx import TensorProto
 
 from attanchor_export.errors import ExportError
 from attanchor_export.options import ARTIFACT_IR_VERSION
+from attanchor_export.precision.graph_files import data_file, replacing
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
             "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNormalization",
@@ -281,14 +282,11 @@ _ALIGN = 4096  # large tensors start on a page: onnxruntime can map them in plac
 def _rewrite_external_data(model, path, before: dict) -> None:
     """Write `model` over `path`, its external tensors copied from the old data file, fp32 -> fp16 where
     the converter retyped them; through temporary names, replaced at the end."""
-    import os
-
     import numpy as np
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    data = path.with_name(path.name + ".data")
-    tmp, tmp_data = path.with_name(f".{path.name}.fp16"), path.with_name(f".{path.name}.fp16.data")
-    try:
+    data = data_file(path)
+    with replacing(path, "fp16") as (tmp, tmp_data):
         with open(data, "rb") as src, open(tmp_data, "wb") as dst:
             for tensor in model.graph.initializer:
                 if tensor.data_location != TensorProto.EXTERNAL:
@@ -309,12 +307,6 @@ def _rewrite_external_data(model, path, before: dict) -> None:
                 del raw
         model.ir_version = ARTIFACT_IR_VERSION
         tmp.write_bytes(model.SerializeToString())
-        os.replace(tmp_data, data)
-        os.replace(tmp, path)
-    finally:
-        for p in (tmp, tmp_data):
-            if p.exists():
-                p.unlink()
     onnx.checker.check_model(str(path))
 
 

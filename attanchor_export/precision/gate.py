@@ -1,7 +1,8 @@
 """Accuracy gate for reduced-precision artifacts: quantized graphs against the fp32 ones they came from.
 
-What is measured (over `calibration.gate_samples()`: fixed synthetic images + questions, run through the
-artifact's own vision and embedding graphs, so anchors are inserted exactly as at run time):
+What is measured (over `load.datasets.gate_samples()`: fixed synthetic images + questions, run through
+the artifact's own Pipeline (vision, prompt template, embedding graph), so anchors are inserted exactly
+as at run time, and decoded by the runtime's own loop, decode.generate):
 
 - Teacher-forced logits. The fp32 decoder greedily generates `new_tokens` (32) tokens; then both
   decoders are fed the same prompt and the same fp32 tokens (prefill over the prompt, then one cached
@@ -20,22 +21,27 @@ The gate (per format, floors below) fails on a NaN/inf anywhere, on a logits cos
 With a task set (tiny-vqa: easy-vqa) it also fails when a form's task accuracy drops more than
 TASK_FLOORS below the fp32 artifact's on the same questions.
 
-`compute_reference` runs the fp32 artifact once; `run_gate` judges every distinct (decoder, vision)
-pair the backends open against it and returns the manifest's precision.gate section.
+`fp32_baseline` runs the fp32 artifact once (or `source_model_baseline` the PyTorch source model, where
+the fp32 decoder graph is over the memory budget and in `check`); `run_gate` judges every distinct
+(decoder, vision) pair the backends open against it and returns the manifest's precision.gate section.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from attanchor_runtime.decoder_feeds import cosine_rows, empty_past, greedy, prefill_feeds
-from attanchor_runtime.manifest import KV_CONCAT, Precision
+from attanchor_runtime.decode import generate
+from attanchor_runtime.manifest import Gate, GateResult, Manifest, Precision, TaskResult
+from attanchor_runtime.ort_backend import OrtBackend
+from attanchor_runtime.pipeline import FrontEnd, Pipeline
 
+from attanchor_export.checks.compare import cosine_rows
+from attanchor_export.checks.task_accuracy import evaluate_artifact
 from attanchor_export.errors import ExportError
-from attanchor_export.precision.calibration import ArtifactFrontEnd, Sample, gate_samples
+from attanchor_export.load.datasets import Sample, gate_samples, load_task
+from attanchor_export.source_model import TorchBackend
 
 # Floors per format for trained models (docs/QUANTIZATION.md has the tables). int4 is set from tiny-vqa,
 # the trained model (SmolLM2-135M decoder), gate set of 4 synthetic prompts x 32 tokens:
@@ -59,7 +65,7 @@ GATE_FLOORS: dict[str, dict[str, float]] = {
     "int4": {"cos_mean": 0.90, "top1": 0.45, "vision_cos_mean": 0.95},
 }
 # Task accuracy (where a task set is given, always for tiny-vqa): the most a format may lose against the
-# fp32 artifact on the same questions (fractions: 0.02 = 2 points), the targets in DESIGN.md.
+# fp32 artifact on the same questions (fractions: 0.02 = 2 points).
 TASK_FLOORS: dict[str, float] = {"fp16": 0.01, "int8": 0.01, "int4": 0.02}
 TASK_GATE_QUESTIONS = 200  # a fixed random subset of the task's test questions
 TARGET_COS = 0.99  # TensorRT-Edge-LLM's gate; reported as `meets_target`, not enforced for int4
@@ -67,60 +73,81 @@ DEFAULT_NEW_TOKENS = 32
 
 
 class AccuracyGateFailed(ExportError):
-    """A reduced-precision graph is below its format's floor. `results`: the gate's per-form records
-    (JSON-ready dicts); `precision`: the manifest precision section as far as it got (set by quantize)."""
+    """A reduced-precision graph is below its format's floor. `results`: the gate's per-form records;
+    `precision`: the manifest precision section as far as it got (set by quantize)."""
 
-    def __init__(self, message: object = "", results=None, precision: dict | None = None) -> None:
+    def __init__(self, message: object = "", results=(), precision: Precision | None = None) -> None:
         super().__init__(message)
-        self.results = list(results or [])
+        self.results = list(results)
         self.precision = precision
 
 
 @dataclass
-class GateReference:
-    """What the fp32 artifact produced on the gate set: kept in memory until every form is judged."""
+class GateBaseline:
+    """What the fp32 artifact (or the source model) produced on the gate set: kept until every form is judged."""
 
     labels: list[str]
     features: np.ndarray  # [B, M, D] fp32 image features
-    inputs: dict  # batched, left-padded decoder inputs from the fp32 vision + embedding graphs
+    front: FrontEnd  # the batched, left-padded decoder inputs (vision + embedding of the baseline)
     tokens: np.ndarray  # [B, n] fp32 greedy tokens
     logits: np.ndarray  # [P, V] teacher-forced logits at the valid positions, concatenated over rows
     answer: np.ndarray  # [P] bool: positions that predict a generated token
-    prompt_source: str = "tokenizer"
     new_tokens: int = DEFAULT_NEW_TOKENS
     samples: list[Sample] = field(default_factory=list)
     task: dict | None = None  # fp32_task_answers: the fp32 answers on the task's gate subset
-    # What produced `tokens` and `logits`: the fp32 decoder graph, or the PyTorch model where that graph
-    # is over the memory budget (precision.quantize.torch_gate_reference).
+    # What produced `tokens` and `logits`: the fp32 decoder graph, or the PyTorch source model where that
+    # graph is over the memory budget (source_model_baseline).
     decoder: str = "fp32 decoder graph (onnxruntime)"
 
 
-def _run_decoder(session, dims: dict, inputs: dict, new_tokens: int, embed, forced: np.ndarray | None = None,
-                 prefilled: list | None = None, keep_prefill: bool = False, kv_cache: str = KV_CONCAT):
-    """Prefill, then `new_tokens - 1` cached decode steps. Returns (tokens [B, n], logits [P, V], answer [P],
-    the prefill's outputs if `keep_prefill` else None): per row, its valid prompt positions then one position per
-    step; `answer` marks the positions that predict a generated token (the prompt's last, and every step's).
+def gate_pipeline(manifest: Manifest, files: dict | None = None, low_memory: bool = False) -> Pipeline:
+    """A Pipeline over `files` ({graph: file}, one precision form; default: the manifest's onnxruntime
+    files) on onnxruntime CPU. low_memory: no arena, fp16 weights fed from disk (OrtDecoder.open)."""
+    backend = OrtBackend(manifest, files=files, memory_arena=not low_memory, fed_weights=low_memory)
+    return Pipeline(manifest, backend)
 
-    `forced`: feed these tokens instead of the model's own arg-max (teacher forcing); the tokens returned
-    are still the model's own arg-max at each step. `prefilled`: an earlier run's prefill outputs on the
-    same inputs (decoder_feeds.greedy)."""
-    mask = inputs["attention_mask"]
-    batch = mask.shape[0]
-    prefill = prefill_feeds(inputs["inputs_embeds"], mask, inputs["position_ids"], empty_past(dims, batch))
-    run = greedy(session.run, dims["num_layers"], prefill, embed, new_tokens, forced=forced, keep_logits=True,
-                 prefilled=prefilled, keep_prefill=keep_prefill, kv_cache=kv_cache)
+
+def _front(pipe: Pipeline, samples: Sequence[Sample], features: np.ndarray | None = None) -> FrontEnd:
+    """The gate set through the pipeline's front end: chat prompts, images, anchors."""
+    pixels = np.concatenate([pipe.images(s.image) for s in samples], axis=0)
+    return pipe.front_end([pipe.prompt_ids(s.prompt) for s in samples], pixels, image_features=features)
+
+
+def _features(pipe: Pipeline, samples: Sequence[Sample]) -> np.ndarray:
+    pixels = np.concatenate([pipe.images(s.image) for s in samples], axis=0)
+    return pipe.backend.vision(pipe.family.vision_feeds(pixels, len(samples)))
+
+
+def _rows(front: FrontEnd, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs_embeds, attention_mask, position_ids) of some rows, without the columns that are padding
+    in all of them. Positions may carry leading axes (M-RoPE [3, B, L]): rows and columns are the last two."""
+    mask = front.attention_mask[rows]
+    first = int(np.flatnonzero(mask.any(axis=0))[0])
+    return front.inputs_embeds[rows, first:], mask[:, first:], front.position_ids[..., rows, first:]
+
+
+def _run_decoder(pipe: Pipeline, inputs: tuple, new_tokens: int, forced: np.ndarray | None = None,
+                 start=None, keep_prefill: bool = False):
+    """Prefill, then `new_tokens - 1` cached decode steps (decode.generate). Returns (tokens [B, n],
+    logits [P, V], answer [P], the prefill call if `keep_prefill`): per row, its valid prompt positions
+    then one position per step; `answer` marks the positions that predict a generated token (the
+    prompt's last, and every step's). `forced`: teacher forcing (the tokens returned are still the
+    model's own arg-max). `start`: an earlier run's prefill call on the same inputs."""
+    embeds, mask, positions = inputs
+    *_, run = generate(pipe.backend, pipe.family.first_step(mask, positions), embeds, pipe.embed, new_tokens,
+                       forced=forced, keep_logits=True, keep_prefill=keep_prefill, start=start)
     prompt, steps = run.logits[0], run.logits[1:]
     valid = mask[:, -prompt.shape[1]:].astype(bool)
     rows, answer = [], []
-    for b in range(batch):
+    for b in range(len(mask)):
         idx = np.flatnonzero(valid[b])
         rows += [prompt[b, idx], *(step[b, -1:] for step in steps)]
         answer += [False] * (len(idx) - 1) + [True] * (1 + len(steps))
-    return run.tokens, np.concatenate(rows, axis=0), np.array(answer, bool), run.prefill_outputs
+    return run.tokens, np.concatenate(rows, axis=0), np.array(answer, bool), run.prefill
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """decoder_feeds.cosine_rows over the last axis, with the gate's rule for rows a cosine cannot judge:
+    """compare.cosine_rows over the last axis, with the gate's rule for rows a cosine cannot judge:
     two all-zero rows agree (1.0); NaN/inf, or a zero row against a non-zero one, score -1.0, so a
     broken form can never pass a floor."""
     a, b = a.astype(np.float64).reshape(-1, a.shape[-1]), b.astype(np.float64).reshape(-1, b.shape[-1])
@@ -131,41 +158,28 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.nan_to_num(cos, nan=-1.0, posinf=-1.0, neginf=-1.0)
 
 
-def compute_reference(front: ArtifactFrontEnd, decoder_session, samples: Sequence[Sample] | None = None,
-                      new_tokens: int = DEFAULT_NEW_TOKENS) -> GateReference:
-    """Run the fp32 artifact (front end + `decoder_session`) over the gate set. One greedy run gives the
-    teacher-forced logits too: fed its own tokens, the reference is its own teacher."""
+def fp32_baseline(pipe: Pipeline, samples: Sequence[Sample] | None = None,
+                  new_tokens: int = DEFAULT_NEW_TOKENS) -> GateBaseline:
+    """Run the fp32 artifact (`pipe`) over the gate set. One greedy run gives the teacher-forced logits
+    too: fed its own tokens, the baseline is its own teacher."""
     samples = list(samples or gate_samples())
-    features = front.image_features(front.pixels(samples))
-    inputs = front.decoder_inputs(samples, features)
-    front.release_vision()  # the decoder run (minutes, at 7B) does not need it
-    tokens, logits, answer, _ = _run_decoder(decoder_session, front.dims, inputs, new_tokens, front.embed)
-    return GateReference(
-        labels=[s.label for s in samples], features=features, inputs=inputs, tokens=tokens, logits=logits,
-        answer=answer, prompt_source=front.encoder.source, new_tokens=new_tokens, samples=samples,
-    )
+    features = _features(pipe, samples)
+    front = _front(pipe, samples, features)
+    pipe.backend.release("vision")  # the decoder run (minutes, at 7B) does not need it
+    tokens, logits, answer, _ = _run_decoder(pipe, _rows(front, slice(None)), new_tokens)
+    return GateBaseline(labels=[s.label for s in samples], features=features, front=front, tokens=tokens,
+                        logits=logits, answer=answer, new_tokens=new_tokens, samples=samples)
 
 
-def pytorch_reference(loaded, folder: Path, manifest_data: dict, torch_vision: bool = False,
-                      new_tokens: int = DEFAULT_NEW_TOKENS) -> GateReference:
-    """The reference with the PyTorch decoder (fp32; one layer's weights in memory at a time when the
-    model is streamed) in place of the fp32 decoder graph, on the inputs the artifact's own vision and
-    embedding graphs build (`torch_vision`: image features from the PyTorch tower instead). No task
-    answers: those need the fp32 graphs. Used where the fp32 decoder is over the memory budget, and by
-    the `check` verb, long after the fp32 graphs are gone."""
-    from attanchor_export.checks.parity import TorchSession
-    from attanchor_export.trace.decoder import DecoderWithCache
-
-    adapter, model, dims = loaded.adapter, loaded.model, manifest_data["dims"]
-    front = ArtifactFrontEnd(folder, manifest_data)
-    if torch_vision:
-        front.vision = TorchSession(adapter.vision_tower_and_projector(model), ["pixel_values"])
-    last_only = bool(manifest_data["graphs"]["decoder"].get("notes", {}).get("last_logits_only", False))
-    module = DecoderWithCache(adapter.language_model(model), adapter.lm_head(model), dims["num_layers"], last_only)
-    session = TorchSession(module, ["inputs_embeds", "attention_mask", "position_ids"], dims["num_layers"])
-    reference = compute_reference(front, session, gate_samples(), new_tokens)
-    reference.decoder = f"PyTorch fp32 ({loaded.streaming})"
-    return reference
+def source_model_baseline(loaded, manifest: Manifest, new_tokens: int = DEFAULT_NEW_TOKENS) -> GateBaseline:
+    """The baseline from the PyTorch source model (fp32; one decoder layer's weights in memory at a time
+    when the model is streamed) in place of the fp32 graphs: vision, anchors and decoder all PyTorch
+    (source_model.TorchBackend), prompts from the artifact's tokenizer. No task answers: those need the
+    fp32 graphs. Used where the fp32 decoder is over the memory budget, and by the `check` verb, long
+    after the fp32 graphs are gone."""
+    baseline = fp32_baseline(Pipeline(manifest, TorchBackend(loaded, manifest)), gate_samples(), new_tokens)
+    baseline.decoder = f"PyTorch fp32 ({loaded.streaming})"
+    return baseline
 
 
 def _prefix_len(a: np.ndarray, b: np.ndarray) -> int:
@@ -173,53 +187,42 @@ def _prefix_len(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else len(a)
 
 
-def _rows(inputs: dict, rows: slice) -> dict:
-    """Decoder inputs of some rows, without the columns that are padding in all of them."""
-    part = {k: v[rows] for k, v in inputs.items()}
-    first = int(np.flatnonzero(part["attention_mask"].any(axis=0))[0])
-    return {k: v[:, first:] for k, v in part.items()}
-
-
-def evaluate(reference: GateReference, decoder_session, front: ArtifactFrontEnd,
-             vision_changed: bool = False, rows_per_run: int | None = None, kv_cache: str = KV_CONCAT) -> dict:
-    """Metrics of one reduced-precision form against `reference`. `front`: the front end with the
-    form's own vision graph (used for greedy generation and the vision metrics when `vision_changed`).
+def evaluate(baseline: GateBaseline, pipe: Pipeline, vision_changed: bool = False,
+             rows_per_run: int | None = None) -> dict:
+    """Metrics of one reduced-precision form (`pipe`: a Pipeline over its files) against `baseline`.
+    `vision_changed`: the form has its own vision graph (used for greedy generation and the vision metrics).
     `rows_per_run`: run the gate set this many rows at a time (None: all at once). Per row the positions
-    and tokens are the same either way; fewer rows hold less KV cache (2.6 GB per 4 x 632-token rows at 7B).
-    kv_cache: what the decoder's present outputs hold (manifest KV_CONCAT / KV_APPEND)."""
-    dims, embed = front.dims, front.embed
+    and tokens are the same either way; fewer rows hold less KV cache (2.6 GB per 4 x 632-token rows at 7B)."""
     result = {}
-    free_inputs = reference.inputs
+    free_front = baseline.front
     if vision_changed:
-        features = front.image_features(front.pixels(reference.samples))
-        vcos = _cosines(features, reference.features)
+        features = _features(pipe, baseline.samples)
+        vcos = _cosines(features, baseline.features)
         result["vision_cos_mean"] = float(vcos.mean())
         result["vision_cos_min"] = float(vcos.min())
         vision_finite = bool(np.isfinite(features).all())
-        free_inputs = front.decoder_inputs(reference.samples, features)
-        front.release_vision()
-    batch = reference.tokens.shape[0]
+        free_front = _front(pipe, baseline.samples, features)
+        pipe.backend.release("vision")
+    batch = baseline.tokens.shape[0]
     step = rows_per_run or batch
     logits, answer, tokens = [], [], []
     for start in range(0, batch, step):
         rows = slice(start, start + step)
         # The free-running greedy starts from the same prompt unless the vision graph changed: its
         # prefill is the teacher-forced run's, kept rather than run twice.
-        _, part, part_answer, prefilled = _run_decoder(
-            decoder_session, dims, _rows(reference.inputs, rows), reference.new_tokens, embed,
-            forced=reference.tokens[rows], keep_prefill=not vision_changed, kv_cache=kv_cache)
-        free, _, _, _ = _run_decoder(decoder_session, dims, _rows(free_inputs, rows), reference.new_tokens, embed,
-                                     prefilled=prefilled, kv_cache=kv_cache)
+        _, part, part_answer, prefilled = _run_decoder(pipe, _rows(baseline.front, rows), baseline.new_tokens,
+                                                       forced=baseline.tokens[rows], keep_prefill=not vision_changed)
+        free, _, _, _ = _run_decoder(pipe, _rows(free_front, rows), baseline.new_tokens, start=prefilled)
         del prefilled
         logits.append(part)
         answer.append(part_answer)
         tokens.append(free)
     logits, answer, tokens = np.concatenate(logits), np.concatenate(answer), np.concatenate(tokens)
     finite = bool(np.isfinite(logits).all())
-    if logits.shape != reference.logits.shape:
-        raise ValueError(f"gate: logits shape {logits.shape} differs from the reference {reference.logits.shape}")
-    cos = _cosines(logits, reference.logits)
-    top1 = logits.argmax(-1) == reference.logits.argmax(-1)
+    if logits.shape != baseline.logits.shape:
+        raise ValueError(f"gate: logits shape {logits.shape} differs from the baseline's {baseline.logits.shape}")
+    cos = _cosines(logits, baseline.logits)
+    top1 = logits.argmax(-1) == baseline.logits.argmax(-1)
     result = {
         "positions": int(len(cos)),
         "finite": finite and (vision_finite if vision_changed else True),
@@ -228,12 +231,12 @@ def evaluate(reference: GateReference, decoder_session, front: ArtifactFrontEnd,
         "top1": float(top1.mean()),
         "cos_mean_answer": float(cos[answer].mean()),
         "top1_answer": float(top1[answer].mean()),
-        "max_abs_diff": float(np.abs(logits.astype(np.float64) - reference.logits).max()) if finite else None,
+        "max_abs_diff": float(np.abs(logits.astype(np.float64) - baseline.logits).max()) if finite else None,
         **result,
     }
-    result["greedy_match"] = float((tokens == reference.tokens).mean())
-    result["greedy_prefix"] = float(np.mean([_prefix_len(t, r) for t, r in zip(tokens, reference.tokens)]))
-    result["greedy_tokens"] = int(reference.new_tokens)
+    result["greedy_match"] = float((tokens == baseline.tokens).mean())
+    result["greedy_prefix"] = float(np.mean([_prefix_len(t, r) for t, r in zip(tokens, baseline.tokens)]))
+    result["greedy_tokens"] = int(baseline.new_tokens)
     result["meets_target"] = result["cos_mean"] >= TARGET_COS
     return result
 
@@ -259,94 +262,76 @@ def judge(result: dict, floors: dict) -> list[str]:
     return reasons
 
 
-def run_gate(folder: Path, manifest_data: dict, reference, fmt: str, backends: dict, changed: dict,
-             floors: dict | None = None, low_memory: bool = False, graphs: dict | None = None) -> dict:
-    """Evaluate every distinct (decoder, vision) pair the backends open; JSON-ready results.
-    `graphs`: the precision section's per-file records (how each decoder file carries its KV cache).
-    `low_memory`: decoder sessions without an arena that feed fp16 weights from disk instead of widening
-    them all at load (sessions.FedWeightsSession: an fp16 7B decoder on a CPU), run one gate row at a time."""
-    from attanchor_runtime.sessions import FedWeightsSession, ort_session
-
+def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dict, changed: dict,
+             floors: dict | None = None, low_memory: bool = False, graphs: dict | None = None) -> Gate:
+    """Evaluate every distinct (decoder, vision) pair the backends open; the manifest's gate section.
+    `manifest`: the artifact (a staging folder's draft while exporting). `graphs`: the precision section's
+    per-file records (how each decoder file carries its KV cache). `low_memory`: decoder sessions without
+    an arena that feed fp16 weights from disk instead of widening them all at load (an fp16 7B decoder on
+    a CPU), run one gate row at a time."""
     limits = floors_for(fmt, floors)
-    results, done = [], set()
+    results: list[GateResult] = []
     for backend, files in backends.items():
         decoder, vision = files["decoder"], files["vision"]
         if decoder is None:
             continue
-        key = (decoder, vision)
-        if key in done:
-            next(r for r in results if (r["decoder"], r["vision"]) == key)["backends"].append(backend)
+        same = next((r for r in results if (r.decoder, r.vision) == (decoder, vision)), None)
+        if same is not None:
+            results[results.index(same)] = GateResult(**{**vars(same), "backends": (*same.backends, backend)})
             continue
-        done.add(key)
-        front = ArtifactFrontEnd(folder, manifest_data, vision_file=vision)
-        session = FedWeightsSession(folder / decoder) if low_memory else ort_session(folder / decoder)
-        metrics = evaluate(reference, session, front, vision_changed=changed["vision"],
-                           rows_per_run=1 if low_memory else None, kv_cache=Precision({"graphs": graphs}).kv_cache(decoder))
-        del session
+        form = manifest.with_files(manifest.folder, files, graphs)
+        metrics = evaluate(baseline, gate_pipeline(form, files, low_memory), vision_changed=changed["vision"],
+                           rows_per_run=1 if low_memory else None)
         failures = judge(metrics, limits)
-        if reference.task is not None:
-            metrics["task"] = task_metrics(folder, manifest_data, files, reference.task, fmt, graphs)
-            failures += metrics["task"]["failures"]
-        results.append({"backends": [backend], "decoder": decoder, "vision": vision,
-                        "vision_changed": changed["vision"], **metrics,
-                        "passed": not failures, "failures": failures})
-    return {
-        "format": fmt,
-        "floors": limits,
-        "target_cos": TARGET_COS,
-        "set": {"samples": len(reference.labels), "images": "synthetic (calibration.gate_samples)",
-                "prompts": reference.prompt_source, "new_tokens": reference.new_tokens,
-                "positions": results[0]["positions"] if results else 0, "reference": reference.decoder},
-        "task": None if reference.task is None else {
-            "data": reference.task["task"], "questions": len(reference.task["items"]),
-            "fp32_accuracy": reference.task["accuracy"], "max_drop": TASK_FLOORS[fmt],
+        task = None
+        if baseline.task is not None:
+            task = task_metrics(form, files, baseline.task, fmt)
+            failures += list(task.failures)
+        results.append(GateResult(backends=(backend,), decoder=decoder, vision=vision,
+                                  vision_changed=changed["vision"], **metrics, task=task, passed=not failures,
+                                  failures=tuple(failures)))
+    return Gate(
+        format=fmt,
+        floors=limits,
+        target_cos=TARGET_COS,
+        set={"samples": len(baseline.labels), "images": "synthetic (datasets.gate_samples)",
+             "prompts": "tokenizer", "new_tokens": baseline.new_tokens,
+             "positions": results[0].positions if results else 0, "reference": baseline.decoder},
+        task=None if baseline.task is None else {
+            "data": baseline.task["task"], "questions": len(baseline.task["items"]),
+            "fp32_accuracy": baseline.task["accuracy"], "max_drop": TASK_FLOORS[fmt],
         },
-        "evaluated_on": "onnxruntime CPU (TensorRT forms are checked again after each engine build)",
-        "passed": all(r["passed"] for r in results),
-        "results": results,
-    }
+        evaluated_on="onnxruntime CPU (TensorRT forms are checked again after each engine build)",
+        passed=all(r.passed for r in results),
+        results=tuple(results),
+    )
 
 
-def _task_pipeline(folder: Path, manifest_data: dict, files: dict, graphs: dict | None = None):
-    """A runtime Pipeline over the staging folder that opens `files` (one precision form) on onnxruntime;
-    `graphs`: their precision records (the KV cache form)."""
-    from attanchor_runtime import Pipeline
-    from attanchor_runtime.manifest import Manifest
-    from attanchor_runtime.ort_backend import OrtBackend
-
-    precision = {**manifest_data.get("precision", {}), "backends": {"ort": dict(files)}}
-    if graphs:
-        precision["graphs"] = graphs
-    manifest = Manifest(Path(folder), {**manifest_data, "precision": precision})
-    return Pipeline(manifest, OrtBackend(manifest))
-
-
-def fp32_task_answers(folder: Path, manifest_data: dict, files: dict, task: str) -> dict:
+def fp32_task_answers(manifest: Manifest, files: dict, task: str) -> dict:
     """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten)."""
-    from attanchor_export.checks.task_accuracy import evaluate_artifact, load_task
-
     items = load_task(task, limit=TASK_GATE_QUESTIONS)
-    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files), items)
+    result = evaluate_artifact(gate_pipeline(manifest.with_files(manifest.folder, files), files), items)
     return {"task": task, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
             "answers": [r["answer"] for r in result["records"]]}
 
 
-def task_metrics(folder: Path, manifest_data: dict, files: dict, fp32: dict, fmt: str, graphs: dict | None = None) -> dict:
-    """Task accuracy of one form vs fp32 on the same questions; failures if it lost more than the floor."""
-    from attanchor_export.checks.task_accuracy import evaluate_artifact
-
-    result = evaluate_artifact(_task_pipeline(folder, manifest_data, files, graphs), fp32["items"])
+def task_metrics(manifest: Manifest, files: dict, fp32: dict, fmt: str) -> TaskResult:
+    """Task accuracy of one form (`manifest` opening `files`) vs fp32 on the same questions; failures if it
+    lost more than the floor."""
+    result = evaluate_artifact(gate_pipeline(manifest, files), fp32["items"])
     floor = fp32["accuracy"] - TASK_FLOORS[fmt]
     same = sum(r["answer"] == a for r, a in zip(result["records"], fp32["answers"], strict=True))
     failures = []
     if not result["accuracy"] >= floor - 1e-9:
         failures.append(f"task accuracy {result['accuracy']:.4f} < fp32 {fp32['accuracy']:.4f} - {TASK_FLOORS[fmt]}")
-    return {"task": fp32["task"], "questions": len(fp32["items"]), "accuracy": result["accuracy"],
-            "fp32_accuracy": fp32["accuracy"], "max_drop": TASK_FLOORS[fmt], "by_kind": result["by_kind"],
-            "fp32_by_kind": fp32["by_kind"], "same_answers": same / len(fp32["items"]), "failures": failures}
+    return TaskResult(task=fp32["task"], questions=len(fp32["items"]), accuracy=result["accuracy"],
+                      fp32_accuracy=fp32["accuracy"], max_drop=TASK_FLOORS[fmt], by_kind=result["by_kind"],
+                      fp32_by_kind=fp32["by_kind"], same_answers=same / len(fp32["items"]),
+                      failures=tuple(failures))
 
 
 __all__ = [
-    "AccuracyGateFailed", "DEFAULT_NEW_TOKENS", "GATE_FLOORS", "GateReference", "TARGET_COS", "TASK_FLOORS",
-    "compute_reference", "evaluate", "floors_for", "fp32_task_answers", "judge", "run_gate", "task_metrics",
+    "AccuracyGateFailed", "DEFAULT_NEW_TOKENS", "GATE_FLOORS", "GateBaseline", "TARGET_COS", "TASK_FLOORS",
+    "evaluate", "floors_for", "fp32_baseline", "fp32_task_answers", "gate_pipeline", "judge", "run_gate",
+    "source_model_baseline", "task_metrics",
 ]

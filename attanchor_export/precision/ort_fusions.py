@@ -39,14 +39,14 @@ from attanchor_graphs.onnx_utils import (
     prune,
     toposort,
 )
-from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT
+from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, Dims
 from onnx import helper, numpy_helper
 
 _MS = "com.microsoft"
 FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
 
 
-def fuse_decoder_file(path: Path, dims: dict, attention: bool = True) -> dict:
+def fuse_decoder_file(path: Path, dims: Dims, attention: bool = True) -> dict:
     """Fuse the decoder at `path` in place (protobuf only); returns what was fused."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
@@ -57,7 +57,7 @@ def fuse_decoder_file(path: Path, dims: dict, attention: bool = True) -> dict:
     return report
 
 
-def fuse_decoder(model: onnx.ModelProto, dims: dict, folder: Path, attention: bool = True) -> dict:
+def fuse_decoder(model: onnx.ModelProto, dims: Dims, folder: Path, attention: bool = True) -> dict:
     before = len(model.graph.node)
     _fuse_rms_norms(model)
     _fold_residual_adds(model)
@@ -118,10 +118,10 @@ def _fold_residual_adds(model: onnx.ModelProto) -> int:
 # ------------------------------------------------------------------------------------------- rotary
 
 
-def _fuse_rotary(model: onnx.ModelProto, dims: dict, folder: Path) -> int:
+def _fuse_rotary(model: onnx.ModelProto, dims: Dims, folder: Path) -> int:
     graph = model.graph
     producer, readers, inits = producers(graph), consumers(graph), initializers(graph)
-    half = dims["head_dim"] // 2
+    half = dims.head_dim // 2
     matches = [m for n in graph.node if n.op_type == "Neg" and (m := _rotary_match(n, producer, readers, half, inits))]
     angles = {(m["cos"], m["sin"]) for m in matches}
     if not matches or len(angles) != 1 or "position_ids" not in {i.name for i in graph.input}:
@@ -191,7 +191,7 @@ def _slice(node, inits, producer) -> tuple[int, int] | None:
     return int(values[0].reshape(-1)[0]), int(values[1].reshape(-1)[0])
 
 
-def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path, half: int):
+def _angle_caches(model, cos_name: str, sin_name: str, dims: Dims, folder: Path, half: int):
     """cos/sin [max_positions, half] from the graph's own angle subgraph on positions 0..max-1; None when
     that subgraph needs more than position_ids or its halves differ (not the rotate-half layout)."""
     import onnxruntime as ort
@@ -224,7 +224,7 @@ def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path,
                             [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in (cos_name, sin_name)],
                             initializer=inits)
     probe = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-    positions = np.arange(dims["max_position_embeddings"], dtype=np.int64)[None]
+    positions = np.arange(dims.max_position_embeddings, dtype=np.int64)[None]
     try:
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
         cos, sin = session.run(None, {"position_ids": positions})
@@ -250,7 +250,7 @@ def _angle_caches(model, cos_name: str, sin_name: str, dims: dict, folder: Path,
 # at 512 positions, 1.39x at 1,536; TinyLLaVA-1B int4, 2 threads, docs/QUANTIZATION.md), so it is not used.
 
 
-def _attend_in_place(model: onnx.ModelProto, dims: dict) -> int:
+def _attend_in_place(model: onnx.ModelProto, dims: Dims) -> int:
     graph = model.graph
     producer, readers, inits = producers(graph), consumers(graph), initializers(graph)
     matches = [m for n in graph.node if n.op_type == "Softmax" and (m := _attention_match(n, producer, readers, inits, graph))]
@@ -357,7 +357,7 @@ def _buffer_mask(graph, mask: str, lengths: dict, p: str) -> str:
     return p + "buffer"
 
 
-def _past_shape_from_mask(graph, dims: dict, lengths: dict) -> None:
+def _past_shape_from_mask(graph, dims: Dims, lengths: dict) -> None:
     """Shape(past_key_values.*) -> [B, kv_heads, T - S, head_dim] from attention_mask [B, T] and
     inputs_embeds [B, S, H]. The same numbers for a past of exactly T - S positions, and the right ones
     when the past is a longer preallocated buffer (the runtime's KVBuffer): nothing but the attention
@@ -367,8 +367,8 @@ def _past_shape_from_mask(graph, dims: dict, lengths: dict) -> None:
     shapes = [n for n in graph.node if n.op_type == "Shape" and n.input[0] in past]
     if not shapes:
         return
-    graph.initializer.extend([numpy_helper.from_array(np.array([dims["num_kv_heads"]], np.int64), p + "kv_heads"),
-                              numpy_helper.from_array(np.array([dims["head_dim"]], np.int64), p + "head_dim")])
+    graph.initializer.extend([numpy_helper.from_array(np.array([dims.num_kv_heads], np.int64), p + "kv_heads"),
+                              numpy_helper.from_array(np.array([dims.head_dim], np.int64), p + "head_dim")])
     graph.node.append(helper.make_node("Concat", [lengths["batch"], p + "kv_heads", lengths["past"], p + "head_dim"],
                                        [p + "past_shape"], axis=0))
     for shape in shapes:

@@ -1,9 +1,9 @@
 """fp16 / int8 / int4 artifacts: rewrite the fp32 graphs of a staging folder in place, gate them.
 
-The exporter writes fp32 graphs, then calls `quantize_artifact(folder, manifest_data, ...)`, which
-reads as its steps: the fp32 gate reference, calibration inputs, each graph rewritten (fp16 in
-precision.fp16, weight forms in precision.weights), the accuracy gate (precision.gate), and returns
-the manifest's precision section. It rewrites decoder.onnx (and vision.onnx when asked) and writes the
+The exporter writes fp32 graphs, then calls `quantize_artifact(manifest, ...)` (the staging folder's
+draft manifest), which reads as its steps: the fp32 gate baseline, calibration inputs, each graph
+rewritten (fp16 in precision.fp16, weight forms in precision.weights), the accuracy gate
+(precision.gate), and returns the manifest's precision section. It rewrites decoder.onnx (and vision.onnx when asked) and writes the
 TensorRT form beside it where that differs (decoder.trt.onnx). docs/QUANTIZATION.md explains every
 choice; the short version:
 
@@ -15,7 +15,7 @@ choice; the short version:
         by onnxruntime CPU/CUDA, where MatMulNBits is the native fused int4 GEMM/GEMV kernel.
     "QDQ" (opset 21 blocked DequantizeLinear of symmetric INT4 weights + MatMul): decoder.trt.onnx, what
         TensorRT reads for weight-only INT4 (signed INT4, zero points must be 0, block size 64 or 128).
-  Both are written by default (`forms`); precision["backends"] says which file each backend opens.
+  Both are written by default (`forms`); precision.backends says which file each backend opens.
 - int8 (`quant="int8"`): the onnxruntime form is weight-only MatMulNBits with bits=8 (blockwise,
   asymmetric); the TensorRT form is QDQ int8 from quantize_static: per-channel symmetric weights and
   per-tensor symmetric activations calibrated over real decoder inputs (images + prompts through the
@@ -25,33 +25,34 @@ choice; the short version:
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 from attanchor_graphs.onnx_utils import name_nodes
+from attanchor_runtime.manifest import Dims, FormRecord, Gate, Manifest, Precision, freeze
+from attanchor_runtime.pipeline import Pipeline
 
 from attanchor_export.errors import ExportError
+from attanchor_export.export_cost import graph_bytes
+from attanchor_export.load.datasets import gate_samples, load_calibration_set
 from attanchor_export.options import ARTIFACT_IR_VERSION as IR_VERSION
-from attanchor_export.options import BLOCK_SIZES, DEFAULT_SMOOTH_ALPHA, DTYPES, QUANTS
-from attanchor_export.precision.calibration import (
-    ArtifactFrontEnd,
-    DecoderCalibrationReader,
-    VisionCalibrationReader,
-    gate_samples,
-    load_calibration_set,
-)
+from attanchor_export.options import BLOCK_SIZES, DEFAULT_SMOOTH_ALPHA, DTYPES, QUANTS, no_steps
+from attanchor_export.precision.calibration import DecoderCalibrationReader, VisionCalibrationReader
 from attanchor_export.precision.fp16 import convert_fp16_file
 from attanchor_export.precision.gate import (
     DEFAULT_NEW_TOKENS,
     AccuracyGateFailed,
-    GateReference,
-    compute_reference,
+    GateBaseline,
+    fp32_baseline,
     fp32_task_answers,
+    gate_pipeline,
     run_gate,
 )
+from attanchor_export.precision.graph_files import opsets, remove_model, save_model, trt_name
+from attanchor_export.precision.ort_fusions import fuse_decoder_file
 from attanchor_export.precision.smoothing import smooth_file
 from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 from attanchor_export.precision.weights import (
@@ -73,46 +74,6 @@ LM_HEAD_QUANTIZED_BY_DEFAULT = {"int4": True, "int8": False}
 def lm_head_quantized(quant: str, asked: bool | None) -> bool:
     """The lm_head choice for `quant`: what the user asked, else the format's default."""
     return bool(asked) if asked is not None else LM_HEAD_QUANTIZED_BY_DEFAULT.get(quant, False)
-TRT_SUFFIX = ".trt.onnx"
-
-
-def _no_steps(name):
-    return contextlib.nullcontext()
-
-
-# ------------------------------------------------------------------------------------------ graph files
-
-
-def save_model(model, path: Path) -> None:
-    """Write `model` to `path` + `path.data` (external data), replacing both, IR pinned, checked."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    for p in (path, data):
-        if p.exists():
-            p.unlink()
-    model.ir_version = IR_VERSION
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024, convert_attribute=False)
-    onnx.checker.check_model(str(path))
-
-
-def remove_model(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data")):
-        if p.exists():
-            p.unlink()
-
-
-def graph_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def trt_name(file: str) -> str:
-    return file[: -len(".onnx")] + TRT_SUFFIX if file.endswith(".onnx") else file + TRT_SUFFIX
-
-
-def _opsets(model) -> dict[str, int]:
-    return {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
 
 
 # ------------------------------------------------------------------------------------------ the request
@@ -134,7 +95,8 @@ class _Request:
     calibrate_method: str
     smooth_alpha: float | None  # int8 QDQ: SmoothQuant's alpha (precision.smoothing); None = not smoothed
     ort_fusions: bool  # fuse the onnxruntime-only decoder form (precision.ort_fusions)
-    dims: dict
+    dims: Dims
+    logits: str  # the decoder's logits output: its lm_head is found (and kept fp32 in fp16) by it
 
     @property
     def fmt(self) -> str:  # the gate's format name
@@ -177,15 +139,14 @@ def _check_options(dtype, quant, block_size, forms, smooth_alpha=None):
 
 
 def quantize_artifact(
-    folder: Path,
-    manifest_data: dict,
+    manifest: Manifest,
     dtype: str = "fp32",
     quant: str = "none",
     block_size: int = 128,
     calib: str | None = None,
     quantize_lm_head: bool | None = None,
     quantize_vision: bool = False,
-    steps=_no_steps,
+    steps=no_steps,
     *,
     forms: tuple[str, ...] = FORMS,
     gate: bool = True,
@@ -194,101 +155,85 @@ def quantize_artifact(
     calibrate_method: str = "MinMax",
     accuracy_level: int | None = None,
     task: str | None = None,
-    reference: GateReference | None = None,
+    baseline: GateBaseline | None = None,
     low_memory: bool = False,
     ort_fusions: bool = True,
     smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA,
-) -> dict:
-    """Rewrite the fp32 graphs in `folder` to `dtype`/`quant` in place and gate them against fp32.
+) -> Precision:
+    """Rewrite the fp32 graphs in `manifest.folder` to `dtype`/`quant` in place and gate them against fp32.
 
-    Call after the fp32 graphs, embed table and tokenizer files are in `folder` (without tokenizer.json
-    the gate and calibration fall back to synthetic prompt ids). `manifest_data` is the manifest dict
-    being built (dims, graphs, anchor, embed_table, image_preprocessing, text); it is not modified.
+    Call after the fp32 graphs, embed table and tokenizer files are in the folder; `manifest` is the
+    manifest being built (its fp32 precision section), read and not modified.
 
-    Returns {"precision": {...}}, the manifest updates: dtype, quant, block_size, per-file records
-    ("graphs": format, bits, block size, symmetric, opsets, quantized node count, bytes, TensorRT
-    compatibility), "backends" (which file each backend opens), calibration and "gate" (floors, target,
-    per-form metrics, passed). Raises AccuracyGateFailed (results and precision attached) when a form is
-    below its floor, ExportError on bad options. fp32/none returns the plain precision section untouched.
-    `reference`: the gate's reference computed beforehand (gate.pytorch_reference, when the fp32 decoder
-    graph is over the memory budget); None runs the fp32 graphs for it. `low_memory`: the gate's decoder sessions
-    keep no arena and feed fp16 weights from disk (gate.run_gate), for a decoder that is over the budget.
+    Returns the manifest's precision section: dtype, quant, block_size, per-file records ("graphs":
+    format, bits, block size, symmetric, opsets, quantized node count, bytes, TensorRT compatibility),
+    "backends" (which file each backend opens), calibration and "gate" (floors, target, per-form metrics,
+    passed). Raises AccuracyGateFailed (results and precision attached) when a form is below its floor,
+    ExportError on bad options. fp32/none returns the fp32 precision section.
+    `baseline`: the gate's baseline computed beforehand (gate.source_model_baseline, when the fp32 decoder
+    graph is over the memory budget); None runs the fp32 graphs for it. `low_memory`: the gate's decoder
+    sessions keep no arena and feed fp16 weights from disk (gate.run_gate), for a decoder over the budget.
+    `smooth_alpha`: SmoothQuant's migration strength for the int8 QDQ form (precision.smoothing; recorded
+    as its FormRecord.smoothing), None = calibrate the graph as it is.
     """
-    folder = Path(folder)
     forms = _check_options(dtype, quant, block_size, forms, smooth_alpha)
     if dtype == "fp32" and quant == "none":
-        return {"precision": {"dtype": "fp32", "quant": "none"}}
+        return Precision()
     req = _Request(
-        folder, {g: manifest_data["graphs"][g]["file"] for g in ("vision", "embedding", "decoder")}, dtype, quant,
-        block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
+        Path(manifest.folder), {g: manifest.graphs[g].file for g in ("vision", "embedding", "decoder")}, dtype,
+        quant, block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
-        smooth_alpha, ort_fusions, manifest_data["dims"],
+        smooth_alpha, ort_fusions, manifest.dims, manifest.graphs.decoder.output_names[0],
     )
-    precision = _precision_header(req)
-    front = ArtifactFrontEnd(folder, manifest_data) if (gate and reference is None) or req.quant == "int8" else None
-    if gate and reference is None:
-        with steps("fp32 reference for the accuracy gate"):
-            reference = _fp32_reference(req, manifest_data, front, gate_tokens, task)
-    readers = _calibration(req, front, calib, precision, steps)
-    del front
+    fp32 = gate_pipeline(manifest) if (gate and baseline is None) or quant == "int8" else None
+    if gate and baseline is None:
+        with steps("fp32 baseline for the accuracy gate"):
+            baseline = fp32_baseline(fp32, gate_samples(), new_tokens=gate_tokens)
+            if task:
+                baseline.task = fp32_task_answers(manifest, req.files, task)
+    readers, calibration = _calibration(req, fp32, calib, steps)
+    del fp32
     records: dict[str, dict] = {}
     backends = {b: dict(req.files) for b in ("ort", "trt")}
     for graph in req.targets:
         _rewrite_graph(req, graph, readers.get(graph), records, backends, steps)
-    precision["graphs"] = records
-    precision["backends"] = backends
+    precision = Precision(
+        dtype=req.dtype, quant=req.quant, calibration=calibration,
+        graphs=freeze({f: FormRecord.from_json(r, f"precision.graphs.{f}") for f, r in records.items()}),
+        backends=freeze(backends),
+        **({"block_size": req.block_size, "lm_head_quantized": req.quantize_lm_head,
+            "vision_quantized": req.quantize_vision, "forms": req.forms} if req.quant != "none" else {}),
+    )
     if not gate:
-        precision["gate"] = {"format": req.fmt, "skipped": True, "passed": None}
-    else:
-        with steps(f"accuracy gate ({req.fmt})"):
-            changed = {g: g in req.targets for g in ("vision", "decoder")}
-            precision["gate"] = run_gate(folder, manifest_data, reference, req.fmt, backends, changed, floors,
-                                         low_memory=low_memory, graphs=records)
-        _raise_if_failed(req.fmt, precision)
-    return {"precision": precision}
+        return dataclasses.replace(precision, gate=Gate(format=req.fmt, skipped=True, passed=None))
+    with steps(f"accuracy gate ({req.fmt})"):
+        changed = {g: g in req.targets for g in ("vision", "decoder")}
+        result = run_gate(manifest, baseline, req.fmt, backends, changed, floors, low_memory=low_memory,
+                          graphs=precision.graphs)
+    precision = dataclasses.replace(precision, gate=result)
+    _raise_if_failed(req.fmt, precision)
+    return precision
 
 
 # ------------------------------------------------------------------------------------------ the steps
 
 
-def _precision_header(req: _Request) -> dict:
-    precision: dict = {"dtype": req.dtype, "quant": req.quant}
-    if req.quant != "none":
-        precision.update(block_size=req.block_size, lm_head_quantized=req.quantize_lm_head,
-                         vision_quantized=req.quantize_vision, forms=list(req.forms))
-    return precision
-
-
-def _fp32_reference(req: _Request, manifest_data: dict, front: ArtifactFrontEnd, new_tokens: int, task: str | None):
-    """What the fp32 graphs produce on the gate set (and on the task's questions), before any is rewritten."""
-    from attanchor_runtime.sessions import ort_session
-
-    decoder32 = ort_session(req.folder / req.files["decoder"])
-    reference = compute_reference(front, decoder32, gate_samples(), new_tokens=new_tokens)
-    del decoder32
-    if task:
-        reference.task = fp32_task_answers(req.folder, manifest_data, req.files, task)
-    return reference
-
-
-def _calibration(req: _Request, front: ArtifactFrontEnd, calib, precision: dict, steps) -> dict:
-    """Calibration readers per graph for int8 QDQ (none for weight-only forms); records the set used."""
+def _calibration(req: _Request, fp32: Pipeline | None, calib, steps) -> tuple[dict, dict | None]:
+    """Calibration readers per graph for int8 QDQ (none for weight-only forms), and the record of the set."""
     if req.quant == "int8" and "QDQ" in req.forms:
         with steps("calibration inputs (images + prompts through vision and embedding)"):
             samples = load_calibration_set(calib)
-            readers = {"decoder": DecoderCalibrationReader.from_samples(front, samples)}
+            readers = {"decoder": DecoderCalibrationReader.from_samples(fp32, samples)}
             if req.quantize_vision:
-                readers["vision"] = VisionCalibrationReader.from_samples(front, samples)
-            precision["calibration"] = {
-                "source": str(calib) if calib else "builtin", "samples": len(samples),
-                "method": req.calibrate_method, "prompts": front.encoder.source,
-                "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
-            }
-        return readers
+                readers["vision"] = VisionCalibrationReader.from_samples(fp32, samples)
+        return readers, {
+            "source": str(calib) if calib else "builtin", "samples": len(samples),
+            "method": req.calibrate_method, "prompts": "tokenizer",
+            "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
+        }
     if calib is not None:
-        precision["calibration"] = {"source": str(calib), "used": False,
-                                    "note": "weight-only formats need no calibration"}
-    return {}
+        return {}, {"source": str(calib), "used": False, "note": "weight-only formats need no calibration"}
+    return {}, None
 
 
 def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: dict, steps) -> None:
@@ -298,11 +243,11 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
     base = {"graph": graph, "dtype": req.dtype}
     if req.dtype == "fp16":
         with steps(f"fp16 {file}"):
-            kept = convert_fp16_file(path, "logits" if graph == "decoder" else None)
+            kept = convert_fp16_file(path, req.logits if graph == "decoder" else None)
             base["fp16"] = {"converter": "onnxruntime.transformers.float16", "kept_fp32_nodes": kept}
     if not req.quantizes(graph):
         records[file] = {**base, "format": "fp16", "backend": ["ort", "trt"],
-                         "opset": _opsets(onnx.load(str(path), load_external_data=False)), "bytes": graph_bytes(path)}
+                         "opset": opsets(onnx.load(str(path), load_external_data=False)), "bytes": graph_bytes(path)}
         return
     source, copied = _linear_source(req, graph)
     names, head, ks = _linears(req, graph, source)
@@ -357,7 +302,7 @@ def _needs_normalizing(graph) -> bool:
 def _linears(req: _Request, graph: str, source: Path) -> tuple[list[str], str | None, list[int]]:
     """The linears to quantize (node names), the lm_head's name, and their K dims (no weight is read)."""
     model = ir.load(str(source))
-    nodes, head = linear_nodes(model.graph, req.quantize_lm_head, "logits" if graph == "decoder" else None)
+    nodes, head = linear_nodes(model.graph, req.quantize_lm_head, req.logits if graph == "decoder" else None)
     if not nodes:
         raise ExportError(f"{req.files[graph]}: found no MatMul with a constant weight to quantize")
     return [n.name for n in nodes], head.name if head is not None else None, [int(n.inputs[1].shape[0]) for n in nodes]
@@ -394,7 +339,8 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
         smoothed = req.folder / f".{trt_file}.smoothed.onnx"
         try:
             if req.smooth_alpha is not None:  # activation outliers into the weights, same function in fp32
-                record["smoothing"] = smooth_file(source, smoothed, names, reader, req.smooth_alpha, IR_VERSION)
+                record["smoothing"] = smooth_file(source, smoothed, names, reader, req.smooth_alpha,
+                                                 IR_VERSION).to_json()
             qmodel = int8_static_qdq(smoothed if req.smooth_alpha is not None else source, target, names, reader,
                                      req.calibrate_method)
         finally:
@@ -403,7 +349,7 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
                       tensorrt_compatible=True)
         save_model(qmodel, target)
     record["quantized_nodes"] = count_quantized(qmodel)["QDQ_int4" if req.quant == "int4" else "QDQ_int8"]
-    record["opset"] = _opsets(qmodel)
+    record["opset"] = opsets(qmodel)
     if "MatMulNBits" not in req.forms:  # the only form: both backends open it, under the graph's own name
         record["backend"] = ["ort", "trt"]
     record["bytes"] = graph_bytes(target)
@@ -417,13 +363,11 @@ def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path,
                          qdq=False, accuracy_level=req.accuracy_level or None)
     fusions = None
     if graph == "decoder" and req.ort_fusions:
-        from attanchor_export.precision.ort_fusions import fuse_decoder_file
-
         fusions = fuse_decoder_file(path, req.dims)
         qmodel = onnx.load(str(path), load_external_data=False)
     record = {**base, "format": "MatMulNBits", "bits": req.bits, "block_size": req.block_size,
               "symmetric": False, "backend": ["ort"],
-              "quantized_nodes": count_quantized(qmodel)["MatMulNBits"], "opset": _opsets(qmodel),
+              "quantized_nodes": count_quantized(qmodel)["MatMulNBits"], "opset": opsets(qmodel),
               "tensorrt_compatible": False, "accuracy_level": req.accuracy_level}
     if fusions is not None:
         record["ort_fusions"] = fusions
@@ -442,16 +386,16 @@ def _count_linears(record: dict, graph: str, names: list[str], head: str | None)
         )
 
 
-def _raise_if_failed(fmt: str, precision: dict) -> None:
-    gate = precision["gate"]
-    if gate["passed"]:
+def _raise_if_failed(fmt: str, precision: Precision) -> None:
+    gate = precision.gate
+    if gate.passed:
         return
-    first = next(r for r in gate["results"] if not r["passed"])
+    first = next(r for r in gate.results if not r.passed)
     raise AccuracyGateFailed(
-        f"{fmt} accuracy gate failed for {first['decoder']}"
-        f"{' + ' + first['vision'] if first.get('vision_changed') else ''}: {'; '.join(first['failures'])}",
-        results=gate["results"], precision=precision,
+        f"{fmt} accuracy gate failed for {first.decoder}"
+        f"{' + ' + first.vision if first.vision_changed else ''}: {'; '.join(first.failures)}",
+        results=gate.results, precision=precision,
     )
 
 
-__all__ = ["BLOCK_SIZES", "DTYPES", "FORMS", "QUANTS", "graph_bytes", "quantize_artifact", "save_model", "trt_name"]
+__all__ = ["BLOCK_SIZES", "DTYPES", "FORMS", "QUANTS", "quantize_artifact", "trt_name"]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from attanchor_runtime.manifest import OutlierRatio, Smoothing, freeze
 
 EPS = 1e-5  # floor for a channel's max |x| or max |w|: dead channels keep s = 1
 
@@ -194,9 +195,10 @@ def scales(act_max: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.n
     return s
 
 
-def smooth(model: ir.Model, names: list[str], act_max: dict[str, np.ndarray], alpha: float) -> dict:
+def smooth(model: ir.Model, names: list[str], act_max: dict[str, np.ndarray], alpha: float) -> Smoothing:
     """Fold SmoothQuant scales into the linears `names` of `model` (in place) and their producers.
-    `act_max`: channel_absmax of the linears' inputs. Returns the manifest's record of what was done."""
+    `act_max`: channel_absmax of the linears' inputs. Returns the manifest's record of what was done
+    (precision.graphs[FILE].smoothing)."""
     wanted = set(names)
     linears = [n for n in model.graph if n.name in wanted]
     groups, left = plan(model.graph, linears)
@@ -215,17 +217,17 @@ def smooth(model: ir.Model, names: list[str], act_max: dict[str, np.ndarray], al
         ratios_before.append(float(x_max[live].max() / np.median(x_max[live])))
         smoothed = x_max / s
         ratios_after.append(float(smoothed[live].max() / np.median(smoothed[live])))
-    return {
-        "method": "SmoothQuant (scales folded into the preceding norm gain or linear)", "alpha": alpha,
-        "smoothed_linears": sum(folds.values()), "folded_into": folds,
-        "not_smoothed": sorted(n.name for n in left),
+    return Smoothing(
+        method="SmoothQuant (scales folded into the preceding norm gain or linear)", alpha=float(alpha),
+        smoothed_linears=sum(folds.values()), folded_into=freeze(folds),
+        not_smoothed=tuple(sorted(n.name for n in left)),
         # max / median of the per-channel max |x| over each smoothed input: the outlier spread per tensor
-        "outlier_ratio_max": {"before": round(max(ratios_before, default=1.0), 1),
-                              "after": round(max(ratios_after, default=1.0), 1)},
-    }
+        outlier_ratio_max=OutlierRatio(before=round(max(ratios_before, default=1.0), 1),
+                                       after=round(max(ratios_after, default=1.0), 1)),
+    )
 
 
-def smooth_file(src: Path, dst: Path, names: list[str], reader, alpha: float, ir_version: int) -> dict:
+def smooth_file(src: Path, dst: Path, names: list[str], reader, alpha: float, ir_version: int) -> Smoothing:
     """`src` with SmoothQuant folded into the linears `names` (activation maxima from `reader`), written
     to `dst` (+ .data); returns the record of `smooth`."""
     from attanchor_export.precision.streamed_weights import save_beside

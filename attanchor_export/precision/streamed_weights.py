@@ -17,12 +17,15 @@ MatMulNBitsQuantizer calls) quantizes each weight, so both paths give the same b
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+
+from attanchor_export.precision.graph_files import data_file, replacing
+from attanchor_export.precision.weights import quiet_ort_quantization
 
 _MS = "com.microsoft"
 
@@ -92,9 +95,7 @@ class _Quantized:
 def _quantizer(bits: int, block_size: int, symmetric: bool, qdq: bool, accuracy_level: int | None):
     from onnxruntime.quantization import QuantFormat
 
-    from attanchor_export.precision.weights import _quiet_ort_quantization
-
-    with _quiet_ort_quantization():
+    with quiet_ort_quantization():
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
             DefaultWeightOnlyQuantizer,
@@ -182,27 +183,16 @@ def _import(model: ir.Model, domain: str, version: int) -> None:
 
 
 def save_beside(model: ir.Model, path: Path, ir_version: int) -> None:
-    """Write `model` to `path` + `path.data` through temporary names, then replace both: `path` may be
+    """Write `model` to `path` + its data file through temporary names, then replace both: `path` may be
     the file its weights are still being read from."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.writing.onnx")
-    tmp_data = tmp.with_name(tmp.name + ".data")
     model.ir_version = ir_version
-    try:
+    with replacing(path) as (tmp, tmp_data):
         ir.save(model, str(tmp), external_data=tmp_data.name, max_workers=1)
-        _point_external_data(tmp, path.name + ".data")
-        os.replace(tmp_data, path.with_name(path.name + ".data"))
-        os.replace(tmp, path)
-    finally:
-        for p in (tmp, tmp_data):
-            if p.exists():
-                p.unlink()
+        _point_external_data(tmp, data_file(Path(path)).name)
 
 
 def _point_external_data(onnx_file: Path, location: str) -> None:
     """Rename the external data file every tensor of `onnx_file` refers to (protobuf only, no weights)."""
-    import onnx
-
     proto = onnx.load(str(onnx_file), load_external_data=False)
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         for entry in tensor.external_data:

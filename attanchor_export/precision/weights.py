@@ -24,8 +24,6 @@ import onnx
 from attanchor_graphs.onnx_utils import consumers, initializers, producers
 from onnx import TensorProto, numpy_helper
 
-from attanchor_export.precision.calibration import _as_reader
-
 TRT_INT4_BLOCK_SIZES = (128, 64)  # TensorRT INT4 block quantization accepts these only
 # MatMulNBits accuracy_level when the caller leaves it to us: 4 (activations quantized to int8 per block,
 # int8 dot products on CPU) for both. int4: 3.7x the fp32 decode speed at TinyLLaVA-1B dims on 2 threads
@@ -37,7 +35,7 @@ DEFAULT_ACCURACY_LEVEL = {"int4": 4, "int8": 4}
 
 
 @contextlib.contextmanager
-def _quiet_ort_quantization():
+def quiet_ort_quantization():
     """onnxruntime.quantization logs one INFO line per node, and matmul_nbits_quantizer calls
     logging.basicConfig(level=INFO) at import (configuring the root logger). Import it here, undo the
     root-logger change, and silence the package while it works."""
@@ -139,10 +137,10 @@ def int8_static_qdq(src: Path, dst: Path, names: list[str], reader, method: str)
     activations on the inputs of `names` only (no Q/DQ on MatMul outputs, attention untouched)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with _quiet_ort_quantization(), tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-") as tmp:
+    with quiet_ort_quantization(), tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-") as tmp:
         out = Path(tmp) / "model.onnx"
         quantize_static(
-            str(src), str(out), _as_reader(reader), quant_format=QuantFormat.QDQ,
+            str(src), str(out), _ort_reader(reader), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul"], nodes_to_quantize=names, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
             calibrate_method=getattr(CalibrationMethod, method),
@@ -158,7 +156,21 @@ def int8_static_qdq(src: Path, dst: Path, names: list[str], reader, method: str)
         return onnx.load(str(out))
 
 
+def _ort_reader(reader):
+    """One of precision.calibration's readers as a real onnxruntime CalibrationDataReader subclass."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return reader.get_next()
+
+        def rewind(self):
+            reader.rewind()
+
+    return Reader()
+
+
 __all__ = [
     "DEFAULT_ACCURACY_LEVEL", "TRT_INT4_BLOCK_SIZES", "count_quantized", "int8_static_qdq", "normalize_linears",
-    "trt_int4_block",
+    "quiet_ort_quantization", "trt_int4_block",
 ]

@@ -1,2 +1,2 @@
-"""Trace: checkpoint -> fp32 ONNX graphs. Graph specs (every input, output and dynamic axis, declared once),
-the vision and decoder traces, the hand-written embedding graph, the anchor threshold and the decoder rewrite."""
+"""Trace: checkpoint -> fp32 ONNX graphs, as the family's graph specs declare them: the vision and decoder
+traces, the hand-written embedding graph, the anchor threshold, and decoder rewrites with their parity."""

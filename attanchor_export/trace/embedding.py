@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 from attanchor_graphs import anchor_insert_function, make_anchor_node
 from attanchor_graphs.function import OPSET as ANCHOR_OPSET
+from attanchor_runtime.manifest import EmbedTable, GraphSpec
 from onnx import TensorProto, helper
-
-from attanchor_export.trace.specs import GraphSpec
 
 TABLE_FILE = "embed_tokens.bin"
 _ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
@@ -26,52 +25,59 @@ def _value_info(t):
     return helper.make_tensor_value_info(t.name, _ONNX_DTYPE[t.dtype], dims)
 
 
-def write_embed_table(table: np.ndarray, folder: Path) -> dict:
+def write_embed_table(table: np.ndarray, folder: Path) -> EmbedTable:
     """Raw little-endian [vocab, hidden] table; returns its manifest entry."""
     table = np.ascontiguousarray(table)
     table.astype(table.dtype.newbyteorder("<"), copy=False).tofile(folder / TABLE_FILE)
-    return {"file": TABLE_FILE, "dtype": str(table.dtype), "shape": list(table.shape)}
+    return EmbedTable(TABLE_FILE, str(table.dtype), tuple(table.shape))
 
 
 def build_embedding_model(
+    family,
     spec: GraphSpec,
-    table_entry: dict,
+    table: EmbedTable,
     image_token_id: int,
     mode: str,
     max_anchors: int | None,
     ir_version: int,
 ) -> onnx.ModelProto:
-    vocab, hidden = table_entry["shape"]
+    """The graph `spec` declares; `family` (attanchor_export.families) gives its position-id nodes."""
+    vocab, hidden = table.shape
     init = TensorProto()
     init.name = "embed_tokens.weight"
-    init.data_type = _ONNX_DTYPE[table_entry["dtype"]]
+    init.data_type = _ONNX_DTYPE[table.dtype]
     init.dims.extend([vocab, hidden])
     init.data_location = TensorProto.EXTERNAL
-    nbytes = vocab * hidden * np.dtype(table_entry["dtype"]).itemsize
-    for k, v in (("location", table_entry["file"]), ("offset", "0"), ("length", str(nbytes))):
+    nbytes = vocab * hidden * np.dtype(table.dtype).itemsize
+    for k, v in (("location", table.file), ("offset", "0"), ("length", str(nbytes))):
         init.external_data.add(key=k, value=v)
 
+    # The four roles every family's embedding graph has, in this order; a family may declare more inputs
+    # after them (its position nodes read them by name).
+    input_ids, text_mask, image_features, threshold = spec.input_names[:4]
+    inputs_embeds, attention_mask, position_ids, gather_index = spec.output_names[:4]
+    position_nodes, position_initializers = family.position_nodes(attention_mask, position_ids)
     const = helper.make_tensor
     nodes = [
-        helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["table_rows"], axis=0),
+        helper.make_node("Gather", ["embed_tokens.weight", input_ids], ["table_rows"], axis=0),
         # Math runs in float32 even when the table is stored in float16.
         helper.make_node("Cast", ["table_rows"], ["text_embeds"], to=TensorProto.FLOAT),
         # image_position = first index where input_ids == image_token_id (ReduceMin, not ArgMax:
         # ArgMax's tie order is not guaranteed by every backend).
-        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Shape", [input_ids], ["ids_shape"]),
         helper.make_node("Gather", ["ids_shape", "one"], ["text_len"], axis=0),
         helper.make_node("Range", ["zero", "text_len", "one"], ["text_arange"]),
-        helper.make_node("Equal", ["input_ids", "image_token_id"], ["is_image"]),
+        helper.make_node("Equal", [input_ids, "image_token_id"], ["is_image"]),
         helper.make_node("Where", ["is_image", "text_arange", "text_len"], ["image_candidates"]),
         helper.make_node("ReduceMin", ["image_candidates"], ["image_position"], axes=[1], keepdims=0),
         make_anchor_node(
-            ["text_embeds", "image_features", "text_attention_mask", "image_position", "threshold"],
-            ["gather_index", "attention_mask"],
+            ["text_embeds", image_features, text_mask, "image_position", threshold],
+            [gather_index, attention_mask],
             mode=mode,
             max_anchors=max_anchors,
         ),
         # Fused embeddings: one flat Gather over concat(text, image) rows of the whole batch.
-        helper.make_node("Concat", ["text_embeds", "image_features"], ["sources"], axis=1),
+        helper.make_node("Concat", ["text_embeds", image_features], ["sources"], axis=1),
         helper.make_node("Shape", ["sources"], ["sources_shape"]),
         helper.make_node("Gather", ["sources_shape", "zero"], ["batch"], axis=0),
         helper.make_node("Gather", ["sources_shape", "one"], ["rows_per_batch"], axis=0),
@@ -79,16 +85,10 @@ def build_embedding_model(
         helper.make_node("Range", ["zero", "batch", "one"], ["batch_arange"]),
         helper.make_node("Mul", ["batch_arange", "rows_per_batch"], ["row_offsets"]),
         helper.make_node("Unsqueeze", ["row_offsets", "axis_1"], ["row_offsets_col"]),
-        helper.make_node("Add", ["gather_index", "row_offsets_col"], ["flat_index"]),
-        helper.make_node("Gather", ["flat_sources", "flat_index"], ["inputs_embeds"], axis=0),
-        # HF position ids: cumsum(mask) - 1, and 1 on padding.
-        # CumSum in float32: TensorRT's CumSum takes float types only; counts stay exact below 2^24.
-        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
-        helper.make_node("CumSum", ["mask_float", "axis_1"], ["mask_cumsum_float"]),
-        helper.make_node("Cast", ["mask_cumsum_float"], ["mask_cumsum"], to=TensorProto.INT64),
-        helper.make_node("Sub", ["mask_cumsum", "one"], ["positions_raw"]),
-        helper.make_node("Equal", ["attention_mask", "zero"], ["is_pad"]),
-        helper.make_node("Where", ["is_pad", "one", "positions_raw"], ["position_ids"]),
+        helper.make_node("Add", [gather_index, "row_offsets_col"], ["flat_index"]),
+        helper.make_node("Gather", ["flat_sources", "flat_index"], [inputs_embeds], axis=0),
+        # Position ids: the family's (LLaVA: cumsum(mask) - 1, and 1 on padding).
+        *position_nodes,
     ]
     initializers = [
         init,
@@ -97,6 +97,7 @@ def build_embedding_model(
         const("axis_1", TensorProto.INT64, [1], [1]),
         const("image_token_id", TensorProto.INT64, [], [image_token_id]),
         const("flat_shape", TensorProto.INT64, [2], [-1, hidden]),
+        *position_initializers,
     ]
     graph = helper.make_graph(
         nodes,

@@ -3,7 +3,7 @@
 The pass itself (what it rewrites and why) is attanchor_graphs.attention_pass, a pure ONNX graph
 pass; this step loads the exported decoder without its weights, runs the pass, and replaces the
 file, after an ONNX Runtime parity check against the original when asked
-(attanchor_export.checks.decoder_parity). Weights (external data) are never read or rewritten.
+(trace.decoder_parity). Weights (external data) are never read or rewritten.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from attanchor_graphs.attention_pass import OPTIMIZE_VERSION, optimize_decoder_model
 
-from attanchor_export.checks.decoder_parity import decoder_parity
+from attanchor_export.trace.decoder_parity import decoder_parity
 
 
 def optimize_decoder(path, dims, check: bool = False, atol: float = 1e-4, output=None) -> dict:
@@ -29,7 +29,7 @@ def optimize_decoder(path, dims, check: bool = False, atol: float = 1e-4, output
     if target.parent.resolve() != path.parent.resolve():
         raise ValueError("optimize_decoder writes next to the original graph: its external data is shared")
     model = onnx.load(str(path), load_external_data=False)
-    report = optimize_decoder_model(model, dims)
+    report = optimize_decoder_model(model, dims.num_heads, dims.num_kv_heads, dims.head_dim)
     tmp = target.with_name(target.name + ".optimizing")
     tmp.write_bytes(model.SerializeToString())
     try:

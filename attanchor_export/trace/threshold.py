@@ -11,43 +11,46 @@ calibration set, computed on the PyTorch model before tracing (every later check
 from __future__ import annotations
 
 import numpy as np
+from attanchor_graphs.specification import cosine_scores
+from attanchor_runtime.manifest import Calibration
+
+from attanchor_export.errors import ExportError
+from attanchor_export.load.datasets import load_calibration_set
 
 TARGET_RATE = 0.10
 
 
 def calibration_prompts(source: str | None, limit: int = 256) -> list[tuple[object, str]]:
     """(image, question) pairs from the calibration set (`--calib`: easy-vqa, a folder, JSONL; else built in)."""
-    from attanchor_export.precision.calibration import load_calibration_set
-
     return [(s.image, s.prompt) for s in load_calibration_set(source, limit=limit)]
 
 
 def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> np.ndarray:
     """Best cosine over patches for every candidate (text token after the image) of every prompt."""
-    import torch
-    from attanchor_graphs.reference import cosine_scores
+    import torch  # the PyTorch side is imported when used: `bench --threshold auto` needs threshold_for_rate only
+    from attanchor_runtime.image_input import load_image
     from PIL import Image
 
-    from attanchor_export.checks.torch_reference import image_features
+    from attanchor_export.source_model import image_features
 
-    dims = loaded.dims
-    embed = loaded.adapter.embed_tokens(loaded.model)
+    image_token_id = loaded.tokens.image_token_id
+    embed = loaded.family.embed_tokens(loaded.model)
     scores = []
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
-        images = [Image.open(im).convert("RGB") if isinstance(im, str) else Image.fromarray(np.asarray(im))
-                  for im, _ in chunk]
+        # --calib images through the runtime's bounded loader (size limits, 16-bit scaling), as at run time.
+        images = [load_image(im) if isinstance(im, str) else Image.fromarray(np.asarray(im)) for im, _ in chunk]
         pixels = image_processor(images=images, return_tensors="np")["pixel_values"]
         features = image_features(loaded, pixels).float().numpy()
         for (_, question), feats in zip(chunk, features, strict=True):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False).input_ids
-            if dims.image_token_id not in ids:
+            if image_token_id not in ids:
                 continue
-            after = ids[ids.index(dims.image_token_id) + 1 :]
+            after = ids[ids.index(image_token_id) + 1 :]
             # A run of placeholders (processors that expand <image>) is one image slot: skip the rest of it.
-            after = [t for t in after if t != dims.image_token_id]
+            after = [t for t in after if t != image_token_id]
             if not after:
                 continue
             with torch.no_grad():
@@ -61,20 +64,13 @@ def threshold_for_rate(scores: np.ndarray, rate: float = TARGET_RATE) -> float:
     return float(np.quantile(np.asarray(scores, np.float64), 1.0 - rate))
 
 
-def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: float = TARGET_RATE) -> dict:
-    """The manifest's anchor calibration record; "threshold" is the chosen value."""
+def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: float = TARGET_RATE) -> Calibration:
+    """The manifest's anchor calibration record; `threshold` is the chosen value."""
     pairs = calibration_prompts(source)
     scores = best_scores(loaded, tokenizer, image_processor, pairs)
     if scores.size == 0:
-        from attanchor_export.errors import ExportError
-
         raise ExportError("--threshold auto: no calibration prompt has text after the image placeholder")
     threshold = threshold_for_rate(scores, rate)
-    return {
-        "threshold": round(threshold, 6),
-        "target_rate": rate,
-        "rate": float((scores >= np.float32(round(threshold, 6))).mean()),
-        "candidates": int(scores.size),
-        "prompts": len(pairs),
-        "source": source or "builtin",
-    }
+    return Calibration(threshold=round(threshold, 6), target_rate=rate,
+                       rate=float((scores >= np.float32(round(threshold, 6))).mean()), candidates=int(scores.size),
+                       prompts=len(pairs), source=source or "builtin")

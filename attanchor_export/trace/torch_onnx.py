@@ -26,8 +26,23 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
+from attanchor_runtime.manifest import PAST_LEN, GraphSpec
+from torch.export import Dim
 
-from attanchor_export.trace.specs import GraphSpec
+from attanchor_export.load.streamed import on_meta
+
+
+def dynamic_axes(spec: GraphSpec, name: str, dims: dict | None = None) -> dict[int, Dim]:
+    """torch.export's dynamic shape of input `name`: one Dim per symbolic axis of its spec, shared through
+    `dims` (symbol -> Dim) across inputs so equal names are equal sizes. A past may be empty (min 0)."""
+    dims = {} if dims is None else dims
+    axes = {}
+    for i, axis in enumerate(spec.input(name).shape):
+        if isinstance(axis, str):
+            if axis not in dims:
+                dims[axis] = Dim(axis, min=0) if axis == PAST_LEN else Dim(axis)
+            axes[i] = dims[axis]
+    return axes
 
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, spec: GraphSpec, path: Path,
@@ -70,8 +85,6 @@ def _traced_on_meta(module, streamed):
     if streamed is None:
         yield None
         return
-    from attanchor_export.load.streamed import on_meta
-
     paused = streamed.streamer.paused() if streamed.streamer is not None else nullcontext()
     with paused, on_meta(module) as originals:
         yield originals

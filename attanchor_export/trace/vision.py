@@ -1,17 +1,15 @@
-"""vision.onnx: pixel_values -> projected image features (tower, feature layer, select, projector)."""
+"""vision.onnx: the vision graph's inputs -> projected image features (the family's vision module)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch.export import Dim
+from attanchor_runtime.manifest import GraphSpec
 
-from attanchor_export.trace.specs import BATCH, GraphSpec
-from attanchor_export.trace.torch_onnx import trace_to_onnx
+from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx
 
 
-def export_vision(vision_module: torch.nn.Module, dims, spec: GraphSpec, path: Path, opset: int) -> None:
-    # Batch 2 at trace time: a batch of 1 would be specialised to a constant by torch.export.
-    pixels = torch.randn(2, 3, dims.image_size, dims.image_size, generator=torch.Generator().manual_seed(0))
-    trace_to_onnx(vision_module, (pixels,), {"pixel_values": {0: Dim(BATCH)}}, spec, path, opset)
+def export_vision(family, model, spec: GraphSpec, path: Path, opset: int) -> None:
+    shared: dict = {}  # symbol -> torch Dim, so equal names are equal sizes
+    shapes = {name: dynamic_axes(spec, name, shared) for name in spec.input_names}
+    trace_to_onnx(family.vision_module(model), family.vision_example_inputs(), shapes, spec, path, opset)

@@ -1,4 +1,4 @@
-"""TensorRT engines from an artifact's ONNX graphs: thin tensorrt calls around trt_plan.BuildPlan.
+"""TensorRT engines from an artifact's ONNX graphs: thin tensorrt calls around trt.plan.BuildPlan.
 
     result = build_engines("out/tiny", max_batch=1, max_input_len=768, max_seq_len=2048)
     str(result)   # out/tiny/engines/orin-sm87-trt10.3.0.30
@@ -8,7 +8,7 @@ parser's ``parse_from_file`` (external data resolves beside the file), the plan'
 profiles, TF32 cleared unless allowed, the workspace limit, and one timing cache per engine folder,
 loaded before and saved after every build (a rebuild with other lengths reuses the measured tactics).
 No precision builder flag, no per-layer precision, no calibrator: the graphs' tensor types and Q/DQ
-nodes are the precision (trt_plan's docstring says what each format holds). That is the only way
+nodes are the precision (trt/plan.py's docstring says what each format holds). That is the only way
 TensorRT 11 builds, and TensorRT 10.x builds the same engines from the same calls, so both
 generations share this one code path.
 
@@ -21,7 +21,8 @@ Then the gate, because engines that build cleanly and print garbage are the know
 engine runs through the real ``trt`` runtime backend on fixed inputs and is compared with
 onnxruntime CPU on the same ONNX file (fp32: max |diff| <= 1e-3 on logits and image features,
 otherwise cosine >= 0.99; anchor indices exactly). The decoder is checked in both profiles (prefill,
-then one decode step on the engine's own KV cache), with feeds from ``attanchor_runtime.decoder_feeds``. A failing folder is kept as
+then one decode step on the engine's own KV cache), both sides driven by the runtime's decode loop
+(``attanchor_runtime.decode.decoder_calls``) on the same feeds. A failing folder is kept as
 ``engines/<name>.failed`` and GateFailed is raised; the runtime never picks it up.
 
 Without tensorrt, cuda-python or a CUDA GPU, TrtUnavailable (exit code 2) says in one line what is
@@ -38,16 +39,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from attanchor_runtime.decoder_feeds import Step, cosine_rows, empty_past, prefill_feeds
+from attanchor_graphs.specification import position_ids_from_mask
+from attanchor_runtime.batch import PreparedBatch
+from attanchor_runtime.cuda_util import Cuda, CudaUnavailable
+from attanchor_runtime.decode import decoder_calls
 from attanchor_runtime.engines import (
+    ENGINE_META,
     ENGINES_DIR,
     EngineMeta,
     engine_dir_name,
     engine_record,
     onnxruntime_record,
 )
+from attanchor_runtime.families import family_of
+from attanchor_runtime.manifest import Manifest, sha256_of
+from attanchor_runtime.ort_backend import OrtBackend
+from attanchor_runtime.trt_backend import TRT_INSTALL_HINT, TrtBackend
 
 from attanchor_export.artifact import staging_folder
+from attanchor_export.checks.compare import cosine_rows
 from attanchor_export.errors import ExportError
 from attanchor_export.trt.plan import BuildOptions, BuildPlan, EngineSpec, Gate, PlanError, make_plan
 
@@ -86,8 +96,6 @@ class BuildResult:
 
 
 def _unavailable(what: str, folder) -> TrtUnavailable:
-    from attanchor_runtime.trt_backend import TRT_INSTALL_HINT
-
     return TrtUnavailable(f"cannot build TensorRT engines: {what}. Install: {TRT_INSTALL_HINT}. The ONNX graphs are "
                           f"written in {folder}; build the engines on the target GPU with "
                           f"`attanchor-export build {folder}`")
@@ -99,8 +107,6 @@ def require_tensorrt(folder):
         import tensorrt as trt
     except ImportError:
         raise _unavailable("the tensorrt Python package is not installed", folder) from None
-    from attanchor_runtime.cuda_util import Cuda, CudaUnavailable
-
     try:
         cuda = Cuda()
     except CudaUnavailable as e:
@@ -111,7 +117,6 @@ def require_tensorrt(folder):
 def source_hashes(onnx_path: Path) -> dict[str, str]:
     """sha256 of an ONNX file and of every external-data file it references, by artifact-relative name."""
     import onnx
-    from attanchor_runtime.manifest import sha256_of
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     names = {onnx_path.name}
@@ -203,6 +208,12 @@ def _options(options: BuildOptions | None, overrides: dict) -> BuildOptions:
     return options
 
 
+def _foreign_engine_dir(folder: Path) -> str | None:
+    if any(folder.iterdir()) and not (folder / ENGINE_META).is_file():
+        return f"it holds no {ENGINE_META}"
+    return None
+
+
 def _gate_failed(gate: dict, failed_dir: Path) -> GateFailed:
     bad = [c for c in gate["checks"] if not c["passed"]]
     first = bad[0]
@@ -214,8 +225,6 @@ def _gate_failed(gate: dict, failed_dir: Path) -> GateFailed:
 def build_engines(folder, options: BuildOptions | None = None, *, gate: bool = True, log=None,
                   **option_overrides) -> BuildResult:
     """Plan (validated first, without tensorrt), then build every TensorRT engine and gate it."""
-    from attanchor_runtime.manifest import Manifest
-
     folder = Path(folder)
     log = log or (lambda message: None)
     manifest = Manifest.load(folder, verify="size")
@@ -224,7 +233,8 @@ def build_engines(folder, options: BuildOptions | None = None, *, gate: bool = T
     info = cuda.device_info()
     final = folder / ENGINES_DIR / engine_dir_name(info.name, info.sm, trt.__version__)
     start = time.perf_counter()
-    with staging_folder(final, force=True) as staging:  # a rebuild replaces this GPU's engines only when done
+    # A rebuild replaces this GPU's engines only when done, and only a folder of engines.
+    with staging_folder(final, force=True, foreign=_foreign_engine_dir) as staging:
         out = staging.path
         cache_path = Path(plan.options.timing_cache) if plan.options.timing_cache else out / "timing.cache"
         if not plan.options.timing_cache and (final / "timing.cache").is_file():
@@ -277,17 +287,14 @@ def compare(reference: np.ndarray, actual: np.ndarray, gate: Gate, graph: str, c
     return {**check, "value": value, "passed": passed}
 
 
-def gate_inputs(manifest, plan: BuildPlan, seed: int = 0) -> dict:
+def gate_inputs(manifest: Manifest, plan: BuildPlan, seed: int = 0) -> dict:
     """Fixed inputs within every profile: pixels, a prompt with the image placeholder, decoder embeds."""
     rng = np.random.default_rng(seed)
     dims, text = manifest.dims, manifest.text
     opts = plan.options
     batch = min(2, opts.max_batch)
-    size = dims["image_size"]
-    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    vocab = dims["vocab_size"]
-    specials = {text.image_token_id, text.pad_token_id}
-    ordinary = np.array([i for i in range(min(vocab, 4096)) if i not in specials], np.int64)
+    pixels = family_of(manifest).example_pixels(batch, rng)
+    ordinary = np.array([i for i in range(min(dims.vocab_size, 4096)) if i not in text.special_ids], np.int64)
     emb = plan.engines["embedding"]
     max_text = emb.profiles[0].dims["text_len"][2] if emb.backend == "tensorrt" else opts.max_input_len
     text_len = max(2, min(12, max_text))
@@ -295,62 +302,53 @@ def gate_inputs(manifest, plan: BuildPlan, seed: int = 0) -> dict:
     ids[:, min(2, text_len - 1)] = text.image_token_id
     mask = np.ones_like(ids)
     if batch > 1:  # a left-padded row
-        ids[1, :1], mask[1, :1] = text.pad_token_id or 0, 0
+        ids[1, :1], mask[1, :1] = text.pad_or_zero, 0
         ids[1, 1] = ids[0, 0]
     seq = max(1, min(16, opts.max_input_len))
-    table = manifest.embed_table()
+    table = manifest.embed_table_memmap()
     embeds = np.asarray(table[rng.choice(ordinary, size=(batch, seq))], np.float32)
     dmask = np.ones((batch, seq), np.int64)
     if batch > 1:
         dmask[1, :2] = 0
-    positions = np.maximum(np.cumsum(dmask, axis=1) - 1, 0)
-    positions = np.where(dmask == 0, 1, positions)
     step = np.asarray(table[rng.choice(ordinary, size=(batch, 1))], np.float32)
     return {"pixel_values": pixels, "input_ids": ids, "text_attention_mask": mask, "inputs_embeds": embeds,
-            "attention_mask": dmask, "position_ids": positions, "step_embeds": step,
-            "threshold": float(manifest.anchor.get("threshold", 0.12))}
+            "attention_mask": dmask, "position_ids": position_ids_from_mask(dmask), "step_embeds": step,
+            "threshold": manifest.anchor.threshold}
 
 
-def run_gates(manifest, plan: BuildPlan, engine_dir: Path, trt=None, cuda=None) -> dict:
-    """Every TensorRT engine against onnxruntime CPU on the same ONNX files."""
-    from attanchor_runtime.sessions import ort_session
-    from attanchor_runtime.trt_backend import TrtBackend
-
+def run_gates(manifest: Manifest, plan: BuildPlan, engine_dir: Path, trt=None, cuda=None) -> dict:
+    """Every TensorRT engine against onnxruntime CPU on the same ONNX files, both through the decode loop."""
     x = gate_inputs(manifest, plan)
+    family = family_of(manifest)
+    files = {graph: spec.onnx for graph, spec in plan.engines.items()}
+    reference = OrtBackend(manifest, files=files)
     backend = TrtBackend(manifest, engine_dir, full_logits=True, trt=trt, cuda=cuda)
     checks = []
     try:
         spec = plan.engines["vision"]
-        vision = ort_session(manifest.path(spec.onnx), "cpu")
-        ref_feats = vision.run(["image_features"], {"pixel_values": x["pixel_values"]})[0]
-        got_feats = backend.vision(x["pixel_values"])
+        vision_feeds = family.vision_feeds(x["pixel_values"], len(x["pixel_values"]))
+        ref_feats = reference.vision(vision_feeds)
+        got_feats = backend.vision(vision_feeds)
         checks += [compare(ref_feats, got_feats, g, "vision", f"batch {len(ref_feats)}") for g in spec.gates]
 
         spec = plan.engines["embedding"]
         if spec.backend == "tensorrt":
-            session = ort_session(manifest.path(spec.onnx), "cpu")
-            names = ["inputs_embeds", "attention_mask", "position_ids", "gather_index"]
-            feeds = {"input_ids": x["input_ids"], "text_attention_mask": x["text_attention_mask"],
-                     "image_features": ref_feats, "threshold": np.asarray(x["threshold"], np.float32)}
-            ref = dict(zip(names, session.run(names, feeds)))
-            got = backend.embed(x["input_ids"], x["text_attention_mask"], ref_feats, x["threshold"])
+            batch = PreparedBatch(x["input_ids"], x["text_attention_mask"], [])
+            feeds = family.embedding_feeds(batch, ref_feats, x["threshold"], vision_feeds)
+            ref, got = reference.embed(feeds), backend.embed(feeds)
             checks += [compare(ref[g.output], got[g.output], g, "embedding", "anchors") for g in spec.gates]
 
         spec = plan.engines["decoder"]
-        decoder = ort_session(manifest.path(spec.onnx), "cpu")
-        outputs = [o.name for o in decoder.get_outputs()]
-        batch = len(x["inputs_embeds"])
-        feeds = prefill_feeds(x["inputs_embeds"], x["attention_mask"], x["position_ids"],
-                              empty_past(manifest.dims, batch))
-        ref = decoder.run(outputs, feeds)
-        logits, cache = backend.decode(x["inputs_embeds"], x["attention_mask"], x["position_ids"],
-                                       backend.empty_cache(batch))
+        step = family.first_step(x["attention_mask"], x["position_ids"])
+        ref_calls, got_calls = (list(decoder_calls(b, step, x["inputs_embeds"],
+                                                   lambda call: x["step_embeds"] if call.index == 0 else None))
+                                for b in (reference, backend))
         valid = x["attention_mask"] == 1  # padding positions' logits are undefined (fully masked rows)
-        checks += [compare(ref[0][valid][None], logits[valid][None], g, "decoder", "prefill") for g in spec.gates]
-        step = Step.after_prefill(x["attention_mask"], x["position_ids"]).advance()
-        ref_step = decoder.run(outputs, step.feeds(x["step_embeds"], backend.past_names, ref[1:]))
-        logits, cache = backend.decode(x["step_embeds"], step.attention_mask, step.position_ids, cache)
-        checks += [compare(ref_step[0], logits, g, "decoder", "decode step") for g in spec.gates]
+        ref_prefill, got_prefill = ref_calls[0].logits, got_calls[0].logits
+        checks += [compare(ref_prefill[valid][None], got_prefill[valid][None], g, "decoder", "prefill")
+                   for g in spec.gates]
+        checks += [compare(ref_calls[1].logits, got_calls[1].logits, g, "decoder", "decode step") for g in spec.gates]
     finally:
         backend.close()
+        reference.close()
     return {"passed": all(c["passed"] for c in checks), "checks": checks}

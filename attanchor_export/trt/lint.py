@@ -44,7 +44,7 @@ def _file_for_tensorrt(manifest: Manifest, graph: str) -> str:
     try:
         return manifest.graph_file(graph, "trt")
     except NoGraphForm:  # no TensorRT form (MatMulNBits only): linting the onnxruntime file shows why
-        return manifest.graphs[graph]["file"]
+        return manifest.graphs[graph].file
 
 
 def lint_artifact(folder, target: str = "10.3") -> ArtifactLintReport:
@@ -55,8 +55,8 @@ def lint_artifact(folder, target: str = "10.3") -> ArtifactLintReport:
         raise ExportError(str(e)) from None
     manifest = Manifest.load(folder, verify="none")
     reports = {}
-    for graph, entry in manifest.graphs.items():
+    for graph, spec in manifest.graphs.items():
         file = _file_for_tensorrt(manifest, graph)
-        allow = bool(entry.get("notes", {}).get("data_dependent_shapes", False))
+        allow = spec.notes.data_dependent_shapes
         reports[graph] = lint_model(manifest.path(file), target, allow_data_dependent=allow, name=file)
     return ArtifactLintReport(str(manifest.folder), target, reports)

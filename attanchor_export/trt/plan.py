@@ -1,7 +1,7 @@
 """The TensorRT engine build plan as plain, JSON-serialisable data. No tensorrt import.
 
     plan = make_plan(manifest_or_folder, BuildOptions(max_batch=1, max_input_len=768, max_seq_len=2048))
-    plan.to_json()          # what trt_build.py executes and engine.json records
+    plan.to_json()          # what trt/build.py executes and engine.json records
     print(plan.format_table())
 
 Per graph (``plan.engines[name]`` is an :class:`EngineSpec`):
@@ -28,7 +28,7 @@ the artifact's graphs carry the precision and the plan only records it (``Engine
 
 * fp32: every tensor fp32. TF32 is cleared (TensorRT enables it by default; fp32 parity and the
   anchor cosine scores need IEEE fp32 MatMuls) unless ``allow_tf32``.
-* fp16 (quantize.convert_fp16): fp16 weights and activations, fp32 islands (norms, softmax, the RoPE
+* fp16 (precision.fp16): fp16 weights and activations, fp32 islands (norms, softmax, the RoPE
   angle path, the logits) joined by Cast nodes, fp32 graph inputs and outputs. Strongly typed, each
   node runs in the type the graph says, which the 10.x FP16 flag could only approximate (it needed
   OBEY_PRECISION_CONSTRAINTS and every fp32 layer pinned; 11.x has neither).
@@ -44,6 +44,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from attanchor_runtime.manifest import Manifest, NoGraphForm, Precision, TensorSpec
+
 from attanchor_export.errors import ExportError
 
 __all__ = [
@@ -52,7 +54,9 @@ __all__ = [
 ]
 
 EMPTY_PAST_MODES = ("zero", "masked-slot")
-PLAN_VERSION = 2  # 2: strongly typed only (EngineSpec.precision replaced the builder flags)
+# 2: strongly typed only (EngineSpec.precision replaced the builder flags); 3: the artifact's precision as
+# its label ("fp16/int4"), not a copy of the manifest section
+PLAN_VERSION = 3
 
 
 class PlanError(ExportError):
@@ -110,7 +114,7 @@ class EngineSpec:
 @dataclass
 class BuildPlan:
     artifact: str
-    precision: dict
+    precision: str  # the artifact's, as its label: "fp32/none", "fp16/int4"
     options: BuildOptions
     engines: dict[str, EngineSpec]
     version: int = PLAN_VERSION
@@ -134,8 +138,7 @@ class BuildPlan:
         return cls(data["artifact"], data["precision"], BuildOptions(**data["options"]), engines, data["version"])
 
     def format_table(self) -> str:
-        lines = [f"build plan for {self.artifact} ({self.precision.get('dtype', 'fp32')}/"
-                 f"{self.precision.get('quant', 'none')}, workspace {self.options.workspace_mib} MiB)"]
+        lines = [f"build plan for {self.artifact} ({self.precision}, workspace {self.options.workspace_mib} MiB)"]
         for spec in self.engines.values():
             if spec.backend != "tensorrt":
                 lines.append(f"  {spec.graph:<10} onnxruntime: {spec.reason}")
@@ -149,21 +152,8 @@ class BuildPlan:
 
 
 # ---- plan construction ------------------------------------------------------------------------
-def _load_manifest(manifest):
-    """A Manifest, a manifest dict (with an optional "folder") or an artifact folder, as a Manifest."""
-    from attanchor_runtime.manifest import Manifest
-
-    if isinstance(manifest, (str, Path)):
-        return Manifest.load(manifest, verify="none")
-    if hasattr(manifest, "data"):
-        return Manifest(Path(manifest.folder), manifest.data)
-    return Manifest(Path(manifest.get("folder", ".")), manifest)
-
-
-def trt_file(manifest, graph: str) -> str:
+def trt_file(manifest: Manifest, graph: str) -> str:
     """The ONNX file TensorRT builds for `graph` (Manifest.graph_file(graph, "trt")), PlanError without one."""
-    from attanchor_runtime.manifest import NoGraphForm
-
     try:
         return manifest.graph_file(graph, "trt")
     except NoGraphForm as e:
@@ -190,34 +180,34 @@ def _graph_qdq_bits(path: Path) -> int | None:
     return min(bits) if bits else 0
 
 
-def _graph_precision(graph: str, precision: dict, qdq_bits: int | None) -> str:
+def _graph_precision(graph: str, precision: Precision, qdq_bits: int | None) -> str:
     """What one graph's tensor types are: "fp32", "fp16", "fp32 + int8 QDQ", "fp16 + int4 QDQ"."""
-    dtype, quant = precision.get("dtype", "fp32"), precision.get("quant", "none")
+    dtype, quant = precision.dtype, precision.quant
     if dtype not in ("fp32", "fp16") or quant not in ("none", "int8", "int4"):
         raise PlanError(f"unknown artifact precision dtype={dtype!r} quant={quant!r}: expected fp32|fp16 and "
                         "none|int8|int4")
     if graph == "embedding":  # never converted: its cosine scores pick discrete anchor indices
         return "fp32"
     if qdq_bits is None:  # no file to look at: what the manifest says was quantized
-        quantized = quant != "none" and (graph == "decoder" or bool(precision.get("vision_quantized")))
+        quantized = quant != "none" and (graph == "decoder" or precision.vision_quantized)
         qdq_bits = {"int4": 4, "int8": 8}[quant] if quantized else 0
     return f"{dtype} + int{qdq_bits} QDQ" if qdq_bits else dtype
 
 
-def _shapes(inputs: list[dict], dims: dict[str, list[int]], graph: str) -> dict[str, dict[str, list[int]]]:
+def _shapes(inputs: tuple[TensorSpec, ...], dims: dict[str, list[int]], graph: str) -> dict[str, dict[str, list[int]]]:
     shapes = {}
     for spec in inputs:
         ranges = {"min": [], "opt": [], "max": []}
-        for axis in spec["shape"]:
+        for axis in spec.shape:
             if isinstance(axis, int):
                 values = (axis, axis, axis)
             elif axis in dims:
                 values = dims[axis]
             else:
-                raise PlanError(f"{graph} input {spec['name']} has a dimension {axis!r} the build plan does not know")
+                raise PlanError(f"{graph} input {spec.name} has a dimension {axis!r} the build plan does not know")
             for key, value in zip(("min", "opt", "max"), values):
                 ranges[key].append(int(value))
-        shapes[spec["name"]] = ranges
+        shapes[spec.name] = ranges
     return shapes
 
 
@@ -227,14 +217,16 @@ def _check_range(name: str, value: int, lo: int, hi: int, hint: str = "") -> int
     return value
 
 
-def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool = True) -> BuildPlan:
-    """The engine specs for an artifact; raises PlanError (one line) for options that cannot work."""
+def make_plan(manifest: Manifest | str | Path, options: BuildOptions | None = None,
+              inspect_onnx: bool = True) -> BuildPlan:
+    """The engine specs for an artifact (its Manifest or folder); raises PlanError (one line) for options
+    that cannot work."""
     options = options or BuildOptions()
-    manifest = _load_manifest(manifest)
-    folder, dims, graphs = manifest.folder, manifest.dims, manifest.graphs
-    precision = dict(manifest.precision)
-    image_tokens = int(dims["image_tokens"])
-    max_positions = int(dims["max_position_embeddings"])
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.load(manifest, verify="none")
+    folder, dims, graphs, precision = Path(manifest.folder), manifest.dims, manifest.graphs, manifest.precision
+    image_tokens = dims.image_tokens
+    max_positions = dims.max_position_embeddings
 
     # -- options -----------------------------------------------------------------------------
     if options.max_batch < 1:
@@ -272,26 +264,27 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
     engines: dict[str, EngineSpec] = {}
 
     # -- vision --------------------------------------------------------------------------------
-    vision = graphs["vision"]
+    vision = graphs.vision
     vision_file = trt_file(manifest, "vision")
     vision_precision = graph_precision("vision", vision_file)
     engines["vision"] = EngineSpec(
         "vision", "tensorrt", vision_file, "vision.plan",
-        [Profile("all", {"batch": batch}, _shapes(vision["inputs"], {"batch": batch}, "vision"))],
-        vision_precision, gates("image_features", vision_precision),
+        [Profile("all", {"batch": batch}, _shapes(vision.inputs, {"batch": batch}, "vision"))],
+        vision_precision, gates(vision.output_names[0], vision_precision),
     )
 
     # -- embedding -----------------------------------------------------------------------------
-    emb = graphs["embedding"]
+    emb = graphs.embedding
+    emb_embeds, emb_mask, _, emb_gather = emb.output_names
     k = manifest.anchor.max_anchors
-    if emb.get("notes", {}).get("data_dependent_shapes", not k) or not k:
+    if emb.notes.data_dependent_shapes or not k:
         engines["embedding"] = EngineSpec(
-            "embedding", "onnxruntime", emb["file"],
+            "embedding", "onnxruntime", emb.file,
             reason="output length depends on how many anchors each prompt gets (no max_anchors budget in the "
                    "artifact); it runs on onnxruntime CPU. Export with --max-anchors K for a TensorRT engine",
         )
     elif not options.embedding_engine:
-        engines["embedding"] = EngineSpec("embedding", "onnxruntime", emb["file"],
+        engines["embedding"] = EngineSpec("embedding", "onnxruntime", emb.file,
                                           reason="embedding engine disabled by the build options")
     else:
         max_text = max_in - image_tokens - int(k) + 1  # L = T - 1 + M + K <= max_input_len
@@ -301,17 +294,16 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
         opt_text = max(1, min(max_text, opt_in - image_tokens - int(k) + 1))
         emb_dims = {"batch": batch, "text_len": [1, opt_text, max_text]}
         engines["embedding"] = EngineSpec(
-            "embedding", "tensorrt", emb["file"], "embedding.plan",
-            [Profile("all", emb_dims, _shapes(emb["inputs"], emb_dims, "embedding"))],
-            graph_precision("embedding", emb["file"]),
-            [Gate("gather_index", "exact", 0.0), Gate("attention_mask", "exact", 0.0),
-             Gate("inputs_embeds", "max_abs_diff", 1e-6)],
+            "embedding", "tensorrt", emb.file, "embedding.plan",
+            [Profile("all", emb_dims, _shapes(emb.inputs, emb_dims, "embedding"))],
+            graph_precision("embedding", emb.file),
+            [Gate(emb_gather, "exact", 0.0), Gate(emb_mask, "exact", 0.0), Gate(emb_embeds, "max_abs_diff", 1e-6)],
             notes=[f"text_len <= {max_text} so that T - 1 + {image_tokens} + {k} <= max_input_len {max_in}",
                    "the engine embeds the token table as weights (a second copy beside embed_tokens.bin)"],
         )
 
     # -- decoder -------------------------------------------------------------------------------
-    dec = graphs["decoder"]
+    dec = graphs.decoder
     dec_file = trt_file(manifest, "decoder")
     slot = 1 if options.empty_past == "masked-slot" else 0
     prefill = {"batch": batch, "seq_len": [1, opt_in, max_in], "past_len": [slot, slot, slot]}
@@ -319,18 +311,18 @@ def make_plan(manifest, options: BuildOptions | None = None, inspect_onnx: bool 
     profiles = []
     for name, d in (("prefill", prefill), ("decode", decode)):
         d["total_len"] = [p + s for p, s in zip(d["past_len"], d["seq_len"])]
-        profiles.append(Profile(name, d, _shapes(dec["inputs"], d, "decoder")))
+        profiles.append(Profile(name, d, _shapes(dec.inputs, d, "decoder")))
     dec_precision = graph_precision("decoder", dec_file)
     notes = [f"max_seq_len {max_seq}: prompt + generated positions; max_input_len {max_in}: prefill positions "
              "including image tokens and anchors"]
     if slot:
         notes.append("masked-slot empty past: the cache holds one extra zero slot masked out by attention_mask")
     engines["decoder"] = EngineSpec("decoder", "tensorrt", dec_file, "decoder.plan", profiles, dec_precision,
-                                    gates("logits", dec_precision), notes=notes)
+                                    gates(dec.output_names[0], dec_precision), notes=notes)
 
     options = BuildOptions(**{**asdict(options), "max_seq_len": max_seq, "max_input_len": max_in,
                               "opt_batch": opt_batch, "opt_input_len": opt_in, "opt_past_len": opt_past})
-    plan = BuildPlan(str(folder), precision, options, engines)
+    plan = BuildPlan(str(folder), precision.label, options, engines)
     problems = [p for spec in engines.values() for p in profile_problems(spec)]
     if problems:  # construction above makes this unreachable; a guard against future edits
         raise PlanError(f"inconsistent TensorRT profiles: {problems[0]}")

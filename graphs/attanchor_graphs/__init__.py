@@ -1,4 +1,4 @@
-"""AnchorInsert as an ONNX model-local function, its numpy reference, and graph passes.
+"""AnchorInsert as an ONNX model-local function, its numpy specification, and graph passes.
 
 Depends on onnx and numpy only, so both the exporter and the torch-free runtime can use it.
 """
@@ -14,7 +14,7 @@ from .function import (
 )
 from .model import MODEL_INPUTS, MODEL_OUTPUTS, build_anchor_model, save_anchor_model
 from .onnx_utils import ir_version_for_runtime
-from .reference import (
+from .specification import (
     MODES,
     anchor_insert,
     anchor_pairs,

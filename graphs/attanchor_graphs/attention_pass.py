@@ -45,10 +45,6 @@ __all__ = ["OPTIMIZE_VERSION", "optimize_decoder_model"]
 OPTIMIZE_VERSION = 1
 
 
-def _dims_dict(dims) -> dict:
-    return dims.to_dict() if hasattr(dims, "to_dict") else dict(dims)
-
-
 class _Graph:
     """Producer/consumer maps and constant lookup over a GraphProto (built once, before the rewrite)."""
 
@@ -290,11 +286,8 @@ def _rewrite_attention(g: _Graph, heads: int, kv_heads: int, head_dim: int, opse
             "nan_guards_removed": guards, "group": group}
 
 
-def optimize_decoder_model(model: onnx.ModelProto, dims) -> dict:
+def optimize_decoder_model(model: onnx.ModelProto, heads: int, kv_heads: int, head_dim: int) -> dict:
     """Rewrite `model` (loaded without external data) in memory; returns the report."""
-    d = _dims_dict(dims)
-    heads, kv_heads = int(d["num_heads"]), int(d["num_kv_heads"])
-    head_dim = int(d["head_dim"])
     before = len(model.graph.node)
     g = _Graph(model.graph)
     report = {"version": OPTIMIZE_VERSION, "nodes_before": before}

@@ -27,7 +27,7 @@ Design rules the body follows, and why:
   "dump" column, which is sliced off. Several updates may hit the dump column; whichever
   wins is irrelevant.
 
-The numpy reference (:mod:`attanchor_graphs.reference`) is the specification; property tests
+The numpy specification (:mod:`attanchor_graphs.specification`) is what it is held to; property tests
 hold this body to it bit for bit.
 """
 
@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .reference import _check_budget, _check_mode
+from .specification import check_budget, check_mode
 
 __all__ = [
     "DOMAIN",
@@ -192,8 +192,8 @@ def _is_anchor(b: _Body, score: str, threshold: str) -> str:
 
 def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None) -> onnx.FunctionProto:
     """The ``ai.attanchor::AnchorInsert`` function specialised to (mode, K)."""
-    mode = _check_mode(mode)
-    k = _check_budget(max_anchors)
+    mode = check_mode(mode)
+    k = check_budget(max_anchors)
     b = _Body()
     x, y, mask, img_pos, thr = FUNCTION_INPUTS
 
@@ -319,7 +319,7 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None) ->
         doc_string=(
             f"AttAnchor anchor insertion, specialised to mode={mode!r}, max_anchors={k} "
             "(0 = no budget). Outputs gather_index into concat(text, image) and the "
-            "attention mask of the new, left-padded sequence. See attanchor_graphs.reference."
+            "attention mask of the new, left-padded sequence. See attanchor_graphs.specification."
         ),
     )
 
@@ -332,8 +332,8 @@ def make_anchor_node(
     name: str = "AnchorInsert",
 ) -> onnx.NodeProto:
     """An ``ai.attanchor::AnchorInsert`` node; pair it with ``anchor_insert_function(mode, K)``."""
-    mode = _check_mode(mode)
-    k = _check_budget(max_anchors)
+    mode = check_mode(mode)
+    k = check_budget(max_anchors)
     if len(inputs) != len(FUNCTION_INPUTS):
         raise ValueError(f"AnchorInsert takes {len(FUNCTION_INPUTS)} inputs {FUNCTION_INPUTS}")
     if len(outputs) != len(FUNCTION_OUTPUTS):

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from .function import DOMAIN, DOMAIN_VERSION, OPSET, anchor_insert_function, make_anchor_node
 from .onnx_utils import ir_version_for_runtime
-from .reference import _check_budget, _check_mode
+from .specification import check_budget, check_mode
 
 __all__ = ["MODEL_INPUTS", "MODEL_OUTPUTS", "build_anchor_model", "save_anchor_model"]
 
@@ -27,8 +27,8 @@ def build_anchor_model(
     The function is attached as a model-local function, so any ONNX runtime can execute it.
     ``ir_version`` defaults to the highest one the installed onnxruntime accepts.
     """
-    mode = _check_mode(mode)
-    k = _check_budget(max_anchors)
+    mode = check_mode(mode)
+    k = check_budget(max_anchors)
     inputs = [
         helper.make_tensor_value_info(MODEL_INPUTS[0], TensorProto.FLOAT, ["batch", "text_len", "hidden"]),
         helper.make_tensor_value_info(

@@ -6,7 +6,7 @@
 
 The report types (`Finding`, `LintReport`) live in :mod:`.trt_lint_report`. One ONNX model at a
 time: which files of an artifact TensorRT gets is the exporter's business
-(``attanchor_export.trt_lint_artifact``).
+(``attanchor_export.trt.lint``).
 
 What is checked, for every node of the main graph, of If/Loop/Scan subgraphs and of model-local
 functions (TensorRT >= 9 inlines those; their nodes are reported as "inlined function D::N"):

@@ -200,10 +200,30 @@ class PromptFormatter:
             if with_image:
                 return LLAVA_PROMPT.format(image_token=self.image_token, question=question)
             return LLAVA_TEXT_PROMPT.format(question=question)
-        return self._compiled.render(
-            messages=self.messages(question, with_image),
-            tools=None,
-            documents=None,
-            add_generation_prompt=True,
-            **self.special_tokens,
-        )
+        return self.format_messages(self.messages(question, with_image))
+
+    def format_messages(self, messages: list[dict[str, Any]]) -> str:
+        """A whole conversation (system prompt, earlier turns) plus the generation prompt.
+
+        `messages` as transformers takes them: ``{"role", "content"}`` with content a string or a list of
+        ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts. Without a saved template, turns are
+        written in the LLaVA-1.5 style, so one user turn renders exactly as `format_chat`.
+        """
+        if self._compiled is not None:
+            return self._compiled.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.special_tokens
+            )
+        eos = self.special_tokens.get("eos_token", "")
+        lines = []
+        for message in messages:
+            content = message["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            text = "".join(p["text"] for p in parts if p["type"] == "text")
+            image = "".join(f"{self.image_token}\n" for p in parts if p["type"] == "image")
+            if message["role"] == "user":
+                lines.append(f"USER: {image}{text}\n")
+            elif message["role"] == "assistant":
+                lines.append(f"ASSISTANT: {text}{eos}\n")
+            else:  # system: a plain line before the turns
+                lines.append(f"{text}\n")
+        return "".join(lines) + "ASSISTANT:"

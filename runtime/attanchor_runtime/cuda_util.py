@@ -144,9 +144,10 @@ class Cuda:
         _check(self.rt, self.rt.cudaMemcpy2DAsync(array.ctypes.data, row_bytes, src, src_pitch, row_bytes, rows,
                                                   self._d2h, self._stream))
 
-    def memset(self, dst: int, nbytes: int) -> None:
+    def memset(self, dst: int, nbytes: int, value: int = 0) -> None:
+        """Set `nbytes` bytes to `value` (a byte), on the stream."""
         if nbytes:
-            _check(self.rt, self.rt.cudaMemsetAsync(dst, 0, nbytes, self._stream))
+            _check(self.rt, self.rt.cudaMemsetAsync(dst, value, nbytes, self._stream))
 
     def synchronize(self) -> None:
         _check(self.rt, self.rt.cudaStreamSynchronize(self._stream))

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .text import TextProcessor
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 __all__ = ["StreamDecoder"]
+
+
+class Detokenizer(Protocol):
+    """What a StreamDecoder needs of a text processor (text.TextProcessor is one)."""
+
+    cleans_up_spaces: bool
+    special_ids: frozenset[int]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def is_byte_token(self, token_id: int) -> bool: ...
 
 
 class StreamDecoder:
@@ -22,7 +30,7 @@ class StreamDecoder:
     ``"".join(pieces) + flush() == decode(all ids)``.
     """
 
-    def __init__(self, processor: TextProcessor, skip_special_tokens: bool = True) -> None:
+    def __init__(self, processor: Detokenizer, skip_special_tokens: bool = True) -> None:
         self._processor = processor
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []

@@ -63,7 +63,7 @@ def sm_string(sm) -> str:
 # ---- the records ----------------------------------------------------------------------------------
 def engine_record(*, file: str, onnx: str, sources: dict[str, str], profiles: list[dict], precision: str,
                   tf32: bool, nbytes: int, build_seconds: float) -> dict:
-    """One graph built as a TensorRT engine. `profiles` are trt_plan.Profile dicts (name, dims, shapes),
+    """One graph built as a TensorRT engine. `profiles` are attanchor_export.trt.plan.Profile dicts (name, dims, shapes),
     `sources` the sha256 of the ONNX file and its external data, `precision` what the graph's types say."""
     return {"backend": "tensorrt", "file": file, "onnx": onnx, "sources": sources, "profiles": profiles,
             "precision": precision, "tf32": tf32, "bytes": nbytes, "build_seconds": build_seconds}
@@ -76,7 +76,7 @@ def onnxruntime_record(*, onnx: str, reason: str) -> dict:
 
 @dataclass
 class EngineMeta:
-    """engine.json. `plan` is trt_plan.BuildPlan.to_json(); `engines` maps graph -> a record above."""
+    """engine.json. `plan` is attanchor_export.trt.plan.BuildPlan.to_json(); `engines` maps graph -> a record above."""
 
     tensorrt: str
     gpu: str
@@ -99,7 +99,7 @@ class EngineMeta:
         return self.engines[graph]["file"]
 
     def profiles(self, graph: str) -> list[dict]:
-        """`graph`'s optimization profiles in the engine's order (trt_plan.Profile dicts)."""
+        """`graph`'s optimization profiles in the engine's order (attanchor_export.trt.plan.Profile dicts)."""
         return self.engines[graph]["profiles"]
 
     def max_dim(self, graph: str, dim: str) -> int:
@@ -108,7 +108,7 @@ class EngineMeta:
 
     @property
     def empty_past(self) -> str:
-        """How the decoder engines take an empty KV cache ("zero" or "masked-slot", trt_plan.EMPTY_PAST_MODES)."""
+        """How the decoder engines take an empty KV cache ("zero" or "masked-slot", attanchor_export.trt.plan.EMPTY_PAST_MODES)."""
         return self.plan.get("options", {}).get("empty_past", "zero")
 
     @property
@@ -189,7 +189,7 @@ def check_sources(meta: EngineMeta, manifest, folder) -> None:
     files = manifest.files
     for graph, record in meta.engines.items():
         for name, digest in record.get("sources", {}).items():
-            expected = files.get(name, {}).get("sha256")
+            expected = files[name].sha256 if name in files else None
             if expected is not None and expected != digest:
                 raise ArtifactError(f"the {graph} engine was built from another {name} than this artifact holds "
                                     f"(re-exported?): {rebuild_hint(folder)}")

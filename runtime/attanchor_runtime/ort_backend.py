@@ -1,24 +1,34 @@
-"""The ONNX Runtime backend: three sessions and a KV cache handed from one step to the next.
+"""The ONNX Runtime backend: the artifact's three graphs as sessions, opened on first use.
 
-A standard-op decoder (KV_CONCAT) concatenates past and new keys itself: each step's `present` arrays
-become the next step's `past` as they are (a whole-cache copy inside the graph per step). A decoder
-whose manifest says KV_APPEND (the int4/int8 onnxruntime form, precision.ort_fusions) reads its past
-where it lies and returns only the new positions: the backend keeps one preallocated buffer per layer
-(KVBuffer), feeds it whole, and writes the new positions in after each call. On CUDA a KV_CONCAT
-cache stays on the device through IO binding (OrtValues in, OrtValues out); a KVBuffer is host memory
-that onnxruntime copies in per call (TensorRT is the GPU path this project measures).
+OrtDecoder is the decoder half (decode.Decoder): it carries the KV cache from one call to the next.
+A standard-op decoder (KV_CONCAT) concatenates past and new keys itself: each call's `present` arrays
+become the next call's past as they are (a whole-cache copy inside the graph per step). A decoder whose
+manifest says KV_APPEND (the int4/int8 onnxruntime form, precision.ort_fusions) reads its past where it
+lies and returns only the new positions: the cache is one preallocated buffer per layer (KVBuffer), fed
+whole, and the new positions are written in after each call (a list cache is concatenated instead). On
+CUDA a KV_CONCAT cache stays on the device through IO binding (OrtValues in, OrtValues out); a KVBuffer
+is host memory that onnxruntime copies in per call (TensorRT is the GPU path this project measures).
+
+    backend = OrtBackend(manifest)                                # sessions open when first used
+    features = backend.vision({"pixel_values": pixels})
+    decoder = OrtDecoder.of_session(session, max_positions=2048)  # a bare decoder file (benchmarks)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .decoder_feeds import empty_past, past_names, prefill_feeds, present_names
 from .errors import RuntimeInputError
-from .manifest import KV_APPEND, Manifest
-from .sessions import ort_session
+from .manifest import KV_APPEND, KV_CONCAT, PAST_PREFIX, PRESENT_PREFIX, Manifest
+from .sessions import FedWeightsSession, ort_session
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def empty_past(past_names, batch: int, kv_heads: int, head_dim: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Zero-length KV cache: one [B, kv_heads, 0, head_dim] array per past input."""
+    empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
+    return dict.fromkeys(past_names, empty)
 
 
 class KVBuffer:
@@ -27,8 +37,9 @@ class KVBuffer:
     fewer than `chunk` unused slots) up to the model's context; past that, a clear error instead of a
     write out of range."""
 
-    def __init__(self, batch: int, dims: dict, dtype, limit: int, chunk: int = 32):
-        self.batch, self.dims, self.dtype, self.limit, self.chunk = batch, dims, dtype, limit, chunk
+    def __init__(self, batch: int, count: int, kv_heads: int, head_dim: int, dtype, limit: int, chunk: int = 32):
+        self.batch, self.count, self.kv_heads, self.head_dim = batch, count, kv_heads, head_dim
+        self.dtype, self.limit, self.chunk = dtype, limit, chunk
         self.capacity, self.buffers = 0, []
 
     def reserve(self, total: int) -> None:
@@ -37,8 +48,8 @@ class KVBuffer:
         if total > self.limit:
             raise RuntimeInputError(f"context full: {total} positions, the model's context is {self.limit}")
         capacity = min(self.limit, -(-total // self.chunk) * self.chunk)
-        shape = (self.batch, self.dims["num_kv_heads"], capacity, self.dims["head_dim"])
-        buffers = [np.zeros(shape, self.dtype) for _ in range(2 * self.dims["num_layers"])]
+        shape = (self.batch, self.kv_heads, capacity, self.head_dim)
+        buffers = [np.zeros(shape, self.dtype) for _ in range(self.count)]
         for old, new in zip(self.buffers, buffers):
             new[:, :, : self.capacity] = old
         self.capacity, self.buffers = capacity, buffers
@@ -47,105 +58,169 @@ class KVBuffer:
         """What the decoder reads as its past when `length` positions are filled: the whole buffers (the
         graph ignores the slots after `length`), or zero-length arrays for a prefill."""
         if length == 0:
-            return list(empty_past(self.dims, self.batch, self.dtype).values())
+            return [np.zeros((self.batch, self.kv_heads, 0, self.head_dim), self.dtype)] * self.count
         return self.buffers
 
     def append(self, present: list[np.ndarray], start: int) -> None:
         for buffer, new in zip(self.buffers, present):
             buffer[:, :, start : start + new.shape[2]] = new
 
-
-def decode_append(session, past: list[str], present: list[str], inputs_embeds, attention_mask, position_ids,
-                  cache: KVBuffer) -> np.ndarray:
-    """One call of a KV_APPEND decoder session: `cache` grows to the mask's length if needed, is read in
-    place, and takes the new positions; returns the logits."""
-    start = attention_mask.shape[1] - inputs_embeds.shape[1]
-    cache.reserve(attention_mask.shape[1])
-    feeds = prefill_feeds(inputs_embeds, attention_mask, position_ids, dict(zip(past, cache.past(start))))
-    outputs = session.run(["logits", *present], feeds)  # numpy inputs are read where they are, not copied
-    cache.append(outputs[1:], start)
-    return outputs[0]
+    def copy(self) -> KVBuffer:
+        twin = KVBuffer(self.batch, self.count, self.kv_heads, self.head_dim, self.dtype, self.limit, self.chunk)
+        twin.capacity, twin.buffers = self.capacity, [b.copy() for b in self.buffers]
+        return twin
 
 
-class BackendRun:
-    """decoder_feeds.greedy's `run(output_names, feeds)` over OrtBackend.decode, so what greedy drives
-    (benchmarks, gates) is what Pipeline runs: the backend's own cache (a KVBuffer where the decoder
-    appends), carried here between calls. Returns [logits]; the past in `feeds` is ignored."""
+class OrtDecoder:
+    """A decoder session (onnxruntime's, or anything with its `run`/`get_inputs`) as a decode.Decoder.
+    The cache is a flat [k0, v0, k1, v1, ...] list of arrays (OrtValues on CUDA), or one KVBuffer for a
+    KV_APPEND decoder (`appends_kv`: what empty_cache hands out)."""
 
-    def __init__(self, backend, batch: int):
-        self.backend, self.cache = backend, backend.empty_cache(batch)
-
-    def __call__(self, output_names, feeds: dict) -> list:
-        logits, self.cache = self.backend.decode(feeds["inputs_embeds"], feeds["attention_mask"],
-                                                 feeds["position_ids"], self.cache)
-        return [logits]
-
-
-class OrtBackend:
-    name = "ort"
-
-    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None):
-        self.manifest, self.device = manifest, device
-        # Quantized artifacts name a file per backend (e.g. MatMulNBits for onnxruntime, QDQ for TensorRT).
-        self.vision_session = ort_session(manifest.path(manifest.graph_file("vision", "ort")), device, threads)
-        # The anchor graph is tiny and partly data-dependent: it runs on the CPU everywhere.
-        self.embedding_session = ort_session(manifest.graph_path("embedding"), "cpu", threads)
-        self.decoder_session = ort_session(manifest.path(manifest.graph_file("decoder", "ort")), device, threads)
-        self.num_layers = manifest.dims["num_layers"]
-        self.past_names = past_names(self.num_layers)
-        self.present_names = present_names(self.num_layers)
-        self.output_names = [o.name for o in self.decoder_session.get_outputs()]
-        decoder_file = manifest.graph_file("decoder", "ort")
-        self.appends_kv = manifest.precision.kv_cache(decoder_file) == KV_APPEND
-        past_type = next(i.type for i in self.decoder_session.get_inputs() if i.name == self.past_names[0])
+    def __init__(self, session, past_names: list[str], present_names: list[str], kv_heads: int, head_dim: int,
+                 max_positions: int, kv_cache: str = KV_CONCAT, device: str = "cpu", logits: str = "logits",
+                 inputs: list[str] | None = None):
+        """inputs: the names of inputs_embeds, attention_mask and position_ids (default: the session's
+        inputs other than the past, in graph order)."""
+        self.session, self.past_names, self.present_names = session, list(past_names), list(present_names)
+        self.kv_heads, self.head_dim, self.max_positions, self.device = kv_heads, head_dim, max_positions, device
+        self.kv_cache, self.appends_kv = kv_cache, kv_cache == KV_APPEND
+        self.outputs = [logits, *self.present_names]
+        self.inputs = inputs or [i.name for i in session.get_inputs() if not i.name.startswith(PAST_PREFIX + ".")]
+        past_type = next(i.type for i in session.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = _NUMPY_TYPES.get(past_type, np.float32)
 
-    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.vision_session.run(["image_features"], {"pixel_values": pixel_values})[0]
+    @classmethod
+    def open(cls, manifest: Manifest, file: str | None = None, device: str = "cpu", threads: int | None = None,
+             memory_arena: bool = True, fed_weights: bool = False, profile: str | None = None) -> OrtDecoder:
+        """The artifact's decoder `file` (default: the one onnxruntime opens). fed_weights: its fp16 weights
+        fed from disk at every call (sessions.FedWeightsSession: a big fp16 decoder on a CPU, for checks).
+        profile: onnxruntime's profiler file prefix (sessions.ort_session)."""
+        file = file or manifest.graph_file("decoder", "ort")
+        path = manifest.path(file)
+        session = FedWeightsSession(path, threads) if fed_weights else ort_session(path, device, threads,
+                                                                                   memory_arena, profile)
+        spec, dims = manifest.graphs.decoder, manifest.dims
+        return cls(session, spec.past_names, spec.present_names, dims.num_kv_heads, dims.head_dim,
+                   dims.max_position_embeddings, manifest.precision.kv_cache(file), device, spec.output_names[0],
+                   [n for n in spec.input_names if n not in spec.past_names])
 
-    def embed(self, input_ids, text_attention_mask, image_features, threshold: float) -> dict:
-        names = ["inputs_embeds", "attention_mask", "position_ids", "gather_index"]
-        feeds = {
-            "input_ids": input_ids,
-            "text_attention_mask": text_attention_mask,
-            "image_features": image_features,
-            "threshold": np.asarray(threshold, np.float32),
-        }
-        return dict(zip(names, self.embedding_session.run(names, feeds)))
+    @classmethod
+    def of_session(cls, session, max_positions: int, kv_cache: str = KV_CONCAT) -> OrtDecoder:
+        """A decoder file outside an artifact: its KV layout read from the session's own inputs."""
+        past = [i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX + ".")]
+        present = [o.name for o in session.get_outputs() if o.name.startswith(PRESENT_PREFIX + ".")]
+        _, heads, _, head_dim = past[0].shape
+        return cls(session, [p.name for p in past], present, int(heads), int(head_dim), max_positions, kv_cache)
 
     def empty_cache(self, batch: int):
         if self.appends_kv:
-            return KVBuffer(batch, self.manifest.dims, self.kv_dtype, int(self.manifest.dims["max_position_embeddings"]))
-        return list(empty_past(self.manifest.dims, batch, self.kv_dtype).values())
+            return KVBuffer(batch, len(self.past_names), self.kv_heads, self.head_dim, self.kv_dtype,
+                            self.max_positions)
+        return list(empty_past(self.past_names, batch, self.kv_heads, self.head_dim, self.kv_dtype).values())
 
-    def decode(self, inputs_embeds, attention_mask, position_ids, past):
-        """One decoder call; `past` and the returned cache are flat [k0, v0, k1, v1, ...] lists, or one
-        KVBuffer (from empty_cache) that every call appends to."""
-        if isinstance(past, KVBuffer):
-            logits = decode_append(self.decoder_session, self.past_names, self.present_names, inputs_embeds,
-                                   attention_mask, position_ids, past)
-            return logits, past
-        if self.device == "cuda":
-            return self._decode_bound(inputs_embeds, attention_mask, position_ids, past)
-        feeds = prefill_feeds(inputs_embeds, attention_mask, position_ids, dict(zip(self.past_names, past)))
-        outputs = self.decoder_session.run(self.output_names, feeds)
+    def copy_cache(self, cache):
+        return cache.copy() if isinstance(cache, KVBuffer) else list(cache)
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache):
+        if isinstance(cache, KVBuffer):
+            start = attention_mask.shape[1] - inputs_embeds.shape[1]
+            cache.reserve(attention_mask.shape[1])
+            outputs = self._run(inputs_embeds, attention_mask, position_ids, cache.past(start))
+            cache.append(outputs[1:], start)  # numpy inputs are read where they are, not copied
+            return outputs[0], cache
+        if self.device == "cuda" and not self.appends_kv:
+            return self._decode_bound(inputs_embeds, attention_mask, position_ids, cache)
+        outputs = self._run(inputs_embeds, attention_mask, position_ids, cache)
+        if self.kv_cache == KV_APPEND:  # present holds the new positions only: append them to the list
+            return outputs[0], [np.concatenate([p, n], axis=2) for p, n in zip(cache, outputs[1:])]
         return outputs[0], outputs[1:]
+
+    def _run(self, inputs_embeds, attention_mask, position_ids, past) -> list:
+        feeds = dict(zip(self.inputs, (inputs_embeds, attention_mask, position_ids)))
+        feeds.update(zip(self.past_names, past))
+        return self.session.run(self.outputs, feeds)
 
     def _decode_bound(self, inputs_embeds, attention_mask, position_ids, past):
         import onnxruntime as ort
 
-        binding = self.decoder_session.io_binding()
-        binding.bind_cpu_input("inputs_embeds", inputs_embeds)
-        binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_cpu_input("position_ids", position_ids)
+        binding = self.session.io_binding()
+        for name, value in zip(self.inputs, (inputs_embeds, attention_mask, position_ids)):
+            binding.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, past):
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-        binding.bind_output("logits", "cpu")
-        for name in self.output_names[1:]:
+        binding.bind_output(self.outputs[0], "cpu")
+        for name in self.present_names:
             binding.bind_output(name, "cuda")  # the cache stays on the GPU between steps
-        self.decoder_session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), outputs[1:]
+
+
+class OrtBackend:
+    """The artifact's graphs on onnxruntime (decode.Backend). `files`: {graph: file} to open instead of the
+    ones the manifest gives onnxruntime (one precision form of a staging folder). Sessions open on first
+    use and `release(graph)` closes one, so a check that needs the vision graph only once does not hold
+    it through a long decoder run. memory_arena=False and fed_weights: see OrtDecoder.open."""
+
+    name = "ort"
+
+    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 files: dict[str, str] | None = None, memory_arena: bool = True, fed_weights: bool = False):
+        self.manifest, self.device, self.threads = manifest, device, threads
+        self.files = {g: (files or {}).get(g) or manifest.graph_file(g, "ort") for g in ("vision", "embedding",
+                                                                                        "decoder")}
+        self.memory_arena, self.fed_weights = memory_arena, fed_weights
+        self._sessions: dict = {}
+        self._decoder: OrtDecoder | None = None
+
+    def _session(self, graph: str):
+        if graph not in self._sessions:
+            # The anchor graph is tiny and partly data-dependent: it runs on the CPU everywhere.
+            device = "cpu" if graph == "embedding" else self.device
+            self._sessions[graph] = ort_session(self.manifest.path(self.files[graph]), device, self.threads,
+                                                self.memory_arena)
+        return self._sessions[graph]
+
+    @property
+    def decoder(self) -> OrtDecoder:
+        if self._decoder is None:
+            self._decoder = OrtDecoder.open(self.manifest, self.files["decoder"], self.device, self.threads,
+                                            self.memory_arena, self.fed_weights)
+        return self._decoder
+
+    @property
+    def appends_kv(self) -> bool:
+        return self.decoder.appends_kv
+
+    def vision(self, feeds: dict) -> np.ndarray:
+        spec = self.manifest.graphs.vision
+        return self._session("vision").run(spec.output_names, feeds)[0]
+
+    def embed(self, feeds: dict) -> dict:
+        names = self.manifest.graphs.embedding.output_names
+        return dict(zip(names, self._session("embedding").run(names, feeds)))
+
+    def empty_cache(self, batch: int):
+        return self.decoder.empty_cache(batch)
+
+    def copy_cache(self, cache):
+        return self.decoder.copy_cache(cache)
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache):
+        return self.decoder.decode(inputs_embeds, attention_mask, position_ids, cache)
+
+    def release(self, *graphs: str) -> None:
+        """Close these graphs' sessions (they reopen if used again)."""
+        for graph in graphs:
+            if graph == "decoder":
+                self._decoder = None
+            self._sessions.pop(graph, None)
+
+    def close(self) -> None:
+        self.release("vision", "embedding", "decoder")
+
+
+__all__ = ["KVBuffer", "OrtBackend", "OrtDecoder", "empty_past"]

@@ -307,6 +307,17 @@ class ImagePreprocessor:
 
     # -- processing --------------------------------------------------------------------------------
 
+    def value_range(self, margin: float = 0.0) -> tuple[float, float]:
+        """(lowest, highest) value `process_one` can produce (uint8 0 and 255, rescaled and normalized),
+        each widened by `margin` times the span: what generate accepts as pixel_values."""
+        scale = self.rescale_factor if self.do_rescale else 1.0
+        ends = np.array([[0.0] * 3, [255.0 * scale] * 3])
+        if self.do_normalize:
+            ends = (ends - np.array(self.image_mean)) / np.array(self.image_std)
+        low, high = float(ends.min()), float(ends.max())
+        span = high - low
+        return low - margin * span, high + margin * span
+
     def resize_shape(self, height: int, width: int) -> tuple[int, int]:
         """Target (height, width) of the resize step for an input of (height, width)."""
         size = self.size

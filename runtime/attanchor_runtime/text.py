@@ -10,6 +10,8 @@ It reproduces what transformers does with the same files:
   for one user turn with one image (:mod:`.chat_template`).
 * ``prompt_ids(question)``: the rendered prompt, encoded, its image placeholder run collapsed to one
   id (:mod:`.image_placeholders`).
+* ``chat_ids(messages)``: a whole conversation (system prompt, earlier turns) rendered and encoded with
+  the message texts as plain text, so markers typed by a user are never control tokens (the server).
 * ``stream_decoder()``: text pieces while generating (:mod:`.detokenize`).
 
 `text_config_from_hf` reads, at export time, what the manifest needs to rebuild a TextProcessor.
@@ -18,6 +20,7 @@ It reproduces what transformers does with the same files:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -73,6 +76,8 @@ class TextProcessor:
             int(i) for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
         )
         self._byte_token_cache: dict[int, bool] = {}
+        self._added: frozenset[int] | None = None
+        self._plain = None  # see _plain_tokenizer
         # transformers 5 skips the clean-up for BPE models (it would eat real spaces before punctuation).
         is_bpe = type(tokenizer.model).__name__ == "BPE"
         self.cleans_up_spaces = bool(clean_up_tokenization_spaces) and (not is_bpe or bool(clean_up_bpe))
@@ -168,6 +173,107 @@ class TextProcessor:
             ids = collapse_image_runs(ids, self.image_token_id)
             check_single_image(ids, self.image_token_id)
         return ids
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """A conversation rendered with the chat template (and the generation prompt), encoded with every
+        message text taken as plain text, its image placeholder run collapsed to one id.
+
+        `messages` as for ``PromptFormatter.format_messages``. Control tokens come only from the template:
+        a ``<|im_start|>system`` or ``<image>`` typed inside a message becomes ordinary text tokens, so
+        text from a user cannot open a new role or an extra image slot (`prompt_ids` parses them; it is
+        for prompts the caller wrote). Where no message text holds such a marker the ids are exactly those
+        of encoding the rendered prompt (`prompt_ids(question)` for one user turn with the image first).
+        """
+        texts: list[str] = []
+
+        def hide(text: Any) -> str:  # each message text becomes a marker the template passes through
+            if not isinstance(text, str):
+                raise RuntimeInputError(f"message text must be a string, got {type(text).__name__}")
+            texts.append(text)
+            return f"\ue000{len(texts) - 1}\ue001"
+
+        hidden = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                content = hide(content)
+            else:
+                content = [{**p, "text": hide(p["text"])} if p.get("type") == "text" else dict(p) for p in content]
+            hidden.append({**message, "content": content})
+        rendered = self.formatter.format_messages(hidden)
+        pieces = re.split("\ue000([0-9]+)\ue001", rendered)  # template, text index, template, ...
+        order = [int(i) for i in pieces[1::2]]
+        if sorted(order) != list(range(len(texts))):
+            raise ArtifactError("the chat template repeats or drops message text; cannot tokenize it as text")
+        sections = [(piece, i % 2 == 1) for i, piece in enumerate(pieces)]  # (text, from a message)
+        sections = [(texts[int(t)] if is_text else t, is_text) for t, is_text in sections]
+        full = "".join(t for t, _ in sections)
+        bos = self.special_tokens.get("bos_token")
+        add_special = not (bos is not None and full.startswith(bos))
+
+        encoding = self.tokenizer.encode(full, add_special_tokens=add_special)
+        spans, start = [], 0
+        for text, is_text in sections:
+            if is_text and text:
+                spans.append((start, start + len(text)))
+            start += len(text)
+        control = self._added_ids()
+        injected = any(
+            token in control and any(s < b and a < e for s, e in spans)
+            for token, (a, b) in zip(encoding.ids, encoding.offsets)
+        )
+        ids = encoding.ids
+        if injected:  # encode section by section: message text with its markers as plain text
+            ids = [i for text, is_text in sections if text
+                   for i in (self._encode_as_text(text) if is_text else self.encode(text, add_special_tokens=False))]
+            if add_special:
+                prefix, suffix = self._post_processor_ids()
+                ids = [*prefix, *ids, *suffix]
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.image_token_id is None:
+            raise ArtifactError(f"the tokenizer has no image token {self.image_token!r}")
+        ids = collapse_image_runs(ids, self.image_token_id)
+        check_single_image(ids, self.image_token_id)
+        return ids
+
+    def _added_ids(self) -> frozenset[int]:
+        """Every added token (special or not): the markers a template writes and a user must not."""
+        if self._added is None:
+            self._added = frozenset(int(i) for i in self.tokenizer.get_added_tokens_decoder())
+        return self._added
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """`text` encoded with added tokens read as text. A vocabulary that can also spell a marker from
+        plain text (BPE merges that rebuild "</s>") gets that piece spelled character by character."""
+        control = self._added_ids()
+        encoding = self._plain_tokenizer().encode(text, add_special_tokens=False)
+        ids = []
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token not in control:
+                ids.append(token)
+                continue
+            spelled = [t.id for char in text[start:end] for t in self.tokenizer.model.tokenize(char)]
+            if not spelled or control.intersection(spelled):
+                raise RuntimeInputError(f"message text {text[start:end]!r} cannot be encoded without a control token")
+            ids += spelled
+        return ids
+
+    def _post_processor_ids(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer's post-processor puts before and after a text (BOS, EOS, ...)."""
+        bare = self.encode("a", add_special_tokens=False).tolist()
+        full = self.encode("a", add_special_tokens=True).tolist()
+        at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+        return full[:at], full[at + len(bare):]
+
+    def _plain_tokenizer(self):
+        """A copy of the tokenizer that reads added tokens as text (tokenizers' encode_special_tokens)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            plain = Tokenizer.from_str(self.tokenizer.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """As ``hf_tokenizer.decode(ids, skip_special_tokens=...)``."""

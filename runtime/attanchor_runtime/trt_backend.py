@@ -1,16 +1,16 @@
-"""The TensorRT backend: the OrtBackend interface over engines built by ``attanchor-export build DIR``.
+"""The TensorRT backend (decode.Backend) over engines built by ``attanchor-export build DIR``.
 
     backend = TrtBackend(Manifest.load(folder))          # picks engines/<gpu>-sm<cc>-trt<ver>/
-    feats = backend.vision(pixel_values)                  # float32 [B, M, D]
-    emb = backend.embed(input_ids, text_attention_mask, feats, threshold)   # dict of arrays
+    feats = backend.vision({"pixel_values": pixels})      # float32 [B, M, D]
+    emb = backend.embed(feeds)                            # the embedding graph's outputs by name
     cache = backend.empty_cache(B)                        # a KVCache on the GPU (length 0)
     logits, cache = backend.decode(emb["inputs_embeds"], emb["attention_mask"], emb["position_ids"], cache)
     logits, cache = backend.decode(step_embeds, mask, next_pos, cache)      # one token, same cache
 
-Interface, as OrtBackend: ``vision``, ``embed``, ``empty_cache(batch)``, ``decode(inputs_embeds,
-attention_mask, position_ids, past) -> (logits, present)``. ``past`` is the object a previous call
-returned (or ``empty_cache``); a flat list of numpy arrays [k0, v0, k1, v1, ...] (OrtBackend's
-form) is accepted too and uploaded. ``KVCache.to_numpy()`` gives that list back for parity checks.
+The decode loop (decode.decoder_calls / generate) drives it as it drives OrtBackend. ``decode``'s cache
+is the object a previous call returned (or ``empty_cache``); a flat list of numpy arrays [k0, v0, k1, v1,
+...] (OrtBackend's form) is accepted too and uploaded. ``KVCache.to_numpy()`` gives that list back for
+parity checks (and is what ``copy_cache`` returns).
 Logits come back for the last position only, shape [B, 1, vocab] (the graph contract allows
 ``seq_len | 1``); copying [B, 600, 32064] float32 per prefill to the host would cost more than the
 prefill on a Jetson. ``full_logits=True`` returns every position.
@@ -46,9 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .decoder_feeds import past_names, present_names
+from .cuda_util import Cuda
 from .engines import open_engine_dir, rebuild_hint, select_profile
 from .errors import ArtifactError, RuntimeInputError
+from .sessions import ort_session
 
 __all__ = ["KVCache", "TRT_INSTALL_HINT", "TrtBackend", "import_tensorrt", "select_profile"]
 
@@ -271,11 +272,7 @@ class TrtBackend:
         """`trt`/`cuda` default to the tensorrt module and a cuda_util.Cuda; tests pass fakes."""
         self.manifest, self.folder, self.full_logits = manifest, Path(manifest.folder), full_logits
         self.trt = trt if trt is not None else import_tensorrt()
-        if cuda is None:
-            from .cuda_util import Cuda
-
-            cuda = Cuda(device)
-        self.cuda = cuda
+        self.cuda = cuda if cuda is not None else Cuda(device)
         self.engine_dir, self.meta = open_engine_dir(manifest, cuda.device_info().sm, self.trt.__version__,
                                                      engine_dir)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)  # must outlive the runtime and engines
@@ -285,36 +282,29 @@ class TrtBackend:
         if self.meta.on_tensorrt("embedding"):
             self.embedding_engine, self.embedding_session = _Engine(self, "embedding"), None
         else:
-            from .sessions import ort_session
-
             self.embedding_engine = None
             self.embedding_session = ort_session(manifest.graph_path("embedding"), "cpu")
-        dims = manifest.dims
-        self.num_layers, self.kv_heads, self.head_dim = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
-        self.past_names = past_names(self.num_layers)
-        self.present_names = present_names(self.num_layers)
+        dims, graphs = manifest.dims, manifest.graphs
+        self.kv_heads, self.head_dim = dims.num_kv_heads, dims.head_dim
+        self.past_names, self.present_names = graphs.decoder.past_names, graphs.decoder.present_names
+        self.decoder_inputs = [n for n in graphs.decoder.input_names if n not in self.past_names]
+        self.logits_name = graphs.decoder.output_names[0]
         self.slot = 1 if self.meta.empty_past == "masked-slot" else 0
         self.capacity = self.meta.max_dim("decoder", "total_len")
         self._cache: KVCache | None = None
 
     # -- the backend interface ---------------------------------------------------------------------
-    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        shapes = {"pixel_values": np.shape(pixel_values)}
+    def vision(self, feeds: dict) -> np.ndarray:
+        (output,) = self.manifest.graphs.vision.output_names
+        shapes = {k: np.shape(v) for k, v in feeds.items()}
         profile = select_profile(self.vision_engine.profiles, shapes, "vision")
-        out = self.vision_engine.run(profile, {"pixel_values": pixel_values}, fetch=["image_features"])
-        return out["image_features"]
+        return self.vision_engine.run(profile, feeds, fetch=[output])[output]
 
-    def embed(self, input_ids, text_attention_mask, image_features, threshold: float) -> dict:
-        names = ["inputs_embeds", "attention_mask", "position_ids", "gather_index"]
-        feeds = {
-            "input_ids": np.asarray(input_ids, np.int64),
-            "text_attention_mask": np.asarray(text_attention_mask, np.int64),
-            "image_features": np.asarray(image_features, np.float32),
-            "threshold": np.asarray(threshold, np.float32),
-        }
+    def embed(self, feeds: dict) -> dict:
+        names = self.manifest.graphs.embedding.output_names
         if self.embedding_engine is None:
             return dict(zip(names, self.embedding_session.run(names, feeds)))
-        shapes = {k: v.shape for k, v in feeds.items() if k != "threshold"}
+        shapes = {k: np.shape(v) for k, v in feeds.items() if np.ndim(v)}  # scalars (threshold) have no profile
         profile = select_profile(self.embedding_engine.profiles, shapes, "embedding")
         return self.embedding_engine.run(profile, feeds, fetch=names)
 
@@ -329,6 +319,10 @@ class TrtBackend:
         else:
             cache.reset()
         return cache
+
+    def copy_cache(self, cache) -> list[np.ndarray]:
+        """The cache as host arrays (decode uploads them again): only one device cache is live per backend."""
+        return cache.to_numpy() if isinstance(cache, KVCache) else list(cache)
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past) -> tuple[np.ndarray, KVCache]:
         inputs_embeds = np.asarray(inputs_embeds)
@@ -354,18 +348,18 @@ class TrtBackend:
             raise RuntimeInputError(f"{total - self.slot} positions exceed the max_seq_len "
                                     f"{cache.capacity - self.slot} the engines were built for: rebuild with "
                                     f"`attanchor-export build {self.folder} --max-seq-len N`")
-        host = {"inputs_embeds": inputs_embeds, "attention_mask": mask,
-                "position_ids": np.asarray(position_ids, np.int64)}
+        host = dict(zip(self.decoder_inputs, (inputs_embeds, mask, np.asarray(position_ids, np.int64))))
         past_shape = cache.shape(past_len)
         shapes = {**{k: np.shape(v) for k, v in host.items()}, **{n: past_shape for n in self.past_names}}
         profile = select_profile(self.decoder_engine.profiles, shapes, "decoder")
         src, dst = cache.side, 1 - cache.side
         device_inputs = {n: (cache.ptr(i, src), past_shape) for i, n in enumerate(self.past_names)}
         device_outputs = {n: cache.ptr(i, dst) for i, n in enumerate(self.present_names)}
-        out = self.decoder_engine.run(profile, host, device_inputs, device_outputs, fetch=["logits"],
-                                      last_position=() if self.full_logits else ("logits",))
+        logits = self.logits_name
+        out = self.decoder_engine.run(profile, host, device_inputs, device_outputs, fetch=[logits],
+                                      last_position=() if self.full_logits else (logits,))
         cache.side, cache.length = dst, total
-        return out["logits"], cache
+        return out[logits], cache
 
     def close(self) -> None:
         if self._cache is not None:

@@ -16,11 +16,11 @@ SCALE_TO = 512  # output side in pixels: tiny model inputs (30 px) are unreadabl
 
 def model_view(pipe, image) -> np.ndarray:
     """The preprocessed image as uint8 HWC: what the vision tower sees, after resize and crop."""
-    cfg = pipe.manifest.data["image_preprocessing"]
-    pixels = pipe.images(image)[0].transpose(1, 2, 0).astype(np.float64)
-    if cfg.get("do_normalize", True):
-        pixels = pixels * np.asarray(cfg["image_std"]) + np.asarray(cfg["image_mean"])
-    scale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1 / 255
+    pre = pipe.images
+    pixels = pre(image)[0].transpose(1, 2, 0).astype(np.float64)
+    if pre.do_normalize:
+        pixels = pixels * np.asarray(pre.image_std) + np.asarray(pre.image_mean)
+    scale = pre.rescale_factor if pre.do_rescale else 1 / 255
     return np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)
 
 
@@ -32,7 +32,7 @@ def token_label(pipe, token_id: int) -> str:
 
 
 def patch_labels(pipe, prompt: str, anchors) -> dict[int, list[str]]:
-    ids = pipe.text.prompt_ids(prompt)
+    ids = pipe.prompt_ids(prompt)
     labels = defaultdict(list)
     for text_index, image_index in anchors:
         word = token_label(pipe, int(ids[text_index]))
@@ -55,7 +55,7 @@ def draw_anchors(pipe, image, prompt: str, anchors, path, caption: str | None = 
     words, the patch grid faintly drawn, and the prompt (plus `caption`, e.g. the answer) underneath."""
     from PIL import Image, ImageDraw
 
-    m = int(pipe.manifest.dims["image_tokens"])
+    m = pipe.manifest.dims.image_tokens
     side = math.isqrt(m)
     if side * side != m:
         raise RuntimeInputError(f"cannot map {m} image tokens onto a square patch grid")

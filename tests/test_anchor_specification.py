@@ -1,4 +1,4 @@
-"""Hand-worked cases for the numpy AnchorInsert reference (the specification).
+"""Hand-worked cases for the numpy AnchorInsert specification (attanchor_graphs.specification).
 
 The shared example (T=5, placeholder at 1, M=3, D=2)::
 
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from attanchor_graphs.reference import (
+from attanchor_graphs.specification import (
     anchor_insert,
     anchor_pairs,
     cosine_scores,

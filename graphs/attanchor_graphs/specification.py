@@ -1,6 +1,6 @@
-"""Numpy reference of ``ai.attanchor::AnchorInsert``: this module *is* the specification.
+"""``ai.attanchor::AnchorInsert`` in numpy: this module *is* the specification.
 
-Everything else (the ONNX function body, a torch reference, any fast kernel registered later)
+Everything else (the ONNX function body, the PyTorch source model's anchored inputs, any fast kernel)
 must reproduce :func:`anchor_insert` exactly on the integer outputs. See docs/CONTRACTS.md,
 section "AnchorInsert".
 
@@ -19,6 +19,8 @@ __all__ = [
     "MODES",
     "anchor_insert",
     "anchor_pairs",
+    "check_budget",
+    "check_mode",
     "cosine_scores",
     "output_length",
     "position_ids_from_mask",
@@ -31,13 +33,13 @@ MODES = ("t2i", "i2t")
 # validation
 
 
-def _check_mode(mode: object) -> str:
+def check_mode(mode: object) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode  # type: ignore[return-value]
 
 
-def _check_budget(max_anchors: object) -> int:
+def check_budget(max_anchors: object) -> int:
     """Normalise the budget: 0 means "no budget", like the ONNX attribute."""
     if max_anchors is None:
         return 0
@@ -187,7 +189,7 @@ def _row_i2t(s, valid, p, thr, k, num_text):
 
 def output_length(num_text: int, num_image: int, max_anchors: int | None, row_lengths=None) -> int:
     """L: static T - 1 + M + K with a budget, else the longest row."""
-    k = _check_budget(max_anchors)
+    k = check_budget(max_anchors)
     if k:
         return num_text - 1 + num_image + k
     if row_lengths is None:
@@ -209,8 +211,8 @@ def anchor_insert(
     Returns ``(gather_index, out_mask)``, both int64 [B, L]. ``gather_index`` indexes
     ``concat(text_embeds, image_features, axis=1)``; rows are left padded with index 0, mask 0.
     """
-    mode = _check_mode(mode)
-    k = _check_budget(max_anchors)
+    mode = check_mode(mode)
+    k = check_budget(max_anchors)
     text, image, mask, pos, thr = _check_inputs(
         text_embeds, image_features, attention_mask, image_position, threshold
     )
@@ -236,7 +238,7 @@ def anchor_pairs(gather_index, out_mask, num_text: int, mode: str) -> list[list[
     Per row, ``(text_index, image_index)`` of every anchor in output order; ``text_index`` is a
     position in the row's prompt ([0, T)), ``image_index`` in [0, M).
     """
-    mode = _check_mode(mode)
+    mode = check_mode(mode)
     gi = np.asarray(gather_index)
     om = np.asarray(out_mask)
     if gi.ndim != 2 or gi.shape != om.shape:
