@@ -239,13 +239,14 @@ def _compare_decoder(backend, case: ParityCase, kept: list[int], atol: float) ->
         results.append(CheckResult("decoder", label, "logits_max_abs_diff", logits_diff, limit, logits_diff <= limit))
         # Each kept layer's K and V against a bound scaled by its own magnitude (K reaches ~20 in trained
         # SmolLM2 layers); the worst ratio to its bound is reported, as value and limit of that tensor.
-        kv_diff, kv_limit = 0.0, atol
+        kv_diff, kv_limit, worst = 0.0, atol, -1.0
         for j in kept:
             for got, want in zip((call.cache[2 * j], call.cache[2 * j + 1]), ref.present[j]):
                 valid = np.broadcast_to(valid_kv, got.shape)
                 diff, bound = max_diff(got, want, valid), scaled_limit(atol, want[valid])
-                if diff / bound > kv_diff / kv_limit:
-                    kv_diff, kv_limit = diff, bound
+                ratio = diff / bound if bound > 0 else (np.inf if diff > 0 else 0.0)
+                if ratio > worst:
+                    kv_diff, kv_limit, worst = diff, bound, ratio
         results.append(CheckResult("decoder", label, "present_max_abs_diff", kv_diff, kv_limit, kv_diff <= kv_limit))
     return results
 
