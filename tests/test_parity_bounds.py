@@ -8,26 +8,32 @@ from types import SimpleNamespace
 import numpy as np
 from attanchor_runtime.decode import SequentialStep
 
-from attanchor_export.checks.parity import DecoderCall, ParityCase, _compare_decoder, make_prompts
+from attanchor_export.checks.parity import (
+    TEXT_BEFORE_IMAGE,
+    DecoderCall,
+    ParityCase,
+    _compare_decoder,
+    make_prompts,
+)
 
 IMAGE, PAD = 7, 0
 MANIFEST = SimpleNamespace(text=SimpleNamespace(image_token_id=IMAGE, pad_token_id=PAD, pad_or_zero=PAD),
                            dims=SimpleNamespace(vocab_size=50))
 
 
-def test_image_placeholder_is_never_first():
-    """Text before and after the image in every row. An image first puts a patch at position 0 (the
-    attention sink), where trained LMs are ill-conditioned (scripts/measure_parity_conditioning.py)."""
+def test_image_placeholder_follows_a_role_prefix():
+    """3 text tokens before the image (as ChatML's `<|im_start|>user\n`) and one after it. Patches at the
+    first positions are ill-conditioned in trained LMs (scripts/measure_parity_conditioning.py)."""
     rng = np.random.default_rng(0)
     pool = np.arange(10, 50)
     for draw in range(300):
-        lengths = [int(n) for n in rng.integers(3, 14, size=3)]
+        lengths = [int(n) for n in rng.integers(5, 14, size=3)]
         ids, mask = make_prompts(MANIFEST, rng, lengths, pool if draw % 2 else None)
         for row, m, n in zip(ids, mask, lengths, strict=True):
             real = row[m.astype(bool)]
             assert len(real) == n and (real == IMAGE).sum() == 1
             at = int(np.flatnonzero(real == IMAGE)[0])
-            assert 1 <= at <= n - 2, (draw, real)
+            assert TEXT_BEFORE_IMAGE == 3 and 3 <= at <= n - 2, (draw, real)
 
 
 class ReplayDecoder:

@@ -52,17 +52,20 @@ def token_pool(manifest: Manifest) -> np.ndarray | None:
     return np.asarray(ids, np.int64) if len(ids) >= 32 else None
 
 
+TEXT_BEFORE_IMAGE = 3  # ChatML's role prefix; shorter prompts put the image last
+
+
 def make_prompts(manifest: Manifest, rng: np.random.Generator, lengths: list[int], pool: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompts of the given lengths, one image placeholder in each at a random place with at
-    least one text token before it and one after it (so t2i has candidates). Tokens: a window of `pool`
-    (token_pool) at a random offset, or random ids when there is no pool.
+    least TEXT_BEFORE_IMAGE text tokens before it and one after it (so t2i has candidates). Tokens: a
+    window of `pool` (token_pool) at a random offset, or random ids when there is no pool.
 
-    Never first, as in every real prompt (the chat template's text precedes the image): at index 0 an image
-    patch takes position 0, the attention-sink slot, and trained LMs give it and the next patches outlier
-    activations. tiny-scenes-noanchor there: PyTorch fp32 itself is up to 8.9e-4 (logits) and 7.6e-4 (KV)
-    from float64, so no fp32 graph can be held to the bounds; one text token ahead: 1.6e-4 / 7.6e-5
-    (scripts/measure_parity_conditioning.py)."""
+    Not at the very start: chat templates put the image after their role prefix (ChatML's
+    `<|im_start|>user\n` is 3 tokens). An image patch at the first positions sits next to the attention
+    sink, where trained LMs give patches outlier activations and fp32 itself is ill-conditioned: PyTorch
+    fp32 against float64, image at index 0 / 1 / 3, tiny-vqa 1.3e-2 / 6.7e-3 / 2.2e-4 (logits),
+    tiny-scenes-noanchor 8.9e-4 / 1.6e-4 / 8.8e-5 (scripts/measure_parity_conditioning.py)."""
     text, vocab = manifest.text, manifest.dims.vocab_size
     special = [text.image_token_id, text.pad_token_id]
     width = max(lengths)
@@ -75,7 +78,7 @@ def make_prompts(manifest: Manifest, rng: np.random.Generator, lengths: list[int
             tokens = rng.integers(0, vocab, size=n)
         while (bad := np.isin(tokens, special)).any():
             tokens[bad] = rng.integers(0, vocab, size=int(bad.sum()))
-        tokens[rng.integers(1, max(n - 1, 2))] = text.image_token_id
+        tokens[rng.integers(TEXT_BEFORE_IMAGE, max(n - 1, TEXT_BEFORE_IMAGE + 1))] = text.image_token_id
         ids[row, width - n :] = tokens
         mask[row, width - n :] = 1
     return ids, mask
