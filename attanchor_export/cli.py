@@ -182,7 +182,8 @@ class ModelOrVerb(click.Group):
 def main():
     """Export AttAnchor vision-language models to ONNX and TensorRT, and run them.
 
-    MODEL is an alias (tinyllava-1b, llava-1.5-7b), a Hub id (downloaded unless --offline), or a folder.
+    MODEL is an alias (tinyllava-1b, llava-1.5-7b; the trained tiny models tiny-vqa, tiny-scenes,
+    tiny-scenes-noanchor), a Hub id (downloaded unless --offline), or a folder.
     """
 
 
@@ -526,11 +527,12 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
 
 @main.command("eval")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--data", required=True, metavar="easy-vqa|FILE.jsonl",
-              help='"easy-vqa" (the PyPI data set) or JSONL rows {"image", "question", "answer"}.')
-@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
-              help="easy-vqa split.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most N questions (a fixed random subset for easy-vqa).")
+@click.option("--data", required=True, metavar="easy-vqa|tiny-scenes|FILE.jsonl",
+              help='"easy-vqa" (the PyPI data set), "tiny-scenes" (generated scenes of 2-4 shapes) or JSONL rows '
+                   '{"image", "question", "answer"}.')
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True,
+              help="easy-vqa split (train, test) or tiny-scenes split (train, validation, test).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N questions (a fixed random subset for easy-vqa and tiny-scenes).")
 @click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
 @click.option("--thresholds", help="Several thresholds, comma-separated, e.g. 0.3,0.5,2 (2 = no anchors).")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,

@@ -49,6 +49,7 @@ from attanchor_export.load.lora import apply_adapter, locate_adapter
 from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, MODES, ExportOptions, no_steps
 from attanchor_export.precision.gate import AccuracyGateFailed, source_model_baseline
 from attanchor_export.precision.quantize import FORMS, quantize_artifact
+from attanchor_export.trace.candidates import excluded_token_ids
 from attanchor_export.trace.decoder import export_decoder
 from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
 from attanchor_export.trace.optimize import optimize_decoder
@@ -134,7 +135,7 @@ def checkpoint_defaults(folder: Path) -> dict:
     return {k: data[k] for k in ("threshold", "calib", "task", "gate_floors") if k in data}
 
 
-def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
+def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps, excluded=()):
     """Fill threshold/calib/task from the checkpoint's declared defaults, then resolve threshold "auto"."""
     declared = checkpoint_defaults(loaded.folder)
     threshold = options.threshold if options.threshold is not None else declared.get("threshold", DEFAULT_THRESHOLD)
@@ -147,7 +148,7 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps):
 
         with steps("calibrate the anchor threshold (target anchor rate)"):
             processor = AutoImageProcessor.from_pretrained(str(loaded.processor_folder or loaded.folder))
-            calibration = calibrate(loaded, tokenizer, processor, calib)
+            calibration = calibrate(loaded, tokenizer, processor, calib, excluded_token_ids=excluded)
         threshold = calibration.threshold
     elif not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise ExportError(f'threshold must be a number or "auto", got {threshold!r}')
@@ -199,7 +200,8 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
         family = loaded.family.manifest_section(loaded.processor_folder or loaded.folder)
         text = _text_section(loaded, tokenizer)
-    options, calibration = _anchor_defaults(loaded, tokenizer, options, steps)
+        excluded = excluded_token_ids(tokenizer)  # never anchors: special (and whitespace-only) tokens
+    options, calibration = _anchor_defaults(loaded, tokenizer, options, steps, excluded)
     adapter = None
     if located_adapter is not None:
         with steps("merge LoRA adapter"):  # merged before anything is traced: graphs and checks see one model
@@ -208,14 +210,14 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
         _check_finite_parameters(loaded, steps)  # a streamed load checks each tensor as it is read
     graphs = loaded.family.graph_specs(options.max_anchors, options.last_logits_only)
     with staging_folder(options.output, options.force, protected) as staging:
-        table, optimizations = _write_graphs(loaded, graphs, staging.path, options, steps)
+        table, optimizations = _write_graphs(loaded, graphs, staging.path, options, steps, excluded)
         _write_processor_files(loaded, tokenizer, staging.path)
         manifest = Manifest(
             folder=staging.path,
             source=Source(model_name, str(loaded.source), loaded.alias, loaded.revision, loaded.commit, adapter),
             family=family, dims=loaded.dims,
             anchor=Anchor(mode=options.mode, threshold=float(options.threshold), max_anchors=options.max_anchors,
-                          calibration=calibration),
+                          calibration=calibration, op_version=2, excluded_token_ids=tuple(excluded)),
             text=text, graphs=graphs, embed_table=table,
             onnx=Onnx(options.opset, ARTIFACT_IR_VERSION), optimizations=optimizations, versions=_versions(),
         )
@@ -316,7 +318,7 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"threshold must be a finite number, got {options.threshold}")
 
 
-def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, steps):
+def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, steps, excluded):
     """vision.onnx, embedding.onnx (+ the embed table), decoder.onnx; returns (embed table, optimizations)."""
     family, model = loaded.family, loaded.model
     with steps("trace vision graph"):
@@ -327,7 +329,8 @@ def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, 
         weight = family.embed_tokens(model).weight.detach().to(torch.float32).numpy()
         table = write_embed_table(weight, folder)
         embedding = build_embedding_model(family, graphs.embedding, table, loaded.tokens.image_token_id,
-                                          options.mode, options.max_anchors, ARTIFACT_IR_VERSION)
+                                          options.mode, options.max_anchors, ARTIFACT_IR_VERSION,
+                                          excluded_token_ids=excluded)
         save_embedding_model(embedding, folder / graphs.embedding.file)
         onnx.checker.check_model(str(folder / graphs.embedding.file))
     with steps("trace decoder graph"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from attanchor_graphs.specification import anchor_insert
+from attanchor_graphs.specification import anchor_insert, candidate_mask_from_ids
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.manifest import Manifest
 from transformers import DynamicCache
@@ -53,13 +53,14 @@ def image_features(loaded, pixel_values) -> torch.Tensor:
 
 @torch.no_grad()
 def anchored_inputs(loaded, input_ids, attention_mask, pixel_values, threshold, mode="t2i", max_anchors=None,
-                    features=None):
+                    features=None, excluded_token_ids=()):
     """Prompt ids + image -> (inputs_embeds [B,L,D], attention_mask [B,L], position_ids, gather_index [B,L]).
 
     input_ids int64 [B,T], left padded, one image placeholder per row; attention_mask [B,T] (None = all 1).
     Scores are computed in float32 whatever the model dtype, as the exported graph does.
     features: image_features(loaded, pixel_values) computed beforehand (e.g. to time the vision pass
-    on its own); None computes them here.
+    on its own); None computes them here. excluded_token_ids: ids that are never anchors (the manifest's
+    anchor.excluded_token_ids, AnchorInsert version 2); empty = version 1, every token a candidate.
     """
     ids = _as_long(input_ids)
     mask = torch.ones_like(ids) if attention_mask is None else _as_long(attention_mask)
@@ -70,6 +71,7 @@ def anchored_inputs(loaded, input_ids, attention_mask, pixel_values, threshold, 
     gather_index, out_mask = anchor_insert(
         text.float().numpy(), features.float().numpy(), mask.numpy(), where.numpy(),
         np.float32(threshold), mode=mode, max_anchors=max_anchors,
+        candidate_mask=candidate_mask_from_ids(ids.numpy(), excluded_token_ids) if len(excluded_token_ids) else None,
     )
     both = torch.cat([text, features.to(text.dtype)], dim=1)  # index space of gather_index: text n -> n, image m -> T + m
     index = torch.from_numpy(gather_index)
@@ -224,7 +226,8 @@ class TorchBackend:
         ids, mask, features, threshold = (feeds[n] for n in self.manifest.graphs.embedding.input_names[:4])
         anchor = self.manifest.anchor
         outputs = anchored_inputs(self.loaded, ids, mask, None, float(threshold), anchor.mode, anchor.max_anchors,
-                                  features=torch.from_numpy(np.asarray(features)))
+                                  features=torch.from_numpy(np.asarray(features)),
+                                  excluded_token_ids=anchor.excluded_token_ids)
         names = self.manifest.graphs.embedding.output_names
         return {n: np.asarray(t.detach().float() if t.is_floating_point() else t) for n, t in zip(names, outputs)}
 

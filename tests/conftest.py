@@ -47,6 +47,18 @@ def checkpoint(shared_dir):
 
 
 @pytest.fixture(scope="session")
+def qwen_checkpoint(shared_dir) -> Path:
+    """Folder of the tiny random Qwen2_5_VLForConditionalGeneration (load/tiny_qwen2_5_vl.py)."""
+    from attanchor_export.load.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+
+    path = shared_dir / "ck-qwen2_5_vl"
+    with locked(path):
+        if not (path / "config.json").is_file():
+            make_tiny_qwen2_5_vl(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def artifact(shared_dir):
     """artifact("clip-t2i") -> exported, validated artifact folder (see ARTIFACTS)."""
     from attanchor_export.exporter import ExportOptions, export_artifact

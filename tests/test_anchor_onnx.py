@@ -19,6 +19,7 @@ from attanchor_graphs import (
     DOMAIN,
     FUNCTION_OPS,
     MODEL_INPUTS,
+    MODEL_INPUTS_V2,
     MODEL_OUTPUTS,
     OPSET,
     anchor_insert,
@@ -56,23 +57,22 @@ def _session_for(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 @functools.cache
-def session(mode: str, k: int | None, inlined: bool = False) -> ort.InferenceSession:
-    """Building a session dominates the runtime of these tests: one per (mode, K)."""
-    model = build_anchor_model(mode, k)
+def session(mode: str, k: int | None, inlined: bool = False, version: int = 1) -> ort.InferenceSession:
+    """Building a session dominates the runtime of these tests: one per (mode, K, version)."""
+    model = build_anchor_model(mode, k, version=version)
     if inlined:
         model = onnx.inliner.inline_local_functions(model)
     return _session_for(model)
 
 
-def run_onnx(mode, k, x, y, mask, pos, thr, inlined=False):
-    feeds = dict(
-        zip(
-            MODEL_INPUTS,
-            [x, y, mask.astype(np.int64), pos.astype(np.int64), np.asarray(thr, dtype=np.float32)],
-            strict=True,
-        )
-    )
-    return session(mode, k, inlined).run(list(MODEL_OUTPUTS), feeds)
+def run_onnx(mode, k, x, y, mask, pos, thr, inlined=False, candidate_mask=None):
+    values = [x, y, mask.astype(np.int64), pos.astype(np.int64), np.asarray(thr, dtype=np.float32)]
+    names = MODEL_INPUTS
+    if candidate_mask is not None:  # version 2
+        values.append(np.asarray(candidate_mask, dtype=np.int64))
+        names = MODEL_INPUTS_V2
+    feeds = dict(zip(names, values, strict=True))
+    return session(mode, k, inlined, 1 if candidate_mask is None else 2).run(list(MODEL_OUTPUTS), feeds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,3 +356,37 @@ def test_save_anchor_model(tmp_path):
     loaded = onnx.load(path)
     onnx.checker.check_model(loaded, full_check=True)
     assert loaded.functions[0].name == "AnchorInsert"
+
+
+# ---------------------------------------------------------------------------------------------
+# version 2: candidate_mask (0 = never an anchor; the embedding graph excludes special tokens)
+
+
+@pytest.mark.parametrize("mode, k", COMBOS)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=anchor_cases(), data=st.data())
+def test_v2_onnx_matches_reference_on_grid(mode, k, case, data):
+    x, y, mask, pos, thr = case
+    cm = data.draw(arrays(np.int64, mask.shape, elements=st.integers(0, 1)))
+    ref_gi, ref_mask = anchor_insert(x, y, mask, pos, thr, mode=mode, max_anchors=k, candidate_mask=cm)
+    got_gi, got_mask = run_onnx(mode, k, x, y, mask, pos, thr, candidate_mask=cm)
+    np.testing.assert_array_equal(got_gi, ref_gi)
+    np.testing.assert_array_equal(got_mask, ref_mask)
+    if data.draw(st.booleans()):  # TensorRT inlines the function: the inlined v2 body must agree too
+        got = run_onnx(mode, k, x, y, mask, pos, thr, inlined=True, candidate_mask=cm)
+        np.testing.assert_array_equal(got[0], ref_gi)
+
+
+@pytest.mark.parametrize("mode, k", COMBOS)
+def test_v2_model_structure(mode, k):
+    model = build_anchor_model(mode, k, version=2)
+    onnx.checker.check_model(model, full_check=True)
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", OPSET), (DOMAIN, 2)}
+    (func,) = model.functions
+    assert list(func.input) == [*MODEL_INPUTS[:2], "attention_mask", *MODEL_INPUTS[3:], "candidate_mask"]
+    assert {n.op_type for n in func.node} <= set(FUNCTION_OPS)
+    assert [i.name for i in model.graph.input] == list(MODEL_INPUTS_V2)
+    with pytest.raises(ValueError, match="version"):
+        build_anchor_model(mode, k, version=3)
+    with pytest.raises(ValueError, match="version 2 takes 6 inputs"):
+        make_anchor_node(list("abcde"), ["g", "m"], version=2)

@@ -343,3 +343,81 @@ def test_anchor_pairs_validation():
         anchor_pairs(np.zeros((1, 3)), np.zeros((1, 3)), 2, "both")
     with pytest.raises(ValueError, match="\\[B, L\\]"):
         anchor_pairs(np.zeros((1, 3)), np.zeros((1, 4)), 2, "t2i")
+
+
+# ---------------------------------------------------------------------------------------------
+# version 2: candidate_mask (words only)
+
+
+def test_t2i_candidate_mask_hand_worked():
+    # The shared example at 0.5 anchors T2, T3 and T4; with T3 excluded only T2 and T4 remain.
+    x, y, mask, pos = _case()
+    gi, om = anchor_insert(x, y, mask, pos, 0.5, candidate_mask=np.array([[1, 1, 1, 0, 1]]))
+    #                      T0 I0 I1 T2 I2 T4 | T2 T3 T4
+    assert gi.tolist() == [[0, 5, 6, 2, 7, 4, 2, 3, 4]]
+    assert anchor_pairs(gi, om, 5, "t2i") == [[(2, 1), (4, 2)]]
+
+
+def test_i2t_candidate_mask_moves_the_best_token():
+    # I2 = (-1, 0): best candidate T4 (cos .949); with T4 excluded the best is T2 (cos 0) or T3 (-.707).
+    x, y, mask, pos = _case()
+    full = anchor_pairs(*anchor_insert(x, y, mask, pos, -1.0, mode="i2t"), 5, "i2t")[0]
+    cut = anchor_pairs(*anchor_insert(x, y, mask, pos, -1.0, mode="i2t",
+                                      candidate_mask=np.array([[1, 1, 1, 1, 0]])), 5, "i2t")[0]
+    assert (4, 2) in full and all(n != 4 for n, _ in cut)
+    assert (2, 2) in cut  # cos(T2, I2) = 0 > cos(T3, I2) = -.707
+
+
+@pytest.mark.parametrize("mode", ["t2i", "i2t"])
+@pytest.mark.parametrize("k", [None, 2])
+def test_candidate_mask_equals_a_token_that_scores_nan(mode, k):
+    """An excluded token behaves as if its similarity were NaN (never an anchor, never a best match)
+    while it stays in the text: an independent statement of what version 2 adds."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        b, t, m, d = 2, int(rng.integers(2, 9)), int(rng.integers(1, 6)), 3
+        x = rng.integers(-3, 4, (b, t, d)).astype(np.float32)
+        y = rng.integers(-3, 4, (b, m, d)).astype(np.float32)
+        mask = np.ones((b, t), np.int64)
+        mask[1, : int(rng.integers(0, t))] = 0
+        pos = np.array([int(rng.integers(0, t)), int(rng.integers(t - mask[1].sum(), t))])
+        cm = rng.integers(0, 2, (b, t))
+        thr = np.float32(rng.choice([-1.0, 0.0, 0.3, 0.7]))
+        nan_x = x.copy()
+        nan_x[cm == 0] = np.nan
+        want = anchor_insert(nan_x, y, mask, pos, thr, mode=mode, max_anchors=k)
+        got = anchor_insert(x, y, mask, pos, thr, mode=mode, max_anchors=k, candidate_mask=cm)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("mode", ["t2i", "i2t"])
+def test_candidate_mask_of_ones_is_version_1(mode):
+    x, y, mask, pos = _case()
+    for thr in (-1.0, 0.5, 0.9):
+        v1 = anchor_insert(x, y, mask, pos, thr, mode=mode)
+        v2 = anchor_insert(x, y, mask, pos, thr, mode=mode, candidate_mask=np.ones((1, 5), np.int64))
+        np.testing.assert_array_equal(v1[0], v2[0])
+
+
+def test_candidate_mask_from_ids():
+    from attanchor_graphs.specification import candidate_mask_from_ids
+
+    ids = np.array([[5, 1, 9, 2], [2, 2, 7, 0]])
+    assert candidate_mask_from_ids(ids, [1, 2]).tolist() == [[1, 0, 1, 0], [0, 0, 1, 1]]
+    assert candidate_mask_from_ids(ids, []).tolist() == [[1] * 4] * 2
+    assert candidate_mask_from_ids(ids, [1]).dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "candidate_mask, message",
+    [
+        (np.ones((1, 4), np.int64), "candidate_mask must have shape"),
+        (np.ones((1, 5), np.float32), "integer"),
+        (np.full((1, 5), 2), "0 \\(never an anchor\\) or 1"),
+    ],
+)
+def test_candidate_mask_validation(candidate_mask, message):
+    x, y, mask, pos = _case()
+    with pytest.raises(ValueError, match=message):
+        anchor_insert(x, y, mask, pos, 0.5, candidate_mask=candidate_mask)

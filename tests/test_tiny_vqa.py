@@ -8,11 +8,12 @@ once in fp32 and once in int4. Accuracy claims in the docs come from these same 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import read_manifest
+from helpers import locked, read_manifest
 
 from attanchor_export.cli import main
 
@@ -81,6 +82,56 @@ def test_colour_and_shape_words_are_anchored_on_the_shape(fp32_eval):
     loc = fp32_eval[2]["localisation"]
     assert loc["word_anchors"] >= 20, loc
     assert loc["on_shape"] >= 0.40 and loc["ratio_to_chance"] >= 2.0, loc
+
+
+def test_only_words_are_ever_anchored(fp32, fp32_eval):
+    """No token the tokenizer marks special (ChatML's <|im_start|>/<|im_end|>, <image>, <pad>) and no
+    whitespace-only token is anchored: at the default threshold on every eval question, and at threshold
+    -1, where every remaining candidate becomes an anchor (so the anchored ids are exactly the words)."""
+    from tokenizers import Tokenizer
+
+    pipe, items, result = fp32_eval
+    data = json.loads((fp32 / "tokenizer.json").read_text())
+    special = {t["id"] for t in data["added_tokens"] if t["special"]}
+    tok = Tokenizer.from_file(str(fp32 / "tokenizer.json"))
+    anchored = [r["prompt_ids"][t] for r in result["records"] for t, _ in r["anchors"]]
+    assert anchored and not special & set(anchored)
+    image = pipe.manifest.text.image_token_id
+    batch = items[:8]
+    ids = [pipe.text.prompt_ids(it.question) for it in batch]
+    out = pipe.generate(input_ids=ids, pixel_values=np.concatenate([pipe.images(it.image) for it in batch]),
+                        max_new_tokens=1, threshold=-1.0)
+    for row, pairs in zip(ids, out.anchors, strict=True):
+        after = [int(t) for t in row[list(row).index(image) + 1 :]]
+        assert special & set(after), "the template puts control tokens after the image: the test can fail"
+        words = {t for t in after if t not in special and tok.decode([t], skip_special_tokens=False).strip()}
+        assert {int(row[n]) for n, _ in pairs} == words
+
+
+def test_tiny_scenes_aliases_assemble_from_their_parts(tiny_vqa_cache):
+    """tiny-scenes (anchored) and tiny-scenes-noanchor (threshold 2: no anchor at training or inference)
+    assemble from their committed fp16 parts; the checkpoint holds exactly those weights, widened."""
+    import torch
+    from safetensors.torch import load_file
+
+    from attanchor_export.load.checkpoint import resolve_model
+    from attanchor_export.load.tiny_scenes import MODELS
+
+    with locked(tiny_vqa_cache):
+        folders = {name: resolve_model(name) for name in MODELS}
+    for name, (folder, alias) in folders.items():
+        folder = Path(folder)
+        assert alias == name
+        declared = json.loads((folder / "attanchor_config.json").read_text())
+        assert declared["task"] == "tiny-scenes"
+        assert declared["threshold"] == ("auto" if name == "tiny-scenes" else 2.0)
+        stored = load_file(str(MODELS[name][0] / "vision_projector.safetensors"))
+        assembled = load_file(str(folder / "model.safetensors"))
+        for key in ("model.multi_modal_projector.linear_1.weight", "model.vision_tower.vision_model.embeddings.patch_embedding.weight"):
+            assert stored[key].dtype == torch.float16 and assembled[key].dtype == torch.float32
+            assert torch.equal(assembled[key], stored[key].float())
+        trained = json.loads((folder / "training.json").read_text())
+        assert trained["anchors"] is (name == "tiny-scenes") and trained["task"] == "tiny-scenes"
 
 
 def test_int4_stays_within_two_points_of_fp32(int4):

@@ -69,6 +69,7 @@ class TorchRunner:
         self.name = str(self.loaded.source)
         anchor = manifest.anchor
         self.mode, self.max_anchors = anchor.mode, anchor.max_anchors
+        self.excluded_token_ids = anchor.excluded_token_ids
         self.attn_implementation = getattr(self.loaded.model.config, "_attn_implementation", None)
 
     def restore_threads(self):
@@ -82,7 +83,8 @@ class TorchRunner:
         features = image_features(self.loaded, pixels)  # apart from anchored_inputs, to time it alone
         t1 = clock()
         embeds, mask, positions, _ = anchored_inputs(self.loaded, ids[None, :], None, pixels, threshold,
-                                                     self.mode, self.max_anchors, features=features)
+                                                     self.mode, self.max_anchors, features=features,
+                                                     excluded_token_ids=self.excluded_token_ids)
         t2 = clock()
         tokens = greedy_generate(self.loaded, embeds, mask, positions, max_new_tokens,
                                  on_token=lambda _: token_times.append(clock()))

@@ -137,7 +137,8 @@ def source_outputs(loaded, manifest: Manifest, seed: int = 1234, decoder: bool =
         ids, text_mask = make_prompts(manifest, rng, lengths, pool)
         for threshold in threshold_grid:
             anchored = tuple(np.asarray(t) for t in anchored_inputs(
-                loaded, ids, text_mask, pixels, threshold, mode=anchor.mode, max_anchors=anchor.max_anchors))
+                loaded, ids, text_mask, pixels, threshold, mode=anchor.mode, max_anchors=anchor.max_anchors,
+                excluded_token_ids=anchor.excluded_token_ids))
             step = family.first_step(anchored[1], anchored[2])
             calls = _source_calls(backend, step, anchored[0], kept, rng, pool, table, dims.hidden_size) \
                 if decoder else []
@@ -265,7 +266,8 @@ def validate_end_to_end(loaded, manifest: Manifest, max_new_tokens: int = 12, se
             out = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=max_new_tokens,
                                 threshold=threshold)
             embeds, amask, pos, _ = anchored_inputs(loaded, ids, mask, pixels, threshold,
-                                                    mode=anchor.mode, max_anchors=anchor.max_anchors)
+                                                    mode=anchor.mode, max_anchors=anchor.max_anchors,
+                                                    excluded_token_ids=anchor.excluded_token_ids)
             ref = greedy_generate(loaded, embeds, amask, pos, max_new_tokens, eos_token_id=eos).numpy()
             anchors = sum(len(a) for a in out.anchors)
             results.append(token_check("end-to-end", f"{label} anchors={anchors}", out.tokens, ref, "vs reference"))

@@ -123,6 +123,33 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
     return {"word_anchors": total, "on_shape": rate, "chance": base, "ratio_to_chance": rate / base if base else 0.0}
 
 
+def scenes_localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> dict:
+    """tiny-scenes: share of colour/shape-word anchors on a patch of an item that word describes, and chance
+    (the share of the image's patches that are), from the generator's own item masks."""
+    from attanchor_export.load import scenes
+
+    patch = pipe.manifest.dims.patch_size
+    word_ids = {int(pipe.text.encode(" " + w, add_special_tokens=False)[0]): w for w in [*scenes.COLORS, *scenes.SHAPES]}
+    hits = total = 0
+    chance = []
+    cache: dict = {}
+    for it, rec in zip(items, records, strict=True):
+        if it.image_id not in cache:
+            cache[it.image_id] = scenes.word_patches(scenes.scene(it.split, it.image_id), patch)
+        on = cache[it.image_id]
+        for text_index, image_index in rec["anchors"]:
+            word = word_ids.get(rec["prompt_ids"][text_index])
+            if word is None:
+                continue
+            patches = on.get(word)
+            total += 1
+            hits += bool(patches is not None and patches[image_index])
+            chance.append(float(patches.mean()) if patches is not None else 0.0)
+    rate = hits / total if total else 0.0
+    base = float(np.mean(chance)) if chance else 0.0
+    return {"word_anchors": total, "on_shape": rate, "chance": base, "ratio_to_chance": rate / base if base else 0.0}
+
+
 def evaluate_artifact(pipe, items: Sequence[TaskItem], threshold: float | None = None,
                       progress: Callable[[int], None] | None = None, batch: int = DEFAULT_BATCH) -> dict:
     """accuracy(...) + localisation (easy-vqa) + the per-question records, for one threshold."""
@@ -130,7 +157,8 @@ def evaluate_artifact(pipe, items: Sequence[TaskItem], threshold: float | None =
     result = accuracy(records)
     result["threshold"] = float(pipe.default_threshold if threshold is None else threshold)
     if any(it.image_id is not None for it in items):
-        result["localisation"] = localisation(pipe, items, records)
+        scored = scenes_localisation if items[0].split else localisation
+        result["localisation"] = scored(pipe, items, records)
     result["records"] = records
     return result
 
@@ -145,7 +173,9 @@ def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, bat
         chunk = items[start : start + batch]
         ids, mask = left_pad([pipe.prompt_ids(it.question) for it in chunk], pipe.pad_token_id)
         pixels = np.concatenate([pipe.images(it.image) for it in chunk])
-        embeds, out_mask, positions, _ = anchored_inputs(loaded, ids, mask, pixels, threshold)
+        embeds, out_mask, positions, _ = anchored_inputs(
+            loaded, ids, mask, pixels, threshold, mode=pipe.mode, max_anchors=pipe.manifest.anchor.max_anchors,
+            excluded_token_ids=pipe.manifest.anchor.excluded_token_ids)
         tokens = greedy_generate(loaded, embeds, out_mask, positions, ANSWER_TOKENS, eos_token_id=eos)
         for row in tokens.tolist():
             kept = []
@@ -200,7 +230,7 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
                                   **_agreement([r["answer"] for r in theirs], records, items)}
         results.append(result)
     return {
-        "folder": str(folder), "data": data, "split": split if data == "easy-vqa" else None,
+        "folder": str(folder), "data": data, "split": split if data in ("easy-vqa", "tiny-scenes") else None,
         "precision": _precision(pipe.manifest), "backend": backend,
         "accuracy": results[0]["accuracy"], "results": results, "skipped": skipped,
     }

@@ -23,6 +23,7 @@ ALIASES = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
 }
 TINY_VQA = "tiny-vqa"  # the trained tiny model (attanchor_export/load/tiny_vqa.py), not a Hub repo
+TINY_SCENES = ("tiny-scenes", "tiny-scenes-noanchor")  # the same model trained on tiny-scenes (tiny_scenes.py)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "processor_config.json")
 
@@ -64,6 +65,10 @@ def resolve_model(name: str) -> tuple[str, str | None]:
         from attanchor_export.load.tiny_vqa import checkpoint_folder
 
         return str(checkpoint_folder()), name
+    if name in TINY_SCENES:
+        from attanchor_export.load.tiny_scenes import checkpoint_folder as scenes_checkpoint
+
+        return str(scenes_checkpoint(name)), name
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -72,7 +77,7 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     if _HUB_ID.match(name):
         return name, None
     raise CheckpointError(
-        f"no such folder {name}, and it is neither an alias ({', '.join([*ALIASES, TINY_VQA])}) nor a Hub id (owner/name)"
+        f"no such folder {name}, and it is neither an alias ({', '.join([*ALIASES, TINY_VQA, *TINY_SCENES])}) nor a Hub id (owner/name)"
     )
 
 

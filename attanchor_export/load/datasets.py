@@ -42,13 +42,24 @@ class TaskItem:
     kind: str = "other"
     image_id: int | None = None
     source: str | None = None  # "FILE.jsonl:LINE" for a JSONL row: how a skipped row is named
+    split: str | None = None  # tiny-scenes: the split its image_id indexes
 
 
 def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
-    """`easy-vqa` (a fixed random subset of `limit` questions of `split`) or a JSONL file of
+    """`easy-vqa` (the PyPI data set), `tiny-scenes` (generated, attanchor_export/load/scenes.py; splits
+    train, validation, test) (a fixed random subset of `limit` questions of `split`), or a JSONL file of
     {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file)."""
-    if data == "easy-vqa":
-        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id) for q in easy_vqa.questions(split)]
+    if data in ("easy-vqa", "tiny-scenes"):
+        if data == "easy-vqa":
+            source = easy_vqa
+        else:
+            from attanchor_export.load import scenes as source
+        try:
+            questions = source.questions(split)
+        except ValueError as e:
+            raise ExportError(f"--data {data}: {e}") from None
+        rows = [TaskItem(q.image, q.question, q.answer, q.kind, q.image_id,
+                         split=split if data == "tiny-scenes" else None) for q in questions]
         if limit and limit < len(rows):
             rows = random.Random(seed).sample(rows, limit)
         return rows
@@ -148,12 +159,12 @@ def gate_samples(n: int = DEFAULT_GATE_SIZE) -> list[Sample]:
 
 
 def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> list[Sample]:
-    """`--calib`: None = the built-in set; "easy-vqa"; a folder of images; or a JSONL file of {"image", "prompt"}."""
+    """`--calib`: None = the built-in set; "easy-vqa" or "tiny-scenes"; a folder of images; or a JSONL file of {"image", "prompt"}."""
     if calib is None:
         return builtin_samples()
-    if calib == "easy-vqa":  # real images and questions (train split; the gates and eval use test)
-        items = load_task("easy-vqa", split="train", limit=limit or 256, seed=1)
-        return [Sample(it.image, it.question, f"easy-vqa:{it.image_id}") for it in items]
+    if calib in ("easy-vqa", "tiny-scenes"):  # real images and questions (train split; the gates and eval use test)
+        items = load_task(calib, split="train", limit=limit or 256, seed=1)
+        return [Sample(it.image, it.question, f"{calib}:{it.image_id}") for it in items]
     path = Path(calib).expanduser()
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

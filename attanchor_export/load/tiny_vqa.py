@@ -208,11 +208,11 @@ def image_processor():
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def parts_digest() -> str:
+def parts_digest(parts: Path = PARTS) -> str:
     h = hashlib.sha256()
-    for path in sorted(PARTS.rglob("*")):
+    for path in sorted(parts.rglob("*")):
         if path.is_file() and path.suffix in (".safetensors", ".json"):
-            h.update(path.relative_to(PARTS).as_posix().encode())
+            h.update(path.relative_to(parts).as_posix().encode())
             h.update(_sha256(path).encode())
     return h.hexdigest()[:16]
 
@@ -233,31 +233,35 @@ def save_checkpoint(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def load_parts(model) -> dict:
+def load_parts(model, parts: Path = PARTS) -> dict:
     """Trained tower + projector into `model` (in place); returns the model card's metadata."""
     from safetensors.torch import load_file
 
-    weights = PARTS / "vision_projector.safetensors"
+    weights = parts / "vision_projector.safetensors"
     if not weights.is_file():
-        raise CheckpointError(f"tiny-vqa's trained parts are missing ({weights}); run scripts/train_tiny_vqa.py")
+        raise CheckpointError(f"trained parts are missing ({weights}); see {parts.name}/MODEL_CARD.md")
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     wrong = [k for k in missing if not k.startswith("model.language_model.") and k != "lm_head.weight"]
     if unexpected or wrong:
         raise CheckpointError(f"tiny-vqa parts do not fit the model: missing {wrong[:3]}, unexpected {unexpected[:3]}")
-    return json.loads((PARTS / "training.json").read_text()) if (PARTS / "training.json").is_file() else {}
+    return json.loads((parts / "training.json").read_text()) if (parts / "training.json").is_file() else {}
 
 
-def checkpoint_folder() -> Path:
-    """The assembled tiny-vqa checkpoint (LoRA merged), built on first use and cached by parts digest."""
-    final = cache_root() / f"tiny-vqa-{parts_digest()}"
+def checkpoint_folder(name: str = "tiny-vqa", parts: Path = PARTS, defaults: dict | None = None) -> Path:
+    """The assembled checkpoint of a trained tiny model (LoRA merged), built on first use, cached by parts digest.
+
+    tiny-vqa by default; the tiny-scenes models (attanchor_export.load.tiny_scenes) share the base model
+    and differ in their parts folder and declared AttAnchor defaults."""
+    defaults = EXPORT_DEFAULTS if defaults is None else defaults
+    final = cache_root() / f"{name}-{parts_digest(parts)}"
     if (final / "config.json").is_file():
         return final
     import torch
 
     model, tokenizer = base_model()
-    load_parts(model)
-    adapter = PARTS / "lora"
+    load_parts(model, parts)
+    adapter = parts / "lora"
     if (adapter / "adapter_config.json").is_file():
         import warnings
 
@@ -268,12 +272,12 @@ def checkpoint_folder() -> Path:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(torch.float32).eval()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tiny-vqa-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-"))
     save_checkpoint(model, tokenizer, tmp)
-    # Its AttAnchor defaults (exporter.checkpoint_defaults): the threshold is calibrated to the paper's
-    # anchor rate on easy-vqa train images, and quantized exports are gated on easy-vqa accuracy.
-    (tmp / "attanchor_config.json").write_text(json.dumps(EXPORT_DEFAULTS, indent=2) + "\n")
+    # Its AttAnchor defaults (exporter.checkpoint_defaults): tiny-vqa's threshold is calibrated to the
+    # paper's anchor rate on easy-vqa train images, and quantized exports are gated on easy-vqa accuracy.
+    (tmp / "attanchor_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
     for card in ("MODEL_CARD.md", "training.json"):
-        if (PARTS / card).is_file():
-            shutil.copy(PARTS / card, tmp / card)
+        if (parts / card).is_file():
+            shutil.copy(parts / card, tmp / card)
     return _publish(tmp, final)

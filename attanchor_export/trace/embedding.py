@@ -1,5 +1,9 @@
 """embedding.onnx, written node by node: token embedding, AnchorInsert, one Gather, position ids.
 
+AnchorInsert is version 2: its candidate_mask (0 = never an anchor) is computed here from input_ids
+and the excluded ids (the tokenizer's special tokens, attanchor_export.trace.candidates), which the
+graph holds as the initializer `anchor_excluded_token_ids` and the manifest records.
+
 No tracing: the graph is small and every op in it is chosen for ONNX Runtime and TensorRT alike.
 The embedding table lives in embed_tokens.bin, which is this graph's external data and also the
 file the runtime memory-maps to embed decode tokens without a second graph.
@@ -12,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from attanchor_graphs import anchor_insert_function, make_anchor_node
+from attanchor_graphs.function import DOMAIN as ANCHOR_DOMAIN
 from attanchor_graphs.function import OPSET as ANCHOR_OPSET
 from attanchor_runtime.manifest import EmbedTable, GraphSpec
 from onnx import TensorProto, helper
@@ -40,9 +45,12 @@ def build_embedding_model(
     mode: str,
     max_anchors: int | None,
     ir_version: int,
+    excluded_token_ids=(),
 ) -> onnx.ModelProto:
     """The graph `spec` declares; `family` (attanchor_export.families) gives its position-id nodes."""
     vocab, hidden = table.shape
+    # Never empty (a zero-length initializer is a shape some backends refuse): -1 matches no id.
+    excluded = sorted({int(i) for i in excluded_token_ids}) or [-1]
     init = TensorProto()
     init.name = "embed_tokens.weight"
     init.data_type = _ONNX_DTYPE[table.dtype]
@@ -70,11 +78,20 @@ def build_embedding_model(
         helper.make_node("Equal", [input_ids, "image_token_id"], ["is_image"]),
         helper.make_node("Where", ["is_image", "text_arange", "text_len"], ["image_candidates"]),
         helper.make_node("ReduceMin", ["image_candidates"], ["image_position"], axes=[1], keepdims=0),
+        # candidate_mask = 1 unless the id is excluded: Equal against every excluded id [B, T, E],
+        # counted over E (ReduceSum on int64; ReduceMax/Or over bool is not in every backend).
+        helper.make_node("Unsqueeze", [input_ids, "axis_2"], ["ids_column"]),
+        helper.make_node("Equal", ["ids_column", "anchor_excluded_token_ids"], ["is_excluded_each"]),
+        helper.make_node("Cast", ["is_excluded_each"], ["is_excluded_count_each"], to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["is_excluded_count_each", "axis_2"], ["excluded_count"], keepdims=0),
+        helper.make_node("Equal", ["excluded_count", "zero"], ["is_candidate"]),
+        helper.make_node("Cast", ["is_candidate"], ["candidate_mask"], to=TensorProto.INT64),
         make_anchor_node(
-            ["text_embeds", image_features, text_mask, "image_position", threshold],
+            ["text_embeds", image_features, text_mask, "image_position", threshold, "candidate_mask"],
             [gather_index, attention_mask],
             mode=mode,
             max_anchors=max_anchors,
+            version=2,
         ),
         # Fused embeddings: one flat Gather over concat(text, image) rows of the whole batch.
         helper.make_node("Concat", ["text_embeds", image_features], ["sources"], axis=1),
@@ -95,6 +112,8 @@ def build_embedding_model(
         const("zero", TensorProto.INT64, [], [0]),
         const("one", TensorProto.INT64, [], [1]),
         const("axis_1", TensorProto.INT64, [1], [1]),
+        const("axis_2", TensorProto.INT64, [1], [2]),
+        const("anchor_excluded_token_ids", TensorProto.INT64, [len(excluded)], excluded),
         const("image_token_id", TensorProto.INT64, [], [image_token_id]),
         const("flat_shape", TensorProto.INT64, [2], [-1, hidden]),
         *position_initializers,
@@ -109,8 +128,8 @@ def build_embedding_model(
     model = helper.make_model(
         graph,
         # The graph shares the function body's opset: ONNX requires one version per domain per model.
-        opset_imports=[helper.make_opsetid("", ANCHOR_OPSET), helper.make_opsetid("ai.attanchor", 1)],
-        functions=[anchor_insert_function(mode, max_anchors)],
+        opset_imports=[helper.make_opsetid("", ANCHOR_OPSET), helper.make_opsetid(ANCHOR_DOMAIN, 2)],
+        functions=[anchor_insert_function(mode, max_anchors, version=2)],
         producer_name="attanchor-export",
     )
     model.ir_version = ir_version

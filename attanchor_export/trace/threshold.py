@@ -25,8 +25,9 @@ def calibration_prompts(source: str | None, limit: int = 256) -> list[tuple[obje
     return [(s.image, s.prompt) for s in load_calibration_set(source, limit=limit)]
 
 
-def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> np.ndarray:
-    """Best cosine over patches for every candidate (text token after the image) of every prompt."""
+def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32, excluded_token_ids=()) -> np.ndarray:
+    """Best cosine over patches for every candidate (text token after the image that is not excluded:
+    the words, see attanchor_export.trace.candidates) of every prompt."""
     import torch  # the PyTorch side is imported when used: `bench --threshold auto` needs threshold_for_rate only
     from attanchor_runtime.image_input import load_image
     from PIL import Image
@@ -35,6 +36,7 @@ def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> n
 
     image_token_id = loaded.tokens.image_token_id
     embed = loaded.family.embed_tokens(loaded.model)
+    excluded = {int(i) for i in excluded_token_ids}
     scores = []
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
@@ -50,7 +52,7 @@ def best_scores(loaded, tokenizer, image_processor, pairs, batch: int = 32) -> n
                 continue
             after = ids[ids.index(image_token_id) + 1 :]
             # A run of placeholders (processors that expand <image>) is one image slot: skip the rest of it.
-            after = [t for t in after if t != image_token_id]
+            after = [t for t in after if t != image_token_id and t not in excluded]
             if not after:
                 continue
             with torch.no_grad():
@@ -64,12 +66,13 @@ def threshold_for_rate(scores: np.ndarray, rate: float = TARGET_RATE) -> float:
     return float(np.quantile(np.asarray(scores, np.float64), 1.0 - rate))
 
 
-def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: float = TARGET_RATE) -> Calibration:
+def calibrate(loaded, tokenizer, image_processor, source: str | None, rate: float = TARGET_RATE,
+              excluded_token_ids=()) -> Calibration:
     """The manifest's anchor calibration record; `threshold` is the chosen value."""
     pairs = calibration_prompts(source)
-    scores = best_scores(loaded, tokenizer, image_processor, pairs)
+    scores = best_scores(loaded, tokenizer, image_processor, pairs, excluded_token_ids=excluded_token_ids)
     if scores.size == 0:
-        raise ExportError("--threshold auto: no calibration prompt has text after the image placeholder")
+        raise ExportError("--threshold auto: no calibration prompt has a candidate word after the image placeholder")
     threshold = threshold_for_rate(scores, rate)
     return Calibration(threshold=round(threshold, 6), target_rate=rate,
                        rate=float((scores >= np.float32(round(threshold, 6))).mean()), candidates=int(scores.size),

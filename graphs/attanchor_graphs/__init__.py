@@ -6,18 +6,21 @@ Depends on onnx and numpy only, so both the exporter and the torch-free runtime 
 from .function import (
     DOMAIN,
     DOMAIN_VERSION,
+    FUNCTION_INPUTS_V2,
     FUNCTION_OPS,
+    OP_VERSIONS,
     OPNAME,
     OPSET,
     anchor_insert_function,
     make_anchor_node,
 )
-from .model import MODEL_INPUTS, MODEL_OUTPUTS, build_anchor_model, save_anchor_model
+from .model import MODEL_INPUTS, MODEL_INPUTS_V2, MODEL_OUTPUTS, build_anchor_model, save_anchor_model
 from .onnx_utils import ir_version_for_runtime
 from .specification import (
     MODES,
     anchor_insert,
     anchor_pairs,
+    candidate_mask_from_ids,
     cosine_scores,
     output_length,
     position_ids_from_mask,
@@ -26,16 +29,20 @@ from .specification import (
 __all__ = [
     "DOMAIN",
     "DOMAIN_VERSION",
+    "FUNCTION_INPUTS_V2",
     "FUNCTION_OPS",
     "MODEL_INPUTS",
+    "MODEL_INPUTS_V2",
     "MODEL_OUTPUTS",
     "MODES",
     "OPNAME",
+    "OP_VERSIONS",
     "OPSET",
     "anchor_insert",
     "anchor_insert_function",
     "anchor_pairs",
     "build_anchor_model",
+    "candidate_mask_from_ids",
     "cosine_scores",
     "ir_version_for_runtime",
     "make_anchor_node",

@@ -43,20 +43,27 @@ __all__ = [
     "DOMAIN",
     "DOMAIN_VERSION",
     "FUNCTION_INPUTS",
+    "FUNCTION_INPUTS_V2",
+    "OP_VERSIONS",
     "FUNCTION_OPS",
     "FUNCTION_OUTPUTS",
     "OPNAME",
     "OPSET",
     "anchor_insert_function",
+    "function_inputs",
     "make_anchor_node",
 ]
 
 DOMAIN = "ai.attanchor"
-DOMAIN_VERSION = 1
+# Version 2 adds a sixth input, candidate_mask [B, T] (0 = never an anchor: the tokenizer's special
+# tokens). Version 1 (five inputs, every token after the image a candidate) is still built on request.
+DOMAIN_VERSION = 2
+OP_VERSIONS = (1, 2)
 OPNAME = "AnchorInsert"
 OPSET = 17
 
 FUNCTION_INPUTS = ("text_embeds", "image_features", "attention_mask", "image_position", "threshold")
+FUNCTION_INPUTS_V2 = (*FUNCTION_INPUTS, "candidate_mask")
 FUNCTION_OUTPUTS = ("gather_index", "out_mask")
 
 # Every op type the body may use (the union over all (mode, K) specialisations).
@@ -190,10 +197,23 @@ def _is_anchor(b: _Body, score: str, threshold: str) -> str:
     return b.op("And", ge, finite)
 
 
-def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None) -> onnx.FunctionProto:
-    """The ``ai.attanchor::AnchorInsert`` function specialised to (mode, K)."""
+def _check_version(version: object) -> int:
+    if version not in OP_VERSIONS:
+        raise ValueError(f"AnchorInsert version must be one of {OP_VERSIONS}, got {version!r}")
+    return int(version)  # type: ignore[arg-type]
+
+
+def function_inputs(version: int = 1) -> tuple[str, ...]:
+    return FUNCTION_INPUTS_V2 if _check_version(version) == 2 else FUNCTION_INPUTS
+
+
+def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None, version: int = 1) -> onnx.FunctionProto:
+    """The ``ai.attanchor::AnchorInsert`` function (version 1 or 2) specialised to (mode, K).
+
+    A model holding it must import the ``ai.attanchor`` domain at the same version."""
     mode = check_mode(mode)
     k = check_budget(max_anchors)
+    inputs = function_inputs(version)
     b = _Body()
     x, y, mask, img_pos, thr = FUNCTION_INPUTS
 
@@ -218,7 +238,10 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None) ->
     valid = b.op("Not", b.op("Equal", mask, b.i64(0)))  # [B, T]
     p = b.unsq(img_pos, 1)  # [B, 1]
     pre = b.op("And", valid, b.op("Less", ar_t, p))  # text before the image
-    cand = b.op("And", valid, b.op("Greater", ar_t, p))  # text after: the candidates
+    cand = b.op("And", valid, b.op("Greater", ar_t, p))  # text after: placed after the image block
+    eligible = cand  # the anchor candidates: version 2 leaves out what candidate_mask excludes
+    if len(inputs) == len(FUNCTION_INPUTS_V2):
+        eligible = b.op("And", cand, b.op("Not", b.op("Equal", inputs[5], b.i64(0))))
     pre_slot = b.exclusive_prefix_count(pre, axis=1)
     post_rank = b.exclusive_prefix_count(cand, axis=1)
     n_pre = b.count(pre, axis=1, keepdims=1)  # [B, 1]
@@ -229,7 +252,7 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None) ->
         first = b.op("Where", b.op("Equal", s, best_max), ar_m, m_len)
         best = b.op("ReduceMin", first, axes=[2], keepdims=0)  # [B, T]
         score = b.op("Squeeze", best_max, b.axes(2))
-        anchor = b.op("And", cand, _is_anchor(b, score, thr))
+        anchor = b.op("And", eligible, _is_anchor(b, score, thr))
         keep = _budget(b, anchor, score, k, t_len)
         n_kept = b.count(keep, axis=1, keepdims=1)
 
@@ -249,7 +272,7 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None) ->
     else:
         # Per image, the best candidate text token: non-candidates are pushed to -inf and
         # also excluded from the first-index search.
-        cand3 = b.unsq(cand, 2)  # [B, T, 1]
+        cand3 = b.unsq(eligible, 2)  # [B, T, 1]
         s_c = b.op("Where", cand3, s, neg_inf)
         best_max = b.op("ReduceMax", s_c, axes=[1], keepdims=1)  # [B, 1, M]
         hit = b.op("And", b.op("Equal", s_c, best_max), cand3)
@@ -310,14 +333,14 @@ def anchor_insert_function(mode: str = "t2i", max_anchors: int | None = None) ->
     return helper.make_function(
         DOMAIN,
         OPNAME,
-        inputs=list(FUNCTION_INPUTS),
+        inputs=list(inputs),
         outputs=list(FUNCTION_OUTPUTS),
         nodes=b.nodes,
         opset_imports=[helper.make_opsetid("", OPSET)],
         # Declared so nodes may carry them; the body is already specialised and ignores them.
         attributes=["mode", "max_anchors"],
         doc_string=(
-            f"AttAnchor anchor insertion, specialised to mode={mode!r}, max_anchors={k} "
+            f"AttAnchor anchor insertion (version {version}), specialised to mode={mode!r}, max_anchors={k} "
             "(0 = no budget). Outputs gather_index into concat(text, image) and the "
             "attention mask of the new, left-padded sequence. See attanchor_graphs.specification."
         ),
@@ -330,12 +353,14 @@ def make_anchor_node(
     mode: str = "t2i",
     max_anchors: int | None = None,
     name: str = "AnchorInsert",
+    version: int = 1,
 ) -> onnx.NodeProto:
-    """An ``ai.attanchor::AnchorInsert`` node; pair it with ``anchor_insert_function(mode, K)``."""
+    """An ``ai.attanchor::AnchorInsert`` node; pair it with ``anchor_insert_function(mode, K, version)``."""
     mode = check_mode(mode)
     k = check_budget(max_anchors)
-    if len(inputs) != len(FUNCTION_INPUTS):
-        raise ValueError(f"AnchorInsert takes {len(FUNCTION_INPUTS)} inputs {FUNCTION_INPUTS}")
+    expected = function_inputs(version)
+    if len(inputs) != len(expected):
+        raise ValueError(f"AnchorInsert version {version} takes {len(expected)} inputs {expected}")
     if len(outputs) != len(FUNCTION_OUTPUTS):
         raise ValueError("AnchorInsert has 2 outputs (gather_index, attention mask)")
     return helper.make_node(

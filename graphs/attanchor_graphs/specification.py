@@ -21,6 +21,7 @@ __all__ = [
     "anchor_pairs",
     "check_budget",
     "check_mode",
+    "candidate_mask_from_ids",
     "cosine_scores",
     "output_length",
     "position_ids_from_mask",
@@ -49,6 +50,20 @@ def check_budget(max_anchors: object) -> int:
     if max_anchors < 0:
         raise ValueError(f"max_anchors must be None or an int >= 0, got {max_anchors}")
     return int(max_anchors)
+
+
+def _check_candidate_mask(candidate_mask, shape) -> np.ndarray:
+    """None (version 1: every token after the image is a candidate) -> all ones; else int 0/1 [B, T]."""
+    if candidate_mask is None:
+        return np.ones(shape, dtype=bool)
+    cm = np.asarray(candidate_mask)
+    if cm.shape != shape:
+        raise ValueError(f"candidate_mask must have shape [B, T] = {shape}, got {cm.shape}")
+    if cm.dtype != np.bool_ and not np.issubdtype(cm.dtype, np.integer):
+        raise ValueError(f"candidate_mask must be an integer array (int64), got {cm.dtype}")
+    if not np.isin(cm, (0, 1)).all():
+        raise ValueError("candidate_mask values must be 0 (never an anchor) or 1 (may be an anchor)")
+    return cm.astype(bool)
 
 
 def _check_inputs(text_embeds, image_features, attention_mask, image_position, threshold):
@@ -144,9 +159,9 @@ def _apply_budget(anchor: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-def _row_t2i(s, valid, p, thr, k, num_text):
+def _row_t2i(s, valid, p, thr, k, num_text, allowed):
     t, m = s.shape
-    cand = valid & (np.arange(t) > p)
+    cand = valid & (np.arange(t) > p) & allowed
     score = s.max(axis=1)
     # First m attaining the max; np.argmax also returns the first, but say it explicitly.
     best = np.argmax(s == score[:, None], axis=1)
@@ -164,13 +179,13 @@ def _row_t2i(s, valid, p, thr, k, num_text):
     return row
 
 
-def _row_i2t(s, valid, p, thr, k, num_text):
+def _row_i2t(s, valid, p, thr, k, num_text, allowed):
     t, m = s.shape
-    cand = valid & (np.arange(t) > p)
+    cand = valid & (np.arange(t) > p) & allowed
     row = [n for n in range(p) if valid[n]]
     row.extend(num_text + j for j in range(m))
-    if not cand.any():
-        return row
+    if not cand.any():  # no candidate; the text after the image may still be there (version 2)
+        return row + [n for n in range(p + 1, t) if valid[n]]
     cidx = np.flatnonzero(cand)
     sc = s[cidx]  # [#candidates, M]
     score = sc.max(axis=0)
@@ -185,6 +200,13 @@ def _row_i2t(s, valid, p, thr, k, num_text):
             row.append(n)
             row.extend(copies.get(n, ()))
     return row
+
+
+def candidate_mask_from_ids(input_ids, excluded_token_ids) -> np.ndarray:
+    """int64 [B, T]: 0 where the id is one of ``excluded_token_ids``, else 1 (what embedding.onnx computes)."""
+    ids = np.asarray(input_ids)
+    excluded = np.asarray(list(excluded_token_ids), dtype=np.int64)
+    return (~np.isin(ids, excluded)).astype(np.int64)
 
 
 def output_length(num_text: int, num_image: int, max_anchors: int | None, row_lengths=None) -> int:
@@ -205,11 +227,14 @@ def anchor_insert(
     threshold,
     mode: str = "t2i",
     max_anchors: int | None = None,
+    candidate_mask=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reference AnchorInsert.
+    """Reference AnchorInsert (version 2; version 1 is ``candidate_mask=None``).
 
     Returns ``(gather_index, out_mask)``, both int64 [B, L]. ``gather_index`` indexes
     ``concat(text_embeds, image_features, axis=1)``; rows are left padded with index 0, mask 0.
+    ``candidate_mask`` int64 [B, T]: 0 marks a token that is never an anchor (version 2: the
+    tokenizer's special tokens, computed from the ids by the embedding graph); None = all 1.
     """
     mode = check_mode(mode)
     k = check_budget(max_anchors)
@@ -218,9 +243,10 @@ def anchor_insert(
     )
     b, t, _ = text.shape
     m = image.shape[1]
+    allowed = _check_candidate_mask(candidate_mask, (b, t))
     s = cosine_scores(text, image)
     row_fn = _row_t2i if mode == "t2i" else _row_i2t
-    rows = [row_fn(s[i], mask[i].astype(bool), int(pos[i]), thr, k, t) for i in range(b)]
+    rows = [row_fn(s[i], mask[i].astype(bool), int(pos[i]), thr, k, t, allowed[i]) for i in range(b)]
 
     length = output_length(t, m, k, [len(r) for r in rows])
     gather_index = np.zeros((b, length), dtype=np.int64)

@@ -280,7 +280,8 @@ class Anchor(Section):
     max_anchors: int | None = None  # K: a static anchor budget (None or 0: none)
     calibration: Calibration | None = None
     op: str = "ai.attanchor::AnchorInsert"
-    op_version: int = 1
+    op_version: int = 1  # 2: words only (excluded_token_ids are never anchors)
+    excluded_token_ids: tuple[int, ...] = ()  # ids that are never anchors (special and whitespace-only tokens)
 
     def __post_init__(self):
         if not self.max_anchors:  # 0 means no budget, as None
@@ -517,6 +518,14 @@ class Precision(Section):
 class Onnx(Section):
     opset: int
     ir_version: int
+
+    @property
+    def op_version(self) -> int:  # AnchorInsert version: 2 = words only (excluded_token_ids applied)
+        return int(self.get("op_version") or 1)
+
+    @property
+    def excluded_token_ids(self) -> tuple[int, ...]:  # ids that are never anchors (special tokens)
+        return tuple(int(i) for i in self.get("excluded_token_ids") or ())
 
 
 @dataclass(frozen=True)

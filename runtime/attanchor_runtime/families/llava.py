@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from attanchor_graphs.specification import anchor_insert, position_ids_from_mask
+from attanchor_graphs.specification import anchor_insert, candidate_mask_from_ids, position_ids_from_mask
 
 from ..batch import PreparedBatch, prepare_input_ids
 from ..decode import SequentialStep
@@ -92,8 +92,9 @@ class Llava(RuntimeFamily):
         features = np.asarray(image_features, np.float32)
         image_position = np.argmax(ids == self.manifest.text.image_token_id, axis=1).astype(np.int64)
         limit = (np.float32(np.inf), None) if cap == 0 else (threshold, cap)  # K = 0 means "no budget"
+        excluded = self.manifest.anchor.excluded_token_ids  # AnchorInsert v2: these ids are never anchors
         gather, out_mask = anchor_insert(text, features, mask, image_position, limit[0], self.manifest.anchor.mode,
-                                         limit[1])
+                                         limit[1], candidate_mask_from_ids(ids, excluded) if excluded else None)
         used = int(out_mask.sum(axis=1).max())
         gather, out_mask = gather[:, gather.shape[1] - used:], out_mask[:, out_mask.shape[1] - used:]
         embeds = np.take_along_axis(np.concatenate([text, features], axis=1), gather[:, :, None], axis=1)

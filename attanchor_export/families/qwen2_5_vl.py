@@ -1,0 +1,451 @@
+"""Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) on the exporter side: image size, graphs, positions.
+
+Three graphs, in the layout onnxruntime-genai and transformers.js use for this model:
+  vision.onnx     pixel_values [images * N, 1176] (the processor's patch rows, N per image at the export
+                  grid) -> merged image features [images * M, D]. The grid is fixed at export, so the
+                  vision tower's 2-D rotary table and its window layout are constants of the graph:
+                  window attention is full attention under a constant block mask (a token sees the
+                  tokens of its own window), which is the same function as transformers' per-window
+                  split without any reordering of tokens; full-attention blocks use no mask.
+  embedding.onnx  as LLaVA's (token embedding, AnchorInsert, one Gather) with 3-D position ids
+                  [3, B, L] computed from AnchorInsert's gather_index (mrope_position_nodes; the numpy
+                  specification is attanchor_runtime.families.qwen2_5_vl.mrope_position_ids).
+  decoder.onnx    Qwen2 text model with explicit position_ids [3, B, S] and the KV cache, one graph for
+                  prefill and decode (trace.decoder.DecoderWithCache, which passes them through).
+
+Image size: `--image-size HxW` (multiples of patch x merge = 28); default the largest square side s
+that is a multiple of 28 with s <= 448 and s * s <= the processor's max_pixels (default_image_size).
+
+Qwen2-VL's tower (no windows, LayerNorm) runs through the same VisionEncoder. What Qwen3-VL
+(transformers' qwen3_vl) would change: the positions are the same (its get_rope_index numbers text and
+image tokens by the same rules, so mrope_position_ids and the anchor contract carry over), but its
+decoder interleaves the sections (frequency i takes h for i % 3 == 1 and w for i % 3 == 2 within
+3 * section, t elsewhere; traced from the model, so only the rotary ops differ); its vision tower has no
+windows, patch 16 (factor 32 for the image size) and learned position embeddings interpolated to the
+grid (a constant table at a fixed grid); and DeepStack adds merged features of 3 intermediate vision
+layers to the hidden states of the image tokens after the first 3 decoder layers. With anchors those
+features would be gathered with the same gather_index (zero rows for text slots, so text copies get
+none and i2t image copies get their patch's), as a second embedding output [3, B, L, D] and decoder
+input (zeros for decode steps).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from attanchor_runtime.families.qwen2_5_vl import ImageGrid
+from torch import nn
+
+from attanchor_export.errors import CheckpointError, ExportError, UnsupportedArchitecture
+
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+DEFAULT_THRESHOLD = 0.08  # the paper's Qwen2.5-VL-3B setting (LLaVA models: 0.12)
+MAX_DEFAULT_SIDE = 448  # the default export side never exceeds this (1,024 merged tokens would be 4x the cost)
+
+
+# ------------------------------------------------------------------------------------- image size
+
+
+def processor_pixel_range(image_processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a Qwen2VLImageProcessor(Pil), which keeps them in size.shortest_edge /
+    size.longest_edge (transformers 5) or as min_pixels / max_pixels attributes (older files)."""
+    size = getattr(image_processor, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
+    low = get("shortest_edge") or getattr(image_processor, "min_pixels", None)
+    high = get("longest_edge") or getattr(image_processor, "max_pixels", None)
+    if not low or not high:
+        raise CheckpointError("the image processor declares no min_pixels / max_pixels; pass --image-size HxW")
+    return int(low), int(high)
+
+
+def default_image_size(min_pixels: int, max_pixels: int, factor: int = 28, cap: int = MAX_DEFAULT_SIDE) -> tuple[int, int]:
+    """The largest square side s, a multiple of `factor`, with s <= cap and s * s <= max_pixels.
+
+    A processor with min_pixels = max_pixels = 224 * 224 gives 224x224. min_pixels only matters when
+    no such s reaches it: then the export could not hold an image the processor would accept.
+    """
+    side = min(cap, math.isqrt(max_pixels)) // factor * factor
+    if side < factor or side * side < min_pixels:
+        raise CheckpointError(
+            f"no square export size fits the processor's pixel range [{min_pixels}, {max_pixels}] "
+            f"(multiples of {factor} up to {cap}); pass --image-size HxW"
+        )
+    return side, side
+
+
+def parse_image_size(text: str, factor: int = 28) -> tuple[int, int]:
+    """'HxW' (or one number for a square) -> (H, W), both positive multiples of `factor`."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
+    if not match:
+        raise ExportError(f"--image-size {text!r}: expected HxW, e.g. 448x448")
+    height = int(match.group(1))
+    width = int(match.group(2)) if match.group(2) else height
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ExportError(f"--image-size {height}x{width}: both sides must be positive multiples of {factor} (patch x merge)")
+    return height, width
+
+
+def image_grid(config, height: int, width: int) -> ImageGrid:
+    vision = config.vision_config
+    return ImageGrid(height=height, width=width, patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                     temporal_patch_size=vision.temporal_patch_size, channels=vision.in_channels)
+
+
+def check_config(config) -> None:
+    """What this family's graphs assume about the checkpoint; anything else is refused in one line."""
+    text = config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    section = (text.rope_parameters or {}).get("mrope_section")
+    if not section or sum(section) != head_dim // 2:
+        raise UnsupportedArchitecture(f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
+    if (text.rope_parameters or {}).get("rope_type", "default") != "default":
+        raise UnsupportedArchitecture(f"rope_type {text.rope_parameters.get('rope_type')!r} is not supported (default only)")
+    if getattr(text, "use_sliding_window", False):
+        raise UnsupportedArchitecture("sliding-window attention in the text model is not supported")
+
+
+# ------------------------------------------------------------------------------------- the vision graph
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [images * N, C*T*P*P] -> merged features [images * M, D] at one fixed grid.
+
+    Runs the checkpoint's own modules (norms, qkv, proj, MLPs, merger) with what depends on the grid
+    precomputed by transformers' own helpers: the rotary cos/sin per patch and, from the window index,
+    an additive mask that keeps attention inside each window. Patches stay in the processor's order
+    throughout, so neither the window permutation nor its inverse appears in the graph. The patch
+    embedding (a Conv3d whose kernel covers the whole patch row) is the equivalent MatMul.
+    """
+
+    def __init__(self, visual, grid: ImageGrid):
+        super().__init__()
+        from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+        config = visual.config
+        self.visual = visual
+        self.num_patches = grid.num_patches
+        self.patch_dim = grid.patch_dim
+        self.heads = config.num_heads
+        self.merged_dim = visual.merger.hidden_size
+        grid_thw = torch.tensor([grid.grid_thw])
+        with torch.no_grad():
+            rotary_ids = get_vision_position_ids(grid_thw, config.spatial_merge_size)
+            probe = torch.zeros(1, dtype=visual.rotary_pos_emb.inv_freq.dtype)
+            cos, sin = visual.rotary_pos_emb(probe, rotary_ids)  # [N, head_dim], patches in processor order
+        self.register_buffer("cos", cos.float(), persistent=False)
+        self.register_buffer("sin", sin.float(), persistent=False)
+        if getattr(config, "window_size", None):  # Qwen2.5-VL; Qwen2-VL's tower attends over the whole image
+            self.full_blocks = set(config.fullatt_block_indexes)
+            window_index, cu_window = get_vision_window_index(
+                grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
+            bias = window_bias(window_index, cu_window, config.spatial_merge_size**2)
+        else:
+            self.full_blocks = set(range(len(visual.blocks)))
+            bias = torch.zeros(0)
+        self.register_buffer("window_bias", bias, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = pixel_values.reshape(-1, self.num_patches, self.patch_dim)
+        weight = v.patch_embed.proj.weight
+        hidden = x.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).T
+        for index, block in enumerate(v.blocks):
+            bias = None if index in self.full_blocks else self.window_bias
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), bias)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        merged = v.merger.mlp(v.merger.ln_q(hidden).reshape(hidden.shape[0], -1, self.merged_dim))
+        return merged.reshape(-1, merged.shape[-1])
+
+    def _attention(self, attn, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        batch, n, dim = hidden.shape
+        qkv = attn.qkv(hidden).reshape(batch, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [batch, heads, n, head_dim]
+        q = q * self.cos + _rotate_half(q) * self.sin
+        k = k * self.cos + _rotate_half(k) * self.sin
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        if bias is not None:
+            scores = scores + bias
+        out = torch.softmax(scores, dim=-1) @ v
+        return attn.proj(out.transpose(1, 2).reshape(batch, n, dim))
+
+
+def window_bias(window_index: torch.Tensor, cu_window_seqlens: torch.Tensor, merge_unit: int) -> torch.Tensor:
+    """[N, N] additive mask: 0 where two patches share an attention window, -inf elsewhere.
+
+    transformers reorders merged tokens by `window_index` and attends within cu_window_seqlens spans of
+    that order; here the window of each patch is looked up in the original (processor) order instead.
+    """
+    order = (window_index[:, None] * merge_unit + torch.arange(merge_unit)).reshape(-1)  # patch at each reordered slot
+    slot_window = torch.bucketize(torch.arange(order.numel()), cu_window_seqlens[1:].long(), right=True)
+    window = torch.empty_like(order)
+    window[order] = slot_window
+    same = window[:, None] == window[None, :]
+    return torch.where(same, 0.0, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------- graph specs
+
+
+def graph_specs(dims, grid: ImageGrid, max_anchors: int | None = None):
+    """vision / embedding / decoder GraphSpecs (names and axes declared once; trace.specs' types)."""
+    from attanchor_export.trace.specs import (
+        BATCH,
+        PAST_LEN,
+        SEQ_LEN,
+        TEXT_LEN,
+        TOTAL_LEN,
+        GraphSpec,
+        TensorSpec,
+        kv_names,
+    )
+
+    m, hidden = grid.num_image_tokens, dims.hidden_size
+    vision = GraphSpec(
+        "vision", "vision.onnx",
+        inputs=(TensorSpec("pixel_values", "float32", (f"{BATCH} * {grid.num_patches}", grid.patch_dim)),),
+        outputs=(TensorSpec("image_features", "float32", (f"{BATCH} * {m}", hidden)),),
+        notes={"image_grid_thw": list(grid.grid_thw), "image_size": [grid.height, grid.width]},
+    )
+    seq = f"{TEXT_LEN} - 1 + {m} + {max_anchors}" if max_anchors else SEQ_LEN
+    embedding = GraphSpec(
+        "embedding", "embedding.onnx",
+        inputs=(
+            TensorSpec("input_ids", "int64", (BATCH, TEXT_LEN)),
+            TensorSpec("text_attention_mask", "int64", (BATCH, TEXT_LEN)),
+            TensorSpec("image_features", "float32", (BATCH, m, hidden)),
+            TensorSpec("threshold", "float32", ()),
+        ),
+        outputs=(
+            TensorSpec("inputs_embeds", "float32", (BATCH, seq, hidden)),
+            TensorSpec("attention_mask", "int64", (BATCH, seq)),
+            TensorSpec("position_ids", "int64", (3, BATCH, seq)),
+            TensorSpec("gather_index", "int64", (BATCH, seq)),
+        ),
+        notes={"data_dependent_shapes": not max_anchors},
+    )
+    kv = (BATCH, dims.num_kv_heads, PAST_LEN, dims.head_dim)
+    present = (BATCH, dims.num_kv_heads, TOTAL_LEN, dims.head_dim)
+    decoder = GraphSpec(
+        "decoder", "decoder.onnx",
+        inputs=(
+            TensorSpec("inputs_embeds", "float32", (BATCH, SEQ_LEN, hidden)),
+            TensorSpec("attention_mask", "int64", (BATCH, TOTAL_LEN)),
+            TensorSpec("position_ids", "int64", (3, BATCH, SEQ_LEN)),
+            *(TensorSpec(n, "float32", kv) for n in kv_names(dims.num_layers, "past_key_values")),
+        ),
+        outputs=(
+            TensorSpec("logits", "float32", (BATCH, SEQ_LEN, dims.vocab_size)),
+            *(TensorSpec(n, "float32", present) for n in kv_names(dims.num_layers, "present")),
+        ),
+    )
+    return {"vision": vision, "embedding": embedding, "decoder": decoder}
+
+
+def export_vision(model, grid: ImageGrid, spec, path: Path, opset: int) -> None:
+    import onnx
+    from torch.export import Dim
+
+    from attanchor_export.trace.specs import BATCH
+    from attanchor_export.trace.torch_onnx import trace_to_onnx
+
+    encoder = VisionEncoder(model.model.visual, grid).eval()
+    # Two images at trace time: one would be specialised to a constant by torch.export.
+    pixels = torch.randn(2 * grid.num_patches, grid.patch_dim, generator=torch.Generator().manual_seed(0))
+    images = Dim(BATCH, min=1)
+    trace_to_onnx(encoder, (pixels,), {"pixel_values": {0: grid.num_patches * images}}, spec, path, opset)
+    # torch names the output's first axis after an internal symbol ("16*s26"); say what it is.
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = f"{grid.num_image_tokens}*{BATCH}"
+    path.write_bytes(model.SerializeToString())
+
+
+def export_decoder(model, dims, spec, path: Path, opset: int) -> None:
+    from torch.export import Dim
+
+    from attanchor_export.trace.decoder import DecoderWithCache, example_inputs
+    from attanchor_export.trace.specs import BATCH, PAST_LEN, SEQ_LEN, TOTAL_LEN
+    from attanchor_export.trace.torch_onnx import trace_to_onnx
+
+    module = DecoderWithCache(model.model.language_model, model.lm_head, dims.num_layers)
+    embeds, mask, positions, past = example_inputs(dims)
+    positions = torch.stack([positions, positions + 1, positions + 2])  # [3, B, S]: distinct, so no axis is merged
+    batch, seq, past_len, total = Dim(BATCH), Dim(SEQ_LEN), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN)
+    dynamic_shapes = {
+        "inputs_embeds": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {1: batch, 2: seq},
+        "past": tuple({0: batch, 2: past_len} for _ in range(2 * dims.num_layers)),
+    }
+    trace_to_onnx(module, (embeds, mask, positions, past), dynamic_shapes, spec, path, opset)
+
+
+def model_dims(config, grid: ImageGrid):
+    """ModelDims of a Qwen2.5-VL checkpoint at the export grid (image_size: the grid's height; the full grid
+    is in the family section)."""
+    from attanchor_export.load.architectures import ModelDims
+
+    text, vision = config.text_config, config.vision_config
+    eos = text.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    return ModelDims(
+        hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads, head_dim=text.hidden_size // text.num_attention_heads,
+        vocab_size=text.vocab_size, image_tokens=grid.num_image_tokens, image_size=grid.height,
+        patch_size=vision.patch_size, vision_hidden_size=vision.hidden_size, image_token_id=config.image_token_id,
+        pad_token_id=text.pad_token_id, bos_token_id=text.bos_token_id, eos_token_id=eos_ids[0] if eos_ids else None,
+        eos_token_ids=eos_ids, max_position_embeddings=text.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+# ---------------------------------------------------------------------- positions in the embedding graph
+
+
+@dataclass
+class _Nodes:
+    """Appends ONNX nodes with generated output names (prefix "mrope_") and collects constants."""
+
+    nodes: list
+    initializers: list
+    count: int = 0
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        from onnx import helper
+
+        self.count += 1
+        out = f"mrope_{op_type.lower()}_{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, name: str, value, dtype=np.int64) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"mrope_{name}"))
+        return f"mrope_{name}"
+
+
+def mrope_position_nodes(merged_hw: tuple[int, int], mode: str, output: str = "position_ids"):
+    """(nodes, initializers) computing position ids [3, B, L] inside the embedding graph.
+
+    Reads the graph values gather_index and attention_mask (AnchorInsert's outputs), text_attention_mask,
+    image_position and text_embeds (for T). The same steps as the numpy specification
+    attanchor_runtime.families.qwen2_5_vl.mrope_position_ids, in ops both ONNX Runtime and TensorRT take:
+    prefix sums in float32 (TensorRT's CumSum is float only; counts stay exact below 2^24), the merged
+    grid's row and column of each image token from constant tables (no integer division).
+    """
+    from onnx import TensorProto, helper
+
+    rows, cols = merged_hw
+    m_total = rows * cols
+    g = _Nodes([], [])
+    zero, one = g.const("zero", 0), g.const("one", 1)
+    axis0, axis1 = g.const("axis0", [0]), g.const("axis1", [1])
+    f32, i64, boolean = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+    def count(x_bool, cumulative: bool):  # int64 count of true values along the sequence (float32 inside)
+        x = g.op("Cast", x_bool, to=f32)
+        counted = g.op("CumSum", x, axis1) if cumulative else g.op("ReduceSum", x, axis1)
+        return g.op("Cast", counted, to=i64)
+
+    valid = g.op("Cast", "attention_mask", to=boolean)
+    text_len = g.op("Gather", g.op("Shape", "text_embeds"), one, axis=0)
+    is_image = g.op("And", valid, g.op("GreaterOrEqual", "gather_index", text_len))
+    # n_pre: real text tokens before the placeholder; n_post: after it ([B, 1] each).
+    arange = g.op("Range", zero, text_len, one)
+    before = g.op("Less", g.op("Unsqueeze", arange, axis0), g.op("Unsqueeze", "image_position", axis1))
+    text_real = g.op("Cast", "text_attention_mask", to=boolean)
+    n_pre = count(g.op("And", text_real, before), cumulative=False)
+    n_post = g.op("Sub", g.op("Sub", count(text_real, cumulative=False), n_pre), one)
+    if mode == "t2i":
+        slot = g.op("Sub", count(valid, cumulative=True), one)
+        length = count(valid, cumulative=False)
+        pre_text = g.op("Less", slot, n_pre)
+        post_text = g.op("GreaterOrEqual", slot, g.op("Sub", length, n_post))
+        original = g.op("And", valid, g.op("Or", g.op("Or", pre_text, is_image), post_text))
+    elif mode == "i2t":
+        first_images = g.op("LessOrEqual", count(is_image, cumulative=True), g.const("num_image_tokens", m_total))
+        original = g.op("And", valid, g.op("Or", g.op("Not", is_image), first_images))
+    else:
+        raise ValueError(f"mode must be 't2i' or 'i2t', got {mode!r}")
+    rank = g.op("Sub", count(original, cumulative=True), one)
+    from_image_start = g.op("Sub", rank, n_pre)
+    in_image = g.op("And", g.op("GreaterOrEqual", from_image_start, zero),
+                    g.op("Less", from_image_start, g.const("m", m_total)))
+    patch = g.op("Where", in_image, from_image_start, zero)  # a valid table index everywhere (no Clip: float-only in TensorRT)
+    text_after = g.op("Add", rank, g.const("after_shift", max(rows, cols) - m_total))
+    text_pos = g.op("Where", g.op("Less", rank, n_pre), rank, text_after)
+    h_image = g.op("Add", n_pre, g.op("Gather", g.const("row_of_patch", np.arange(m_total) // cols), patch, axis=0))
+    w_image = g.op("Add", n_pre, g.op("Gather", g.const("col_of_patch", np.arange(m_total) % cols), patch, axis=0))
+    axes = []
+    for image_value in (n_pre, h_image, w_image):  # t of every image token: n_pre (a still image)
+        pos = g.op("Where", in_image, image_value, text_pos)
+        pos = g.op("Where", valid, pos, zero)  # padding slots: 0, as get_rope_index
+        axes.append(g.op("Unsqueeze", pos, axis0))
+    g.nodes.append(helper.make_node("Concat", axes, [output], axis=0))
+    return g.nodes, g.initializers
+
+
+def build_embedding_model(spec, table_entry: dict, image_token_id: int, merged_hw: tuple[int, int], mode: str,
+                          max_anchors: int | None, ir_version: int):
+    """embedding.onnx for Qwen2.5-VL: LLaVA's graph (trace.embedding, built from this family's spec, so its
+    position_ids output is declared [3, B, L]) with the 1-D position subgraph replaced by
+    mrope_position_nodes. Phase-1 composition until the family seam asks the family for its positions."""
+    from attanchor_export.trace.embedding import build_embedding_model as build_llava
+
+    model = build_llava(spec, table_entry, image_token_id, mode, max_anchors, ir_version)
+    graph = model.graph
+    # Keep the nodes the other outputs need; the rest computed the 1-D position ids.
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    stack = [o.name for o in graph.output if o.name != "position_ids"]
+    keep: set[int] = set()
+    while stack:
+        index = producer.get(stack.pop())
+        if index is not None and index not in keep:
+            keep.add(index)
+            stack.extend(graph.node[index].input)
+    kept = [graph.node[i] for i in sorted(keep)]
+    nodes, initializers = mrope_position_nodes(merged_hw, mode)
+    del graph.node[:]
+    graph.node.extend(kept + nodes)
+    graph.initializer.extend(initializers)
+    return model
+
+
+# --------------------------------------------------------------------------- what the processor returns
+
+
+def processor_inputs(tokenizer, image_processor, prompts: list[str], images: list) -> dict:
+    """What Qwen2_5_VLProcessor(text=prompts, images=images, padding=True) returns, as torch tensors.
+
+    transformers' processor class cannot be built without torchvision (its video processor), so this
+    does its steps with the parts that can: the image processor, each <|image_pad|> repeated once per
+    merged token, the tokenizer (left padding), and mm_token_type_ids (1 on image tokens), which
+    get_rope_index and generate need.
+    """
+    features = image_processor(images=images, return_tensors="pt")
+    merge = image_processor.merge_size**2
+    pad = "<|image_pad|>"
+    expanded = []
+    for prompt, grid in zip(prompts, features["image_grid_thw"], strict=True):
+        if prompt.count(pad) != 1:
+            raise ValueError(f"each prompt needs exactly one {pad}")
+        expanded.append(prompt.replace(pad, pad * (int(grid.prod()) // merge)))
+    encoded = tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
+    image_token_id = tokenizer.convert_tokens_to_ids(pad)
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "pixel_values": features["pixel_values"],
+        "image_grid_thw": features["image_grid_thw"],
+        "mm_token_type_ids": (encoded["input_ids"] == image_token_id).int(),
+    }
