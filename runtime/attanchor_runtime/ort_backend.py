@@ -75,9 +75,10 @@ class KVBuffer:
 class _StepBinding:
     """onnxruntime IO binding for the decode steps of one KVBuffer on the CPU: the layer buffers are bound
     once (again only when they grow), the present outputs are written into arrays allocated once, and
-    only the step's three small inputs and its first output are bound anew; so a step allocates nothing
-    inside onnxruntime and converts no array. The first output (logits or next_token) gets a fresh array
-    each step: a caller may keep it."""
+    only the step's three small inputs and its first output are bound anew; so onnxruntime allocates no
+    output (its intermediates come from its arena) and no array is converted or copied out. What is new
+    per step: the first output's array (next_token: 8 bytes a row; logits: [B, 1, V], which a caller may
+    keep) and the three input wrappers."""
 
     def __init__(self, session, past_names, present_names, cache: KVBuffer, new: int):
         self.session, self.past_names, self.present_names = session, past_names, present_names
