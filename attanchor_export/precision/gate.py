@@ -19,7 +19,9 @@ as at run time, and decoded by the runtime's own loop, decode.generate):
 The gate (per format, floors below) fails on a NaN/inf anywhere, on a logits cosine mean below
 `cos_mean`, on a top-1 agreement below `top1`, or on a vision feature cosine mean below `vision_cos_mean`.
 With a task set (tiny-vqa: easy-vqa) it also fails when a form's task accuracy drops more than
-TASK_FLOORS below the fp32 artifact's on the same questions.
+TASK_FLOORS below the fp32 artifact's on the same questions: TASK_GATE_QUESTIONS of the data set's
+validation split (datasets.GATE_SPLIT; a JSONL task file has no splits: its first rows), never the test
+questions `eval` reports.
 
 `fp32_baseline` runs the fp32 artifact once (or `source_model_baseline` the PyTorch source model, where
 the fp32 decoder graph is over the memory budget and in `check`); `run_gate` judges every distinct
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from attanchor_runtime.decode import generate
@@ -40,7 +43,7 @@ from attanchor_runtime.pipeline import FrontEnd, Pipeline
 from attanchor_export.checks.compare import cosine_rows
 from attanchor_export.checks.task_accuracy import evaluate_artifact
 from attanchor_export.errors import ExportError
-from attanchor_export.load.datasets import Sample, gate_samples, load_task
+from attanchor_export.load.datasets import GATE_SPLIT, Sample, gate_samples, load_task
 from attanchor_export.source_model import TorchBackend
 
 # Floors per format for trained models (docs/QUANTIZATION.md has the tables). int4 is set from tiny-vqa,
@@ -49,19 +52,27 @@ from attanchor_export.source_model import TorchBackend
 #   int4 QDQ sym b128 (trt)       cos mean 0.944  top-1 0.61  task accuracy 0.985
 # so the int4 floor sits ~0.045 under the worse form. top-1 over 32 free-running tokens of generic prompts
 # is noisy on a model fine-tuned for one-word answers; the task accuracy (TASK_FLOORS) is what tiny-vqa
-# is judged on. fp16 and int8 were not measured on tiny-vqa yet: their floors are the ones the tiny
-# random checkpoints already clear (fp16 cos >= 0.99998, int8 >= 0.990), strict enough for trained models.
+# is judged on. int8 is set from tiny-vqa too (docs/QUANTIZATION.md, scripts/measure_int8.py):
+#   int8 MatMulNBits (ort)                          cos mean 0.997  top-1 0.923  task 0.995 (fp32 0.995)
+#   int8 QDQ, SmoothQuant 0.7 + MinMax (trt)        cos mean 0.988  top-1 0.870  task 0.995 (fp32 0.995)
+#   int8 QDQ, SmoothQuant 0.5                       cos mean 0.963  top-1 0.700  task 0.990
+#   int8 QDQ without smoothing (broken by outliers) cos mean 0.919  top-1 0.567  task 0.855
+# (artifacts with every token an anchor candidate; with AnchorInsert v2's words-only candidates the two
+# forms gate at cos 0.999 / 0.986, top-1 0.913 / 0.842, task 0.985 = fp32's)
+# so the floor sits under every working variant and over the unsmoothed one. fp16 on tiny-vqa: cos mean
+# 1.0000 (min 0.9999), top-1 1.000, task 0.995 with every answer as fp32's, so its floors stay where the
+# tiny random checkpoints put them (they clear cos 0.99998).
 # The tiny random test checkpoints are chaotic by construction and declare looser floors of their own
 # (attanchor_export.load.tiny_random.RANDOM_CHECKPOINT_FLOORS, in their attanchor_config.json).
 GATE_FLOORS: dict[str, dict[str, float]] = {
     "fp16": {"cos_mean": 0.999, "top1": 0.95, "vision_cos_mean": 0.999},
-    "int8": {"cos_mean": 0.98, "top1": 0.70, "vision_cos_mean": 0.99},
+    "int8": {"cos_mean": 0.95, "top1": 0.65, "vision_cos_mean": 0.99},
     "int4": {"cos_mean": 0.90, "top1": 0.45, "vision_cos_mean": 0.95},
 }
 # Task accuracy (where a task set is given, always for tiny-vqa): the most a format may lose against the
 # fp32 artifact on the same questions (fractions: 0.02 = 2 points).
 TASK_FLOORS: dict[str, float] = {"fp16": 0.01, "int8": 0.01, "int4": 0.02}
-TASK_GATE_QUESTIONS = 200  # a fixed random subset of the task's test questions
+TASK_GATE_QUESTIONS = 200  # a fixed random subset of the task's validation split (datasets.GATE_SPLIT)
 TARGET_COS = 0.99  # TensorRT-Edge-LLM's gate; reported as `meets_target`, not enforced for int4
 DEFAULT_NEW_TOKENS = 32
 
@@ -292,7 +303,7 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
              "prompts": "tokenizer", "new_tokens": baseline.new_tokens,
              "positions": results[0].positions if results else 0, "reference": baseline.decoder},
         task=None if baseline.task is None else {
-            "data": baseline.task["task"], "questions": len(baseline.task["items"]),
+            "data": baseline.task["task"], "split": baseline.task.get("split"), "questions": len(baseline.task["items"]),
             "fp32_accuracy": baseline.task["accuracy"], "max_drop": TASK_FLOORS[fmt],
         },
         evaluated_on="onnxruntime CPU (TensorRT forms are checked again after each engine build)",
@@ -303,9 +314,9 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
 
 def fp32_task_answers(manifest: Manifest, files: dict, task: str) -> dict:
     """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten)."""
-    items = load_task(task, limit=TASK_GATE_QUESTIONS)
+    items = load_task(task, split=GATE_SPLIT, limit=TASK_GATE_QUESTIONS)
     result = evaluate_artifact(gate_pipeline(manifest.with_files(manifest.folder, files), files), items)
-    return {"task": task, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
+    return {"task": task, "split": None if Path(task).expanduser().is_file() else GATE_SPLIT, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
             "answers": [r["answer"] for r in result["records"]]}
 
 
