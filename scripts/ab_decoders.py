@@ -6,7 +6,9 @@ between runs cannot fake.
 LEVERS: which of the runtime's decode-step levers the file is stepped with (default `all`: as the runtime
 steps it): `none` (logits fetched by session.run, argmax in numpy), `bind` (IO binding: KV buffers bound
 in place, outputs into arrays allocated once), `greedy` (the graph's next_token output fetched instead of
-the logits, where the file has it), `all` (both). The same file may be listed twice with different levers.
+the logits, where the file has it), `all` (both). The same file may be listed twice with different levers,
+or twice with the same: on a loaded machine the file listed first was stepped 10-16% slower than the
+same file listed later (docs/PERFORMANCE.md), so list such a control beside any comparison.
 
 Each file is prefilled with the same `--prompt-len` random embeddings, then every round runs one cached
 decode step of each file, the order rotated by one each round; printed per file: median ms per step,
