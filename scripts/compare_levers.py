@@ -33,18 +33,18 @@ def main(argv=None) -> int:
     fast, slow = Pipeline.load(args.artifact, threads=args.threads), Pipeline.load(args.artifact, threads=args.threads)
     levers = {"greedy_in_graph": fast.backend.greedy_in_graph, "io_binding": fast.backend.decoder.binds}
     slow.backend.decoder.greedy_in_graph = slow.backend.decoder.binds = False
-    records: dict[str, list] = {"levers": [], "without": []}
+    records: dict[str, list] = {"with_levers": [], "without": []}
     for start in range(0, len(items), DEFAULT_BATCH):  # batch by batch, in turn
         chunk = items[start : start + DEFAULT_BATCH]
-        records["levers"] += answer_items(fast, chunk)
+        records["with_levers"] += answer_items(fast, chunk)
         records["without"] += answer_items(slow, chunk)
-    same = sum(a["answer"] == b["answer"] for a, b in zip(records["levers"], records["without"]))
+    same = sum(a["answer"] == b["answer"] for a, b in zip(records["with_levers"], records["without"]))
     report = {"artifact": args.artifact, "questions": len(items), "levers": levers, "same_answers": same / len(items)}
     for side, rows in records.items():
         report[side] = {"accuracy": sum(r["correct"] for r in rows) / len(rows),
                         "seconds_per_question_median": statistics.median(r["seconds"] for r in rows)}
     report["speed_ratio_median"] = statistics.median(
-        b["seconds"] / a["seconds"] for a, b in zip(records["levers"], records["without"]))
+        b["seconds"] / a["seconds"] for a, b in zip(records["with_levers"], records["without"]))
     print(json.dumps(report, indent=2))
     return 0
 
