@@ -1,11 +1,15 @@
 """Where a decode step's time goes: onnxruntime's profiler on an artifact's decoder, per op type.
 
-    python scripts/profile_decode.py ARTIFACT [--prompt-len 512] [--steps 32] [--threads 2] [--json OUT]
+    python scripts/profile_decode.py FOLDER [--prompt-len 512] [--steps 32] [--threads 2] [--levers all]
+                                     [--json OUT]
 
+FOLDER: an artifact, or a scripts/bench_peers.py build folder of this project (build.json: its decoder.onnx).
 Opens the decoder the onnxruntime backend opens (the runtime's own session options), prefills
 `--prompt-len` random embeddings, then profiles `--steps` cached decode steps fed exactly as the
 runtime feeds them (its decode loop, decode.decoder_calls, on ort_backend.OrtDecoder: the fused form's
-cache read in place from a KVBuffer).
+cache read in place from a KVBuffer). --levers: the runtime's decode-step levers, as in
+scripts/ab_decoders.py: all (default, as the runtime runs: IO binding, the graph's greedy next_token
+fetched instead of the logits), bind, greedy or none.
 Prints, per decode step: wall ms, ms inside kernels, the gap between them (scheduling and per-node
 overhead), nodes run, and each op type's ms and node count, largest first, with its share of the step. The prefill is profiled too and reported apart.
 Random inputs: the figures are kernel times at the artifact's real dimensions, not accuracy.
@@ -25,27 +29,45 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from attanchor_runtime.decode import decoder_calls  # noqa: E402
+from attanchor_runtime.decode import SequentialStep, decoder_calls  # noqa: E402
 from attanchor_runtime.errors import ArtifactError  # noqa: E402
 from attanchor_runtime.families import family_of  # noqa: E402
-from attanchor_runtime.manifest import Manifest  # noqa: E402
+from attanchor_runtime.manifest import KV_CONCAT, Manifest  # noqa: E402
 from attanchor_runtime.ort_backend import OrtDecoder  # noqa: E402
+from attanchor_runtime.sessions import ort_session  # noqa: E402
+
+LEVERS = {"none": (False, False), "bind": (True, False), "greedy": (False, True), "all": (True, True)}
 
 
-def run_profiled(folder: Path, prompt_len: int, steps: int, threads: int, seed: int = 0) -> tuple[list, float]:
+def open_decoder(folder: Path, threads: int, profile: str):
+    """(OrtDecoder, hidden size, first_step) of an artifact or of a bench_peers build folder."""
+    if not (folder / "manifest.json").is_file() and (folder / "build.json").is_file():
+        build = json.loads((folder / "build.json").read_text())
+        session = ort_session(build["model"], "cpu", threads, profile=profile)
+        decoder = OrtDecoder.of_session(session, build["dims"]["max_position_embeddings"],
+                                        build.get("notes", {}).get("kv_cache", KV_CONCAT))
+        return decoder, build["dims"]["hidden_size"], SequentialStep.after_prefill
     manifest = Manifest.load(folder)
+    decoder = OrtDecoder.open(manifest, threads=threads, profile=profile)
+    return decoder, manifest.dims.hidden_size, family_of(manifest).first_step
+
+
+def run_profiled(folder: Path, prompt_len: int, steps: int, threads: int, seed: int = 0,
+                 levers: str = "all") -> tuple[list, float]:
     prefix = Path(tempfile.mkdtemp(prefix="attanchor-profile-")) / "decoder"
-    decoder = OrtDecoder.open(manifest, threads=threads, profile=str(prefix))
+    decoder, hidden, first_step = open_decoder(folder, threads, str(prefix))
+    binds, greedy = LEVERS[levers]
+    decoder.binds = decoder.binds and binds
+    decoder.greedy_in_graph = greedy = decoder.greedy_in_graph and greedy
     rng = np.random.default_rng(seed)
-    hidden = manifest.dims.hidden_size
     mask = np.ones((1, prompt_len), np.int64)
-    first = family_of(manifest).first_step(mask, np.arange(prompt_len, dtype=np.int64)[None])
+    first = first_step(mask, np.arange(prompt_len, dtype=np.int64)[None])
 
     def next_embeds(call):
         return rng.standard_normal((1, 1, hidden), dtype=np.float32) * 0.02 if call.index < steps else None
 
     calls = decoder_calls(decoder, first, rng.standard_normal((1, prompt_len, hidden), dtype=np.float32) * 0.02,
-                          next_embeds)
+                          next_embeds, greedy=greedy)
     next(calls)  # the prefill
     started = time.perf_counter()
     for _ in calls:
@@ -95,15 +117,16 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--levers", choices=list(LEVERS), default="all")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     try:
-        trace, wall = run_profiled(args.artifact, args.prompt_len, args.steps, args.threads)
+        trace, wall = run_profiled(args.artifact, args.prompt_len, args.steps, args.threads, levers=args.levers)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     report = summarize(trace, args.steps)
-    report.update(artifact=str(args.artifact), prompt_len=args.prompt_len, threads=args.threads,
+    report.update(artifact=str(args.artifact), prompt_len=args.prompt_len, threads=args.threads, levers=args.levers,
                   decode_tok_s_profiled=args.steps / wall)
     print(table(report["prefill"], f"prefill ({args.prompt_len} tokens)"))
     print(table(report["decode_step"], f"decode step (mean of {report['decode_runs']}, profiler on: "

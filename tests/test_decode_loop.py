@@ -6,7 +6,10 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import pytest
 from attanchor_runtime.decode import Backend, SequentialStep, decoder_calls, generate
+from attanchor_runtime.errors import NumericsError
+from attanchor_runtime.sampling import Sampler
 
 VOCAB, HIDDEN = 7, 3
 
@@ -79,6 +82,57 @@ def test_teacher_forcing_and_a_kept_prefill():
     *_, continued = generate(again, step, embeds, _embed, 4, start=first.prefill)
     np.testing.assert_array_equal(continued.tokens, first.tokens)
     assert len(again.calls) == 3  # no second prefill
+
+
+class GreedyToyDecoder(ToyDecoder):
+    """The toy whose graph also chooses (decode_next, as a `next_token` output would): it picks
+    (position + 2) % VOCAB, not what its logits favour, so a test sees which path chose; rows listed in
+    `bad` at step `bad_step` say their logits were not finite (-1)."""
+
+    greedy_in_graph = True
+
+    def __init__(self, bad=(), bad_step=-1):
+        super().__init__()
+        self.bad, self.bad_step, self.chose = list(bad), bad_step, 0
+
+    def decode_next(self, embeds, mask, positions, cache):
+        _, cache = self.decode(embeds, mask, positions, cache)
+        chosen = (positions[:, -1] + 2) % VOCAB
+        if len(self.calls) - 1 == self.bad_step:
+            chosen[self.bad] = -1
+        self.chose += 1
+        return chosen.astype(np.int64), cache
+
+
+def test_a_greedy_choice_is_left_to_the_graph_that_can_make_it():
+    """argmax and a greedy Sampler let the decoder choose (no logits fetched); sampling, kept logits or a
+    kept prefill take the logits path; a decoder without the output is never asked."""
+    embeds, mask, positions = _prompt()
+    step = SequentialStep.after_prefill(mask, positions)
+    for choose in (None, Sampler()):
+        decoder = GreedyToyDecoder()
+        *_, out = generate(decoder, step, embeds, _embed, 3, **({"choose": choose} if choose else {}))
+        np.testing.assert_array_equal(out.tokens, [[3, 4, 5], [4, 5, 6]])  # the graph's choice
+        assert decoder.chose == 3 and out.logits == []
+    for kept in ({"keep_logits": True}, {"keep_prefill": True}, {"choose": Sampler(do_sample=True, top_k=1)}):
+        decoder = GreedyToyDecoder()
+        *_, out = generate(decoder, step, embeds, _embed, 3, **kept)
+        np.testing.assert_array_equal(out.tokens, [[2, 3, 4], [3, 4, 5]])  # chosen from the logits
+        assert decoder.chose == 0
+
+
+def test_non_finite_logits_flagged_by_the_graph_still_raise():
+    embeds, mask, positions = _prompt()
+    step = SequentialStep.after_prefill(mask, positions)
+    with pytest.raises(NumericsError, match="step 1"):
+        list(generate(GreedyToyDecoder(bad=[1], bad_step=1), step, embeds, _embed, 3))
+    seen = []
+
+    def check(logits, i):  # the Pipeline's guard sees NaN in the flagged row only
+        seen.append((i, np.isnan(logits).any(axis=-1).tolist()))
+
+    list(generate(GreedyToyDecoder(bad=[0], bad_step=2), step, embeds, _embed, 3, check=check))
+    assert seen == [(0, [False, False]), (1, [False, False]), (2, [True, False])]
 
 
 def test_every_backend_implements_the_protocol():

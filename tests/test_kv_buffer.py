@@ -8,7 +8,7 @@ from attanchor_graphs.specification import position_ids_from_mask
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.decode import SequentialStep
 from attanchor_runtime.errors import RuntimeInputError
-from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, Manifest
+from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, NEXT_TOKEN, Manifest
 from attanchor_runtime.ort_backend import KVBuffer, OrtBackend
 from attanchor_runtime.pipeline import Pipeline
 
@@ -110,3 +110,52 @@ def test_generate_answers_the_same_with_either_cache(int4):
     pipe.backend = _appending(pipe.backend)
     listed = pipe.generate(ids, pixels, max_new_tokens=12).tokens
     np.testing.assert_array_equal(buffered, listed)
+
+
+def _without_levers(backend):
+    """The backend with neither runtime lever: logits fetched and argmax'd in numpy, plain session.run."""
+    backend.decoder.greedy_in_graph = backend.decoder.binds = False
+    return backend
+
+
+def test_io_binding_and_the_graph_choice_change_no_logit_and_no_token(int4):
+    """Same decoder, same inputs, three ways: plain run (logits), IO-bound run (logits), IO-bound run
+    asking only for next_token. Bound logits equal plain ones; next_token is their argmax at every step,
+    across buffer growth (chunk 4: the bound past buffers are rebound when they grow)."""
+    assert int4.precision.graphs["decoder.onnx"].ort_fusions["next_token"] == NEXT_TOKEN
+    dims = int4.dims
+    plain, _ = _run(_without_levers(OrtBackend(int4)), _buffer(int4, dims.max_position_embeddings, 4), dims, 10)
+    bound_backend = OrtBackend(int4)
+    assert bound_backend.greedy_in_graph and bound_backend.decoder.binds
+    bound, cache = _run(bound_backend, _buffer(int4, dims.max_position_embeddings, 4), dims, 10)
+    assert cache.binding is not None and cache.binding.session is bound_backend.decoder.session
+    np.testing.assert_allclose(bound, plain, atol=1e-6, rtol=0)
+    rng = np.random.default_rng(0)  # _run's inputs again, asking for the graph's choice
+    embeds, mask, positions = _prefill(dims, rng)
+    cache = _buffer(int4, dims.max_position_embeddings, 4)
+    chosen, cache = bound_backend.decode_next(embeds, mask, positions, cache)
+    got, step = [chosen], SequentialStep.after_prefill(mask, positions)
+    for _ in range(10):
+        step = step.advance()
+        chosen, cache = bound_backend.decode_next(rng.standard_normal((3, 1, dims.hidden_size)).astype(np.float32),
+                                                  step.attention_mask, step.position_ids, cache)
+        got.append(chosen)
+    np.testing.assert_array_equal(np.stack(got), plain.argmax(axis=-1))
+
+
+def test_generate_answers_the_same_with_and_without_the_runtime_levers(int4):
+    """Greedy and sampled generation through the Pipeline: identical tokens with the levers (next_token
+    chosen in the graph, IO binding) and without; greedy steps really went through decode_next."""
+    ids = [[int4.text.bos_token_id, int4.text.image_token_id, 5, 9, 11]] * 2
+    pixels = np.random.default_rng(1).random((2, 3, int4.dims.image_size, int4.dims.image_size), np.float32)
+    fast = Pipeline(int4, OrtBackend(int4))
+    asked = []
+    decode_next = fast.backend.decode_next
+    fast.backend.decode_next = lambda *a: asked.append(1) or decode_next(*a)
+    slow = Pipeline(int4, _without_levers(OrtBackend(int4)))
+    greedy = fast.generate(ids, pixels, max_new_tokens=12)
+    assert len(asked) == len(greedy.timings["decode_steps"]) + 1
+    np.testing.assert_array_equal(greedy.tokens, slow.generate(ids, pixels, max_new_tokens=12).tokens)
+    sampled = {"do_sample": True, "temperature": 1.5, "seed": 3}
+    np.testing.assert_array_equal(fast.generate(ids, pixels, max_new_tokens=12, **sampled).tokens,
+                                  slow.generate(ids, pixels, max_new_tokens=12, **sampled).tokens)

@@ -25,6 +25,9 @@ def test_profile_splits_prefill_and_decode_steps(artifact, tmp_path, capsys):
     assert step["nodes"] == prefill["nodes"] and "MatMul" in step["ops"]
     text = capsys.readouterr().out
     assert text.startswith("prefill (12 tokens)") and "decode step (mean of 3" in text
+    assert report["levers"] == "all"
+    args = [str(artifact("clip-t2i")), "--prompt-len", "12", "--steps", "2", "--levers", "none", "--json", str(out)]
+    assert _script().main(args) == 0 and json.loads(out.read_text())["levers"] == "none"
 
 
 def test_not_an_artifact_is_one_line(tmp_path, capsys):

@@ -102,9 +102,13 @@ def test_int4_writes_matmulnbits_for_ort_and_qdq_for_trt(fresh, name, artifact):
     ort_model = onnx.load(str(folder / "decoder.onnx"))
     nbits = [n for n in ort_model.graph.node if n.op_type == "MatMulNBits"]
     layers = graphs["decoder.onnx"].linear_layers
-    assert len(nbits) == graphs["decoder.onnx"].quantized_nodes == layers > 0
-    # every decoder linear (q, k, v, o, gate, up, down per layer) and, by int4's default, the lm_head
-    assert layers == 7 * data["dims"]["num_layers"] + 1 and graphs["decoder.onnx"].lm_head
+    # every decoder linear (q, k, v, o, gate, up, down per layer) and, by int4's default, the lm_head;
+    # onnxruntime's form reads q/k/v as one MatMulNBits and gate/up as one (merged_linears)
+    n_layers = data["dims"]["num_layers"]
+    assert layers == 7 * n_layers + 1 and graphs["decoder.onnx"].lm_head
+    assert len(nbits) == graphs["decoder.onnx"].quantized_nodes == 4 * n_layers + 1
+    assert graphs["decoder.onnx"].ort_fusions["merged_linears"] == {"groups": 2 * n_layers, "linears": 5 * n_layers}
+    assert graphs["decoder.onnx"].ort_fusions["next_token"] == "next_token"
     assert precision.lm_head_quantized is True
     # onnxruntime's form only: RMSNorm and rotary fused (the TensorRT form below stays standard ops)
     fused = graphs["decoder.onnx"].ort_fusions["fused"]
@@ -139,7 +143,8 @@ def test_int8_weight_only_for_ort_and_calibrated_qdq_for_trt(fresh, name):
     graphs = precision.graphs
     ort_model = onnx.load(str(folder / "decoder.onnx"))
     nbits = [n for n in ort_model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == graphs["decoder.onnx"].linear_layers > 0
+    assert graphs["decoder.onnx"].linear_layers == 7 * data["dims"]["num_layers"]  # lm_head fp32 in int8
+    assert len(nbits) == graphs["decoder.onnx"].quantized_nodes == 4 * data["dims"]["num_layers"]  # merged
     assert all({a.name: helper.get_attribute_value(a) for a in n.attribute}["bits"] == 8 for n in nbits)
     assert not any(n.op_type == "QuantizeLinear" for n in ort_model.graph.node)  # weight-only
 

@@ -129,6 +129,58 @@ def test_int4_writer_matches_onnxruntime_quantizer(artifact, tmp_path):
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+def test_merged_qkv_and_gate_up_are_the_separate_quantizations_side_by_side(artifact, tmp_path):
+    """q/k/v and gate/up merged into one MatMulNBits each (merge_shared_input_linears): the merged
+    weights are the separately quantized ones concatenated along N, bit for bit (blocks run along K),
+    and the decoder computes what the unmerged one computes."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from attanchor_export.precision.streamed_weights import (
+        linear_nodes,
+        merge_shared_input_linears,
+        quantize_graph,
+        save_beside,
+    )
+
+    source = artifact("clip-t2i") / "decoder.onnx"
+    merged_groups = None
+    for label in ("apart", "merged"):
+        model = ir.load(str(source))
+        nodes, _ = linear_nodes(model.graph, include_lm_head=True)
+        if label == "merged":
+            nodes, merged_groups = merge_shared_input_linears(model.graph, nodes)
+        quantize_graph(model, nodes, 4, 32, symmetric=False, qdq=False, accuracy_level=4)
+        save_beside(model, tmp_path / f"{label}.onnx", 10)
+    layers = 2
+    assert len(nodes) == 4 * layers + 1 and len(merged_groups) == 2 * layers
+    assert sorted(len(g) for g in merged_groups) == [2] * layers + [3] * layers  # gate/up; q/k/v
+    apart, merged = (onnx.load(str(tmp_path / f"{label}.onnx")) for label in ("apart", "merged"))
+    want = {i.name: onnx.numpy_helper.to_array(i) for i in apart.graph.initializer}
+    got = {i.name: onnx.numpy_helper.to_array(i) for i in merged.graph.initializer}
+    nbits = {n.name: n for n in merged.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nbits) == 4 * layers + 1
+    for node in nbits.values():
+        weight = node.input[1].removesuffix("_Q4")
+        parts = weight.split("+")
+        for i, suffix in enumerate(("_Q4", "_scales", "_zero_points")):
+            np.testing.assert_array_equal(got[node.input[1 + i]],
+                                          np.concatenate([want[p + suffix] for p in parts]), err_msg=node.name)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in apart.graph.input:
+        dims = [d.dim_value or {"batch": 2}.get(d.dim_param, 3) for d in i.type.tensor_type.shape.dim]
+        if i.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+            feeds[i.name] = np.ones(dims, np.int64)
+        else:
+            feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
+    feeds["attention_mask"] = np.ones((2, feeds["position_ids"].shape[1] + 3), np.int64)
+    feeds["position_ids"] = np.broadcast_to(np.arange(3, 3 + feeds["position_ids"].shape[1]), feeds["position_ids"].shape)
+    outs = [ort.InferenceSession(str(tmp_path / f"{label}.onnx")).run(None, feeds) for label in ("apart", "merged")]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 def test_fp16_file_conversion_matches_the_in_memory_converter(artifact, tmp_path):
     """convert_fp16_file (graph converted without its weights, data rewritten a tensor at a time) gives
     the graph and the bytes convert_fp16 gives on the loaded model."""

@@ -326,3 +326,19 @@ def test_demo_shows_only_its_own_progress(fp32, tmp_path, monkeypatch):
     quiet = run_cli("demo", "-o", out, "--quiet")
     assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert (out / "anchors.png").is_file()
+
+
+def test_int4_answers_are_the_same_with_and_without_the_runtime_levers(int4):
+    """The decoder's in-graph greedy choice (next_token) and IO binding are speed levers only: the trained
+    model answers every question exactly as with logits fetched and argmax'd in numpy, session.run."""
+    from attanchor_runtime import Pipeline
+
+    from attanchor_export.checks.task_accuracy import answer_items
+    from attanchor_export.load.datasets import load_task
+
+    items = load_task("easy-vqa", limit=QUESTIONS)
+    fast, slow = Pipeline.load(int4), Pipeline.load(int4)
+    assert fast.backend.greedy_in_graph and fast.backend.decoder.binds
+    slow.backend.decoder.greedy_in_graph = slow.backend.decoder.binds = False
+    answers = [[r["answer"] for r in answer_items(pipe, items)] for pipe in (fast, slow)]
+    assert answers[0] == answers[1] and len(set(answers[0])) > 2

@@ -22,7 +22,12 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
     from attanchor_export.options import ARTIFACT_IR_VERSION
     from attanchor_export.precision.ort_fusions import fuse_decoder_file
     from attanchor_export.precision.quantize import lm_head_quantized
-    from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
+    from attanchor_export.precision.streamed_weights import (
+        linear_nodes,
+        merge_shared_input_linears,
+        quantize_graph,
+        save_beside,
+    )
     from attanchor_export.precision.weights import DEFAULT_ACCURACY_LEVEL
 
     if system.variant == "fp32":
@@ -54,6 +59,10 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
         quant = system.variant.split("-")[0]  # int4 | int8
         lm_head = lm_head_quantized(quant, False if system.variant == "int4-keep-lm-head" else None)
         nodes, _ = linear_nodes(model.graph, lm_head)
+        linears, merged = len(nodes), []
+        fused = system.variant != "int4-unfused"  # the export's onnxruntime form (ExportOptions.ort_fusions)
+        if fused:  # q/k/v and gate/up as one MatMulNBits each, as the export's onnxruntime form writes them
+            nodes, merged = merge_shared_input_linears(model.graph, nodes)
         level = DEFAULT_ACCURACY_LEVEL[quant]
         count = quantize_graph(model, nodes, int(quant[3:]), 128, symmetric=False, qdq=False, accuracy_level=level)
         if count != len(nodes):
@@ -64,9 +73,10 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
         os.link(src.with_name("embed_tokens.npy"), out / "embed_tokens.npy")
         model_dims = Dims.from_json(source_build["dims"])
         notes = {"block_size": 128, "symmetric": False, "accuracy_level": level, "lm_head_quantized": lm_head,
-                 "quantized_linears": count, "kv_cache": KV_CONCAT}
-        if system.variant != "int4-unfused":  # the export's onnxruntime form (ExportOptions.ort_fusions)
+                 "quantized_linears": linears, "kv_cache": KV_CONCAT}
+        if fused:
             notes["ort_fusions"] = fuse_decoder_file(path, model_dims)
+            notes["ort_fusions"]["merged_linears"] = {"groups": len(merged), "linears": sum(map(len, merged))}
             notes["kv_cache"] = notes["ort_fusions"]["kv_cache"]
     return {"model": str(path), "dims": model_dims.to_json(), "notes": notes,
             "weight_bytes_per_token": onnx_weight_bytes(path)}

@@ -39,7 +39,7 @@ from attanchor_graphs.onnx_utils import (
     prune,
     toposort,
 )
-from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, Dims
+from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, NEXT_TOKEN, PRESENT_PREFIX, Dims
 from onnx import helper, numpy_helper
 
 _MS = "com.microsoft"
@@ -63,11 +63,12 @@ def fuse_decoder(model: onnx.ModelProto, dims: Dims, folder: Path, attention: bo
     _fold_residual_adds(model)
     _fuse_rotary(model, dims, folder)
     in_place = _attend_in_place(model, dims) if attention else 0
+    next_token = _greedy_output(model)
     _import(model, _MS, 1)
     ops = op_counts(model)
     return {"fused": {op: ops[op] for op in FUSED_OPS}, "attention_in_place": in_place,
             "nodes_before": before, "nodes_after": len(model.graph.node),
-            "kv_cache": KV_APPEND if in_place else KV_CONCAT}
+            "kv_cache": KV_APPEND if in_place else KV_CONCAT, "next_token": next_token}
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm
@@ -385,6 +386,39 @@ def _rename(graph, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
         node.output[:] = [new if name == old else name for name in node.output]
+
+
+# ----------------------------------------------------------------------------------- greedy choice
+
+
+def _greedy_output(model: onnx.ModelProto) -> str | None:
+    """A `next_token` output (int64 [B]) beside the logits: the arg-max of each row's last position (ArgMax
+    keeps the first maximum, as numpy and torch do), -1 where that row's logits are not finite (their sum
+    is NaN/Inf, and sum - sum NaN). A greedy step then fetches 8 bytes a row instead of the vocabulary's
+    floats (the runtime's decode_next); the logits output stays for sampling and the checks. Returns the
+    output's name, or None when the graph has one already, is not a decoder (no present.* outputs) or its
+    first output is not [B, S, V] float."""
+    graph = model.graph
+    if NEXT_TOKEN in {o.name for o in graph.output} or not any(o.name.startswith(PRESENT_PREFIX) for o in graph.output):
+        return None
+    logits = graph.output[0]
+    if logits.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(logits.type.tensor_type.shape.dim) != 3:
+        return None
+    p = "attanchor_ort/greedy/"
+    graph.initializer.extend([numpy_helper.from_array(np.array(-1, np.int64), p + "last"),
+                              numpy_helper.from_array(np.array([-1], np.int64), p + "vocab_axis")])
+    graph.node.extend([
+        helper.make_node("Gather", [logits.name, p + "last"], [p + "last_logits"], axis=1, name=p + "last_logits"),
+        helper.make_node("ArgMax", [p + "last_logits"], [p + "argmax"], axis=-1, keepdims=0, name=p + "argmax"),
+        helper.make_node("ReduceSum", [p + "last_logits", p + "vocab_axis"], [p + "sum"], keepdims=0, name=p + "sum"),
+        helper.make_node("Sub", [p + "sum", p + "sum"], [p + "nan_if_not_finite"], name=p + "nan_if_not_finite"),
+        helper.make_node("IsNaN", [p + "nan_if_not_finite"], [p + "not_finite"], name=p + "not_finite"),
+        helper.make_node("Where", [p + "not_finite", p + "last", p + "argmax"], [NEXT_TOKEN], name=p + "next_token"),
+    ])
+    batch = logits.type.tensor_type.shape.dim[0]
+    out = helper.make_tensor_value_info(NEXT_TOKEN, onnx.TensorProto.INT64, [batch.dim_param or batch.dim_value or None])
+    graph.output.append(out)
+    return NEXT_TOKEN
 
 
 # ------------------------------------------------------------------------------------------ helpers

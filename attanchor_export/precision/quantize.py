@@ -54,7 +54,12 @@ from attanchor_export.precision.gate import (
 from attanchor_export.precision.graph_files import opsets, remove_model, save_model, trt_name
 from attanchor_export.precision.ort_fusions import fuse_decoder_file
 from attanchor_export.precision.smoothing import smooth_file
-from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
+from attanchor_export.precision.streamed_weights import (
+    linear_nodes,
+    merge_shared_input_linears,
+    quantize_graph,
+    save_beside,
+)
 from attanchor_export.precision.weights import (
     DEFAULT_ACCURACY_LEVEL,
     count_quantized,
@@ -308,16 +313,21 @@ def _linears(req: _Request, graph: str, source: Path) -> tuple[list[str], str | 
     return [n.name for n in nodes], head.name if head is not None else None, [int(n.inputs[1].shape[0]) for n in nodes]
 
 
-def _write_form(source: Path, target: Path, names: list[str], **quantization) -> onnx.ModelProto:
+def _write_form(source: Path, target: Path, names: list[str], merge: bool = False,
+                **quantization) -> tuple[onnx.ModelProto, list[list[str]]]:
     """Quantize `names` of `source` into `target` with weights streamed (precision.streamed_weights);
-    returns `target`'s ModelProto without its weights (for counting and opsets)."""
+    returns `target`'s ModelProto without its weights (for counting and opsets) and the groups of linears
+    merged into one node (`merge`: those sharing an input, streamed_weights.merge_shared_input_linears)."""
     model = ir.load(str(source))
     wanted = set(names)
-    quantize_graph(model, [n for n in model.graph if n.name in wanted], **quantization)
+    nodes, merged = [n for n in model.graph if n.name in wanted], []
+    if merge:
+        nodes, merged = merge_shared_input_linears(model.graph, nodes)
+    quantize_graph(model, nodes, **quantization)
     save_beside(model, target, IR_VERSION)
     del model
     onnx.checker.check_model(str(target))
-    return onnx.load(str(target), load_external_data=False)
+    return onnx.load(str(target), load_external_data=False), merged
 
 
 def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str, names, ks, reader) -> dict:
@@ -333,8 +343,8 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
             record["note"] = f"K dims {sorted(set(ks))} are not multiples of 64: TensorRT INT4 needs blocks of 64 or 128"
         elif trt_block != req.block_size:
             record["note"] = f"TensorRT INT4 takes blocks of 64/128 dividing K: block {trt_block} used"
-        qmodel = _write_form(source, target, names, bits=4, block_size=trt_block or req.block_size,
-                             symmetric=True, qdq=True)
+        qmodel, _ = _write_form(source, target, names, bits=4, block_size=trt_block or req.block_size,
+                                symmetric=True, qdq=True)
     else:
         smoothed = req.folder / f".{trt_file}.smoothed.onnx"
         try:
@@ -358,12 +368,16 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
 
 def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path, names) -> dict:
     """The onnxruntime form: weight-only MatMulNBits, asymmetric, in the graph's own file; its record.
-    Only onnxruntime reads this file, so the decoder's RMSNorms and rotary are fused too (ort_fusions)."""
-    qmodel = _write_form(source, path, names, bits=req.bits, block_size=req.block_size, symmetric=False,
-                         qdq=False, accuracy_level=req.accuracy_level or None)
+    Only onnxruntime reads this file, so the decoder's linears that share an input are merged (q/k/v,
+    gate/up: one weight read and one activation quantization each) and its RMSNorms, rotary and attention
+    are fused too (ort_fusions)."""
+    fused = graph == "decoder" and req.ort_fusions
+    qmodel, merged = _write_form(source, path, names, merge=fused, bits=req.bits, block_size=req.block_size,
+                                 symmetric=False, qdq=False, accuracy_level=req.accuracy_level or None)
     fusions = None
-    if graph == "decoder" and req.ort_fusions:
+    if fused:
         fusions = fuse_decoder_file(path, req.dims)
+        fusions["merged_linears"] = {"groups": len(merged), "linears": sum(len(g) for g in merged)}
         qmodel = onnx.load(str(path), load_external_data=False)
     record = {**base, "format": "MatMulNBits", "bits": req.bits, "block_size": req.block_size,
               "symmetric": False, "backend": ["ort"],
@@ -379,7 +393,8 @@ def _count_linears(record: dict, graph: str, names: list[str], head: str | None)
     """Every linear layer must have been quantized: a shortfall means a linear form the quantizer missed."""
     record["linear_layers"] = len(names)
     record["lm_head"] = head
-    if record["quantized_nodes"] != len(names):
+    merged = (record.get("ort_fusions") or {}).get("merged_linears") or {"groups": 0, "linears": 0}
+    if record["quantized_nodes"] != len(names) - merged["linears"] + merged["groups"]:
         raise ExportError(
             f"{graph}: quantized {record['quantized_nodes']} of {len(names)} linear layers; "
             "the graph has a linear form the quantizer does not catch"

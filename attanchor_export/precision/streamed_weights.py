@@ -176,6 +176,82 @@ def quantize_graph(model: ir.Model, nodes, bits: int, block_size: int, symmetric
     return count
 
 
+def merge_shared_input_linears(graph: ir.Graph, nodes) -> tuple[list, list[list[str]]]:
+    """Linears that read the same input (a layer's q, k and v; its gate and up) become ONE MatMul on their
+    weights concatenated along N, followed by a Split that gives back each original output under its own
+    name. Returns (the linears to quantize: merged ones and the rest, in graph order; the merged groups as
+    lists of the original node names).
+
+    For the onnxruntime form: one MatMulNBits reads the layer's q/k/v weights in one pass and quantizes
+    its activations once instead of three times. Blockwise weight quantization works per output column
+    (blocks run along K), so quantizing the concatenated weight gives exactly the concatenation of the
+    separately quantized weights. The concatenated weight is computed when the writer reaches it, from
+    the mapped parts (released right after): memory stays about one merged weight."""
+    groups: dict[tuple, list] = {}
+    for node in nodes:
+        w = node.inputs[1].const_value
+        key = (id(node.inputs[0]), int(w.shape[0]), w.dtype)
+        groups.setdefault(key, []).append(node)
+    merged_names, result = [], []
+    merged_into: dict[int, ir.Node] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        weights = [m.inputs[1] for m in members]
+        k, dtype = int(weights[0].const_value.shape[0]), weights[0].const_value.dtype
+        widths = [int(w.const_value.shape[1]) for w in weights]
+        name = "+".join(w.name for w in weights)
+        shape = ir.Shape([k, sum(widths)])
+
+        def concatenated(weights=weights, widths=widths, name=name):
+            out, start = None, 0
+            for w, width in zip(weights, widths):
+                tensor = w.const_value
+                part = tensor.numpy()
+                if out is None:
+                    out = np.empty((part.shape[0], sum(widths)), part.dtype)
+                out[:, start : start + width] = part
+                start += width
+                del part  # a view of the map: gone before the map is closed
+                if isinstance(tensor, ir.ExternalTensor):
+                    tensor.release()
+            return ir.tensor(out, name=name)
+
+        value = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype),
+                         const_value=ir.LazyTensor(concatenated, dtype=dtype, shape=shape, name=name))
+        graph.initializers.add(value)
+        first = members[0]
+        matmul = ir.node("MatMul", [first.inputs[0], value], name="+".join(m.name for m in members))
+        matmul.outputs[0].name = matmul.name + "_output"
+        matmul.outputs[0].type = first.outputs[0].type
+        sizes = ir.Value(name=matmul.name + "_split_sizes", shape=ir.Shape([len(widths)]),
+                         type=ir.TensorType(ir.DataType.INT64),
+                         const_value=ir.tensor(np.array(widths, np.int64), name=matmul.name + "_split_sizes"))
+        graph.initializers.add(sizes)
+        split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(members),
+                        name=matmul.name + "_split")
+        graph.insert_before(first, [matmul, split])
+        for member, out in zip(members, split.outputs):
+            name_out = member.outputs[0].name
+            out.type, out.shape = member.outputs[0].type, member.outputs[0].shape
+            member.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(member, safe=True)
+            out.name = name_out
+        for w in weights:
+            if not w.uses():
+                graph.initializers.pop(w.name)
+        for member in members:
+            merged_into[id(member)] = matmul
+        merged_names.append([m.name for m in members])
+    seen = set()
+    for node in nodes:
+        target = merged_into.get(id(node), node)
+        if id(target) not in seen:
+            seen.add(id(target))
+            result.append(target)
+    return result, merged_names
+
+
 def _import(model: ir.Model, domain: str, version: int) -> None:
     if model.opset_imports.get(domain, 0) < version:
         model.opset_imports[domain] = version
@@ -201,4 +277,4 @@ def _point_external_data(onnx_file: Path, location: str) -> None:
     onnx_file.write_bytes(proto.SerializeToString())
 
 
-__all__ = ["linear_nodes", "lm_head_node", "quantize_graph", "save_beside"]
+__all__ = ["linear_nodes", "lm_head_node", "merge_shared_input_linears", "quantize_graph", "save_beside"]

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .errors import NumericsError
+
 
 class Step(Protocol):
     attention_mask: np.ndarray  # [B, past + S]: 1 = real, 0 = left padding
@@ -64,6 +66,11 @@ class Decoder(Protocol):
     def copy_cache(self, cache: Any) -> Any:
         """A cache another run can continue from while this one goes on (the gate reuses a prefill)."""
 
+    # Optional, where the decoder graph makes the greedy choice itself (`greedy_in_graph` true: the
+    # onnxruntime form's `next_token` output): decode_next(inputs_embeds, attention_mask, position_ids,
+    # cache) -> (next_token int64 [B], -1 where that row's logits held NaN/Inf; the cache). No logits
+    # leave the graph: a greedy step hands back 8 bytes a row instead of the vocabulary's floats.
+
 
 class Backend(Decoder, Protocol):
     """What runs an artifact's three graphs: onnxruntime (ort_backend), TensorRT (trt_backend), the PyTorch
@@ -84,39 +91,51 @@ class Backend(Decoder, Protocol):
 @dataclass
 class Call:
     index: int  # 0: the prefill
-    logits: np.ndarray  # [B, S | 1, V] as the decoder returned them
+    logits: np.ndarray | None  # [B, S | 1, V] as the decoder returned them (None: the graph chose, next_token)
     cache: Any  # the backend's cache after this call
     step: Step  # the mask and positions this call was fed
     seconds: float  # inside the backend's decode
+    next_token: np.ndarray | None = None  # int64 [B] when the graph chose greedily (-1: non-finite logits)
 
 
 def decoder_calls(decoder: Decoder, step: Step, inputs_embeds: np.ndarray,
-                  next_embeds: Callable[[Call], np.ndarray | None], start: Call | None = None) -> Iterator[Call]:
+                  next_embeds: Callable[[Call], np.ndarray | None], start: Call | None = None,
+                  greedy: bool = False) -> Iterator[Call]:
     """Prefill `inputs_embeds` at `step`, then one cached step per `next_embeds(call)` ([B, 1, H]) until it
     returns None. `start`: a prefill Call made earlier on the same inputs (with a cache of its own,
-    Decoder.copy_cache), continued from instead of prefilling again."""
+    Decoder.copy_cache), continued from instead of prefilling again. greedy: the decoder's own greedy
+    choice (decode_next) instead of logits; only for a decoder whose `greedy_in_graph` is true."""
     clock = time.perf_counter
-    if start is None:
+
+    def run(index, embeds, step, cache):
         t0 = clock()
-        logits, cache = decoder.decode(inputs_embeds, step.attention_mask, step.position_ids,
-                                       decoder.empty_cache(len(inputs_embeds)))
-        call = Call(0, logits, cache, step, clock() - t0)
-    else:
-        call = start
+        if greedy:
+            tokens, cache = decoder.decode_next(embeds, step.attention_mask, step.position_ids, cache)
+            return Call(index, None, cache, step, clock() - t0, tokens)
+        logits, cache = decoder.decode(embeds, step.attention_mask, step.position_ids, cache)
+        return Call(index, logits, cache, step, clock() - t0)
+
+    call = start if start is not None else run(0, inputs_embeds, step, decoder.empty_cache(len(inputs_embeds)))
     while True:
         yield call
         embeds = next_embeds(call)
         if embeds is None:
             return
-        step = call.step.advance()
-        t0 = clock()
-        logits, cache = decoder.decode(embeds, step.attention_mask, step.position_ids, call.cache)
-        call = Call(call.index + 1, logits, cache, step, clock() - t0)
+        call = run(call.index + 1, embeds, call.step.advance(), call.cache)
 
 
 def argmax(logits: np.ndarray) -> np.ndarray:
     """Greedy choice: the first maximum, as torch.argmax does."""
     return logits.argmax(axis=-1).astype(np.int64)
+
+
+argmax.greedy = True  # a `choose` whose `greedy` is true may be replaced by the graph's own arg-max
+
+
+def greedy_in_graph(decoder: Decoder, choose: Callable, keep_logits: bool) -> bool:
+    """Whether `generate` lets the decoder graph choose (decode_next): a greedy `choose`, no logits kept,
+    and a decoder that can."""
+    return bool(getattr(choose, "greedy", False) and not keep_logits and getattr(decoder, "greedy_in_graph", False))
 
 
 @dataclass
@@ -136,10 +155,13 @@ def generate(decoder: Decoder, step: Step, inputs_embeds: np.ndarray, embed: Cal
     """Yields each step's tokens (int64 [B]), then the Generated record.
 
     embed: token ids [B] -> [B, 1, H] (the runtime's table lookup). choose: last-position logits [B, V]
-    -> ids [B]. A row that produced a stop id is finished: its later tokens are `pad_id`; the loop ends
-    when every row is. forced: feed these tokens [B, >= max_new_tokens - 1] instead of the chosen ones
-    (teacher forcing). check(logits, i): raises on bad logits (the Pipeline's NaN guard). keep_prefill:
-    the prefill Call with a copy of its cache, for `start` of a later run on the same inputs."""
+    -> ids [B]; a greedy one (`choose.greedy` true, as `argmax`) is left to the decoder graph when it can
+    (greedy_in_graph: same tokens, no logits fetched). A row that produced a stop id is finished: its
+    later tokens are `pad_id`; the loop ends when every row is. forced: feed these tokens
+    [B, >= max_new_tokens - 1] instead of the chosen ones (teacher forcing). check(logits, i): raises on
+    bad logits (the Pipeline's NaN guard); when the graph chose, it is given [B, 1], NaN in the rows whose
+    logits were not finite (without a check those raise NumericsError). keep_prefill: the prefill Call
+    with a copy of its cache, for `start` of a later run on the same inputs."""
     batch = len(inputs_embeds)
     stop = np.asarray(sorted(set(stop_ids)), np.int64)
     tokens = np.full((batch, max_new_tokens), pad_id, np.int64)
@@ -153,17 +175,27 @@ def generate(decoder: Decoder, step: Step, inputs_embeds: np.ndarray, embed: Cal
         fed = forced[:, call.index] if forced is not None else tokens[:, call.index]
         return embed(fed)
 
-    for call in decoder_calls(decoder, step, inputs_embeds, next_embeds, start):
+    in_graph = greedy_in_graph(decoder, choose, keep_logits or keep_prefill)  # a kept prefill keeps its logits
+    for call in decoder_calls(decoder, step, inputs_embeds, next_embeds, start, greedy=in_graph):
         i = call.index
         if i == 0 and keep_prefill:
-            out.prefill = Call(0, call.logits, decoder.copy_cache(call.cache), call.step, call.seconds)
-        last = call.logits[:, -1, :]
-        if check is not None:
-            check(last, i)
-        if keep_logits:
-            out.logits.append(call.logits)
+            out.prefill = Call(0, call.logits, decoder.copy_cache(call.cache), call.step, call.seconds,
+                               call.next_token)
+        if call.next_token is not None:  # the graph chose (and flagged rows whose logits were not finite)
+            chosen = np.asarray(call.next_token, np.int64)
+            if check is not None:
+                check(np.where(chosen < 0, np.nan, 0.0)[:, None], i)
+            elif (chosen < 0).any():
+                raise NumericsError(f"the decoder produced NaN/Inf logits at step {i}")
+        else:
+            last = call.logits[:, -1, :]
+            if check is not None:
+                check(last, i)
+            if keep_logits:
+                out.logits.append(call.logits)
+            chosen = choose(last)
         out.call_seconds.append(call.seconds)
-        new = np.where(done, pad_id, choose(last))
+        new = np.where(done, pad_id, chosen)
         tokens[:, i] = new
         lengths += ~done
         done |= np.isin(new, stop)
@@ -173,4 +205,4 @@ def generate(decoder: Decoder, step: Step, inputs_embeds: np.ndarray, embed: Cal
 
 
 __all__ = ["Backend", "Call", "Decoder", "Generated", "SequentialStep", "Step", "argmax", "decoder_calls",
-           "generate"]
+           "generate", "greedy_in_graph"]

@@ -56,6 +56,10 @@ KV_CONCAT = "concat"  # present = Concat(past, new): the standard-op graphs (and
 # present = the new positions only, read the past in place: the caller appends present to its cache, and
 # the past may be a buffer longer than the mask's past (the slots after it are ignored).
 KV_APPEND = "append"
+# An optional decoder output (the onnxruntime form, precision.ort_fusions): int64 [B], the arg-max of each
+# row's last-position logits (the first maximum), -1 where those logits hold NaN/Inf. The greedy choice made
+# in the graph, so a greedy step need not fetch the logits (decode.greedy_in_graph).
+NEXT_TOKEN = "next_token"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -735,7 +739,7 @@ def write_manifest(manifest: Manifest) -> Manifest:
 __all__ = [
     "Anchor", "AdapterRecord", "BACKENDS", "Calibration", "Dims", "EmbedTable", "ExportRecord", "FORMAT",
     "FORMAT_VERSION", "Family", "FileRecord", "FormRecord", "GRAPHS", "Gate", "GateResult", "GraphNotes",
-    "GraphSpec", "Graphs", "KV_APPEND", "KV_CONCAT", "MANIFEST", "Manifest", "ModelTypes", "NoGraphForm", "Onnx",
-    "Optimizations", "OutlierRatio", "Precision", "Smoothing", "Source", "TaskResult", "TensorSpec", "Text",
-    "Validation", "freeze", "listed_files", "parse", "sha256_of", "to_json", "write_manifest",
+    "GraphSpec", "Graphs", "KV_APPEND", "KV_CONCAT", "MANIFEST", "Manifest", "ModelTypes", "NEXT_TOKEN",
+    "NoGraphForm", "Onnx", "Optimizations", "OutlierRatio", "Precision", "Smoothing", "Source", "TaskResult",
+    "TensorSpec", "Text", "Validation", "freeze", "listed_files", "parse", "sha256_of", "to_json", "write_manifest",
 ]

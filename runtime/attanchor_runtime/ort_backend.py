@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import RuntimeInputError
-from .manifest import KV_APPEND, KV_CONCAT, PAST_PREFIX, PRESENT_PREFIX, Manifest
+from .manifest import KV_APPEND, KV_CONCAT, NEXT_TOKEN, PAST_PREFIX, PRESENT_PREFIX, Manifest
 from .sessions import FedWeightsSession, ort_session
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -41,6 +41,7 @@ class KVBuffer:
         self.batch, self.count, self.kv_heads, self.head_dim = batch, count, kv_heads, head_dim
         self.dtype, self.limit, self.chunk = dtype, limit, chunk
         self.capacity, self.buffers = 0, []
+        self.binding = None  # OrtDecoder's _StepBinding for this cache's decode steps (not copied)
 
     def reserve(self, total: int) -> None:
         if total <= self.capacity:
@@ -71,10 +72,52 @@ class KVBuffer:
         return twin
 
 
+class _StepBinding:
+    """onnxruntime IO binding for the decode steps of one KVBuffer on the CPU: the layer buffers are bound
+    once (again only when they grow), the present outputs are written into arrays allocated once, and
+    only the step's three small inputs and its first output are bound anew; so onnxruntime allocates no
+    output (its intermediates come from its arena) and no array is converted or copied out. What is new
+    per step: the first output's array (next_token: 8 bytes a row; logits: [B, 1, V], which a caller may
+    keep) and the three input wrappers."""
+
+    def __init__(self, session, past_names, present_names, cache: KVBuffer, new: int):
+        self.session, self.past_names, self.present_names = session, past_names, present_names
+        self.binding = session.io_binding()
+        self.capacity = -1
+        shape = (cache.batch, cache.kv_heads, new, cache.head_dim)
+        self.presents = [np.empty(shape, cache.dtype) for _ in present_names]
+        self.new = new
+        from onnxruntime import OrtValue
+
+        self._ortvalue = OrtValue.ortvalue_from_numpy
+        self._past_values: list = []
+        self.first = None  # the first output bound (with the presents) at the last run
+
+    def run(self, inputs: dict, first: str, first_shape: tuple, first_dtype, cache: KVBuffer) -> list[np.ndarray]:
+        if self.capacity != cache.capacity:  # the buffers were (re)allocated: bind the new ones
+            self._past_values = [self._ortvalue(b) for b in cache.buffers]
+            for name, value in zip(self.past_names, self._past_values):
+                self.binding.bind_ortvalue_input(name, value)
+            self.capacity = cache.capacity
+        for name, value in inputs.items():
+            self.binding.bind_cpu_input(name, value)
+        if first != self.first:  # (re)bind the outputs; logits <-> next_token: the other one unbound
+            self.binding.clear_binding_outputs()
+            for name, array in zip(self.present_names, self.presents):
+                self.binding.bind_ortvalue_output(name, self._ortvalue(array))
+            self.first = first
+        out = np.empty(first_shape, first_dtype)
+        self.binding.bind_ortvalue_output(first, self._ortvalue(out))
+        self.session.run_with_iobinding(self.binding)
+        return [out, *self.presents]
+
+
 class OrtDecoder:
     """A decoder session (onnxruntime's, or anything with its `run`/`get_inputs`) as a decode.Decoder.
     The cache is a flat [k0, v0, k1, v1, ...] list of arrays (OrtValues on CUDA), or one KVBuffer for a
-    KV_APPEND decoder (`appends_kv`: what empty_cache hands out)."""
+    KV_APPEND decoder (`appends_kv`: what empty_cache hands out). A graph with a `next_token` output (the
+    onnxruntime form, precision.ort_fusions) makes the greedy choice itself: `greedy_in_graph`, decode_next.
+    A KVBuffer's decode steps on the CPU run through IO binding (_StepBinding) when the session has one."""
 
     def __init__(self, session, past_names: list[str], present_names: list[str], kv_heads: int, head_dim: int,
                  max_positions: int, kv_cache: str = KV_CONCAT, device: str = "cpu", logits: str = "logits",
@@ -88,6 +131,13 @@ class OrtDecoder:
         self.inputs = inputs or [i.name for i in session.get_inputs() if not i.name.startswith(PAST_PREFIX + ".")]
         past_type = next(i.type for i in session.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = _NUMPY_TYPES.get(past_type, np.float32)
+        outputs = {o.name: o for o in session.get_outputs()}
+        self.greedy_in_graph = NEXT_TOKEN in outputs
+        self.vocab_size = outputs[logits].shape[-1] if isinstance(outputs[logits].shape[-1], int) else None
+        # IO binding for a KVBuffer's decode steps: onnxruntime's own sessions (FedWeightsSession and test
+        # doubles have none) on the CPU. Both levers are plain attributes: set either False to run without
+        # it (scripts/ab_decoders.py measures each that way; the tests compare the answers).
+        self.binds = device == "cpu" and hasattr(session, "io_binding") and self.vocab_size is not None
 
     @classmethod
     def open(cls, manifest: Manifest, file: str | None = None, device: str = "cpu", threads: int | None = None,
@@ -122,25 +172,52 @@ class OrtDecoder:
         return cache.copy() if isinstance(cache, KVBuffer) else list(cache)
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache):
+        return self._decode(self.outputs[0], inputs_embeds, attention_mask, position_ids, cache)
+
+    def decode_next(self, inputs_embeds, attention_mask, position_ids, cache):
+        """The graph's greedy choice (its `next_token` output, int64 [B]; -1: that row's logits were not
+        finite) instead of the logits; only when `greedy_in_graph`."""
+        return self._decode(NEXT_TOKEN, inputs_embeds, attention_mask, position_ids, cache)
+
+    def _decode(self, first, inputs_embeds, attention_mask, position_ids, cache):
         if isinstance(cache, KVBuffer):
-            start = attention_mask.shape[1] - inputs_embeds.shape[1]
+            new = inputs_embeds.shape[1]
+            start = attention_mask.shape[1] - new
             cache.reserve(attention_mask.shape[1])
-            outputs = self._run(inputs_embeds, attention_mask, position_ids, cache.past(start))
+            if start and self.binds:
+                outputs = self._run_bound(first, inputs_embeds, attention_mask, position_ids, cache)
+            else:
+                outputs = self._run(first, inputs_embeds, attention_mask, position_ids, cache.past(start))
             cache.append(outputs[1:], start)  # numpy inputs are read where they are, not copied
             return outputs[0], cache
         if self.device == "cuda" and not self.appends_kv:
-            return self._decode_bound(inputs_embeds, attention_mask, position_ids, cache)
-        outputs = self._run(inputs_embeds, attention_mask, position_ids, cache)
+            return self._decode_bound(first, inputs_embeds, attention_mask, position_ids, cache)
+        outputs = self._run(first, inputs_embeds, attention_mask, position_ids, cache)
         if self.kv_cache == KV_APPEND:  # present holds the new positions only: append them to the list
             return outputs[0], [np.concatenate([p, n], axis=2) for p, n in zip(cache, outputs[1:])]
         return outputs[0], outputs[1:]
 
-    def _run(self, inputs_embeds, attention_mask, position_ids, past) -> list:
+    def _run(self, first, inputs_embeds, attention_mask, position_ids, past) -> list:
         feeds = dict(zip(self.inputs, (inputs_embeds, attention_mask, position_ids)))
         feeds.update(zip(self.past_names, past))
-        return self.session.run(self.outputs, feeds)
+        return self.session.run([first, *self.present_names], feeds)
 
-    def _decode_bound(self, inputs_embeds, attention_mask, position_ids, past):
+    def _run_bound(self, first, inputs_embeds, attention_mask, position_ids, cache: KVBuffer) -> list:
+        new = inputs_embeds.shape[1]
+        bound = cache.binding
+        if bound is None or bound.new != new or bound.session is not self.session:
+            cache.binding = _StepBinding(self.session, self.past_names, self.present_names, cache, new)
+        batch = inputs_embeds.shape[0]
+        if first == NEXT_TOKEN:
+            shape, dtype = (batch,), np.int64
+        else:  # a decode step's logits: [B, S, V] (a last-logits-only graph gives S = 1 anyway)
+            shape, dtype = (batch, new, self.vocab_size), np.float32
+        inputs = dict(zip(self.inputs, (np.ascontiguousarray(inputs_embeds, np.float32),
+                                        np.ascontiguousarray(attention_mask, np.int64),
+                                        np.ascontiguousarray(position_ids, np.int64))))
+        return cache.binding.run(inputs, first, shape, dtype, cache)
+
+    def _decode_bound(self, first, inputs_embeds, attention_mask, position_ids, past):
         import onnxruntime as ort
 
         binding = self.session.io_binding()
@@ -151,7 +228,7 @@ class OrtDecoder:
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-        binding.bind_output(self.outputs[0], "cpu")
+        binding.bind_output(first, "cpu")
         for name in self.present_names:
             binding.bind_output(name, "cuda")  # the cache stays on the GPU between steps
         self.session.run_with_iobinding(binding)
@@ -194,6 +271,13 @@ class OrtBackend:
     @property
     def appends_kv(self) -> bool:
         return self.decoder.appends_kv
+
+    @property
+    def greedy_in_graph(self) -> bool:
+        return self.decoder.greedy_in_graph
+
+    def decode_next(self, inputs_embeds, attention_mask, position_ids, cache):
+        return self.decoder.decode_next(inputs_embeds, attention_mask, position_ids, cache)
 
     def vision(self, feeds: dict) -> np.ndarray:
         spec = self.manifest.graphs.vision

@@ -17,6 +17,7 @@ class Sampler:
             raise RuntimeInputError(f"top_k must be >= 0, got {top_k}")
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
+        self.greedy = not do_sample  # the decode loop may let the decoder graph choose (decode.greedy_in_graph)
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits [B, V] -> token ids [B]. Greedy takes the first maximum, as torch.argmax does."""
