@@ -58,6 +58,32 @@ def qwen_checkpoint(shared_dir) -> Path:
     return path
 
 
+def _export_qwen_cli(shared_dir, name, *args) -> Path:
+    """The tiny random Qwen2.5-VL checkpoint exported by the CLI from its folder, once per run."""
+    from click.testing import CliRunner
+
+    from attanchor_export.cli import main
+
+    out = shared_dir / name
+    with locked(out):
+        if not (out / "manifest.json").is_file():
+            folder = shared_dir / "ck-qwen2_5_vl"
+            result = CliRunner().invoke(main, ["export", str(folder), "-o", str(out), "--quiet", *args])
+            assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_artifact(shared_dir, qwen_checkpoint) -> Path:
+    """`attanchor-export export <tiny Qwen2.5-VL folder>`: fp32, t2i, the processor's default grid (112x112)."""
+    return _export_qwen_cli(shared_dir, "art-qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen_artifact_int4(shared_dir, qwen_checkpoint) -> Path:
+    return _export_qwen_cli(shared_dir, "art-qwen2_5_vl-int4", "--quant", "int4")
+
+
 @pytest.fixture(scope="session")
 def artifact(shared_dir):
     """artifact("clip-t2i") -> exported, validated artifact folder (see ARTIFACTS)."""
