@@ -24,6 +24,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=tiny_vqa_qwen.PARTS, help="where the trained parts go")
     ap.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder (resumes from it)")
+    ap.add_argument("--init-parts", type=Path,
+                    help="start from these parts; a folder holding only lora/ (e.g. tiny-vqa's adapter: the same "
+                         "SmolLM2 layers and target modules) starts the LoRA there, the tower from scratch")
     ap.add_argument("--steps", type=int, default=loop.Recipe.steps)
     ap.add_argument("--stage-a-steps", type=int, default=loop.Recipe.stage_a_steps)
     ap.add_argument("--batch", type=int, default=loop.Recipe.batch)
@@ -61,6 +64,7 @@ def main():
         train.questions = [q for q in train.questions if q.image_id in keep]
     record = loop.run(model, tokenizer, train, validation, recipe, args.out, args.ckpt, tiny_vqa_qwen.ANSWER_END,
                       excluded_token_ids(tokenizer), family=qwen_family(grid, model.config.image_token_id),
+                      init_parts=args.init_parts,
                       meta={"task": "easy-vqa", "seed": args.seed, "model": tiny_vqa_qwen.NAME,
                             "image_size": [size, size]})
     print("done:", record["validation_accuracy"], flush=True)

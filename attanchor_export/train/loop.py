@@ -278,7 +278,8 @@ def run(model, tokenizer, train: TaskData, validation: TaskData, recipe: Recipe,
         stage_a_from: Path | None = None, meta: dict | None = None) -> dict:
     """Train (or resume from ckpt/state.pt) and write the trained parts to `out`; returns training.json's dict.
 
-    init_parts: start from an earlier run's parts (tower + projector + LoRA) instead of from scratch.
+    init_parts: start from an earlier run's parts (tower + projector + LoRA) instead of from scratch; a
+    folder with lora/ only starts the LoRA there and trains the vision parts from scratch.
     stage_a_from: a stage_a.pt another run of the same seed wrote (two runs that differ only in stage B
     then start from the very same aligned tower and projector).
     """
@@ -298,7 +299,7 @@ def run(model, tokenizer, train: TaskData, validation: TaskData, recipe: Recipe,
     for p in vision:
         p.requires_grad_(True)
 
-    if init_parts is not None and state is None:
+    if init_parts is not None and state is None and (init_parts / "vision_projector.safetensors").is_file():
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(init_parts / "vision_projector.safetensors")), strict=False)
