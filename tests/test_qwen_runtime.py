@@ -205,3 +205,46 @@ def test_image_size_option(qwen_checkpoint, tmp_path):
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1].startswith("error: --image-size 100x112: both sides must be")
     assert not (tmp_path / "a").exists()
+
+
+def _mrope_first_step(mask, positions):
+    """Text-only positions on all three axes (M-RoPE with t = h = w is plain RoPE), advanced as the family does."""
+    from attanchor_runtime.families.qwen2_5_vl import MropeStep
+
+    return MropeStep.after_prefill(mask, np.broadcast_to(positions[None], (3, *positions.shape)))
+
+
+def test_ort_fusions_leave_the_mrope_rotary_alone(qwen_artifact, tmp_path):
+    """RotaryEmbedding takes one position per row and token; M-RoPE picks t, h or w per frequency section,
+    so the onnxruntime form must keep the traced rotary (and still fuse the norms and the attention)."""
+    import shutil
+
+    from attanchor_runtime.manifest import Manifest
+
+    from attanchor_export.precision.ort_fusions import fuse_decoder_file
+    from attanchor_export.trace.decoder_parity import decoder_parity
+
+    dims = Manifest.load(qwen_artifact).dims
+    for f in ("decoder.onnx", "decoder.onnx.data"):
+        shutil.copy(qwen_artifact / f, tmp_path / f)
+    report = fuse_decoder_file(tmp_path / "decoder.onnx", dims)
+    assert report["fused"]["RotaryEmbedding"] == 0
+    assert report["fused"]["SkipSimplifiedLayerNormalization"] == 2 * dims.num_layers
+    assert report["attention_in_place"] == dims.num_layers
+    parity = decoder_parity(qwen_artifact / "decoder.onnx", tmp_path / "decoder.onnx", dims,
+                            candidate_kv=report["kv_cache"], first_step=_mrope_first_step)
+    assert parity["max_abs_diff"] < 1e-4, parity
+
+
+def test_int4_export_passes_its_gate(qwen_artifact_int4, qwen):
+    from attanchor_runtime import Pipeline
+    from attanchor_runtime.manifest import Manifest
+
+    manifest = Manifest.load(qwen_artifact_int4)
+    gate = manifest.precision.gate
+    assert gate.format == "int4" and gate.passed and len(gate.results) == 2  # onnxruntime and TensorRT forms
+    fusions = manifest.precision.graphs["decoder.onnx"].ort_fusions
+    assert fusions["fused"]["RotaryEmbedding"] == 0 and fusions["attention_in_place"] == manifest.dims.num_layers
+    _, tokenizer, _ = qwen
+    out = _run(Pipeline.load(qwen_artifact_int4), _inputs(tokenizer, QUESTIONS), threshold=0.1)
+    assert out.tokens.shape[0] == len(QUESTIONS) and all(out.anchors)
