@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -248,3 +249,34 @@ def test_int4_export_passes_its_gate(qwen_artifact_int4, qwen):
     _, tokenizer, _ = qwen
     out = _run(Pipeline.load(qwen_artifact_int4), _inputs(tokenizer, QUESTIONS), threshold=0.1)
     assert out.tokens.shape[0] == len(QUESTIONS) and all(out.anchors)
+
+
+def test_check_and_show_anchors(qwen_artifact, tmp_path):
+    """`check` (graph parity, end-to-end tokens vs the source model and transformers' generate, lint) passes;
+    `run --show-anchors` draws on the merged-patch grid."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from attanchor_export.cli import main
+
+    result = CliRunner().invoke(main, ["check", str(qwen_artifact)])
+    assert result.exit_code == 0, result.output
+    assert "end-to-end" in result.output and re.search(r"all \d+ checks passed", result.output), result.output
+    pil_image(SIDE, SIDE, 3).save(tmp_path / "in.png")
+    result = CliRunner().invoke(main, ["run", str(qwen_artifact), "--image", str(tmp_path / "in.png"), "--prompt",
+                                       QUESTIONS[0], "--threshold", "0.1", "--max-new-tokens", "2",
+                                       "--show-anchors", str(tmp_path / "anchors.png")])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "anchors.png").size[0] == 512
+
+
+def test_llava_refuses_image_size(checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from attanchor_export.cli import main
+
+    result = CliRunner().invoke(main, ["export", str(checkpoint("clip-llama")), "-o", str(tmp_path / "a"),
+                                       "--image-size", "224x224"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1].startswith("error: --image-size does not apply to LlavaForConditionalGeneration")
+    assert not (tmp_path / "a").exists()

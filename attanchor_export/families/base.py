@@ -221,6 +221,13 @@ class ModelFamily:
         """What position_nodes computes, in numpy (the PyTorch side of every comparison)."""
         return position_ids_from_mask(attention_mask)
 
+    def generate_image_inputs(self, pixels: np.ndarray, input_ids) -> dict:
+        """What transformers' generate takes beside input_ids for these pixels (the runtime family's
+        example_pixels layout) and ids with the image placeholders expanded, as the processor returns it."""
+        import torch
+
+        return {"pixel_values": torch.from_numpy(np.asarray(pixels))}
+
     # -- the manifest's family section ---------------------------------------------------------------
     def manifest_section(self, processor_folder) -> Family:
         """name, architecture, model types and the family's payload, read from the processor files."""

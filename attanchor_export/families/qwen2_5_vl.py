@@ -184,7 +184,9 @@ class VisionEncoder(nn.Module):
 
 
 def window_bias(window_index: torch.Tensor, cu_window_seqlens: torch.Tensor, merge_unit: int) -> torch.Tensor:
-    """[N, N] additive mask: 0 where two patches share an attention window, -inf elsewhere.
+    """[N, N] additive mask: 0 where two patches share an attention window, -65504 elsewhere (float16's
+    lowest: exp underflows to exactly 0 after the softmax's max shift, as with -inf, and the constant stays
+    finite in fp32 and fp16 graphs, so NaN/Inf scans of the weights keep meaning "damaged").
 
     transformers reorders merged tokens by `window_index` and attends within cu_window_seqlens spans of
     that order; here the window of each patch is looked up in the original (processor) order instead.
@@ -194,7 +196,7 @@ def window_bias(window_index: torch.Tensor, cu_window_seqlens: torch.Tensor, mer
     window = torch.empty_like(order)
     window[order] = slot_window
     same = window[:, None] == window[None, :]
-    return torch.where(same, 0.0, float("-inf"))
+    return torch.where(same, 0.0, -65504.0)
 
 
 def model_dims(config, grid: ImageGrid):
@@ -430,6 +432,14 @@ class Qwen2_5_VL(ModelFamily):
         from torch.export import Dim
 
         return {"pixel_values": {0: self.grid.num_patches * Dim(BATCH, min=1)}}
+
+    def generate_image_inputs(self, pixels: np.ndarray, input_ids) -> dict:
+        grid = self.grid
+        rows = torch.from_numpy(np.asarray(pixels, np.float32).reshape(-1, grid.patch_dim))
+        images = rows.shape[0] // grid.num_patches
+        ids = torch.as_tensor(input_ids)
+        return {"pixel_values": rows, "image_grid_thw": torch.tensor([list(grid.grid_thw)] * images),
+                "mm_token_type_ids": (ids == self.config.image_token_id).int()}
 
     def position_nodes(self, mask: str, out: str, mode: str = "t2i") -> tuple[list, list]:
         return mrope_position_nodes(self.grid.merged_hw, mode, output=out)

@@ -350,6 +350,12 @@ class Qwen2_5_VL(Llava):
         (name,) = self.manifest.graphs.vision.input_names
         return {name: pixels}
 
+    def view_processor(self) -> ImagePreprocessor:
+        return self.image_processor().processor.pixels
+
+    def patch_grid(self) -> tuple[int, int]:
+        return self.grid.merged_hw  # merged tokens, row-major: out.anchors' image index
+
     def example_pixels(self, batch: int, rng: np.random.Generator) -> np.ndarray:
         grid = self.grid
         return rng.standard_normal((batch, grid.num_patches, grid.patch_dim)).astype(np.float32)
