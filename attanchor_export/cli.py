@@ -223,6 +223,9 @@ def _default_output(model: str) -> Path:
 @click.option("--quantize-lm-head/--keep-lm-head", default=None,
               help="Quantize the lm_head too, or keep it fp32. [int4: quantized; int8: kept]")
 @click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
+@click.option("--smooth-alpha", callback=lambda ctx, param, value: _smooth_alpha(value), metavar="ALPHA|off",
+              help="int8 TensorRT form: SmoothQuant's migration strength, 0 < ALPHA <= 1 (higher moves more of "
+                   f"the activation outliers into the weights), or off. [{opts.default(opts.ExportOptions, 'smooth_alpha')}]")
 @click.option("--ort-fusions/--no-ort-fusions", default=opts.default(opts.ExportOptions, "ort_fusions"),
               show_default=True,
               help="int4/int8: fuse RMSNorm, residual Add and rotary, and read the KV cache in place (no "
@@ -261,7 +264,8 @@ def _default_output(model: str) -> Path:
 @click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
-def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, ort_fusions,
+def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, smooth_alpha,
+               ort_fusions,
                gate_floor,
                threshold, task, mode, max_anchors, image_size, opset, last_logits_only, optimize, force, no_validate, adapter,
                trust_remote_code, revision, offline, allow_pickle, memory_budget, quiet, as_json):
@@ -281,7 +285,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
         quantize_vision=quantize_vision, ort_fusions=ort_fusions, gate_floors=_parse_floors(gate_floor), adapter=adapter,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, smooth_alpha=smooth_alpha,
     )
     result = export_artifact(model, options, report.step)
     engines = None
@@ -310,6 +314,20 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
             from attanchor_export.export_cost import describe
 
             report.info(f"export cost: {describe(manifest.export)}")
+
+
+def _smooth_alpha(value):
+    if value is None:
+        return opts.default(opts.ExportOptions, "smooth_alpha")
+    if value == "off":
+        return None
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = -1.0
+    if not 0 < alpha <= 1:
+        raise click.BadParameter(f'{value!r}: expected a number in (0, 1] or "off"', param_hint="--smooth-alpha")
+    return alpha
 
 
 def _threshold_value(value):

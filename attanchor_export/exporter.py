@@ -387,6 +387,7 @@ def _quantize(staging, manifest: Manifest, options: ExportOptions, steps, cost: 
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
             floors=options.gate_floors, task=options.task, baseline=baseline, low_memory=memory.low_memory_gate,
             ort_fusions=options.ort_fusions, gate=memory.gate_skipped is None,
+            smooth_alpha=options.smooth_alpha,
         )
     except AccuracyGateFailed as e:
         if e.precision is not None:

@@ -22,6 +22,8 @@ OPSETS = (17, 21)  # the range the exporter accepts
 DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
+# int8 TensorRT form: SmoothQuant's alpha (precision.smoothing; docs/QUANTIZATION.md has the measurements)
+DEFAULT_SMOOTH_ALPHA = 0.7
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ExportOptions:
     calib: str | None = None
     quantize_lm_head: bool | None = None  # None: the format's default (precision.quantize.lm_head_quantized)
     quantize_vision: bool = False
+    smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA  # int8 TensorRT form; None = no smoothing
     # int4/int8: fuse the onnxruntime-only decoder form (RMSNorm, residual Add, rotary; precision.ort_fusions)
     ort_fusions: bool = True
     gate_floors: dict | None = None  # overrides of the gate's floors for this format

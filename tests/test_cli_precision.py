@@ -39,12 +39,22 @@ def test_int4_export_is_gated_and_checkable(checkpoint, artifact, tmp_path):
 
 def test_gate_below_floor_fails_and_keeps_failed_folder(checkpoint, tmp_path):
     out = tmp_path / "q8"
-    result = run_cli(checkpoint("clip-llama"), "-o", out, "--quant", "int8", "--gate-floor", "cos_mean=0.99999")
+    result = run_cli(checkpoint("clip-llama"), "-o", out, "--quant", "int8", "--gate-floor", "cos_mean=0.99999",
+                     "--smooth-alpha", "off")
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: int8 accuracy gate failed") and "q8.failed" in last
     assert not out.exists()
-    assert read_manifest(tmp_path / "q8.failed")["precision"]["gate"]["passed"] is False
+    precision = read_manifest(tmp_path / "q8.failed")["precision"]
+    assert precision["gate"]["passed"] is False
+    assert precision["graphs"]["decoder.trt.onnx"]["smoothing"] is None  # --smooth-alpha off reached the quantizer
+
+
+def test_bad_smooth_alpha_is_a_usage_error(checkpoint, tmp_path):
+    for value in ("0", "1.5", "strong"):
+        result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "x", "--quant", "int8", "--smooth-alpha", value)
+        assert result.exit_code == 2 and "--smooth-alpha" in result.output, result.output
+        assert not (tmp_path / "x").exists()
 
 
 def test_bad_gate_floor_is_a_usage_error(checkpoint, tmp_path):

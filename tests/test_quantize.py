@@ -151,6 +151,10 @@ def test_int8_weight_only_for_ort_and_calibrated_qdq_for_trt(fresh, name):
     for q in quants:  # symmetric: zero points 0 (TensorRT), int8
         zp = numpy_helper.to_array(inits[q.input[2]])
         assert zp.dtype == np.int8 and not zp.any()
+    smoothing = graphs["decoder.trt.onnx"].smoothing  # SmoothQuant folded in before calibration
+    assert smoothing.smoothed_linears == graphs["decoder.trt.onnx"].quantized_nodes - len(smoothing.not_smoothed)
+    assert smoothing.outlier_ratio_max.after < smoothing.outlier_ratio_max.before
+    assert graphs["decoder.onnx"].smoothing is None  # weight-only: nothing to smooth
     assert precision.calibration["source"] == "builtin" and precision.calibration["samples"] >= 4
     assert precision.calibration["prompts"] == "tokenizer"
     assert precision.gate.passed
@@ -226,7 +230,8 @@ def test_gate_of_fp32_against_itself_is_exact(artifact):
 def test_options_are_checked(fresh):
     folder, data = fresh("clip-t2i")
     for kwargs in ({"dtype": "bf16"}, {"quant": "int2"}, {"quant": "int4", "block_size": 48},
-                   {"dtype": "fp16", "quant": "int8"}, {"quant": "int4", "forms": ("GGUF",)}):
+                   {"dtype": "fp16", "quant": "int8"}, {"quant": "int4", "forms": ("GGUF",)},
+                   {"quant": "int8", "smooth_alpha": 0.0}, {"quant": "int8", "smooth_alpha": 1.5}):
         with pytest.raises(ExportError) as info:
             quantize_artifact(folder, data, **kwargs)
         assert "\n" not in str(info.value)

@@ -35,6 +35,27 @@ def int4(tiny_vqa_int4):
 
 
 @pytest.fixture(scope="module")
+def int8(shared_dir, fp32):
+    """The int8 precision section of tiny-vqa: quantize_artifact on a copy of the fp32 artifact, as the
+    exporter calls it for `--quant int8` (the checkpoint's declared calib and task: easy-vqa), so the fp32
+    trace and its parity check are not run a third time."""
+    import shutil
+
+    from attanchor_runtime.manifest import Manifest, Precision
+
+    from attanchor_export.precision.quantize import quantize_artifact
+
+    out = shared_dir / "tiny-vqa-int8"
+    with locked(out):
+        if not (out / "precision.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(fp32, out)
+            precision = quantize_artifact(Manifest.load(out), quant="int8", calib="easy-vqa", task="easy-vqa")
+            (out / "precision.json").write_text(json.dumps(precision.to_json()))
+    return Precision.from_json(json.loads((out / "precision.json").read_text()))
+
+
+@pytest.fixture(scope="module")
 def fp32_eval(fp32):
     from attanchor_runtime import Pipeline
 
@@ -141,6 +162,19 @@ def test_int4_stays_within_two_points_of_fp32(int4):
         task = result["task"]
         assert task["accuracy"] >= task["fp32_accuracy"] - 0.02, task
         assert task["questions"] >= 100
+
+
+def test_int8_stays_within_one_point_of_fp32(int8):
+    """Both int8 forms: weight-only MatMulNBits (onnxruntime) and the smoothed, calibrated QDQ (TensorRT)."""
+    gate = int8.gate
+    assert gate.passed and gate.task["data"] == "easy-vqa" and gate.task["max_drop"] == 0.01
+    assert {r.decoder for r in gate.results} == {"decoder.onnx", "decoder.trt.onnx"}
+    for result in gate.results:
+        task = result.task
+        assert task.accuracy >= task.fp32_accuracy - 0.01, task
+        assert task.questions >= 100
+    smoothing = int8.graphs["decoder.trt.onnx"].smoothing
+    assert smoothing.smoothed_linears == 6 * 30  # q/k/v, gate/up, down in each of the 30 layers
 
 
 def test_eval_cli_prints_one_json_object(fp32):

@@ -270,3 +270,22 @@ def test_tables():
 
     for t in TABLES.values():
         assert all(t["ops"][op][0] for op in FUNCTION_OPS)
+
+
+def test_activation_quantize_needs_a_per_tensor_scale():
+    """TensorRT quantizes activations per tensor; per-channel scales are for weights (constant inputs)."""
+
+    def qdq(scale, x_is_weight):
+        inits = [numpy_helper.from_array(np.asarray(scale, np.float32), "s"),
+                 numpy_helper.from_array(np.zeros(np.shape(scale), np.int8), "zp")]
+        if x_is_weight:
+            inits.append(numpy_helper.from_array(np.ones((2, 4), np.float32), "x"))
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], axis=1),
+                 helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], axis=1)]
+        return model(nodes, [] if x_is_weight else [vi("x", shape=(2, 4))], [vi("y", shape=(2, 4))],
+                     opset=18, initializers=inits)
+
+    per_channel = [0.1, 0.2, 0.3, 0.4]
+    assert lint_model(qdq(0.1, False)).ok and lint_model(qdq(per_channel, True)).ok
+    report = lint_model(qdq(per_channel, False))
+    assert not report.ok and any("per-tensor (scalar) scale for activations" in f.message for f in report.errors)

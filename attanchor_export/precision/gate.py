@@ -49,13 +49,21 @@ from attanchor_export.source_model import TorchBackend
 #   int4 QDQ sym b128 (trt)       cos mean 0.944  top-1 0.61  task accuracy 0.985
 # so the int4 floor sits ~0.045 under the worse form. top-1 over 32 free-running tokens of generic prompts
 # is noisy on a model fine-tuned for one-word answers; the task accuracy (TASK_FLOORS) is what tiny-vqa
-# is judged on. fp16 and int8 were not measured on tiny-vqa yet: their floors are the ones the tiny
-# random checkpoints already clear (fp16 cos >= 0.99998, int8 >= 0.990), strict enough for trained models.
+# is judged on. int8 is set from tiny-vqa too (docs/QUANTIZATION.md, scripts/measure_int8.py):
+#   int8 MatMulNBits (ort)                          cos mean 0.997  top-1 0.923  task 0.995 (fp32 0.995)
+#   int8 QDQ, SmoothQuant 0.7 + MinMax (trt)        cos mean 0.988  top-1 0.870  task 0.995 (fp32 0.995)
+#   int8 QDQ, SmoothQuant 0.5                       cos mean 0.963  top-1 0.700  task 0.990
+#   int8 QDQ without smoothing (broken by outliers) cos mean 0.919  top-1 0.567  task 0.855
+# (artifacts with every token an anchor candidate; with AnchorInsert v2's words-only candidates the two
+# forms gate at cos 0.999 / 0.986, top-1 0.913 / 0.842, task 0.985 = fp32's)
+# so the floor sits under every working variant and over the unsmoothed one. fp16 on tiny-vqa: cos mean
+# 1.0000 (min 0.9999), top-1 1.000, task 0.995 with every answer as fp32's, so its floors stay where the
+# tiny random checkpoints put them (they clear cos 0.99998).
 # The tiny random test checkpoints are chaotic by construction and declare looser floors of their own
 # (attanchor_export.load.tiny_random.RANDOM_CHECKPOINT_FLOORS, in their attanchor_config.json).
 GATE_FLOORS: dict[str, dict[str, float]] = {
     "fp16": {"cos_mean": 0.999, "top1": 0.95, "vision_cos_mean": 0.999},
-    "int8": {"cos_mean": 0.98, "top1": 0.70, "vision_cos_mean": 0.99},
+    "int8": {"cos_mean": 0.95, "top1": 0.65, "vision_cos_mean": 0.99},
     "int4": {"cos_mean": 0.90, "top1": 0.45, "vision_cos_mean": 0.95},
 }
 # Task accuracy (where a task set is given, always for tiny-vqa): the most a format may lose against the

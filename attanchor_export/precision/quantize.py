@@ -19,7 +19,8 @@ choice; the short version:
 - int8 (`quant="int8"`): the onnxruntime form is weight-only MatMulNBits with bits=8 (blockwise,
   asymmetric); the TensorRT form is QDQ int8 from quantize_static: per-channel symmetric weights and
   per-tensor symmetric activations calibrated over real decoder inputs (images + prompts through the
-  artifact's vision and embedding graphs, `calib`).
+  artifact's vision and embedding graphs, `calib`), after SmoothQuant has moved the activations'
+  outlier channels into the weights (precision.smoothing, `smooth_alpha`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from attanchor_export.errors import ExportError
 from attanchor_export.export_cost import graph_bytes
 from attanchor_export.load.datasets import gate_samples, load_calibration_set
 from attanchor_export.options import ARTIFACT_IR_VERSION as IR_VERSION
-from attanchor_export.options import BLOCK_SIZES, DTYPES, QUANTS, no_steps
+from attanchor_export.options import BLOCK_SIZES, DEFAULT_SMOOTH_ALPHA, DTYPES, QUANTS, no_steps
 from attanchor_export.precision.calibration import DecoderCalibrationReader, VisionCalibrationReader
 from attanchor_export.precision.fp16 import convert_fp16_file
 from attanchor_export.precision.gate import (
@@ -52,6 +53,7 @@ from attanchor_export.precision.gate import (
 )
 from attanchor_export.precision.graph_files import opsets, remove_model, save_model, trt_name
 from attanchor_export.precision.ort_fusions import fuse_decoder_file
+from attanchor_export.precision.smoothing import smooth_file
 from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 from attanchor_export.precision.weights import (
     DEFAULT_ACCURACY_LEVEL,
@@ -91,6 +93,7 @@ class _Request:
     quantize_vision: bool
     accuracy_level: int
     calibrate_method: str
+    smooth_alpha: float | None  # int8 QDQ: SmoothQuant's alpha (precision.smoothing); None = not smoothed
     ort_fusions: bool  # fuse the onnxruntime-only decoder form (precision.ort_fusions)
     dims: Dims
     logits: str  # the decoder's logits output: its lm_head is found (and kept fp32 in fp16) by it
@@ -112,7 +115,7 @@ class _Request:
         return self.quant != "none" and (graph != "vision" or self.quantize_vision)
 
 
-def _check_options(dtype, quant, block_size, forms):
+def _check_options(dtype, quant, block_size, forms, smooth_alpha=None):
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if quant not in QUANTS:
@@ -124,6 +127,8 @@ def _check_options(dtype, quant, block_size, forms):
             "--dtype fp16 with --quant int8 is not supported: use --quant int8 (fp32 activations, int8 weights "
             "for onnxruntime, calibrated int8 QDQ for TensorRT) or --dtype fp16 --quant int4"
         )
+    if smooth_alpha is not None and not (isinstance(smooth_alpha, (int, float)) and 0 < smooth_alpha <= 1):
+        raise ExportError(f"smooth_alpha must be in (0, 1] or None (no smoothing), got {smooth_alpha!r}")
     forms = tuple(forms)
     if not forms or any(f not in FORMS for f in forms):
         raise ExportError(f"forms must be a non-empty subset of {', '.join(FORMS)}, got {forms!r}")
@@ -153,6 +158,7 @@ def quantize_artifact(
     baseline: GateBaseline | None = None,
     low_memory: bool = False,
     ort_fusions: bool = True,
+    smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA,
 ) -> Precision:
     """Rewrite the fp32 graphs in `manifest.folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -167,15 +173,17 @@ def quantize_artifact(
     `baseline`: the gate's baseline computed beforehand (gate.source_model_baseline, when the fp32 decoder
     graph is over the memory budget); None runs the fp32 graphs for it. `low_memory`: the gate's decoder
     sessions keep no arena and feed fp16 weights from disk (gate.run_gate), for a decoder over the budget.
+    `smooth_alpha`: SmoothQuant's migration strength for the int8 QDQ form (precision.smoothing; recorded
+    as its FormRecord.smoothing), None = calibrate the graph as it is.
     """
-    forms = _check_options(dtype, quant, block_size, forms)
+    forms = _check_options(dtype, quant, block_size, forms, smooth_alpha)
     if dtype == "fp32" and quant == "none":
         return Precision()
     req = _Request(
         Path(manifest.folder), {g: manifest.graphs[g].file for g in ("vision", "embedding", "decoder")}, dtype,
         quant, block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
-        ort_fusions, manifest.dims, manifest.graphs.decoder.output_names[0],
+        smooth_alpha, ort_fusions, manifest.dims, manifest.graphs.decoder.output_names[0],
     )
     fp32 = gate_pipeline(manifest) if (gate and baseline is None) or quant == "int8" else None
     if gate and baseline is None:
@@ -328,7 +336,15 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
         qmodel = _write_form(source, target, names, bits=4, block_size=trt_block or req.block_size,
                              symmetric=True, qdq=True)
     else:
-        qmodel = int8_static_qdq(source, target, names, reader, req.calibrate_method)
+        smoothed = req.folder / f".{trt_file}.smoothed.onnx"
+        try:
+            if req.smooth_alpha is not None:  # activation outliers into the weights, same function in fp32
+                record["smoothing"] = smooth_file(source, smoothed, names, reader, req.smooth_alpha,
+                                                 IR_VERSION).to_json()
+            qmodel = int8_static_qdq(smoothed if req.smooth_alpha is not None else source, target, names, reader,
+                                     req.calibrate_method)
+        finally:
+            remove_model(smoothed)
         record.update(symmetric=True, weights="int8 per-channel", activations="int8 per-tensor (calibrated)",
                       tensorrt_compatible=True)
         save_model(qmodel, target)

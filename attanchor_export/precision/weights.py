@@ -6,7 +6,8 @@
   signed INT4 weights + MatMul, what TensorRT reads for weight-only INT4 (zero points 0, blocks of 64
   or 128: `trt_int4_block`).
 - QDQ INT8 (`int8_static_qdq`): quantize_static, per-channel symmetric weights and per-tensor symmetric
-  activations calibrated over real decoder inputs (the readers of precision.calibration).
+  activations calibrated over real decoder inputs (the readers of precision.calibration), run by
+  precision.quantize on the graph precision.smoothing has smoothed.
 
 Before any of them, `normalize_linears` brings every constant-weight linear to MatMul(x, W[K, N]) and
 precision.streamed_weights.linear_nodes finds them; `count_quantized` counts what a quantized graph holds.

@@ -22,7 +22,7 @@ functions (TensorRT >= 9 inlines those; their nodes are reported as "inlined fun
 * operands the parser needs at build time (Reduce* axes, CumSum axis, Squeeze/Unsqueeze axes
   and Pad axes on 10.3, OneHot depth, Dropout training_mode) and attribute restrictions
   (TopK sorted, Resize modes, ScatterND reduction, LayerNormalization/MaxPool extra outputs,
-  LSTM layout, symmetric Q/DQ zero points, Einsum ellipsis on 10.3, string Constants);
+  LSTM layout, symmetric Q/DQ zero points, per-tensor scales on activation QuantizeLinear, Einsum ellipsis on 10.3, string Constants);
 * data types: float64, int16, uint16/32/64, uint4, strings, complex, FP8 variants other than
   E4M3FN (and FP4 before 10.8) -> error; uint8 away from the graph IO -> warning; int64 -> a note
   (TensorRT >= 9 keeps INT64 natively, no cast to INT32, bindings are int64); an op fed a type its
@@ -295,6 +295,11 @@ class _Linter:
                 zp = self._value(node.input[2])
                 if zp is not None and np.any(zp.astype(np.float64) != 0):
                     bad = f"{op}: TensorRT quantization is symmetric only (zero point must be 0)"
+            scale = self._value(node.input[1]) if len(node.input) > 1 else None
+            if op == "QuantizeLinear" and not bad and scale is not None and scale.size > 1 \
+                    and not self._is_direct_constant(node.input[0]):
+                # Per-channel (or blocked) scales are for weights: an activation takes one scale
+                bad = "QuantizeLinear of an activation: TensorRT takes a per-tensor (scalar) scale for activations"
             if op == "DequantizeLinear":
                 dtype = self.dtypes.get(node.input[0])
                 if dtype == TensorProto.INT4 or attrs.get("block_size", 0):

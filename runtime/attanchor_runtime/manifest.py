@@ -389,6 +389,28 @@ class EmbedTable(Section):
 
 
 @dataclass(frozen=True)
+class OutlierRatio(Section):
+    """max / median of the per-channel max |x| of a linear's input, the largest over the smoothed inputs."""
+
+    before: float
+    after: float
+
+
+@dataclass(frozen=True)
+class Smoothing(Section):
+    """precision.graphs[FILE].smoothing: SmoothQuant folded into the int8 QDQ (TensorRT) decoder before its
+    activations were calibrated (attanchor_export.precision.smoothing). The graph computes the fp32
+    function before its Q/DQ nodes, so no reader needs it to run the file; it says what was done."""
+
+    alpha: float  # migration strength: 0 leaves the activations as they are, 1 moves all their spread
+    smoothed_linears: int
+    folded_into: Mapping[str, int] = field(default_factory=_empty)  # "norm" | "linear" -> linears folded there
+    not_smoothed: tuple[str, ...] = ()  # linears (node names) whose input could not take a scale
+    outlier_ratio_max: OutlierRatio | None = None
+    method: str = "SmoothQuant"
+
+
+@dataclass(frozen=True)
 class FormRecord(Section):
     """precision.graphs[FILE]: one rewritten graph file (attanchor_export.precision.quantize)."""
 
@@ -410,6 +432,7 @@ class FormRecord(Section):
     note: str | None = None
     fp16: Any = None  # the fp16 converter's record
     ort_fusions: Any = None  # precision.ort_fusions' record (kv_cache among its keys)
+    smoothing: Smoothing | None = None  # int8 QDQ: the SmoothQuant rewrite (None: not smoothed)
     bytes: int | None = None
 
     @property
@@ -713,6 +736,6 @@ __all__ = [
     "Anchor", "AdapterRecord", "BACKENDS", "Calibration", "Dims", "EmbedTable", "ExportRecord", "FORMAT",
     "FORMAT_VERSION", "Family", "FileRecord", "FormRecord", "GRAPHS", "Gate", "GateResult", "GraphNotes",
     "GraphSpec", "Graphs", "KV_APPEND", "KV_CONCAT", "MANIFEST", "Manifest", "ModelTypes", "NoGraphForm", "Onnx",
-    "Optimizations", "Precision", "Source", "TaskResult", "TensorSpec", "Text", "Validation", "freeze",
-    "listed_files", "parse", "sha256_of", "to_json", "write_manifest",
+    "Optimizations", "OutlierRatio", "Precision", "Smoothing", "Source", "TaskResult", "TensorSpec", "Text",
+    "Validation", "freeze", "listed_files", "parse", "sha256_of", "to_json", "write_manifest",
 ]
