@@ -182,8 +182,8 @@ class ModelOrVerb(click.Group):
 def main():
     """Export AttAnchor vision-language models to ONNX and TensorRT, and run them.
 
-    MODEL is an alias (tinyllava-1b, llava-1.5-7b; the trained tiny models tiny-vqa, tiny-scenes,
-    tiny-scenes-noanchor), a Hub id (downloaded unless --offline), or a folder.
+    MODEL is an alias (tinyllava-1b, llava-1.5-7b, qwen2.5-vl-3b; the trained tiny models tiny-vqa,
+    tiny-vqa-qwen, tiny-scenes, tiny-scenes-noanchor), a Hub id (downloaded unless --offline), or a folder.
     """
 
 
