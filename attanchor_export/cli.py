@@ -355,6 +355,33 @@ def _parse_floors(items) -> dict | None:
     return floors or None
 
 
+def _fraction_option(ctx, param, value):
+    """A gate's fraction, checked while parsing: anything but a number in [0, 1] is one error line."""
+    if value is None:
+        return None
+    from attanchor_export.checks.regression import fraction
+    from attanchor_export.errors import ExportError
+
+    try:
+        return fraction(param.opts[0], value)
+    except ExportError as e:
+        _fail(str(e), EXIT_USAGE)
+
+
+@contextmanager
+def _junit_on_error(junit: Path | None, verb: str):
+    """A verb that stops with an error still leaves a JUnit file saying so, for the CI step that uploads it."""
+    try:
+        yield
+    except Exception as e:
+        if junit:
+            from attanchor_export.checks.junit import error_case, write_junit
+
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            write_junit(junit, f"attanchor-export {verb}", [error_case(verb, message)])
+        raise
+
+
 def _build_engines(folder: Path, report: Reporter, **options):
     from attanchor_export.trt.build import build_engines
 
@@ -370,14 +397,24 @@ def _build_engines(folder: Path, report: Reporter, **options):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with every check on stdout.")
 @click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("-v", "--verbose", is_flag=True, help="One row per case instead of the worst per metric.")
+@click.option("--junit", type=click.Path(path_type=Path), metavar="FILE",
+              help="Also write JUnit XML for CI (one test case per check; an error case if the check cannot run).")
 @handle_errors
-def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose):
+def check_cmd(folder, model, no_e2e, adapter, as_json, quiet, verbose, junit):
     """Re-run parity of an artifact against its PyTorch source and print a report."""
     from attanchor_export.check import check_artifact
+    from attanchor_export.checks.junit import check_cases, write_junit
     from attanchor_export.checks.tables import print_checks
 
+    if junit:
+        _check_writable_file(junit, "--junit")  # before minutes of checking, not after
     report = Reporter(quiet, as_json)
-    result = check_artifact(folder, model=model, end_to_end=not no_e2e, steps=report.step, adapter=adapter)
+    start = time.perf_counter()
+    with _junit_on_error(junit, "check"):
+        result = check_artifact(folder, model=model, end_to_end=not no_e2e, steps=report.step, adapter=adapter)
+    if junit:
+        write_junit(junit, "attanchor-export check", check_cases(result["checks"]), {"folder": folder},
+                    time.perf_counter() - start)
     if as_json:
         report.emit_json(result)
     elif not quiet:
@@ -552,7 +589,8 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
               help='"easy-vqa" (the PyPI data set), "tiny-scenes" (generated scenes of 2-4 shapes) or JSONL rows '
                    '{"image", "question", "answer"}.')
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True,
-              help="easy-vqa split (train, test) or tiny-scenes split (train, validation, test).")
+              help="Split of easy-vqa or tiny-scenes (validation: what the quantization gate grades; easy-vqa's "
+                   "is held-out train images).")
 @click.option("--limit", type=click.IntRange(min=1), help="At most N questions (a fixed random subset for easy-vqa and tiny-scenes).")
 @click.option("--threshold", type=float, help="Anchor threshold [the artifact's default].")
 @click.option("--thresholds", help="Several thresholds, comma-separated, e.g. 0.3,0.5,2 (2 = no anchors).")
@@ -568,26 +606,62 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
               help="Also answer with another artifact (another precision, or exported with --no-ort-fusions): "
                    "its accuracy and the share of identical answers.")
 @click.option("--verify", type=click.Choice(VERIFY_CHOICES), default="size", show_default=True, help=VERIFY_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print exactly one JSON object on stdout: the report, with every answer (a --baseline for later runs).")
+@click.option("--baseline", type=click.Path(path_type=Path), metavar="REPORT.json",
+              help="A committed report of `eval --json` on the same questions: compare answer by answer (the "
+                   "baseline of --max-drop and --min-agreement).")
+@click.option("--min-accuracy", callback=_fraction_option, metavar="FRACTION",
+              help="Fail (exit 1, one line) when accuracy is below this, e.g. 0.90.")
+@click.option("--max-drop", callback=_fraction_option, metavar="FRACTION",
+              help="Fail when accuracy is more than this below the baseline's (--baseline or --compare), e.g. 0.01.")
+@click.option("--min-agreement", callback=_fraction_option, metavar="FRACTION",
+              help="Fail when the share of answers identical to the baseline's is below this, e.g. 0.99.")
+@click.option("--junit", type=click.Path(path_type=Path), metavar="FILE",
+              help="Also write JUnit XML for CI: one test case per gate and per question type.")
 @handle_errors
 def eval_cmd(folder, data, split, limit, threshold, thresholds, backend, device, batch, compare_torch, compare,
-             verify, as_json):
-    """Task accuracy of an artifact through the torch-free runtime (overall and per question type)."""
+             verify, as_json, baseline, min_accuracy, max_drop, min_agreement, junit):
+    """Task accuracy of an artifact through the torch-free runtime (overall and per question type), with
+    regression gates for CI (docs/CI.md)."""
+    from attanchor_export.checks.junit import write_junit
+    from attanchor_export.checks.regression import eval_cases, judge
     from attanchor_export.checks.task_accuracy import run_eval
 
     values: list = [threshold]
     if thresholds:
         values = _thresholds_value(thresholds)
-    with library_quiet(as_json):
+    if baseline is not None and compare is not None:
+        _fail("--baseline and --compare are both baselines: give one", EXIT_USAGE)
+    if baseline is None and compare is None:
+        for option, value in (("--max-drop", max_drop), ("--min-agreement", min_agreement)):
+            if value is not None:
+                _fail(f"{option} needs a baseline: --baseline REPORT.json or --compare DIR", EXIT_USAGE)
+    if junit:
+        _check_writable_file(junit, "--junit")
+    start = time.perf_counter()
+    with library_quiet(as_json), _junit_on_error(junit, "eval"):
         result = run_eval(folder, data, split, limit, values, backend, device, batch, progress_factory=_progress_bar,
                           compare_torch=compare_torch, compare=compare, verify=verify,
-                          on_skip=lambda message: click.echo(f"warning: {message}", err=True))
+                          on_skip=lambda message: click.echo(f"warning: {message}", err=True), baseline=baseline)
+    gates = judge(result["results"][0], min_accuracy, max_drop, min_agreement)
+    if gates:
+        result["gates"] = gates
+        result["passed"] = all(g["passed"] for g in gates)
+    if junit:
+        write_junit(junit, "attanchor-export eval", eval_cases(result),
+                    {"folder": folder, "data": data, "split": result["split"], "precision": result["precision"],
+                     "threshold": result["results"][0]["threshold"], "baseline": baseline or compare},
+                    time.perf_counter() - start)
     if as_json:
         click.echo(json.dumps(result, default=float))
-        return
-    from attanchor_export.checks.tables import print_eval
+    else:
+        from attanchor_export.checks.tables import print_eval
 
-    print_eval(result)
+        print_eval(result)
+    failed = [g["message"] for g in gates if not g["passed"]]
+    if failed:
+        _fail("eval gate failed: " + "; ".join(failed))
 
 
 def _thresholds_value(text: str) -> list[float]:

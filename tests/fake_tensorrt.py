@@ -191,6 +191,10 @@ def make_fake_trt(cuda: FakeCuda, version: str = TRT10, strongly_typed_flag: boo
             return self.data + b"+"
 
     class Config:
+        # Real bindings reject an attribute the class does not have (`config.int8_calibrator = ...` on
+        # 11.x raises AttributeError); __slots__ makes the fake do the same instead of storing it.
+        __slots__ = ("flags", "profiles", "cache", "limits", "builder_optimization_level")
+
         def __init__(self):
             self.flags = {trt.BuilderFlag.TF32}  # TensorRT enables TF32 by default
             self.profiles, self.cache, self.limits = [], None, {}
@@ -224,7 +228,11 @@ def make_fake_trt(cuda: FakeCuda, version: str = TRT10, strongly_typed_flag: boo
     class Config10(Config):
         """The calibrator API 11.x removed (weakly typed INT8 only)."""
 
-        int8_calibrator = None
+        __slots__ = ("int8_calibrator",)
+
+        def __init__(self):
+            super().__init__()
+            self.int8_calibrator = None
 
         def set_quantization_flag(self, flag):
             pass

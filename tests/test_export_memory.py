@@ -10,9 +10,6 @@ import gc
 import weakref
 
 import onnx
-import pytest
-
-torch = pytest.importorskip("torch")
 
 
 def test_linear_weights_are_written_lazily_not_folded(artifact):

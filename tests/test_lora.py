@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import peft  # noqa: F401  (the [export] extra: a broken install fails here, it does not skip)
 import pytest
 import torch
 from attanchor_runtime.manifest import AdapterRecord, Manifest
@@ -16,8 +17,6 @@ from helpers import read_manifest
 
 from attanchor_export.cli import main
 from attanchor_export.errors import CheckpointError
-
-pytest.importorskip("peft")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|v_proj)"  # the CLIP tower has q_proj/v_proj too: LM only
 

@@ -13,8 +13,6 @@ from attanchor_runtime.preprocess import ImagePreprocessor
 from attanchor_runtime.preprocess_from_hf import preprocessing_config_from_hf
 from PIL import Image
 
-transformers = pytest.importorskip("transformers")
-
 TOL = 1e-5
 
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+import torch
 from attanchor_graphs.specification import anchor_insert
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.families import qwen2_5_vl as rt
 from attanchor_runtime.image_placeholders import collapse_image_runs
 from qwen_helpers import contract_positions, decode_positions, pil_image
-
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
 
 from attanchor_export.families import family_for  # noqa: E402
 from attanchor_export.families import qwen2_5_vl as fam  # noqa: E402

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from attanchor_graphs.specification import anchor_insert
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.chat_template import PromptFormatter
@@ -16,9 +17,6 @@ from attanchor_runtime.errors import ArtifactError, RuntimeInputError
 from attanchor_runtime.families import qwen2_5_vl as rt
 from attanchor_runtime.image_placeholders import collapse_image_runs
 from qwen_helpers import contract_positions, decode_positions, pil_image, smooth_image
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 from attanchor_export.errors import CheckpointError, ExportError  # noqa: E402
 from attanchor_export.families import qwen2_5_vl as fam  # noqa: E402

@@ -16,13 +16,12 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from attanchor_graphs.specification import anchor_insert, anchor_pairs, candidate_mask_from_ids
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.errors import RuntimeInputError
 from attanchor_runtime.image_placeholders import collapse_image_runs
 from qwen_helpers import contract_positions, decode_positions, pil_image
-
-torch = pytest.importorskip("torch")
 
 from attanchor_export.families import qwen2_5_vl as fam  # noqa: E402
 from attanchor_export.load.hf_compat import cache_kwargs  # noqa: E402

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
+import torch
 from helpers import load_script
-
-torch = pytest.importorskip("torch")
 
 
 def _script():

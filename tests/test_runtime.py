@@ -248,15 +248,3 @@ def test_cli_run_and_show_anchors(artifact, tmp_path):
                                     "--prompt", "x"])
     assert bad.exit_code == 1 and bad.stderr.strip().startswith("error: cannot decode image")
     assert len(bad.stderr.strip().splitlines()) == 1
-
-
-def test_demo_runs_offline(tmp_path):
-    from click.testing import CliRunner
-
-    from attanchor_export.cli import main
-
-    result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "demo" / "artifact" / "manifest.json").is_file()
-    assert (tmp_path / "demo" / "anchors.png").is_file()
-    assert "ASSISTANT:" in result.stderr

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from attanchor_export.exporter import ExportOptions, export_artifact  # noqa: E402
 from attanchor_export.load.checkpoint import load_checkpoint  # noqa: E402

@@ -13,8 +13,6 @@ from attanchor_runtime.errors import ArtifactError, RuntimeInputError
 from attanchor_runtime.image_placeholders import check_single_image, collapse_image_runs
 from attanchor_runtime.text import TextProcessor, text_config_from_hf
 
-transformers = pytest.importorskip("transformers")
-
 # llava-hf/llava-1.5-7b-hf's processor template (images first, "{% generation %}" around assistant text).
 LLAVA_HF_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
@@ -52,7 +50,7 @@ def _quiet(fn, *args, **kwargs):
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory):
     """attanchor_export.load.tiny_random.make_tiny_llava: byte-level BPE, LlavaProcessor, chat_template.jinja."""
-    testing = pytest.importorskip("attanchor_export.load.tiny_random")
+    from attanchor_export.load import tiny_random as testing
     folder = tmp_path_factory.mktemp("tiny-llava")
     _quiet(testing.make_tiny_llava, folder)
     return folder

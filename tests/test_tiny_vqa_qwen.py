@@ -11,9 +11,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from helpers import read_manifest
-
-torch = pytest.importorskip("torch")
 
 from attanchor_export.load.tiny_vqa_qwen import PARTS  # noqa: E402
 

@@ -41,6 +41,9 @@ def test_the_fakes_differ_where_tensorrt_10_and_11_differ(tmp_path):
     assert old.Builder(None).platform_has_fast_fp16 and not hasattr(new.Builder(None), "platform_has_fast_int8")
     assert hasattr(old.Builder(None).create_builder_config(), "int8_calibrator")
     assert not hasattr(new.Builder(None).create_builder_config(), "int8_calibrator")
+    old.Builder(None).create_builder_config().int8_calibrator = object()  # 10.x: a property
+    with pytest.raises(AttributeError):  # 11.x: assigning the removed property fails, as real bindings do
+        new.Builder(None).create_builder_config().int8_calibrator = object()
     # 10.x: weakly typed by default, and a strongly typed network refuses precision flags.
     builder = old.Builder(None)
     assert not builder.create_network(0).strongly_typed

@@ -2,8 +2,8 @@
 
 Every case uses shapes other than the traced ones (batch 1 and batch 3 left-padded, prompt and past
 lengths the tracer never saw, fresh images), because a graph can match at the traced shape and be
-wrong elsewhere. Anchor indices must be identical; float outputs within `atol` (fp32: 1e-4), logits
-within atol + 1e-5 x their largest magnitude (compare.logits_limit).
+wrong elsewhere. Anchor indices must be identical; float outputs within `atol` (fp32: 1e-4), logits and
+each layer's present KV within atol + 1e-5 x their largest magnitude (compare.scaled_limit).
 
 Export runs it in two halves with the model freed between them: `source_outputs` (PyTorch, the source
 model behind the runtime's decode loop: source_model.TorchBackend) and `compare_with_source` (the
@@ -24,7 +24,7 @@ from attanchor_runtime.ort_backend import OrtBackend
 from attanchor_runtime.pipeline import Pipeline
 from tokenizers import Tokenizer
 
-from attanchor_export.checks.compare import CheckResult, logits_limit, max_diff, token_check
+from attanchor_export.checks.compare import CheckResult, max_diff, scaled_limit, token_check
 from attanchor_export.source_model import TorchBackend, anchored_inputs, expand_image_tokens, greedy_generate
 
 # Text the validation prompts are cut from (through the artifact's own tokenizer): VQA-style questions
@@ -52,11 +52,20 @@ def token_pool(manifest: Manifest) -> np.ndarray | None:
     return np.asarray(ids, np.int64) if len(ids) >= 32 else None
 
 
+TEXT_BEFORE_IMAGE = 3  # ChatML's role prefix; shorter prompts put the image last
+
+
 def make_prompts(manifest: Manifest, rng: np.random.Generator, lengths: list[int], pool: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompts of the given lengths, one image placeholder in each at a random place with at
-    least one text token after it (so t2i has candidates). Tokens: a window of `pool` (token_pool) at a
-    random offset, or random ids when there is no pool."""
+    least TEXT_BEFORE_IMAGE text tokens before it and one after it (so t2i has candidates). Tokens: a
+    window of `pool` (token_pool) at a random offset, or random ids when there is no pool.
+
+    Not at the very start: chat templates put the image after their role prefix (ChatML's
+    `<|im_start|>user\n` is 3 tokens). An image patch at the first positions sits next to the attention
+    sink, where trained LMs give patches outlier activations and fp32 itself is ill-conditioned: PyTorch
+    fp32 against float64, image at index 0 / 1 / 3, tiny-vqa 1.3e-2 / 6.7e-3 / 2.2e-4 (logits),
+    tiny-scenes-noanchor 8.9e-4 / 1.6e-4 / 8.8e-5 (scripts/measure_parity_conditioning.py)."""
     text, vocab = manifest.text, manifest.dims.vocab_size
     special = [text.image_token_id, text.pad_token_id]
     width = max(lengths)
@@ -69,7 +78,7 @@ def make_prompts(manifest: Manifest, rng: np.random.Generator, lengths: list[int
             tokens = rng.integers(0, vocab, size=n)
         while (bad := np.isin(tokens, special)).any():
             tokens[bad] = rng.integers(0, vocab, size=int(bad.sum()))
-        tokens[rng.integers(0, max(n - 1, 1))] = text.image_token_id
+        tokens[rng.integers(TEXT_BEFORE_IMAGE, max(n - 1, TEXT_BEFORE_IMAGE + 1))] = text.image_token_id
         ids[row, width - n :] = tokens
         mask[row, width - n :] = 1
     return ids, mask
@@ -227,16 +236,21 @@ def _compare_decoder(backend, case: ParityCase, kept: list[int], atol: float) ->
         ref_logits = ref.logits[:, -logits.shape[1]:]  # last-logits-only graphs return one position
         valid_q = ref.valid_q[:, -logits.shape[1]:]
         valid_kv = ref.step.attention_mask.astype(bool)[:, None, :, None]
-        kv_diff = max(
-            max_diff(got, want, np.broadcast_to(valid_kv, got.shape))
-            for j in kept
-            for got, want in zip((call.cache[2 * j], call.cache[2 * j + 1]), ref.present[j])
-        )
-        logits_diff = max_diff(logits, ref_logits, valid_q)
-        limit = logits_limit(atol, ref_logits[valid_q])
         label = f"{case.label} {name}"
+        logits_diff = max_diff(logits, ref_logits, valid_q)
+        limit = scaled_limit(atol, ref_logits[valid_q])
         results.append(CheckResult("decoder", label, "logits_max_abs_diff", logits_diff, limit, logits_diff <= limit))
-        results.append(CheckResult("decoder", label, "present_max_abs_diff", kv_diff, atol, kv_diff <= atol))
+        # Each kept layer's K and V against a bound scaled by its own magnitude (K reaches ~20 in trained
+        # SmolLM2 layers); the worst ratio to its bound is reported, as value and limit of that tensor.
+        kv_diff, kv_limit, worst = 0.0, atol, -1.0
+        for j in kept:
+            for got, want in zip((call.cache[2 * j], call.cache[2 * j + 1]), ref.present[j]):
+                valid = np.broadcast_to(valid_kv, got.shape)
+                diff, bound = max_diff(got, want, valid), scaled_limit(atol, want[valid])
+                ratio = diff / bound if bound > 0 else (np.inf if diff > 0 else 0.0)
+                if ratio > worst:
+                    kv_diff, kv_limit, worst = diff, bound, ratio
+        results.append(CheckResult("decoder", label, "present_max_abs_diff", kv_diff, kv_limit, kv_diff <= kv_limit))
     return results
 
 

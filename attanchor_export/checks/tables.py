@@ -59,6 +59,8 @@ def print_eval(result: dict) -> None:
         others.append(("pytorch", "pytorch"))
     if "compared" in first:
         others.append(("compared", f"{Path(first['compared']['folder']).name} ({first['compared']['precision']})"))
+    if "baseline" in first:
+        others.append(("baseline", f"baseline {Path(first['baseline']['report']).name} ({first['baseline']['precision']})"))
     for column in ("threshold", "overall", *kinds, "anchors/q", "on shape (chance)", "s/question",
                    *(c for _, title in others for c in (title, "same answers"))):
         table.add_column(column, justify="right")
@@ -70,3 +72,5 @@ def print_eval(result: dict) -> None:
                       f"{r['anchors_per_question']:.2f}", shown_loc, f"{r['seconds_per_question']:.3f}",
                       *(c for key, _ in others for c in (f"{r[key]['accuracy']:.4f}", f"{r[key]['same_answers']:.2%}")))
     Console().print(table)
+    for gate in result.get("gates", []):
+        Console().print(("[green]ok[/green]   " if gate["passed"] else "[red]FAIL[/red] ") + gate["message"])

@@ -22,6 +22,13 @@ from attanchor_runtime import Pipeline
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.errors import RuntimeInputError
 
+from attanchor_export.checks.regression import (
+    REPORT_VERSION,
+    baseline_comparison,
+    check_same_questions,
+    question_set,
+    read_baseline,
+)
 from attanchor_export.errors import ExportError
 from attanchor_export.load import easy_vqa as ev
 from attanchor_export.load.datasets import TaskItem, load_task
@@ -110,8 +117,9 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
             continue
         if it.image not in labels:
             rgb = np.asarray(Image.open(it.image).convert("RGB").resize((size, size), Image.NEAREST))
-            colour = next((c for c in ev.COLORS if c in ev.words_of(it.question)), None) or ev.colour_of(rgb)
-            labels[it.image] = ev.patch_overlap(ev.shape_mask(rgb, colour), patch) > 0
+            # The shape's colour from its pixels: a question's colour word is often another colour
+            # ("is there a red shape?" about a blue one).
+            labels[it.image] = ev.patch_overlap(ev.shape_mask(rgb, ev.colour_of(rgb)), patch) > 0
         on_shape = labels[it.image]
         ids = rec["prompt_ids"]
         for text_index, image_index in rec["anchors"]:
@@ -191,7 +199,7 @@ def torch_answers(loaded, pipe, items: Sequence[TaskItem], threshold: float, bat
 def run_eval(folder, data: str, split: str = "test", limit: int | None = None, thresholds=(None,),
              backend: str = "ort", device: str = "cpu", batch: int = DEFAULT_BATCH, progress_factory=None,
              compare_torch: bool = False, compare: Path | None = None, verify: str = "size",
-             on_skip: Callable[[str], None] | None = None) -> dict:
+             on_skip: Callable[[str], None] | None = None, baseline: Path | None = None) -> dict:
     """`attanchor-export eval`: one result per threshold (None = the artifact's default), JSON-ready.
 
     The top-level "accuracy" is the first threshold's, so `--json | jq .accuracy` answers "how good is it".
@@ -200,14 +208,22 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
     (another precision, or the same one exported without onnxruntime fusions), on the same backend.
     verify: how the artifacts' files are checked first (Pipeline.load). Rows that cannot be answered
     (readable_items) are left out, each reported through on_skip and listed under "skipped".
+    baseline: a committed report of this function (`eval --json`, checks.regression): each result gets
+    its accuracy and the share of identical answers, after it is checked to be of the same questions.
+    Every result carries its answers in question order, so the report can serve as a later baseline.
     """
     if not thresholds:
         raise ExportError("no threshold to evaluate")
+    report = read_baseline(baseline) if baseline is not None else None  # before minutes of loading
     pipe = Pipeline.load(folder, backend=backend, device=device, verify=verify)
     other = Pipeline.load(compare, backend=backend, device=device, verify=verify) if compare is not None else None
     items, skipped = readable_items(pipe, load_task(data, split=split, limit=limit), on_skip)
     if not items:
         raise ExportError(f"--data {data}: none of its {len(skipped)} questions can be answered (see the warnings)")
+    split = split if data in ("easy-vqa", "tiny-scenes") else None  # a JSONL file has no splits
+    questions = {**question_set(items), "limit": limit}
+    if report is not None:
+        check_same_questions(report, baseline, data, split, questions)
     if compare_torch:
         from attanchor_export.load.source import load_source  # torch: only for --compare-torch
 
@@ -220,6 +236,9 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
         with (progress_factory(label, len(items)) if progress_factory else _no_progress()) as advance:
             result = evaluate_artifact(pipe, items, threshold, progress=advance, batch=batch)
         records = result.pop("records")
+        result["answers"] = [r["answer"] for r in records]
+        if report is not None:
+            result["baseline"] = baseline_comparison(report, baseline, result["answers"])
         if loaded is not None:
             answers = torch_answers(loaded, pipe, items, result["threshold"], batch=batch)
             result["pytorch"] = _agreement(answers, records, items)
@@ -231,8 +250,8 @@ def run_eval(folder, data: str, split: str = "test", limit: int | None = None, t
                                   **_agreement([r["answer"] for r in theirs], records, items)}
         results.append(result)
     return {
-        "folder": str(folder), "data": data, "split": split if data in ("easy-vqa", "tiny-scenes") else None,
-        "precision": _precision(pipe.manifest), "backend": backend,
+        "report_version": REPORT_VERSION, "folder": str(folder), "data": data, "split": split,
+        "precision": _precision(pipe.manifest), "backend": backend, "questions": questions,
         "accuracy": results[0]["accuracy"], "results": results, "skipped": skipped,
     }
 

@@ -1,9 +1,10 @@
 """Data sets the checks and the precision stage both read: task questions with answers, and image +
 prompt samples for calibration and the accuracy gate.
 
-Task questions (`load_task`): `easy-vqa` (the PyPI data set; a fixed random subset of `limit`
-questions) or a JSONL file of {"image", "question", "answer"[, "kind"]} rows. Answered by `eval` and by
-the gate's task part (checks.task_accuracy).
+Task questions (`load_task`): `easy-vqa` (the PyPI data set) or `tiny-scenes` (generated; a fixed random
+subset of `limit` questions of a split), or a JSONL file of {"image", "question", "answer"[, "kind"]} rows.
+Answered by `eval` (default split: test) and by the gate's task part (GATE_SPLIT: validation; easy-vqa's
+is held-out train images), so the two never share a question (checks.task_accuracy, precision.gate).
 
 Samples (`Sample`: an image and a prompt, no answer), so the graphs see real decoder inputs:
 - `builtin_samples()`: a small default set that needs no network: images synthesised procedurally
@@ -14,7 +15,8 @@ Samples (`Sample`: an image and a prompt, no answer), so the graphs see real dec
   calibration set, so a gate never grades the data it was calibrated on.
 - `load_calibration_set(calib)`: `--calib DIR_OR_JSONL`: a folder of images (prompts cycled from the
   built-in list), a JSONL file of {"image": path, "prompt": text} lines (paths relative to the file), or
-  "easy-vqa" (its train split: the gates and eval use test).
+  "easy-vqa" (its train split without the validation images: the gate grades validation, eval test),
+  or "tiny-scenes" (its train split; validation and test are other scenes).
 """
 
 from __future__ import annotations
@@ -45,10 +47,16 @@ class TaskItem:
     split: str | None = None  # tiny-scenes: the split its image_id indexes
 
 
+# The split of a named data set the quantization gate's task part answers: never eval's default (test).
+GATE_SPLIT = "validation"
+CALIBRATION_QUESTIONS, CALIBRATION_TASK_SEED = 256, 1
+
+
 def load_task(data: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[TaskItem]:
-    """`easy-vqa` (the PyPI data set), `tiny-scenes` (generated, attanchor_export/load/scenes.py; splits
-    train, validation, test) (a fixed random subset of `limit` questions of `split`), or a JSONL file of
-    {"image", "question", "answer"[, "kind"]} rows (image paths relative to the file)."""
+    """`easy-vqa` (the PyPI data set; splits train, validation (held-out train images), test), `tiny-scenes`
+    (generated, attanchor_export/load/scenes.py; splits train, validation, test) (a fixed random subset of
+    `limit` questions of `split`), or a JSONL file of {"image", "question", "answer"[, "kind"]} rows (image
+    paths relative to the file; no splits: the first `limit` rows)."""
     if data in ("easy-vqa", "tiny-scenes"):
         if data == "easy-vqa":
             source = easy_vqa
@@ -162,8 +170,13 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
     """`--calib`: None = the built-in set; "easy-vqa" or "tiny-scenes"; a folder of images; or a JSONL file of {"image", "prompt"}."""
     if calib is None:
         return builtin_samples()
-    if calib in ("easy-vqa", "tiny-scenes"):  # real images and questions (train split; the gates and eval use test)
-        items = load_task(calib, split="train", limit=limit or 256, seed=1)
+    if calib == "easy-vqa":  # real images and questions: train, without the gate's validation images
+        held = easy_vqa.validation_image_ids()
+        rows = [q for q in easy_vqa.questions("train") if q.image_id not in held]
+        rows = random.Random(CALIBRATION_TASK_SEED).sample(rows, min(len(rows), limit or CALIBRATION_QUESTIONS))
+        return [Sample(q.image, q.question, f"easy-vqa:{q.image_id}") for q in rows]
+    if calib == "tiny-scenes":  # its train split: the gate grades validation, eval test (other scenes)
+        items = load_task(calib, split="train", limit=limit or CALIBRATION_QUESTIONS, seed=CALIBRATION_TASK_SEED)
         return [Sample(it.image, it.question, f"{calib}:{it.image_id}") for it in items]
     path = Path(calib).expanduser()
     if path.is_dir():
@@ -183,5 +196,5 @@ def load_calibration_set(calib: str | Path | None, limit: int | None = None) -> 
     return samples[:limit] if limit else samples
 
 
-__all__ = ["CALIBRATION_PROMPTS", "GATE_PROMPTS", "IMAGE_SUFFIXES", "Sample", "TaskItem", "builtin_samples",
+__all__ = ["CALIBRATION_PROMPTS", "GATE_PROMPTS", "GATE_SPLIT", "IMAGE_SUFFIXES", "Sample", "TaskItem", "builtin_samples",
            "gate_samples", "load_calibration_set", "load_task", "synthetic_image"]

@@ -4,10 +4,17 @@ Each 64x64 image holds one shape (circle, rectangle, triangle) in one of 8 colou
 background. The package gives questions and answers only; each image's colour and shape are read
 back from its own questions, and the shape's pixels from the image (closer to the shape's colour
 than to the background's, which is the most common colour), so anchor localisation can be scored.
+
+Splits: `train` and `test` are the package's; `validation` is a seeded 10% of the TRAIN images with all
+their questions (VALIDATION_SHARE, VALIDATION_SEED), the images the training script holds out. It is
+what the quantization gate's task part grades, so the gate never shares a question with `eval`'s default
+(test), and calibration (`--calib easy-vqa`) draws from train without those images. `train` stays the
+package's whole train split (validation included), as the training code reads it.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +28,8 @@ COLORS = {
     "gray": (128, 128, 128), "teal": (4, 130, 130), "brown": (165, 42, 42), "yellow": (255, 255, 0),
 }
 SHAPES = ("circle", "rectangle", "triangle")
+SPLITS = ("train", "validation", "test")
+VALIDATION_SHARE, VALIDATION_SEED = 0.1, 0  # held-out train images (see the module docstring)
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -47,11 +56,14 @@ def _require():
     return easy_vqa
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def questions(split: str = "test") -> tuple[Question, ...]:
+    if split not in SPLITS:
+        raise ValueError(f"easy-vqa has splits {', '.join(SPLITS)}, not {split!r}")
+    if split == "validation":
+        held = validation_image_ids()
+        return tuple(q for q in questions("train") if q.image_id in held)
     ev = _require()
-    if split not in ("train", "test"):
-        raise ValueError(f"easy-vqa has splits train and test, not {split!r}")
     qs, answers, ids = ev.get_train_questions() if split == "train" else ev.get_test_questions()
     paths = ev.get_train_image_paths() if split == "train" else ev.get_test_image_paths()
     return tuple(
@@ -59,7 +71,15 @@ def questions(split: str = "test") -> tuple[Question, ...]:
     )
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
+def validation_image_ids() -> frozenset[int]:
+    """The train images held out for validation: a seeded VALIDATION_SHARE of the train image ids, drawn
+    from their sorted list (random.Random(VALIDATION_SEED).sample), the same rule the training script uses."""
+    ids = sorted({q.image_id for q in questions("train")})
+    return frozenset(random.Random(VALIDATION_SEED).sample(ids, int(len(ids) * VALIDATION_SHARE)))
+
+
+@lru_cache(maxsize=3)
 def image_labels(split: str = "test") -> dict[int, tuple[str, str]]:
     """image id -> (colour, shape), from the answers to that image's colour and shape questions.
 

