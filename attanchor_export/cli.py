@@ -182,8 +182,8 @@ class ModelOrVerb(click.Group):
 def main():
     """Export AttAnchor vision-language models to ONNX and TensorRT, and run them.
 
-    MODEL is an alias (tinyllava-1b, llava-1.5-7b; the trained tiny models tiny-vqa, tiny-scenes,
-    tiny-scenes-noanchor), a Hub id (downloaded unless --offline), or a folder.
+    MODEL is an alias (tinyllava-1b, llava-1.5-7b, qwen2.5-vl-3b; the trained tiny models tiny-vqa,
+    tiny-vqa-qwen, tiny-scenes, tiny-scenes-noanchor), a Hub id (downloaded unless --offline), or a folder.
     """
 
 
@@ -241,6 +241,9 @@ def _default_output(model: str) -> Path:
 @click.option("--mode", type=click.Choice(opts.MODES), default=opts.default(opts.ExportOptions, "mode"),
               show_default=True, help="t2i: question words are copied next to image patches; i2t: the reverse.")
 @click.option("--max-anchors", type=click.IntRange(min=1), help="Anchor budget K: static graph shapes.")
+@click.option("--image-size", metavar="HxW",
+              help="Qwen2.5-VL: the fixed image grid of the graphs, multiples of 28 (every image is resized to "
+                   "it). [the largest square <= 448 within the processor's max_pixels]")
 @click.option("--opset", type=click.IntRange(*opts.OPSETS), default=opts.DEFAULT_OPSET, show_default=True,
               help="ONNX opset of the graphs (TensorRT 10.3 parses up to 20).")
 @click.option("--last-logits-only/--all-logits", default=opts.default(opts.ExportOptions, "last_logits_only"),
@@ -264,7 +267,7 @@ def _default_output(model: str) -> Path:
 def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, smooth_alpha,
                ort_fusions,
                gate_floor,
-               threshold, task, mode, max_anchors, opset, last_logits_only, optimize, force, no_validate, adapter,
+               threshold, task, mode, max_anchors, image_size, opset, last_logits_only, optimize, force, no_validate, adapter,
                trust_remote_code, revision, offline, allow_pickle, memory_budget, quiet, as_json):
     """Export MODEL to ONNX graphs (vision, embedding with AnchorInsert, decoder) in a checked folder."""
     from attanchor_export.exporter import ExportOptions, export_artifact
@@ -276,7 +279,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         disable_progress_bars()
     output = output or _default_output(model)
     options = ExportOptions(
-        output=output, mode=mode, threshold=threshold, task=task, max_anchors=max_anchors, opset=opset,
+        output=output, mode=mode, threshold=threshold, task=task, max_anchors=max_anchors, image_size=image_size, opset=opset,
         last_logits_only=last_logits_only, optimize=optimize, force=force, validate=not no_validate,
         trust_remote_code=trust_remote_code, revision=revision, offline=offline, allow_pickle=allow_pickle,
         dtype=dtype, quant=quant,

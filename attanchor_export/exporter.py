@@ -46,7 +46,7 @@ from attanchor_export.export_cost import (
 )
 from attanchor_export.load.checkpoint import load_checkpoint, locate
 from attanchor_export.load.lora import apply_adapter, locate_adapter
-from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_THRESHOLD, MODES, ExportOptions, no_steps
+from attanchor_export.options import ARTIFACT_IR_VERSION, MODES, ExportOptions, no_steps
 from attanchor_export.precision.gate import AccuracyGateFailed, source_model_baseline
 from attanchor_export.precision.quantize import FORMS, quantize_artifact
 from attanchor_export.trace.candidates import excluded_token_ids
@@ -138,7 +138,7 @@ def checkpoint_defaults(folder: Path) -> dict:
 def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps, excluded=()):
     """Fill threshold/calib/task from the checkpoint's declared defaults, then resolve threshold "auto"."""
     declared = checkpoint_defaults(loaded.folder)
-    threshold = options.threshold if options.threshold is not None else declared.get("threshold", DEFAULT_THRESHOLD)
+    threshold = options.threshold if options.threshold is not None else declared.get("threshold", loaded.family.default_threshold)
     calib = options.calib if options.calib is not None else declared.get("calib")
     task = options.task if options.task is not None else declared.get("task")
     floors = _merge_floors(declared.get("gate_floors"), options.gate_floors, options)
@@ -191,6 +191,8 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
     with steps("load checkpoint"):
         # Streamed: the decoder's weights stay in the shards until written (a LoRA merge needs them loaded).
         loaded = load_checkpoint(located, trust_remote_code=options.trust_remote_code, streamed=not options.adapter)
+        if options.image_size is not None:
+            loaded.family.configure(image_size=options.image_size)
         if loaded.processor_folder:
             protected.append(("the checkpoint's processor files", Path(loaded.processor_folder)))
         _check_budget_fits(loaded, options)

@@ -33,6 +33,7 @@ class ExportOptions:
     threshold: float | str | None = None  # a number, "auto" (trace/threshold.py), None = the checkpoint's or 0.12
     task: str | None = None  # easy-vqa | FILE.jsonl: task accuracy in the quantization gate
     max_anchors: int | None = None
+    image_size: str | None = None  # "HxW": families whose vision graph takes a chosen grid (Qwen2.5-VL)
     opset: int = DEFAULT_OPSET
     # [B, 1, vocab] at prefill skips the lm_head on the other rows (81 GFLOP at 620 tokens x vocab 32064)
     # and an 80 MB logits copy; off by default so teacher-forced gates and checks see every position.

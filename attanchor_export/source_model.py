@@ -76,13 +76,25 @@ def anchored_inputs(loaded, input_ids, attention_mask, pixel_values, threshold, 
     both = torch.cat([text, features.to(text.dtype)], dim=1)  # index space of gather_index: text n -> n, image m -> T + m
     index = torch.from_numpy(gather_index)
     embeds = torch.gather(both, 1, index[..., None].expand(-1, -1, both.shape[-1]))
-    position_ids = torch.from_numpy(loaded.family.position_ids(out_mask, gather_index))
+    position_ids = torch.from_numpy(loaded.family.position_ids(out_mask, gather_index, mask.numpy(), where.numpy(),
+                                                                mode))
     return embeds, torch.from_numpy(out_mask), position_ids, index
 
 
 def _decoder(loaded):
     f, m = loaded.family, loaded.model
     return f.language_model(m), f.lm_head(m), f.embed_tokens(m)
+
+
+def _next_positions(positions: torch.Tensor) -> torch.Tensor:
+    """The next token's positions: the row's last + 1 ([B, S]); with sections first ([3, B, S], M-RoPE),
+    the row's largest prompt position + 1 on every axis, then + 1 per step (HF's rope deltas)."""
+    if positions.dim() == 2:
+        return positions[:, -1:] + 1
+    if positions.shape[-1] == 1:  # a decode step: one past the last
+        return positions + 1
+    largest = positions.amax(dim=(0, 2))  # padding slots hold 0
+    return (largest + 1)[None, :, None].expand(positions.shape[0], -1, 1).clone()
 
 
 @torch.no_grad()
@@ -126,7 +138,7 @@ def greedy_generate(
         if bool(done.all()):
             break
         embeds = embed(token[:, None])
-        positions = positions[:, -1:] + 1
+        positions = _next_positions(positions)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     if not tokens:
         return torch.zeros((inputs_embeds.shape[0], 0), dtype=torch.long)
@@ -146,7 +158,11 @@ def teacher_forced_logits(loaded, inputs_embeds, attention_mask, position_ids, c
         cont = _as_long(continuation_ids)
         steps = torch.arange(1, cont.shape[1] + 1)[None, :]
         embeds = torch.cat([embeds, embed(cont)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + steps], dim=1)
+        if positions.dim() == 3:  # M-RoPE: the continuation counts on from the largest prompt position
+            after = _next_positions(positions) - 1 + steps[None]
+        else:
+            after = positions[:, -1:] + steps
+        positions = torch.cat([positions, after], dim=-1)
         mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
     out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     return head(out.last_hidden_state).float()

@@ -58,6 +58,32 @@ def qwen_checkpoint(shared_dir) -> Path:
     return path
 
 
+def _export_qwen_cli(shared_dir, name, *args) -> Path:
+    """The tiny random Qwen2.5-VL checkpoint exported by the CLI from its folder, once per run."""
+    from click.testing import CliRunner
+
+    from attanchor_export.cli import main
+
+    out = shared_dir / name
+    with locked(out):
+        if not (out / "manifest.json").is_file():
+            folder = shared_dir / "ck-qwen2_5_vl"
+            result = CliRunner().invoke(main, ["export", str(folder), "-o", str(out), "--quiet", *args])
+            assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_artifact(shared_dir, qwen_checkpoint) -> Path:
+    """`attanchor-export export <tiny Qwen2.5-VL folder>`: fp32, t2i, the processor's default grid (112x112)."""
+    return _export_qwen_cli(shared_dir, "art-qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen_artifact_int4(shared_dir, qwen_checkpoint) -> Path:
+    return _export_qwen_cli(shared_dir, "art-qwen2_5_vl-int4", "--quant", "int4")
+
+
 @pytest.fixture(scope="session")
 def artifact(shared_dir):
     """artifact("clip-t2i") -> exported, validated artifact folder (see ARTIFACTS)."""
@@ -108,13 +134,13 @@ def tiny_vqa_checkpoint(tiny_vqa_cache):
         return checkpoint_folder()
 
 
-def _export_tiny_vqa(shared_dir, name, **options):
+def _export_tiny_vqa(shared_dir, name, model="tiny-vqa", **options):
     from attanchor_export.exporter import ExportOptions, export_artifact
 
     out = shared_dir / name
     with locked(out):
         if not (out / "manifest.json").is_file():
-            export_artifact("tiny-vqa", ExportOptions(output=out, **options))
+            export_artifact(model, ExportOptions(output=out, **options))
     return out
 
 
@@ -127,3 +153,22 @@ def tiny_vqa_fp32(shared_dir, tiny_vqa_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_vqa_int4(shared_dir, tiny_vqa_checkpoint):
     return _export_tiny_vqa(shared_dir, "tiny-vqa-int4", quant="int4")
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_qwen_checkpoint(tiny_vqa_cache):
+    from attanchor_export.load.tiny_vqa_qwen import checkpoint_folder
+
+    with locked(tiny_vqa_cache):
+        return checkpoint_folder()
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_qwen_fp32(shared_dir, tiny_vqa_qwen_checkpoint):
+    """The trained tiny-vqa-qwen model (Qwen2.5-VL family) exported in fp32, once per run."""
+    return _export_tiny_vqa(shared_dir, "tiny-vqa-qwen-fp32", model="tiny-vqa-qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_qwen_int4(shared_dir, tiny_vqa_qwen_checkpoint):
+    return _export_tiny_vqa(shared_dir, "tiny-vqa-qwen-int4", model="tiny-vqa-qwen", quant="int4")

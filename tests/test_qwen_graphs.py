@@ -13,16 +13,19 @@ import onnxruntime as ort
 import pytest
 import torch
 from attanchor_graphs.specification import anchor_insert
-from attanchor_runtime.decoder_feeds import empty_past, left_pad
+from attanchor_runtime.batch import left_pad
 from attanchor_runtime.families import qwen2_5_vl as rt
 from attanchor_runtime.image_placeholders import collapse_image_runs
 from qwen_helpers import contract_positions, decode_positions, pil_image
 
+from attanchor_export.families import family_for  # noqa: E402
 from attanchor_export.families import qwen2_5_vl as fam  # noqa: E402
 from attanchor_export.load.hf_compat import cache_kwargs  # noqa: E402
 from attanchor_export.load.tiny_qwen2_5_vl import tiny_qwen_image_processor  # noqa: E402
 from attanchor_export.options import ARTIFACT_IR_VERSION, DEFAULT_OPSET  # noqa: E402
-from attanchor_export.trace.embedding import write_embed_table  # noqa: E402
+from attanchor_export.trace.decoder import export_decoder  # noqa: E402
+from attanchor_export.trace.embedding import build_embedding_model, write_embed_table  # noqa: E402
+from attanchor_export.trace.vision import export_vision  # noqa: E402
 
 QUESTIONS = ["What color is the car?", "How many people are there in the picture on the left?", "Is it day?"]
 EMBEDDINGS = {"t2i": ("t2i", None), "i2t": ("i2t", None), "t2i-k3": ("t2i", 3), "i2t-k4": ("i2t", 4)}
@@ -53,21 +56,29 @@ def exported(qwen_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen-graphs")
     out = Exported(model, AutoTokenizer.from_pretrained(qwen_checkpoint), folder)
     table = write_embed_table(out.table, folder)
-    for size, grid in out.grids.items():
-        specs = fam.graph_specs(out.dims, grid)
-        fam.export_vision(model, grid, specs["vision"], folder / f"vision-{size}.onnx", DEFAULT_OPSET)
+    family = family_for(model.config)  # the family seam's builders, as the exporter runs them
+    for size, hw in SIZES.items():
+        family.configure(image_size=hw)
+        graphs = family.graph_specs(None, False)
+        export_vision(family, model, graphs.vision, folder / f"vision-{size}.onnx", DEFAULT_OPSET)
         onnx.checker.check_model(str(folder / f"vision-{size}.onnx"))
         for name, (mode, budget) in EMBEDDINGS.items():
-            spec = fam.graph_specs(out.dims, grid, budget)["embedding"]
-            graph = fam.build_embedding_model(spec, table, out.config.image_token_id, grid.merged_hw, mode, budget,
-                                              ARTIFACT_IR_VERSION)
+            spec = family.graph_specs(budget, False).embedding
+            graph = build_embedding_model(family, spec, table, out.config.image_token_id, mode, budget,
+                                          ARTIFACT_IR_VERSION)
             path = folder / f"embedding-{name}-{size}.onnx"
             path.write_bytes(graph.SerializeToString())
             onnx.checker.check_model(str(path))  # by path: the table is external data (embed_tokens.bin)
-    fam.export_decoder(model, out.dims, fam.graph_specs(out.dims, out.grids["112x112"])["decoder"],
-                       folder / "decoder.onnx", DEFAULT_OPSET)
+    family.configure(image_size=SIZES["112x112"])
+    export_decoder(family.language_model(model), family.lm_head(model), family.dims,
+                   family.graph_specs(None, False).decoder, folder / "decoder.onnx", DEFAULT_OPSET)
     onnx.checker.check_model(str(folder / "decoder.onnx"))
     return out
+
+
+def empty_past(dims, batch):
+    return {f"past_key_values.{i}.{kv}": np.zeros((batch, dims.num_kv_heads, 0, dims.head_dim), np.float32)
+            for i in range(dims.num_layers) for kv in ("key", "value")}
 
 
 def _prompt(tokenizer, question):
@@ -111,7 +122,9 @@ def test_vision_graph_matches_transformers(exported, size, images):
     thw = torch.tensor([list(grid.grid_thw)] * images)
     want = _hf_features(exported, {"pixel_values": torch.from_numpy(pixels), "image_grid_thw": thw}).numpy()
     got = session.run(None, {"pixel_values": pixels})[0]
-    assert got.shape == want.shape == (images * grid.num_image_tokens, exported.dims.hidden_size)
+    assert got.shape == (images, grid.num_image_tokens, exported.dims.hidden_size)  # per image, as the embedding takes
+    got = got.reshape(want.shape)
+    assert want.shape == (images * grid.num_image_tokens, exported.dims.hidden_size)
     assert np.abs(got - want).max() <= 1e-4
 
 
@@ -172,7 +185,7 @@ def test_decoder_graph_matches_pytorch(exported):
         gather, out_mask = anchor_insert(text, features, mask, where, np.float32(0.15))
         embeds = np.concatenate([text, features], axis=1)[np.arange(len(ids))[:, None], gather]
         positions = rt.mrope_position_ids(gather, out_mask, mask, where, (4, 4))
-        past = empty_past(exported.dims.to_dict(), len(ids))
+        past = empty_past(exported.dims, len(ids))
         cache = DynamicCache(config=lm.config)
         feeds_mask, step_embeds, step_positions = out_mask, embeds, positions
         deltas = rt.rope_deltas(positions, out_mask)
@@ -213,7 +226,7 @@ def _onnx_generate(exported, inputs, threshold, embedding="t2i", size="112x112")
         "image_features": features.reshape(batch, grid.num_image_tokens, -1)})
     decoder = exported.session("decoder.onnx")
     layers = exported.dims.num_layers
-    past = empty_past(exported.dims.to_dict(), batch)
+    past = empty_past(exported.dims, batch)
     deltas = rt.rope_deltas(positions, out_mask)
     feeds_mask, step_embeds, step_positions = out_mask, embeds, positions
     tokens = []

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from attanchor_graphs.specification import anchor_insert
+from attanchor_runtime.batch import left_pad
 from attanchor_runtime.chat_template import PromptFormatter
-from attanchor_runtime.decoder_feeds import left_pad
 from attanchor_runtime.errors import ArtifactError, RuntimeInputError
 from attanchor_runtime.families import qwen2_5_vl as rt
 from attanchor_runtime.image_placeholders import collapse_image_runs

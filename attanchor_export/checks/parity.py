@@ -290,7 +290,7 @@ def validate_end_to_end(loaded, manifest: Manifest, max_new_tokens: int = 12, se
                                                       text.pad_or_zero)
                 with torch.no_grad():
                     generated = loaded.model.generate(
-                        input_ids=hf_ids, attention_mask=hf_mask, pixel_values=torch.from_numpy(pixels),
+                        input_ids=hf_ids, attention_mask=hf_mask, **loaded.family.generate_image_inputs(pixels, hf_ids),
                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                         pad_token_id=text.pad_or_zero,
                     )

@@ -104,8 +104,9 @@ def localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]) -> di
     """easy-vqa: share of colour/shape-word anchors on a patch that overlaps the shape, and chance."""
     from PIL import Image
 
-    dims = pipe.manifest.dims
-    size, patch = dims.image_size, dims.patch_size
+    size = pipe.manifest.dims.image_size
+    _, cols = pipe.family.patch_grid()  # image tokens per side (Qwen2.5-VL: merged tokens, 2x2 patches each)
+    patch = size // cols
     words = [*ev.COLORS, *ev.SHAPES]
     word_ids = {int(t) for w in words for t in pipe.text.encode(" " + w, add_special_tokens=False)}
     labels: dict = {}

@@ -6,7 +6,10 @@ Each module below registers one family; adding a family is adding its module and
 its runtime side, attanchor_runtime.families). docs/ARCHITECTURE.md has the checklist.
 """
 
-from . import llava  # noqa: F401  (registers LlavaForConditionalGeneration)
+from . import (
+    llava,  # noqa: F401  (registers LlavaForConditionalGeneration)
+    qwen2_5_vl,  # noqa: F401  (registers Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
+)
 from .base import ModelFamily, SpecialTokens, architecture_of, family_for, register, supported_architectures
 
 __all__ = ["ModelFamily", "SpecialTokens", "architecture_of", "family_for", "register", "supported_architectures"]

@@ -141,9 +141,18 @@ class ModelFamily:
     architectures: ClassVar[tuple[str, ...]] = ()
     model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values of in-memory configs
     position_shape: ClassVar[tuple] = (BATCH, SEQ_LEN)  # position_ids of the embedding and decoder graphs
+    default_threshold: ClassVar[float] = 0.12  # anchor threshold when neither the user nor the checkpoint sets one
 
     def __init__(self, config):
         self.config = config
+
+    def configure(self, folder=None, image_size=None, artifact=None) -> None:
+        """Settings beyond the config: `folder` holds the checkpoint's processor files, `image_size` is
+        --image-size, `artifact` the manifest's family section when reloading an artifact's source.
+        Default: the vision tower fixes the image size, so --image-size is refused."""
+        if image_size is not None:
+            raise UnsupportedArchitecture(f"--image-size does not apply to {self.architecture}: its vision tower "
+                                          "fixes the image size")
 
     @property
     def architecture(self) -> str:
@@ -180,9 +189,18 @@ class ModelFamily:
         """Trace inputs for vision_module (batch 2: a batch of 1 would be specialised to a constant)."""
         raise NotImplementedError
 
-    def position_nodes(self, mask: str, out: str) -> tuple[list, list]:
+    def vision_dynamic_shapes(self, spec: GraphSpec) -> dict:
+        """torch.export's dynamic shapes of the vision inputs: one Dim per symbolic axis of the spec."""
+        from attanchor_export.trace.torch_onnx import dynamic_axes
+
+        shared: dict = {}  # symbol -> torch Dim, so equal names are equal sizes
+        return {name: dynamic_axes(spec, name, shared) for name in spec.input_names}
+
+    def position_nodes(self, mask: str, out: str, mode: str = "t2i") -> tuple[list, list]:
         """(nodes, initializers) the embedding graph computes `out` (position_ids) with from `mask` (the
-        anchored attention mask). Default: HF's 1-D positions, cumsum(mask) - 1 and 1 on padding."""
+        anchored attention mask); a family may also read the graph's values gather_index,
+        text_attention_mask, image_position and text_embeds by name. Default: HF's 1-D positions,
+        cumsum(mask) - 1 and 1 on padding."""
         const = helper.make_tensor
         nodes = [
             # CumSum in float32: TensorRT's CumSum takes float types only; counts stay exact below 2^24.
@@ -198,9 +216,17 @@ class ModelFamily:
                         const("positions_axis", TensorProto.INT64, [1], [1])]
         return nodes, initializers
 
-    def position_ids(self, attention_mask: np.ndarray, gather_index: np.ndarray) -> np.ndarray:
+    def position_ids(self, attention_mask: np.ndarray, gather_index: np.ndarray, text_attention_mask=None,
+                     image_position=None, mode: str = "t2i") -> np.ndarray:
         """What position_nodes computes, in numpy (the PyTorch side of every comparison)."""
         return position_ids_from_mask(attention_mask)
+
+    def generate_image_inputs(self, pixels: np.ndarray, input_ids) -> dict:
+        """What transformers' generate takes beside input_ids for these pixels (the runtime family's
+        example_pixels layout) and ids with the image placeholders expanded, as the processor returns it."""
+        import torch
+
+        return {"pixel_values": torch.from_numpy(np.asarray(pixels))}
 
     # -- the manifest's family section ---------------------------------------------------------------
     def manifest_section(self, processor_folder) -> Family:

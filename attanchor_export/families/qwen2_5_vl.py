@@ -2,19 +2,23 @@
 
 Three graphs, in the layout onnxruntime-genai and transformers.js use for this model:
   vision.onnx     pixel_values [images * N, 1176] (the processor's patch rows, N per image at the export
-                  grid) -> merged image features [images * M, D]. The grid is fixed at export, so the
+                  grid) -> merged image features [images, M, D] (per image: what the embedding graph
+                  takes; transformers' get_image_features concatenates them). The grid is fixed at export, so the
                   vision tower's 2-D rotary table and its window layout are constants of the graph:
                   window attention is full attention under a constant block mask (a token sees the
                   tokens of its own window), which is the same function as transformers' per-window
                   split without any reordering of tokens; full-attention blocks use no mask.
-  embedding.onnx  as LLaVA's (token embedding, AnchorInsert, one Gather) with 3-D position ids
-                  [3, B, L] computed from AnchorInsert's gather_index (mrope_position_nodes; the numpy
-                  specification is attanchor_runtime.families.qwen2_5_vl.mrope_position_ids).
+  embedding.onnx  as LLaVA's (trace.embedding: token embedding, AnchorInsert v2, one Gather) with 3-D
+                  position ids [3, B, L] computed from AnchorInsert's gather_index by this family's
+                  position_nodes (mrope_position_nodes; the numpy specification is
+                  attanchor_runtime.families.qwen2_5_vl.mrope_position_ids).
   decoder.onnx    Qwen2 text model with explicit position_ids [3, B, S] and the KV cache, one graph for
                   prefill and decode (trace.decoder.DecoderWithCache, which passes them through).
 
 Image size: `--image-size HxW` (multiples of patch x merge = 28); default the largest square side s
 that is a multiple of 28 with s <= 448 and s * s <= the processor's max_pixels (default_image_size).
+The family reads it in `configure` (the seam's hook for settings beyond the config); an artifact's
+source is reloaded at the grid its manifest records.
 
 Qwen2-VL's tower (no windows, LayerNorm) runs through the same VisionEncoder. What Qwen3-VL
 (transformers' qwen3_vl) would change: the positions are the same (its get_rope_index numbers text and
@@ -34,7 +38,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,8 +45,9 @@ from attanchor_runtime.families.qwen2_5_vl import ImageGrid
 from torch import nn
 
 from attanchor_export.errors import CheckpointError, ExportError, UnsupportedArchitecture
+from attanchor_export.families.base import ModelFamily, SpecialTokens, register
 
-ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 DEFAULT_THRESHOLD = 0.08  # the paper's Qwen2.5-VL-3B setting (LLaVA models: 0.12)
 MAX_DEFAULT_SIDE = 448  # the default export side never exceeds this (1,024 merged tokens would be 4x the cost)
 
@@ -180,7 +184,9 @@ class VisionEncoder(nn.Module):
 
 
 def window_bias(window_index: torch.Tensor, cu_window_seqlens: torch.Tensor, merge_unit: int) -> torch.Tensor:
-    """[N, N] additive mask: 0 where two patches share an attention window, -inf elsewhere.
+    """[N, N] additive mask: 0 where two patches share an attention window, -65504 elsewhere (float16's
+    lowest: exp underflows to exactly 0 after the softmax's max shift, as with -inf, and the constant stays
+    finite in fp32 and fp16 graphs, so NaN/Inf scans of the weights keep meaning "damaged").
 
     transformers reorders merged tokens by `window_index` and attends within cu_window_seqlens spans of
     that order; here the window of each patch is looked up in the original (processor) order instead.
@@ -190,120 +196,21 @@ def window_bias(window_index: torch.Tensor, cu_window_seqlens: torch.Tensor, mer
     window = torch.empty_like(order)
     window[order] = slot_window
     same = window[:, None] == window[None, :]
-    return torch.where(same, 0.0, float("-inf"))
-
-
-# ------------------------------------------------------------------------------------- graph specs
-
-
-def graph_specs(dims, grid: ImageGrid, max_anchors: int | None = None):
-    """vision / embedding / decoder GraphSpecs (names and axes declared once; trace.specs' types)."""
-    from attanchor_export.trace.specs import (
-        BATCH,
-        PAST_LEN,
-        SEQ_LEN,
-        TEXT_LEN,
-        TOTAL_LEN,
-        GraphSpec,
-        TensorSpec,
-        kv_names,
-    )
-
-    m, hidden = grid.num_image_tokens, dims.hidden_size
-    vision = GraphSpec(
-        "vision", "vision.onnx",
-        inputs=(TensorSpec("pixel_values", "float32", (f"{BATCH} * {grid.num_patches}", grid.patch_dim)),),
-        outputs=(TensorSpec("image_features", "float32", (f"{BATCH} * {m}", hidden)),),
-        notes={"image_grid_thw": list(grid.grid_thw), "image_size": [grid.height, grid.width]},
-    )
-    seq = f"{TEXT_LEN} - 1 + {m} + {max_anchors}" if max_anchors else SEQ_LEN
-    embedding = GraphSpec(
-        "embedding", "embedding.onnx",
-        inputs=(
-            TensorSpec("input_ids", "int64", (BATCH, TEXT_LEN)),
-            TensorSpec("text_attention_mask", "int64", (BATCH, TEXT_LEN)),
-            TensorSpec("image_features", "float32", (BATCH, m, hidden)),
-            TensorSpec("threshold", "float32", ()),
-        ),
-        outputs=(
-            TensorSpec("inputs_embeds", "float32", (BATCH, seq, hidden)),
-            TensorSpec("attention_mask", "int64", (BATCH, seq)),
-            TensorSpec("position_ids", "int64", (3, BATCH, seq)),
-            TensorSpec("gather_index", "int64", (BATCH, seq)),
-        ),
-        notes={"data_dependent_shapes": not max_anchors},
-    )
-    kv = (BATCH, dims.num_kv_heads, PAST_LEN, dims.head_dim)
-    present = (BATCH, dims.num_kv_heads, TOTAL_LEN, dims.head_dim)
-    decoder = GraphSpec(
-        "decoder", "decoder.onnx",
-        inputs=(
-            TensorSpec("inputs_embeds", "float32", (BATCH, SEQ_LEN, hidden)),
-            TensorSpec("attention_mask", "int64", (BATCH, TOTAL_LEN)),
-            TensorSpec("position_ids", "int64", (3, BATCH, SEQ_LEN)),
-            *(TensorSpec(n, "float32", kv) for n in kv_names(dims.num_layers, "past_key_values")),
-        ),
-        outputs=(
-            TensorSpec("logits", "float32", (BATCH, SEQ_LEN, dims.vocab_size)),
-            *(TensorSpec(n, "float32", present) for n in kv_names(dims.num_layers, "present")),
-        ),
-    )
-    return {"vision": vision, "embedding": embedding, "decoder": decoder}
-
-
-def export_vision(model, grid: ImageGrid, spec, path: Path, opset: int) -> None:
-    import onnx
-    from torch.export import Dim
-
-    from attanchor_export.trace.specs import BATCH
-    from attanchor_export.trace.torch_onnx import trace_to_onnx
-
-    encoder = VisionEncoder(model.model.visual, grid).eval()
-    # Two images at trace time: one would be specialised to a constant by torch.export.
-    pixels = torch.randn(2 * grid.num_patches, grid.patch_dim, generator=torch.Generator().manual_seed(0))
-    images = Dim(BATCH, min=1)
-    trace_to_onnx(encoder, (pixels,), {"pixel_values": {0: grid.num_patches * images}}, spec, path, opset)
-    # torch names the output's first axis after an internal symbol ("16*s26"); say what it is.
-    model = onnx.load(str(path), load_external_data=False)
-    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = f"{grid.num_image_tokens}*{BATCH}"
-    path.write_bytes(model.SerializeToString())
-
-
-def export_decoder(model, dims, spec, path: Path, opset: int) -> None:
-    from torch.export import Dim
-
-    from attanchor_export.trace.decoder import DecoderWithCache, example_inputs
-    from attanchor_export.trace.specs import BATCH, PAST_LEN, SEQ_LEN, TOTAL_LEN
-    from attanchor_export.trace.torch_onnx import trace_to_onnx
-
-    module = DecoderWithCache(model.model.language_model, model.lm_head, dims.num_layers)
-    embeds, mask, positions, past = example_inputs(dims)
-    positions = torch.stack([positions, positions + 1, positions + 2])  # [3, B, S]: distinct, so no axis is merged
-    batch, seq, past_len, total = Dim(BATCH), Dim(SEQ_LEN), Dim(PAST_LEN, min=0), Dim(TOTAL_LEN)
-    dynamic_shapes = {
-        "inputs_embeds": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total},
-        "position_ids": {1: batch, 2: seq},
-        "past": tuple({0: batch, 2: past_len} for _ in range(2 * dims.num_layers)),
-    }
-    trace_to_onnx(module, (embeds, mask, positions, past), dynamic_shapes, spec, path, opset)
+    return torch.where(same, 0.0, -65504.0)
 
 
 def model_dims(config, grid: ImageGrid):
-    """ModelDims of a Qwen2.5-VL checkpoint at the export grid (image_size: the grid's height; the full grid
-    is in the family section)."""
-    from attanchor_export.load.architectures import ModelDims
+    """The manifest's Dims of a Qwen2.5-VL checkpoint at the export grid (image_size: the grid's height; the
+    full grid is in the family payload)."""
+    from attanchor_runtime.manifest import Dims
 
     text, vision = config.text_config, config.vision_config
-    eos = text.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-    return ModelDims(
+    return Dims(
         hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
         num_kv_heads=text.num_key_value_heads, head_dim=text.hidden_size // text.num_attention_heads,
         vocab_size=text.vocab_size, image_tokens=grid.num_image_tokens, image_size=grid.height,
-        patch_size=vision.patch_size, vision_hidden_size=vision.hidden_size, image_token_id=config.image_token_id,
-        pad_token_id=text.pad_token_id, bos_token_id=text.bos_token_id, eos_token_id=eos_ids[0] if eos_ids else None,
-        eos_token_ids=eos_ids, max_position_embeddings=text.max_position_embeddings,
+        patch_size=vision.patch_size, vision_hidden_size=vision.hidden_size,
+        max_position_embeddings=text.max_position_embeddings,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
     )
 
@@ -395,32 +302,6 @@ def mrope_position_nodes(merged_hw: tuple[int, int], mode: str, output: str = "p
     return g.nodes, g.initializers
 
 
-def build_embedding_model(spec, table_entry: dict, image_token_id: int, merged_hw: tuple[int, int], mode: str,
-                          max_anchors: int | None, ir_version: int):
-    """embedding.onnx for Qwen2.5-VL: LLaVA's graph (trace.embedding, built from this family's spec, so its
-    position_ids output is declared [3, B, L]) with the 1-D position subgraph replaced by
-    mrope_position_nodes. Phase-1 composition until the family seam asks the family for its positions."""
-    from attanchor_export.trace.embedding import build_embedding_model as build_llava
-
-    model = build_llava(spec, table_entry, image_token_id, mode, max_anchors, ir_version)
-    graph = model.graph
-    # Keep the nodes the other outputs need; the rest computed the 1-D position ids.
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    stack = [o.name for o in graph.output if o.name != "position_ids"]
-    keep: set[int] = set()
-    while stack:
-        index = producer.get(stack.pop())
-        if index is not None and index not in keep:
-            keep.add(index)
-            stack.extend(graph.node[index].input)
-    kept = [graph.node[i] for i in sorted(keep)]
-    nodes, initializers = mrope_position_nodes(merged_hw, mode)
-    del graph.node[:]
-    graph.node.extend(kept + nodes)
-    graph.initializer.extend(initializers)
-    return model
-
-
 # --------------------------------------------------------------------------- what the processor returns
 
 
@@ -449,3 +330,157 @@ def processor_inputs(tokenizer, image_processor, prompts: list[str], images: lis
         "image_grid_thw": features["image_grid_thw"],
         "mm_token_type_ids": (encoded["input_ids"] == image_token_id).int(),
     }
+
+
+# ------------------------------------------------------------------------------------- the family
+
+
+class BatchedVision(VisionEncoder):
+    """VisionEncoder with the features per image, [images, M, D]: what the embedding graph takes."""
+
+    def __init__(self, visual, grid: ImageGrid):
+        super().__init__(visual, grid)
+        self.tokens = grid.num_image_tokens
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        merged = super().forward(pixel_values)
+        return merged.reshape(-1, self.tokens, merged.shape[-1])
+
+
+@register(*ARCHITECTURES)
+class Qwen2_5_VL(ModelFamily):
+    """Qwen2.5-VL (and Qwen2-VL, whose tower has no windows): vision.onnx takes the processor's patch rows
+    at one fixed grid (`configure`: --image-size, else default_image_size of the processor's pixel range),
+    the embedding graph computes 3-D M-RoPE positions (mrope_position_nodes), the decoder takes them."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl", "qwen2_vl")
+    default_threshold = DEFAULT_THRESHOLD
+
+    def __init__(self, config):
+        super().__init__(config)
+        check_config(config)
+        self._size: tuple[int, int] | None = None
+        self._folder = None
+
+    # -- the export grid -----------------------------------------------------------------------------
+    def configure(self, folder=None, image_size=None, artifact=None) -> None:
+        if folder is not None:
+            self._folder = folder
+        if artifact is not None:  # an artifact's source: the grid it was exported at
+            grid = artifact.payload.get("image_grid", {})
+            self._size = (int(grid["height"]), int(grid["width"]))
+        if image_size is not None:
+            size = image_size if isinstance(image_size, tuple) else parse_image_size(image_size, self.factor)
+            self._size = size
+
+    @property
+    def factor(self) -> int:
+        vision = self.config.vision_config
+        return vision.patch_size * vision.spatial_merge_size
+
+    def _processor(self):
+        from transformers import AutoImageProcessor
+
+        if self._folder is None:
+            raise CheckpointError("the checkpoint has no image processor files; pass --image-size HxW")
+        try:
+            return AutoImageProcessor.from_pretrained(str(self._folder))
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing processor
+            raise ExportError(f"cannot load the image processor from {self._folder}: {str(e).splitlines()[0]}") from None
+
+    @property
+    def grid(self) -> ImageGrid:
+        if self._size is None:
+            self._size = default_image_size(*processor_pixel_range(self._processor()), factor=self.factor)
+        return image_grid(self.config, *self._size)
+
+    # -- numbers -------------------------------------------------------------------------------------
+    @property
+    def dims(self):
+        return model_dims(self.config, self.grid)
+
+    @property
+    def tokens(self) -> SpecialTokens:
+        c, text = self.config, self.config.text_config
+        eos = text.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        return SpecialTokens(c.image_token_id, text.pad_token_id, text.bos_token_id, eos_ids)
+
+    # -- graphs --------------------------------------------------------------------------------------
+    position_shape = (3, "batch", "seq_len")
+
+    def vision_spec(self):
+        from attanchor_runtime.manifest import BATCH, GraphSpec, TensorSpec
+
+        grid, dims = self.grid, self.dims
+        return GraphSpec(
+            "vision.onnx",
+            inputs=(TensorSpec("pixel_values", "float32", (f"{BATCH} * {grid.num_patches}", grid.patch_dim)),),
+            outputs=(TensorSpec("image_features", "float32", (BATCH, grid.num_image_tokens, dims.hidden_size)),),
+        )
+
+    def vision_module(self, model):
+        return BatchedVision(model.model.visual, self.grid).eval()
+
+    def vision_example_inputs(self) -> tuple:
+        grid = self.grid
+        return (torch.randn(2 * grid.num_patches, grid.patch_dim, generator=torch.Generator().manual_seed(0)),)
+
+    def vision_dynamic_shapes(self, spec) -> dict:
+        from attanchor_runtime.manifest import BATCH
+        from torch.export import Dim
+
+        return {"pixel_values": {0: self.grid.num_patches * Dim(BATCH, min=1)}}
+
+    def generate_image_inputs(self, pixels: np.ndarray, input_ids) -> dict:
+        grid = self.grid
+        rows = torch.from_numpy(np.asarray(pixels, np.float32).reshape(-1, grid.patch_dim))
+        images = rows.shape[0] // grid.num_patches
+        ids = torch.as_tensor(input_ids)
+        return {"pixel_values": rows, "image_grid_thw": torch.tensor([list(grid.grid_thw)] * images),
+                "mm_token_type_ids": (ids == self.config.image_token_id).int()}
+
+    def position_nodes(self, mask: str, out: str, mode: str = "t2i") -> tuple[list, list]:
+        return mrope_position_nodes(self.grid.merged_hw, mode, output=out)
+
+    def position_ids(self, attention_mask, gather_index, text_attention_mask=None, image_position=None,
+                     mode: str = "t2i") -> np.ndarray:
+        from attanchor_runtime.families.qwen2_5_vl import mrope_position_ids
+
+        if text_attention_mask is None or image_position is None:
+            raise ValueError("3-D positions need the text mask and the image position")
+        return mrope_position_ids(gather_index, attention_mask, text_attention_mask, image_position,
+                                  self.grid.merged_hw, mode)
+
+    # -- the manifest's family section ---------------------------------------------------------------
+    def manifest_section(self, processor_folder):
+        from attanchor_runtime.families.qwen2_5_vl import QwenPayload
+        from attanchor_runtime.manifest import Family, ModelTypes, to_json
+        from attanchor_runtime.preprocess_from_hf import _hf_resample
+
+        self.configure(folder=processor_folder)
+        processor, grid = self._processor(), self.grid
+        preprocessing = {
+            "image_mean": [float(v) for v in processor.image_mean], "image_std": [float(v) for v in processor.image_std],
+            "resample": _hf_resample(getattr(processor, "resample", None)),
+            "rescale_factor": float(processor.rescale_factor),
+            "do_convert_rgb": bool(getattr(processor, "do_convert_rgb", True)),
+        }
+        section = (self.config.text_config.rope_parameters or {}).get("mrope_section") or ()
+        payload = QwenPayload(
+            image_grid={"height": grid.height, "width": grid.width, "patch_size": grid.patch_size,
+                        "merge_size": grid.merge_size, "temporal_patch_size": grid.temporal_patch_size,
+                        "channels": grid.channels},
+            image_preprocessing=preprocessing, resize="stretch", positions="mrope",
+            mrope_section=tuple(int(v) for v in section))
+        return Family(self.name, self.architecture,
+                      ModelTypes(self.config.vision_config.model_type, self.config.text_config.model_type),
+                      to_json(payload))
+
+    # -- the PyTorch pieces --------------------------------------------------------------------------
+    def language_model(self, model) -> nn.Module:
+        return model.model.language_model
+
+    def lm_head(self, model) -> nn.Module:
+        return model.lm_head

@@ -21,9 +21,11 @@ from attanchor_export.load.streamed import load_streamed
 ALIASES = {
     "tinyllava-1b": "bczhou/tiny-llava-v1-hf",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
 }
 TINY_VQA = "tiny-vqa"  # the trained tiny model (attanchor_export/load/tiny_vqa.py), not a Hub repo
 TINY_SCENES = ("tiny-scenes", "tiny-scenes-noanchor")  # the same model trained on tiny-scenes (tiny_scenes.py)
+TINY_VQA_QWEN = "tiny-vqa-qwen"  # tiny-vqa's recipe in the Qwen2.5-VL family (tiny_vqa_qwen.py)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "processor_config.json")
 
@@ -65,6 +67,10 @@ def resolve_model(name: str) -> tuple[str, str | None]:
         from attanchor_export.load.tiny_vqa import checkpoint_folder
 
         return str(checkpoint_folder()), name
+    if name == TINY_VQA_QWEN:
+        from attanchor_export.load.tiny_vqa_qwen import checkpoint_folder as qwen_checkpoint
+
+        return str(qwen_checkpoint()), name
     if name in TINY_SCENES:
         from attanchor_export.load.tiny_scenes import checkpoint_folder as scenes_checkpoint
 
@@ -77,7 +83,7 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     if _HUB_ID.match(name):
         return name, None
     raise CheckpointError(
-        f"no such folder {name}, and it is neither an alias ({', '.join([*ALIASES, TINY_VQA, *TINY_SCENES])}) nor a Hub id (owner/name)"
+        f"no such folder {name}, and it is neither an alias ({', '.join([*ALIASES, TINY_VQA, TINY_VQA_QWEN, *TINY_SCENES])}) nor a Hub id (owner/name)"
     )
 
 
@@ -178,10 +184,12 @@ def load_checkpoint(
             raise CheckpointError(f"cannot load weights from {folder}: {one_line(e)}") from None
     model.eval()
     processor_folder = folder if any((folder / f).is_file() for f in _PROCESSOR_FILES) else None
+    family = family_for(model.config)
+    family.configure(folder=processor_folder or folder)
     return Loaded(
         model=model,
         config=model.config,
-        family=family_for(model.config),
+        family=family,
         source=source,
         folder=folder,
         revision=revision,

@@ -31,6 +31,7 @@ def load_source(manifest: Manifest, model: str | None = None, adapter: str | Non
     with steps("load source checkpoint"):
         streamed = streamed and not (manifest.source.adapter or adapter)
         loaded = load_checkpoint(source_name(manifest, model), streamed=streamed)
+        loaded.family.configure(artifact=manifest.family)  # e.g. the image grid it was exported at
     _reapply_adapter(manifest, loaded, adapter, steps)
     return loaded
 

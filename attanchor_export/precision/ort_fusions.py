@@ -123,6 +123,11 @@ def _fuse_rotary(model: onnx.ModelProto, dims: Dims, folder: Path) -> int:
     graph = model.graph
     producer, readers, inits = producers(graph), consumers(graph), initializers(graph)
     half = dims.head_dim // 2
+    positions = next((i for i in graph.input if i.name == "position_ids"), None)
+    if positions is None or len(positions.type.tensor_type.shape.dim) != 2:
+        # RotaryEmbedding takes 1-D positions per row; M-RoPE's [3, B, S] positions pick a different
+        # position per frequency section, which that kernel cannot express: the rotary stays as traced.
+        return 0
     matches = [m for n in graph.node if n.op_type == "Neg" and (m := _rotary_match(n, producer, readers, half, inits))]
     angles = {(m["cos"], m["sin"]) for m in matches}
     if not matches or len(angles) != 1 or "position_ids" not in {i.name for i in graph.input}:

@@ -40,7 +40,11 @@ def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, o
         # One tuple of dims for the whole *past argument: dynamic_shapes mirrors the argument structure.
         "past": tuple(dynamic_axes(spec, n, shared) for n in spec.past_names),
     }
-    trace_to_onnx(module, example_inputs(dims), dynamic_shapes, spec, path, opset, streamed=streamed)
+    args = example_inputs(dims)
+    shape = spec.input(positions).shape
+    if len(shape) == 3:  # sections first ([3, B, S], M-RoPE): distinct per section, so none is merged
+        args = (args[0], args[1], torch.stack([args[2] + i for i in range(int(shape[0]))]), args[3])
+    trace_to_onnx(module, args, dynamic_shapes, spec, path, opset, streamed=streamed)
 
 
 __all__ = ["example_inputs", "export_decoder"]

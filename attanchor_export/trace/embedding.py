@@ -64,7 +64,7 @@ def build_embedding_model(
     # after them (its position nodes read them by name).
     input_ids, text_mask, image_features, threshold = spec.input_names[:4]
     inputs_embeds, attention_mask, position_ids, gather_index = spec.output_names[:4]
-    position_nodes, position_initializers = family.position_nodes(attention_mask, position_ids)
+    position_nodes, position_initializers = family.position_nodes(attention_mask, position_ids, mode)
     const = helper.make_tensor
     nodes = [
         helper.make_node("Gather", ["embed_tokens.weight", input_ids], ["table_rows"], axis=0),

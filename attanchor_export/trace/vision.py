@@ -6,10 +6,9 @@ from pathlib import Path
 
 from attanchor_runtime.manifest import GraphSpec
 
-from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx
+from attanchor_export.trace.torch_onnx import trace_to_onnx
 
 
 def export_vision(family, model, spec: GraphSpec, path: Path, opset: int) -> None:
-    shared: dict = {}  # symbol -> torch Dim, so equal names are equal sizes
-    shapes = {name: dynamic_axes(spec, name, shared) for name in spec.input_names}
+    shapes = family.vision_dynamic_shapes(spec)  # one Dim per symbolic axis, unless the family says otherwise
     trace_to_onnx(family.vision_module(model), family.vision_example_inputs(), shapes, spec, path, opset)

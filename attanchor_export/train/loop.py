@@ -74,6 +74,7 @@ class Family:
     vision_modules: Callable  # model -> modules trained from scratch (tower, projector)
     positions: Callable[[Layout], torch.Tensor] = sequential_positions
     lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    part_prefixes: tuple[str, ...] = ("model.vision_tower.", "model.multi_modal_projector.")  # what save_parts keeps
 
 
 def _llava_features(model, pixels):
@@ -277,7 +278,8 @@ def run(model, tokenizer, train: TaskData, validation: TaskData, recipe: Recipe,
         stage_a_from: Path | None = None, meta: dict | None = None) -> dict:
     """Train (or resume from ckpt/state.pt) and write the trained parts to `out`; returns training.json's dict.
 
-    init_parts: start from an earlier run's parts (tower + projector + LoRA) instead of from scratch.
+    init_parts: start from an earlier run's parts (tower + projector + LoRA) instead of from scratch; a
+    folder with lora/ only starts the LoRA there and trains the vision parts from scratch.
     stage_a_from: a stage_a.pt another run of the same seed wrote (two runs that differ only in stage B
     then start from the very same aligned tower and projector).
     """
@@ -297,7 +299,7 @@ def run(model, tokenizer, train: TaskData, validation: TaskData, recipe: Recipe,
     for p in vision:
         p.requires_grad_(True)
 
-    if init_parts is not None and state is None:
+    if init_parts is not None and state is None and (init_parts / "vision_projector.safetensors").is_file():
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(init_parts / "vision_projector.safetensors")), strict=False)
@@ -390,17 +392,19 @@ def run(model, tokenizer, train: TaskData, validation: TaskData, recipe: Recipe,
         "train_minutes": round(minutes_before + (time.time() - started) / 60, 1),
         "init_parts": str(init_parts) if init_parts else None, "stage_a_from": str(stage_a_from) if stage_a_from else None,
     }
-    save_parts(base, model, out, record)
+    save_parts(base, model, out, record, family.part_prefixes)
     return record
 
 
-def save_parts(model, peft_model, out: Path, record: dict) -> None:
-    """vision_projector.safetensors (tower + projector), lora/ (peft), training.json: the committed parts."""
+def save_parts(model, peft_model, out: Path, record: dict,
+               prefixes: tuple[str, ...] = Family.part_prefixes) -> None:
+    """vision_projector.safetensors (tower + projector: the state dict under `prefixes`), lora/ (peft),
+    training.json: the committed parts."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-             if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) and "lora_" not in k}
+             if k.startswith(prefixes) and "lora_" not in k}
     tmp = out / "vision_projector.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, out / "vision_projector.safetensors")

@@ -3,20 +3,17 @@ labelled with its words. People check where anchors land by looking, not by read
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
-from .errors import RuntimeInputError
 
 SCALE_TO = 512  # output side in pixels: tiny model inputs (30 px) are unreadable at 1:1
 
 
 def model_view(pipe, image) -> np.ndarray:
     """The preprocessed image as uint8 HWC: what the vision tower sees, after resize and crop."""
-    pre = pipe.images
+    pre = pipe.family.view_processor()
     pixels = pre(image)[0].transpose(1, 2, 0).astype(np.float64)
     if pre.do_normalize:
         pixels = pixels * np.asarray(pre.image_std) + np.asarray(pre.image_mean)
@@ -55,27 +52,27 @@ def draw_anchors(pipe, image, prompt: str, anchors, path, caption: str | None = 
     words, the patch grid faintly drawn, and the prompt (plus `caption`, e.g. the answer) underneath."""
     from PIL import Image, ImageDraw
 
-    m = pipe.manifest.dims.image_tokens
-    side = math.isqrt(m)
-    if side * side != m:
-        raise RuntimeInputError(f"cannot map {m} image tokens onto a square patch grid")
-    view = Image.fromarray(model_view(pipe, image)).resize((SCALE_TO, SCALE_TO), Image.Resampling.NEAREST)
+    rows, cols = pipe.family.patch_grid()  # image tokens over the image (Qwen2.5-VL: the merged grid)
+    view = Image.fromarray(model_view(pipe, image))
+    width_px = round(SCALE_TO * view.width / view.height)
+    view = view.resize((width_px, SCALE_TO), Image.Resampling.NEAREST)
     lines = [f"Q: {prompt}"] + ([caption] if caption else []) + [f"{len(anchors)} anchor(s), outlined"]
     font, small = _font(20), _font(16)
-    canvas = Image.new("RGB", (SCALE_TO, SCALE_TO + 30 * len(lines) + 10), (255, 255, 255))
+    canvas = Image.new("RGB", (max(width_px, SCALE_TO), SCALE_TO + 30 * len(lines) + 10), (255, 255, 255))
     canvas.paste(view, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    cell = SCALE_TO / side
-    for i in range(1, side):  # the patch grid, so a reader can count patches
-        draw.line([(i * cell, 0), (i * cell, SCALE_TO)], fill=(255, 255, 255), width=1)
-        draw.line([(0, i * cell), (SCALE_TO, i * cell)], fill=(255, 255, 255), width=1)
+    cell_h, cell_w = SCALE_TO / rows, width_px / cols
+    for i in range(1, cols):  # the patch grid, so a reader can count patches
+        draw.line([(i * cell_w, 0), (i * cell_w, SCALE_TO)], fill=(255, 255, 255), width=1)
+    for i in range(1, rows):
+        draw.line([(0, i * cell_h), (width_px, i * cell_h)], fill=(255, 255, 255), width=1)
     for image_index, words in sorted(patch_labels(pipe, prompt, anchors).items()):
-        row, col = divmod(image_index, side)
-        box = (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)
+        row, col = divmod(image_index, cols)
+        box = (col * cell_w, row * cell_h, (col + 1) * cell_w - 1, (row + 1) * cell_h - 1)
         draw.rectangle(box, outline=(255, 220, 0), width=4)
         text = ",".join(words)
         width = draw.textlength(text, font=small)
-        x, y = min(box[0] + 4, SCALE_TO - width - 4), box[1] + 4  # labels stay inside the image
+        x, y = min(box[0] + 4, width_px - width - 4), box[1] + 4  # labels stay inside the image
         bbox = draw.textbbox((x, y), text, font=small)
         draw.rectangle((bbox[0] - 2, bbox[1] - 2, bbox[2] + 2, bbox[3] + 2), fill=(0, 0, 0))
         draw.text((x, y), text, fill=(255, 220, 0), font=small)

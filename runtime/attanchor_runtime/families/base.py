@@ -25,7 +25,7 @@ import numpy as np
 
 from ..batch import PreparedBatch
 from ..decode import Step
-from ..errors import ArtifactError
+from ..errors import ArtifactError, RuntimeInputError
 from ..manifest import Manifest
 from ..text import TextProcessor
 
@@ -78,6 +78,18 @@ class RuntimeFamily:
         """Prefill positions one row's image takes (its features), for the context and memory checks made
         before the vision graph runs. Fixed per artifact unless the family's images vary in size."""
         return self.manifest.dims.image_tokens
+
+    def view_processor(self):
+        """An ImagePreprocessor giving the image as the vision tower sees it, [B, 3, H, W] (--show-anchors)."""
+        return self.image_processor()
+
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, columns) of image tokens over the image (--show-anchors); default: a square grid."""
+        m = self.manifest.dims.image_tokens
+        side = int(np.sqrt(m))
+        if side * side != m:
+            raise RuntimeInputError(f"cannot map {m} image tokens onto a square patch grid")
+        return side, side
 
     def example_pixels(self, batch: int, rng: np.random.Generator) -> np.ndarray:
         """Random pixel_values for `batch` rows, of the shape vision_feeds takes (parity and engine checks)."""

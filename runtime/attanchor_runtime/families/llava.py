@@ -99,7 +99,12 @@ class Llava(RuntimeFamily):
         gather, out_mask = gather[:, gather.shape[1] - used:], out_mask[:, out_mask.shape[1] - used:]
         embeds = np.take_along_axis(np.concatenate([text, features], axis=1), gather[:, :, None], axis=1)
         names = self.manifest.graphs.embedding.output_names  # embeddings, mask, positions, gather index
-        return dict(zip(names, (embeds, out_mask, position_ids_from_mask(out_mask), gather), strict=True))
+        positions = self.position_ids(out_mask, gather, mask, image_position)
+        return dict(zip(names, (embeds, out_mask, positions, gather), strict=True))
+
+    def position_ids(self, out_mask, gather_index, text_attention_mask, image_position) -> np.ndarray:
+        """The embedding graph's position ids of an anchored layout, in numpy (capped_embedding)."""
+        return position_ids_from_mask(out_mask)
 
     def first_step(self, attention_mask: np.ndarray, position_ids: np.ndarray) -> SequentialStep:
         return SequentialStep.after_prefill(attention_mask, position_ids)

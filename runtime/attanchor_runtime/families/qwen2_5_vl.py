@@ -29,17 +29,23 @@ largest prompt position + 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeInputError
 from ..preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessor
+from .base import register
+from .llava import Llava
 
 __all__ = [
     "FAMILY",
     "ImageGrid",
+    "MropeStep",
+    "Qwen2_5_VL",
+    "QwenPayload",
     "QwenImagePreprocessor",
     "check_pixel_inputs",
     "decode_position_ids",
@@ -248,3 +254,115 @@ def decode_position_ids(deltas, attention_mask) -> np.ndarray:
     mask = np.asarray(attention_mask, np.int64)
     position = mask.sum(axis=1) - 1 + np.asarray(deltas, np.int64)
     return np.broadcast_to(position[None, :, None], (3, mask.shape[0], 1)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ the adapter
+
+
+@dataclass(frozen=True)
+class QwenPayload:
+    """manifest family.payload of a Qwen2.5-VL artifact (docs/CONTRACTS.md)."""
+
+    image_grid: Mapping[str, Any] = field(default_factory=dict)  # ImageGrid's fields: the export's fixed grid
+    # Qwen2VLImageProcessor's arithmetic after the resize: image_mean, image_std, resample, rescale_factor
+    image_preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    resize: str = "stretch"  # every image is resized to exactly the grid's size (no letterbox)
+    positions: str = "mrope"  # 3-D (t, h, w) positions, the anchor contract in the module docstring
+    mrope_section: tuple[int, ...] = ()  # the decoder's rotary sections (t, h, w), for the record
+
+
+@dataclass(frozen=True)
+class MropeStep:
+    """A decoder call's mask and 3-D positions; each new token at (real tokens so far) + rope delta."""
+
+    attention_mask: np.ndarray  # [B, past + S]
+    position_ids: np.ndarray  # [3, B, S]
+    deltas: np.ndarray  # [B] (rope_deltas of the prefill)
+
+    @classmethod
+    def after_prefill(cls, attention_mask: np.ndarray, position_ids: np.ndarray) -> MropeStep:
+        mask, positions = np.asarray(attention_mask, np.int64), np.asarray(position_ids, np.int64)
+        return cls(mask, positions, rope_deltas(positions, mask))
+
+    def advance(self) -> MropeStep:
+        mask = np.concatenate([self.attention_mask, np.ones((self.attention_mask.shape[0], 1), np.int64)], axis=1)
+        return MropeStep(mask, decode_position_ids(self.deltas, mask), self.deltas)
+
+
+class QwenImages:
+    """pipe.images for a Qwen artifact: image(s) -> pixel_values float32 [images, N, C*T*P*P], the
+    processor's patch rows per image (np.concatenate of several calls stacks images, as for LLaVA);
+    reshape to [images * N, C*T*P*P] for the processor's flat layout."""
+
+    def __init__(self, grid: ImageGrid, preprocessing: Mapping[str, Any]):
+        self.grid = grid
+        self.processor = QwenImagePreprocessor(grid, **dict(preprocessing))
+
+    def __call__(self, images) -> np.ndarray:
+        pixel_values, grid_thw = self.processor(images)
+        return pixel_values.reshape(len(grid_thw), self.grid.num_patches, self.grid.patch_dim)
+
+    def value_range(self, margin: float = 0.0) -> tuple[float, float]:
+        return self.processor.pixels.value_range(margin)
+
+
+@register(FAMILY)
+class Qwen2_5_VL(Llava):
+    """Prompts and the anchored embedding as LLaVA's (one collapsed placeholder run per row); images in
+    the processor's patch layout at one fixed grid; 3-D M-RoPE positions."""
+
+    payload_type = QwenPayload
+
+    @property
+    def grid(self) -> ImageGrid:
+        return ImageGrid(**dict(self.payload.image_grid))
+
+    def image_processor(self) -> QwenImages:
+        return QwenImages(self.grid, self.payload.image_preprocessing)
+
+    def vision_feeds(self, pixel_values, batch: int, image_grid_thw=None, **image_inputs) -> dict[str, np.ndarray]:
+        """pixel_values either as pipe.images returns them ([B, N, 1176]; image_grid_thw optional) or as the
+        transformers processor returns them ([B * N, 1176] with image_grid_thw [B, 3], required)."""
+        if image_inputs:
+            raise RuntimeInputError(f"unexpected image inputs {sorted(image_inputs)}: a Qwen2.5-VL artifact takes "
+                                    "pixel_values and image_grid_thw")
+        grid = self.grid
+        pixels = np.asarray(pixel_values)
+        if pixels.ndim == 3:
+            if pixels.shape != (batch, grid.num_patches, grid.patch_dim):
+                raise RuntimeInputError(f"pixel_values must be [{batch}, {grid.num_patches}, {grid.patch_dim}] "
+                                        f"(pipe.images) or [{batch * grid.num_patches}, {grid.patch_dim}] with "
+                                        f"image_grid_thw, got {list(pixels.shape)}")
+            pixels = pixels.reshape(batch * grid.num_patches, grid.patch_dim)
+            if image_grid_thw is None:  # the shape says the grid: one image of the export's grid per row
+                image_grid_thw = np.tile(np.asarray(grid.grid_thw, np.int64), (batch, 1))
+        pixels = check_pixel_inputs(pixels, image_grid_thw, grid, batch)
+        if not np.isfinite(pixels).all():
+            raise RuntimeInputError("pixel_values contain NaN or Inf")
+        low, high = self._value_range(margin=4.0)
+        if pixels.min() < low or pixels.max() > high:
+            made = self._value_range()
+            raise RuntimeInputError(
+                f"pixel_values range from {float(pixels.min()):.4g} to {float(pixels.max()):.4g}, far outside "
+                f"what the artifact's image processor makes ({made[0]:.3g} to {made[1]:.3g}): pass "
+                "pipe.images(image) or the Qwen processor's pixel_values, not raw pixels"
+            )
+        (name,) = self.manifest.graphs.vision.input_names
+        return {name: pixels}
+
+    def view_processor(self) -> ImagePreprocessor:
+        return self.image_processor().processor.pixels
+
+    def patch_grid(self) -> tuple[int, int]:
+        return self.grid.merged_hw  # merged tokens, row-major: out.anchors' image index
+
+    def example_pixels(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        grid = self.grid
+        return rng.standard_normal((batch, grid.num_patches, grid.patch_dim)).astype(np.float32)
+
+    def position_ids(self, out_mask, gather_index, text_attention_mask, image_position) -> np.ndarray:
+        return mrope_position_ids(gather_index, out_mask, text_attention_mask, image_position, self.grid.merged_hw,
+                                  self.manifest.anchor.mode)
+
+    def first_step(self, attention_mask: np.ndarray, position_ids: np.ndarray) -> MropeStep:
+        return MropeStep.after_prefill(attention_mask, position_ids)
