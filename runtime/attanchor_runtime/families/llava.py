@@ -51,6 +51,12 @@ class Llava(RuntimeFamily):
                 f"pixel_values must be float32 as the image processor makes them (pipe.images(image)), got "
                 f"{pixels.dtype}: raw 0-255 pixels are not normalized"
             )
+        self._check_pixel_values(pixels, "pipe.images(image)")
+        (name,) = self.manifest.graphs.vision.input_names
+        return {name: pixels.astype(np.float32, copy=False)}
+
+    def _check_pixel_values(self, pixels: np.ndarray, make_them: str) -> None:
+        """Finite, and within what the artifact's image processor can make (raw 0-255 pixels are not)."""
         if not np.isfinite(pixels).all():
             raise RuntimeInputError("pixel_values contain NaN or Inf")
         low, high = self._value_range(margin=4.0)
@@ -59,10 +65,8 @@ class Llava(RuntimeFamily):
             raise RuntimeInputError(
                 f"pixel_values range from {float(pixels.min()):.4g} to {float(pixels.max()):.4g}, far outside "
                 f"what the artifact's image processor makes ({made[0]:.3g} to {made[1]:.3g}): pass "
-                "pipe.images(image), not raw pixels"
+                f"{make_them}, not raw pixels"
             )
-        (name,) = self.manifest.graphs.vision.input_names
-        return {name: pixels.astype(np.float32, copy=False)}
 
     def example_pixels(self, batch: int, rng: np.random.Generator) -> np.ndarray:
         size = self.manifest.dims.image_size

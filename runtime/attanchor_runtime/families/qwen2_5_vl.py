@@ -337,16 +337,7 @@ class Qwen2_5_VL(Llava):
             if image_grid_thw is None:  # the shape says the grid: one image of the export's grid per row
                 image_grid_thw = np.tile(np.asarray(grid.grid_thw, np.int64), (batch, 1))
         pixels = check_pixel_inputs(pixels, image_grid_thw, grid, batch)
-        if not np.isfinite(pixels).all():
-            raise RuntimeInputError("pixel_values contain NaN or Inf")
-        low, high = self._value_range(margin=4.0)
-        if pixels.min() < low or pixels.max() > high:
-            made = self._value_range()
-            raise RuntimeInputError(
-                f"pixel_values range from {float(pixels.min()):.4g} to {float(pixels.max()):.4g}, far outside "
-                f"what the artifact's image processor makes ({made[0]:.3g} to {made[1]:.3g}): pass "
-                "pipe.images(image) or the Qwen processor's pixel_values, not raw pixels"
-            )
+        self._check_pixel_values(pixels, "pipe.images(image) or the Qwen processor's pixel_values")
         (name,) = self.manifest.graphs.vision.input_names
         return {name: pixels}
 
