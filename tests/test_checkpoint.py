@@ -80,7 +80,8 @@ def test_tiny_checkpoint_is_deterministic(tmp_path):
 def test_aliases_and_ids_resolve_without_network(tmp_path):
     assert resolve_model("tinyllava-1b") == ("bczhou/tiny-llava-v1-hf", "tinyllava-1b")
     assert resolve_model("llava-1.5-7b") == ("llava-hf/llava-1.5-7b-hf", "llava-1.5-7b")
-    assert set(ALIASES) == {"tinyllava-1b", "llava-1.5-7b"}
+    assert resolve_model("qwen2.5-vl-3b") == ("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-3b")
+    assert set(ALIASES) == {"tinyllava-1b", "llava-1.5-7b", "qwen2.5-vl-3b"}
     assert resolve_model("someone/some-model") == ("someone/some-model", None)
     assert resolve_model(str(tmp_path)) == (str(tmp_path.resolve()), None)
     with pytest.raises(CheckpointError, match="no such folder"):
@@ -149,7 +150,8 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitecture) as info:
         load_checkpoint(str(tmp_path))
-    assert str(info.value) == "unsupported architecture LlamaForCausalLM; supported: LlavaForConditionalGeneration"
+    assert str(info.value) == ("unsupported architecture LlamaForCausalLM; supported: LlavaForConditionalGeneration, "
+                               "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration")
 
 
 def test_unsupported_vision_tower_is_reported():
