@@ -7,7 +7,6 @@ high-water mark (getrusage), which includes the interpreter, torch and onnxrunti
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import sys
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attanchor_runtime.manifest import ExportRecord, Manifest
+from attanchor_runtime.prompt_cost import available_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -56,15 +56,7 @@ FP16_FED_SESSION_FACTOR = 1.25
 
 def memory_budget_bytes(gib: float | None) -> int:
     """`gib` GiB, or (None) the memory available now (MemAvailable), which is what this export can use."""
-    if gib is not None:
-        return int(gib * (1 << 30))
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+    return int(gib * (1 << 30)) if gib is not None else available_bytes()
 
 
 def fp32_session_bytes(graph: Path) -> int:

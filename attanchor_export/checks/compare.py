@@ -49,7 +49,6 @@ def scaled_limit(atol: float, ref: np.ndarray) -> float:
     return float(atol + LOGITS_RTOL * peak)
 
 
-logits_limit = scaled_limit  # its earlier name, for callers elsewhere
 
 
 def token_check(graph: str, case: str, tokens: np.ndarray, ref: np.ndarray, what: str) -> CheckResult:
@@ -61,4 +60,4 @@ def token_check(graph: str, case: str, tokens: np.ndarray, ref: np.ndarray, what
     return CheckResult(graph, case, f"token_mismatch {what}", mismatches, 0, mismatches == 0)
 
 
-__all__ = ["CheckResult", "LOGITS_RTOL", "cosine_rows", "logits_limit", "max_diff", "scaled_limit", "token_check"]
+__all__ = ["CheckResult", "LOGITS_RTOL", "cosine_rows", "max_diff", "scaled_limit", "token_check"]
