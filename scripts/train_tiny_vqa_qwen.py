@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--batch", type=int, default=loop.Recipe.batch)
     ap.add_argument("--lr", type=float, default=loop.Recipe.lr)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage-a-fp32", action="store_true",
+                    help="stage A in fp32 (default: bf16 autocast, ~3.5x faster where the CPU has AMX/AVX512-BF16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=loop.Recipe.eval_every)
     ap.add_argument("--eval-n", type=int, default=loop.Recipe.eval_n)
@@ -47,7 +49,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     # Colour and shape questions twice, as tiny-vqa: yes/no are 73% of easy-vqa.
-    recipe = loop.Recipe(steps=args.steps, stage_a_steps=args.stage_a_steps, batch=args.batch, lr=args.lr,
+    recipe = loop.Recipe(steps=args.steps, stage_a_steps=args.stage_a_steps, stage_a_bf16=not args.stage_a_fp32,
+                         batch=args.batch, lr=args.lr,
                          seed=args.seed, threads=args.threads, eval_every=args.eval_every, eval_n=args.eval_n,
                          final_eval_n=args.final_eval_n, kind_weights={"color": 2, "shape": 2})
     model, tokenizer = tiny_vqa_qwen.base_model(seed=args.seed)

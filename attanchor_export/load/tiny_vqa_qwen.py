@@ -21,14 +21,10 @@ checkpoint folder is assembled into the user cache on first use (tiny_vqa.cache_
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from attanchor_export.errors import CheckpointError
 from attanchor_export.load.tiny_qwen2_5_vl import CHAT_TEMPLATE
-from attanchor_export.load.tiny_vqa import _publish, cache_root, parts_digest, smollm2_folder
+from attanchor_export.load.tiny_vqa import assemble, load_smollm2, smollm2_folder
 
 NAME = "tiny-vqa-qwen"
 PARTS = Path(__file__).with_name("tiny_vqa_qwen_parts")
@@ -86,7 +82,6 @@ def qwen_config(lm_config, tokenizer):
 def base_model(seed: int = 0):
     """(Qwen2_5_VLForConditionalGeneration with SmolLM2's weights and a fresh tower + merger, tokenizer)."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     lm_folder = smollm2_folder()
@@ -94,22 +89,7 @@ def base_model(seed: int = 0):
     config = qwen_config(AutoConfig.from_pretrained(lm_folder), tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    lm = load_file(str(lm_folder / "model.safetensors"))
-    table = lm.pop("model.embed_tokens.weight")
-    lm.pop("lm_head.weight", None)  # tied
-    # New rows (vision tokens, vocabulary padding) are zero: logit 0, never preferred in generation.
-    padded = torch.zeros(config.text_config.vocab_size, table.shape[1])
-    padded[: table.shape[0]] = table
-    lang = model.model.language_model
-    missing, unexpected = lang.load_state_dict({k.removeprefix("model."): v for k, v in lm.items()}, strict=False)
-    biases = {k for k in missing if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))}
-    if unexpected or set(missing) - biases != {"embed_tokens.weight"}:
-        raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        lang.embed_tokens.weight.copy_(padded)
-        params = dict(lang.named_parameters())
-        for name in biases:  # Llama has none: zero biases make the Qwen2 layer the same function
-            params[name].zero_()
+    load_smollm2(model.model.language_model, lm_folder)
     model.tie_weights()
     return model, tokenizer
 
@@ -120,21 +100,6 @@ def image_processor():
 
     area = IMAGE_SIZE * IMAGE_SIZE
     return Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area)
-
-
-def load_parts(model, parts: Path = PARTS) -> dict:
-    """Trained tower + merger into `model` (in place); returns training.json's record."""
-    from safetensors.torch import load_file
-
-    weights = parts / "vision_projector.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"trained parts are missing ({weights}); see {parts.name}/MODEL_CARD.md")
-    state = {k: v.float() for k, v in load_file(str(weights)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = [k for k in missing if k.startswith(PART_PREFIXES)]
-    if unexpected or wrong:
-        raise CheckpointError(f"{NAME} parts do not fit the model: missing {wrong[:3]}, unexpected {unexpected[:3]}")
-    return json.loads((parts / "training.json").read_text()) if (parts / "training.json").is_file() else {}
 
 
 def save_checkpoint(model, tokenizer, folder: Path) -> Path:
@@ -153,28 +118,4 @@ def save_checkpoint(model, tokenizer, folder: Path) -> Path:
 
 def checkpoint_folder(parts: Path = PARTS) -> Path:
     """The assembled checkpoint (LoRA merged), built on first use and cached by the parts' digest."""
-    final = cache_root() / f"{NAME}-{parts_digest(parts)}"
-    if (final / "config.json").is_file():
-        return final
-    import torch
-
-    model, tokenizer = base_model()
-    load_parts(model, parts)
-    adapter = parts / "lora"
-    if (adapter / "adapter_config.json").is_file():
-        import warnings
-
-        from peft import PeftModel
-
-        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; not ours to fix
-            warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model = model.to(torch.float32).eval()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{NAME}-"))
-    save_checkpoint(model, tokenizer, tmp)
-    (tmp / "attanchor_config.json").write_text(json.dumps(EXPORT_DEFAULTS, indent=2) + "\n")
-    for card in ("MODEL_CARD.md", "training.json"):
-        if (parts / card).is_file():
-            shutil.copy(parts / card, tmp / card)
-    return _publish(tmp, final)
+    return assemble(NAME, parts, EXPORT_DEFAULTS, base_model, save_checkpoint, PART_PREFIXES)

@@ -49,6 +49,7 @@ class Recipe:
     stage_a_steps: int = 300
     stage_a_batch: int = 128
     stage_a_lr: float = 1e-3
+    stage_a_bf16: bool = False  # bf16 autocast in stage A (stage B always uses it): ~3.5x faster on AMX CPUs
     align_weight: float = 0.5
     anchors: bool = True
     anchor_rate: float = 0.10  # the paper: about 10% of text tokens become anchors
@@ -221,7 +222,9 @@ class Trainer:
         px, lab = self.train.pixels[rows], self.train.labels[rows]
         if step % 2:
             px, lab = flip(px, lab)
-        loss = alignment_loss(self.family.features(self.model, px), lab, self.words)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.r.stage_a_bf16):
+            feats = self.family.features(self.model, px)
+        loss = alignment_loss(feats.float(), lab, self.words)
         opt.zero_grad()
         loss.backward()
         opt.step()
