@@ -85,6 +85,17 @@ def qwen_artifact_int4(shared_dir, qwen_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_artifact_fp16(shared_dir, qwen_checkpoint) -> Path:
+    return _export_qwen_cli(shared_dir, "art-qwen2_5_vl-fp16", "--dtype", "fp16")
+
+
+@pytest.fixture(scope="session")
+def qwen_artifact_int8(shared_dir, qwen_checkpoint) -> Path:
+    """Both int8 forms: MatMulNBits bits=8 (decoder.onnx) and SmoothQuant + calibrated QDQ (decoder.trt.onnx)."""
+    return _export_qwen_cli(shared_dir, "art-qwen2_5_vl-int8", "--quant", "int8")
+
+
+@pytest.fixture(scope="session")
 def artifact(shared_dir):
     """artifact("clip-t2i") -> exported, validated artifact folder (see ARTIFACTS)."""
     from attanchor_export.exporter import ExportOptions, export_artifact

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from attanchor_graphs.specification import position_ids_from_mask
 from attanchor_runtime.batch import PreparedBatch
 from attanchor_runtime.cuda_util import Cuda, CudaUnavailable
 from attanchor_runtime.decode import decoder_calls
@@ -293,7 +292,8 @@ def gate_inputs(manifest: Manifest, plan: BuildPlan, seed: int = 0) -> dict:
     dims, text = manifest.dims, manifest.text
     opts = plan.options
     batch = min(2, opts.max_batch)
-    pixels = family_of(manifest).example_pixels(batch, rng)
+    family = family_of(manifest)
+    pixels = family.example_pixels(batch, rng)
     ordinary = np.array([i for i in range(min(dims.vocab_size, 4096)) if i not in text.special_ids], np.int64)
     emb = plan.engines["embedding"]
     max_text = emb.profiles[0].dims["text_len"][2] if emb.backend == "tensorrt" else opts.max_input_len
@@ -312,7 +312,7 @@ def gate_inputs(manifest: Manifest, plan: BuildPlan, seed: int = 0) -> dict:
         dmask[1, :2] = 0
     step = np.asarray(table[rng.choice(ordinary, size=(batch, 1))], np.float32)
     return {"pixel_values": pixels, "input_ids": ids, "text_attention_mask": mask, "inputs_embeds": embeds,
-            "attention_mask": dmask, "position_ids": position_ids_from_mask(dmask), "step_embeds": step,
+            "attention_mask": dmask, "position_ids": family.text_position_ids(dmask), "step_embeds": step,
             "threshold": manifest.anchor.threshold}
 
 

@@ -194,16 +194,33 @@ def _graph_precision(graph: str, precision: Precision, qdq_bits: int | None) -> 
     return f"{dtype} + int{qdq_bits} QDQ" if qdq_bits else dtype
 
 
+def _axis_range(axis: str | int, dims: dict[str, list[int]]) -> list[int] | None:
+    """[min, opt, max] of one manifest axis: a fixed size, a named dimension, or a product of those
+    ("batch * 64": Qwen2.5-VL's vision input holds every image's patch rows); None when a name is unknown."""
+    if isinstance(axis, int):
+        return [axis] * 3
+    if axis in dims:
+        return list(dims[axis])
+    values = [1, 1, 1]
+    for factor in str(axis).split("*"):
+        factor = factor.strip()
+        if factor.isdigit():
+            factor_range = [int(factor)] * 3
+        elif factor in dims:
+            factor_range = dims[factor]
+        else:
+            return None
+        values = [v * f for v, f in zip(values, factor_range)]
+    return values
+
+
 def _shapes(inputs: tuple[TensorSpec, ...], dims: dict[str, list[int]], graph: str) -> dict[str, dict[str, list[int]]]:
     shapes = {}
     for spec in inputs:
         ranges = {"min": [], "opt": [], "max": []}
         for axis in spec.shape:
-            if isinstance(axis, int):
-                values = (axis, axis, axis)
-            elif axis in dims:
-                values = dims[axis]
-            else:
+            values = _axis_range(axis, dims)
+            if values is None:
                 raise PlanError(f"{graph} input {spec.name} has a dimension {axis!r} the build plan does not know")
             for key, value in zip(("min", "opt", "max"), values):
                 ranges[key].append(int(value))
@@ -323,14 +340,17 @@ def make_plan(manifest: Manifest | str | Path, options: BuildOptions | None = No
     options = BuildOptions(**{**asdict(options), "max_seq_len": max_seq, "max_input_len": max_in,
                               "opt_batch": opt_batch, "opt_input_len": opt_in, "opt_past_len": opt_past})
     plan = BuildPlan(str(folder), precision.label, options, engines)
-    problems = [p for spec in engines.values() for p in profile_problems(spec)]
+    symbolic = {name: {t.name: t.shape for t in graphs[name].inputs} for name in engines}
+    problems = [p for name, spec in engines.items() for p in profile_problems(spec, symbolic[name])]
     if problems:  # construction above makes this unreachable; a guard against future edits
         raise PlanError(f"inconsistent TensorRT profiles: {problems[0]}")
     return plan
 
 
-def profile_problems(spec: EngineSpec) -> list[str]:
-    """Consistency checks TensorRT would otherwise report at build or run time (one string each)."""
+def profile_problems(spec: EngineSpec, axes: dict[str, tuple] | None = None) -> list[str]:
+    """Consistency checks TensorRT would otherwise report at build or run time (one string each).
+    `axes`: each input's symbolic shape (the manifest's); with it every axis is checked against the
+    profile's named dimensions, without it (a bare spec) axis 0 is taken for the batch axis."""
     problems = []
     for p in spec.profiles:
         for name, r in p.shapes.items():
@@ -353,7 +373,13 @@ def profile_problems(spec: EngineSpec) -> list[str]:
                 if mask[key][1] != past[key][2] + emb[key][1]:
                     problems.append(f"{p.name}: attention_mask {key} length {mask[key][1]} != past "
                                     f"{past[key][2]} + seq {emb[key][1]}")
-        if "batch" in p.dims:
+        if axes is not None:
+            for name, r in p.shapes.items():
+                for i, axis in enumerate(axes.get(name, ())):
+                    want = _axis_range(axis, p.dims)
+                    if want is not None and [r["min"][i], r["opt"][i], r["max"][i]] != want:
+                        problems.append(f"{p.name}: {name} axis {i} ({axis}) range differs from {want}")
+        elif "batch" in p.dims:
             for name, r in p.shapes.items():
                 if r["min"] and [r["min"][0], r["opt"][0], r["max"][0]] != list(p.dims["batch"]):
                     problems.append(f"{p.name}: {name} batch range differs from {p.dims['batch']}")

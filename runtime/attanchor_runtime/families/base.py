@@ -122,6 +122,11 @@ class RuntimeFamily:
         raise NotImplementedError
 
     # -- positions -----------------------------------------------------------------------------------
+    def text_position_ids(self, attention_mask: np.ndarray) -> np.ndarray:
+        """The decoder's position_ids for a prompt of text only (no image) with this left-padded mask: what
+        engine checks feed a decoder directly, without the embedding graph."""
+        raise NotImplementedError
+
     def first_step(self, attention_mask: np.ndarray, position_ids: np.ndarray) -> Step:
         """The prefill's Step (its mask and the embedding graph's position ids); advance() gives each
         decode step's."""

@@ -110,5 +110,8 @@ class Llava(RuntimeFamily):
         """The embedding graph's position ids of an anchored layout, in numpy (capped_embedding)."""
         return position_ids_from_mask(out_mask)
 
+    def text_position_ids(self, attention_mask: np.ndarray) -> np.ndarray:
+        return position_ids_from_mask(attention_mask)
+
     def first_step(self, attention_mask: np.ndarray, position_ids: np.ndarray) -> SequentialStep:
         return SequentialStep.after_prefill(attention_mask, position_ids)

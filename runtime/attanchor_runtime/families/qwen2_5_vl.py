@@ -355,5 +355,11 @@ class Qwen2_5_VL(Llava):
         return mrope_position_ids(gather_index, out_mask, text_attention_mask, image_position, self.grid.merged_hw,
                                   self.manifest.anchor.mode)
 
+    def text_position_ids(self, attention_mask: np.ndarray) -> np.ndarray:
+        """Text only: t = h = w = the token's count among the real ones (get_rope_index), 0 on padding."""
+        mask = np.asarray(attention_mask, np.int64)
+        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)
+        return np.broadcast_to(positions[None], (3, *mask.shape)).astype(np.int64)
+
     def first_step(self, attention_mask: np.ndarray, position_ids: np.ndarray) -> MropeStep:
         return MropeStep.after_prefill(attention_mask, position_ids)
