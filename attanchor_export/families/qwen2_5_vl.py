@@ -20,7 +20,9 @@ that is a multiple of 28 with s <= 448 and s * s <= the processor's max_pixels (
 The family reads it in `configure` (the seam's hook for settings beyond the config); an artifact's
 source is reloaded at the grid its manifest records.
 
-Qwen2-VL's tower (no windows, LayerNorm) runs through the same VisionEncoder. What Qwen3-VL
+Qwen2-VL (Qwen2VLForConditionalGeneration, the subclass Qwen2_VL at the end) differs only in its tower
+(no windows, LayerNorm, quick-GELU MLP), which runs through the same VisionEncoder; its artifacts are
+family qwen2_5_vl in the manifest (the same runtime adapter). What Qwen3-VL
 (transformers' qwen3_vl) would change: the positions are the same (its get_rope_index numbers text and
 image tokens by the same rules, so mrope_position_ids and the anchor contract carry over), but its
 decoder interleaves the sections (frequency i takes h for i % 3 == 1 and w for i % 3 == 2 within
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -47,7 +49,6 @@ from torch import nn
 from attanchor_export.errors import CheckpointError, ExportError, UnsupportedArchitecture
 from attanchor_export.families.base import ModelFamily, SpecialTokens, register
 
-ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 DEFAULT_THRESHOLD = 0.08  # the paper's Qwen2.5-VL-3B setting (LLaVA models: 0.12)
 MAX_DEFAULT_SIDE = 448  # the default export side never exceeds this (1,024 merged tokens would be 4x the cost)
 
@@ -347,14 +348,14 @@ class BatchedVision(VisionEncoder):
         return merged.reshape(-1, self.tokens, merged.shape[-1])
 
 
-@register(*ARCHITECTURES)
+@register("Qwen2_5_VLForConditionalGeneration")
 class Qwen2_5_VL(ModelFamily):
-    """Qwen2.5-VL (and Qwen2-VL, whose tower has no windows): vision.onnx takes the processor's patch rows
-    at one fixed grid (`configure`: --image-size, else default_image_size of the processor's pixel range),
-    the embedding graph computes 3-D M-RoPE positions (mrope_position_nodes), the decoder takes them."""
+    """Qwen2.5-VL: vision.onnx takes the processor's patch rows at one fixed grid (`configure`:
+    --image-size, else default_image_size of the processor's pixel range), the embedding graph computes
+    3-D M-RoPE positions (mrope_position_nodes), the decoder takes them."""
 
     name = "qwen2_5_vl"
-    model_types = ("qwen2_5_vl", "qwen2_vl")
+    model_types = ("qwen2_5_vl",)
     default_threshold = DEFAULT_THRESHOLD
 
     def __init__(self, config):
@@ -484,3 +485,16 @@ class Qwen2_5_VL(ModelFamily):
 
     def lm_head(self, model) -> nn.Module:
         return model.lm_head
+
+
+@register("Qwen2VLForConditionalGeneration")
+class Qwen2_VL(Qwen2_5_VL):
+    """Qwen2-VL: the same prompts, positions, decoder and runtime adapter (manifest family qwen2_5_vl); its
+    tower attends over the whole image (VisionEncoder without window mask) and loads as its own class."""
+
+    model_types = ("qwen2_vl",)
+
+    @property
+    def dims(self):
+        # Qwen2VLVisionConfig names the tower's width embed_dim; its hidden_size is the merger's output (D).
+        return replace(super().dims, vision_hidden_size=self.config.vision_config.embed_dim)

@@ -1,4 +1,6 @@
 """Qwen2.5-VL on the runtime side (numpy + Pillow, no torch): images, prompts and 3-D M-RoPE positions.
+Qwen2-VL artifacts (Qwen2VLForConditionalGeneration) are family qwen2_5_vl too: only their vision graph
+differs, and the runtime sees none of it.
 
 Images. Static graphs see one fixed image grid (the export's `ImageGrid`, e.g. 448x448 pixels = 32x32
 patches of 14 = 16x16 merged tokens). Every input image is resized to exactly that size (stretched: the
