@@ -1,4 +1,4 @@
-"""A tiny random Qwen2_5_VLForConditionalGeneration, built with the real transformers classes, for tests.
+"""Tiny random Qwen2.5-VL and Qwen2-VL checkpoints, built with the real transformers classes, for tests.
 
 `make_tiny_qwen2_5_vl(path)` writes a folder that loads like a Hub checkpoint: config.json,
 model.safetensors, generation_config.json, tokenizer.json + tokenizer_config.json,
@@ -21,6 +21,11 @@ What it exercises, scaled down from Qwen2.5-VL-3B:
            <|im_end|>, <|vision_start|>, <|image_pad|>, ...); no BOS, as Qwen2 tokenizers.
 The processor's max_pixels is 112*112, so the default export size rule gives 112x112 (M = 16).
 Weights are redrawn as tiny_random's (large std: varied tokens, anchors at the paper's thresholds).
+
+`make_tiny_qwen2_vl(path)` writes the Qwen2VLForConditionalGeneration sibling with the same tokenizer,
+processor, chat template and text model (the parts Qwen2-VL shares); its tower is Qwen2-VL's
+(4 blocks, embed_dim 32, LayerNorm, quick-GELU MLP of mlp_ratio 2, every block attending over the whole
+image, patch merger to the text width 64; in Qwen2VLVisionConfig `hidden_size` is that output width).
 """
 
 from __future__ import annotations
@@ -82,32 +87,46 @@ def build_tiny_qwen_tokenizer():
     )
 
 
-def tiny_qwen2_5_vl_config(tokenizer=None):
-    from transformers import Qwen2_5_VLConfig
-
-    tokenizer = tokenizer or build_tiny_qwen_tokenizer()
+def _tiny_text_config(tokenizer) -> dict:
+    """The Qwen2 text model both generations share."""
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
+    return dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 100.0, "mrope_section": [2, 3, 3]},
         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
         tie_word_embeddings=True, use_sliding_window=False,
     )
+
+
+def _special_token_ids(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def tiny_qwen2_5_vl_config(tokenizer=None):
+    from transformers import Qwen2_5_VLConfig
+
+    tokenizer = tokenizer or build_tiny_qwen_tokenizer()
     vision = dict(
         depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14, temporal_patch_size=2,
         spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1, 3], out_hidden_size=64, in_channels=3,
         hidden_act="silu",
     )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
+    return Qwen2_5_VLConfig(text_config=_tiny_text_config(tokenizer), vision_config=vision,
+                            tie_word_embeddings=True, **_special_token_ids(tokenizer))
+
+
+def tiny_qwen2_vl_config(tokenizer=None):
+    from transformers import Qwen2VLConfig
+
+    tokenizer = tokenizer or build_tiny_qwen_tokenizer()
+    text = _tiny_text_config(tokenizer)
+    vision = dict(depth=4, embed_dim=32, hidden_size=text["hidden_size"], mlp_ratio=2, num_heads=4, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="quick_gelu")
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                         **_special_token_ids(tokenizer))
 
 
 def tiny_qwen_image_processor(max_pixels: int = IMAGE_SIZE * IMAGE_SIZE, min_pixels: int = 56 * 56):
@@ -120,12 +139,23 @@ def make_tiny_qwen2_5_vl(path, seed: int = 0) -> Path:
     """Build the tiny random Qwen2_5_VLForConditionalGeneration, save it to `path`, return the path."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    return _make(path, seed, tiny_qwen2_5_vl_config, Qwen2_5_VLForConditionalGeneration)
+
+
+def make_tiny_qwen2_vl(path, seed: int = 0) -> Path:
+    """Build the tiny random Qwen2VLForConditionalGeneration, save it to `path`, return the path."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return _make(path, seed, tiny_qwen2_vl_config, Qwen2VLForConditionalGeneration)
+
+
+def _make(path, seed: int, make_config, model_class) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_qwen_tokenizer()
-    config = tiny_qwen2_5_vl_config(tokenizer)
+    config = make_config(tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     _redraw_weights(model, seed)
     gen = model.generation_config
     gen.bos_token_id = config.text_config.bos_token_id
