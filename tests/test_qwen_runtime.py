@@ -3,9 +3,9 @@
 
 - without anchors the runtime's tokens equal transformers' own `generate` fed what its processor
   returns (input_ids with the pads expanded, pixel_values [sum of patches, 1176], image_grid_thw);
-- with anchors they equal an independent reference of the contract: AnchorInsert's numpy
-  specification with the words-only candidate rule, transformers' embeddings and image features, the
-  slot-by-slot positions of qwen_helpers.contract_positions, HF's text model with a DynamicCache;
+- with anchors they equal an independent reference of the contract (qwen_helpers.contract_reference:
+  AnchorInsert's numpy specification with the words-only candidate rule, transformers' embeddings and
+  image features, the slot-by-slot positions of contract_positions, HF's text model with a DynamicCache);
 - single prompts and a ragged (left-padded) batch; special tokens are never anchors.
 """
 
@@ -16,20 +16,18 @@ import re
 
 import numpy as np
 import pytest
-import torch
-from attanchor_graphs.specification import anchor_insert, anchor_pairs, candidate_mask_from_ids
-from attanchor_runtime.batch import left_pad
 from attanchor_runtime.errors import RuntimeInputError
 from attanchor_runtime.image_placeholders import collapse_image_runs
-from qwen_helpers import contract_positions, decode_positions, pil_image
-
-from attanchor_export.families import qwen2_5_vl as fam  # noqa: E402
-from attanchor_export.load.hf_compat import cache_kwargs  # noqa: E402
-from attanchor_export.load.tiny_qwen2_5_vl import tiny_qwen_image_processor  # noqa: E402
-
-QUESTIONS = ["What color is the car?", "How many people are there in the picture on the left?", "Is it day?"]
-NEW_TOKENS = 8
-SIDE = 112  # the tiny checkpoint's processor: max_pixels = 112 * 112, so the default grid
+from qwen_helpers import (
+    NEW_TOKENS,
+    QUESTIONS,
+    SIDE,
+    check_equals_contract,
+    check_equals_generate,
+    pil_image,
+    processor_inputs,
+    run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +38,6 @@ def qwen(qwen_checkpoint, qwen_artifact):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(qwen_checkpoint)
     return model, tokenizer, Pipeline.load(qwen_artifact)
-
-
-def _inputs(tokenizer, questions, seed=11):
-    processor = tiny_qwen_image_processor(min_pixels=SIDE * SIDE, max_pixels=SIDE * SIDE)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                                             tokenize=False, add_generation_prompt=True) for q in questions]
-    return fam.processor_inputs(tokenizer, processor, prompts, [pil_image(SIDE, SIDE, seed + i) for i in range(len(questions))])
-
-
-def _run(pipe, inputs, threshold):
-    return pipe.generate(input_ids=inputs["input_ids"].numpy(), attention_mask=inputs["attention_mask"].numpy(),
-                         pixel_values=inputs["pixel_values"].numpy(), image_grid_thw=inputs["image_grid_thw"].numpy(),
-                         max_new_tokens=NEW_TOKENS, threshold=threshold)
-
-
-def _until_eos(row, eos_ids):
-    row = [int(t) for t in row]
-    ends = [k for k, t in enumerate(row) if t in eos_ids]
-    return row[: ends[0] + 1] if ends else row
 
 
 def test_cli_export_writes_the_family(qwen_artifact, qwen_checkpoint):
@@ -81,73 +60,19 @@ def test_cli_export_writes_the_family(qwen_artifact, qwen_checkpoint):
 
 @pytest.mark.parametrize("questions", [QUESTIONS[:1], QUESTIONS], ids=["single", "ragged"])
 def test_without_anchors_equals_transformers_generate(qwen, questions):
-    model, tokenizer, pipe = qwen
-    inputs = _inputs(tokenizer, questions)
-    out = _run(pipe, inputs, threshold=2.0)
-    assert all(not row for row in out.anchors)
-    with torch.no_grad():
-        want = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-    eos = set(model.generation_config.eos_token_id)
-    for got, ref in zip(out.tokens, want.numpy(), strict=True):
-        assert _until_eos(got, eos) == _until_eos(ref, eos)
-    assert len(_until_eos(out.tokens[0], eos)) >= 3, "too short to show anything: pick other questions or images"
-
-
-@torch.no_grad()
-def _contract_reference(model, inputs, threshold, excluded):
-    """(tokens [B, NEW_TOKENS], anchor pairs per row as (token id, patch)) of the contract, in PyTorch."""
-    from transformers import DynamicCache
-
-    lm = model.model.language_model
-    image_id = model.config.image_token_id
-    rows = [collapse_image_runs(r[m.astype(bool)], image_id)
-            for r, m in zip(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), strict=True)]
-    ids, mask = left_pad(rows, model.config.text_config.pad_token_id)
-    text = lm.embed_tokens(torch.from_numpy(ids))
-    features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
-    features = features.reshape(len(ids), -1, text.shape[-1])
-    where = np.array([int(np.flatnonzero(r == image_id)[0]) for r in ids])
-    gather, out_mask = anchor_insert(text.numpy(), features.numpy(), mask, where, np.float32(threshold),
-                                     candidate_mask=candidate_mask_from_ids(ids, excluded))
-    both = torch.cat([text, features], dim=1)
-    embeds = torch.gather(both, 1, torch.from_numpy(gather)[..., None].expand(-1, -1, both.shape[-1]))
-    positions = contract_positions(gather, out_mask, mask, where, (SIDE // 28, SIDE // 28))
-    cache, attention, step_positions = DynamicCache(config=lm.config), torch.from_numpy(out_mask), positions
-    tokens = []
-    for k in range(NEW_TOKENS):
-        hidden = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=torch.from_numpy(step_positions),
-                    use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state
-        token = model.lm_head(hidden[:, -1]).argmax(-1)
-        tokens.append(token.numpy())
-        embeds = lm.embed_tokens(token[:, None])
-        attention = torch.cat([attention, torch.ones(len(ids), 1, dtype=attention.dtype)], dim=1)
-        step_positions = decode_positions(positions, out_mask, k)
-    pairs = [sorted((int(ids[b, n]), m) for n, m in row) for b, row in enumerate(anchor_pairs(gather, out_mask, ids.shape[1], "t2i"))]
-    return np.stack(tokens, axis=1), pairs
+    check_equals_generate(*qwen, questions)
 
 
 @pytest.mark.parametrize("questions", [QUESTIONS[:1], QUESTIONS], ids=["single", "ragged"])
 def test_with_anchors_equals_the_contract_reference(qwen, questions):
-    model, tokenizer, pipe = qwen
-    inputs = _inputs(tokenizer, questions)
-    threshold = 0.1
-    out = _run(pipe, inputs, threshold)
-    want, pairs = _contract_reference(model, inputs, threshold, pipe.manifest.anchor.excluded_token_ids)
-    assert all(pairs), "every row must get anchors, or the case proves nothing"
-    ids = inputs["input_ids"].numpy()
-    assert [sorted((int(ids[b, n]), m) for n, m in row) for b, row in enumerate(out.anchors)] == pairs
-    eos = set(model.generation_config.eos_token_id)
-    for got, ref in zip(out.tokens, want, strict=True):
-        assert _until_eos(got, eos) == _until_eos(ref, eos)
-    plain = _run(pipe, inputs, threshold=2.0)
-    assert not np.array_equal(out.tokens, plain.tokens), "anchors changed nothing: the case proves nothing"
+    check_equals_contract(*qwen, questions)
 
 
 def test_special_tokens_are_never_anchors(qwen):
     """At a threshold every cosine passes, every word after the image is an anchor and no special token is."""
     _, tokenizer, pipe = qwen
-    inputs = _inputs(tokenizer, QUESTIONS)
-    out = _run(pipe, inputs, threshold=-1.0)
+    inputs = processor_inputs(tokenizer, QUESTIONS)
+    out = run(pipe, inputs, threshold=-1.0)
     special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in
                                                 ("<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>")}
     ids = inputs["input_ids"].numpy()
@@ -161,13 +86,13 @@ def test_special_tokens_are_never_anchors(qwen):
 def test_chat_stream_and_images(qwen):
     model, tokenizer, pipe = qwen
     image = pil_image(SIDE, SIDE, 5)
-    inputs = _inputs(tokenizer, QUESTIONS[:1], seed=5)
+    inputs = processor_inputs(tokenizer, QUESTIONS[:1], seed=5)
     np.testing.assert_allclose(pipe.images(image).reshape(-1, 1176), inputs["pixel_values"].numpy(), atol=1e-5)
     ids = inputs["input_ids"].numpy()[0]
     np.testing.assert_array_equal(pipe.prompt_ids(QUESTIONS[0]), collapse_image_runs(ids, model.config.image_token_id))
     stream = pipe.stream(QUESTIONS[0], image, max_new_tokens=NEW_TOKENS)
     text = "".join(stream)
-    want = _run(pipe, inputs, threshold=None)
+    want = run(pipe, inputs, threshold=None)
     assert stream.output.tokens.tolist() == want.tokens.tolist()
     assert text == pipe.chat(QUESTIONS[0], image, max_new_tokens=NEW_TOKENS)
     assert text == pipe.text.decode(want.tokens[0])
@@ -175,7 +100,7 @@ def test_chat_stream_and_images(qwen):
 
 def test_refusals(qwen):
     _, tokenizer, pipe = qwen
-    inputs = _inputs(tokenizer, QUESTIONS[:2])
+    inputs = processor_inputs(tokenizer, QUESTIONS[:2])
     pixels, ids = inputs["pixel_values"].numpy(), inputs["input_ids"].numpy()
     with pytest.raises(RuntimeInputError, match="image_grid_thw is required"):
         pipe.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=2)
@@ -246,7 +171,7 @@ def test_int4_export_passes_its_gate(qwen_artifact_int4, qwen):
     fusions = manifest.precision.graphs["decoder.onnx"].ort_fusions
     assert fusions["fused"]["RotaryEmbedding"] == 0 and fusions["attention_in_place"] == manifest.dims.num_layers
     _, tokenizer, _ = qwen
-    out = _run(Pipeline.load(qwen_artifact_int4), _inputs(tokenizer, QUESTIONS), threshold=0.1)
+    out = run(Pipeline.load(qwen_artifact_int4), processor_inputs(tokenizer, QUESTIONS), threshold=0.1)
     assert out.tokens.shape[0] == len(QUESTIONS) and all(out.anchors)
 
 
