@@ -13,31 +13,12 @@ split is never read. Run the same command again to resume from --ckpt.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from attanchor_export.load import tiny_vqa_qwen
-from attanchor_export.train import data, loop
+from attanchor_export.train import cli, data, loop
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=tiny_vqa_qwen.PARTS, help="where the trained parts go")
-    ap.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder (resumes from it)")
-    ap.add_argument("--init-parts", type=Path,
-                    help="start from these parts; a folder holding only lora/ (e.g. tiny-vqa's adapter: the same "
-                         "SmolLM2 layers and target modules) starts the LoRA there, the tower from scratch")
-    ap.add_argument("--steps", type=int, default=loop.Recipe.steps)
-    ap.add_argument("--stage-a-steps", type=int, default=loop.Recipe.stage_a_steps)
-    ap.add_argument("--batch", type=int, default=loop.Recipe.batch)
-    ap.add_argument("--lr", type=float, default=loop.Recipe.lr)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stage-a-fp32", action="store_true",
-                    help="stage A in fp32 (default: bf16 autocast, ~3.5x faster where the CPU has AMX/AVX512-BF16)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=loop.Recipe.eval_every)
-    ap.add_argument("--eval-n", type=int, default=loop.Recipe.eval_n)
-    ap.add_argument("--final-eval-n", type=int, default=0, help="validation questions at the end (0 = all)")
+    ap = cli.parser(__doc__, tiny_vqa_qwen.PARTS)
     ap.add_argument("--limit-images", type=int, help="train on the first N images only (a smoke run)")
     args = ap.parse_args()
 
@@ -49,10 +30,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     # Colour and shape questions twice, as tiny-vqa: yes/no are 73% of easy-vqa.
-    recipe = loop.Recipe(steps=args.steps, stage_a_steps=args.stage_a_steps, stage_a_bf16=not args.stage_a_fp32,
-                         batch=args.batch, lr=args.lr,
-                         seed=args.seed, threads=args.threads, eval_every=args.eval_every, eval_n=args.eval_n,
-                         final_eval_n=args.final_eval_n, kind_weights={"color": 2, "shape": 2})
+    recipe = cli.recipe(args, kind_weights={"color": 2, "shape": 2})
     model, tokenizer = tiny_vqa_qwen.base_model(seed=args.seed)
     vision = model.config.vision_config
     size = tiny_vqa_qwen.IMAGE_SIZE
@@ -67,7 +45,7 @@ def main():
         train.questions = [q for q in train.questions if q.image_id in keep]
     record = loop.run(model, tokenizer, train, validation, recipe, args.out, args.ckpt, tiny_vqa_qwen.ANSWER_END,
                       excluded_token_ids(tokenizer), family=qwen_family(grid, model.config.image_token_id),
-                      init_parts=args.init_parts,
+                      init_parts=args.init_parts, stage_a_from=args.stage_a_from,
                       meta={"task": "easy-vqa", "seed": args.seed, "model": tiny_vqa_qwen.NAME,
                             "image_size": [size, size]})
     print("done:", record["validation_accuracy"], flush=True)

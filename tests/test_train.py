@@ -71,7 +71,7 @@ def test_a_run_checkpoints_and_resumes(checkpoint, tmp_path, capsys):
     validation = data.scenes_split("validation", processor, grid, limit=8)
     assert train.labels.shape == (40, grid * grid) and (train.labels >= 0).any()
     recipe = loop.Recipe(steps=3, batch=4, stage_a_steps=2, stage_a_batch=8, eval_every=2, eval_n=8,
-                         final_eval_n=8, checkpoint_minutes=0.0, warmup=1, threads=1)
+                         final_eval_n=8, checkpoint_minutes=0.0, warmup=1, threads=1, stage_a_bf16=True)
     ckpt, parts = tmp_path / "ckpt", tmp_path / "parts"
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("model.multi_modal_projector")}
     record = loop.run(model, tok, train, validation, recipe, parts, ckpt, tok.eos_token, excluded_token_ids(tok))
@@ -101,6 +101,20 @@ def test_a_run_checkpoints_and_resumes(checkpoint, tmp_path, capsys):
                         tmp_path / "parts-b", tmp_path / "ckpt-b", tok.eos_token, excluded_token_ids(tok),
                         stage_a_from=ckpt / "stage_a.pt")
     assert baseline["threshold"] == loop.NO_ANCHORS and baseline["validation_accuracy"]["anchor_rate"] == 0.0
+
+
+def test_training_scripts_share_one_option_set(tmp_path):
+    from attanchor_export.train import cli
+
+    ap = cli.parser("Train something.\n", tmp_path / "parts")
+    args = ap.parse_args(["--ckpt", str(tmp_path / "c"), "--steps", "5", "--no-anchors", "--seed", "3"])
+    recipe = cli.recipe(args, kind_weights={"color": 2})
+    assert (recipe.steps, recipe.anchors, recipe.seed, recipe.stage_a_bf16) == (5, False, 3, True)
+    assert recipe.kind_weights == {"color": 2} and args.out == tmp_path / "parts"
+    fp32 = cli.recipe(ap.parse_args(["--ckpt", "c", "--stage-a-fp32"]))
+    assert fp32.stage_a_bf16 is False and fp32.anchors is True
+    with pytest.raises(SystemExit):  # --ckpt is required: a run always has somewhere to resume from
+        ap.parse_args([])
 
 
 def test_training_never_reads_a_test_split():
