@@ -538,6 +538,9 @@ def lint_cmd(folder, target, as_json):
 @main.command("bench")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--compare-torch", is_flag=True, help="Also time transformers eager on the same prompts.")
+@click.option("--torch-dtype", type=click.Choice(list(opts.TORCH_DTYPES)), default="fp32", show_default=True,
+              help="What transformers eager runs in with --compare-torch: bf16 holds half of fp32's memory "
+                   "beside the runtime (an fp32 Qwen2.5-VL-3B is 15 GB).")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True,
               help="Tokens generated per measured run.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime (and torch) intra-op threads.")
@@ -556,8 +559,8 @@ def lint_cmd(folder, target, as_json):
               help="Also write the figures as JSON to PATH.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Write a PNG chart.")
 @handle_errors
-def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, image, threshold, quiet_wait,
-              verify, as_json, json_out, chart):
+def bench_cmd(folder, compare_torch, torch_dtype, max_new_tokens, threads, repeats, prompts, image, threshold,
+              quiet_wait, verify, as_json, json_out, chart):
     """Time to first token (vision / anchors / prefill), decode tokens/s, anchor overhead, memory."""
     from attanchor_export.bench import format_report, run_bench, write_chart
 
@@ -570,7 +573,8 @@ def bench_cmd(folder, compare_torch, max_new_tokens, threads, repeats, prompts, 
         if path:
             _check_writable_file(path, option)  # before minutes of timing, not after
     result = run_bench(folder, prompts=list(prompts) or None, image=image, max_new_tokens=max_new_tokens,
-                       threads=threads, compare_torch=compare_torch, repeats=repeats, threshold=threshold,
+                       threads=threads, compare_torch=compare_torch, torch_dtype=torch_dtype, repeats=repeats,
+                       threshold=threshold,
                        quiet_wait=quiet_wait, verify=verify)
     document = json.dumps(result, indent=2, default=float) + "\n"
     if as_json:

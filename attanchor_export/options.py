@@ -22,6 +22,8 @@ OPSETS = (17, 21)  # the range the exporter accepts
 DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
+# bench --torch-dtype: what transformers eager runs in beside the runtime (torch dtype names)
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # int8 TensorRT form: SmoothQuant's alpha (precision.smoothing; docs/QUANTIZATION.md has the measurements)
 DEFAULT_SMOOTH_ALPHA = 0.7
 

@@ -58,6 +58,32 @@ def qwen_checkpoint(shared_dir) -> Path:
     return path
 
 
+# Qwen2.5-VL-3B's layout at a fraction of its size (2 decoder layers of hidden 256, head_dim 128 as in 3B so
+# mrope_section [16, 24, 24] holds; a 2-block tower with one window block and one full-attention block),
+# with 3B's vocabulary (151,936) and special ids: what scripts/make_random_checkpoint.py --dims
+# qwen2.5-vl-3b writes, small enough for a test.
+QWEN_DIMS_TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1)
+QWEN_DIMS_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1],
+                        out_hidden_size=256)
+
+
+@pytest.fixture(scope="session")
+def qwen_dims_checkpoint(shared_dir) -> Path:
+    """scripts/make_random_checkpoint.py --dims qwen2.5-vl-3b (fp16 shards of 32 MB) at QWEN_DIMS_* sizes."""
+    from helpers import load_script
+
+    from attanchor_export.load.tiny_random import qwen2_5_vl_3b_config
+
+    path = shared_dir / "ck-qwen2_5_vl-3b-layout"
+    with locked(path):
+        if not (path / "config.json").is_file():
+            load_script("make_random_checkpoint").make_random_checkpoint(
+                "qwen2.5-vl-3b", path, "fp16", shard_mb=32, force=True, log=lambda *_: None,
+                config=qwen2_5_vl_3b_config(QWEN_DIMS_TEXT, QWEN_DIMS_VISION))
+    return path
+
+
 def _export_qwen_cli(shared_dir, name, *args) -> Path:
     """The tiny random Qwen2.5-VL checkpoint exported by the CLI from its folder, once per run."""
     from click.testing import CliRunner

@@ -76,6 +76,30 @@ def test_compare_torch(bench_artifact):
     assert "torch eager" in text and "decode tokens/s" in text and "targets" in text
 
 
+@pytest.mark.parametrize("torch_dtype", ["fp32", "bf16"])
+def test_compare_torch_on_qwen(qwen_artifact, torch_dtype):
+    """Qwen2.5-VL (M-RoPE positions, patch-row pixels) beside transformers eager in fp32 (same greedy tokens)
+    or bf16 (--torch-dtype: half the memory beside the runtime; Qwen's tower keeps its rotary tables in
+    the model's dtype)."""
+    import torch
+
+    from attanchor_export.bench.runners import TorchRunner
+
+    res = run_bench(qwen_artifact, max_new_tokens=4, threads=1, repeats=1, compare_torch=True,
+                    torch_dtype=torch_dtype, bandwidth_bytes=SMALL_BUFFER, prompts=["What is in the image?"])
+    assert res["torch"]["dtype"] == torch_dtype and f"torch eager {torch_dtype}" in format_report(res)
+    for key in ("ttft_s", "vision_s", "embedding_s", "prefill_s", "decode_tokens_per_s"):
+        assert _positive(res["torch"][key]), key
+    if torch_dtype == "fp32":
+        assert res["ratios"]["tokens_match"] is True
+    else:
+        from attanchor_runtime.manifest import Manifest
+
+        runner = TorchRunner(Manifest.load(qwen_artifact), threads=1, dtype=torch_dtype)
+        assert {p.dtype for p in runner.loaded.model.parameters()} == {torch.bfloat16}
+        assert res["runs"]["torch"][0]["sequence_length"] == res["runs"]["runtime"][0]["sequence_length"]
+
+
 def test_targets_pass_and_miss_at_their_limits():
     """Each target's verdict on either side of its limit (on the limit passes); unmeasured is None, not a pass."""
     from attanchor_export.bench.summary import targets
@@ -109,3 +133,5 @@ def test_report_text(result):
 def test_rejects_bad_arguments(bench_artifact):
     with pytest.raises(ValueError):
         run_bench(bench_artifact, max_new_tokens=1)
+    with pytest.raises(ValueError, match="torch_dtype"):
+        run_bench(bench_artifact, compare_torch=True, torch_dtype="int8")

@@ -232,6 +232,30 @@ def test_gate_of_fp32_against_itself_is_exact(artifact):
     assert result["positions"] == int(baseline.front.attention_mask.sum()) + 2 * 7
 
 
+def test_gate_compares_logits_a_few_rows_at_a_time(artifact, monkeypatch):
+    """The gate's metrics, computed run by run and CHUNK_BYTES of rows at a time (at Qwen's vocabulary the
+    whole gate set in float64 was ~10 GB), are the whole-array float64 comparison's; row by row too."""
+    from attanchor_export.checks.compare import cosine_rows
+    from attanchor_export.precision import gate
+
+    pipe = gate_pipeline(Manifest.load(artifact("clip-t2i")))
+    baseline = fp32_baseline(pipe, gate_samples(2), new_tokens=4)
+    own = baseline.logits.copy()
+    rng = np.random.default_rng(0)
+    baseline.logits = own + rng.standard_normal(own.shape).astype(np.float32) * own.std()
+    monkeypatch.setattr(gate, "CHUNK_BYTES", 3 * 8 * own.shape[1])  # 3 rows at a time
+    result = evaluate(baseline, pipe)
+    cos = cosine_rows(own, baseline.logits)
+    top1 = own.argmax(-1) == baseline.logits.argmax(-1)
+    assert result["positions"] == len(own) > 3 and 0.2 < result["cos_mean"] < 0.95
+    assert result["cos_mean"] == pytest.approx(cos.mean(), abs=1e-12) and result["cos_min"] == pytest.approx(cos.min())
+    assert result["top1"] == top1.mean() and 0 < result["top1"] < 1
+    assert result["max_abs_diff"] == float(np.abs(own.astype(np.float64) - baseline.logits).max())
+    by_row = evaluate(baseline, pipe, rows_per_run=1)
+    assert by_row["positions"] == result["positions"] and by_row["top1"] == result["top1"]
+    assert by_row["cos_mean"] == pytest.approx(result["cos_mean"], abs=1e-6)
+
+
 def test_options_are_checked(fresh):
     folder, data = fresh("clip-t2i")
     for kwargs in ({"dtype": "bf16"}, {"quant": "int2"}, {"quant": "int4", "block_size": 48},

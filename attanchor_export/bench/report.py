@@ -35,7 +35,8 @@ def format_report(result: dict) -> str:
     if bg["max"] is not None:
         lines.append(f"  other processes used {100 * bg['median']:.0f}% (median), {100 * bg['max']:.0f}% (max) "
                      "of the CPU during measured runs")
-    header = f"  {'':28s}{'runtime':>12s}" + (f"{'torch eager':>14s}{'ratio':>9s}" if tr else "")
+    eager = f"torch eager {tr.get('dtype', 'fp32')}" if tr else ""
+    header = f"  {'':28s}{'runtime':>12s}" + (f"{eager:>18s}{'ratio':>9s}" if tr else "")
     lines += ["", header]
 
     def row(label, key, ratio=True, fmt=_fmt_s):
@@ -43,7 +44,7 @@ def format_report(result: dict) -> str:
         text = f"  {label:28s}{fmt(a):>12s}"
         if tr:
             b = tr.get(key)
-            text += f"{fmt(b):>14s}"
+            text += f"{fmt(b):>18s}"
             if ratio and a and b:
                 text += f"{a / b:>8.2f}x"
         return text

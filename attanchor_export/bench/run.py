@@ -24,9 +24,9 @@ decode loop), greedy with EOS ignored, so every run generates exactly `max_new_t
 - peak RSS of the runtime after load + one full generate (VmHWM, reset before loading where Linux
   allows, else the process lifetime ru_maxrss);
 - with compare_torch: the same prompts through `transformers` eager in this process (the manifest's
-  source checkpoint, default attention implementation), run by attanchor_export.source_model
-  (anchored inputs, greedy), runtime and torch runs interleaved so background load hits both alike;
-  ratios and whether greedy tokens match.
+  source checkpoint, default attention implementation, fp32 unless torch_dtype says bf16 or fp16),
+  run by attanchor_export.source_model (anchored inputs, greedy), runtime and torch runs interleaved so
+  background load hits both alike; ratios and whether greedy tokens match.
 
 The machine may be shared: every measured run records the CPU share other processes used meanwhile
 (`background_cpu_share`), and `quiet_wait` > 0 waits up to that many seconds before each run for the
@@ -46,7 +46,7 @@ Result keys (all times in seconds, medians unless named *_min / *_max):
         embedding_row_bytes, bytes_per_token, kv_cache_bytes_per_token, decode_bound_tokens_per_s,
         achieved_fraction, pairing}
     torch{ttft_s, vision_s, embedding_s, prefill_s, decode_s, decode_tokens_per_s, load_s, checkpoint,
-        attn_implementation, torch, transformers}                                  (compare_torch)
+        dtype, attn_implementation, torch, transformers}                           (compare_torch)
     ratios{decode_speedup, ttft_ratio, prefill_ratio, vision_ratio, embedding_ratio, tokens_match}
     targets[{name, value, op, limit, passed}], background_cpu_share{median, max},
 """
@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 from attanchor_runtime.pipeline import Pipeline
 
+from attanchor_export.options import TORCH_DTYPES
 from attanchor_export.trace.threshold import threshold_for_rate
 
 from .anchor_op import AnchorOp, anchor_inputs, best_scores
@@ -100,6 +101,7 @@ def run_bench(
     max_new_tokens: int = 32,
     threads: int | None = None,
     compare_torch: bool = False,
+    torch_dtype: str = "fp32",
     repeats: int = 3,
     threshold: float | str | None = None,
     warmup: int = 1,
@@ -115,12 +117,15 @@ def run_bench(
     anchors, as in the paper - random-weight checkpoints otherwise insert none); repeats: measured
     runs per prompt after `warmup` unmeasured ones; quiet_wait: seconds to wait for an idle machine
     before each measured run; progress: optional callable(str) for status lines; verify: how the
-    artifact's files are checked first (Pipeline.load: none, size or sha256)."""
+    artifact's files are checked first (Pipeline.load: none, size or sha256); torch_dtype: what
+    transformers runs in with compare_torch (fp32, bf16 or fp16)."""
     say = progress or (lambda message: None)
     if max_new_tokens < 2:
         raise ValueError("max_new_tokens must be >= 2 to measure decode")
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
+    if torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
     runtime = _load_runtime(folder, threads, say, verify)
     pipe, manifest = runtime.pipe, runtime.pipe.manifest
     inputs = _prepare_inputs(pipe, list(prompts or DEFAULT_PROMPTS), image)
@@ -134,7 +139,7 @@ def run_bench(
     weight_bytes, row_bytes = _bytes_read_per_token(manifest)
     say("allocate the bandwidth probe")
     probe = BandwidthProbe(bandwidth_bytes)
-    torch_runner = _load_torch(manifest, threads, inputs, max_new_tokens, threshold, warmup, say) \
+    torch_runner = _load_torch(manifest, threads, inputs, max_new_tokens, threshold, warmup, say, torch_dtype) \
         if compare_torch else None
     try:
         runs = _measure(pipe, torch_runner, inputs, max_new_tokens, threshold, repeats, quiet_wait, probe,
@@ -217,9 +222,10 @@ def _bytes_read_per_token(manifest) -> tuple[int, int]:
     return decoder_weight_bytes(manifest.path(manifest.graph_file("decoder", "ort"))), manifest.embed_table.row_bytes
 
 
-def _load_torch(manifest, threads, inputs: _Inputs, max_new_tokens, threshold, warmup, say) -> TorchRunner:
-    say("load transformers model")
-    runner = TorchRunner(manifest, threads)
+def _load_torch(manifest, threads, inputs: _Inputs, max_new_tokens, threshold, warmup, say,
+                dtype: str = "fp32") -> TorchRunner:
+    say(f"load transformers model ({dtype})")
+    runner = TorchRunner(manifest, threads, dtype)
     for _ in range(warmup):
         runner.once(inputs.rows[0], inputs.pixels, max_new_tokens, threshold)
     return runner
@@ -311,7 +317,7 @@ def _result(folder, manifest, settings, inputs: _Inputs, runtime: _Runtime, runs
     }
     if torch_runner is not None:
         tsum = summary(runs.torch, TORCH_KEYS)
-        tsum.update({"load_s": torch_runner.load_s, "checkpoint": torch_runner.name,
+        tsum.update({"load_s": torch_runner.load_s, "checkpoint": torch_runner.name, "dtype": torch_runner.dtype,
                      "attn_implementation": torch_runner.attn_implementation,
                      "torch": package_version("torch"), "transformers": package_version("transformers")})
         result["torch"] = tsum

@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from attanchor_export.options import TORCH_DTYPES
+
 clock = time.perf_counter
 
 
@@ -53,7 +55,7 @@ class TorchRunner:
     """transformers eager on the manifest's source checkpoint, run by the source model
     (attanchor_export.source_model: anchored inputs, greedy decoding)."""
 
-    def __init__(self, manifest, threads):
+    def __init__(self, manifest, threads, dtype: str = "fp32"):
         import torch  # the PyTorch side is imported only with --compare-torch: bench runs without torch
 
         from attanchor_export.load.source import load_source
@@ -63,8 +65,10 @@ class TorchRunner:
         if threads:
             torch.set_num_threads(threads)
         t0 = clock()
-        # The same source (and LoRA merge, for --adapter artifacts) that `check` compares with.
-        self.loaded = load_source(manifest)
+        # The same source (and LoRA merge, for --adapter artifacts) that `check` compares with, in `dtype`
+        # (TORCH_DTYPES: bf16 halves the 15 GB an fp32 Qwen2.5-VL-3B holds beside the runtime).
+        self.dtype = dtype
+        self.loaded = load_source(manifest, dtype=getattr(torch, TORCH_DTYPES[dtype]))
         self.load_s = clock() - t0
         self.name = str(self.loaded.source)
         anchor = manifest.anchor

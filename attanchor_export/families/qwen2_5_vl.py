@@ -175,11 +175,14 @@ class VisionEncoder(nn.Module):
         batch, n, dim = hidden.shape
         qkv = attn.qkv(hidden).reshape(batch, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [batch, heads, n, head_dim]
-        q = q * self.cos + _rotate_half(q) * self.sin
-        k = k * self.cos + _rotate_half(k) * self.sin
+        # The tables are fp32 buffers: in the model's dtype (a bf16 tower beside an fp32 artifact, bench
+        # --torch-dtype) so the block's linears get their own dtype back; no-ops (no node) when tracing fp32.
+        cos, sin = self.cos.to(q.dtype), self.sin.to(q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
         scores = (q @ k.transpose(-1, -2)) * attn.scaling
         if bias is not None:
-            scores = scores + bias
+            scores = scores + bias.to(scores.dtype)
         out = torch.softmax(scores, dim=-1) @ v
         return attn.proj(out.transpose(1, 2).reshape(batch, n, dim))
 

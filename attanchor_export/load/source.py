@@ -24,13 +24,16 @@ def source_name(manifest: Manifest, model: str | None) -> str:
 
 
 def load_source(manifest: Manifest, model: str | None = None, adapter: str | None = None, steps=no_steps,
-                streamed: bool = False):
+                streamed: bool = False, dtype=None):
     """The source checkpoint, loaded (`model` overrides where the manifest says it is), adapter merged.
     `streamed`: decoder weights read per layer as it runs (load/streamed.py; a 7B check fits in memory);
-    not for timing (bench), and not with an adapter (the merge needs the weights)."""
+    not for timing (bench), and not with an adapter (the merge needs the weights). `dtype`: the torch
+    dtype to load in (default fp32; bench --torch-dtype), never streamed."""
+    import torch
+
     with steps("load source checkpoint"):
         streamed = streamed and not (manifest.source.adapter or adapter)
-        loaded = load_checkpoint(source_name(manifest, model), streamed=streamed)
+        loaded = load_checkpoint(source_name(manifest, model), streamed=streamed, dtype=dtype or torch.float32)
         loaded.family.configure(artifact=manifest.family)  # e.g. the image grid it was exported at
     _reapply_adapter(manifest, loaded, adapter, steps)
     return loaded

@@ -135,6 +135,14 @@ def tiny_qwen_image_processor(max_pixels: int = IMAGE_SIZE * IMAGE_SIZE, min_pix
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
+def save_processor_files(path: Path, tokenizer, image_processor) -> None:
+    """tokenizer.json + tokenizer_config.json, chat_template.jinja and preprocessor_config.json: what the
+    exporter and the runtime read of a Qwen2.5-VL checkpoint (no processor_config.json: module docstring)."""
+    tokenizer.save_pretrained(path)
+    (Path(path) / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    image_processor.save_pretrained(path)
+
+
 def make_tiny_qwen2_5_vl(path, seed: int = 0) -> Path:
     """Build the tiny random Qwen2_5_VLForConditionalGeneration, save it to `path`, return the path."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -162,8 +170,6 @@ def _make(path, seed: int, make_config, model_class) -> Path:
     gen.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     gen.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    tiny_qwen_image_processor().save_pretrained(path)
+    save_processor_files(path, tokenizer, tiny_qwen_image_processor())
     (path / "attanchor_config.json").write_text(json.dumps({"gate_floors": RANDOM_CHECKPOINT_FLOORS}, indent=2))
     return path

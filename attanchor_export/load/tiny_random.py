@@ -21,7 +21,8 @@ and the cosine between a text embedding and a projected image feature (dim 64) s
 tests/test_source_model.py checks both properties.
 
 `tinyllava_1b_config()` is the LlavaConfig of bczhou/tiny-llava-v1-hf, for benchmarks with random
-weights (1.4 B parameters: never build it in CI).
+weights (1.4 B parameters: never build it in CI); REAL_DIMS lists it with LLaVA-1.5-7B's and
+Qwen2.5-VL-3B's.
 """
 
 from __future__ import annotations
@@ -294,5 +295,45 @@ def llava_15_7b_config():
     return config
 
 
+# Qwen2 tokenizers number their special tokens from <|endoftext|> = 151643 on, in the order of
+# tiny_qwen2_5_vl.SPECIAL_TOKENS: <|im_end|> 151645, <|vision_start|> 151652, <|image_pad|> 151655, ...
+QWEN_FIRST_SPECIAL_ID = 151643
+
+
+def qwen2_5_vl_3b_config(text_overrides: dict | None = None, vision_overrides: dict | None = None):
+    """Qwen2_5_VLConfig of Qwen/Qwen2.5-VL-3B-Instruct (its config.json; transformers' defaults are 72B's).
+
+    Text: Qwen2, 36 layers, hidden 2048, 16 heads / 2 KV heads (head_dim 128), intermediate 11008, vocab
+    151936, rope_theta 1e6, mrope_section [16, 24, 24], lm_head tied to the embeddings. Vision: 32 blocks,
+    hidden 1280, 16 heads, intermediate 3420, SiLU, patch 14, temporal patch 2, merge 2, windows of 112
+    pixels, full attention in blocks 7, 15, 23 and 31, merged to 2048. 3.75 B parameters. For benchmarks
+    with random weights (scripts/make_random_checkpoint.py --dims qwen2.5-vl-3b). The overrides (tests only)
+    change text / vision config fields: a few layers of the same layout, special ids and vocabulary kept."""
+    from transformers import Qwen2_5_VLConfig
+
+    special = QWEN_FIRST_SPECIAL_ID
+    text = dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        bos_token_id=special, eos_token_id=special + 2, pad_token_id=special, tie_word_embeddings=True,
+        use_sliding_window=False, max_window_layers=70,
+    )
+    vision = dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, temporal_patch_size=2,
+        spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=2048,
+        in_channels=3, hidden_act="silu", tokens_per_second=2,
+    )
+    text.update(text_overrides or {})
+    vision.update(vision_overrides or {})
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=special + 12, video_token_id=special + 13,
+        vision_start_token_id=special + 9, vision_end_token_id=special + 10, tie_word_embeddings=True,
+    )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return config
+
+
 # Real-dimension configs for random-weight benchmarks, by the name scripts take.
-REAL_DIMS = {"tinyllava-1b": tinyllava_1b_config, "llava-1.5-7b": llava_15_7b_config}
+REAL_DIMS = {"tinyllava-1b": tinyllava_1b_config, "llava-1.5-7b": llava_15_7b_config,
+             "qwen2.5-vl-3b": qwen2_5_vl_3b_config}

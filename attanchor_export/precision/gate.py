@@ -143,19 +143,41 @@ def _run_decoder(pipe: Pipeline, inputs: tuple, new_tokens: int, forced: np.ndar
                        forced=forced, keep_logits=True, keep_prefill=keep_prefill, start=start)
     prompt, steps = run.logits[0], run.logits[1:]
     valid = mask[:, -prompt.shape[1]:].astype(bool)
-    rows, answer = [], []
+    # Written into one array, not gathered and concatenated: at Qwen's vocabulary (151,936) the gate set's
+    # rows are ~0.9 GB of fp32 logits, and every extra copy shows in the export's peak.
+    logits = np.empty((int(valid.sum()) + len(mask) * len(steps), prompt.shape[-1]), prompt.dtype)
+    answer, at = [], 0
     for b in range(len(mask)):
         idx = np.flatnonzero(valid[b])
-        rows += [prompt[b, idx], *(step[b, -1:] for step in steps)]
+        for part in (prompt[b, idx], *(step[b, -1:] for step in steps)):
+            logits[at:at + len(part)] = part
+            at += len(part)
         answer += [False] * (len(idx) - 1) + [True] * (1 + len(steps))
-    return run.tokens, np.concatenate(rows, axis=0), np.array(answer, bool), run.prefill
+    return run.tokens, logits, np.array(answer, bool), run.prefill
+
+
+CHUNK_BYTES = 64 << 20  # float64 rows compared at a time (_chunks): ~55 rows of a 151,936-token vocabulary
+
+
+def _chunks(a: np.ndarray, b: np.ndarray):
+    """Matching [rows, D] slices of a and b (flattened to rows over the last axis), CHUNK_BYTES of float64
+    each: the gate's comparisons never widen the whole gate set's logits (4 x ~1.7 GB at Qwen's vocabulary)."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    rows = max(1, CHUNK_BYTES // (8 * max(1, a.shape[-1])))
+    for start in range(0, len(a), rows):
+        yield a[start:start + rows], b[start:start + rows]
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """compare.cosine_rows over the last axis, with the gate's rule for rows a cosine cannot judge:
     two all-zero rows agree (1.0); NaN/inf, or a zero row against a non-zero one, score -1.0, so a
     broken form can never pass a floor."""
-    a, b = a.astype(np.float64).reshape(-1, a.shape[-1]), b.astype(np.float64).reshape(-1, b.shape[-1])
+    parts = [_chunk_cosines(x, y) for x, y in _chunks(a, b)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _chunk_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.where((na > 0) & (nb > 0), cosine_rows(a, b), -1.0)
@@ -210,7 +232,8 @@ def evaluate(baseline: GateBaseline, pipe: Pipeline, vision_changed: bool = Fals
         pipe.backend.release("vision")
     batch = baseline.tokens.shape[0]
     step = rows_per_run or batch
-    logits, answer, tokens = [], [], []
+    cos, top1, answer, tokens = [], [], [], []
+    finite, max_abs, offset = True, 0.0, 0
     for start in range(0, batch, step):
         rows = slice(start, start + step)
         # The free-running greedy starts from the same prompt unless the vision graph changed: its
@@ -219,15 +242,25 @@ def evaluate(baseline: GateBaseline, pipe: Pipeline, vision_changed: bool = Fals
                                                        forced=baseline.tokens[rows], keep_prefill=not vision_changed)
         free, _, _, _ = _run_decoder(pipe, _rows(free_front, rows), baseline.new_tokens, start=prefilled)
         del prefilled
-        logits.append(part)
+        # Judged run by run against the baseline's rows at the same positions (rows are concatenated in
+        # order), so no run's logits outlive it.
+        reference = baseline.logits[offset:offset + len(part)]
+        if part.shape[1:] != baseline.logits.shape[1:] or len(reference) < len(part):
+            raise ValueError(f"gate: logits of rows {rows.start}-{rows.start + len(free) - 1} ({part.shape}) do not "
+                             f"match the baseline's {baseline.logits.shape} from position {offset}")
+        offset += len(part)
+        for x, y in _chunks(part, reference):
+            finite = finite and bool(np.isfinite(x).all())
+            if finite:
+                max_abs = max(max_abs, float(np.abs(x.astype(np.float64) - y).max(initial=0.0)))
+        cos.append(_cosines(part, reference))
+        top1.append(part.argmax(-1) == reference.argmax(-1))
         answer.append(part_answer)
         tokens.append(free)
-    logits, answer, tokens = np.concatenate(logits), np.concatenate(answer), np.concatenate(tokens)
-    finite = bool(np.isfinite(logits).all())
-    if logits.shape != baseline.logits.shape:
-        raise ValueError(f"gate: logits shape {logits.shape} differs from the baseline's {baseline.logits.shape}")
-    cos = _cosines(logits, baseline.logits)
-    top1 = logits.argmax(-1) == baseline.logits.argmax(-1)
+        del part, reference
+    if offset != len(baseline.logits):
+        raise ValueError(f"gate: {offset} logits positions, the baseline has {len(baseline.logits)}")
+    cos, top1, answer, tokens = (np.concatenate(x) for x in (cos, top1, answer, tokens))
     result = {
         "positions": int(len(cos)),
         "finite": finite and (vision_finite if vision_changed else True),
@@ -236,7 +269,7 @@ def evaluate(baseline: GateBaseline, pipe: Pipeline, vision_changed: bool = Fals
         "top1": float(top1.mean()),
         "cos_mean_answer": float(cos[answer].mean()),
         "top1_answer": float(top1[answer].mean()),
-        "max_abs_diff": float(np.abs(logits.astype(np.float64) - baseline.logits).max()) if finite else None,
+        "max_abs_diff": max_abs if finite else None,
         **result,
     }
     result["greedy_match"] = float((tokens == baseline.tokens).mean())
