@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tiny-vqa accuracy through every precision, on a fixed random subset of the easy-vqa test split:
 #   bash scripts/measure_tiny_vqa.sh [OUT=out/measure] [N=1000] [FORMATS="fp32 int4 int8 fp16 int4-unfused"]
+# MODEL=tiny-vqa-qwen measures the Qwen2.5-VL family's model on the same questions (default MODEL=tiny-vqa).
 # Each format: `attanchor-export tiny-vqa` (export + parity + its accuracy gate, peak RSS from
 # /usr/bin/time when present), then `attanchor-export eval --json` on the same N questions; fp32 also
 # with --compare-torch (PyTorch answers to the same prompt ids and pixels) and without anchors.
@@ -10,6 +11,7 @@ set -euo pipefail
 out="${1:-out/measure}"
 n="${2:-1000}"
 formats="${FORMATS:-fp32 int4 int8 fp16 int4-unfused}"
+model="${MODEL:-tiny-vqa}"
 mkdir -p "$out"
 timer=()
 [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)
@@ -23,7 +25,7 @@ for fmt in $formats; do
     esac
     echo "== $fmt: export" >&2
     start=$(date +%s)
-    "${timer[@]}" attanchor-export tiny-vqa -o "$out/$fmt" --force --json "${flags[@]}" \
+    "${timer[@]}" attanchor-export "$model" -o "$out/$fmt" --force --json "${flags[@]}" \
         > "$out/export-$fmt.json" 2> "$out/export-$fmt.log"
     echo "   $(( $(date +%s) - start )) s" >&2
     extra=()

@@ -113,6 +113,11 @@ def test_training_scripts_share_one_option_set(tmp_path):
     assert recipe.kind_weights == {"color": 2} and args.out == tmp_path / "parts"
     fp32 = cli.recipe(ap.parse_args(["--ckpt", "c", "--stage-a-fp32"]))
     assert fp32.stage_a_bf16 is False and fp32.anchors is True
+    mixed = cli.recipe(ap.parse_args(["--ckpt", "c", "--kind-weight", "color=1", "--kind-weight", "yes/no=3"]),
+                       kind_weights={"color": 2, "shape": 2})
+    assert mixed.kind_weights == {"color": 1, "shape": 2, "yes/no": 3}
+    with pytest.raises(SystemExit, match="KIND=N"):
+        cli.recipe(ap.parse_args(["--ckpt", "c", "--kind-weight", "color"]))
     with pytest.raises(SystemExit):  # --ckpt is required: a run always has somewhere to resume from
         ap.parse_args([])
 

@@ -30,10 +30,24 @@ def parser(doc: str, out: Path) -> argparse.ArgumentParser:
     ap.add_argument("--stage-a-fp32", action="store_true",
                     help="stage A in fp32, as runs before 2026-12-05 (default: bf16 autocast, ~3.5x faster where "
                          "the CPU has AMX/AVX512-BF16; training.json records which)")
+    ap.add_argument("--kind-weight", action="append", default=[], metavar="KIND=N",
+                    help="sample questions of KIND N times per pass (e.g. yes/no=1); overrides the script's default")
     return ap
 
 
-def recipe(args: argparse.Namespace, **extra) -> Recipe:
+def _kind_weights(pairs: list[str]) -> dict[str, int]:
+    weights = {}
+    for pair in pairs:
+        kind, _, n = pair.partition("=")
+        if not kind or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"error: --kind-weight {pair!r}: expected KIND=N with N a positive integer")
+        weights[kind] = int(n)
+    return weights
+
+
+def recipe(args: argparse.Namespace, kind_weights: dict | None = None, **extra) -> Recipe:
+    """The Recipe these options ask for; `kind_weights` is the script's default, --kind-weight wins over it."""
+    extra["kind_weights"] = {**(kind_weights or {}), **_kind_weights(args.kind_weight)}
     return Recipe(steps=args.steps, stage_a_steps=args.stage_a_steps, stage_a_bf16=not args.stage_a_fp32,
                   batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads, eval_every=args.eval_every,
                   eval_n=args.eval_n, final_eval_n=args.final_eval_n, anchors=not args.no_anchors, **extra)
