@@ -12,9 +12,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from helpers import read_manifest
-
-torch = pytest.importorskip("torch")
 
 QUESTIONS = 96  # a fixed random subset of easy-vqa test: enough to compare answer by answer
 
