@@ -122,10 +122,11 @@ def tiny_qwen2_vl_config(tokenizer=None):
     from transformers import Qwen2VLConfig
 
     tokenizer = tokenizer or build_tiny_qwen_tokenizer()
-    text = _tiny_text_config(tokenizer)
-    vision = dict(depth=4, embed_dim=32, hidden_size=text["hidden_size"], mlp_ratio=2, num_heads=4, patch_size=14,
+    text_config = _tiny_text_config(tokenizer)
+    # Qwen2-VL's vision hidden_size is the merger's output: the text model's width.
+    vision = dict(depth=4, embed_dim=32, hidden_size=text_config["hidden_size"], mlp_ratio=2, num_heads=4, patch_size=14,
                   temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="quick_gelu")
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+    return Qwen2VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=True,
                          **_special_token_ids(tokenizer))
 
 
