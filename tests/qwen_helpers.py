@@ -153,10 +153,6 @@ def check_equals_contract(model, tokenizer, pipe, questions, threshold=0.1) -> N
 @torch.no_grad()
 def contract_reference(model, inputs, threshold, excluded):
     """(tokens [B, NEW_TOKENS], anchor pairs per row as (token id, patch)) of the contract, in PyTorch."""
-    from transformers import DynamicCache
-
-    from attanchor_export.load.hf_compat import cache_kwargs
-
     lm = model.model.language_model
     image_id = model.config.image_token_id
     rows = [collapse_image_runs(r[m.astype(bool)], image_id)
@@ -171,15 +167,27 @@ def contract_reference(model, inputs, threshold, excluded):
     both = torch.cat([text, features], dim=1)
     embeds = torch.gather(both, 1, torch.from_numpy(gather)[..., None].expand(-1, -1, both.shape[-1]))
     positions = contract_positions(gather, out_mask, mask, where, (SIDE // 28, SIDE // 28))
+    pairs = [sorted((int(ids[b, n]), m) for n, m in row) for b, row in enumerate(anchor_pairs(gather, out_mask, ids.shape[1], "t2i"))]
+    return greedy_from_layout(model, embeds, out_mask, positions), pairs
+
+
+@torch.no_grad()
+def greedy_from_layout(model, embeds, out_mask, positions, new_tokens: int = NEW_TOKENS) -> np.ndarray:
+    """Greedy tokens [B, new_tokens] of HF's text model + lm_head over an anchored layout (embeds, its mask, the
+    contract's prompt positions), with a DynamicCache; step k at decode_positions(positions, out_mask, k)."""
+    from transformers import DynamicCache
+
+    from attanchor_export.load.hf_compat import cache_kwargs
+
+    lm = model.model.language_model
     cache, attention, step_positions = DynamicCache(config=lm.config), torch.from_numpy(out_mask), positions
     tokens = []
-    for k in range(NEW_TOKENS):
+    for k in range(new_tokens):
         hidden = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=torch.from_numpy(step_positions),
                     use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state
         token = model.lm_head(hidden[:, -1]).argmax(-1)
         tokens.append(token.numpy())
         embeds = lm.embed_tokens(token[:, None])
-        attention = torch.cat([attention, torch.ones(len(ids), 1, dtype=attention.dtype)], dim=1)
+        attention = torch.cat([attention, torch.ones(len(out_mask), 1, dtype=attention.dtype)], dim=1)
         step_positions = decode_positions(positions, out_mask, k)
-    pairs = [sorted((int(ids[b, n]), m) for n, m in row) for b, row in enumerate(anchor_pairs(gather, out_mask, ids.shape[1], "t2i"))]
-    return np.stack(tokens, axis=1), pairs
+    return np.stack(tokens, axis=1)

@@ -16,7 +16,7 @@ from attanchor_graphs.specification import anchor_insert
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.families import qwen2_5_vl as rt
 from attanchor_runtime.image_placeholders import collapse_image_runs
-from qwen_helpers import contract_positions, decode_positions, pil_image
+from qwen_helpers import contract_positions, greedy_from_layout, pil_image
 
 from attanchor_export.families import family_for  # noqa: E402
 from attanchor_export.families import qwen2_5_vl as fam  # noqa: E402
@@ -266,8 +266,6 @@ def _torch_anchored_greedy(exported, inputs, gather, out_mask, mode):
     """The PyTorch reference of an anchored prompt: HF's own embeddings and image features gathered by the
     AnchorInsert layout, the contract's positions (contract_positions), HF's text model with a DynamicCache,
     step k at the largest prompt position + 1 + k."""
-    from transformers import DynamicCache
-
     model, lm = exported.model, exported.model.model.language_model
     ids, mask = _collapsed(exported, inputs)
     batch = len(ids)
@@ -277,17 +275,7 @@ def _torch_anchored_greedy(exported, inputs, gather, out_mask, mode):
     embeds = torch.gather(both, 1, torch.from_numpy(gather)[..., None].expand(-1, -1, both.shape[-1]))
     where = np.array([int(np.flatnonzero(r == exported.config.image_token_id)[0]) for r in ids])
     positions = contract_positions(gather, out_mask, mask, where, (4, 4), mode)
-    cache, attention, step_positions = DynamicCache(config=lm.config), torch.from_numpy(out_mask), positions
-    tokens = []
-    for k in range(NEW_TOKENS):
-        hidden = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=torch.from_numpy(step_positions),
-                    use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state
-        token = model.lm_head(hidden[:, -1]).argmax(-1)
-        tokens.append(token.numpy())
-        embeds = lm.embed_tokens(token[:, None])
-        attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype)], dim=1)
-        step_positions = decode_positions(positions, out_mask, k)
-    return np.stack(tokens, axis=1)
+    return greedy_from_layout(model, embeds, out_mask, positions, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("questions", [QUESTIONS[:1], QUESTIONS], ids=["single", "ragged"])
