@@ -223,6 +223,10 @@ def _default_output(model: str) -> Path:
 @click.option("--quantize-lm-head/--keep-lm-head", default=None,
               help="Quantize the lm_head too, or keep it fp32. [int4: quantized; int8: kept]")
 @click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
+@click.option("--int4-8bit", callback=lambda ctx, param, value: _name_list(value), metavar="NAMES|none",
+              help="int4: decoder linears to keep at 8 bits, comma-separated weight-name parts (e.g. "
+                   "q_proj,k_proj,v_proj,down_proj): 8-bit MatMulNBits for onnxruntime, unquantized in the "
+                   "TensorRT form. [the checkpoint's declared default, else none]")
 @click.option("--smooth-alpha", callback=lambda ctx, param, value: _smooth_alpha(value), metavar="ALPHA|off",
               help="int8 TensorRT form: SmoothQuant's migration strength, 0 < ALPHA <= 1 (higher moves more of "
                    f"the activation outliers into the weights), or off. [{opts.default(opts.ExportOptions, 'smooth_alpha')}]")
@@ -264,7 +268,8 @@ def _default_output(model: str) -> Path:
 @click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
-def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, smooth_alpha,
+def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, int4_8bit,
+               smooth_alpha,
                ort_fusions,
                gate_floor,
                threshold, task, mode, max_anchors, image_size, opset, last_logits_only, optimize, force, no_validate, adapter,
@@ -285,7 +290,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
         quantize_vision=quantize_vision, ort_fusions=ort_fusions, gate_floors=_parse_floors(gate_floor), adapter=adapter,
-        memory_budget=memory_budget, smooth_alpha=smooth_alpha,
+        memory_budget=memory_budget, smooth_alpha=smooth_alpha, int4_8bit=int4_8bit,
     )
     result = export_artifact(model, options, report.step)
     engines = None
@@ -314,6 +319,18 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
             from attanchor_export.export_cost import describe
 
             report.info(f"export cost: {describe(manifest.export)}")
+
+
+def _name_list(value):
+    """--int4-8bit: None when not given (the checkpoint's default), () for "none", else the names."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return ()
+    names = tuple(n.strip() for n in value.split(","))
+    if not all(names):
+        raise click.BadParameter(f"{value!r}: give comma-separated linear names (e.g. q_proj,down_proj) or none")
+    return names
 
 
 def _smooth_alpha(value):

@@ -123,7 +123,7 @@ def _text_section(loaded, tokenizer) -> Text:
 
 def checkpoint_defaults(folder: Path) -> dict:
     """AttAnchor settings a checkpoint declares for itself (attanchor_config.json: threshold, calib, task,
-    gate_floors), e.g. a model fine-tuned on the anchored layout at a known threshold, or the tiny random
+    gate_floors, int4_8bit), e.g. a model fine-tuned on the anchored layout at a known threshold, or the tiny random
     test checkpoints whose chaotic weights support only loose gate floors. Options given explicitly win."""
     path = Path(folder) / CHECKPOINT_DEFAULTS
     if not path.is_file():
@@ -132,7 +132,7 @@ def checkpoint_defaults(folder: Path) -> dict:
         data = json.loads(path.read_text())
     except ValueError as e:
         raise ExportError(f"{path} is not valid JSON: {e}") from None
-    return {k: data[k] for k in ("threshold", "calib", "task", "gate_floors") if k in data}
+    return {k: data[k] for k in ("threshold", "calib", "task", "gate_floors", "int4_8bit") if k in data}
 
 
 def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps, excluded=()):
@@ -142,6 +142,9 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps, excluded=
     calib = options.calib if options.calib is not None else declared.get("calib")
     task = options.task if options.task is not None else declared.get("task")
     floors = _merge_floors(declared.get("gate_floors"), options.gate_floors, options)
+    int4_8bit = options.int4_8bit if options.int4_8bit is not None else tuple(declared.get("int4_8bit") or ())
+    if not all(isinstance(p, str) and p for p in int4_8bit):
+        raise ExportError(f"int4_8bit must be a list of non-empty linear names, got {list(int4_8bit)!r}")
     calibration = None
     if threshold == "auto":
         from transformers import AutoImageProcessor
@@ -155,7 +158,8 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps, excluded=
     elif not math.isfinite(threshold):
         # Stored as the runtime's default, a NaN or infinite threshold would break every later run.
         raise ExportError(f"threshold must be a finite number, got {threshold}")
-    return replace(options, threshold=float(threshold), calib=calib, task=task, gate_floors=floors), calibration
+    return replace(options, threshold=float(threshold), calib=calib, task=task, gate_floors=floors,
+                   int4_8bit=tuple(int4_8bit)), calibration
 
 
 def _merge_floors(declared: dict | None, given: dict | None, options: ExportOptions) -> dict | None:
@@ -387,7 +391,7 @@ def _quantize(staging, manifest: Manifest, options: ExportOptions, steps, cost: 
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
             floors=options.gate_floors, task=options.task, baseline=baseline, low_memory=memory.low_memory_gate,
             ort_fusions=options.ort_fusions, gate=memory.gate_skipped is None,
-            smooth_alpha=options.smooth_alpha,
+            smooth_alpha=options.smooth_alpha, int4_8bit=options.int4_8bit or (),
         )
     except AccuracyGateFailed as e:
         if e.precision is not None:

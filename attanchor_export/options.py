@@ -55,6 +55,9 @@ class ExportOptions:
     calib: str | None = None
     quantize_lm_head: bool | None = None  # None: the format's default (precision.quantize.lm_head_quantized)
     quantize_vision: bool = False
+    # int4: decoder linears (weight-name substrings, e.g. "q_proj") kept at 8 bits; None: the checkpoint's
+    # declared default (attanchor_config.json "int4_8bit"), else none (precision.quantize)
+    int4_8bit: tuple[str, ...] | None = None
     smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA  # int8 TensorRT form; None = no smoothing
     # int4/int8: fuse the onnxruntime-only decoder form (RMSNorm, residual Add, rotary; precision.ort_fusions)
     ort_fusions: bool = True

@@ -204,3 +204,9 @@ def tiny_vqa_qwen_checkpoint(tiny_vqa_cache):
 def tiny_vqa_qwen_fp32(shared_dir, tiny_vqa_qwen_checkpoint):
     """The trained tiny-vqa-qwen model (Qwen2.5-VL family) exported in fp32, once per run."""
     return _export_tiny_vqa(shared_dir, "tiny-vqa-qwen-fp32", model="tiny-vqa-qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_qwen_int4(shared_dir, tiny_vqa_qwen_checkpoint):
+    """tiny-vqa-qwen in int4 with the 8-bit linears its checkpoint declares, gated on easy-vqa, once per run."""
+    return _export_tiny_vqa(shared_dir, "tiny-vqa-qwen-int4", model="tiny-vqa-qwen", quant="int4")

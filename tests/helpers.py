@@ -68,3 +68,17 @@ def tiny_manifest(folder="/artifact", max_anchors=None, **sections):
         **sections,
     }
     return Manifest.from_dict(folder, data)
+
+
+def assert_answers_close(folder: Path, reference: dict, items, max_drop: float, min_same: float) -> dict:
+    """`folder`'s answers through the runtime on `items` (test questions a gate never graded) against the
+    fp32 artifact's `reference` evaluation: accuracy within `max_drop`, identical answers on >= `min_same`."""
+    from attanchor_runtime import Pipeline
+
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
+
+    result = evaluate_artifact(Pipeline.load(folder), items)
+    assert result["accuracy"] >= reference["accuracy"] - max_drop, (result["by_kind"], reference["by_kind"])
+    same = sum(a["answer"] == b["answer"] for a, b in zip(result["records"], reference["records"], strict=True))
+    assert same / len(items) >= min_same, same
+    return result

@@ -37,6 +37,13 @@ def test_int4_export_is_gated_and_checkable(checkpoint, artifact, tmp_path):
     assert run.exit_code == 1 and "cannot decode image" in run.stderr
 
 
+def test_int4_8bit_option_is_parsed_before_any_work(checkpoint, tmp_path):
+    out = tmp_path / "q4"
+    result = run_cli(checkpoint("siglip-qwen2"), "-o", out, "--quant", "int4", "--int4-8bit", "q_proj,,down_proj")
+    assert result.exit_code == 2 and "comma-separated linear names" in result.output
+    assert not out.exists()
+
+
 def test_gate_below_floor_fails_and_keeps_failed_folder(checkpoint, tmp_path):
     out = tmp_path / "q8"
     result = run_cli(checkpoint("clip-llama"), "-o", out, "--quant", "int8", "--gate-floor", "cos_mean=0.99999",

@@ -357,3 +357,35 @@ def test_fp32_islands_and_linear_normalization_on_a_hand_written_graph():
     out = ort.InferenceSession(half.SerializeToString()).run(None, {"x": x})[0]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+def test_int4_keeps_the_named_linears_at_8_bits(fresh):
+    """--int4-8bit: q_proj and down_proj become 8-bit MatMulNBits in the onnxruntime form (q apart from the
+    still-merged int4 k/v) and stay unquantized in the TensorRT form; both forms run through the gate."""
+    folder, data = fresh("clip-t2i")
+    layers = data["dims"]["num_layers"]
+    precision = quantize_artifact(folder, data, quant="int4", int4_8bit=("q_proj", "down_proj"))
+    assert precision.int4_8bit == ("q_proj", "down_proj") and precision.gate.passed
+    ort = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    bits = [helper.get_attribute_value(a) for n in ort.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"]
+    assert bits.count(8) == 2 * layers and bits.count(4) > 0
+    graphs = precision.graphs
+    assert graphs["decoder.onnx"].kept_8bit["linears"] == 2 * layers
+    trt = onnx.load(str(folder / "decoder.trt.onnx"), load_external_data=False)
+    floats = {i.name for i in trt.graph.initializer if i.data_type == TensorProto.FLOAT}
+    plain = [n for n in trt.graph.node if n.op_type == "MatMul" and n.input[1] in floats
+             and any(p in n.input[1] for p in ("q_proj", "down_proj"))]
+    assert len(plain) == 2 * layers
+    record = graphs["decoder.trt.onnx"]
+    assert record.kept_8bit["linears"] == 2 * layers
+    assert record.quantized_nodes == record.linear_layers - 2 * layers
+
+
+def test_int4_8bit_names_that_match_nothing_or_everything_are_refused(fresh):
+    folder, data = fresh("clip-t2i")
+    for names, message in ((("q_proj", "qq_proj"), "qq_proj"), (("proj", "lm_head"), "--quant int8")):
+        with pytest.raises(ExportError) as info:
+            quantize_artifact(folder, data, quant="int4", int4_8bit=names)
+        assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (folder / "decoder.trt.onnx").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import locked, read_manifest
+from helpers import assert_answers_close, locked, read_manifest
 
 from attanchor_export.cli import main
 
@@ -181,15 +181,8 @@ def test_tiny_scenes_aliases_assemble_from_their_parts(tiny_vqa_cache):
 def test_int4_stays_within_two_points_of_fp32(int4, fp32_eval):
     """Measured here, on test questions the export's gate never graded (it reads validation), not read
     back from the gate's own record."""
-    from attanchor_runtime import Pipeline
-
-    from attanchor_export.checks.task_accuracy import evaluate_artifact
-
     _, items, reference = fp32_eval
-    result = evaluate_artifact(Pipeline.load(int4), items)
-    assert result["accuracy"] >= reference["accuracy"] - 0.02, (result["by_kind"], reference["by_kind"])
-    same = np.mean([a["answer"] == b["answer"] for a, b in zip(result["records"], reference["records"], strict=True)])
-    assert same >= 0.95, same
+    assert_answers_close(int4, reference, items, max_drop=0.02, min_same=0.95)
     gate = read_manifest(int4)["precision"]["gate"]
     assert gate["passed"] and gate["task"]["max_drop"] == 0.02
     assert (gate["task"]["data"], gate["task"]["split"], gate["task"]["questions"]) == ("easy-vqa", "validation", 200)
@@ -199,16 +192,9 @@ def test_int8_stays_within_one_point_of_fp32(int8, fp32_eval):
     """Both int8 forms: weight-only MatMulNBits (onnxruntime) and the smoothed, calibrated QDQ (TensorRT).
     The onnxruntime form is measured here, through the runtime, on test questions the gate never graded
     (it reads validation); the TensorRT form runs only inside the gate here (its engine needs a GPU)."""
-    from attanchor_runtime import Pipeline
-
-    from attanchor_export.checks.task_accuracy import evaluate_artifact
-
     folder, precision = int8
     _, items, reference = fp32_eval
-    result = evaluate_artifact(Pipeline.load(folder), items)
-    assert result["accuracy"] >= reference["accuracy"] - 0.01, (result["by_kind"], reference["by_kind"])
-    same = np.mean([a["answer"] == b["answer"] for a, b in zip(result["records"], reference["records"], strict=True)])
-    assert same >= 0.97, same
+    assert_answers_close(folder, reference, items, max_drop=0.01, min_same=0.97)
     gate = precision.gate
     assert gate.passed and gate.task["data"] == "easy-vqa" and gate.task["max_drop"] == 0.01
     assert {r.decoder for r in gate.results} == {"decoder.onnx", "decoder.trt.onnx"}

@@ -301,7 +301,15 @@ def assemble(name: str, parts: Path, defaults: dict, build, save, prefixes: tupl
     """A trained tiny model's checkpoint folder: build() -> (base model, tokenizer), the parts' vision weights
     and merged LoRA on top, save(model, tokenizer, folder), published whole under the parts' digest."""
     final = cache_root() / f"{name}-{parts_digest(parts)}"
+    config = json.dumps(defaults, indent=2) + "\n"
     if (final / "config.json").is_file():
+        # The declared defaults live in code, not in the parts: a cache built before they changed is
+        # brought up to date (one small file, replaced atomically).
+        declared = final / "attanchor_config.json"
+        if not declared.is_file() or declared.read_text() != config:
+            tmp = final / f".attanchor_config.{os.getpid()}.json"
+            tmp.write_text(config)
+            os.replace(tmp, declared)
         return final
     adapter = parts / "lora"
     _require_adapter(adapter)  # before minutes of building
@@ -322,7 +330,7 @@ def assemble(name: str, parts: Path, defaults: dict, build, save, prefixes: tupl
     save(model, tokenizer, tmp)
     # Its AttAnchor defaults (exporter.checkpoint_defaults): e.g. tiny-vqa's threshold is calibrated to the
     # paper's anchor rate on easy-vqa train images, and quantized exports are gated on easy-vqa accuracy.
-    (tmp / "attanchor_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (tmp / "attanchor_config.json").write_text(config)
     for card in ("MODEL_CARD.md", "training.json"):
         if (parts / card).is_file():
             shutil.copy(parts / card, tmp / card)

@@ -34,7 +34,10 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 PAD_TOKEN = "<|endoftext|>"  # Qwen's pad; SmolLM2's id 0
 ANSWER_END = "<|im_end|>"
 VOCAB_MULTIPLE = 64
-EXPORT_DEFAULTS = {"threshold": "auto", "calib": "easy-vqa", "task": "easy-vqa"}
+EXPORT_DEFAULTS = {"threshold": "auto", "calib": "easy-vqa", "task": "easy-vqa",
+                   # int4: the attention q/k/v and MLP down projections keep 8 bits (docs/QUANTIZATION.md:
+                   # all-int4 loses 6 points on yes/no questions, q/k the most)
+                   "int4_8bit": ["q_proj", "k_proj", "v_proj", "down_proj"]}
 # Vision parts of the state dict: the tower and its merger live under model.visual.
 PART_PREFIXES = ("model.visual.",)
 

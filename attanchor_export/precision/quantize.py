@@ -102,6 +102,7 @@ class _Request:
     ort_fusions: bool  # fuse the onnxruntime-only decoder form (precision.ort_fusions)
     dims: Dims
     logits: str  # the decoder's logits output: its lm_head is found (and kept fp32 in fp16) by it
+    int4_8bit: tuple[str, ...] = ()  # int4: decoder linears whose weight name holds one of these stay 8-bit
 
     @property
     def fmt(self) -> str:  # the gate's format name
@@ -164,6 +165,7 @@ def quantize_artifact(
     low_memory: bool = False,
     ort_fusions: bool = True,
     smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA,
+    int4_8bit: tuple[str, ...] = (),
 ) -> Precision:
     """Rewrite the fp32 graphs in `manifest.folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -180,6 +182,9 @@ def quantize_artifact(
     sessions keep no arena and feed fp16 weights from disk (gate.run_gate), for a decoder over the budget.
     `smooth_alpha`: SmoothQuant's migration strength for the int8 QDQ form (precision.smoothing; recorded
     as its FormRecord.smoothing), None = calibrate the graph as it is.
+    `int4_8bit`: int4 only: the decoder linears whose weight name contains one of these strings keep 8 bits
+    (an 8-bit MatMulNBits in the onnxruntime form, unquantized in the TensorRT form: mixed precision for
+    the layers a model is most sensitive to, as llama.cpp's Q4_K_M keeps some at 6 bits).
     """
     forms = _check_options(dtype, quant, block_size, forms, smooth_alpha)
     if dtype == "fp32" and quant == "none":
@@ -189,6 +194,7 @@ def quantize_artifact(
         quant, block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
         smooth_alpha, ort_fusions, manifest.dims, manifest.graphs.decoder.output_names[0],
+        tuple(int4_8bit) if quant == "int4" else (),
     )
     fp32 = gate_pipeline(manifest) if (gate and baseline is None) or quant == "int8" else None
     if gate and baseline is None:
@@ -207,7 +213,8 @@ def quantize_artifact(
         graphs=freeze({f: FormRecord.from_json(r, f"precision.graphs.{f}") for f, r in records.items()}),
         backends=freeze(backends),
         **({"block_size": req.block_size, "lm_head_quantized": req.quantize_lm_head,
-            "vision_quantized": req.quantize_vision, "forms": req.forms} if req.quant != "none" else {}),
+            "vision_quantized": req.quantize_vision, "forms": req.forms, "int4_8bit": req.int4_8bit}
+           if req.quant != "none" else {}),
     )
     if not gate:
         return dataclasses.replace(precision, gate=Gate(format=req.fmt, skipped=True, passed=None))
@@ -255,18 +262,18 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
                          "opset": opsets(onnx.load(str(path), load_external_data=False)), "bytes": graph_bytes(path)}
         return
     source, copied = _linear_source(req, graph)
-    names, head, ks = _linears(req, graph, source)
     written = []
     try:
+        names, head, ks, eight = _linears(req, graph, source)
         if "QDQ" in req.forms:
             trt_file = trt_name(file) if "MatMulNBits" in req.forms else file
             with steps(f"{req.quant} QDQ {trt_file} (TensorRT)"):
-                records[trt_file] = _qdq_form(req, graph, base, source, trt_file, names, ks, reader)
+                records[trt_file] = _qdq_form(req, graph, base, source, trt_file, names, ks, reader, eight)
             backends["trt"][graph] = trt_file
             written.append(records[trt_file])
         if "MatMulNBits" in req.forms:
             with steps(f"{req.quant} MatMulNBits {file} (onnxruntime)"):
-                records[file] = _nbits_form(req, graph, path, base, source, names)
+                records[file] = _nbits_form(req, graph, path, base, source, names, eight)
             if "QDQ" not in req.forms:
                 backends["trt"][graph] = None
             written.append(records[file])
@@ -274,7 +281,8 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
         if copied:
             remove_model(source)
     for record in written:
-        _count_linears(record, graph, names, head if req.quantize_lm_head else None)
+        kept = len(eight) if record["format"] == "QDQ" else 0  # the TensorRT form leaves them unquantized
+        _count_linears(record, graph, names, head if req.quantize_lm_head else None, kept)
 
 
 def _linear_source(req: _Request, graph: str) -> tuple[Path, bool]:
@@ -304,37 +312,60 @@ def _needs_normalizing(graph) -> bool:
     )
 
 
-def _linears(req: _Request, graph: str, source: Path) -> tuple[list[str], str | None, list[int]]:
-    """The linears to quantize (node names), the lm_head's name, and their K dims (no weight is read)."""
+def _linears(req: _Request, graph: str, source: Path) -> tuple[list[str], str | None, list[int], set[str]]:
+    """The linears to quantize (node names), the lm_head's name, their K dims (no weight is read), and
+    those of them that keep 8 bits (int4_8bit: matched on the weight's name, the decoder only)."""
     model = ir.load(str(source))
     nodes, head = linear_nodes(model.graph, req.quantize_lm_head, req.logits if graph == "decoder" else None)
     if not nodes:
         raise ExportError(f"{req.files[graph]}: found no MatMul with a constant weight to quantize")
-    return [n.name for n in nodes], head.name if head is not None else None, [int(n.inputs[1].shape[0]) for n in nodes]
+    eight = set()
+    if graph == "decoder" and req.int4_8bit:
+        eight = {n.name for n in nodes if any(p in (n.inputs[1].name or "") for p in req.int4_8bit)}
+        unmatched = [p for p in req.int4_8bit if not any(p in (n.inputs[1].name or "") for n in nodes)]
+        if unmatched:
+            raise ExportError(f"--int4-8bit {','.join(unmatched)}: no decoder linear's weight name contains it "
+                              f"(they look like {nodes[0].inputs[1].name!r})")
+        if len(eight) == len(nodes):
+            raise ExportError("--int4-8bit matches every decoder linear: export with --quant int8 instead")
+    return ([n.name for n in nodes], head.name if head is not None else None, [int(n.inputs[1].shape[0]) for n in nodes],
+            eight)
 
 
-def _write_form(source: Path, target: Path, names: list[str], merge: bool = False,
+def _write_form(source: Path, target: Path, names: list[str], merge: bool = False, eight: set[str] = frozenset(),
                 **quantization) -> tuple[onnx.ModelProto, list[list[str]]]:
     """Quantize `names` of `source` into `target` with weights streamed (precision.streamed_weights);
     returns `target`'s ModelProto without its weights (for counting and opsets) and the groups of linears
-    merged into one node (`merge`: those sharing an input, streamed_weights.merge_shared_input_linears)."""
+    merged into one node (`merge`: those sharing an input, streamed_weights.merge_shared_input_linears).
+    `eight`: names of `names` quantized with 8 bits instead (merged only among themselves)."""
     model = ir.load(str(source))
-    wanted = set(names)
-    nodes, merged = [n for n in model.graph if n.name in wanted], []
-    if merge:
-        nodes, merged = merge_shared_input_linears(model.graph, nodes)
-    quantize_graph(model, nodes, **quantization)
+    merged = []
+    for subset, bits in ((set(names) - set(eight), quantization.pop("bits")), (set(eight), 8)):
+        nodes = [n for n in model.graph if n.name in subset]
+        if not nodes:
+            continue
+        if merge:
+            nodes, groups = merge_shared_input_linears(model.graph, nodes)
+            merged += groups
+        quantize_graph(model, nodes, bits=bits, **quantization)
     save_beside(model, target, IR_VERSION)
     del model
     onnx.checker.check_model(str(target))
     return onnx.load(str(target), load_external_data=False), merged
 
 
-def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str, names, ks, reader) -> dict:
-    """The TensorRT form: INT4 blocked DequantizeLinear weights, or calibrated int8 QDQ; its record."""
+def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str, names, ks, reader,
+              eight: set[str]) -> dict:
+    """The TensorRT form: INT4 blocked DequantizeLinear weights (the `eight` linears left unquantized), or
+    calibrated int8 QDQ; its record."""
     record = {**base, "format": "QDQ", "bits": req.bits, "backend": ["trt"]}
     target = req.folder / trt_file
     if req.quant == "int4":
+        if eight:
+            ks = [k for n, k in zip(names, ks) if n not in eight]
+            names = [n for n in names if n not in eight]
+            record["kept_8bit"] = {"patterns": list(req.int4_8bit), "linears": len(eight),
+                                   "as": "unquantized (the engine's float type)"}
         trt_block = trt_int4_block(req.block_size, ks)
         record.update(block_size=trt_block or req.block_size, symmetric=True,
                       weights="INT4 blocked DequantizeLinear (axis 0)")
@@ -366,14 +397,15 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
     return record
 
 
-def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path, names) -> dict:
+def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path, names, eight: set[str]) -> dict:
     """The onnxruntime form: weight-only MatMulNBits, asymmetric, in the graph's own file; its record.
     Only onnxruntime reads this file, so the decoder's linears that share an input are merged (q/k/v,
     gate/up: one weight read and one activation quantization each) and its RMSNorms, rotary and attention
     are fused too (ort_fusions)."""
     fused = graph == "decoder" and req.ort_fusions
-    qmodel, merged = _write_form(source, path, names, merge=fused, bits=req.bits, block_size=req.block_size,
-                                 symmetric=False, qdq=False, accuracy_level=req.accuracy_level or None)
+    qmodel, merged = _write_form(source, path, names, merge=fused, eight=eight, bits=req.bits,
+                                 block_size=req.block_size, symmetric=False, qdq=False,
+                                 accuracy_level=req.accuracy_level or None)
     fusions = None
     if fused:
         fusions = fuse_decoder_file(path, req.dims)
@@ -383,18 +415,21 @@ def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path,
               "symmetric": False, "backend": ["ort"],
               "quantized_nodes": count_quantized(qmodel)["MatMulNBits"], "opset": opsets(qmodel),
               "tensorrt_compatible": False, "accuracy_level": req.accuracy_level}
+    if eight:
+        record["kept_8bit"] = {"patterns": list(req.int4_8bit), "linears": len(eight), "as": "8-bit MatMulNBits"}
     if fusions is not None:
         record["ort_fusions"] = fusions
     record["bytes"] = graph_bytes(path)
     return record
 
 
-def _count_linears(record: dict, graph: str, names: list[str], head: str | None) -> None:
-    """Every linear layer must have been quantized: a shortfall means a linear form the quantizer missed."""
+def _count_linears(record: dict, graph: str, names: list[str], head: str | None, kept: int = 0) -> None:
+    """Every linear layer must have been quantized (but the `kept` ones left as they are on purpose): a
+    shortfall means a linear form the quantizer missed."""
     record["linear_layers"] = len(names)
     record["lm_head"] = head
     merged = (record.get("ort_fusions") or {}).get("merged_linears") or {"groups": 0, "linears": 0}
-    if record["quantized_nodes"] != len(names) - merged["linears"] + merged["groups"]:
+    if record["quantized_nodes"] != len(names) - kept - merged["linears"] + merged["groups"]:
         raise ExportError(
             f"{graph}: quantized {record['quantized_nodes']} of {len(names)} linear layers; "
             "the graph has a linear form the quantizer does not catch"

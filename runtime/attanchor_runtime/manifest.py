@@ -437,6 +437,8 @@ class FormRecord(Section):
     fp16: Any = None  # the fp16 converter's record
     ort_fusions: Any = None  # precision.ort_fusions' record (kv_cache among its keys)
     smoothing: Smoothing | None = None  # int8 QDQ: the SmoothQuant rewrite (None: not smoothed)
+    # int4 with linears kept at 8 bits (--int4-8bit): {"patterns", "linears", "as"} (None: all int4)
+    kept_8bit: Any = None
     bytes: int | None = None
 
     @property
@@ -512,6 +514,7 @@ class Precision(Section):
     lm_head_quantized: bool | None = None
     vision_quantized: bool = False
     forms: tuple[str, ...] = ()
+    int4_8bit: tuple[str, ...] = ()  # int4: weight-name patterns of the decoder linears kept at 8 bits
     graphs: Mapping[str, FormRecord] = field(default_factory=_empty)  # file -> its record
     backends: Mapping[str, Mapping[str, str | None]] = field(default_factory=_empty)  # backend -> graph -> file
     calibration: Any = None  # the int8 calibration set used (or that none was needed)
