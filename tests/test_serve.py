@@ -226,7 +226,9 @@ def test_file_urls_only_under_the_allowed_folder(tight, pipe, items, tmp_path):
 def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_vqa_fp32, items, tmp_path):
     """A request already generating finishes; one still running after --shutdown-grace gets a clean 503;
     no new connection is taken; the process exits 0."""
-    proc = ServeProcess(tiny_vqa_fp32, "--max-batch", "1", "--shutdown-grace", "5", log=tmp_path / "serve.log")
+    # A grace long enough for the 40-token request on a loaded 2-core CI machine (5 s cut it there
+    # once), short of the 4000-token one, which is still running when it ends.
+    proc = ServeProcess(tiny_vqa_fp32, "--max-batch", "1", "--shutdown-grace", "20", log=tmp_path / "serve.log")
     url = data_url(items[0].image)
     results = {}
 
