@@ -82,3 +82,24 @@ def assert_answers_close(folder: Path, reference: dict, items, max_drop: float, 
     same = sum(a["answer"] == b["answer"] for a, b in zip(result["records"], reference["records"], strict=True))
     assert same / len(items) >= min_same, same
     return result
+
+
+def assert_fp32_answers_as_pytorch(checkpoint: Path, fp32_eval) -> None:
+    """A trained tiny model's fp32 artifact (`fp32_eval`: pipe, items, evaluation) answers every question
+    exactly as its PyTorch checkpoint does, accurately, with anchors inserted."""
+    from attanchor_export.checks.task_accuracy import torch_answers
+    from attanchor_export.load.checkpoint import load_checkpoint
+
+    pipe, items, result = fp32_eval
+    reference = torch_answers(load_checkpoint(str(checkpoint)), pipe, items, pipe.default_threshold)
+    runtime = [r["answer"] for r in result["records"]]
+    assert runtime == reference  # the same answers, question by question, not just the same rate
+    assert result["accuracy"] >= 0.90, result["by_kind"]
+    assert result["anchors_per_question"] > 0
+
+
+def assert_word_anchors_on_the_shape(fp32_eval) -> None:
+    """Colour and shape words were anchored next to patches on the shape, well above chance."""
+    loc = fp32_eval[2]["localisation"]
+    assert loc["word_anchors"] >= 20, loc
+    assert loc["on_shape"] >= 0.40 and loc["ratio_to_chance"] >= 2.0, loc

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import assert_answers_close, locked, read_manifest
+from helpers import (
+    assert_answers_close,
+    assert_fp32_answers_as_pytorch,
+    assert_word_anchors_on_the_shape,
+    locked,
+    read_manifest,
+)
 
 from attanchor_export.cli import main
 
@@ -108,21 +114,11 @@ def test_threshold_auto_hits_the_target_rate(fp32):
 
 
 def test_fp32_artifact_answers_exactly_as_pytorch(fp32, fp32_eval, tiny_vqa_checkpoint):
-    from attanchor_export.checks.task_accuracy import torch_answers
-    from attanchor_export.load.checkpoint import load_checkpoint
-
-    pipe, items, result = fp32_eval
-    reference = torch_answers(load_checkpoint(str(tiny_vqa_checkpoint)), pipe, items, pipe.default_threshold)
-    runtime = [r["answer"] for r in result["records"]]
-    assert runtime == reference  # the same answers, question by question, not just the same rate
-    assert result["accuracy"] >= 0.90, result["by_kind"]
-    assert result["anchors_per_question"] > 0
+    assert_fp32_answers_as_pytorch(tiny_vqa_checkpoint, fp32_eval)
 
 
 def test_colour_and_shape_words_are_anchored_on_the_shape(fp32_eval):
-    loc = fp32_eval[2]["localisation"]
-    assert loc["word_anchors"] >= 20, loc
-    assert loc["on_shape"] >= 0.40 and loc["ratio_to_chance"] >= 2.0, loc
+    assert_word_anchors_on_the_shape(fp32_eval)
 
 
 def test_only_words_are_ever_anchored(fp32, fp32_eval):
