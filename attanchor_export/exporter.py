@@ -142,9 +142,10 @@ def _anchor_defaults(loaded, tokenizer, options: ExportOptions, steps, excluded=
     calib = options.calib if options.calib is not None else declared.get("calib")
     task = options.task if options.task is not None else declared.get("task")
     floors = _merge_floors(declared.get("gate_floors"), options.gate_floors, options)
-    int4_8bit = options.int4_8bit if options.int4_8bit is not None else tuple(declared.get("int4_8bit") or ())
-    if not all(isinstance(p, str) and p for p in int4_8bit):
-        raise ExportError(f"int4_8bit must be a list of non-empty linear names, got {list(int4_8bit)!r}")
+    int4_8bit = options.int4_8bit if options.int4_8bit is not None else (declared.get("int4_8bit") or ())
+    # a bare string would pass as a tuple of one-letter names
+    if not isinstance(int4_8bit, (list, tuple)) or not all(isinstance(p, str) and p for p in int4_8bit):
+        raise ExportError(f"int4_8bit must be a list of non-empty linear names, got {int4_8bit!r}")
     calibration = None
     if threshold == "auto":
         from transformers import AutoImageProcessor

@@ -332,22 +332,22 @@ def _linears(req: _Request, graph: str, source: Path) -> tuple[list[str], str | 
             eight)
 
 
-def _write_form(source: Path, target: Path, names: list[str], merge: bool = False, eight: set[str] = frozenset(),
-                **quantization) -> tuple[onnx.ModelProto, list[list[str]]]:
+def _write_form(source: Path, target: Path, names: list[str], bits: int, merge: bool = False,
+                eight: set[str] = frozenset(), **quantization) -> tuple[onnx.ModelProto, list[list[str]]]:
     """Quantize `names` of `source` into `target` with weights streamed (precision.streamed_weights);
     returns `target`'s ModelProto without its weights (for counting and opsets) and the groups of linears
     merged into one node (`merge`: those sharing an input, streamed_weights.merge_shared_input_linears).
     `eight`: names of `names` quantized with 8 bits instead (merged only among themselves)."""
     model = ir.load(str(source))
     merged = []
-    for subset, bits in ((set(names) - set(eight), quantization.pop("bits")), (set(eight), 8)):
+    for subset, subset_bits in ((set(names) - set(eight), bits), (set(eight), 8)):
         nodes = [n for n in model.graph if n.name in subset]
         if not nodes:
             continue
         if merge:
             nodes, groups = merge_shared_input_linears(model.graph, nodes)
             merged += groups
-        quantize_graph(model, nodes, bits=bits, **quantization)
+        quantize_graph(model, nodes, bits=subset_bits, **quantization)
     save_beside(model, target, IR_VERSION)
     del model
     onnx.checker.check_model(str(target))
@@ -364,8 +364,7 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
         if eight:
             ks = [k for n, k in zip(names, ks) if n not in eight]
             names = [n for n in names if n not in eight]
-            record["kept_8bit"] = {"patterns": list(req.int4_8bit), "linears": len(eight),
-                                   "as": "unquantized (the engine's float type)"}
+            record["kept_8bit"] = _kept_8bit(req, eight, "unquantized (the engine's float type)")
         trt_block = trt_int4_block(req.block_size, ks)
         record.update(block_size=trt_block or req.block_size, symmetric=True,
                       weights="INT4 blocked DequantizeLinear (axis 0)")
@@ -416,11 +415,16 @@ def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path,
               "quantized_nodes": count_quantized(qmodel)["MatMulNBits"], "opset": opsets(qmodel),
               "tensorrt_compatible": False, "accuracy_level": req.accuracy_level}
     if eight:
-        record["kept_8bit"] = {"patterns": list(req.int4_8bit), "linears": len(eight), "as": "8-bit MatMulNBits"}
+        record["kept_8bit"] = _kept_8bit(req, eight, "8-bit MatMulNBits")
     if fusions is not None:
         record["ort_fusions"] = fusions
     record["bytes"] = graph_bytes(path)
     return record
+
+
+def _kept_8bit(req: _Request, eight: set[str], kept_as: str) -> dict:
+    """A form's FormRecord.kept_8bit: what --int4-8bit asked for, how many linears it matched, and as what."""
+    return {"patterns": list(req.int4_8bit), "linears": len(eight), "as": kept_as}
 
 
 def _count_linears(record: dict, graph: str, names: list[str], head: str | None, kept: int = 0) -> None:
