@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +75,7 @@ def run_profiled(folder: Path, prompt_len: int, steps: int, threads: int, seed: 
         pass
     wall = time.perf_counter() - started
     trace = json.loads(Path(decoder.session.end_profiling()).read_text())
+    shutil.rmtree(prefix.parent, ignore_errors=True)  # the trace (MBs per run) is read; leave nothing in /tmp
     return trace, wall
 
 

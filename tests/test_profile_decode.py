@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 from helpers import load_script
 
@@ -13,10 +15,12 @@ def _script():
 
 def test_profile_splits_prefill_and_decode_steps(artifact, tmp_path, capsys):
     out = tmp_path / "profile.json"
+    before = set(Path(tempfile.gettempdir()).glob("attanchor-profile-*"))
     assert _script().main([str(artifact("clip-t2i")), "--prompt-len", "12", "--steps", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     step, prefill = report["decode_step"], report["prefill"]
     assert report["decode_runs"] == 3
+    assert set(Path(tempfile.gettempdir()).glob("attanchor-profile-*")) == before  # its trace folder is removed
     for part in (step, prefill):
         assert 0 < part["kernel_ms"] <= part["wall_ms"]
         assert abs(sum(op["ms"] for op in part["ops"].values()) - part["kernel_ms"]) < 1e-6 * part["kernel_ms"] + 1e-9
