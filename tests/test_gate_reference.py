@@ -95,6 +95,10 @@ def test_fp32_graphs_against_the_reference_agree_everywhere(fp32_folder):
     assert result["positions"] == itself["positions"]
     assert result["cos_min"] > 0.9999 and result["top1"] == 1.0 and result["finite"]
     assert result["greedy_match"] == 1.0 and result["greedy_prefix"] == NEW_TOKENS
+    # with its own vision graph: judged by the feature cosine, the decoder still on PyTorch's features
+    seen = gate.evaluate(gate.source_model_baseline(loaded, manifest, NEW_TOKENS, samples), pipe, vision_changed=True)
+    assert seen["vision_cos_min"] > 0.9999 and seen["positions"] == result["positions"]
+    assert seen["cos_mean"] == result["cos_mean"] and seen["greedy_match"] == 1.0
 
 
 def test_int4_gate_decision_is_unchanged(qwen_artifact, qwen_artifact_int4):
@@ -116,3 +120,26 @@ def test_int4_gate_decision_is_unchanged(qwen_artifact, qwen_artifact_int4):
         assert new["greedy_match"] == new["top1_answer"]
         assert gate.judge(new, floors) == gate.judge(old, floors) == []
     assert against_torch.reference.continuations == len(manifest.precision.backends)
+
+
+def test_broken_int4_fails_the_gate_against_pytorch(checkpoint, tmp_path, monkeypatch):
+    """Scales off by 4x fail an over-budget export's gate, judged against the PyTorch reference."""
+    import attanchor_export.export_cost as export_cost
+    from attanchor_export.exporter import ExportOptions, export_artifact
+    from attanchor_export.precision import streamed_weights
+
+    original = streamed_weights._Quantized.part
+
+    def broken(self, value, index):
+        compute = original(self, value, index)
+        return (lambda: compute() * 4) if index == 1 else compute  # index 1: the scales
+
+    monkeypatch.setattr(streamed_weights._Quantized, "part", broken)
+    monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)  # the fp32 decoder "does not fit"
+    with pytest.raises(gate.AccuracyGateFailed) as info:
+        export_artifact(str(checkpoint("siglip-qwen2")), ExportOptions(output=tmp_path / "art", memory_budget=0.5,
+                                                                       quant="int4"))
+    assert "logits cosine mean" in str(info.value) and "\n" not in str(info.value)
+    assert info.value.precision.gate.set["reference"].startswith("PyTorch fp32 (streamed), teacher-forced")
+    assert all(r.cos_mean < RANDOM_CHECKPOINT_FLOORS["int4"]["cos_mean"] for r in info.value.results)
+    assert not (tmp_path / "art").exists()
