@@ -15,6 +15,7 @@ from attanchor_export.export_cost import MemoryPlan
 from attanchor_export.load.source import load_source
 from attanchor_export.options import no_steps
 from attanchor_export.precision.gate import run_gate, source_model_baseline
+from attanchor_export.source_model import drop_front_weights
 from attanchor_export.trt.lint import lint_artifact
 
 
@@ -51,6 +52,7 @@ def regate(manifest: Manifest, loaded) -> Gate:
     """Re-run the export's accuracy gate, with PyTorch (not the long-gone fp32 graphs) as baseline."""
     precision = manifest.precision
     baseline = source_model_baseline(loaded, manifest)
+    drop_front_weights(loaded)  # the reference's decoder forwards take embeddings: tower and table not read again
     floors = precision.gate.floors if precision.gate is not None else None
     changed = {"vision": precision.vision_quantized}
     # An fp16 decoder whose widened weights would not fit is run with them fed from disk (MemoryPlan).

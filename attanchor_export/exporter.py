@@ -49,6 +49,7 @@ from attanchor_export.load.lora import apply_adapter, locate_adapter
 from attanchor_export.options import ARTIFACT_IR_VERSION, MODES, ExportOptions, no_steps
 from attanchor_export.precision.gate import AccuracyGateFailed, source_model_baseline
 from attanchor_export.precision.quantize import FORMS, quantize_artifact
+from attanchor_export.source_model import drop_front_weights
 from attanchor_export.trace.candidates import excluded_token_ids
 from attanchor_export.trace.decoder import export_decoder
 from attanchor_export.trace.embedding import build_embedding_model, save_embedding_model, write_embed_table
@@ -240,12 +241,16 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
         if _reduces_precision(options) and memory.pytorch_gate_baseline:
             with steps("PyTorch baseline for the accuracy gate (decoder layers streamed, fp32)"):
                 baseline = source_model_baseline(loaded, manifest)
+                # The reference keeps the decoder (its layers stay on disk) for each form's tokens at the
+                # gate; nothing reads the vision tower or the token table again.
+                drop_front_weights(loaded)
         _free_model(loaded)
         checks = []
         if source is not None:
             manifest, checks = _validate(source, staging, manifest, options, steps, cost)
         if _reduces_precision(options):
             manifest = _quantize(staging, manifest, options, steps, cost, baseline, memory)
+            baseline = None  # the reference's decoder and prompt KV cache go with it
         with steps("write manifest (sizes and sha256 of every file)"):
             manifest = _write_final_manifest(manifest, cost)
     return ExportResult(folder=options.output, manifest=dataclasses.replace(manifest, folder=Path(options.output)),

@@ -16,6 +16,8 @@ transformers' own LlavaForConditionalGeneration.generate wants M placeholders in
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import torch
 from attanchor_graphs.specification import anchor_insert, candidate_mask_from_ids
@@ -168,6 +170,23 @@ def teacher_forced_logits(loaded, inputs_embeds, attention_mask, position_ids, c
     return head(out.last_hidden_state).float()
 
 
+def drop_front_weights(loaded) -> None:
+    """Put every parameter outside the decoder (the vision tower and projector, and the token embedding
+    table unless the lm_head is that table) on the meta device. For a model kept only for decoder forwards
+    fed embeddings (the gate's PyTorch reference, held through quantization): at 7B these are gigabytes
+    of fp32 that nothing reads any more. The model cannot see images or embed ids after this."""
+    family, model = loaded.family, loaded.model
+    head = family.lm_head(model)
+    keep = {id(p) for m in (family.language_model(model), head) for p in m.parameters()}
+    table = family.embed_tokens(model).weight
+    if table is not head.weight:
+        keep.discard(id(table))
+    for sub in model.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and not p.is_meta and id(p) not in keep:
+                sub._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+
+
 def expand_image_tokens(input_ids, attention_mask, image_token_id: int, num_image_tokens: int, pad_token_id: int):
     """One placeholder per row -> M placeholders per row, re-left-padded: the input_ids HF LLaVA's generate
     expects (what LlavaProcessor emits). Returns (input_ids, attention_mask) as LongTensors [B, T - 1 + M].
@@ -224,14 +243,21 @@ class TorchBackend:
     """The source model behind decode.Backend, fp32, the artifact's graph IO names (from `manifest`):
     vision by the family's vision module, embed by anchored_inputs, decode by DecoderWithCache (one
     decoder layer's weights in memory at a time when the model is streamed). The cache is the flat
-    list of present arrays, as OrtBackend's."""
+    list of present arrays, as OrtBackend's. `last_logits_only`: None = as the artifact's decoder graph;
+    False returns every fed position's logits (the gate's reference feeds a whole continuation at once)."""
 
     name = "torch"
 
-    def __init__(self, loaded, manifest: Manifest):
+    def __init__(self, loaded, manifest: Manifest, last_logits_only: bool | None = None):
         self.loaded, self.manifest = loaded, manifest
-        self.vision_module = loaded.family.vision_module(loaded.model).eval()
-        self.decoder = decoder_module(loaded, manifest.graphs.decoder.notes.last_logits_only)
+        if last_logits_only is None:
+            last_logits_only = manifest.graphs.decoder.notes.last_logits_only
+        self.decoder = decoder_module(loaded, last_logits_only)
+
+    @cached_property
+    def vision_module(self) -> torch.nn.Module:
+        """Built on first use: a backend that only decodes (the gate's reference) never needs the tower."""
+        return self.loaded.family.vision_module(self.loaded.model).eval()
 
     @torch.no_grad()
     def vision(self, feeds: dict) -> np.ndarray:
@@ -269,5 +295,6 @@ class TorchBackend:
         pass
 
 
-__all__ = ["DecoderWithCache", "TorchBackend", "anchored_inputs", "decoder_module", "expand_image_tokens",
+__all__ = ["DecoderWithCache", "TorchBackend", "anchored_inputs", "decoder_module", "drop_front_weights",
+           "expand_image_tokens",
            "greedy_generate", "image_features", "image_position", "teacher_forced_logits"]

@@ -16,6 +16,20 @@ as at run time, and decoded by the runtime's own loop, decode.generate):
   is a cliff (one flipped near-tie and the rest of the text differs), so this is reported, not gated.
 - Vision features (when vision.onnx was converted): cosine per image token, mean and min.
 
+Against the PyTorch source model (`source_model_baseline`: the fp32 decoder graph over the memory
+budget, and `check`) the reference is teacher-forced on the form's tokens instead (gate_reference.py):
+each form generates greedily once (the runtime's decode loop, on the reference's image features and
+anchors); PyTorch computes the prompts' logits once (one layer-streamed forward for all rows) and, per
+form, the logits over that form's greedy tokens in one cached forward, so each decoder layer is read
+once per forward rather than once per token. The logits metrics are the same positions, compared the
+same way. Greedy agreement is counted per position given the form's own prefix: the fraction of the
+form's tokens that are PyTorch's arg-max after the same tokens (which is the top-1 agreement over the
+answer positions), and the prefix is the number of tokens before the first one PyTorch would have chosen
+differently (the common prefix with PyTorch's own greedy run, which follows the same tokens up to
+there). After a first disagreement the fp32 count compares two diverged texts; this one keeps asking
+whether PyTorch agrees with each next token. A converted vision graph is judged by its feature cosine;
+the decoder runs on PyTorch's image features, so one PyTorch prompt pass serves every form.
+
 The gate (per format, floors below) fails on a NaN/inf anywhere, on a logits cosine mean below
 `cos_mean`, on a top-1 agreement below `top1`, or on a vision feature cosine mean below `vision_cos_mean`.
 With a task set (tiny-vqa: easy-vqa) it also fails when a form's task accuracy drops more than
@@ -44,6 +58,7 @@ from attanchor_export.checks.compare import cosine_rows
 from attanchor_export.checks.task_accuracy import evaluate_artifact
 from attanchor_export.errors import ExportError
 from attanchor_export.load.datasets import GATE_SPLIT, Sample, gate_samples, load_task
+from attanchor_export.precision.gate_reference import TorchReference
 from attanchor_export.source_model import TorchBackend
 
 # Floors per format for trained models (docs/QUANTIZATION.md has the tables). int4 is set from tiny-vqa,
@@ -94,15 +109,17 @@ class GateBaseline:
     labels: list[str]
     features: np.ndarray  # [B, M, D] fp32 image features
     front: FrontEnd  # the batched, left-padded decoder inputs (vision + embedding of the baseline)
-    tokens: np.ndarray  # [B, n] fp32 greedy tokens
-    logits: np.ndarray  # [P, V] teacher-forced logits at the valid positions, concatenated over rows
-    answer: np.ndarray  # [P] bool: positions that predict a generated token
+    # With a `reference` (PyTorch, teacher-forced per form) these three are None: each form brings its tokens.
+    tokens: np.ndarray | None  # [B, n] fp32 greedy tokens
+    logits: np.ndarray | None  # [P, V] teacher-forced logits at the valid positions, concatenated over rows
+    answer: np.ndarray | None  # [P] bool: positions that predict a generated token
     new_tokens: int = DEFAULT_NEW_TOKENS
     samples: list[Sample] = field(default_factory=list)
     task: dict | None = None  # fp32_task_answers: the fp32 answers on the task's gate subset
     # What produced `tokens` and `logits`: the fp32 decoder graph, or the PyTorch source model where that
     # graph is over the memory budget (source_model_baseline).
     decoder: str = "fp32 decoder graph (onnxruntime)"
+    reference: TorchReference | None = None  # source_model_baseline's: PyTorch logits for any form's tokens
 
 
 def gate_pipeline(manifest: Manifest, files: dict | None = None, low_memory: bool = False) -> Pipeline:
@@ -121,6 +138,13 @@ def _front(pipe: Pipeline, samples: Sequence[Sample], features: np.ndarray | Non
 def _features(pipe: Pipeline, samples: Sequence[Sample]) -> np.ndarray:
     pixels = np.concatenate([pipe.images(s.image) for s in samples], axis=0)
     return pipe.backend.vision(pipe.family.vision_feeds(pixels, len(samples)))
+
+
+def _features_and_front(pipe: Pipeline, samples: Sequence[Sample]) -> tuple[np.ndarray, FrontEnd]:
+    features = _features(pipe, samples)
+    front = _front(pipe, samples, features)
+    pipe.backend.release("vision")  # the decoder run (minutes, at 7B) does not need it
+    return features, front
 
 
 def _rows(front: FrontEnd, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,23 +214,28 @@ def fp32_baseline(pipe: Pipeline, samples: Sequence[Sample] | None = None,
     """Run the fp32 artifact (`pipe`) over the gate set. One greedy run gives the teacher-forced logits
     too: fed its own tokens, the baseline is its own teacher."""
     samples = list(samples or gate_samples())
-    features = _features(pipe, samples)
-    front = _front(pipe, samples, features)
-    pipe.backend.release("vision")  # the decoder run (minutes, at 7B) does not need it
+    features, front = _features_and_front(pipe, samples)
     tokens, logits, answer, _ = _run_decoder(pipe, _rows(front, slice(None)), new_tokens)
     return GateBaseline(labels=[s.label for s in samples], features=features, front=front, tokens=tokens,
                         logits=logits, answer=answer, new_tokens=new_tokens, samples=samples)
 
 
-def source_model_baseline(loaded, manifest: Manifest, new_tokens: int = DEFAULT_NEW_TOKENS) -> GateBaseline:
+def source_model_baseline(loaded, manifest: Manifest, new_tokens: int = DEFAULT_NEW_TOKENS,
+                          samples: Sequence[Sample] | None = None) -> GateBaseline:
     """The baseline from the PyTorch source model (fp32; one decoder layer's weights in memory at a time
     when the model is streamed) in place of the fp32 graphs: vision, anchors and decoder all PyTorch
-    (source_model.TorchBackend), prompts from the artifact's tokenizer. No task answers: those need the
-    fp32 graphs. Used where the fp32 decoder is over the memory budget, and by the `check` verb, long
-    after the fp32 graphs are gone."""
-    baseline = fp32_baseline(Pipeline(manifest, TorchBackend(loaded, manifest)), gate_samples(), new_tokens)
-    baseline.decoder = f"PyTorch fp32 ({loaded.streaming})"
-    return baseline
+    (source_model.TorchBackend), prompts from the artifact's tokenizer. Runs the vision tower, the anchors
+    and the prompts' forward now; each form's greedy tokens get their PyTorch logits in `evaluate`
+    (gate_reference.TorchReference, which keeps the decoder and the prompts' KV cache until then). No task
+    answers: those need the fp32 graphs. Used where the fp32 decoder is over the memory budget, and by the
+    `check` verb, long after the fp32 graphs are gone."""
+    samples = list(samples or gate_samples())
+    pipe = Pipeline(manifest, TorchBackend(loaded, manifest))
+    features, front = _features_and_front(pipe, samples)
+    reference = TorchReference(loaded, manifest, pipe.family, pipe.embed, _rows(front, slice(None)))
+    return GateBaseline(labels=[s.label for s in samples], features=features, front=front, tokens=None, logits=None,
+                        answer=None, new_tokens=new_tokens, samples=samples, reference=reference,
+                        decoder=f"PyTorch fp32 ({loaded.streaming}), teacher-forced on each form's greedy tokens")
 
 
 def _prefix_len(a: np.ndarray, b: np.ndarray) -> int:
@@ -214,26 +243,76 @@ def _prefix_len(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else len(a)
 
 
+class _Tally:
+    """Position-by-position comparisons of a form's logits with the reference's, added part by part."""
+
+    def __init__(self) -> None:
+        self.cos, self.top1, self.answer = [], [], []
+        self.finite, self.max_abs = True, 0.0
+
+    def add(self, part: np.ndarray, reference: np.ndarray, answer) -> None:
+        if part.shape != reference.shape:
+            raise ValueError(f"gate: logits {part.shape} do not match the reference's {reference.shape}")
+        for x, y in _chunks(part, reference):
+            self.finite = self.finite and bool(np.isfinite(x).all())
+            if self.finite:
+                self.max_abs = max(self.max_abs, float(np.abs(x.astype(np.float64) - y).max(initial=0.0)))
+        self.cos.append(_cosines(part, reference))
+        self.top1.append(part.argmax(-1) == reference.argmax(-1))
+        self.answer.append(np.broadcast_to(np.asarray(answer, bool), (len(part),)))
+
+    def metrics(self) -> dict:
+        cos, top1, answer = (np.concatenate(x) for x in (self.cos, self.top1, self.answer))
+        return {
+            "positions": int(len(cos)),
+            "finite": self.finite,
+            "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            "top1": float(top1.mean()),
+            "cos_mean_answer": float(cos[answer].mean()),
+            "top1_answer": float(top1[answer].mean()),
+            "max_abs_diff": self.max_abs if self.finite else None,
+        }
+
+
 def evaluate(baseline: GateBaseline, pipe: Pipeline, vision_changed: bool = False,
              rows_per_run: int | None = None) -> dict:
     """Metrics of one reduced-precision form (`pipe`: a Pipeline over its files) against `baseline`.
-    `vision_changed`: the form has its own vision graph (used for greedy generation and the vision metrics).
+    `vision_changed`: the form has its own vision graph (used for greedy generation and the vision metrics;
+    against a PyTorch `baseline.reference`, for the vision metrics only).
     `rows_per_run`: run the gate set this many rows at a time (None: all at once). Per row the positions
     and tokens are the same either way; fewer rows hold less KV cache (2.6 GB per 4 x 632-token rows at 7B)."""
-    result = {}
+    vision = {}
     free_front = baseline.front
     if vision_changed:
         features = _features(pipe, baseline.samples)
         vcos = _cosines(features, baseline.features)
-        result["vision_cos_mean"] = float(vcos.mean())
-        result["vision_cos_min"] = float(vcos.min())
+        vision = {"vision_cos_mean": float(vcos.mean()), "vision_cos_min": float(vcos.min())}
         vision_finite = bool(np.isfinite(features).all())
-        free_front = _front(pipe, baseline.samples, features)
+        if baseline.reference is None:
+            free_front = _front(pipe, baseline.samples, features)
         pipe.backend.release("vision")
+    if baseline.reference is not None:
+        tally, tokens, expected = _against_reference(baseline, pipe, rows_per_run)
+    else:
+        tally, tokens = _against_fp32(baseline, pipe, free_front, vision_changed, rows_per_run)
+        expected = baseline.tokens
+    result = {**tally.metrics(), **vision}
+    result["finite"] = result["finite"] and (vision_finite if vision_changed else True)
+    result["greedy_match"] = float((tokens == expected).mean())
+    result["greedy_prefix"] = float(np.mean([_prefix_len(t, r) for t, r in zip(tokens, expected)]))
+    result["greedy_tokens"] = int(baseline.new_tokens)
+    result["meets_target"] = result["cos_mean"] >= TARGET_COS
+    return result
+
+
+def _against_fp32(baseline: GateBaseline, pipe: Pipeline, free_front: FrontEnd, vision_changed: bool,
+                  rows_per_run: int | None) -> tuple[_Tally, np.ndarray]:
+    """The form teacher-forced on the fp32 tokens (compared with the fp32 logits), then free-running
+    (its tokens returned, for greedy agreement with the fp32 ones)."""
     batch = baseline.tokens.shape[0]
     step = rows_per_run or batch
-    cos, top1, answer, tokens = [], [], [], []
-    finite, max_abs, offset = True, 0.0, 0
+    tally, tokens, offset = _Tally(), [], 0
     for start in range(0, batch, step):
         rows = slice(start, start + step)
         # The free-running greedy starts from the same prompt unless the vision graph changed: its
@@ -249,34 +328,45 @@ def evaluate(baseline: GateBaseline, pipe: Pipeline, vision_changed: bool = Fals
             raise ValueError(f"gate: logits of rows {rows.start}-{rows.start + len(free) - 1} ({part.shape}) do not "
                              f"match the baseline's {baseline.logits.shape} from position {offset}")
         offset += len(part)
-        for x, y in _chunks(part, reference):
-            finite = finite and bool(np.isfinite(x).all())
-            if finite:
-                max_abs = max(max_abs, float(np.abs(x.astype(np.float64) - y).max(initial=0.0)))
-        cos.append(_cosines(part, reference))
-        top1.append(part.argmax(-1) == reference.argmax(-1))
-        answer.append(part_answer)
+        tally.add(part, reference, part_answer)
         tokens.append(free)
         del part, reference
     if offset != len(baseline.logits):
         raise ValueError(f"gate: {offset} logits positions, the baseline has {len(baseline.logits)}")
-    cos, top1, answer, tokens = (np.concatenate(x) for x in (cos, top1, answer, tokens))
-    result = {
-        "positions": int(len(cos)),
-        "finite": finite and (vision_finite if vision_changed else True),
-        "cos_mean": float(cos.mean()),
-        "cos_min": float(cos.min()),
-        "top1": float(top1.mean()),
-        "cos_mean_answer": float(cos[answer].mean()),
-        "top1_answer": float(top1[answer].mean()),
-        "max_abs_diff": max_abs if finite else None,
-        **result,
-    }
-    result["greedy_match"] = float((tokens == baseline.tokens).mean())
-    result["greedy_prefix"] = float(np.mean([_prefix_len(t, r) for t, r in zip(tokens, baseline.tokens)]))
-    result["greedy_tokens"] = int(baseline.new_tokens)
-    result["meets_target"] = result["cos_mean"] >= TARGET_COS
-    return result
+    return tally, np.concatenate(tokens)
+
+
+def _against_reference(baseline: GateBaseline, pipe: Pipeline,
+                       rows_per_run: int | None) -> tuple[_Tally, np.ndarray, np.ndarray]:
+    """The form generates greedily once on the reference's front end (fed its own tokens, it is its own
+    teacher: one run gives its tokens and their logits); the prompt positions are compared with the
+    reference's as each run ends, the generated ones after PyTorch's one forward over every row's
+    tokens. Returns the tally, the form's tokens [B, n] and PyTorch's choices after the same prefixes."""
+    reference, n = baseline.reference, baseline.new_tokens
+    batch = reference.rows
+    step = rows_per_run or batch
+    tally, tokens, generated = _Tally(), [], []
+    for start in range(0, batch, step):
+        rows = range(start, min(start + step, batch))
+        own, part, _, _ = _run_decoder(pipe, _rows(baseline.front, slice(rows.start, rows.stop)), n)
+        at = 0
+        for row in rows:  # per row: its prompt positions, then one per decode step (_run_decoder)
+            prompt = reference.prompt(row)
+            tally.add(part[at:at + len(prompt)], prompt, np.arange(len(prompt)) == len(prompt) - 1)
+            at += len(prompt)
+            generated.append(part[at:at + n - 1].copy())  # small: n - 1 positions a row
+            at += n - 1
+        if at != len(part):
+            raise ValueError(f"gate: {len(part)} logits positions for rows {rows.start}-{rows.stop - 1}, the "
+                             f"reference's prompts and {n} tokens make {at}")
+        tokens.append(own)
+        del part
+    pipe.backend.release("decoder")  # the form's session is not needed beside PyTorch's forward
+    tokens = np.concatenate(tokens)
+    continuation = reference.continuation(tokens)
+    for row, part in enumerate(generated):
+        tally.add(part, continuation[row], True)
+    return tally, tokens, reference.choices(tokens, continuation)
 
 
 def floors_for(fmt: str, overrides: dict | None = None) -> dict:
