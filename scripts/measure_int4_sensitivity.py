@@ -6,7 +6,7 @@ fp32 or 8-bit, and answers the export gate's questions (the task's validation sp
 runtime. What it prints is what `--int4-8bit` is chosen from (docs/QUANTIZATION.md, "Mixed int4").
 
     attanchor-export tiny-vqa-qwen -o art-fp32
-    python scripts/measure_int4_sensitivity.py art-fp32 [--form both|ort|trt] [--json-out F]
+    python scripts/measure_int4_sensitivity.py art-fp32 [--form both|ort|trt] [--variant LABEL ...] [--json-out F]
 
 Forms as the exporter writes them: "ort" = MatMulNBits, asymmetric, accuracy level 4; "trt" = symmetric
 INT4 QDQ with the block TensorRT takes for the graph's K dims (precision.weights.trt_int4_block).
@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("folder", type=Path, help="an fp32 artifact exported with a task set")
     parser.add_argument("--task", default="easy-vqa")
     parser.add_argument("--form", choices=("both", "ort", "trt"), default="both")
+    parser.add_argument("--variant", action="append", choices=[label for label, _, _ in VARIANTS],
+                        help="only this row (repeatable; default: every row)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     manifest = Manifest.load(args.folder)
@@ -84,6 +86,8 @@ def main() -> int:
     rows = []
     forms = ("ort", "trt") if args.form == "both" else (args.form,)
     for label, int4, eight in VARIANTS:
+        if args.variant and label not in args.variant:
+            continue
         for form in forms:
             out = f".sensitivity-{form}.onnx"
             start = time.time()
