@@ -268,8 +268,21 @@ def test_over_budget_export_gates_against_pytorch(checkpoint, tmp_path, monkeypa
 
     # The tiny decoder (1 MB) is far below any real budget: make its fp32 session "need" 1 GB per byte.
     monkeypatch.setattr(export_cost, "FP32_SESSION_FACTOR", 1 << 30)
+    import attanchor_runtime.ort_backend as ort_backend
+
+    fed = []  # decoder files opened with their weights fed from disk
+
+    class CountedFedSession(ort_backend.FedWeightsSession):
+        def __init__(self, path, threads=None):
+            fed.append(Path(path).name)
+            super().__init__(path, threads)
+
+    monkeypatch.setattr(ort_backend, "FedWeightsSession", CountedFedSession)
     options = ExportOptions(output=tmp_path / "art", memory_budget=0.5, **precision)
     manifest = export_artifact(str(checkpoint("clip-llama")), options).manifest.to_json()
+    # Only an fp16 decoder is fed from disk: that session runs unoptimized, which would drop onnxruntime's
+    # DQ + MatMul fusion of the int4 QDQ form and dequantize every weight at every step.
+    assert (fed == []) if "quant" in precision else (fed and set(fed) == {"decoder.onnx"}), fed
     assert manifest["export"]["fp32_decoder_fits"] is False
     assert manifest["validation"]["decoder"].startswith("skipped")
     assert manifest["validation"]["passed"] and not any(c["graph"] == "decoder" for c in manifest["validation"]["checks"])

@@ -122,10 +122,13 @@ class GateBaseline:
     reference: TorchReference | None = None  # source_model_baseline's: PyTorch logits for any form's tokens
 
 
-def gate_pipeline(manifest: Manifest, files: dict | None = None, low_memory: bool = False) -> Pipeline:
+def gate_pipeline(manifest: Manifest, files: dict | None = None, low_memory: bool = False,
+                  fed_weights: bool | None = None) -> Pipeline:
     """A Pipeline over `files` ({graph: file}, one precision form; default: the manifest's onnxruntime
-    files) on onnxruntime CPU. low_memory: no arena, fp16 weights fed from disk (OrtDecoder.open)."""
-    backend = OrtBackend(manifest, files=files, memory_arena=not low_memory, fed_weights=low_memory)
+    files) on onnxruntime CPU. low_memory: no arena; fed_weights (default: low_memory): fp16 weights fed
+    from disk (OrtDecoder.open)."""
+    backend = OrtBackend(manifest, files=files, memory_arena=not low_memory,
+                         fed_weights=low_memory if fed_weights is None else fed_weights)
     return Pipeline(manifest, backend)
 
 
@@ -395,8 +398,8 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
     """Evaluate every distinct (decoder, vision) pair the backends open; the manifest's gate section.
     `manifest`: the artifact (a staging folder's draft while exporting). `graphs`: the precision section's
     per-file records (how each decoder file carries its KV cache). `low_memory`: decoder sessions without
-    an arena that feed fp16 weights from disk instead of widening them all at load (an fp16 7B decoder on
-    a CPU), run one gate row at a time."""
+    an arena, run one gate row at a time; an fp16 decoder's weights fed from disk instead of widened all at
+    load (an fp16 7B decoder on a CPU)."""
     limits = floors_for(fmt, floors)
     results: list[GateResult] = []
     for backend, files in backends.items():
@@ -408,7 +411,12 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
             results[results.index(same)] = GateResult(**{**vars(same), "backends": (*same.backends, backend)})
             continue
         form = manifest.with_files(manifest.folder, files, graphs)
-        metrics = evaluate(baseline, gate_pipeline(form, files, low_memory), vision_changed=changed["vision"],
+        # Weights are fed from disk only for an fp16 decoder (what they are for): that session runs with
+        # graph optimizations off, which on an int4 QDQ decoder also drops onnxruntime's DequantizeLinear +
+        # MatMul -> MatMulNBits fusion and dequantizes every weight at every step (decode steps 6-11x slower
+        # on tiny-vqa-qwen's int4 QDQ decoder; a 3B-dims int4 gate ran past 30 minutes).
+        pipe = gate_pipeline(form, files, low_memory, fed_weights=low_memory and fmt == "fp16")
+        metrics = evaluate(baseline, pipe, vision_changed=changed["vision"],
                            rows_per_run=1 if low_memory else None)
         failures = judge(metrics, limits)
         task = None
