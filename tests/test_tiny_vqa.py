@@ -65,6 +65,37 @@ def int8(shared_dir, fp32):
 
 
 @pytest.fixture(scope="module")
+def vision_int8(shared_dir, fp32):
+    """tiny-vqa with an int8 vision tower behind its fp32 decoder (folder, precision section):
+    quantize_artifact(vision_quant="int8") on a copy of the fp32 artifact, as the exporter calls it for
+    `--vision-quant int8` (calibrated on easy-vqa, gated on it), so what changes the answers is the vision
+    tower alone. The decoder's weights are hard links (only vision.onnx and the manifest are rewritten)."""
+    import dataclasses
+    import os
+    import shutil
+
+    from attanchor_runtime.manifest import Manifest, Precision, write_manifest
+
+    from attanchor_export.precision.quantize import quantize_artifact
+
+    def link_weights(src, dst):
+        if src.endswith(".data") and not os.path.basename(src).startswith("vision"):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    out = shared_dir / "tiny-vqa-vision-int8"
+    with locked(out):
+        if not (out / "precision.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(fp32, out, copy_function=link_weights)
+            precision = quantize_artifact(Manifest.load(out), vision_quant="int8", calib="easy-vqa", task="easy-vqa")
+            (out / "precision.json").write_text(json.dumps(precision.to_json()))
+            write_manifest(dataclasses.replace(Manifest.load(out, verify="none"), precision=precision))
+    return out, Precision.from_json(json.loads((out / "precision.json").read_text()))
+
+
+@pytest.fixture(scope="module")
 def fp32_eval(fp32):
     from attanchor_runtime import Pipeline
 
@@ -200,6 +231,23 @@ def test_int8_stays_within_one_point_of_fp32(int8, fp32_eval):
         assert task.questions >= 100
     smoothing = precision.graphs["decoder.trt.onnx"].smoothing
     assert smoothing.smoothed_linears == 6 * 30  # q/k/v, gate/up, down in each of the 30 layers
+
+
+def test_int8_vision_stays_within_one_point_of_fp32(vision_int8, fp32_eval):
+    """The int8 vision tower (weights and activations) changes tiny-vqa's answers by at most a point: its
+    onnxruntime form measured here through the runtime on test questions the gate never graded, both forms
+    (TensorRT's QDQ runs inside the gate on onnxruntime) gated on the validation questions."""
+    folder, precision = vision_int8
+    _, items, reference = fp32_eval
+    assert_answers_close(folder, reference, items, max_drop=0.01, min_same=0.97)
+    assert precision.vision_int8 and precision.quant == "none" and set(precision.graphs) == {"vision.onnx",
+                                                                                            "vision.trt.onnx"}
+    gate = precision.gate
+    assert gate.passed and gate.format == "int8" and gate.task["max_drop"] == 0.01
+    assert {r.vision for r in gate.results} == {"vision.onnx", "vision.trt.onnx"}
+    for result in gate.results:
+        assert result.vision_cos_mean >= gate.floors["vision_cos_mean"] == 0.99
+        assert result.task.accuracy >= result.task.fp32_accuracy - 0.01, result.task
 
 
 def test_eval_cli_prints_one_json_object(fp32):
