@@ -1,15 +1,18 @@
 """int8 vision tower on the CPU: static QDQ vs dynamic quantization vs fp32, by speed and by feature cosine.
 
-    python scripts/measure_vision_int8.py ARTIFACT            # an fp32 artifact's vision.onnx (tiny-vqa)
-    python scripts/measure_vision_int8.py --siglip-layers 4   # a random SigLIP tower at TinyLLaVA-1B width
+    python scripts/measure_vision_int8.py ARTIFACT --calib easy-vqa   # an fp32 artifact's vision.onnx (tiny-vqa)
+    python scripts/measure_vision_int8.py --clip-layers 4             # a random CLIP tower at TinyLLaVA-1B dims
 
-Writes, in a temporary folder, the vision graph three ways: fp32 (as exported), int8 static QDQ
-(quantize_static as the int8 decoder's TensorRT form, calibrated on images; with and without SmoothQuant 0.7) and int8
-dynamic (onnxruntime's quantize_dynamic: weights int8, activations quantized per call at run time). Then
-runs them in one process, alternating, `--rounds` times each on `--threads` threads, and prints the median
-latency and the feature cosine against fp32 (mean and min per image token) on images never calibrated on.
-Artifact: calibration = the export's calibration set through the artifact's own preprocessing (`--calib`: easy-vqa for tiny-vqa, as its export uses), check images = the gate's. SigLIP: random weights and
-random pixels (latency only; the cosine of a random tower says little).
+Writes, in a temporary folder, the vision graph four ways: fp32 (as exported); int8 static QDQ
+(quantize_static as the int8 decoder's TensorRT form, calibrated on images), with and without SmoothQuant
+0.7; int8 dynamic (quantize_dynamic: weights int8, activations quantized per call at run time; what
+`--vision-quant int8` gives onnxruntime). Then runs them in one process, alternating, `--rounds` times each
+on `--threads` threads, and prints the median latency and the feature cosine against fp32 (mean and min
+per image token) on images never calibrated on.
+ARTIFACT: calibration = `--calib` (easy-vqa for tiny-vqa, as its export uses) through the artifact's own
+preprocessing, check images = the gate's. CLIP: TinyLLaVA-1B's ViT-L/14-336 (tiny_random.tinyllava_1b_config:
+576 tokens, width 1024) cut to `--clip-layers` of its 24 layers, random weights and pixels (latency per
+layer; the cosine of a random tower says little).
 """
 
 from __future__ import annotations
@@ -25,9 +28,6 @@ import numpy as np
 import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
-# SigLIP-so400m-patch14-384, TinyLLaVA-1B's vision tower (the layers are what --siglip-layers cuts)
-SIGLIP_1B = {"hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16, "image_size": 384,
-             "patch_size": 14, "num_hidden_layers": 27}
 
 
 class Feeds:
@@ -58,22 +58,26 @@ def artifact_feeds(folder: Path, calib: str | None):
     return folder / manifest.graphs.vision.file, cal.feeds, check.feeds, f"calibration {calib or 'builtin'}"
 
 
-def siglip_graph(layers: int, out: Path):
+def clip_graph(layers: int, out: Path):
     import torch
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import CLIPVisionModel
 
+    from attanchor_export.load.tiny_random import tinyllava_1b_config
+
+    config = tinyllava_1b_config().vision_config
+    full, config.num_hidden_layers = config.num_hidden_layers, layers
     torch.manual_seed(0)
-    model = SiglipVisionModel(SiglipVisionConfig(**{**SIGLIP_1B, "num_hidden_layers": layers})).eval()
-    size = SIGLIP_1B["image_size"]
+    model = CLIPVisionModel(config).eval()
+    size = config.image_size
     pixels = torch.randn(1, 3, size, size)
-    path = out / "siglip.onnx"
+    path = out / "clip.onnx"
     with torch.no_grad():
         torch.onnx.export(model, (pixels,), str(path), input_names=["pixel_values"],
                           output_names=["last_hidden_state"], opset_version=18, dynamo=False)
     rng = np.random.default_rng(0)
     feeds = [{"pixel_values": rng.standard_normal((1, 3, size, size), dtype=np.float32)} for _ in range(8)]
     check = [{"pixel_values": rng.standard_normal((1, 3, size, size), dtype=np.float32)} for _ in range(4)]
-    return path, feeds, check, f"random SigLIP, {layers} of 27 layers at TinyLLaVA-1B width"
+    return path, feeds, check, f"random CLIP ViT-L/14-336, {layers} of {full} layers (TinyLLaVA-1B dims)"
 
 
 def static(src: Path, dst: Path, names: list[str], feeds, alpha: float | None) -> None:
@@ -105,13 +109,13 @@ def dynamic(src: Path, dst: Path, names: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", nargs="?", type=Path)
-    ap.add_argument("--siglip-layers", type=int)
+    ap.add_argument("--clip-layers", type=int)
     ap.add_argument("--calib", help="calibration set: easy-vqa (tiny-vqa's), a folder, JSONL [builtin]")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    if (args.artifact is None) == (args.siglip_layers is None):
-        ap.error("give an ARTIFACT or --siglip-layers N")
+    if (args.artifact is None) == (args.clip_layers is None):
+        ap.error("give an ARTIFACT or --clip-layers N")
     import onnx_ir as ir
 
     from attanchor_export.precision.streamed_weights import linear_nodes
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
         if args.artifact is not None:
             src, cal, check, what = artifact_feeds(args.artifact, args.calib)
         else:
-            src, cal, check, what = siglip_graph(args.siglip_layers, tmp)
+            src, cal, check, what = clip_graph(args.clip_layers, tmp)
         names = [n.name for n in linear_nodes(ir.load(str(src)).graph, False, None)[0]]
         made, files = {}, {"fp32": src}
         for key, write in (("int8 static QDQ", lambda p: static(src, p, names, cal, None)),

@@ -25,7 +25,7 @@ choice; the short version:
   vision.onnx is quantize_dynamic's MatMulInteger form (activations quantized per call; onnxruntime fuses
   it into DynamicQuantizeMatMul), vision.trt.onnx the calibrated QDQ form TensorRT reads (quantize_static
   over the calibration set's images, symmetric, no smoothing). On the CPU the QDQ form runs no faster than
-  fp32 and the dynamic one 1.26x (tiny-vqa) to 2.1x (SigLIP at TinyLLaVA-1B width) faster, with the
+  fp32 and the dynamic one 1.26x (tiny-vqa) to 2.1x (CLIP ViT-L/14-336, TinyLLaVA-1B dims) faster, with the
   higher feature cosine (scripts/measure_vision_int8.py, docs/QUANTIZATION.md).
 """
 
