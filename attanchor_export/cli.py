@@ -222,7 +222,12 @@ def _default_output(model: str) -> Path:
 @click.option("--calib", help="Calibration images: a folder or JSONL of {image, prompt} (int8 TensorRT).")
 @click.option("--quantize-lm-head/--keep-lm-head", default=None,
               help="Quantize the lm_head too, or keep it fp32. [int4: quantized; int8: kept]")
-@click.option("--quantize-vision", is_flag=True, help="Also quantize the vision tower.")
+@click.option("--quantize-vision", is_flag=True,
+              help="Also quantize the vision tower, at --quant's weight-only format (--vision-quant: its own).")
+@click.option("--vision-quant", metavar="|".join(opts.VISION_QUANTS), default=opts.default(opts.ExportOptions, "vision_quant"),
+              callback=lambda ctx, param, value: _vision_quant(value),
+              help="The vision tower's own precision, whatever --quant is: int8 = int8 weights and activations "
+                   "(dynamic for onnxruntime, calibrated QDQ for TensorRT), gated like the decoder. [none]")
 @click.option("--int4-8bit", callback=lambda ctx, param, value: _name_list(value), metavar="NAMES|none",
               help="int4: decoder linears to keep at 8 bits, comma-separated weight-name parts (e.g. "
                    "q_proj,k_proj,v_proj,down_proj): 8-bit MatMulNBits for onnxruntime, unquantized in the "
@@ -268,7 +273,8 @@ def _default_output(model: str) -> Path:
 @click.option("--quiet", is_flag=True, callback=_quiet_option, help="No progress, no library warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result.")
 @handle_errors
-def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, int4_8bit,
+def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_head, quantize_vision, vision_quant,
+               int4_8bit,
                smooth_alpha,
                ort_fusions,
                gate_floor,
@@ -282,6 +288,9 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    problem = opts.vision_quant_problem(dtype, vision_quant, quantize_vision)
+    if problem:  # a usage error, before any work
+        raise click.UsageError(problem)
     output = output or _default_output(model)
     options = ExportOptions(
         output=output, mode=mode, threshold=threshold, task=task, max_anchors=max_anchors, image_size=image_size, opset=opset,
@@ -289,7 +298,7 @@ def export_cmd(model, output, trt, dtype, quant, block_size, calib, quantize_lm_
         trust_remote_code=trust_remote_code, revision=revision, offline=offline, allow_pickle=allow_pickle,
         dtype=dtype, quant=quant,
         block_size=int(block_size), calib=calib, quantize_lm_head=quantize_lm_head,
-        quantize_vision=quantize_vision, ort_fusions=ort_fusions, gate_floors=_parse_floors(gate_floor), adapter=adapter,
+        quantize_vision=quantize_vision, vision_quant=vision_quant, ort_fusions=ort_fusions, gate_floors=_parse_floors(gate_floor), adapter=adapter,
         memory_budget=memory_budget, smooth_alpha=smooth_alpha, int4_8bit=int4_8bit,
     )
     result = export_artifact(model, options, report.step)
@@ -331,6 +340,13 @@ def _name_list(value):
     if not all(names):
         raise click.BadParameter(f"{value!r}: give comma-separated linear names (e.g. q_proj,down_proj) or none")
     return names
+
+
+def _vision_quant(value):
+    problem = opts.vision_quant_problem("fp32", value, False)
+    if problem:
+        raise click.UsageError(problem)
+    return value
 
 
 def _smooth_alpha(value):

@@ -46,7 +46,7 @@ from attanchor_export.export_cost import (
 )
 from attanchor_export.load.checkpoint import load_checkpoint, locate
 from attanchor_export.load.lora import apply_adapter, locate_adapter
-from attanchor_export.options import ARTIFACT_IR_VERSION, MODES, ExportOptions, no_steps
+from attanchor_export.options import ARTIFACT_IR_VERSION, MODES, ExportOptions, no_steps, vision_quant_problem
 from attanchor_export.precision.gate import AccuracyGateFailed, source_model_baseline
 from attanchor_export.precision.quantize import FORMS, quantize_artifact
 from attanchor_export.source_model import drop_front_weights
@@ -290,7 +290,7 @@ def _check_disk(loaded, options: ExportOptions) -> dict:
     """Fail in the first minute, not after the trace, when the output's disk cannot hold the export's peak
     (the fp32 graphs and the reduced files written beside them)."""
     need = disk_needed_bytes(fp32_graph_bytes(loaded), options.dtype, options.quant, len(FORMS),
-                             options.quantize_vision)
+                             options.quantize_vision or options.vision_quant != "none")
     parent = Path(options.output).absolute().parent
     free = free_disk_bytes(parent)
     if need > free:
@@ -313,11 +313,14 @@ def _leftovers_note(parent: Path) -> str:
 
 
 def _precision_name(options: ExportOptions) -> str:
-    return options.quant if options.quant != "none" else options.dtype
+    """The gate's format name (precision.quantize: an fp32 decoder behind an int8 vision tower is int8)."""
+    if options.quant != "none":
+        return options.quant
+    return options.vision_quant if options.dtype == "fp32" and options.vision_quant != "none" else options.dtype
 
 
 def _reduces_precision(options: ExportOptions) -> bool:
-    return options.dtype != "fp32" or options.quant != "none"
+    return options.dtype != "fp32" or options.quant != "none" or options.vision_quant != "none"
 
 
 def _check_options(options: ExportOptions) -> None:
@@ -328,6 +331,9 @@ def _check_options(options: ExportOptions) -> None:
     number = isinstance(options.threshold, (int, float)) and not isinstance(options.threshold, bool)
     if number and not math.isfinite(options.threshold):
         raise ExportError(f"threshold must be a finite number, got {options.threshold}")
+    problem = vision_quant_problem(options.dtype, options.vision_quant, options.quantize_vision)
+    if problem:
+        raise ExportError(problem)
 
 
 def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, steps, excluded):
@@ -397,7 +403,7 @@ def _quantize(staging, manifest: Manifest, options: ExportOptions, steps, cost: 
             quantize_lm_head=options.quantize_lm_head, quantize_vision=options.quantize_vision, steps=steps,
             floors=options.gate_floors, task=options.task, baseline=baseline, low_memory=memory.low_memory_gate,
             ort_fusions=options.ort_fusions, gate=memory.gate_skipped is None,
-            smooth_alpha=options.smooth_alpha, int4_8bit=options.int4_8bit or (),
+            smooth_alpha=options.smooth_alpha, int4_8bit=options.int4_8bit or (), vision_quant=options.vision_quant,
         )
     except AccuracyGateFailed as e:
         if e.precision is not None:

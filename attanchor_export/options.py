@@ -21,6 +21,9 @@ DEFAULT_OPSET = 18  # TensorRT 10.3 (JetPack 6) parses opsets 9-20; int4 QDQ nee
 OPSETS = (17, 21)  # the range the exporter accepts
 DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")
+# --vision-quant: the vision tower's own precision, whatever --quant gives the decoder. int8 = weights and
+# activations int8 (precision.quantize: dynamic for onnxruntime, calibrated QDQ for TensorRT).
+VISION_QUANTS = ("none", "int8")
 BLOCK_SIZES = (32, 64, 128)
 # bench --torch-dtype: what transformers eager runs in beside the runtime (torch dtype names)
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -54,7 +57,8 @@ class ExportOptions:
     block_size: int = 128
     calib: str | None = None
     quantize_lm_head: bool | None = None  # None: the format's default (precision.quantize.lm_head_quantized)
-    quantize_vision: bool = False
+    quantize_vision: bool = False  # the vision tower at --quant's weight-only format (vision_quant: its own)
+    vision_quant: str = "none"  # int8: the vision tower's weights and activations int8, whatever --quant is
     # int4: decoder linears (weight-name substrings, e.g. "q_proj") kept at 8 bits; None: the checkpoint's
     # declared default (attanchor_config.json "int4_8bit"), else none (precision.quantize)
     int4_8bit: tuple[str, ...] | None = None
@@ -66,6 +70,21 @@ class ExportOptions:
     # GiB the export may use; None = the memory available when it starts. Decides whether onnxruntime may
     # open the fp32 decoder (parity, gate reference) or PyTorch, layer-streamed, stands in for it.
     memory_budget: float | None = None
+
+
+def vision_quant_problem(dtype: str, vision_quant: str, quantize_vision: bool) -> str | None:
+    """Why this --vision-quant cannot be exported (one line), or None. Asked by the CLI (a usage error before
+    any work), the exporter and the precision stage, so all three refuse the same things the same way."""
+    if vision_quant not in VISION_QUANTS:
+        hint = " (a weight-only int4 vision tower is --quant int4 --quantize-vision)" if vision_quant == "int4" else ""
+        return f"unknown --vision-quant {vision_quant!r}: choose one of {', '.join(VISION_QUANTS)}{hint}"
+    if vision_quant != "none" and quantize_vision:
+        return (f"--quantize-vision (the vision tower at --quant's weight-only format) and --vision-quant "
+                f"{vision_quant} (its own precision) both set the vision tower: give one")
+    if vision_quant != "none" and dtype == "fp16":
+        return (f"--dtype fp16 with --vision-quant {vision_quant} is not supported: the int8 vision forms are "
+                "made from the fp32 graph (drop --dtype fp16, or --vision-quant)")
+    return None
 
 
 def default(cls, name: str):

@@ -65,6 +65,39 @@ def int8(shared_dir, fp32):
 
 
 @pytest.fixture(scope="module")
+def vision_int8(shared_dir, fp32):
+    """tiny-vqa with an int8 vision tower behind its fp32 decoder (folder, precision section):
+    quantize_artifact(vision_quant="int8") on a copy of the fp32 artifact, as the exporter calls it for
+    `--vision-quant int8` (calibrated on easy-vqa), so what changes the answers is the vision tower alone.
+    Without the export's gate (its floors and records are tested on tests/test_vision_quant.py's tiny
+    checkpoint; here it would add ~1,000 question runs): the test questions below judge both forms. The
+    decoder's weights are hard links (only the vision files and the manifest are written)."""
+    import dataclasses
+    import os
+    import shutil
+
+    from attanchor_runtime.manifest import Manifest, Precision, write_manifest
+
+    from attanchor_export.precision.quantize import quantize_artifact
+
+    def link_weights(src, dst):
+        if src.endswith(".data") and not os.path.basename(src).startswith("vision"):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    out = shared_dir / "tiny-vqa-vision-int8"
+    with locked(out):
+        if not (out / "precision.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(fp32, out, copy_function=link_weights)
+            precision = quantize_artifact(Manifest.load(out), vision_quant="int8", calib="easy-vqa", gate=False)
+            (out / "precision.json").write_text(json.dumps(precision.to_json()))
+            write_manifest(dataclasses.replace(Manifest.load(out, verify="none"), precision=precision))
+    return out, Precision.from_json(json.loads((out / "precision.json").read_text()))
+
+
+@pytest.fixture(scope="module")
 def fp32_eval(fp32):
     from attanchor_runtime import Pipeline
 
@@ -203,6 +236,30 @@ def test_int8_stays_within_one_point_of_fp32(int8, fp32_eval):
         assert task.questions >= 100
     smoothing = precision.graphs["decoder.trt.onnx"].smoothing
     assert smoothing.smoothed_linears == 6 * 30  # q/k/v, gate/up, down in each of the 30 layers
+
+
+def test_int8_vision_stays_within_one_point_of_fp32(vision_int8, fp32_eval):
+    """The int8 vision tower (weights and activations) changes tiny-vqa's answers by at most a point, on test
+    questions: its onnxruntime form (dynamic) through the runtime, and its TensorRT form (calibrated QDQ)
+    run on onnxruntime as the gate runs it."""
+    from attanchor_runtime.manifest import Manifest
+
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
+    from attanchor_export.precision.gate import gate_pipeline
+
+    folder, precision = vision_int8
+    _, items, reference = fp32_eval
+    assert precision.vision_int8 and precision.quant == "none"
+    assert {f: r.format for f, r in precision.graphs.items()} == {"vision.onnx": "MatMulInteger",
+                                                                  "vision.trt.onnx": "QDQ"}
+    assert precision.calibration["source"] == "easy-vqa" and precision.calibration["images"] > 100
+    assert_answers_close(folder, reference, items, max_drop=0.01, min_same=0.97)
+    manifest = Manifest.load(folder)
+    files = {**manifest.precision.backends["ort"], "vision": precision.backends["trt"]["vision"]}
+    qdq = evaluate_artifact(gate_pipeline(manifest.with_files(folder, files), files), items)
+    assert qdq["accuracy"] >= reference["accuracy"] - 0.01, (qdq["by_kind"], reference["by_kind"])
+    same = sum(a["answer"] == b["answer"] for a, b in zip(qdq["records"], reference["records"], strict=True))
+    assert same / len(items) >= 0.97, same
 
 
 def test_eval_cli_prints_one_json_object(fp32):

@@ -136,6 +136,12 @@ def test_precision_is_what_the_graphs_hold():
     int8 = plan_for(precision={"dtype": "fp32", "quant": "int8", "vision_quantized": True})
     assert int8.engines["vision"].precision == int8.engines["decoder"].precision == "fp32 + int8 QDQ"
     assert [g.metric for g in int8.engines["vision"].gates] == ["cosine"]
+    # --vision-quant int8: the vision tower's own precision, whatever the decoder's
+    mixed = plan_for(precision={"dtype": "fp32", "quant": "int4", "vision_quant": "int8", "vision_quantized": True})
+    assert (mixed.engines["vision"].precision, mixed.engines["decoder"].precision) == ("fp32 + int8 QDQ",
+                                                                                       "fp32 + int4 QDQ")
+    alone = plan_for(precision={"dtype": "fp32", "quant": "none", "vision_quant": "int8", "vision_quantized": True})
+    assert (alone.engines["vision"].precision, alone.engines["decoder"].precision) == ("fp32 + int8 QDQ", "fp32")
     for removed in ("flags", "clear_flags", "pin_fp32_layers", "strongly_typed"):
         assert removed not in int4.to_json()["engines"]["decoder"]
 

@@ -54,11 +54,13 @@ class DecoderCalibrationReader:
 
 
 class VisionCalibrationReader(DecoderCalibrationReader):
-    """Same, for vision.onnx: one pixel input batch of 1 per sample."""
+    """Same, for vision.onnx: one pixel input batch of 1 per distinct image (easy-vqa's calibration set
+    asks several questions about one image: its label names the image)."""
 
     @classmethod
     def from_samples(cls, pipe: Pipeline, samples: Sequence[Sample]) -> VisionCalibrationReader:
-        return cls(pipe.family.vision_feeds(np.asarray(pipe.images(s.image)), 1) for s in samples)
+        distinct = {s.label or id(s): s for s in samples}.values()
+        return cls(pipe.family.vision_feeds(np.asarray(pipe.images(s.image)), 1) for s in distinct)
 
 
 __all__ = ["DecoderCalibrationReader", "VisionCalibrationReader"]

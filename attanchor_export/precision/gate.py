@@ -394,13 +394,18 @@ def judge(result: dict, floors: dict) -> list[str]:
 
 
 def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dict, changed: dict,
-             floors: dict | None = None, low_memory: bool = False, graphs: dict | None = None) -> Gate:
+             floors: dict | None = None, low_memory: bool = False, graphs: dict | None = None,
+             vision_format: str | None = None) -> Gate:
     """Evaluate every distinct (decoder, vision) pair the backends open; the manifest's gate section.
     `manifest`: the artifact (a staging folder's draft while exporting). `graphs`: the precision section's
     per-file records (how each decoder file carries its KV cache). `low_memory`: decoder sessions without
     an arena, run one gate row at a time; an fp16 decoder's weights fed from disk instead of widened all at
-    load (an fp16 7B decoder on a CPU)."""
+    load (an fp16 7B decoder on a CPU). `vision_format`: the vision tower's own precision where it differs
+    from `fmt` (--vision-quant int8 behind an int4 decoder): its image-feature cosine takes that format's
+    floor, the rest `fmt`'s."""
     limits = floors_for(fmt, floors)
+    if vision_format is not None and vision_format != fmt:
+        limits["vision_cos_mean"] = floors_for(vision_format, floors)["vision_cos_mean"]
     results: list[GateResult] = []
     for backend, files in backends.items():
         decoder, vision = files["decoder"], files["vision"]

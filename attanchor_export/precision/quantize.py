@@ -21,6 +21,12 @@ choice; the short version:
   per-tensor symmetric activations calibrated over real decoder inputs (images + prompts through the
   artifact's vision and embedding graphs, `calib`), after SmoothQuant has moved the activations'
   outlier channels into the weights (precision.smoothing, `smooth_alpha`).
+- int8 vision (`vision_quant="int8"`, whatever `quant` the decoder gets): weights and activations int8.
+  vision.onnx is quantize_dynamic's MatMulInteger form (activations quantized per call; onnxruntime fuses
+  it into DynamicQuantizeMatMul), vision.trt.onnx the calibrated QDQ form TensorRT reads (quantize_static
+  over the calibration set's images, symmetric, no smoothing). On the CPU the QDQ form runs no faster than
+  fp32 and the dynamic one 1.26x (tiny-vqa) to 2.1x (CLIP ViT-L/14-336, TinyLLaVA-1B dims) faster, with the
+  higher feature cosine (scripts/measure_vision_int8.py, docs/QUANTIZATION.md).
 """
 
 from __future__ import annotations
@@ -39,7 +45,14 @@ from attanchor_export.errors import ExportError
 from attanchor_export.export_cost import graph_bytes
 from attanchor_export.load.datasets import gate_samples, load_calibration_set
 from attanchor_export.options import ARTIFACT_IR_VERSION as IR_VERSION
-from attanchor_export.options import BLOCK_SIZES, DEFAULT_SMOOTH_ALPHA, DTYPES, QUANTS, no_steps
+from attanchor_export.options import (
+    BLOCK_SIZES,
+    DEFAULT_SMOOTH_ALPHA,
+    DTYPES,
+    QUANTS,
+    no_steps,
+    vision_quant_problem,
+)
 from attanchor_export.precision.calibration import DecoderCalibrationReader, VisionCalibrationReader
 from attanchor_export.precision.fp16 import convert_fp16_file
 from attanchor_export.precision.gate import (
@@ -63,6 +76,7 @@ from attanchor_export.precision.streamed_weights import (
 from attanchor_export.precision.weights import (
     DEFAULT_ACCURACY_LEVEL,
     count_quantized,
+    int8_dynamic,
     int8_static_qdq,
     normalize_linears,
     trt_int4_block,
@@ -103,10 +117,19 @@ class _Request:
     dims: Dims
     logits: str  # the decoder's logits output: its lm_head is found (and kept fp32 in fp16) by it
     int4_8bit: tuple[str, ...] = ()  # int4: decoder linears whose weight name holds one of these stay 8-bit
+    vision_quant: str = "none"  # int8: the vision tower's weights and activations, whatever `quant` is
 
     @property
-    def fmt(self) -> str:  # the gate's format name
-        return self.quant if self.quant != "none" else self.dtype
+    def fmt(self) -> str:
+        """The gate's format name: the decoder's precision; an fp32 decoder behind an int8 vision tower is
+        judged as int8."""
+        if self.quant != "none":
+            return self.quant
+        return self.dtype if self.dtype != "fp32" else (self.vision_quant if self.vision_int8 else self.dtype)
+
+    @property
+    def vision_int8(self) -> bool:
+        return self.vision_quant == "int8"
 
     @property
     def bits(self) -> int:
@@ -114,18 +137,23 @@ class _Request:
 
     @property
     def targets(self) -> list[str]:
-        """The graphs to rewrite: the decoder always, vision when it is converted or quantized."""
-        return ["decoder"] + (["vision"] if (self.dtype == "fp16" or self.quantize_vision) else [])
+        """The graphs to rewrite: the decoder (unless only the vision tower changes), vision when it is
+        converted or quantized."""
+        decoder = ["decoder"] if (self.dtype, self.quant) != ("fp32", "none") else []
+        return decoder + (["vision"] if (self.dtype == "fp16" or self.quantize_vision or self.vision_int8) else [])
 
     def quantizes(self, graph: str) -> bool:
         return self.quant != "none" and (graph != "vision" or self.quantize_vision)
 
 
-def _check_options(dtype, quant, block_size, forms, smooth_alpha=None):
+def _check_options(dtype, quant, block_size, forms, smooth_alpha=None, vision_quant="none", quantize_vision=False):
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if quant not in QUANTS:
         raise ExportError(f"unknown --quant {quant!r}: choose one of {', '.join(QUANTS)}")
+    problem = vision_quant_problem(dtype, vision_quant, quantize_vision)
+    if problem:
+        raise ExportError(problem)
     if quant != "none" and block_size not in BLOCK_SIZES:
         raise ExportError(f"--block-size {block_size} is not supported: choose one of {', '.join(map(str, BLOCK_SIZES))}")
     if dtype == "fp16" and quant == "int8":
@@ -166,6 +194,7 @@ def quantize_artifact(
     ort_fusions: bool = True,
     smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA,
     int4_8bit: tuple[str, ...] = (),
+    vision_quant: str = "none",
 ) -> Precision:
     """Rewrite the fp32 graphs in `manifest.folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -185,18 +214,22 @@ def quantize_artifact(
     `int4_8bit`: int4 only: the decoder linears whose weight name contains one of these strings keep 8 bits
     (an 8-bit MatMulNBits in the onnxruntime form, unquantized in the TensorRT form: mixed precision for
     the layers a model is most sensitive to, as llama.cpp's Q4_K_M keeps some at 6 bits).
+    `vision_quant`: "int8": the vision tower's weights and activations int8 (its own precision, with any
+    `quant`, "none" included; not with `quantize_vision`, which gives it `quant`'s weight-only format); its
+    image-feature cosine is judged against int8's floor.
     """
-    forms = _check_options(dtype, quant, block_size, forms, smooth_alpha)
-    if dtype == "fp32" and quant == "none":
+    forms = _check_options(dtype, quant, block_size, forms, smooth_alpha, vision_quant, quantize_vision)
+    if dtype == "fp32" and quant == "none" and vision_quant == "none":
         return Precision()
     req = _Request(
         Path(manifest.folder), {g: manifest.graphs[g].file for g in ("vision", "embedding", "decoder")}, dtype,
         quant, block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
         smooth_alpha, ort_fusions, manifest.dims, manifest.graphs.decoder.output_names[0],
-        tuple(int4_8bit) if quant == "int4" else (),
+        tuple(int4_8bit) if quant == "int4" else (), vision_quant,
     )
-    fp32 = gate_pipeline(manifest) if (gate and baseline is None) or quant == "int8" else None
+    calibrated = quant == "int8" or (req.vision_int8 and "QDQ" in forms)
+    fp32 = gate_pipeline(manifest) if (gate and baseline is None) or calibrated else None
     if gate and baseline is None:
         with steps("fp32 baseline for the accuracy gate"):
             baseline = fp32_baseline(fp32, gate_samples(), new_tokens=gate_tokens)
@@ -208,20 +241,22 @@ def quantize_artifact(
     backends = {b: dict(req.files) for b in ("ort", "trt")}
     for graph in req.targets:
         _rewrite_graph(req, graph, readers.get(graph), records, backends, steps)
+    extra = ({"block_size": req.block_size, "lm_head_quantized": req.quantize_lm_head,
+              "vision_quantized": req.quantize_vision, "forms": req.forms, "int4_8bit": req.int4_8bit}
+             if req.quant != "none" else {})
+    if req.vision_int8:
+        extra.update(vision_quantized=True, vision_quant=req.vision_quant, forms=req.forms)
     precision = Precision(
         dtype=req.dtype, quant=req.quant, calibration=calibration,
         graphs=freeze({f: FormRecord.from_json(r, f"precision.graphs.{f}") for f, r in records.items()}),
-        backends=freeze(backends),
-        **({"block_size": req.block_size, "lm_head_quantized": req.quantize_lm_head,
-            "vision_quantized": req.quantize_vision, "forms": req.forms, "int4_8bit": req.int4_8bit}
-           if req.quant != "none" else {}),
+        backends=freeze(backends), **extra,
     )
     if not gate:
         return dataclasses.replace(precision, gate=Gate(format=req.fmt, skipped=True, passed=None))
     with steps(f"accuracy gate ({req.fmt})"):
         changed = {g: g in req.targets for g in ("vision", "decoder")}
         result = run_gate(manifest, baseline, req.fmt, backends, changed, floors, low_memory=low_memory,
-                          graphs=precision.graphs)
+                          graphs=precision.graphs, vision_format=req.vision_quant if req.vision_int8 else None)
     precision = dataclasses.replace(precision, gate=result)
     _raise_if_failed(req.fmt, precision)
     return precision
@@ -232,16 +267,21 @@ def quantize_artifact(
 
 def _calibration(req: _Request, fp32: Pipeline | None, calib, steps) -> tuple[dict, dict | None]:
     """Calibration readers per graph for int8 QDQ (none for weight-only forms), and the record of the set."""
-    if req.quant == "int8" and "QDQ" in req.forms:
-        with steps("calibration inputs (images + prompts through vision and embedding)"):
+    decoder = req.quant == "int8"
+    vision = (decoder and req.quantize_vision) or req.vision_int8
+    if "QDQ" in req.forms and (decoder or vision):
+        with steps(f"calibration inputs ({'images + prompts through vision and embedding' if decoder else 'images'})"):
             samples = load_calibration_set(calib)
-            readers = {"decoder": DecoderCalibrationReader.from_samples(fp32, samples)}
-            if req.quantize_vision:
+            readers = {}
+            if decoder:
+                readers["decoder"] = DecoderCalibrationReader.from_samples(fp32, samples)
+            if vision:
                 readers["vision"] = VisionCalibrationReader.from_samples(fp32, samples)
         return readers, {
             "source": str(calib) if calib else "builtin", "samples": len(samples),
             "method": req.calibrate_method, "prompts": "tokenizer",
             "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
+            "graphs": sorted(readers), **({"images": len(readers["vision"])} if vision else {}),
         }
     if calib is not None:
         return {}, {"source": str(calib), "used": False, "note": "weight-only formats need no calibration"}
@@ -257,6 +297,9 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
         with steps(f"fp16 {file}"):
             kept = convert_fp16_file(path, req.logits if graph == "decoder" else None)
             base["fp16"] = {"converter": "onnxruntime.transformers.float16", "kept_fp32_nodes": kept}
+    if graph == "vision" and req.vision_int8:
+        _vision_int8(req, file, base, reader, records, backends, steps)
+        return
     if not req.quantizes(graph):
         records[file] = {**base, "format": "fp16", "backend": ["ort", "trt"],
                          "opset": opsets(onnx.load(str(path), load_external_data=False)), "bytes": graph_bytes(path)}
@@ -283,6 +326,47 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
     for record in written:
         kept = len(eight) if record["format"] == "QDQ" else 0  # the TensorRT form leaves them unquantized
         _count_linears(record, graph, names, head if req.quantize_lm_head else None, kept)
+
+
+def _vision_int8(req: _Request, file: str, base: dict, reader, records: dict, backends: dict, steps) -> None:
+    """The vision tower with int8 weights and activations: for TensorRT the QDQ form calibrated on the
+    calibration set's images (quantize_static, symmetric, as the int8 decoder's but without smoothing: on
+    tiny-vqa it changes no cosine); for onnxruntime quantize_dynamic's MatMulInteger form, activations
+    quantized per call, which onnxruntime runs faster than the QDQ form and closer to fp32. Linear layers
+    only: the patch Conv and attention's activation x activation MatMuls stay fp32."""
+    source, copied = _linear_source(req, "vision")
+    base = {**base, "bits": 8, "symmetric": True, "weights": "int8 per-channel"}
+    written = []
+    try:
+        names, _, _, _ = _linears(req, "vision", source)
+        if "QDQ" in req.forms:
+            trt_file = trt_name(file) if "MatMulNBits" in req.forms else file
+            with steps(f"int8 QDQ {trt_file} (TensorRT, calibrated on images)"):
+                qmodel = int8_static_qdq(source, req.folder / trt_file, names, reader, req.calibrate_method)
+                save_model(qmodel, req.folder / trt_file)
+            records[trt_file] = {
+                **base, "format": "QDQ", "backend": ["trt"] if "MatMulNBits" in req.forms else ["ort", "trt"],
+                "activations": "int8 per-tensor (calibrated)", "tensorrt_compatible": True,
+                "quantized_nodes": count_quantized(qmodel)["QDQ_int8"], "opset": opsets(qmodel),
+                "bytes": graph_bytes(req.folder / trt_file)}
+            backends["trt"]["vision"] = trt_file
+            written.append(records[trt_file])
+        if "MatMulNBits" in req.forms:  # the onnxruntime form (the name of the option that asks for it)
+            with steps(f"int8 dynamic {file} (onnxruntime)"):
+                qmodel = int8_dynamic(source, req.folder / file, names)
+            records[file] = {
+                **base, "format": "MatMulInteger", "backend": ["ort"],
+                "activations": "int8 per call (dynamic: DynamicQuantizeLinear)", "tensorrt_compatible": False,
+                "quantized_nodes": count_quantized(qmodel)["MatMulInteger"], "opset": opsets(qmodel),
+                "bytes": graph_bytes(req.folder / file)}
+            if "QDQ" not in req.forms:
+                backends["trt"]["vision"] = None
+            written.append(records[file])
+    finally:
+        if copied:
+            remove_model(source)
+    for record in written:
+        _count_linears(record, "vision", names, None)
 
 
 def _linear_source(req: _Request, graph: str) -> tuple[Path, bool]:

@@ -6,8 +6,12 @@
   signed INT4 weights + MatMul, what TensorRT reads for weight-only INT4 (zero points 0, blocks of 64
   or 128: `trt_int4_block`).
 - QDQ INT8 (`int8_static_qdq`): quantize_static, per-channel symmetric weights and per-tensor symmetric
-  activations calibrated over real decoder inputs (the readers of precision.calibration), run by
-  precision.quantize on the graph precision.smoothing has smoothed.
+  activations calibrated over real decoder (or vision) inputs (the readers of precision.calibration), run
+  by precision.quantize on the graph precision.smoothing has smoothed (the decoder's; not the vision's).
+- MatMulInteger INT8 (`int8_dynamic`): quantize_dynamic, per-channel int8 weights, activations quantized
+  per call at run time (DynamicQuantizeLinear); the int8 vision tower's onnxruntime form, which onnxruntime
+  fuses into DynamicQuantizeMatMul (scripts/measure_vision_int8.py: faster on the CPU than the QDQ form,
+  which it runs no faster than fp32).
 
 Before any of them, `normalize_linears` brings every constant-weight linear to MatMul(x, W[K, N]) and
 precision.streamed_weights.linear_nodes finds them; `count_quantized` counts what a quantized graph holds.
@@ -23,6 +27,8 @@ from pathlib import Path
 import onnx
 from attanchor_graphs.onnx_utils import consumers, initializers, producers
 from onnx import TensorProto, numpy_helper
+
+from attanchor_export.precision.graph_files import save_model
 
 TRT_INT4_BLOCK_SIZES = (128, 64)  # TensorRT INT4 block quantization accepts these only
 # MatMulNBits accuracy_level when the caller leaves it to us: 4 (activations quantized to int8 per block,
@@ -107,10 +113,12 @@ def count_quantized(model) -> dict[str, int]:
     """Quantized linear layers in a graph, by kind."""
     graph = model.graph
     producer, inits = producers(graph), initializers(graph)
-    counts = {"MatMulNBits": 0, "QDQ_int4": 0, "QDQ_int8": 0}
+    counts = {"MatMulNBits": 0, "QDQ_int4": 0, "QDQ_int8": 0, "MatMulInteger": 0}
     for n in graph.node:
         if n.op_type == "MatMulNBits":
             counts["MatMulNBits"] += 1
+        elif n.op_type == "MatMulInteger" and len(n.input) > 1 and n.input[1] in inits:
+            counts["MatMulInteger"] += 1
         elif n.op_type == "MatMul" and len(n.input) > 1:
             dq = producer.get(n.input[1])
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
@@ -156,6 +164,22 @@ def int8_static_qdq(src: Path, dst: Path, names: list[str], reader, method: str)
         return onnx.load(str(out))
 
 
+def int8_dynamic(src: Path, dst: Path, names: list[str]) -> onnx.ModelProto:
+    """quantize_dynamic, for onnxruntime: int8 per-channel weights of `names`, their input activations
+    quantized per call (uint8, the range of that call: nothing to calibrate). Written to `dst` (+ .data);
+    returns it without its weights."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_ort_quantization(), tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
+                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+        model = onnx.load(str(out))
+    save_model(model, dst)
+    return onnx.load(str(dst), load_external_data=False)
+
+
 def _ort_reader(reader):
     """One of precision.calibration's readers as a real onnxruntime CalibrationDataReader subclass."""
     from onnxruntime.quantization import CalibrationDataReader
@@ -171,6 +195,7 @@ def _ort_reader(reader):
 
 
 __all__ = [
-    "DEFAULT_ACCURACY_LEVEL", "TRT_INT4_BLOCK_SIZES", "count_quantized", "int8_static_qdq", "normalize_linears",
+    "DEFAULT_ACCURACY_LEVEL", "TRT_INT4_BLOCK_SIZES", "count_quantized", "int8_dynamic", "int8_static_qdq",
+    "normalize_linears",
     "quiet_ort_quantization", "trt_int4_block",
 ]

@@ -189,8 +189,11 @@ def _graph_precision(graph: str, precision: Precision, qdq_bits: int | None) -> 
     if graph == "embedding":  # never converted: its cosine scores pick discrete anchor indices
         return "fp32"
     if qdq_bits is None:  # no file to look at: what the manifest says was quantized
-        quantized = quant != "none" and (graph == "decoder" or precision.vision_quantized)
-        qdq_bits = {"int4": 4, "int8": 8}[quant] if quantized else 0
+        if graph == "vision" and precision.vision_int8:  # --vision-quant: its own precision
+            qdq_bits = 8
+        else:
+            quantized = quant != "none" and (graph == "decoder" or precision.vision_quantized)
+            qdq_bits = {"int4": 4, "int8": 8}[quant] if quantized else 0
     return f"{dtype} + int{qdq_bits} QDQ" if qdq_bits else dtype
 
 

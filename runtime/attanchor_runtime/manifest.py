@@ -515,24 +515,34 @@ class Precision(Section):
     vision_quantized: bool = False
     forms: tuple[str, ...] = ()
     int4_8bit: tuple[str, ...] = ()  # int4: weight-name patterns of the decoder linears kept at 8 bits
+    # The vision tower's own precision (--vision-quant), whatever `quant` the decoder has: "int8" = weights
+    # and activations int8. None (older artifacts, or not asked): vision_quantized says whether it has `quant`.
+    vision_quant: str | None = None
     graphs: Mapping[str, FormRecord] = field(default_factory=_empty)  # file -> its record
     backends: Mapping[str, Mapping[str, str | None]] = field(default_factory=_empty)  # backend -> graph -> file
     calibration: Any = None  # the int8 calibration set used (or that none was needed)
     gate: Gate | None = None
 
     @property
+    def vision_int8(self) -> bool:
+        return self.vision_quant == "int8"
+
+    @property
     def quantized(self) -> bool:
-        """True unless fp32 without quantization (the graphs parity checks against PyTorch)."""
-        return self.dtype != "fp32" or self.quant != "none"
+        """True unless every graph is fp32 without quantization (the graphs parity checks against PyTorch)."""
+        return self.dtype != "fp32" or self.quant != "none" or self.vision_int8
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}/{self.quant}"
+        return f"{self.dtype}/{self.quant}" + (f" + {self.vision_quant} vision" if self.vision_int8 else "")
 
     @property
     def format(self) -> str:
-        """The gate's name for this precision: the quantization, else the dtype."""
-        return self.quant if self.quant != "none" else self.dtype
+        """The gate's name for this precision: the decoder's quantization, else its dtype; an fp32 decoder
+        behind an int8 vision tower is judged as int8."""
+        if self.quant != "none":
+            return self.quant
+        return "int8" if self.dtype == "fp32" and self.vision_int8 else self.dtype
 
     def kv_cache(self, file: str) -> str:
         """KV_APPEND when decoder `file` returns only the new positions (precision.ort_fusions), else KV_CONCAT."""
