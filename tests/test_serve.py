@@ -115,6 +115,17 @@ def test_conversation_threshold_and_stop(server, pipe, items):
         assert stopped.choices[0].finish_reason == "stop"
 
 
+def test_ignore_eos_runs_to_max_tokens(server, items):
+    """vLLM's ignore_eos: the one-word answer that ends at EOS runs on to max_tokens instead."""
+    c, item = client(server.url), items[0]
+    messages = user_message(item.question, data_url(item.image))
+    short = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 12, short
+    full = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 12, full
+    assert full.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
 def test_typed_markers_are_text_not_roles_or_images(server, items):
     """<image> and ChatML markers typed into a message are plain text: no second image slot, no new role."""
     item = items[0]
@@ -167,9 +178,9 @@ def tight(tiny_vqa_fp32, tmp_path_factory):
 
 
 def _long(url_image: str, **extra) -> dict:
-    """A request that would run for minutes: sampling at temperature 2 rarely meets EOS."""
+    """A request that would run for minutes: EOS ignored, 4,000 tokens."""
     return {"messages": user_message("describe the image", url_image), "temperature": 2.0, "max_tokens": 4000,
-            "seed": 1, **extra}
+            "seed": 1, "ignore_eos": True, **extra}
 
 
 def test_full_queue_answers_429_at_once(tight, items):

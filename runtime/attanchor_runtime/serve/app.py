@@ -211,7 +211,8 @@ class Server:
                            code="context_length_exceeded", param="messages")
         threshold = pipe.default_threshold if req.threshold is None else float(req.threshold)
         temperature = 0.0 if req.temperature is None else req.temperature  # greedy unless asked, as Pipeline.chat
-        settings = Settings.of(threshold, temperature, req.top_p or 1.0, req.seed, ticket=next(TICKETS))
+        settings = Settings.of(threshold, temperature, req.top_p or 1.0, req.seed, ticket=next(TICKETS),
+                               ignore_eos=req.ignore_eos)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 

@@ -41,17 +41,21 @@ class Settings:
     top_p: float = 1.0
     alone: int = 0  # nonzero: never batched (a seeded sample must not depend on its batch mates)
     seed: int | None = None
+    ignore_eos: bool = False  # rows run to max_tokens: EOS is an ordinary token (the decode loop's too)
 
     @classmethod
-    def of(cls, threshold: float, temperature: float, top_p: float, seed: int | None, ticket: int) -> Settings:
+    def of(cls, threshold: float, temperature: float, top_p: float, seed: int | None, ticket: int,
+           ignore_eos: bool = False) -> Settings:
         if temperature == 0:  # greedy: top_p and seed change nothing
-            return cls(threshold)
-        return cls(threshold, temperature, top_p, ticket if seed is not None else 0, seed)
+            return cls(threshold, ignore_eos=ignore_eos)
+        return cls(threshold, temperature, top_p, ticket if seed is not None else 0, seed, ignore_eos)
 
     def sampling(self) -> dict:
+        """decode_steps' keywords: sampling, and no EOS ids where EOS is ignored."""
+        eos = {"eos_token_id": []} if self.ignore_eos else {}
         if self.temperature == 0:
-            return {}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+            return eos
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, **eos}
 
 
 @dataclass(eq=False)
@@ -275,7 +279,7 @@ class Scheduler:
                 continue
             token = int(new[b])
             row.tokens += 1
-            if token in self.stop_ids:
+            if token in self.stop_ids and not job.settings.ignore_eos:
                 row.finish("stop")
                 continue
             text, stopped = row.stop.push(row.decoder.push(token))

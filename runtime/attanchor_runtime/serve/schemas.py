@@ -51,6 +51,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     seed: int | None = None
     threshold: float | None = None  # AttAnchor: anchor threshold for this request (null = the artifact's)
+    ignore_eos: bool = False  # vLLM's extension: generate past EOS up to max_tokens (load tests, benchmarks)
     # Accepted at their defaults only (see the module docstring).
     frequency_penalty: float | None = 0
     presence_penalty: float | None = 0
