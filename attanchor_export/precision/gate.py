@@ -122,13 +122,10 @@ class GateBaseline:
     reference: TorchReference | None = None  # source_model_baseline's: PyTorch logits for any form's tokens
 
 
-def gate_pipeline(manifest: Manifest, files: dict | None = None, low_memory: bool = False,
-                  fed_weights: bool | None = None) -> Pipeline:
+def gate_pipeline(manifest: Manifest, files: dict | None = None, low_memory: bool = False) -> Pipeline:
     """A Pipeline over `files` ({graph: file}, one precision form; default: the manifest's onnxruntime
-    files) on onnxruntime CPU. low_memory: no arena; fed_weights (default: low_memory): fp16 weights fed
-    from disk (OrtDecoder.open)."""
-    backend = OrtBackend(manifest, files=files, memory_arena=not low_memory,
-                         fed_weights=low_memory if fed_weights is None else fed_weights)
+    files) on onnxruntime CPU. low_memory: no arena, fp16 weights fed from disk (OrtDecoder.open)."""
+    backend = OrtBackend(manifest, files=files, memory_arena=not low_memory, fed_weights=low_memory)
     return Pipeline(manifest, backend)
 
 
@@ -416,12 +413,7 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
             results[results.index(same)] = GateResult(**{**vars(same), "backends": (*same.backends, backend)})
             continue
         form = manifest.with_files(manifest.folder, files, graphs)
-        # Weights are fed from disk only for an fp16 decoder (what they are for): that session runs with
-        # graph optimizations off, which on an int4 QDQ decoder also drops onnxruntime's DequantizeLinear +
-        # MatMul -> MatMulNBits fusion and dequantizes every weight at every step (decode steps 6-11x slower
-        # on tiny-vqa-qwen's int4 QDQ decoder; a 3B-dims int4 gate ran past 30 minutes).
-        pipe = gate_pipeline(form, files, low_memory, fed_weights=low_memory and fmt == "fp16")
-        metrics = evaluate(baseline, pipe, vision_changed=changed["vision"],
+        metrics = evaluate(baseline, gate_pipeline(form, files, low_memory), vision_changed=changed["vision"],
                            rows_per_run=1 if low_memory else None)
         failures = judge(metrics, limits)
         task = None

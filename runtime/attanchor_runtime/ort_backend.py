@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import RuntimeInputError
 from .manifest import KV_APPEND, KV_CONCAT, NEXT_TOKEN, PAST_PREFIX, PRESENT_PREFIX, Manifest
-from .sessions import FedWeightsSession, ort_session
+from .sessions import FedWeightsSession, has_external_fp16_weights, ort_session
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -143,12 +143,13 @@ class OrtDecoder:
     def open(cls, manifest: Manifest, file: str | None = None, device: str = "cpu", threads: int | None = None,
              memory_arena: bool = True, fed_weights: bool = False, profile: str | None = None) -> OrtDecoder:
         """The artifact's decoder `file` (default: the one onnxruntime opens). fed_weights: its fp16 weights
-        fed from disk at every call (sessions.FedWeightsSession: a big fp16 decoder on a CPU, for checks).
+        (if it has any in external data) fed from disk at every call (sessions.FedWeightsSession: a big fp16 decoder on a CPU, for checks).
         profile: onnxruntime's profiler file prefix (sessions.ort_session)."""
         file = file or manifest.graph_file("decoder", "ort")
         path = manifest.path(file)
-        session = FedWeightsSession(path, threads) if fed_weights else ort_session(path, device, threads,
-                                                                                   memory_arena, profile)
+        fed = fed_weights and has_external_fp16_weights(path)  # a graph without fp16 weights opens normally
+        session = FedWeightsSession(path, threads) if fed else ort_session(path, device, threads, memory_arena,
+                                                                           profile)
         spec, dims = manifest.graphs.decoder, manifest.dims
         return cls(session, spec.past_names, spec.present_names, dims.num_kv_heads, dims.head_dim,
                    dims.max_position_embeddings, manifest.precision.kv_cache(file), device, spec.output_names[0],
