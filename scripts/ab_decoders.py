@@ -51,14 +51,16 @@ LEVERS = {"none": (False, False), "bind": (True, False), "greedy": (False, True)
 class Decoder:
     """One decoder file, prefilled, then stepped one cached call at a time by the runtime's loop."""
 
-    def __init__(self, spec: str, prompt_len: int):
+    def __init__(self, spec: str, prompt_len: int, options: ort.SessionOptions | None = None):
+        """options: the session's own (its own thread pool); None shares the process's global pool."""
         path, _, levers = spec.partition("@")
         path = Path(path)
         if (levers or "all") not in LEVERS:
             raise SystemExit(f"error: {spec}: levers must be one of {', '.join(LEVERS)}")
         max_positions, self.kv_cache = describe(path)
-        options = ort.SessionOptions()
-        options.use_per_session_threads, options.log_severity_level = False, 3
+        if options is None:
+            options = ort.SessionOptions()
+            options.use_per_session_threads, options.log_severity_level = False, 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         decoder = OrtDecoder.of_session(session, max_positions, self.kv_cache)
         binds, greedy = LEVERS[levers or "all"]

@@ -225,3 +225,17 @@ def test_project_runner_end_to_end(artifact, tmp_path):
     *_, generated = generate(decoder, step, table[ids], lambda t: table[t][:, None, :], 7)
     expected = generated.tokens[0].tolist()
     assert run["tokens"] == expected
+
+
+def test_llama_cpp_build_leaves_out_amx_only_where_the_cpu_lists_it():
+    import shlex
+
+    from attanchor_export.bench_peers.venvs import default_cmake_args
+
+    plain = default_cmake_args("flags\t: fpu avx2 avx512f avx512_vnni")
+    assert plain == "-DGGML_NATIVE=ON"
+    amx = shlex.split(default_cmake_args("flags\t: avx512f amx_bf16 amx_tile amx_int8"))
+    assert amx[0] == "-DGGML_NATIVE=ON"
+    # each flags option stays one argument after the shell-style split scikit-build-core applies
+    assert "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in amx
+    assert "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in amx

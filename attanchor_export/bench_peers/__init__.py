@@ -9,7 +9,8 @@ scripts/bench_peers.py is the entry point; cli.py reads top to bottom as a run d
 2. venvs.py: a venv of its own for the peers (their pins never touch the project venv), under
    CACHE/venv: torch (the project's version, installed first as the README does; extra pip arguments for it
    from $ATTANCHOR_PEERS_TORCH_PIP_ARGS), onnxruntime-genai, transformers, onnx-ir, matplotlib; then
-   llama-cpp-python built once from its PyPI sdist (CMAKE_ARGS="-DGGML_NATIVE=ON", or $CMAKE_ARGS; about
+   llama-cpp-python built once from its PyPI sdist (CMAKE_ARGS="-DGGML_NATIVE=ON", minus AMX
+   where the CPU lists it: venvs.default_cmake_args says why; or $CMAKE_ARGS; about
    18 min on the 2-core machine), whose vendor/llama.cpp also gives convert_hf_to_gguf.py and gguf-py.
    CACHE: --cache (or $ATTANCHOR_PEERS_CACHE), default ~/.cache/attanchor-export/peers. Logs: CACHE/logs/.
 3. build.py (build_project.py, build_genai.py, build_llama.py + gguf_tasks.py): every system from that

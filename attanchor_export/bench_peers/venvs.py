@@ -68,9 +68,25 @@ def llama_tree(cache: Path) -> Path:
     return llama_source(cache) / "vendor" / "llama.cpp"
 
 
+# On a CPU that lists AMX, -march=native compiles ggml's AMX kernels, and in the VM this project measures on
+# their first ldtilecfg dies with a general protection fault (every Q4_0/Q8_0 child exited -11). The build
+# keeps every other native ISA (AVX-512, VNNI, BF16, llama.cpp's weight repacking); GCC's explicit -mno-*
+# flags win over -march=native whatever their order. $CMAKE_ARGS replaces this default.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def default_cmake_args(cpuinfo: str | None = None) -> str:
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "amx_tile" not in cpuinfo:
+        return "-DGGML_NATIVE=ON"
+    return f'-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS={NO_AMX}" "-DCMAKE_CXX_FLAGS={NO_AMX}"'
+
+
 def ensure_llama_cpp(cache: Path) -> None:
     marker = cache / "venv" / f".llama-cpp-python-{LLAMA_CPP_VERSION}.json"
-    if marker.is_file():
+    cmake_args = os.environ.get("CMAKE_ARGS", default_cmake_args())
+    if marker.is_file() and json.loads(marker.read_text()).get("cmake_args") == cmake_args:
         return
     src, log = cache / "src", cache / "logs" / "llama-cpp-python-build.log"
     sdist = src / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
@@ -81,11 +97,14 @@ def ensure_llama_cpp(cache: Path) -> None:
     if not (llama_source(cache) / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
         with tarfile.open(sdist) as tar:
             tar.extractall(src, filter="data")  # for convert_hf_to_gguf.py and gguf-py
-    cmake_args = os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON")
     say(f"building llama-cpp-python {LLAMA_CPP_VERSION} from source, CMAKE_ARGS={cmake_args!r} "
         f"(several minutes, once; log: {log})")
     t0 = time.perf_counter()
-    sh([peer_python(cache), "-m", "pip", "install", "-v", "--no-binary", "llama-cpp-python", sdist], log,
+    if marker.is_file():  # built before with other CMAKE_ARGS: pip would keep that build (same version)
+        sh([peer_python(cache), "-m", "pip", "uninstall", "-y", "llama-cpp-python"], log, "llama.cpp: uninstalling")
+        marker.unlink()
+    sh([peer_python(cache), "-m", "pip", "install", "-v", "--no-cache-dir", "--no-binary", "llama-cpp-python", sdist],
+       log,
        "llama.cpp: building llama-cpp-python from source",
        env={"CMAKE_ARGS": cmake_args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
     seconds = round(time.perf_counter() - t0)
