@@ -351,10 +351,10 @@ def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, 
                                           excluded_token_ids=excluded)
         save_embedding_model(embedding, folder / graphs.embedding.file)
         onnx.checker.check_model(str(folder / graphs.embedding.file))
-    with steps("trace decoder graph"):
-        path = folder / graphs.decoder.file
-        export_decoder(family.language_model(model), family.lm_head(model), loaded.dims, graphs.decoder, path,
-                       options.opset, streamed=loaded.streamed)
+    path = folder / graphs.decoder.file
+    export_decoder(family.language_model(model), family.lm_head(model), loaded.dims, graphs.decoder, path,
+                   options.opset, streamed=loaded.streamed, steps=steps)
+    with steps("check decoder graph"):
         _finalize_onnx(path)
     optimizations = Optimizations()
     if options.optimize:

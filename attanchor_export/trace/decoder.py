@@ -28,8 +28,10 @@ def example_inputs(dims, batch=2, seq=5, past=3, dtype=torch.float32):
     return embeds, mask, positions, kv
 
 
-def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, opset: int, streamed=None) -> None:
-    """`streamed`: the load.streamed.StreamedModel the modules belong to (traced on meta, weights streamed)."""
+def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, opset: int, streamed=None,
+                   steps=None) -> None:
+    """`streamed`: the load.streamed.StreamedModel the modules belong to (traced on meta, weights streamed).
+    `steps`: the export's progress reporter (trace_to_onnx reports its phases)."""
     module = DecoderWithCache(language_model, lm_head, dims.num_layers, spec.notes.last_logits_only)
     shared: dict = {}  # symbol -> torch Dim, so equal names are equal sizes
     embeds, mask, positions = (n for n in spec.input_names if n not in spec.past_names)
@@ -44,7 +46,8 @@ def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, o
     shape = spec.input(positions).shape
     if len(shape) == 3:  # sections first ([3, B, S], M-RoPE): distinct per section, so none is merged
         args = (args[0], args[1], torch.stack([args[2] + i for i in range(int(shape[0]))]), args[3])
-    trace_to_onnx(module, args, dynamic_shapes, spec, path, opset, streamed=streamed)
+    trace_to_onnx(module, args, dynamic_shapes, spec, path, opset, streamed=streamed, steps=steps,
+                  what="decoder graph")
 
 
 __all__ = ["example_inputs", "export_decoder"]

@@ -46,14 +46,18 @@ def dynamic_axes(spec: GraphSpec, name: str, dims: dict | None = None) -> dict[i
 
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, spec: GraphSpec, path: Path,
-                  opset: int, streamed=None) -> None:
+                  opset: int, streamed=None, steps=None, what: str = "graph") -> None:
     """Export with the spec's input/output names; weights go to `<file>.data` (external data).
-    `streamed` (a load.streamed.StreamedModel): trace on meta, weights read from its store when written."""
+    `streamed` (a load.streamed.StreamedModel): trace on meta, weights read from its store when written.
+    `steps`: the export's progress reporter; the three phases are reported apart (where an export's
+    time goes: the tracer, onnxscript's optimizer, or reading, widening and writing the weights)."""
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
+    steps = steps or _no_steps
     module.eval()
-    with torch.no_grad(), _quiet_exporter(), _traced_on_meta(module, streamed) as originals:
+    with steps(f"trace {what} (torch.export)"), torch.no_grad(), _quiet_exporter(), \
+            _traced_on_meta(module, streamed) as originals:
         if originals is not None:
             args = _to_meta(args)
         program = torch.onnx.export(
@@ -67,17 +71,23 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, sp
             optimize=False,
             verbose=False,
         )
-    with torch.no_grad(), _quiet_exporter():
+    with steps(f"{what}: onnxscript optimizer and fusions"), torch.no_grad(), _quiet_exporter():
         if originals is not None:
             bind_streamed_weights(program.model, originals, streamed)
         lazy_weight_transposes(program.model)
         onnxscript.optimizer.optimize_ir(program.model)
         onnxscript.rewriter.onnx_fusions.fuse(program.model)
-    program.save(str(path), external_data=True)
+    with steps(f"write {what} and its weights"):
+        program.save(str(path), external_data=True)
     # onnxscript's module-level rewrite rules keep a reference to the last graph they matched; without
     # this the graph would pin every weight of the traced model for the rest of the export.
     for value in program.model.graph.initializers.values():
         value.const_value = None
+
+
+@contextmanager
+def _no_steps(name: str):
+    yield
 
 
 @contextmanager
