@@ -43,6 +43,13 @@ def _options(threads: int | None, memory_arena: bool, profile: str | None = None
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    # onnxruntime's pool threads spin between kernels by default: 1.1-1.45x faster decode on idle cores,
+    # ~1.6x slower where other busy processes need those cores (docs/PERFORMANCE.md, Lever 4).
+    spinning = os.environ.get("ATTANCHOR_ORT_SPINNING")
+    if spinning is not None:
+        if spinning not in ("0", "1"):
+            raise ArtifactError(f"ATTANCHOR_ORT_SPINNING must be 0 or 1, not {spinning!r}")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     return options
 
 
