@@ -2,8 +2,9 @@
 
     python scripts/measure_layer_repeat.py DECODER.onnx [DECODER.onnx ...]
 
-Tracing costs ~2.2 s per decoder layer whatever the width (torch.export plus onnxscript's optimizer:
-70 s for tiny-vqa's 30 layers, 47 s for TinyLLaVA-1B's 22; docs/PERFORMANCE.md, "Export time"). Tracing
+Tracing costs 1.6-2.3 s per decoder layer whatever the width (torch.export plus onnxscript's optimizer:
+70 s for tiny-vqa's 30 layers, 47 s for TinyLLaVA-1B's 22, 51 s for LLaVA-1.5-7B's 32; docs/PERFORMANCE.md,
+"Export time"). Tracing
 two layers and repeating the second would remove most of that, but only if every layer of the full
 trace is the same subgraph as layer 1 up to names. This checks that on an exported fp32 decoder.onnx
 (the trace as written, before any quantization): nodes are grouped by the decoder layer in their
