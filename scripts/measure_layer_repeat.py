@@ -119,7 +119,7 @@ def signatures(model: onnx.ModelProto) -> tuple[dict[int, list], int]:
                 refs.append(("shared", name))
         attrs = tuple(sorted((a.name, onnx.helper.get_attribute_value(a).__repr__()) for a in node.attribute))
         nodes.append((node.op_type, node.domain, attrs, tuple(refs), len(node.output)))
-        for i, out in enumerate(node.output):
+        for out in node.output:
             producer[out] = (layer, len(nodes) - 1)
     return by_layer, outside
 
