@@ -6,13 +6,28 @@ DecoderWithCache, so PyTorch runs exactly what was traced.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
 from pathlib import Path
 
+import numpy as np
+import onnx_ir as ir
 import torch
 from attanchor_runtime.manifest import GraphSpec
 
 from attanchor_export.source_model import DecoderWithCache
+from attanchor_export.trace.layer_repeat import (
+    TRACED_DEPTH,
+    LayerRepeatUnavailable,
+    fewer_layers,
+    order_io,
+    repeat_layer,
+    spec_at_depth,
+)
 from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx
+
+log = logging.getLogger(__name__)
 
 
 def example_inputs(dims, batch=2, seq=5, past=3, dtype=torch.float32):
@@ -31,23 +46,90 @@ def example_inputs(dims, batch=2, seq=5, past=3, dtype=torch.float32):
 def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, opset: int, streamed=None,
                    steps=None) -> None:
     """`streamed`: the load.streamed.StreamedModel the modules belong to (traced on meta, weights streamed).
-    `steps`: the export's progress reporter (trace_to_onnx reports its phases)."""
-    module = DecoderWithCache(language_model, lm_head, dims.num_layers, spec.notes.last_logits_only)
+    `steps`: the export's progress reporter (trace_to_onnx reports its phases). A decoder deeper than
+    TRACED_DEPTH is traced at that depth and its layer 1 repeated (trace/layer_repeat.py), unless the
+    trace is not shaped for it or ATTANCHOR_TRACE_EVERY_LAYER=1: then every layer is traced."""
+    if dims.num_layers > TRACED_DEPTH and os.environ.get("ATTANCHOR_TRACE_EVERY_LAYER") != "1":
+        try:
+            _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, TRACED_DEPTH)
+            return
+        except LayerRepeatUnavailable as e:
+            log.warning("tracing every decoder layer: the %d-layer trace cannot be repeated (%s)", TRACED_DEPTH, e)
+    _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, dims.num_layers)
+
+
+def _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, depth: int) -> None:
+    traced_spec = spec if depth == dims.num_layers else spec_at_depth(spec, depth)
+    module = DecoderWithCache(language_model, lm_head, depth, spec.notes.last_logits_only)
     shared: dict = {}  # symbol -> torch Dim, so equal names are equal sizes
-    embeds, mask, positions = (n for n in spec.input_names if n not in spec.past_names)
+    embeds, mask, positions = (n for n in traced_spec.input_names if n not in traced_spec.past_names)
     dynamic_shapes = {
-        "inputs_embeds": dynamic_axes(spec, embeds, shared),
-        "attention_mask": dynamic_axes(spec, mask, shared),
-        "position_ids": dynamic_axes(spec, positions, shared),
+        "inputs_embeds": dynamic_axes(traced_spec, embeds, shared),
+        "attention_mask": dynamic_axes(traced_spec, mask, shared),
+        "position_ids": dynamic_axes(traced_spec, positions, shared),
         # One tuple of dims for the whole *past argument: dynamic_shapes mirrors the argument structure.
-        "past": tuple(dynamic_axes(spec, n, shared) for n in spec.past_names),
+        "past": tuple(dynamic_axes(traced_spec, n, shared) for n in traced_spec.past_names),
     }
-    args = example_inputs(dims)
-    shape = spec.input(positions).shape
+    args = example_inputs(dataclasses.replace(dims, num_layers=depth))
+    shape = traced_spec.input(positions).shape
     if len(shape) == 3:  # sections first ([3, B, S], M-RoPE): distinct per section, so none is merged
         args = (args[0], args[1], torch.stack([args[2] + i for i in range(int(shape[0]))]), args[3])
-    trace_to_onnx(module, args, dynamic_shapes, spec, path, opset, streamed=streamed, steps=steps,
-                  what="decoder graph")
+    grow = None
+    if depth < dims.num_layers:
+        prefix = _layers_prefix(module, language_model)
+        full_layers = list(language_model.layers)
+
+        def grow_graph(model):
+            repeat_layer(model, dims.num_layers, prefix, _layer_weight(full_layers, prefix, streamed))
+            order_io(model, spec)
+
+        grow = (f"decoder graph: layer 1 repeated to {dims.num_layers} layers", grow_graph)
+    with fewer_layers(language_model, depth):
+        trace_to_onnx(module, args, dynamic_shapes, traced_spec, path, opset, streamed=streamed, steps=steps,
+                      what="decoder graph", grow=grow)
+
+
+def _layers_prefix(module, language_model) -> str:
+    """The initializer names' prefix of the decoder layers: their module path in DecoderWithCache + '.'."""
+    for name, sub in module.named_modules():
+        if sub is language_model.layers:
+            return f"{name}."
+    raise LayerRepeatUnavailable("the language model's layers are not a submodule of the traced module")
+
+
+def _layer_weight(full_layers, prefix: str, streamed):
+    """Initializer `name` of layer k (k >= TRACED_DEPTH), as the trace binds its own: the parameter read
+    lazily (from the checkpoint when streamed), transposed where the name ends in '.T'."""
+
+    def weight(name: str, like: ir.Value) -> ir.Value:
+        index, _, relative = name[len(prefix):].partition(".")
+        transposed = relative.endswith(".T")
+        relative = relative[:-2] if transposed else relative
+        try:
+            parameter = full_layers[int(index)].get_parameter(relative)
+        except (AttributeError, ValueError, IndexError):
+            raise LayerRepeatUnavailable(f"{name} is no parameter of layer {index}") from None
+        if transposed and len(like.shape) != 2:
+            raise LayerRepeatUnavailable(f"{name}: a transposed weight of rank {len(like.shape)}")
+        if parameter.is_meta:
+            if streamed is None:
+                raise LayerRepeatUnavailable(f"{name} has no values (meta) and no checkpoint to read")
+            key = streamed.key(parameter)
+
+            def read():
+                return streamed.store.numpy(key)
+        else:
+            def read():
+                return parameter.detach().numpy()
+
+        def compute():
+            array = read()
+            return ir.tensor(np.ascontiguousarray(array.T) if transposed else array, name=name)
+
+        tensor = ir.LazyTensor(compute, dtype=like.dtype, shape=like.shape, name=name)
+        return ir.Value(name=name, shape=like.shape, type=like.type, const_value=tensor)
+
+    return weight
 
 
 __all__ = ["example_inputs", "export_decoder"]

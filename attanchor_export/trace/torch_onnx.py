@@ -46,11 +46,13 @@ def dynamic_axes(spec: GraphSpec, name: str, dims: dict | None = None) -> dict[i
 
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, spec: GraphSpec, path: Path,
-                  opset: int, streamed=None, steps=None, what: str = "graph") -> None:
+                  opset: int, streamed=None, steps=None, what: str = "graph", grow=None) -> None:
     """Export with the spec's input/output names; weights go to `<file>.data` (external data).
     `streamed` (a load.streamed.StreamedModel): trace on meta, weights read from its store when written.
     `steps`: the export's progress reporter; the three phases are reported apart (where an export's
-    time goes: the tracer, onnxscript's optimizer, or reading, widening and writing the weights)."""
+    time goes: the tracer, onnxscript's optimizer, or reading, widening and writing the weights).
+    `grow`: (step label, function of the optimized ir.Model) run before the graph is written (the
+    decoder's layer repeat, trace/layer_repeat.py)."""
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
@@ -77,6 +79,10 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, sp
         lazy_weight_transposes(program.model)
         onnxscript.optimizer.optimize_ir(program.model)
         onnxscript.rewriter.onnx_fusions.fuse(program.model)
+    if grow is not None:
+        label, function = grow
+        with steps(label):
+            function(program.model)
     with steps(f"write {what} and its weights"):
         program.save(str(path), external_data=True)
     # onnxscript's module-level rewrite rules keep a reference to the last graph they matched; without
