@@ -122,6 +122,8 @@ def repeat_layer(model: ir.Model, num_layers: int, layer_prefix: str, weight) ->
     residual = {made[v]: v for n in tail for v in n.inputs if v in made}
     if not residual:
         raise LayerRepeatUnavailable("nothing after the layers reads layer 1")
+    if any(v in residual.values() for v in graph.outputs):  # checked before the graph is changed
+        raise LayerRepeatUnavailable("a graph output is layer 1's residual stream")
     stream = {}  # layer 0's residual value -> layer 1's value at the same position
     for position, value in residual.items():
         if position not in made_first:
@@ -189,14 +191,9 @@ def repeat_layer(model: ir.Model, num_layers: int, layer_prefix: str, weight) ->
     graph.insert_after(second[-1], copies)
     last = {v1: previous[v0] for v0, v1 in stream.items()}
     for node in tail:
-        if node in in_second:
-            continue
         for i, value in enumerate(node.inputs):
             if value in last:
                 node.replace_input_with(i, last[value])
-    for value in graph.outputs:
-        if value in last:
-            raise LayerRepeatUnavailable("a graph output is layer 1's residual stream")
     graph.inputs.extend(new_inputs)
     graph.outputs.extend(new_outputs)
 

@@ -30,6 +30,7 @@ from attanchor_runtime.manifest import PAST_LEN, GraphSpec
 from torch.export import Dim
 
 from attanchor_export.load.streamed import on_meta
+from attanchor_export.options import no_steps
 
 
 def dynamic_axes(spec: GraphSpec, name: str, dims: dict | None = None) -> dict[int, Dim]:
@@ -56,7 +57,7 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, sp
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
-    steps = steps or _no_steps
+    steps = steps or no_steps
     module.eval()
     with steps(f"trace {what} (torch.export)"), torch.no_grad(), _quiet_exporter(), \
             _traced_on_meta(module, streamed) as originals:
@@ -89,11 +90,6 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes: dict, sp
     # this the graph would pin every weight of the traced model for the rest of the export.
     for value in program.model.graph.initializers.values():
         value.const_value = None
-
-
-@contextmanager
-def _no_steps(name: str):
-    yield
 
 
 @contextmanager

@@ -143,7 +143,8 @@ class OrtDecoder:
     def open(cls, manifest: Manifest, file: str | None = None, device: str = "cpu", threads: int | None = None,
              memory_arena: bool = True, fed_weights: bool = False, profile: str | None = None) -> OrtDecoder:
         """The artifact's decoder `file` (default: the one onnxruntime opens). fed_weights: its fp16 weights
-        (if it has any in external data) fed from disk at every call (sessions.FedWeightsSession: a big fp16 decoder on a CPU, for checks).
+        (if it keeps any in external data) fed from disk at every call (sessions.FedWeightsSession: a big
+        fp16 decoder on a CPU, for checks).
         profile: onnxruntime's profiler file prefix (sessions.ort_session)."""
         file = file or manifest.graph_file("decoder", "ort")
         path = manifest.path(file)
