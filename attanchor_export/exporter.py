@@ -383,14 +383,30 @@ def _validate(source, staging, manifest: Manifest, options: ExportOptions, steps
     manifest = dataclasses.replace(manifest, validation=Validation(
         atol=options.atol, passed=passed, **source.method, checks=tuple(c.to_json() for c in checks)))
     if not passed:
+        with steps("validate again (onnxruntime, same inputs)"):
+            rerun = _rerun_note(source, manifest, options, checks)
         _write_final_manifest(manifest, cost)
         failed_folder = staging.fail()
         raise ValidationFailed(
-            f"validation failed: {sum(not c.passed for c in checks)} of {len(checks)} checks; "
+            f"validation failed: {sum(not c.passed for c in checks)} of {len(checks)} checks; {rerun}; "
             f"the artifact is kept for inspection at {failed_folder}",
             checks=checks,
         )
     return manifest, checks
+
+
+def _rerun_note(source, manifest: Manifest, options: ExportOptions, checks) -> str:
+    """Which side a failed parity check points at: the artifact's outputs again on the same feeds. If they
+    repeat, the graph or this process's one PyTorch reference is off, and `check` recomputes that
+    reference in a fresh process; if they do not, onnxruntime's outputs varied within this process."""
+    again = {(c.graph, c.case, c.metric): c.value for c in compare_with_source(source, manifest, atol=options.atol)}
+    changed = [(c, again.get((c.graph, c.case, c.metric))) for c in checks if not c.passed]
+    changed = [(c, v) for c, v in changed if v != c.value]
+    if not changed:
+        return ("onnxruntime gave the same values on a second run (`attanchor-export check FOLDER` recomputes "
+                "the PyTorch reference in a fresh process)")
+    c, v = changed[0]
+    return f"onnxruntime's second run differs from its first ({c.graph} {c.case} {c.metric}: {c.value:.3g} then {v:.3g})"
 
 
 def _quantize(staging, manifest: Manifest, options: ExportOptions, steps, cost: ExportCost, baseline,

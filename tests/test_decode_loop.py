@@ -121,6 +121,40 @@ def test_a_greedy_choice_is_left_to_the_graph_that_can_make_it():
         assert decoder.chose == 0
 
 
+class LastOnlyToyDecoder(ToyDecoder):
+    """The toy with decode_last (as a graph with a logits_to_keep input has): it returns the last
+    position's logits only, and counts how often it was asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_calls = 0
+
+    def decode_last(self, embeds, mask, positions, cache):
+        logits, cache = self.decode(embeds, mask, positions, cache)
+        self.last_calls += 1
+        return logits[:, -1:], cache
+
+
+def test_a_caller_that_reads_the_last_position_only_asks_for_that_only():
+    """Sampling without kept logits asks decode_last (a prefill's lm_head over the last position only);
+    kept logits or a kept prefill need every position, so they go through decode; the tokens agree."""
+    embeds, mask, positions = _prompt()
+    step = SequentialStep.after_prefill(mask, positions)
+    sampler = Sampler(do_sample=True, top_k=1)
+    decoder = LastOnlyToyDecoder()
+    *_, out = generate(decoder, step, embeds, _embed, 3, choose=sampler)
+    assert decoder.last_calls == 3 and out.logits == []
+    for kept in ({"keep_logits": True}, {"keep_prefill": True}):
+        full = LastOnlyToyDecoder()
+        *_, same = generate(full, step, embeds, _embed, 3, choose=sampler, **kept)
+        assert full.last_calls == 0
+        np.testing.assert_array_equal(same.tokens, out.tokens)
+    calls = list(decoder_calls(LastOnlyToyDecoder(), step, embeds, lambda call: None, last_only=True))
+    assert calls[0].logits.shape == (2, 1, VOCAB)
+    calls = list(decoder_calls(ToyDecoder(), step, embeds, lambda call: None, last_only=True))
+    assert calls[0].logits.shape == (2, 3, VOCAB)  # a decoder without decode_last gives what it has
+
+
 def test_non_finite_logits_flagged_by_the_graph_still_raise():
     embeds, mask, positions = _prompt()
     step = SequentialStep.after_prefill(mask, positions)

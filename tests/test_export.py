@@ -144,6 +144,7 @@ def test_failed_validation_keeps_folder_under_failed_name(checkpoint, tmp_path):
     with pytest.raises(ValidationFailed) as info:
         export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=out, atol=1e-12))
     assert "validation failed" in str(info.value) and "\n" not in str(info.value)
+    assert "same values on a second run" in str(info.value)  # onnxruntime repeats itself: not the flaky side
     assert any(not c.passed for c in info.value.checks)
     assert not out.exists()
     failed = tmp_path / "strict.failed"

@@ -8,7 +8,7 @@ from attanchor_graphs.specification import position_ids_from_mask
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.decode import SequentialStep
 from attanchor_runtime.errors import RuntimeInputError
-from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, NEXT_TOKEN, Manifest
+from attanchor_runtime.manifest import KV_APPEND, KV_CONCAT, LOGITS_TO_KEEP, NEXT_TOKEN, Manifest
 from attanchor_runtime.ort_backend import KVBuffer, OrtBackend
 from attanchor_runtime.pipeline import Pipeline
 
@@ -113,8 +113,10 @@ def test_generate_answers_the_same_with_either_cache(int4):
 
 
 def _without_levers(backend):
-    """The backend with neither runtime lever: logits fetched and argmax'd in numpy, plain session.run."""
+    """The backend with no runtime lever: every position's logits fetched and argmax'd in numpy, plain
+    session.run."""
     backend.decoder.greedy_in_graph = backend.decoder.binds = False
+    backend.decoder.logits_to_keep = None
     return backend
 
 
@@ -145,10 +147,12 @@ def test_io_binding_and_the_graph_choice_change_no_logit_and_no_token(int4):
 
 def test_generate_answers_the_same_with_and_without_the_runtime_levers(int4):
     """Greedy and sampled generation through the Pipeline: identical tokens with the levers (next_token
-    chosen in the graph, IO binding) and without; greedy steps really went through decode_next."""
+    chosen in the graph, IO binding, the prefill's logits for the last position only) and without; greedy
+    steps really went through decode_next."""
     ids = [[int4.text.bos_token_id, int4.text.image_token_id, 5, 9, 11]] * 2
     pixels = np.random.default_rng(1).random((2, 3, int4.dims.image_size, int4.dims.image_size), np.float32)
     fast = Pipeline(int4, OrtBackend(int4))
+    assert fast.backend.decoder.logits_to_keep == LOGITS_TO_KEEP
     asked = []
     decode_next = fast.backend.decode_next
     fast.backend.decode_next = lambda *a: asked.append(1) or decode_next(*a)

@@ -151,13 +151,14 @@ def test_front_end_is_what_generate_prefills(pipe):
 
 def test_nan_logits_name_the_graph(pipe, monkeypatch):
     m = pipe.manifest
-    real = pipe.backend.decode
+    for method in ("decode", "decode_last"):  # every position's logits, or the last one's (logits_to_keep)
+        real = getattr(pipe.backend, method)
 
-    def poisoned(*args):
-        logits, present = real(*args)
-        return np.full_like(logits, np.nan), present
+        def poisoned(*args, real=real):
+            logits, present = real(*args)
+            return np.full_like(logits, np.nan), present
 
-    monkeypatch.setattr(pipe.backend, "decode", poisoned)
+        monkeypatch.setattr(pipe.backend, method, poisoned)
     with pytest.raises(NumericsError, match="decoder.onnx produced NaN/Inf logits"):
         pipe.generate(input_ids=_rows(m, np.random.default_rng(6), [5]), pixel_values=_pixels(m, 1))
 

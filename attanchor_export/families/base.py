@@ -17,6 +17,7 @@ import numpy as np
 from attanchor_graphs.specification import position_ids_from_mask
 from attanchor_runtime.manifest import (
     BATCH,
+    LOGITS_TO_KEEP,
     PAST_LEN,
     PAST_PREFIX,
     PRESENT_PREFIX,
@@ -130,7 +131,8 @@ def decoder_spec(dims: Dims, last_logits_only: bool = False, positions: tuple = 
             TensorSpec("logits", "float32", (BATCH, 1 if last_logits_only else SEQ_LEN, dims.vocab_size)),
             *(TensorSpec(n, "float32", present_shape) for n in kv_names(dims.num_layers, PRESENT_PREFIX)),
         ),
-        notes=GraphNotes(last_logits_only=last_logits_only),
+        notes=GraphNotes(last_logits_only=last_logits_only,
+                         logits_to_keep=None if last_logits_only else LOGITS_TO_KEEP),
     )
 
 

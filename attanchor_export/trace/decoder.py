@@ -25,6 +25,7 @@ from attanchor_export.trace.layer_repeat import (
     repeat_layer,
     spec_at_depth,
 )
+from attanchor_export.trace.logits_to_keep import add_logits_to_keep
 from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,19 @@ def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, o
     """`streamed`: the load.streamed.StreamedModel the modules belong to (traced on meta, weights streamed).
     `steps`: the export's progress reporter (trace_to_onnx reports its phases). A decoder deeper than
     TRACED_DEPTH is traced at that depth and its layer 1 repeated (trace/layer_repeat.py), unless the
-    trace is not shaped for it or ATTANCHOR_TRACE_EVERY_LAYER=1: then every layer is traced."""
+    trace is not shaped for it or ATTANCHOR_TRACE_EVERY_LAYER=1: then every layer is traced. Where the
+    spec names a logits_to_keep input, the graph gets it (trace/logits_to_keep.py)."""
+    traced = False
     if dims.num_layers > TRACED_DEPTH and os.environ.get("ATTANCHOR_TRACE_EVERY_LAYER") != "1":
         try:
             _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, TRACED_DEPTH)
-            return
+            traced = True
         except LayerRepeatUnavailable as e:
             log.warning("tracing every decoder layer: the %d-layer trace cannot be repeated (%s)", TRACED_DEPTH, e)
-    _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, dims.num_layers)
+    if not traced:
+        _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, dims.num_layers)
+    if spec.notes.logits_to_keep:
+        add_logits_to_keep(Path(path), spec.notes.logits_to_keep, spec.output_names[0])
 
 
 def _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, depth: int) -> None:

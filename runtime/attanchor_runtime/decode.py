@@ -70,6 +70,9 @@ class Decoder(Protocol):
     # onnxruntime form's `next_token` output): decode_next(inputs_embeds, attention_mask, position_ids,
     # cache) -> (next_token int64 [B], -1 where that row's logits held NaN/Inf; the cache). No logits
     # leave the graph: a greedy step hands back 8 bytes a row instead of the vocabulary's floats.
+    # Optional too: decode_last(...) -> (logits [B, 1, V] of the last position only; the cache), for a
+    # caller that reads nothing else (a graph with a logits_to_keep input skips the lm_head over the rest
+    # of a prefill). A decoder graph that makes the greedy choice reads only the last position as well.
 
 
 class Backend(Decoder, Protocol):
@@ -100,19 +103,21 @@ class Call:
 
 def decoder_calls(decoder: Decoder, step: Step, inputs_embeds: np.ndarray,
                   next_embeds: Callable[[Call], np.ndarray | None], start: Call | None = None,
-                  greedy: bool = False) -> Iterator[Call]:
+                  greedy: bool = False, last_only: bool = False) -> Iterator[Call]:
     """Prefill `inputs_embeds` at `step`, then one cached step per `next_embeds(call)` ([B, 1, H]) until it
     returns None. `start`: a prefill Call made earlier on the same inputs (with a cache of its own,
     Decoder.copy_cache), continued from instead of prefilling again. greedy: the decoder's own greedy
-    choice (decode_next) instead of logits; only for a decoder whose `greedy_in_graph` is true."""
+    choice (decode_next) instead of logits; only for a decoder whose `greedy_in_graph` is true.
+    last_only: the caller reads the last position's logits only (decode_last, where the decoder has it)."""
     clock = time.perf_counter
+    decode = getattr(decoder, "decode_last", decoder.decode) if last_only else decoder.decode
 
     def run(index, embeds, step, cache):
         t0 = clock()
         if greedy:
             tokens, cache = decoder.decode_next(embeds, step.attention_mask, step.position_ids, cache)
             return Call(index, None, cache, step, clock() - t0, tokens)
-        logits, cache = decoder.decode(embeds, step.attention_mask, step.position_ids, cache)
+        logits, cache = decode(embeds, step.attention_mask, step.position_ids, cache)
         return Call(index, logits, cache, step, clock() - t0)
 
     call = start if start is not None else run(0, inputs_embeds, step, decoder.empty_cache(len(inputs_embeds)))
@@ -176,7 +181,9 @@ def generate(decoder: Decoder, step: Step, inputs_embeds: np.ndarray, embed: Cal
         return embed(fed)
 
     in_graph = greedy_in_graph(decoder, choose, keep_logits or keep_prefill)  # a kept prefill keeps its logits
-    for call in decoder_calls(decoder, step, inputs_embeds, next_embeds, start, greedy=in_graph):
+    last_only = not (keep_logits or keep_prefill)  # nothing but each call's last position is read
+    for call in decoder_calls(decoder, step, inputs_embeds, next_embeds, start, greedy=in_graph,
+                              last_only=last_only):
         i = call.index
         if i == 0 and keep_prefill:
             out.prefill = Call(0, call.logits, decoder.copy_cache(call.cache), call.step, call.seconds,

@@ -60,6 +60,9 @@ KV_APPEND = "append"
 # row's last-position logits (the first maximum), -1 where those logits hold NaN/Inf. The greedy choice made
 # in the graph, so a greedy step need not fetch the logits (decode.greedy_in_graph).
 NEXT_TOKEN = "next_token"
+# An optional decoder input (GraphNotes.logits_to_keep names it): int64 [], logits for the last k positions
+# only; 0, or not fed, gives every position's. A caller that reads only the last position feeds 1.
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -324,6 +327,9 @@ class TensorSpec(Section):
 class GraphNotes(Section):
     data_dependent_shapes: bool = False  # an output length depends on the data (embedding without K)
     last_logits_only: bool = False  # the decoder returns logits for the last position only
+    # The decoder's optional int64 scalar input: logits for the last k positions only (absent or 0: all);
+    # None in artifacts written before it and in last-logits-only ones (trace/logits_to_keep.py).
+    logits_to_keep: str | None = None
 
 
 @dataclass(frozen=True)
@@ -752,7 +758,7 @@ def write_manifest(manifest: Manifest) -> Manifest:
 __all__ = [
     "Anchor", "AdapterRecord", "BACKENDS", "Calibration", "Dims", "EmbedTable", "ExportRecord", "FORMAT",
     "FORMAT_VERSION", "Family", "FileRecord", "FormRecord", "GRAPHS", "Gate", "GateResult", "GraphNotes",
-    "GraphSpec", "Graphs", "KV_APPEND", "KV_CONCAT", "MANIFEST", "Manifest", "ModelTypes", "NEXT_TOKEN",
+    "GraphSpec", "Graphs", "KV_APPEND", "KV_CONCAT", "LOGITS_TO_KEEP", "MANIFEST", "Manifest", "ModelTypes", "NEXT_TOKEN",
     "NoGraphForm", "Onnx", "Optimizations", "OutlierRatio", "Precision", "Smoothing", "Source", "TaskResult",
     "TensorSpec", "Text", "Validation", "freeze", "listed_files", "parse", "sha256_of", "to_json", "write_manifest",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import RuntimeInputError
-from .manifest import KV_APPEND, KV_CONCAT, NEXT_TOKEN, PAST_PREFIX, PRESENT_PREFIX, Manifest
+from .manifest import KV_APPEND, KV_CONCAT, LOGITS_TO_KEEP, NEXT_TOKEN, PAST_PREFIX, PRESENT_PREFIX, Manifest
 from .sessions import FedWeightsSession, has_external_fp16_weights, ort_session
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -29,6 +29,15 @@ def empty_past(past_names, batch: int, kv_heads: int, head_dim: int, dtype=np.fl
     """Zero-length KV cache: one [B, kv_heads, 0, head_dim] array per past input."""
     empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
     return dict.fromkeys(past_names, empty)
+
+
+_KEEP_LAST = np.array(1, np.int64)  # the logits_to_keep feed of a caller that reads the last position only
+
+
+def _overridable(session) -> set[str]:
+    """Names of the initializers a feed may override (onnxruntime lists them apart from the inputs)."""
+    get = getattr(session, "get_overridable_initializers", None)
+    return {i.name for i in get()} if get is not None else set()
 
 
 class KVBuffer:
@@ -121,9 +130,11 @@ class OrtDecoder:
 
     def __init__(self, session, past_names: list[str], present_names: list[str], kv_heads: int, head_dim: int,
                  max_positions: int, kv_cache: str = KV_CONCAT, device: str = "cpu", logits: str = "logits",
-                 inputs: list[str] | None = None):
+                 inputs: list[str] | None = None, logits_to_keep: str | None = LOGITS_TO_KEEP):
         """inputs: the names of inputs_embeds, attention_mask and position_ids (default: the session's
-        inputs other than the past, in graph order)."""
+        inputs other than the past, in graph order). logits_to_keep: the graph's optional input of that
+        name, used where the session has it (decode_last, decode_next: a prefill's lm_head runs on the
+        last position only)."""
         self.session, self.past_names, self.present_names = session, list(past_names), list(present_names)
         self.kv_heads, self.head_dim, self.max_positions, self.device = kv_heads, head_dim, max_positions, device
         self.kv_cache, self.appends_kv = kv_cache, kv_cache == KV_APPEND
@@ -133,6 +144,7 @@ class OrtDecoder:
         self.kv_dtype = _NUMPY_TYPES.get(past_type, np.float32)
         outputs = {o.name: o for o in session.get_outputs()}
         self.greedy_in_graph = NEXT_TOKEN in outputs
+        self.logits_to_keep = logits_to_keep if logits_to_keep in _overridable(session) else None
         self.vocab_size = outputs[logits].shape[-1] if isinstance(outputs[logits].shape[-1], int) else None
         # IO binding for a KVBuffer's decode steps: onnxruntime's own sessions (FedWeightsSession and test
         # doubles have none) on the CPU. Both levers are plain attributes: set either False to run without
@@ -154,7 +166,7 @@ class OrtDecoder:
         spec, dims = manifest.graphs.decoder, manifest.dims
         return cls(session, spec.past_names, spec.present_names, dims.num_kv_heads, dims.head_dim,
                    dims.max_position_embeddings, manifest.precision.kv_cache(file), device, spec.output_names[0],
-                   [n for n in spec.input_names if n not in spec.past_names])
+                   [n for n in spec.input_names if n not in spec.past_names], spec.notes.logits_to_keep)
 
     @classmethod
     def of_session(cls, session, max_positions: int, kv_cache: str = KV_CONCAT) -> OrtDecoder:
@@ -176,32 +188,44 @@ class OrtDecoder:
     def decode(self, inputs_embeds, attention_mask, position_ids, cache):
         return self._decode(self.outputs[0], inputs_embeds, attention_mask, position_ids, cache)
 
+    def decode_last(self, inputs_embeds, attention_mask, position_ids, cache):
+        """decode, with the logits of each row's last position only: [B, 1, V]."""
+        return self._decode(self.outputs[0], inputs_embeds, attention_mask, position_ids, cache, last=True)
+
     def decode_next(self, inputs_embeds, attention_mask, position_ids, cache):
         """The graph's greedy choice (its `next_token` output, int64 [B]; -1: that row's logits were not
         finite) instead of the logits; only when `greedy_in_graph`."""
-        return self._decode(NEXT_TOKEN, inputs_embeds, attention_mask, position_ids, cache)
+        return self._decode(NEXT_TOKEN, inputs_embeds, attention_mask, position_ids, cache, last=True)
 
-    def _decode(self, first, inputs_embeds, attention_mask, position_ids, cache):
+    def _decode(self, first, inputs_embeds, attention_mask, position_ids, cache, last: bool = False):
+        extra = self._extra_feeds(last)
         if isinstance(cache, KVBuffer):
             new = inputs_embeds.shape[1]
             start = attention_mask.shape[1] - new
             cache.reserve(attention_mask.shape[1])
-            if start and self.binds:
+            if start and self.binds and (new == 1 or not extra):  # a bound call cannot feed logits_to_keep
                 outputs = self._run_bound(first, inputs_embeds, attention_mask, position_ids, cache)
             else:
-                outputs = self._run(first, inputs_embeds, attention_mask, position_ids, cache.past(start))
+                outputs = self._run(first, inputs_embeds, attention_mask, position_ids, cache.past(start), extra)
             cache.append(outputs[1:], start)  # numpy inputs are read where they are, not copied
             return outputs[0], cache
         if self.device == "cuda" and not self.appends_kv:
             return self._decode_bound(first, inputs_embeds, attention_mask, position_ids, cache)
-        outputs = self._run(first, inputs_embeds, attention_mask, position_ids, cache)
+        outputs = self._run(first, inputs_embeds, attention_mask, position_ids, cache, extra)
         if self.kv_cache == KV_APPEND:  # present holds the new positions only: append them to the list
             return outputs[0], [np.concatenate([p, n], axis=2) for p, n in zip(cache, outputs[1:])]
         return outputs[0], outputs[1:]
 
-    def _run(self, first, inputs_embeds, attention_mask, position_ids, past) -> list:
+    def _extra_feeds(self, last: bool) -> dict:
+        """{logits_to_keep: 1} for a caller that reads the last position only, where the graph has that
+        input. onnxruntime's IO binding cannot bind an initializer, so the bound paths (decode steps of one
+        position, where 1 and every position are the same; CUDA) run without it."""
+        return {self.logits_to_keep: _KEEP_LAST} if last and self.logits_to_keep is not None else {}
+
+    def _run(self, first, inputs_embeds, attention_mask, position_ids, past, extra: dict) -> list:
         feeds = dict(zip(self.inputs, (inputs_embeds, attention_mask, position_ids)))
         feeds.update(zip(self.past_names, past))
+        feeds.update(extra)
         return self.session.run([first, *self.present_names], feeds)
 
     def _run_bound(self, first, inputs_embeds, attention_mask, position_ids, cache: KVBuffer) -> list:
@@ -280,6 +304,9 @@ class OrtBackend:
 
     def decode_next(self, inputs_embeds, attention_mask, position_ids, cache):
         return self.decoder.decode_next(inputs_embeds, attention_mask, position_ids, cache)
+
+    def decode_last(self, inputs_embeds, attention_mask, position_ids, cache):
+        return self.decoder.decode_last(inputs_embeds, attention_mask, position_ids, cache)
 
     def vision(self, feeds: dict) -> np.ndarray:
         spec = self.manifest.graphs.vision

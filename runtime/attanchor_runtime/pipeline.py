@@ -270,8 +270,11 @@ class Pipeline:
             budget = prompt_cost.available_bytes() + max(0, _rss_bytes() - self._rss_at_load)
         else:
             budget = int(budget_gib * (1 << 30))
-        need = prompt_cost.prompt_bytes(self.manifest.dims, batch, positions, new_tokens,
-                                        all_logits=not self.manifest.graphs.decoder.notes.last_logits_only)
+        notes = self.manifest.graphs.decoder.notes
+        # A prefill returns one position's logits from a last-logits-only graph, or from one with a
+        # logits_to_keep input on a backend that feeds it (decode_last).
+        last_only = notes.last_logits_only or (notes.logits_to_keep is not None and hasattr(self.backend, "decode_last"))
+        need = prompt_cost.prompt_bytes(self.manifest.dims, batch, positions, new_tokens, all_logits=not last_only)
         if need > budget:
             raise RuntimeInputError(
                 f"this call would need about {prompt_cost.gib(need)} ({batch} row(s) x {positions} positions + "

@@ -111,6 +111,9 @@ class FedWeightsSession:
     def get_outputs(self):
         return self.session.get_outputs()
 
+    def get_overridable_initializers(self):
+        return self.session.get_overridable_initializers()
+
 
 def has_external_fp16_weights(path) -> bool:
     """Whether the graph at `path` keeps fp16 initializers in external data: what FedWeightsSession feeds.
