@@ -46,7 +46,14 @@ from attanchor_export.export_cost import (
 )
 from attanchor_export.load.checkpoint import load_checkpoint, locate
 from attanchor_export.load.lora import apply_adapter, locate_adapter
-from attanchor_export.options import ARTIFACT_IR_VERSION, MODES, ExportOptions, no_steps, vision_quant_problem
+from attanchor_export.options import (
+    ARTIFACT_IR_VERSION,
+    MODES,
+    ExportOptions,
+    no_steps,
+    prefill_int8_problem,
+    vision_quant_problem,
+)
 from attanchor_export.precision.gate import AccuracyGateFailed, source_model_baseline
 from attanchor_export.precision.quantize import FORMS, quantize_artifact
 from attanchor_export.source_model import drop_front_weights
@@ -331,7 +338,8 @@ def _check_options(options: ExportOptions) -> None:
     number = isinstance(options.threshold, (int, float)) and not isinstance(options.threshold, bool)
     if number and not math.isfinite(options.threshold):
         raise ExportError(f"threshold must be a finite number, got {options.threshold}")
-    problem = vision_quant_problem(options.dtype, options.vision_quant, options.quantize_vision)
+    problem = vision_quant_problem(options.dtype, options.vision_quant, options.quantize_vision) or \
+        prefill_int8_problem(options.dtype, options.quant, options.prefill_int8)
     if problem:
         raise ExportError(problem)
 
@@ -420,6 +428,7 @@ def _quantize(staging, manifest: Manifest, options: ExportOptions, steps, cost: 
             floors=options.gate_floors, task=options.task, baseline=baseline, low_memory=memory.low_memory_gate,
             ort_fusions=options.ort_fusions, gate=memory.gate_skipped is None,
             smooth_alpha=options.smooth_alpha, int4_8bit=options.int4_8bit or (), vision_quant=options.vision_quant,
+            prefill_int8=options.prefill_int8,
         )
     except AccuracyGateFailed as e:
         if e.precision is not None:

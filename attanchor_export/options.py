@@ -67,9 +67,23 @@ class ExportOptions:
     ort_fusions: bool = True
     gate_floors: dict | None = None  # overrides of the gate's floors for this format
     adapter: str | None = None  # peft LoRA folder or Hub id, merged before tracing (load/lora.py)
+    # int4/int8: also write decoder.prefill.onnx, the onnxruntime graph prompts run through (int8 weights
+    # and per-token int8 activations on the CPU's 8-bit matrix/dot-product units; precision.prefill_int8)
+    prefill_int8: bool = False
     # GiB the export may use; None = the memory available when it starts. Decides whether onnxruntime may
     # open the fp32 decoder (parity, gate reference) or PyTorch, layer-streamed, stands in for it.
     memory_budget: float | None = None
+
+
+def prefill_int8_problem(dtype: str, quant: str, prefill_int8: bool) -> str | None:
+    """Why --prefill-int8 cannot be exported with these options (one line), or None."""
+    if not prefill_int8:
+        return None
+    if quant not in ("int4", "int8"):
+        return "--prefill-int8 rewrites the int4/int8 onnxruntime decoder: add --quant int4 (or int8)"
+    if dtype != "fp32":
+        return "--prefill-int8 needs fp32 activations: leave out --dtype fp16"
+    return None
 
 
 def vision_quant_problem(dtype: str, vision_quant: str, quantize_vision: bool) -> str | None:

@@ -51,6 +51,7 @@ from attanchor_export.options import (
     DTYPES,
     QUANTS,
     no_steps,
+    prefill_int8_problem,
     vision_quant_problem,
 )
 from attanchor_export.precision.calibration import DecoderCalibrationReader, VisionCalibrationReader
@@ -66,6 +67,7 @@ from attanchor_export.precision.gate import (
 )
 from attanchor_export.precision.graph_files import opsets, remove_model, save_model, trt_name
 from attanchor_export.precision.ort_fusions import fuse_decoder_file
+from attanchor_export.precision.prefill_int8 import prefill_name, write_prefill_graph
 from attanchor_export.precision.smoothing import smooth_file
 from attanchor_export.precision.streamed_weights import (
     linear_nodes,
@@ -118,6 +120,7 @@ class _Request:
     logits: str  # the decoder's logits output: its lm_head is found (and kept fp32 in fp16) by it
     int4_8bit: tuple[str, ...] = ()  # int4: decoder linears whose weight name holds one of these stay 8-bit
     vision_quant: str = "none"  # int8: the vision tower's weights and activations, whatever `quant` is
+    prefill_int8: bool = False  # also the decoder's int8 prompt graph (precision.prefill_int8)
 
     @property
     def fmt(self) -> str:
@@ -146,14 +149,18 @@ class _Request:
         return self.quant != "none" and (graph != "vision" or self.quantize_vision)
 
 
-def _check_options(dtype, quant, block_size, forms, smooth_alpha=None, vision_quant="none", quantize_vision=False):
+def _check_options(dtype, quant, block_size, forms, smooth_alpha=None, vision_quant="none", quantize_vision=False,
+                   prefill_int8=False):
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if quant not in QUANTS:
         raise ExportError(f"unknown --quant {quant!r}: choose one of {', '.join(QUANTS)}")
-    problem = vision_quant_problem(dtype, vision_quant, quantize_vision)
+    problem = vision_quant_problem(dtype, vision_quant, quantize_vision) or prefill_int8_problem(dtype, quant,
+                                                                                                 prefill_int8)
     if problem:
         raise ExportError(problem)
+    if prefill_int8 and "MatMulNBits" not in forms:
+        raise ExportError("--prefill-int8 is written from the onnxruntime (MatMulNBits) decoder form")
     if quant != "none" and block_size not in BLOCK_SIZES:
         raise ExportError(f"--block-size {block_size} is not supported: choose one of {', '.join(map(str, BLOCK_SIZES))}")
     if dtype == "fp16" and quant == "int8":
@@ -195,6 +202,7 @@ def quantize_artifact(
     smooth_alpha: float | None = DEFAULT_SMOOTH_ALPHA,
     int4_8bit: tuple[str, ...] = (),
     vision_quant: str = "none",
+    prefill_int8: bool = False,
 ) -> Precision:
     """Rewrite the fp32 graphs in `manifest.folder` to `dtype`/`quant` in place and gate them against fp32.
 
@@ -217,8 +225,10 @@ def quantize_artifact(
     `vision_quant`: "int8": the vision tower's weights and activations int8 (its own precision, with any
     `quant`, "none" included; not with `quantize_vision`, which gives it `quant`'s weight-only format); its
     image-feature cosine is judged against int8's floor.
+    `prefill_int8`: also write the decoder's prompt graph (precision.prefill_int8, recorded as the onnxruntime
+    decoder's FormRecord.prefill); the gate then judges the two together, as the runtime runs them.
     """
-    forms = _check_options(dtype, quant, block_size, forms, smooth_alpha, vision_quant, quantize_vision)
+    forms = _check_options(dtype, quant, block_size, forms, smooth_alpha, vision_quant, quantize_vision, prefill_int8)
     if dtype == "fp32" and quant == "none" and vision_quant == "none":
         return Precision()
     req = _Request(
@@ -226,7 +236,7 @@ def quantize_artifact(
         quant, block_size, forms, lm_head_quantized(quant, quantize_lm_head), bool(quantize_vision),
         accuracy_level if accuracy_level is not None else DEFAULT_ACCURACY_LEVEL.get(quant, 0), calibrate_method,
         smooth_alpha, ort_fusions, manifest.dims, manifest.graphs.decoder.output_names[0],
-        tuple(int4_8bit) if quant == "int4" else (), vision_quant,
+        tuple(int4_8bit) if quant == "int4" else (), vision_quant, bool(prefill_int8),
     )
     calibrated = quant == "int8" or (req.vision_int8 and "QDQ" in forms)
     fp32 = gate_pipeline(manifest) if (gate and baseline is None) or calibrated else None
@@ -317,6 +327,9 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
         if "MatMulNBits" in req.forms:
             with steps(f"{req.quant} MatMulNBits {file} (onnxruntime)"):
                 records[file] = _nbits_form(req, graph, path, base, source, names, eight)
+            if req.prefill_int8 and graph == "decoder":
+                with steps(f"int8 prompt graph {prefill_name(file)} (onnxruntime)"):
+                    records[file]["prefill"] = write_prefill_graph(path, req.folder / prefill_name(file))
             if "QDQ" not in req.forms:
                 backends["trt"][graph] = None
             written.append(records[file])

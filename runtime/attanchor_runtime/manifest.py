@@ -446,6 +446,9 @@ class FormRecord(Section):
     # int4 with linears kept at 8 bits (--int4-8bit): {"patterns", "linears", "as"} (None: all int4)
     kept_8bit: Any = None
     bytes: int | None = None
+    # --prefill-int8: {"file": "decoder.prefill.onnx", ...}, the graph onnxruntime runs prompts through
+    # (same IO and KV layout, int8 linears; attanchor_export.precision.prefill_int8). None: none written.
+    prefill: Any = None
 
     @property
     def kv_cache(self) -> str:
@@ -554,6 +557,11 @@ class Precision(Section):
         """KV_APPEND when decoder `file` returns only the new positions (precision.ort_fusions), else KV_CONCAT."""
         record = self.graphs.get(file)
         return record.kv_cache if record is not None else KV_CONCAT
+
+    def prefill_file(self, file: str) -> str | None:
+        """The graph onnxruntime runs prompts through in place of decoder `file` (--prefill-int8), or None."""
+        record = self.graphs.get(file)
+        return (record.prefill or {}).get("file") if record is not None else None
 
 
 @dataclass(frozen=True)

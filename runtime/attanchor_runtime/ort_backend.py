@@ -130,12 +130,15 @@ class OrtDecoder:
 
     def __init__(self, session, past_names: list[str], present_names: list[str], kv_heads: int, head_dim: int,
                  max_positions: int, kv_cache: str = KV_CONCAT, device: str = "cpu", logits: str = "logits",
-                 inputs: list[str] | None = None, logits_to_keep: str | None = LOGITS_TO_KEEP):
+                 inputs: list[str] | None = None, logits_to_keep: str | None = LOGITS_TO_KEEP,
+                 prefill_session=None):
         """inputs: the names of inputs_embeds, attention_mask and position_ids (default: the session's
         inputs other than the past, in graph order). logits_to_keep: the graph's optional input of that
         name, used where the session has it (decode_last, decode_next: a prefill's lm_head runs on the
-        last position only)."""
+        last position only). prefill_session: a second session of the same IO that runs every call of more
+        than one position (a prompt), the decoder's --prefill-int8 graph."""
         self.session, self.past_names, self.present_names = session, list(past_names), list(present_names)
+        self.prefill_session = prefill_session
         self.kv_heads, self.head_dim, self.max_positions, self.device = kv_heads, head_dim, max_positions, device
         self.kv_cache, self.appends_kv = kv_cache, kv_cache == KV_APPEND
         self.outputs = [logits, *self.present_names]
@@ -163,10 +166,15 @@ class OrtDecoder:
         fed = fed_weights and has_external_fp16_weights(path)  # a graph without fp16 weights opens normally
         session = FedWeightsSession(path, threads) if fed else ort_session(path, device, threads, memory_arena,
                                                                            profile)
+        prefill = manifest.precision.prefill_file(file)
+        # Its int8 linears are CPU kernels; on a GPU the one decoder graph runs prompts too.
+        prefill_session = ort_session(manifest.path(prefill), device, threads, memory_arena, profile) \
+            if prefill is not None and device == "cpu" else None
         spec, dims = manifest.graphs.decoder, manifest.dims
         return cls(session, spec.past_names, spec.present_names, dims.num_kv_heads, dims.head_dim,
                    dims.max_position_embeddings, manifest.precision.kv_cache(file), device, spec.output_names[0],
-                   [n for n in spec.input_names if n not in spec.past_names], spec.notes.logits_to_keep)
+                   [n for n in spec.input_names if n not in spec.past_names], spec.notes.logits_to_keep,
+                   prefill_session)
 
     @classmethod
     def of_session(cls, session, max_positions: int, kv_cache: str = KV_CONCAT) -> OrtDecoder:
@@ -203,7 +211,9 @@ class OrtDecoder:
             new = inputs_embeds.shape[1]
             start = attention_mask.shape[1] - new
             cache.reserve(attention_mask.shape[1])
-            if start and self.binds and (new == 1 or not extra):  # a bound call cannot feed logits_to_keep
+            # A bound call runs the step graph and cannot feed logits_to_keep: steps of one position only,
+            # or several where neither matters.
+            if start and self.binds and (new == 1 or not (extra or self.prefill_session)):
                 outputs = self._run_bound(first, inputs_embeds, attention_mask, position_ids, cache)
             else:
                 outputs = self._run(first, inputs_embeds, attention_mask, position_ids, cache.past(start), extra)
@@ -226,7 +236,8 @@ class OrtDecoder:
         feeds = dict(zip(self.inputs, (inputs_embeds, attention_mask, position_ids)))
         feeds.update(zip(self.past_names, past))
         feeds.update(extra)
-        return self.session.run([first, *self.present_names], feeds)
+        prompt = self.prefill_session is not None and inputs_embeds.shape[1] > 1
+        return (self.prefill_session if prompt else self.session).run([first, *self.present_names], feeds)
 
     def _run_bound(self, first, inputs_embeds, attention_mask, position_ids, cache: KVBuffer) -> list:
         new = inputs_embeds.shape[1]

@@ -1,0 +1,175 @@
+"""A second onnxruntime decoder graph for prompts: 8-bit weights and 8-bit per-token activations.
+
+A prefill is compute-bound (every weight meets hundreds of positions), a decode step memory-bound (one
+position). MatMulNBits serves the step well: 4-bit weights, half the bytes of 8-bit. For a prompt it
+runs int8 dot products on vector units at ~0.4 TFLOP/s on the project's machine, while onnxruntime's
+8-bit QGEMM (MatMulInteger, uint8 x int8) runs on the CPU's matrix units where it has them (AMX-INT8;
+VNNI otherwise) at ~2-3.5 TFLOP/s on one 2048 x 5632 linear at 512 rows (docs/PERFORMANCE.md, Lever 6).
+So `--prefill-int8` writes decoder.prefill.onnx beside the MatMulNBits decoder: the same graph, node for
+node, with each MatMulNBits replaced by
+
+    s = max|x| over the row / 127        (one scale per position: per token)
+    y = MatMulInteger(round(x / s) + 128, W8, 128) * s * w_scale
+
+where W8 is the MatMulNBits weight dequantized and requantized to int8, one scale per output channel
+(w_scale). Per-token activation scales matter: one scale for the whole [B, S, K] activation (onnxruntime's
+DynamicQuantizeMatMul) let a few outlier positions flatten the rest, and tiny-vqa's answers fell from
+0.99 to 0.915 on the gate's questions; per token they stayed (0.995). The runtime runs prompts (calls of
+more than one position) through this graph and decode steps through decoder.onnx; both read and write
+the same KV cache layout, since everything but the linears is the same nodes.
+
+Only the new int8 weights go into decoder.prefill.onnx.data; every other initializer (norms, rotary
+tables, the constants of the fused nodes) is read from decoder.onnx.data where it already is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper, numpy_helper
+
+_SHARED = "attanchor/prefill_int8/"
+_ALIGN = 4096  # each weight starts on a page, so onnxruntime may map it instead of copying
+
+
+def prefill_name(file: str) -> str:
+    """decoder.onnx -> decoder.prefill.onnx"""
+    return file[: -len(".onnx")] + ".prefill.onnx" if file.endswith(".onnx") else file + ".prefill"
+
+
+def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                     block_size: int, k: int, n: int) -> np.ndarray:
+    """A MatMulNBits weight as fp32 [N, K]: (q - zero point) * scale per block of `block_size` along K.
+    4-bit values and zero points are packed two to a byte, the first in the low nibble; without zero
+    points the middle of the range (8, or 128) is the zero."""
+    blocks = -(-k // block_size)
+    packed = packed.reshape(n, blocks, -1)
+    if bits == 4:
+        q = np.empty((n, blocks, block_size), np.uint8)
+        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
+    elif bits == 8:
+        q = packed
+    else:
+        raise ValueError(f"MatMulNBits with {bits} bits: only 4 and 8 are read")
+    if zero_points is None:
+        zero = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    elif bits == 4:
+        zp = zero_points.reshape(n, -1)
+        both = np.empty((n, zp.shape[1] * 2), np.uint8)
+        both[:, 0::2], both[:, 1::2] = zp & 0x0F, zp >> 4
+        zero = both[:, :blocks].astype(np.float32)
+    else:
+        zero = zero_points.reshape(n, blocks).astype(np.float32)
+    weight = (q.astype(np.float32) - zero[..., None]) * scales.reshape(n, blocks, 1).astype(np.float32)
+    return weight.reshape(n, blocks * block_size)[:, :k]
+
+
+def int8_per_channel(weight_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 [K, N] as MatMulInteger reads it, fp32 scale [N]): symmetric, one scale per output channel."""
+    scale = np.maximum(np.abs(weight_nk).max(axis=1), np.float32(1e-12)) / np.float32(127)
+    q = np.clip(np.rint(weight_nk / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale.astype(np.float32)
+
+
+def _per_token_nodes(node: onnx.NodeProto, weight: str, scale: str) -> list[onnx.NodeProto]:
+    """What replaces one MatMulNBits node (module doc); its bias, if any, added after."""
+    x, p = node.input[0], f"{node.name or node.output[0]}/prefill_int8/"
+    bias = node.input[5] if len(node.input) > 5 and node.input[5] else ""
+    out = node.output[0]
+    nodes = [
+        helper.make_node("Abs", [x], [p + "abs"], name=p + "abs"),
+        helper.make_node("ReduceMax", [p + "abs", _SHARED + "last_axis"], [p + "max"], keepdims=1, name=p + "max"),
+        helper.make_node("Mul", [p + "max", _SHARED + "inv127"], [p + "scale0"], name=p + "scale0"),
+        helper.make_node("Max", [p + "scale0", _SHARED + "tiny"], [p + "scale"], name=p + "scale"),  # no 0/0
+        helper.make_node("Div", [x, p + "scale"], [p + "scaled"], name=p + "scaled"),
+        helper.make_node("Round", [p + "scaled"], [p + "rounded"], name=p + "rounded"),
+        helper.make_node("Add", [p + "rounded", _SHARED + "128f"], [p + "shifted"], name=p + "shifted"),
+        helper.make_node("Cast", [p + "shifted"], [p + "x_u8"], to=onnx.TensorProto.UINT8, name=p + "x_u8"),
+        helper.make_node("MatMulInteger", [p + "x_u8", weight, _SHARED + "128u8"], [p + "acc"], name=p + "matmul"),
+        helper.make_node("Cast", [p + "acc"], [p + "acc_f"], to=onnx.TensorProto.FLOAT, name=p + "acc_f"),
+        helper.make_node("Mul", [p + "acc_f", p + "scale"], [p + "per_token"], name=p + "per_token"),
+        helper.make_node("Mul", [p + "per_token", scale], [out if not bias else p + "no_bias"], name=p + "per_channel"),
+    ]
+    if bias:
+        nodes.append(helper.make_node("Add", [p + "no_bias", bias], [out], name=p + "bias"))
+    return nodes
+
+
+def write_prefill_graph(decoder: Path, output: Path) -> dict:
+    """decoder.prefill.onnx (`output`, beside `decoder`) from the MatMulNBits decoder graph `decoder`;
+    returns its FormRecord.prefill record."""
+    decoder, output = Path(decoder), Path(output)
+    if decoder.parent.resolve() != output.parent.resolve():
+        raise ValueError("the prefill graph is written beside its decoder: it reads the decoder's external data")
+    model = onnx.load(str(decoder), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    data_name = output.name + ".data"
+    replaced, used_by_nbits, new_weights, nodes = 0, set(), [], []
+    data = output.with_name(data_name)
+    with open(data, "wb") as f:
+        for node in graph.node:
+            if node.op_type != "MatMulNBits":
+                nodes.append(node)
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if len(node.input) > 4 and node.input[4]:
+                raise ValueError(f"{node.name}: MatMulNBits with g_idx (act-order) is not read")
+            tensors = [_read(inits[name], decoder.parent) if name else None for name in
+                       (list(node.input[1:4]) + [""] * 3)[:3]]
+            weight = dequantize_nbits(tensors[0], tensors[1], tensors[2], attrs["bits"], attrs["block_size"],
+                                      attrs["K"], attrs["N"])
+            q, scale = int8_per_channel(weight)
+            base = f"{node.input[1]}/int8"
+            for array, name in ((q, base), (scale, base + "_scale")):
+                new_weights.append(_external(f, array, name, data_name))
+            nodes.extend(_per_token_nodes(node, base, base + "_scale"))
+            used_by_nbits.update(n for n in node.input[1:4] if n)
+            replaced += 1
+    used = {i for n in nodes for i in n.input}
+    # The decoder's other tensors stay where they are: their external references name decoder.onnx.data,
+    # which sits in the same folder.
+    kept = [t for t in graph.initializer if t.name not in used_by_nbits or t.name in used]
+    shared = [numpy_helper.from_array(np.array([-1], np.int64), _SHARED + "last_axis"),
+              numpy_helper.from_array(np.array(1 / 127, np.float32), _SHARED + "inv127"),
+              numpy_helper.from_array(np.array(1e-12, np.float32), _SHARED + "tiny"),
+              numpy_helper.from_array(np.array(128, np.float32), _SHARED + "128f"),
+              numpy_helper.from_array(np.array(128, np.uint8), _SHARED + "128u8")]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *new_weights, *shared])
+    if not any(o.domain == "" and o.version >= 18 for o in model.opset_import):
+        raise ValueError("the prefill graph needs opset >= 18 (ReduceMax with axes as an input)")
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(output)
+    return {"file": output.name, "weights": "int8 symmetric, one scale per output channel (from the MatMulNBits "
+            "weights)", "activations": "int8 per token, dynamic (MatMulInteger uint8 x int8)",
+            "replaced_nodes": replaced, "bytes": output.stat().st_size + data.stat().st_size}
+
+
+def _read(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """One initializer's values, reading its external data (if any) without touching the proto."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        external_data_helper.load_external_data_for_tensor(copy, str(folder))
+        return numpy_helper.to_array(copy)
+    return numpy_helper.to_array(tensor)
+
+
+def _external(f, array: np.ndarray, name: str, location: str) -> onnx.TensorProto:
+    """A tensor whose bytes are appended to the open data file `f` (page-aligned), as an external reference."""
+    offset = -(-f.tell() // _ALIGN) * _ALIGN
+    f.seek(offset)
+    raw = np.ascontiguousarray(array).tobytes()
+    f.write(raw)
+    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+    tensor.dims.extend(array.shape)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        tensor.external_data.add(key=key, value=value)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    return tensor

@@ -1,0 +1,147 @@
+"""--prefill-int8 (precision/prefill_int8.py): decoder.prefill.onnx beside the int4 decoder, the graph
+onnxruntime runs prompts through. Its weights are the MatMulNBits weights read back exactly; the runtime
+sends prompts there and steps to decoder.onnx on one KV cache; the gate judges the pair; bad option
+combinations are one line."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from attanchor_graphs.specification import position_ids_from_mask
+from attanchor_runtime.batch import left_pad
+from attanchor_runtime.decode import SequentialStep
+from attanchor_runtime.manifest import Manifest
+from attanchor_runtime.ort_backend import OrtBackend
+from attanchor_runtime.pipeline import Pipeline
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from attanchor_export.cli import main
+from attanchor_export.errors import ExportError
+from attanchor_export.exporter import ExportOptions, export_artifact
+from attanchor_export.precision.prefill_int8 import dequantize_nbits, int8_per_channel
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def int4_prefill(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prefill-int8") / "int4"
+    export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=out, quant="int4", prefill_int8=True))
+    return Manifest.load(out)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_nbits_weights_read_back_as_onnxruntime_reads_them(bits):
+    """dequantize_nbits against MatMulNBits itself (accuracy level 0: fp32 arithmetic on its weights), with
+    zero points, a K that is no multiple of the block, and for int8_per_channel the round trip bound."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    k, n, block = 200, 48, 32
+    rng = np.random.default_rng(bits)
+    weight = rng.standard_normal((k, n)).astype(np.float32) + 0.3  # not centred: zero points are not the middle
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, accuracy_level=0, bits=bits)
+    quantizer = MatMulNBitsQuantizer(copy.deepcopy(model), algo_config=config)
+    quantizer.process()
+    qmodel = quantizer.model.model
+    node = next(nd for nd in qmodel.graph.node if nd.op_type == "MatMulNBits")
+    inits = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    zero = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    read = dequantize_nbits(inits[node.input[1]], inits[node.input[2]], zero, bits, block, k, n)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    session = ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(x @ read.T, session.run(None, {"x": x})[0], atol=2e-4, rtol=1e-5)
+    assert np.abs(read - weight.T).max() > 0  # it is the quantized weight, not the original
+    q, scale = int8_per_channel(read)
+    assert q.dtype == np.int8 and q.shape == (k, n) and np.abs(q).max() == 127
+    assert np.abs(q.T * scale[:, None] - read).max() <= scale.max() / 2 + 1e-6
+
+
+def test_the_prompt_graph_is_recorded_and_holds_int8_linears(int4_prefill):
+    record = int4_prefill.precision.graphs["decoder.onnx"]
+    assert record.prefill["file"] == "decoder.prefill.onnx" == int4_prefill.precision.prefill_file("decoder.onnx")
+    assert record.prefill["replaced_nodes"] == record.quantized_nodes
+    folder = int4_prefill.folder
+    prompt = onnx.load(str(folder / "decoder.prefill.onnx"), load_external_data=False)
+    step = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    ops = {nd.op_type for nd in prompt.graph.node}
+    assert "MatMulNBits" not in ops and "MatMulInteger" in ops
+    assert [i.name for i in prompt.graph.input] == [i.name for i in step.graph.input]
+    assert [o.name for o in prompt.graph.output] == [o.name for o in step.graph.output]
+    locations = {e.value for t in prompt.graph.initializer for e in t.external_data if e.key == "location"}
+    # its own data file holds the int8 weights and their scales only; the rest is read where it is
+    assert "decoder.prefill.onnx.data" in locations and locations <= {"decoder.onnx.data", "decoder.prefill.onnx.data"}
+    own = [t for t in prompt.graph.initializer
+           if any(e.key == "location" and e.value == "decoder.prefill.onnx.data" for e in t.external_data)]
+    assert own and all(t.name.endswith(("/int8", "/int8_scale")) for t in own)
+    assert "decoder.prefill.onnx.data" in int4_prefill.files  # listed and hashed like every file
+
+
+def test_prompts_go_to_the_prompt_graph_and_steps_continue_its_cache(int4_prefill):
+    """A prefill runs decoder.prefill.onnx, the steps decoder.onnx on the cache it wrote; its logits and KV
+    cache agree closely with the int4 graph's own prefill (random tiny weights: cosine, not equality)."""
+    backend = OrtBackend(int4_prefill)
+    decoder = backend.decoder
+    assert decoder.prefill_session is not None
+    ran = []
+    for name in ("session", "prefill_session"):
+        session = getattr(decoder, name)
+        real = session.run
+        setattr(decoder, name, type("Spy", (), {"run": lambda self, *a, real=real, name=name: ran.append(name) or
+                                                real(*a), "__getattr__": lambda self, attr, s=session: getattr(s, attr)})())
+    dims = int4_prefill.dims
+    rng = np.random.default_rng(0)
+    _, mask = left_pad([np.zeros(n, np.int64) for n in (6, 11)], 0)
+    embeds = rng.standard_normal((2, mask.shape[1], dims.hidden_size)).astype(np.float32)
+    positions = position_ids_from_mask(mask)
+    cache = decoder.empty_cache(2)
+    logits, cache = decoder.decode(embeds, mask, positions, cache)
+    assert ran == ["prefill_session"]
+    step = SequentialStep.after_prefill(mask, positions).advance()
+    decoder.binds = False  # through session.run, so the spy sees the step too
+    decoder.decode(rng.standard_normal((2, 1, dims.hidden_size)).astype(np.float32), step.attention_mask,
+                   step.position_ids, cache)
+    assert ran == ["prefill_session", "session"]
+    plain = OrtBackend(int4_prefill).decoder
+    plain.prefill_session = None
+    reference, ref_cache = plain.decode(embeds, mask, positions, plain.empty_cache(2))
+    valid = mask.astype(bool)
+    a, b = logits[valid], reference[valid]
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.99, cos.min()
+    assert np.abs(logits - reference).max() > 0  # a different graph really ran
+
+
+def test_the_gate_judged_the_pair_and_answers_run(int4_prefill):
+    gate = int4_prefill.precision.gate
+    assert gate.passed and any(r.decoder == "decoder.onnx" for r in gate.results)
+    ids = [[int4_prefill.text.bos_token_id, int4_prefill.text.image_token_id, 5, 9, 11]]
+    pixels = np.random.default_rng(1).random((1, 3, int4_prefill.dims.image_size, int4_prefill.dims.image_size),
+                                             np.float32)
+    out = Pipeline(int4_prefill, OrtBackend(int4_prefill)).generate(ids, pixels, max_new_tokens=6)
+    assert out.tokens.shape == (1, 6)
+
+
+def test_bad_combinations_are_one_line(checkpoint, tmp_path):
+    for extra, needle in ((["--prefill-int8"], "add --quant int4"),
+                          (["--prefill-int8", "--quant", "int4", "--dtype", "fp16"], "fp32 activations")):
+        result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "x", *extra)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and needle in errors[0], result.stderr  # click's usage error
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError, match="add --quant int4"):
+        export_artifact(str(checkpoint("clip-llama")), ExportOptions(output=tmp_path / "y", prefill_int8=True))
