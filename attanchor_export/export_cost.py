@@ -85,9 +85,10 @@ def fp32_graph_bytes(loaded) -> dict:
     return {"vision": 4 * count(family.vision_module(model)), "decoder": 4 * decoder, "embed_table": 4 * embed}
 
 
-def disk_needed_bytes(fp32_bytes: dict, dtype: str, quant: str, forms: int, vision_reduced: bool) -> int:
+def disk_needed_bytes(fp32_bytes: dict, dtype: str, quant: str, forms: int, vision_reduced: bool,
+                      prefill_int8: bool = False) -> int:
     """Peak disk of an export: every fp32 graph (`fp32_bytes`, fp32_graph_bytes), plus the reduced files
-    written beside them."""
+    written beside them (and --prefill-int8's prompt graph: one byte per decoder weight)."""
     decoder, vision = fp32_bytes["decoder"], fp32_bytes["vision"]
     reduced = decoder + (vision if vision_reduced else 0)
     extra = 0.0
@@ -95,6 +96,8 @@ def disk_needed_bytes(fp32_bytes: dict, dtype: str, quant: str, forms: int, visi
         extra += REDUCED_FORM_FRACTION["fp16"] * (decoder + vision)
     if quant != "none":
         extra += forms * REDUCED_FORM_FRACTION[quant] * reduced
+    if prefill_int8:
+        extra += 0.25 * decoder
     return int(1.05 * (sum(fp32_bytes.values()) + extra))
 
 

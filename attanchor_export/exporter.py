@@ -297,7 +297,7 @@ def _check_disk(loaded, options: ExportOptions) -> dict:
     """Fail in the first minute, not after the trace, when the output's disk cannot hold the export's peak
     (the fp32 graphs and the reduced files written beside them)."""
     need = disk_needed_bytes(fp32_graph_bytes(loaded), options.dtype, options.quant, len(FORMS),
-                             options.quantize_vision or options.vision_quant != "none")
+                             options.quantize_vision or options.vision_quant != "none", options.prefill_int8)
     parent = Path(options.output).absolute().parent
     free = free_disk_bytes(parent)
     if need > free:

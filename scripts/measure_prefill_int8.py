@@ -1,0 +1,169 @@
+"""What --prefill-int8 buys (docs/PERFORMANCE.md, Lever 6): one linear, then a whole artifact.
+
+    python scripts/measure_prefill_int8.py                     # one 2048 x 5632 linear, 512 rows, 2 threads
+    python scripts/measure_prefill_int8.py ARTIFACT [--rounds 5] [--questions 200]
+
+Without an artifact: the linear as fp32 MatMul, as MatMulNBits (int4, blocks of 128, accuracy level 4:
+what the int4 decoder runs), and in the three 8-bit forms onnxruntime has: DynamicQuantizeMatMul (one
+activation scale per tensor), and MatMulInteger with per-token scales, uint8 x int8 and int8 x int8.
+Median of 7 runs each; TFLOP/s = 2 M K N / time; error = max |y - x W| / max |x W| against numpy fp32.
+
+With an artifact exported with --prefill-int8: its prompts with and without the prompt graph (the same
+decoder object, the prompt session switched off and on), alternating, `--rounds` rounds of one prefill
+of a batch of the artifact's gate questions; then, with --questions N, the easy-vqa answers to the
+first N questions of the gate's validation split both ways (the model must be trained for answers to
+mean anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "graphs", "runtime")]
+
+
+def _linear(m: int, k: int, n: int, threads: int) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from attanchor_export.precision.prefill_int8 import int8_per_channel
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((1, m, k)).astype(np.float32)
+    ref = x[0] @ weight
+
+    def model(nodes, inits, opset=18):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, m, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                       helper.make_opsetid("com.microsoft", 1)])
+
+    fp32 = model([helper.make_node("MatMul", ["x", "W"], ["y"])], [numpy_helper.from_array(weight, "W")])
+    config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False, accuracy_level=4, bits=4)
+    quantizer = MatMulNBitsQuantizer(copy.deepcopy(fp32), algo_config=config)
+    quantizer.process()
+    q, scale = int8_per_channel(weight.T.copy())
+    w8 = [numpy_helper.from_array(q, "W8"), numpy_helper.from_array(scale, "ws")]
+    per_tensor = model([helper.make_node("DynamicQuantizeMatMul", ["x", "W8", "ws", "", ""], ["y"],
+                                         domain="com.microsoft")], w8)
+
+    def per_token(signed: bool):
+        nodes = [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("ReduceMax", ["a", "axes"], ["mx"], keepdims=1),
+                 helper.make_node("Mul", ["mx", "inv"], ["s0"]), helper.make_node("Max", ["s0", "tiny"], ["s"]),
+                 helper.make_node("Div", ["x", "s"], ["xs"]), helper.make_node("Round", ["xs"], ["xr"])]
+        consts = [numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                  numpy_helper.from_array(np.array(1 / 127, np.float32), "inv"),
+                  numpy_helper.from_array(np.array(1e-12, np.float32), "tiny")]
+        if signed:
+            nodes += [helper.make_node("Cast", ["xr"], ["xq"], to=TensorProto.INT8),
+                      helper.make_node("MatMulInteger", ["xq", "W8"], ["acc"])]
+        else:
+            consts += [numpy_helper.from_array(np.array(128, np.float32), "c"),
+                       numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+            nodes += [helper.make_node("Add", ["xr", "c"], ["xu"]),
+                      helper.make_node("Cast", ["xu"], ["xq"], to=TensorProto.UINT8),
+                      helper.make_node("MatMulInteger", ["xq", "W8", "zp"], ["acc"])]
+        nodes += [helper.make_node("Cast", ["acc"], ["f"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["f", "s"], ["y0"]), helper.make_node("Mul", ["y0", "ws"], ["y"])]
+        return model(nodes, [*w8, *consts])
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    print(f"one linear: M={m} rows, K={k}, N={n}, {threads} threads (median of 7)")
+    print(f"{'form':46s} {'ms':>8s} {'TFLOP/s':>8s} {'error':>9s}")
+    for name, form in (("fp32 MatMul", fp32), ("MatMulNBits int4, accuracy level 4", quantizer.model.model),
+                       ("DynamicQuantizeMatMul (per-tensor uint8 x int8)", per_tensor),
+                       ("MatMulInteger, per-token uint8 x int8 (ours)", per_token(False)),
+                       ("MatMulInteger, per-token int8 x int8", per_token(True))):
+        session = ort.InferenceSession(form.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        y = session.run(None, {"x": x})[0]
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(time.perf_counter() - t0)
+        ms = float(np.median(times)) * 1e3
+        error = float(np.abs(y[0] - ref).max() / np.abs(ref).max())
+        print(f"{name:46s} {ms:8.1f} {2 * m * k * n / ms / 1e9:8.3f} {error:9.2g}")
+
+
+def _artifact(folder: Path, rounds: int, questions: int) -> None:
+    from attanchor_runtime.manifest import Manifest
+    from attanchor_runtime.ort_backend import OrtBackend
+    from attanchor_runtime.pipeline import Pipeline
+
+    from attanchor_export.checks.task_accuracy import evaluate_artifact
+    from attanchor_export.load.datasets import GATE_SPLIT, gate_samples, load_task
+
+    manifest = Manifest.load(folder)
+    pipe = Pipeline(manifest, OrtBackend(manifest))
+    decoder = pipe.backend.decoder
+    prompt = decoder.prefill_session
+    if prompt is None:
+        sys.exit(f"{folder}: no prompt graph (export it with --prefill-int8)")
+    samples = gate_samples()
+    front = pipe.front_end([pipe.prompt_ids(s.prompt) for s in samples],
+                           np.concatenate([pipe.images(s.image) for s in samples]))
+    step = pipe.family.first_step(front.attention_mask, front.position_ids)
+
+    def prefill() -> float:
+        t0 = time.perf_counter()
+        decoder.decode_next(front.inputs_embeds, step.attention_mask, step.position_ids, decoder.empty_cache(len(samples)))
+        return time.perf_counter() - t0
+
+    prefill()
+    ratios, times = [], {"int4 decoder": [], "int8 prompt graph": []}
+    for r in range(rounds):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        got = {}
+        for use in order:
+            decoder.prefill_session = prompt if use else None
+            got[use] = prefill()
+        times["int4 decoder"].append(got[False])
+        times["int8 prompt graph"].append(got[True])
+        ratios.append(got[True] / got[False])
+    positions = int(front.attention_mask.sum())
+    print(f"{folder}: prefill of {len(samples)} gate prompts ({positions} positions), {rounds} rounds, alternating")
+    for name, ts in times.items():
+        print(f"  {name:18s} median {np.median(ts):.3f} s (min {min(ts):.3f}, max {max(ts):.3f})")
+    print(f"  same-round ratio int8 / int4: median {np.median(ratios):.3f}")
+    if questions:
+        items = load_task("easy-vqa", split=GATE_SPLIT, limit=questions)
+        answers = {}
+        for use in (False, True):
+            decoder.prefill_session = prompt if use else None
+            result = evaluate_artifact(pipe, items)
+            answers[use] = [r["answer"] for r in result["records"]]
+            print(f"  {'int8 prompt graph' if use else 'int4 decoder':18s} easy-vqa {GATE_SPLIT} accuracy "
+                  f"{result['accuracy']:.3f} over {len(items)}")
+        same = np.mean([a == b for a, b in zip(answers[False], answers[True], strict=True)])
+        print(f"  same answers: {same:.3f}")
+    decoder.prefill_session = prompt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("artifact", nargs="?", type=Path)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--questions", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.artifact is None:
+        _linear(512, 2048, 5632, args.threads)
+    else:
+        _artifact(args.artifact, args.rounds, args.questions)
+
+
+if __name__ == "__main__":
+    main()
