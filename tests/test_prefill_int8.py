@@ -71,6 +71,38 @@ def test_the_nbits_weights_read_back_as_onnxruntime_reads_them(bits):
     assert np.abs(q.T * scale[:, None] - read).max() <= scale.max() / 2 + 1e-6
 
 
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute before 18, an input from 18
+def test_one_linear_through_the_prompt_graph(tmp_path, opset):
+    """write_prefill_graph on a one-MatMulNBits graph: onnxruntime runs it, and its output is the linear of
+    the dequantized weights up to 8-bit rounding, row by row (rows of very different scales: per token)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from attanchor_export.precision.prefill_int8 import write_prefill_graph
+
+    k, n = 128, 64
+    rng = np.random.default_rng(opset)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+                              [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, accuracy_level=4, bits=4)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(tmp_path / "d.onnx"))
+    record = write_prefill_graph(tmp_path / "d.onnx", tmp_path / "d.prefill.onnx")
+    assert record["replaced_nodes"] == 1
+    x = rng.standard_normal((4, k)).astype(np.float32) * np.array([[1e-3], [1.0], [30.0], [1e3]], np.float32)
+    step = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    prompt = ort.InferenceSession(str(tmp_path / "d.prefill.onnx"), providers=["CPUExecutionProvider"])
+    want, got = step.run(None, {"x": x})[0], prompt.run(None, {"x": x})[0]
+    cos = (want * got).sum(-1) / np.linalg.norm(want, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cos.min() > 0.999, cos
+
+
 def test_the_prompt_graph_is_recorded_and_holds_int8_linears(int4_prefill):
     record = int4_prefill.precision.graphs["decoder.onnx"]
     assert record.prefill["file"] == "decoder.prefill.onnx" == int4_prefill.precision.prefill_file("decoder.onnx")

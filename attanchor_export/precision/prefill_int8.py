@@ -73,14 +73,18 @@ def int8_per_channel(weight_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q.T), scale.astype(np.float32)
 
 
-def _per_token_nodes(node: onnx.NodeProto, weight: str, scale: str) -> list[onnx.NodeProto]:
+def _per_token_nodes(node: onnx.NodeProto, weight: str, scale: str, opset: int) -> list[onnx.NodeProto]:
     """What replaces one MatMulNBits node (module doc); its bias, if any, added after."""
     x, p = node.input[0], f"{node.name or node.output[0]}/prefill_int8/"
     bias = node.input[5] if len(node.input) > 5 and node.input[5] else ""
     out = node.output[0]
+    # ReduceMax takes its axes as an input from opset 18, as an attribute before
+    row_max = helper.make_node("ReduceMax", [p + "abs", _SHARED + "last_axis"], [p + "max"], keepdims=1,
+                               name=p + "max") if opset >= 18 else \
+        helper.make_node("ReduceMax", [p + "abs"], [p + "max"], keepdims=1, axes=[-1], name=p + "max")
     nodes = [
         helper.make_node("Abs", [x], [p + "abs"], name=p + "abs"),
-        helper.make_node("ReduceMax", [p + "abs", _SHARED + "last_axis"], [p + "max"], keepdims=1, name=p + "max"),
+        row_max,
         helper.make_node("Mul", [p + "max", _SHARED + "inv127"], [p + "scale0"], name=p + "scale0"),
         helper.make_node("Max", [p + "scale0", _SHARED + "tiny"], [p + "scale"], name=p + "scale"),  # no 0/0
         helper.make_node("Div", [x, p + "scale"], [p + "scaled"], name=p + "scaled"),
@@ -104,6 +108,7 @@ def write_prefill_graph(decoder: Path, output: Path) -> dict:
     if decoder.parent.resolve() != output.parent.resolve():
         raise ValueError("the prefill graph is written beside its decoder: it reads the decoder's external data")
     model = onnx.load(str(decoder), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     data_name = output.name + ".data"
@@ -125,7 +130,7 @@ def write_prefill_graph(decoder: Path, output: Path) -> dict:
             base = f"{node.input[1]}/int8"
             for array, name in ((q, base), (scale, base + "_scale")):
                 new_weights.append(_external(f, array, name, data_name))
-            nodes.extend(_per_token_nodes(node, base, base + "_scale"))
+            nodes.extend(_per_token_nodes(node, base, base + "_scale", opset))
             used_by_nbits.update(n for n in node.input[1:4] if n)
             replaced += 1
     used = {i for n in nodes for i in n.input}
@@ -141,8 +146,6 @@ def write_prefill_graph(decoder: Path, output: Path) -> dict:
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend([*kept, *new_weights, *shared])
-    if not any(o.domain == "" and o.version >= 18 for o in model.opset_import):
-        raise ValueError("the prefill graph needs opset >= 18 (ReduceMax with axes as an input)")
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_bytes(model.SerializeToString())
     tmp.replace(output)
