@@ -24,6 +24,8 @@ scripts/bench_peers.py is the entry point; cli.py reads top to bottom as a run d
      project-int4-keep-lm-head  the same with the lm_head kept fp32 (the export's --keep-lm-head)
      project-int4-unfused the default int4 weights in the standard-op graph (no onnxruntime fusions)
      project-int8         MatMulNBits bits 8, block 128, accuracy_level 4, lm_head fp32, fused: `--quant int8`
+     project-int4-prefill-int8  project-int4 plus its int8 prompt graph (precision.prefill_int8), which the
+                          runner sends the prompt through: `--quant int4 --prefill-int8`
      genai-fp32/-int4     python -m onnxruntime_genai.models.builder -i CKPT -o DIR -p fp32|int4 -e cpu
                           (its defaults: int4 block 32, accuracy_level 4 on CPU)
      llama-f32/-f16       llama.cpp's convert_hf_to_gguf.py --outtype f32|f16

@@ -78,8 +78,13 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
             notes["ort_fusions"] = fuse_decoder_file(path, model_dims)
             notes["ort_fusions"]["merged_linears"] = {"groups": len(merged), "linears": sum(map(len, merged))}
             notes["kv_cache"] = notes["ort_fusions"]["kv_cache"]
+        if system.variant.endswith("-prefill-int8"):  # the prompt graph an export with --prefill-int8 writes
+            from attanchor_export.precision.prefill_int8 import write_prefill_graph
+
+            notes["prefill"] = write_prefill_graph(path, out / "decoder.prefill.onnx")
+            prefill = str(out / "decoder.prefill.onnx")
     return {"model": str(path), "dims": model_dims.to_json(), "notes": notes,
-            "weight_bytes_per_token": onnx_weight_bytes(path)}
+            "weight_bytes_per_token": onnx_weight_bytes(path), **({"prefill": prefill} if "prefill" in notes else {})}
 
 
 def project_dims(config):

@@ -30,6 +30,8 @@ def run_project(spec: dict) -> dict:
     t0 = clock()
     session = ort_session(spec["model"], threads=spec["threads"])
     decoder = OrtDecoder.of_session(session, spec["dims"]["max_position_embeddings"], spec.get("kv_cache", KV_CONCAT))
+    if spec.get("prefill"):  # prompts through the int8 prompt graph, steps through decoder.onnx (the runtime's way)
+        decoder.prefill_session = ort_session(spec["prefill"], threads=spec["threads"])
     table = np.load(spec["embed"], mmap_mode="r")  # [vocab, hidden] fp32, the artifact's embed_tokens.bin
     load_s = clock() - t0
     ids = np.array(spec["prompt"], np.int64)[None]

@@ -35,6 +35,8 @@ SYSTEMS = [
            "int4-unfused", source="project-fp32"),
     System("project-int8", "this project int8 (MatMulNBits block 128, lm_head fp32, fused)", "project", "int8",
            source="project-fp32"),
+    System("project-int4-prefill-int8", "this project int4 with its int8 prompt graph (--prefill-int8)", "project",
+           "int4-prefill-int8", source="project-fp32"),
     System("genai-fp32", "onnxruntime-genai builder fp32", "genai", "fp32", fp32=True),
     System("genai-int4", "onnxruntime-genai int4 (block 32)", "genai", "int4"),
     System("llama-f32", "llama.cpp F32", "llama", "f32", fp32=True),
@@ -47,4 +49,4 @@ SYSTEMS = [
 BY_NAME = {s.name: s for s in SYSTEMS}
 BANDWIDTH = "bandwidth"  # the probe child, one per round like a system
 # Per family, bumped when its recipe changes: cached folders of another version are rebuilt.
-BUILD_VERSION = {"project": 4, "genai": 2, "llama": 2, "transformers": 2}
+BUILD_VERSION = {"project": 5, "genai": 2, "llama": 2, "transformers": 2}
