@@ -82,9 +82,8 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
             from attanchor_export.precision.prefill_int8 import write_prefill_graph
 
             notes["prefill"] = write_prefill_graph(path, out / "decoder.prefill.onnx")
-            prefill = str(out / "decoder.prefill.onnx")
     return {"model": str(path), "dims": model_dims.to_json(), "notes": notes,
-            "weight_bytes_per_token": onnx_weight_bytes(path), **({"prefill": prefill} if "prefill" in notes else {})}
+            "weight_bytes_per_token": onnx_weight_bytes(path)}
 
 
 def project_dims(config):

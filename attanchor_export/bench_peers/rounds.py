@@ -32,7 +32,8 @@ def child_specs(systems: list[System], builds: dict, args, prompt: list[int], ca
             spec["dims"] = builds[s.name]["dims"]
             spec["embed"] = str(Path(builds[s.name]["model"]).with_name("embed_tokens.npy"))
             spec["kv_cache"] = builds[s.name].get("notes", {}).get("kv_cache")
-            spec["prefill"] = builds[s.name].get("prefill")  # --prefill-int8's prompt graph, if built
+            prefill = builds[s.name].get("notes", {}).get("prefill")  # --prefill-int8's prompt graph, if built
+            spec["prefill"] = str(Path(spec["model"]).with_name(prefill["file"])) if prefill else None
         python = sys.executable if s.family in ("project", "transformers") else str(peer_python(cache))
         specs[s.name] = (spec, python, s.family)
     specs[BANDWIDTH] = ({"bytes": args.bandwidth_bytes, "repeats": 5}, sys.executable, BANDWIDTH)

@@ -28,7 +28,7 @@ from onnx import TensorProto
 
 from attanchor_export.errors import ExportError
 from attanchor_export.options import ARTIFACT_IR_VERSION
-from attanchor_export.precision.graph_files import data_file, replacing
+from attanchor_export.precision.graph_files import append_external, data_file, replacing
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
             "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNormalization",
@@ -276,9 +276,6 @@ def _shapes_from_dims():
         converter.make_value_info_from_tensor = original
 
 
-_ALIGN = 4096  # large tensors start on a page: onnxruntime can map them in place
-
-
 def _rewrite_external_data(model, path, before: dict) -> None:
     """Write `model` over `path`, its external tensors copied from the old data file, fp32 -> fp16 where
     the converter retyped them; through temporary names, replaced at the end."""
@@ -296,14 +293,7 @@ def _rewrite_external_data(model, path, before: dict) -> None:
                 raw = src.read(int(info["length"]))
                 if before.get(tensor.name) == TensorProto.FLOAT and tensor.data_type == TensorProto.FLOAT16:
                     raw = convert_np_to_float16(np.frombuffer(raw, np.float32)).tobytes()
-                if len(raw) >= _ALIGN:
-                    dst.write(b"\0" * (-dst.tell() % _ALIGN))
-                offset = dst.tell()
-                dst.write(raw)
-                del tensor.external_data[:]
-                for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
+                append_external(tensor, raw, dst, data.name)
                 del raw
         model.ir_version = ARTIFACT_IR_VERSION
         tmp.write_bytes(model.SerializeToString())

@@ -36,6 +36,22 @@ def replacing(path: Path, tag: str = "writing"):
                 p.unlink()
 
 
+EXTERNAL_ALIGN = 4096  # tensors of a page or more start on a page: onnxruntime can map them in place
+
+
+def append_external(tensor: onnx.TensorProto, raw: bytes, data, location: str) -> None:
+    """Write `raw` at the end of the open data file `data` (on a page boundary when it fills a page or
+    more) and make `tensor` an external reference to it, in the file named `location`."""
+    if len(raw) >= EXTERNAL_ALIGN:
+        data.write(b"\0" * (-data.tell() % EXTERNAL_ALIGN))
+    offset = data.tell()
+    data.write(raw)
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        tensor.external_data.add(key=key, value=value)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Write `model` to `path` + its data file (external data), replacing both, IR pinned, checked."""
     path = Path(path)
@@ -61,4 +77,4 @@ def opsets(model: onnx.ModelProto) -> dict[str, int]:
     return {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
 
 
-__all__ = ["TRT_SUFFIX", "data_file", "opsets", "remove_model", "replacing", "save_model", "trt_name"]
+__all__ = ["EXTERNAL_ALIGN", "TRT_SUFFIX", "append_external", "data_file", "opsets", "remove_model", "replacing", "save_model", "trt_name"]

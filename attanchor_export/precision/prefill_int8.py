@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, helper, numpy_helper
+from onnx import helper, numpy_helper
+
+from attanchor_export.precision.graph_files import append_external, data_file, replacing
 
 _SHARED = "attanchor/prefill_int8/"
-_ALIGN = 4096  # each weight starts on a page, so onnxruntime may map it instead of copying
 
 
 def prefill_name(file: str) -> str:
@@ -102,8 +103,8 @@ def _per_token_nodes(node: onnx.NodeProto, weight: str, scale: str, opset: int) 
 
 
 def write_prefill_graph(decoder: Path, output: Path) -> dict:
-    """decoder.prefill.onnx (`output`, beside `decoder`) from the MatMulNBits decoder graph `decoder`;
-    returns its FormRecord.prefill record."""
+    """decoder.prefill.onnx (`output`, beside `decoder`) from the MatMulNBits decoder graph `decoder`,
+    with its data file, both or neither; returns its FormRecord.prefill record."""
     decoder, output = Path(decoder), Path(output)
     if decoder.parent.resolve() != output.parent.resolve():
         raise ValueError("the prefill graph is written beside its decoder: it reads the decoder's external data")
@@ -111,68 +112,46 @@ def write_prefill_graph(decoder: Path, output: Path) -> dict:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    data_name = output.name + ".data"
     replaced, used_by_nbits, new_weights, nodes = 0, set(), [], []
-    data = output.with_name(data_name)
-    with open(data, "wb") as f:
-        for node in graph.node:
-            if node.op_type != "MatMulNBits":
-                nodes.append(node)
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if len(node.input) > 4 and node.input[4]:
-                raise ValueError(f"{node.name}: MatMulNBits with g_idx (act-order) is not read")
-            tensors = [_read(inits[name], decoder.parent) if name else None for name in
-                       (list(node.input[1:4]) + [""] * 3)[:3]]
-            weight = dequantize_nbits(tensors[0], tensors[1], tensors[2], attrs["bits"], attrs["block_size"],
-                                      attrs["K"], attrs["N"])
-            q, scale = int8_per_channel(weight)
-            base = f"{node.input[1]}/int8"
-            for array, name in ((q, base), (scale, base + "_scale")):
-                new_weights.append(_external(f, array, name, data_name))
-            nodes.extend(_per_token_nodes(node, base, base + "_scale", opset))
-            used_by_nbits.update(n for n in node.input[1:4] if n)
-            replaced += 1
-    used = {i for n in nodes for i in n.input}
-    # The decoder's other tensors stay where they are: their external references name decoder.onnx.data,
-    # which sits in the same folder.
-    kept = [t for t in graph.initializer if t.name not in used_by_nbits or t.name in used]
-    shared = [numpy_helper.from_array(np.array([-1], np.int64), _SHARED + "last_axis"),
-              numpy_helper.from_array(np.array(1 / 127, np.float32), _SHARED + "inv127"),
-              numpy_helper.from_array(np.array(1e-12, np.float32), _SHARED + "tiny"),
-              numpy_helper.from_array(np.array(128, np.float32), _SHARED + "128f"),
-              numpy_helper.from_array(np.array(128, np.uint8), _SHARED + "128u8")]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *new_weights, *shared])
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString())
-    tmp.replace(output)
+    with replacing(output, "prefill") as (tmp, tmp_data):
+        with open(tmp_data, "wb") as f:
+            for node in graph.node:
+                if node.op_type != "MatMulNBits":
+                    nodes.append(node)
+                    continue
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                if len(node.input) > 4 and node.input[4]:
+                    raise ValueError(f"{node.name}: MatMulNBits with g_idx (act-order) is not read")
+                packed, scales, zero_points = (
+                    numpy_helper.to_array(inits[name], str(decoder.parent)) if name else None
+                    for name in (list(node.input[1:4]) + [""] * 3)[:3])
+                weight = dequantize_nbits(packed, scales, zero_points, attrs["bits"], attrs["block_size"],
+                                          attrs["K"], attrs["N"])
+                q, scale = int8_per_channel(weight)
+                base = f"{node.input[1]}/int8"
+                for array, name in ((q, base), (scale, base + "_scale")):
+                    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+                    tensor.dims.extend(array.shape)
+                    append_external(tensor, np.ascontiguousarray(array).tobytes(), f, data_file(output).name)
+                    new_weights.append(tensor)
+                nodes.extend(_per_token_nodes(node, base, base + "_scale", opset))
+                used_by_nbits.update(n for n in node.input[1:4] if n)
+                replaced += 1
+        used = {i for n in nodes for i in n.input}
+        # The decoder's other tensors stay where they are: their external references name decoder.onnx.data,
+        # which sits in the same folder.
+        kept = [t for t in graph.initializer if t.name not in used_by_nbits or t.name in used]
+        shared = [numpy_helper.from_array(np.array(1 / 127, np.float32), _SHARED + "inv127"),
+                  numpy_helper.from_array(np.array(1e-12, np.float32), _SHARED + "tiny"),
+                  numpy_helper.from_array(np.array(128, np.float32), _SHARED + "128f"),
+                  numpy_helper.from_array(np.array(128, np.uint8), _SHARED + "128u8")]
+        if opset >= 18:
+            shared.append(numpy_helper.from_array(np.array([-1], np.int64), _SHARED + "last_axis"))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend([*kept, *new_weights, *shared])
+        tmp.write_bytes(model.SerializeToString())
     return {"file": output.name, "weights": "int8 symmetric, one scale per output channel (from the MatMulNBits "
             "weights)", "activations": "int8 per token, dynamic (MatMulInteger uint8 x int8)",
-            "replaced_nodes": replaced, "bytes": output.stat().st_size + data.stat().st_size}
-
-
-def _read(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
-    """One initializer's values, reading its external data (if any) without touching the proto."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(tensor)
-        external_data_helper.load_external_data_for_tensor(copy, str(folder))
-        return numpy_helper.to_array(copy)
-    return numpy_helper.to_array(tensor)
-
-
-def _external(f, array: np.ndarray, name: str, location: str) -> onnx.TensorProto:
-    """A tensor whose bytes are appended to the open data file `f` (page-aligned), as an external reference."""
-    offset = -(-f.tell() // _ALIGN) * _ALIGN
-    f.seek(offset)
-    raw = np.ascontiguousarray(array).tobytes()
-    f.write(raw)
-    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
-    tensor.dims.extend(array.shape)
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-        tensor.external_data.add(key=key, value=value)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    return tensor
+            "replaced_nodes": replaced, "bytes": output.stat().st_size + data_file(output).stat().st_size}

@@ -8,8 +8,9 @@ outputs are fetched, so the saving has to be in the graph: the lm_head reads
 
 The input is an int64 scalar that is also an initializer holding 0, so it is optional: a caller that does
 not feed it gets every position's logits, as before (0 means all: the Slice starts at 0 - 0).
-onnxruntime lets a feed override such an initializer; the TensorRT ONNX parser takes an initializer listed as an input for a
-weight, so an engine built from the same file keeps the constant 0 and its IO is unchanged.
+onnxruntime lets a feed override such an initializer; the TensorRT ONNX parser takes an initializer
+listed as an input for a weight, so an engine built from the same file keeps the constant 0 and its IO
+is unchanged.
 """
 
 from __future__ import annotations
