@@ -3,16 +3,21 @@
     python scripts/measure_prefill_int8.py                     # one 2048 x 5632 linear, 512 rows, 2 threads
     python scripts/measure_prefill_int8.py ARTIFACT [--rounds 5] [--questions 200]
 
+    python scripts/measure_prefill_int8.py ARTIFACT --other PROMPT.onnx   # a second prompt graph beside it
+
 Without an artifact: the linear as fp32 MatMul, as MatMulNBits (int4, blocks of 128, accuracy level 4:
-what the int4 decoder runs), and in the three 8-bit forms onnxruntime has: DynamicQuantizeMatMul (one
-activation scale per tensor), and MatMulInteger with per-token scales, uint8 x int8 and int8 x int8.
-Median of 7 runs each; TFLOP/s = 2 M K N / time; error = max |y - x W| / max |x W| against numpy fp32.
+what the int4 decoder runs), and in the 8-bit forms onnxruntime has: DynamicQuantizeMatMul (one
+activation scale per tensor); MatMulInteger with per-token scales, uint8 x int8 and int8 x int8, its
+output widened and scaled by separate Cast and Mul nodes (Lever 6's first prompt graph); and the prompt
+graph as `write_prefill_graph` writes it now (MatMulIntegerToFloat). Median of 7 runs each; TFLOP/s =
+2 M K N / time; error = max |y - x W| / max |x W| against numpy fp32.
 
 With an artifact exported with --prefill-int8: its prompts with and without the prompt graph (the same
-decoder object, the prompt session switched off and on), alternating, `--rounds` rounds of one prefill
-of a batch of the artifact's gate questions; then, with --questions N, the easy-vqa answers to the
-first N questions of the gate's validation split both ways (the model must be trained for answers to
-mean anything).
+decoder object, the prompt session switched), rotating the order, `--rounds` rounds of one prefill of a
+batch of the artifact's gate questions; `--other FILE` adds another prompt graph of the same decoder
+(written by write_prefill_graph into a copy of the folder, e.g. by an older or newer version); then,
+with --questions N, the easy-vqa answers to the first N questions of the gate's validation split each
+way (the model must be trained for answers to mean anything).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "graphs", "runtime")]
 
@@ -36,7 +43,7 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
         MatMulNBitsQuantizer,
     )
 
-    from attanchor_export.precision.prefill_int8 import int8_per_channel
+    from attanchor_export.precision.prefill_int8 import int8_per_channel, write_prefill_graph
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
@@ -78,14 +85,20 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
                   helper.make_node("Mul", ["f", "s"], ["y0"]), helper.make_node("Mul", ["y0", "ws"], ["y"])]
         return model(nodes, [*w8, *consts])
 
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(quantizer.model.model, f"{tmp}/d.onnx")
+        write_prefill_graph(Path(tmp) / "d.onnx", Path(tmp) / "d.prefill.onnx")
+        ours = onnx.load(f"{tmp}/d.prefill.onnx")  # small enough to hold: no external data to resolve
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     print(f"one linear: M={m} rows, K={k}, N={n}, {threads} threads (median of 7)")
-    print(f"{'form':46s} {'ms':>8s} {'TFLOP/s':>8s} {'error':>9s}")
+    print(f"{'form':56s} {'ms':>8s} {'TFLOP/s':>8s} {'error':>9s}")
     for name, form in (("fp32 MatMul", fp32), ("MatMulNBits int4, accuracy level 4", quantizer.model.model),
                        ("DynamicQuantizeMatMul (per-tensor uint8 x int8)", per_tensor),
-                       ("MatMulInteger, per-token uint8 x int8 (ours)", per_token(False)),
-                       ("MatMulInteger, per-token int8 x int8", per_token(True))):
+                       ("MatMulInteger + Cast + Mul + Mul, per-token uint8 x int8", per_token(False)),
+                       ("MatMulInteger + Cast + Mul + Mul, per-token int8 x int8", per_token(True)),
+                       ("prompt graph (MatMulIntegerToFloat, per-token u8 x s8)", ours)):
         session = ort.InferenceSession(form.SerializeToString(), options, providers=["CPUExecutionProvider"])
         y = session.run(None, {"x": x})[0]
         times = []
@@ -95,13 +108,14 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
             times.append(time.perf_counter() - t0)
         ms = float(np.median(times)) * 1e3
         error = float(np.abs(y[0] - ref).max() / np.abs(ref).max())
-        print(f"{name:46s} {ms:8.1f} {2 * m * k * n / ms / 1e9:8.3f} {error:9.2g}")
+        print(f"{name:56s} {ms:8.1f} {2 * m * k * n / ms / 1e9:8.3f} {error:9.2g}")
 
 
-def _artifact(folder: Path, rounds: int, questions: int) -> None:
+def _artifact(folder: Path, rounds: int, questions: int, other: Path | None) -> None:
     from attanchor_runtime.manifest import Manifest
     from attanchor_runtime.ort_backend import OrtBackend
     from attanchor_runtime.pipeline import Pipeline
+    from attanchor_runtime.sessions import ort_session
 
     from attanchor_export.checks.task_accuracy import evaluate_artifact
     from attanchor_export.load.datasets import GATE_SPLIT, gate_samples, load_task
@@ -112,43 +126,53 @@ def _artifact(folder: Path, rounds: int, questions: int) -> None:
     prompt = decoder.prefill_session
     if prompt is None:
         sys.exit(f"{folder}: no prompt graph (export it with --prefill-int8)")
+    systems = {"int4 decoder": None, "prompt graph": prompt}
+    if other is not None:
+        systems[f"other: {other}"] = ort_session(other, "cpu", pipe.backend.threads)
     samples = gate_samples()
     front = pipe.front_end([pipe.prompt_ids(s.prompt) for s in samples],
                            np.concatenate([pipe.images(s.image) for s in samples]))
     step = pipe.family.first_step(front.attention_mask, front.position_ids)
 
-    def prefill() -> float:
+    def prefill(session) -> float:
+        decoder.prefill_session = session
         t0 = time.perf_counter()
         decoder.decode_next(front.inputs_embeds, step.attention_mask, step.position_ids, decoder.empty_cache(len(samples)))
         return time.perf_counter() - t0
 
-    prefill()
-    ratios, times = [], {"int4 decoder": [], "int8 prompt graph": []}
+    names = list(systems)
+    for name in names:
+        prefill(systems[name])  # warm-up
+    times = {name: [] for name in names}
+    ratios = {name: [] for name in names[1:]}
     for r in range(rounds):
-        order = [False, True] if r % 2 == 0 else [True, False]
         got = {}
-        for use in order:
-            decoder.prefill_session = prompt if use else None
-            got[use] = prefill()
-        times["int4 decoder"].append(got[False])
-        times["int8 prompt graph"].append(got[True])
-        ratios.append(got[True] / got[False])
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            got[name] = prefill(systems[name])
+        for name in names:
+            times[name].append(got[name])
+        for name in names[1:]:
+            ratios[name].append(got[name] / got[names[0]])
     positions = int(front.attention_mask.sum())
-    print(f"{folder}: prefill of {len(samples)} gate prompts ({positions} positions), {rounds} rounds, alternating")
+    print(f"{folder}: prefill of {len(samples)} gate prompts ({positions} positions), {rounds} rounds, rotating")
     for name, ts in times.items():
         print(f"  {name:18s} median {np.median(ts):.3f} s (min {min(ts):.3f}, max {max(ts):.3f})")
-    print(f"  same-round ratio int8 / int4: median {np.median(ratios):.3f}")
+    for name, rs in ratios.items():
+        print(f"  same-round ratio {name} / int4 decoder: median {np.median(rs):.3f}")
+    if other is not None:
+        rs = [b / a for a, b in zip(times["prompt graph"], times[names[2]], strict=True)]
+        print(f"  same-round ratio other / prompt graph: median {np.median(rs):.3f}")
     if questions:
         items = load_task("easy-vqa", split=GATE_SPLIT, limit=questions)
         answers = {}
-        for use in (False, True):
-            decoder.prefill_session = prompt if use else None
+        for name in names:
+            decoder.prefill_session = systems[name]
             result = evaluate_artifact(pipe, items)
-            answers[use] = [r["answer"] for r in result["records"]]
-            print(f"  {'int8 prompt graph' if use else 'int4 decoder':18s} easy-vqa {GATE_SPLIT} accuracy "
-                  f"{result['accuracy']:.3f} over {len(items)}")
-        same = np.mean([a == b for a, b in zip(answers[False], answers[True], strict=True)])
-        print(f"  same answers: {same:.3f}")
+            answers[name] = [r["answer"] for r in result["records"]]
+            print(f"  {name:18s} easy-vqa {GATE_SPLIT} accuracy {result['accuracy']:.3f} over {len(items)}")
+        for name in names[1:]:
+            same = np.mean([a == b for a, b in zip(answers[names[0]], answers[name], strict=True)])
+            print(f"  same answers as the int4 decoder, {name}: {same:.3f}")
     decoder.prefill_session = prompt
 
 
@@ -158,11 +182,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--questions", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--other", type=Path, help="another prompt graph of the artifact's decoder, timed beside it")
     args = parser.parse_args()
     if args.artifact is None:
         _linear(512, 2048, 5632, args.threads)
     else:
-        _artifact(args.artifact, args.rounds, args.questions)
+        _artifact(args.artifact, args.rounds, args.questions, args.other)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ import pytest
 from attanchor_runtime.manifest import KV_APPEND, NEXT_TOKEN, Manifest
 from onnx import TensorProto, helper
 
-from attanchor_export.precision.ort_fusions import _greedy_output, fuse_decoder_file, op_counts
+from attanchor_export.precision.ort_fusions import (
+    _greedy_output,
+    attend_over_whole_cache,
+    fuse_decoder_file,
+    op_counts,
+)
 from attanchor_export.trace.decoder_parity import decoder_parity
 
 
@@ -45,6 +50,29 @@ def test_fused_decoder_matches_the_standard_graph(artifact, tmp_path, name):
     assert [o.name for o in model.graph.output] == [o.name for o in standard.graph.output] + [NEXT_TOKEN]
     # batch 1 and a left-padded batch 3 (positions not 0..S-1 in every row), prefill and cached steps
     parity = decoder_parity(source / "decoder.onnx", fused, dims, candidate_kv=KV_APPEND)
+    assert parity["max_abs_diff"] < 1e-4, parity
+
+
+@pytest.mark.parametrize("name", ["clip-t2i", "siglip-t2i-k4"])
+def test_whole_cache_attention_matches_the_standard_graph(artifact, tmp_path, name):
+    """attend_over_whole_cache (the prompt graph's attention): K and V joined before the products instead
+    of scores joined after; same IO, KV_APPEND, same outputs as the standard graph (prefill and cached
+    steps against a KV buffer longer than the past, whose unused slots are masked)."""
+    source = artifact(name)
+    dims = Manifest.load(source).dims
+    for f in ("decoder.onnx", "decoder.onnx.data"):
+        shutil.copy(source / f, tmp_path / f)
+    fused = tmp_path / "decoder.onnx"
+    fuse_decoder_file(fused, dims)
+    model = onnx.load(str(fused), load_external_data=False)
+    assert attend_over_whole_cache(model) == dims.num_layers
+    softmax_out = {n.output[0] for n in model.graph.node if n.op_type == "Softmax"}
+    assert not [n for n in model.graph.node if n.op_type == "Slice" and set(n.input) & softmax_out]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert all(producer[n.input[0]].op_type != "Concat" for n in model.graph.node if n.op_type == "Add"
+               and n.output[0] in {m.input[0] for m in model.graph.node if m.op_type == "Softmax"})
+    onnx.save(model, str(tmp_path / "whole.onnx"))
+    parity = decoder_parity(source / "decoder.onnx", tmp_path / "whole.onnx", dims, candidate_kv=KV_APPEND)
     assert parity["max_abs_diff"] < 1e-4, parity
 
 

@@ -71,10 +71,12 @@ def test_the_nbits_weights_read_back_as_onnxruntime_reads_them(bits):
     assert np.abs(q.T * scale[:, None] - read).max() <= scale.max() / 2 + 1e-6
 
 
-@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute before 18, an input from 18
-def test_one_linear_through_the_prompt_graph(tmp_path, opset):
+# ReduceMax's axes: an attribute before opset 18, an input from 18; MatMulNBits with and without a bias
+@pytest.mark.parametrize(("opset", "bias"), [(17, False), (18, True)])
+def test_one_linear_through_the_prompt_graph(tmp_path, opset, bias):
     """write_prefill_graph on a one-MatMulNBits graph: onnxruntime runs it, and its output is the linear of
-    the dequantized weights up to 8-bit rounding, row by row (rows of very different scales: per token)."""
+    the dequantized weights up to 8-bit rounding, row by row ([batch, positions, K] as in a decoder, rows of
+    very different scales: per token), bias included."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
@@ -85,33 +87,43 @@ def test_one_linear_through_the_prompt_graph(tmp_path, opset):
     k, n = 128, 64
     rng = np.random.default_rng(opset)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None, n])],
                               [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, accuracy_level=4, bits=4)
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
-    onnx.save(quantizer.model.model, str(tmp_path / "d.onnx"))
+    qmodel = quantizer.model.model
+    if bias:  # MatMulNBits' optional 6th input
+        node = next(nd for nd in qmodel.graph.node if nd.op_type == "MatMulNBits")
+        node.input.extend([""] * (5 - len(node.input)) + ["b"])
+        qmodel.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32) * 5, "b"))
+    onnx.save(qmodel, str(tmp_path / "d.onnx"))
     record = write_prefill_graph(tmp_path / "d.onnx", tmp_path / "d.prefill.onnx")
     assert record["replaced_nodes"] == 1
-    x = rng.standard_normal((4, k)).astype(np.float32) * np.array([[1e-3], [1.0], [30.0], [1e3]], np.float32)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32) * np.array([[1e-3], [1.0], [30.0], [1e3], [0.1], [5.0]],
+                                                                      np.float32).reshape(2, 3, 1)
     step = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
     prompt = ort.InferenceSession(str(tmp_path / "d.prefill.onnx"), providers=["CPUExecutionProvider"])
     want, got = step.run(None, {"x": x})[0], prompt.run(None, {"x": x})[0]
+    assert got.shape == want.shape == (2, 3, n)
     cos = (want * got).sum(-1) / np.linalg.norm(want, axis=-1) / np.linalg.norm(got, axis=-1)
     assert cos.min() > 0.999, cos
+    if bias:  # rows of 1e-3 are all bias: the bias is added once, after the scales
+        np.testing.assert_allclose(got[0, 0], want[0, 0], rtol=0, atol=1e-2)
 
 
 def test_the_prompt_graph_is_recorded_and_holds_int8_linears(int4_prefill):
     record = int4_prefill.precision.graphs["decoder.onnx"]
     assert record.prefill["file"] == "decoder.prefill.onnx" == int4_prefill.precision.prefill_file("decoder.onnx")
     assert record.prefill["replaced_nodes"] == record.quantized_nodes
+    assert record.prefill["attention_over_whole_cache"] == int4_prefill.dims.num_layers  # prompts join K/V
     folder = int4_prefill.folder
     prompt = onnx.load(str(folder / "decoder.prefill.onnx"), load_external_data=False)
     step = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     ops = {nd.op_type for nd in prompt.graph.node}
-    assert "MatMulNBits" not in ops and "MatMulInteger" in ops
+    assert "MatMulNBits" not in ops and "MatMulIntegerToFloat" in ops
     assert [i.name for i in prompt.graph.input] == [i.name for i in step.graph.input]
     assert [o.name for o in prompt.graph.output] == [o.name for o in step.graph.output]
     locations = {e.value for t in prompt.graph.initializer for e in t.external_data if e.key == "location"}

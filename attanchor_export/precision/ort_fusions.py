@@ -301,6 +301,43 @@ def _attend_in_place(model: onnx.ModelProto, dims: Dims) -> int:
     return len(matches)
 
 
+def attend_over_whole_cache(model: onnx.ModelProto) -> int:
+    """The in-place blocks above with past and new positions joined before Q.K^T and probs.V, not after:
+
+        scores = Q.Concat(K_past, K_new)^T   probs = Softmax(scores + mask)   out = probs.Concat(V_past, V_new)
+
+    For a graph that only runs prompts (precision/prefill_int8.py). There joining K and V copies
+    [B, kv, T, head_dim] (a few MB), while joining the scores and splitting the probabilities copied
+    [B, kv, group*S, T] twice (~180 MB a layer for 4 prompts of 594 positions at TinyLLaVA-1B dims). A
+    decode step is the other way round, which is why decoder.onnx keeps the in-place form. Inputs and
+    outputs are unchanged (present: the new positions, KV_APPEND). Returns the blocks rewritten."""
+    graph = model.graph
+    producer, readers = producers(graph), consumers(graph)
+    count = 0
+    while (a := f"attanchor_ort/attention{count}/") + "scores" in producer:
+        part = {name: producer[a + name] for name in ("k_past_t", "k_new_t", "scores_past", "scores_new", "scores",
+                                                       "probs_past", "probs_new", "out_past", "out_new")}
+        join = _only(readers.get(a + "out_past"), "Add")
+        if join is None:
+            raise ValueError(f"{a}: not the in-place attention block this module writes")
+        q, probs = part["scores_past"].input[0], part["probs_past"].input[0]
+        past_key, new_key = part["k_past_t"].input[0], part["k_new_t"].input[0]
+        past_value, new_value = part["out_past"].input[1], part["out_new"].input[1]
+        for node in [*part.values(), join]:
+            graph.node.remove(node)
+        graph.node.extend([
+            helper.make_node("Concat", [past_key, new_key], [a + "k_all"], axis=2, name=a + "k_all"),
+            helper.make_node("Transpose", [a + "k_all"], [a + "k_all_t"], perm=[0, 1, 3, 2], name=a + "k_all_t"),
+            helper.make_node("MatMul", [q, a + "k_all_t"], [a + "scores"], name=a + "scores"),
+            helper.make_node("Concat", [past_value, new_value], [a + "v_all"], axis=2, name=a + "v_all"),
+            helper.make_node("MatMul", [probs, a + "v_all"], [join.output[0]], name=a + "out"),
+        ])
+        count += 1
+    toposort(graph)
+    prune(graph)
+    return count
+
+
 def _attention_match(softmax, producer, readers, inits, graph) -> dict | None:
     def op(name, op_type):
         node = producer.get(name)

@@ -9,7 +9,10 @@ So `--prefill-int8` writes decoder.prefill.onnx beside the MatMulNBits decoder: 
 node, with each MatMulNBits replaced by
 
     s = max|x| over the row / 127        (one scale per position: per token)
-    y = MatMulInteger(round(x / s) + 128, W8, 128) * s * w_scale
+    y = (QuantizeLinear(x / s, 1, 128) - 128) @ W8 * s * w_scale  (+ bias)
+
+the product and both scales as one onnxruntime MatMulIntegerToFloat (com.microsoft: the uint8 x int8
+QGEMM with the scales applied as it writes its output; a per-row a_scale of shape [..., 1] is accepted),
 
 where W8 is the MatMulNBits weight dequantized and requantized to int8, one scale per output channel
 (w_scale). Per-token activation scales matter: one scale for the whole [B, S, K] activation (onnxruntime's
@@ -17,6 +20,9 @@ DynamicQuantizeMatMul) let a few outlier positions flatten the rest, and tiny-vq
 0.99 to 0.915 on the gate's questions; per token they stayed (0.995). The runtime runs prompts (calls of
 more than one position) through this graph and decode steps through decoder.onnx; both read and write
 the same KV cache layout, since everything but the linears is the same nodes.
+
+Its attention joins the cache's past and new keys and values before the products (ort_fusions.
+attend_over_whole_cache) instead of joining the scores after them as decoder.onnx does for steps.
 
 Only the new int8 weights go into decoder.prefill.onnx.data; every other initializer (norms, rotary
 tables, the constants of the fused nodes) is read from decoder.onnx.data where it already is.
@@ -31,6 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from attanchor_export.precision.graph_files import append_external, data_file, replacing
+from attanchor_export.precision.ort_fusions import attend_over_whole_cache
 
 _SHARED = "attanchor/prefill_int8/"
 
@@ -75,10 +82,10 @@ def int8_per_channel(weight_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _per_token_nodes(node: onnx.NodeProto, weight: str, scale: str, opset: int) -> list[onnx.NodeProto]:
-    """What replaces one MatMulNBits node (module doc); its bias, if any, added after."""
+    """What replaces one MatMulNBits node (module doc): seven nodes (eight with a bias), three passes over the
+    activation."""
     x, p = node.input[0], f"{node.name or node.output[0]}/prefill_int8/"
     bias = node.input[5] if len(node.input) > 5 and node.input[5] else ""
-    out = node.output[0]
     # ReduceMax takes its axes as an input from opset 18, as an attribute before
     row_max = helper.make_node("ReduceMax", [p + "abs", _SHARED + "last_axis"], [p + "max"], keepdims=1,
                                name=p + "max") if opset >= 18 else \
@@ -89,16 +96,17 @@ def _per_token_nodes(node: onnx.NodeProto, weight: str, scale: str, opset: int) 
         helper.make_node("Mul", [p + "max", _SHARED + "inv127"], [p + "scale0"], name=p + "scale0"),
         helper.make_node("Max", [p + "scale0", _SHARED + "tiny"], [p + "scale"], name=p + "scale"),  # no 0/0
         helper.make_node("Div", [x, p + "scale"], [p + "scaled"], name=p + "scaled"),
-        helper.make_node("Round", [p + "scaled"], [p + "rounded"], name=p + "rounded"),
-        helper.make_node("Add", [p + "rounded", _SHARED + "128f"], [p + "shifted"], name=p + "shifted"),
-        helper.make_node("Cast", [p + "shifted"], [p + "x_u8"], to=onnx.TensorProto.UINT8, name=p + "x_u8"),
-        helper.make_node("MatMulInteger", [p + "x_u8", weight, _SHARED + "128u8"], [p + "acc"], name=p + "matmul"),
-        helper.make_node("Cast", [p + "acc"], [p + "acc_f"], to=onnx.TensorProto.FLOAT, name=p + "acc_f"),
-        helper.make_node("Mul", [p + "acc_f", p + "scale"], [p + "per_token"], name=p + "per_token"),
-        helper.make_node("Mul", [p + "per_token", scale], [out if not bias else p + "no_bias"], name=p + "per_channel"),
+        # round half to even, + 128, saturate: the uint8 codes in one node (scale 1: already divided)
+        helper.make_node("QuantizeLinear", [p + "scaled", _SHARED + "one", _SHARED + "128u8"], [p + "x_u8"],
+                         name=p + "x_u8"),
+        # the integer product, widened and scaled per token (a_scale [..., 1]) and per output channel in one
+        # kernel: no int32 and fp32 [positions, N] intermediates between separate nodes. Its own bias input
+        # is not MatMulNBits' (onnxruntime 1.32 did not add it as given: tested), so a bias stays an Add.
+        helper.make_node("MatMulIntegerToFloat", [p + "x_u8", weight, p + "scale", scale, _SHARED + "128u8"],
+                         [p + "no_bias" if bias else node.output[0]], domain="com.microsoft", name=p + "matmul"),
     ]
     if bias:
-        nodes.append(helper.make_node("Add", [p + "no_bias", bias], [out], name=p + "bias"))
+        nodes.append(helper.make_node("Add", [p + "no_bias", bias], [node.output[0]], name=p + "bias"))
     return nodes
 
 
@@ -143,7 +151,7 @@ def write_prefill_graph(decoder: Path, output: Path) -> dict:
         kept = [t for t in graph.initializer if t.name not in used_by_nbits or t.name in used]
         shared = [numpy_helper.from_array(np.array(1 / 127, np.float32), _SHARED + "inv127"),
                   numpy_helper.from_array(np.array(1e-12, np.float32), _SHARED + "tiny"),
-                  numpy_helper.from_array(np.array(128, np.float32), _SHARED + "128f"),
+                  numpy_helper.from_array(np.array(1, np.float32), _SHARED + "one"),
                   numpy_helper.from_array(np.array(128, np.uint8), _SHARED + "128u8")]
         if opset >= 18:
             shared.append(numpy_helper.from_array(np.array([-1], np.int64), _SHARED + "last_axis"))
@@ -151,7 +159,8 @@ def write_prefill_graph(decoder: Path, output: Path) -> dict:
         graph.node.extend(nodes)
         del graph.initializer[:]
         graph.initializer.extend([*kept, *new_weights, *shared])
+        joined = attend_over_whole_cache(model)  # prompts: join K and V, not the scores (ort_fusions)
         tmp.write_bytes(model.SerializeToString())
     return {"file": output.name, "weights": "int8 symmetric, one scale per output channel (from the MatMulNBits "
-            "weights)", "activations": "int8 per token, dynamic (MatMulInteger uint8 x int8)",
-            "replaced_nodes": replaced, "bytes": output.stat().st_size + data_file(output).stat().st_size}
+            "weights)", "activations": "int8 per token, dynamic (MatMulIntegerToFloat uint8 x int8)",
+            "replaced_nodes": replaced, "attention_over_whole_cache": joined, "bytes": output.stat().st_size + data_file(output).stat().st_size}
