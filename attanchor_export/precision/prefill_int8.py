@@ -100,8 +100,8 @@ def _per_token_nodes(node: onnx.NodeProto, weight: str, scale: str, opset: int) 
         helper.make_node("QuantizeLinear", [p + "scaled", _SHARED + "one", _SHARED + "128u8"], [p + "x_u8"],
                          name=p + "x_u8"),
         # the integer product, widened and scaled per token (a_scale [..., 1]) and per output channel in one
-        # kernel: no int32 and fp32 [positions, N] intermediates between separate nodes. Its own bias input
-        # is not MatMulNBits' (onnxruntime 1.32 did not add it as given: tested), so a bias stays an Add.
+        # kernel: no int32 and fp32 [positions, N] intermediates between separate nodes. A bias stays an Add:
+        # its own bias input did not reproduce MatMulNBits' output in a test (onnxruntime 1.32).
         helper.make_node("MatMulIntegerToFloat", [p + "x_u8", weight, p + "scale", scale, _SHARED + "128u8"],
                          [p + "no_bias" if bias else node.output[0]], domain="com.microsoft", name=p + "matmul"),
     ]
@@ -163,4 +163,5 @@ def write_prefill_graph(decoder: Path, output: Path) -> dict:
         tmp.write_bytes(model.SerializeToString())
     return {"file": output.name, "weights": "int8 symmetric, one scale per output channel (from the MatMulNBits "
             "weights)", "activations": "int8 per token, dynamic (MatMulIntegerToFloat uint8 x int8)",
-            "replaced_nodes": replaced, "attention_over_whole_cache": joined, "bytes": output.stat().st_size + data_file(output).stat().st_size}
+            "replaced_nodes": replaced, "attention_over_whole_cache": joined,
+            "bytes": output.stat().st_size + data_file(output).stat().st_size}
