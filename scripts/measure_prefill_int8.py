@@ -88,7 +88,7 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(quantizer.model.model, f"{tmp}/d.onnx")
         write_prefill_graph(Path(tmp) / "d.onnx", Path(tmp) / "d.prefill.onnx")
-        ours = onnx.load(f"{tmp}/d.prefill.onnx")  # small enough to hold: no external data to resolve
+        ours = onnx.load(f"{tmp}/d.prefill.onnx")  # its external data read in while the folder exists
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -111,7 +111,7 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
         print(f"{name:56s} {ms:8.1f} {2 * m * k * n / ms / 1e9:8.3f} {error:9.2g}")
 
 
-def _artifact(folder: Path, rounds: int, questions: int, other: Path | None) -> None:
+def _artifact(folder: Path, rounds: int, questions: int, other: Path | None, threads: int) -> None:
     from attanchor_runtime.manifest import Manifest
     from attanchor_runtime.ort_backend import OrtBackend
     from attanchor_runtime.pipeline import Pipeline
@@ -121,14 +121,14 @@ def _artifact(folder: Path, rounds: int, questions: int, other: Path | None) -> 
     from attanchor_export.load.datasets import GATE_SPLIT, gate_samples, load_task
 
     manifest = Manifest.load(folder)
-    pipe = Pipeline(manifest, OrtBackend(manifest))
+    pipe = Pipeline(manifest, OrtBackend(manifest, threads=threads))
     decoder = pipe.backend.decoder
     prompt = decoder.prefill_session
     if prompt is None:
         sys.exit(f"{folder}: no prompt graph (export it with --prefill-int8)")
     systems = {"int4 decoder": None, "prompt graph": prompt}
     if other is not None:
-        systems[f"other: {other}"] = ort_session(other, "cpu", pipe.backend.threads)
+        systems[f"other: {other}"] = ort_session(other, "cpu", threads)
     samples = gate_samples()
     front = pipe.front_end([pipe.prompt_ids(s.prompt) for s in samples],
                            np.concatenate([pipe.images(s.image) for s in samples]))
@@ -187,7 +187,7 @@ def main() -> None:
     if args.artifact is None:
         _linear(512, 2048, 5632, args.threads)
     else:
-        _artifact(args.artifact, args.rounds, args.questions, args.other)
+        _artifact(args.artifact, args.rounds, args.questions, args.other, args.threads)
 
 
 if __name__ == "__main__":
