@@ -4,6 +4,7 @@
     python scripts/measure_prefill_int8.py ARTIFACT [--rounds 5] [--questions 200]
 
     python scripts/measure_prefill_int8.py ARTIFACT --other PROMPT.onnx   # a second prompt graph beside it
+    python scripts/measure_prefill_int8.py ARTIFACT --chunks 1,16 --prompts 1   # attention chunk counts
 
 Without an artifact: the linear as fp32 MatMul, as MatMulNBits (int4, blocks of 128, accuracy level 4:
 what the int4 decoder runs), and in the 8-bit forms onnxruntime has: DynamicQuantizeMatMul (one
@@ -15,7 +16,10 @@ graph as `write_prefill_graph` writes it now (MatMulIntegerToFloat). Median of 7
 With an artifact exported with --prefill-int8: its prompts with and without the prompt graph (the same
 decoder object, the prompt session switched), rotating the order, `--rounds` rounds of one prefill of a
 batch of the artifact's gate questions; `--other FILE` adds another prompt graph of the same decoder
-(written by write_prefill_graph into a copy of the folder, e.g. by an older or newer version); then,
+(written by write_prefill_graph into a copy of the folder, e.g. by an older or newer version), and
+`--chunks 1,16` prompt graphs of the artifact's decoder with those attention chunk counts (Lever 8), each
+written into a temporary folder beside a link to the decoder's data; `--prompts N` takes the first N
+gate prompts (batch N) instead of all of them; then,
 with --questions N, the easy-vqa answers to the first N questions of the gate's validation split each
 way (the model must be trained for answers to mean anything).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -111,7 +116,8 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
         print(f"{name:56s} {ms:8.1f} {2 * m * k * n / ms / 1e9:8.3f} {error:9.2g}")
 
 
-def _artifact(folder: Path, rounds: int, questions: int, other: Path | None, threads: int) -> None:
+def _artifact(folder: Path, rounds: int, questions: int, others: list[Path], threads: int, prompts: int | None,
+              chunks: list[int], scratch: Path) -> None:
     from attanchor_runtime.manifest import Manifest
     from attanchor_runtime.ort_backend import OrtBackend
     from attanchor_runtime.pipeline import Pipeline
@@ -119,6 +125,7 @@ def _artifact(folder: Path, rounds: int, questions: int, other: Path | None, thr
 
     from attanchor_export.checks.task_accuracy import evaluate_artifact
     from attanchor_export.load.datasets import GATE_SPLIT, gate_samples, load_task
+    from attanchor_export.precision.prefill_int8 import write_prefill_graph
 
     manifest = Manifest.load(folder)
     pipe = Pipeline(manifest, OrtBackend(manifest, threads=threads))
@@ -127,9 +134,15 @@ def _artifact(folder: Path, rounds: int, questions: int, other: Path | None, thr
     if prompt is None:
         sys.exit(f"{folder}: no prompt graph (export it with --prefill-int8)")
     systems = {"int4 decoder": None, "prompt graph": prompt}
-    if other is not None:
+    for other in others:
         systems[f"other: {other}"] = ort_session(other, "cpu", threads)
-    samples = gate_samples()
+    for name in ("decoder.onnx", "decoder.onnx.data"):  # the onnxruntime decoder the prompt graph sits beside
+        if chunks:  # a copy: onnx reads no external data through a symbolic or hard link
+            shutil.copy(folder / name, scratch / name)
+    for n in chunks:
+        written = write_prefill_graph(scratch / "decoder.onnx", scratch / f"decoder.prefill_{n}.onnx", n)
+        systems[f"{n} chunks"] = ort_session(scratch / written["file"], "cpu", threads)
+    samples = gate_samples()[:prompts]
     front = pipe.front_end([pipe.prompt_ids(s.prompt) for s in samples],
                            np.concatenate([pipe.images(s.image) for s in samples]))
     step = pipe.family.first_step(front.attention_mask, front.position_ids)
@@ -159,9 +172,9 @@ def _artifact(folder: Path, rounds: int, questions: int, other: Path | None, thr
         print(f"  {name:18s} median {np.median(ts):.3f} s (min {min(ts):.3f}, max {max(ts):.3f})")
     for name, rs in ratios.items():
         print(f"  same-round ratio {name} / int4 decoder: median {np.median(rs):.3f}")
-    if other is not None:
-        rs = [b / a for a, b in zip(times["prompt graph"], times[names[2]], strict=True)]
-        print(f"  same-round ratio other / prompt graph: median {np.median(rs):.3f}")
+    for name in names[2:]:
+        rs = [b / a for a, b in zip(times["prompt graph"], times[name], strict=True)]
+        print(f"  same-round ratio {name} / prompt graph: median {np.median(rs):.3f}")
     if questions:
         items = load_task("easy-vqa", split=GATE_SPLIT, limit=questions)
         answers = {}
@@ -182,12 +195,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--questions", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--other", type=Path, help="another prompt graph of the artifact's decoder, timed beside it")
+    parser.add_argument("--other", type=Path, action="append", default=[],
+                        help="another prompt graph of the artifact's decoder, timed beside it (repeatable)")
+    parser.add_argument("--chunks", type=lambda v: [int(n) for n in v.split(",")], default=[],
+                        help="also time prompt graphs written with these attention chunk counts, e.g. 1,16")
+    parser.add_argument("--prompts", type=int, default=None, help="the first N gate prompts only (default: all)")
     args = parser.parse_args()
     if args.artifact is None:
         _linear(512, 2048, 5632, args.threads)
     else:
-        _artifact(args.artifact, args.rounds, args.questions, args.other, args.threads)
+        with tempfile.TemporaryDirectory() as scratch:
+            _artifact(args.artifact, args.rounds, args.questions, args.other, args.threads, args.prompts,
+                      args.chunks, Path(scratch))
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ def test_fused_decoder_matches_the_standard_graph(artifact, tmp_path, name):
     assert parity["max_abs_diff"] < 1e-4, parity
 
 
-@pytest.mark.parametrize("name", ["clip-t2i", "siglip-t2i-k4"])
-def test_whole_cache_attention_matches_the_standard_graph(artifact, tmp_path, name):
+@pytest.mark.parametrize("name,chunks", [("clip-t2i", 1), ("siglip-t2i-k4", 1), ("clip-t2i", 3), ("siglip-t2i-k4", 8)])
+def test_whole_cache_attention_matches_the_standard_graph(artifact, tmp_path, name, chunks):
     """attend_over_whole_cache (the prompt graph's attention): K and V joined before the products instead
     of scores joined after; same IO, KV_APPEND, same outputs as the standard graph (prefill and cached
     steps against a KV buffer longer than the past, whose unused slots are masked)."""
@@ -65,7 +65,7 @@ def test_whole_cache_attention_matches_the_standard_graph(artifact, tmp_path, na
     fused = tmp_path / "decoder.onnx"
     fuse_decoder_file(fused, dims)
     model = onnx.load(str(fused), load_external_data=False)
-    assert attend_over_whole_cache(model) == dims.num_layers
+    assert attend_over_whole_cache(model, chunks) == dims.num_layers
     softmax_out = {n.output[0] for n in model.graph.node if n.op_type == "Softmax"}
     assert not [n for n in model.graph.node if n.op_type == "Slice" and set(n.input) & softmax_out]
     producer = {o: n for n in model.graph.node for o in n.output}

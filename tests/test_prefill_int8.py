@@ -6,6 +6,7 @@ combinations are one line."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from attanchor_export.cli import main
 from attanchor_export.errors import ExportError
 from attanchor_export.exporter import ExportOptions, export_artifact
-from attanchor_export.precision.prefill_int8 import dequantize_nbits, int8_per_channel
+from attanchor_export.precision.prefill_int8 import PROMPT_CHUNKS, dequantize_nbits, int8_per_channel
 
 
 def run_cli(*args):
@@ -114,6 +115,59 @@ def test_one_linear_through_the_prompt_graph(tmp_path, opset, bias):
         np.testing.assert_allclose(got[0, 0], want[0, 0], rtol=0, atol=1e-2)
 
 
+def test_the_codes_are_per_row_rint_and_a_merged_linear_is_one_product_per_part(tmp_path):
+    """The prompt graph's arithmetic against numpy's: codes rint(x / s) with s = max|x| / 127 per row, an
+    exact integer product with the int8 weights, then both scales; and a merged linear (MatMulNBits +
+    Split, as streamed_weights.py writes q/k/v) gives each part as its own product: no Split left, the
+    parts equal to the unmerged linear's columns bit for bit, each with its slice of the bias."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from attanchor_export.precision.prefill_int8 import write_prefill_graph
+
+    k, n, sizes = 128, 64, [32, 16, 16]
+    rng = np.random.default_rng(3)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None, n])],
+                              [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")])
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=32, accuracy_level=4, bits=4))
+    quantizer.process()
+    whole = quantizer.model.model
+    node = next(nd for nd in whole.graph.node if nd.op_type == "MatMulNBits")
+    node.input.extend([""] * (5 - len(node.input)) + ["b"])
+    bias = rng.standard_normal(n).astype(np.float32)
+    whole.graph.initializer.append(numpy_helper.from_array(bias, "b"))
+    merged = copy.deepcopy(whole)
+    merged.graph.node[0].output[0] = "qkv"
+    merged.graph.node.append(helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v"], axis=-1))
+    merged.graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+    del merged.graph.output[:]
+    merged.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in "qkv")
+    for name, model in (("whole", whole), ("merged", merged)):
+        (tmp_path / name).mkdir()
+        onnx.save(model, str(tmp_path / name / "d.onnx"))
+        write_prefill_graph(tmp_path / name / "d.onnx", tmp_path / name / "d.prefill.onnx")
+    x = rng.standard_normal((2, 5, k)).astype(np.float32) * rng.choice([1e-3, 1.0, 50.0], (2, 5, 1)).astype(np.float32)
+    got = {name: ort.InferenceSession(str(tmp_path / name / "d.prefill.onnx"), providers=["CPUExecutionProvider"])
+           .run(None, {"x": x}) for name in ("whole", "merged")}
+    prompt = onnx.load(str(tmp_path / "merged" / "d.prefill.onnx"))
+    ops = [nd.op_type for nd in prompt.graph.node]
+    assert "Split" not in ops and ops.count("MatMulIntegerToFloat") == 3
+    np.testing.assert_array_equal(np.concatenate(got["merged"], axis=-1), got["whole"][0])
+    # numpy: the codes, an exact integer product, then the scales and the bias
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "whole" / "d.prefill.onnx")).graph.initializer}
+    w8 = next(v for name, v in weights.items() if name.endswith("/int8"))
+    w_scale = next(v for name, v in weights.items() if name.endswith("/int8_scale"))
+    s = np.maximum(np.abs(x).max(-1, keepdims=True) * np.float32(1 / 127), np.float32(1e-12))
+    codes = np.clip(np.rint(x / s), -128, 127).astype(np.int64)
+    want = (codes @ w8.astype(np.int64)).astype(np.float32) * s * w_scale + bias
+    np.testing.assert_allclose(got["whole"][0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_the_prompt_graph_is_recorded_and_holds_int8_linears(int4_prefill):
     record = int4_prefill.precision.graphs["decoder.onnx"]
     assert record.prefill["file"] == "decoder.prefill.onnx" == int4_prefill.precision.prefill_file("decoder.onnx")
@@ -124,6 +178,10 @@ def test_the_prompt_graph_is_recorded_and_holds_int8_linears(int4_prefill):
     step = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     ops = {nd.op_type for nd in prompt.graph.node}
     assert "MatMulNBits" not in ops and "MatMulIntegerToFloat" in ops
+    # each layer's prompt attention runs as query chunks, one Softmax each (decoder.onnx: one per layer)
+    assert record.prefill["attention_causal_chunks"] == PROMPT_CHUNKS > 1
+    softmaxes = [sum(nd.op_type == "Softmax" for nd in g.graph.node) for g in (prompt, step)]
+    assert softmaxes == [PROMPT_CHUNKS * int4_prefill.dims.num_layers, int4_prefill.dims.num_layers]
     assert [i.name for i in prompt.graph.input] == [i.name for i in step.graph.input]
     assert [o.name for o in prompt.graph.output] == [o.name for o in step.graph.output]
     locations = {e.value for t in prompt.graph.initializer for e in t.external_data if e.key == "location"}
@@ -131,7 +189,10 @@ def test_the_prompt_graph_is_recorded_and_holds_int8_linears(int4_prefill):
     assert "decoder.prefill.onnx.data" in locations and locations <= {"decoder.onnx.data", "decoder.prefill.onnx.data"}
     own = [t for t in prompt.graph.initializer
            if any(e.key == "location" and e.value == "decoder.prefill.onnx.data" for e in t.external_data)]
-    assert own and all(t.name.endswith(("/int8", "/int8_scale")) for t in own)
+    assert own and all(re.search(r"/int8(/part\d+)?(_scale)?$", t.name) for t in own)
+    # a merged linear (q/k/v, gate/up) is one MatMulNBits + Split in decoder.onnx, one product per part here
+    splits = [sum(nd.op_type == "Split" for nd in g.graph.node) for g in (prompt, step)]
+    assert splits[1] > 0 and splits[0] == 0, splits
     assert "decoder.prefill.onnx.data" in int4_prefill.files  # listed and hashed like every file
 
 

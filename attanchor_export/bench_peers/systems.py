@@ -49,4 +49,4 @@ SYSTEMS = [
 BY_NAME = {s.name: s for s in SYSTEMS}
 BANDWIDTH = "bandwidth"  # the probe child, one per round like a system
 # Per family, bumped when its recipe changes: cached folders of another version are rebuilt.
-BUILD_VERSION = {"project": 6, "genai": 2, "llama": 2, "transformers": 2}
+BUILD_VERSION = {"project": 7, "genai": 2, "llama": 2, "transformers": 2}

@@ -301,7 +301,7 @@ def _attend_in_place(model: onnx.ModelProto, dims: Dims) -> int:
     return len(matches)
 
 
-def attend_over_whole_cache(model: onnx.ModelProto) -> int:
+def attend_over_whole_cache(model: onnx.ModelProto, causal_chunks: int = 1) -> int:
     """The in-place blocks above with past and new positions joined before Q.K^T and probs.V, not after:
 
         scores = Q.Concat(K_past, K_new)^T   probs = Softmax(scores + mask)   out = probs.Concat(V_past, V_new)
@@ -310,10 +310,14 @@ def attend_over_whole_cache(model: onnx.ModelProto) -> int:
     [B, kv, T, head_dim] (a few MB), while joining the scores and splitting the probabilities copied
     [B, kv, group*S, T] twice (~180 MB a layer for 4 prompts of 594 positions at TinyLLaVA-1B dims). A
     decode step is the other way round, which is why decoder.onnx keeps the in-place form. Inputs and
-    outputs are unchanged (present: the new positions, KV_APPEND). Returns the blocks rewritten."""
+    outputs are unchanged (present: the new positions, KV_APPEND). Returns the blocks rewritten.
+
+    causal_chunks > 1 splits the new positions into that many consecutive query chunks, each reading the
+    keys up to its own last position only (_causal_chunks): of the masked future, only the part inside
+    each chunk's diagonal block is still computed (1 / (chunks + 1) of the work; half without chunks)."""
     graph = model.graph
     producer, readers = producers(graph), consumers(graph)
-    count = 0
+    count, bounds = 0, None
     while (a := f"attanchor_ort/attention{count}/") + "scores" in producer:
         part = {name: producer[a + name] for name in ("k_past_t", "k_new_t", "scores_past", "scores_new", "scores",
                                                        "probs_past", "probs_new", "out_past", "out_new")}
@@ -327,15 +331,108 @@ def attend_over_whole_cache(model: onnx.ModelProto) -> int:
             graph.node.remove(node)
         graph.node.extend([
             helper.make_node("Concat", [past_key, new_key], [a + "k_all"], axis=2, name=a + "k_all"),
-            helper.make_node("Transpose", [a + "k_all"], [a + "k_all_t"], perm=[0, 1, 3, 2], name=a + "k_all_t"),
-            helper.make_node("MatMul", [q, a + "k_all_t"], [a + "scores"], name=a + "scores"),
             helper.make_node("Concat", [past_value, new_value], [a + "v_all"], axis=2, name=a + "v_all"),
-            helper.make_node("MatMul", [probs, a + "v_all"], [join.output[0]], name=a + "out"),
         ])
+        if causal_chunks <= 1:
+            graph.node.extend([
+                helper.make_node("Transpose", [a + "k_all"], [a + "k_all_t"], perm=[0, 1, 3, 2], name=a + "k_all_t"),
+                helper.make_node("MatMul", [q, a + "k_all_t"], [a + "scores"], name=a + "scores"),
+                helper.make_node("MatMul", [probs, a + "v_all"], [join.output[0]], name=a + "out"),
+            ])
+        else:
+            add, softmax = _only(readers.get(a + "scores"), "Add"), producer.get(probs)
+            if add is None or softmax is None or softmax.op_type != "Softmax" or add.output[0] != softmax.input[0]:
+                raise ValueError(f"{a}: not the in-place attention block this module writes")
+            graph.node.remove(add)
+            graph.node.remove(softmax)
+            bounds = bounds or _chunk_bounds(graph, q, add.input[1], causal_chunks)
+            _causal_chunks(graph, a, q, bounds, join.output[0])
         count += 1
     toposort(graph)
     prune(graph)
     return count
+
+
+_CHUNKS = "attanchor_ort/chunks/"
+
+
+def _chunk_bounds(graph, q: str, mask: str, chunks: int) -> list[dict]:
+    """What every layer's chunks share: chunk j's rows [start, end) of the S new positions (ceil(S / chunks)
+    each; the last may be shorter, or empty when S < chunks), the keys it reads ([0, T - S + end) of the
+    whole cache: the past buffer, then the new positions) and its block of the additive mask.
+
+    q is [B, kv, G*S, head_dim], the G query heads of each KV head stacked group-major (G blocks of S
+    rows); the mask [B, 1, G*S, T] has the same rows (_buffer_mask of the Tile'd mask)."""
+    p, o = _CHUNKS, "attanchor_ort/"
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), p + k) for k, v in (
+        ("axis2", [2]), ("axis3", [3]), ("rows_keys", [3, 4]), ("spare", [chunks - 1]), ("chunks", [chunks]),
+        *((f"index{j}", [j]) for j in range(chunks + 1))))
+    graph.node.extend([
+        helper.make_node("Shape", [q], [p + "q_lead"], start=0, end=2),         # [B, kv]
+        helper.make_node("Shape", [q], [p + "q_rows"], start=2, end=3),         # G*S
+        helper.make_node("Shape", [q], [p + "head_dim"], start=3, end=4),
+        helper.make_node("Shape", [mask], [p + "mask_lead"], start=0, end=2),   # [B, 1]
+        helper.make_node("Shape", [mask], [p + "keys"], start=3, end=4),        # T
+        helper.make_node("Div", [p + "q_rows", o + "new_1d"], [p + "group"]),
+        helper.make_node("Sub", [p + "keys", o + "new_1d"], [p + "past_keys"]),
+        helper.make_node("Add", [o + "new_1d", p + "spare"], [p + "size_up"]),
+        helper.make_node("Div", [p + "size_up", p + "chunks"], [p + "size"]),
+        helper.make_node("Concat", [p + "q_lead", p + "group", o + "new_1d", p + "head_dim"], [p + "q5_shape"], axis=0),
+        helper.make_node("Concat", [p + "mask_lead", p + "group", o + "new_1d", p + "keys"], [p + "mask5_shape"], axis=0),
+        helper.make_node("Reshape", [mask, p + "mask5_shape"], [p + "mask5"]),
+    ])
+    for j in range(chunks + 1):
+        graph.node.extend([helper.make_node("Mul", [p + "size", f"{p}index{j}"], [f"{p}edge{j}_unclipped"]),
+                           helper.make_node("Min", [f"{p}edge{j}_unclipped", o + "new_1d"], [f"{p}edge{j}"])])
+    bounds = []
+    for j in range(chunks):
+        c, start, end = f"{p}{j}/", f"{p}edge{j}", f"{p}edge{j + 1}"
+        graph.node.extend([
+            helper.make_node("Sub", [end, start], [c + "rows"]),
+            helper.make_node("Mul", [c + "rows", p + "group"], [c + "group_rows"]),
+            helper.make_node("Add", [p + "past_keys", end], [c + "keys"]),
+            helper.make_node("Concat", [start, o + "zero"], [c + "mask_starts"], axis=0),
+            helper.make_node("Concat", [end, c + "keys"], [c + "mask_ends"], axis=0),
+            helper.make_node("Slice", [p + "mask5", c + "mask_starts", c + "mask_ends", p + "rows_keys"], [c + "mask5"]),
+            helper.make_node("Concat", [p + "mask_lead", c + "group_rows", c + "keys"], [c + "mask_shape"], axis=0),
+            # allowzero: an empty chunk's 0 rows are 0 rows, not "copy the input's dimension"
+            helper.make_node("Reshape", [c + "mask5", c + "mask_shape"], [c + "mask"], allowzero=1),
+            helper.make_node("Concat", [p + "q_lead", c + "group_rows", p + "head_dim"], [c + "q_shape"], axis=0),
+            helper.make_node("Concat", [p + "q_lead", p + "group", c + "rows", p + "head_dim"], [c + "out5_shape"],
+                             axis=0),
+        ])
+        bounds.append({"start": start, "end": end, "keys": c + "keys", "mask": c + "mask", "q_shape": c + "q_shape",
+                       "out5_shape": c + "out5_shape"})
+    return bounds
+
+
+def _causal_chunks(graph, a: str, q: str, bounds: list[dict], out: str) -> None:
+    """One attention block as query chunks (attend_over_whole_cache): chunk j's queries against the keys
+    [0, T - S + end_j) of k_all with its mask block, Softmax, then .V over the same positions of v_all;
+    the chunks' outputs joined back on the rows. Row for row the same arithmetic as the unchunked block:
+    the keys a chunk skips are the ones its mask hides from all its rows."""
+    p, o = _CHUNKS, "attanchor_ort/"
+    nodes = [helper.make_node("Reshape", [q, p + "q5_shape"], [a + "q5"])]
+    for j, b in enumerate(bounds):
+        c = f"{a}chunk{j}/"
+        nodes += [
+            helper.make_node("Slice", [a + "q5", b["start"], b["end"], p + "axis3"], [c + "q5"]),
+            helper.make_node("Reshape", [c + "q5", b["q_shape"]], [c + "q"], allowzero=1),
+            helper.make_node("Slice", [a + "k_all", o + "zero", b["keys"], p + "axis2"], [c + "k"]),
+            helper.make_node("Transpose", [c + "k"], [c + "k_t"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [c + "q", c + "k_t"], [c + "scores"]),
+            helper.make_node("Add", [c + "scores", b["mask"]], [c + "masked"]),
+            helper.make_node("Softmax", [c + "masked"], [c + "probs"], axis=-1),
+            helper.make_node("Slice", [a + "v_all", o + "zero", b["keys"], p + "axis2"], [c + "v"]),
+            helper.make_node("MatMul", [c + "probs", c + "v"], [c + "out"]),
+            helper.make_node("Reshape", [c + "out", b["out5_shape"]], [c + "out5"], allowzero=1),
+        ]
+    nodes += [helper.make_node("Concat", [f"{a}chunk{j}/out5" for j in range(len(bounds))], [a + "out5"], axis=3),
+              helper.make_node("Shape", [q], [a + "out_shape"]),
+              helper.make_node("Reshape", [a + "out5", a + "out_shape"], [out])]
+    for node in nodes:
+        node.name = node.name or node.output[0]
+    graph.node.extend(nodes)
 
 
 def _attention_match(softmax, producer, readers, inits, graph) -> dict | None:
