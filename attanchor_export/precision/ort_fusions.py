@@ -317,7 +317,7 @@ def attend_over_whole_cache(model: onnx.ModelProto, causal_chunks: int = 1) -> i
     each chunk's diagonal block is still computed (1 / (chunks + 1) of the work; half without chunks)."""
     graph = model.graph
     producer, readers = producers(graph), consumers(graph)
-    count, bounds = 0, None
+    count, bounds, masks = 0, None, {}
     while (a := f"attanchor_ort/attention{count}/") + "scores" in producer:
         part = {name: producer[a + name] for name in ("k_past_t", "k_new_t", "scores_past", "scores_new", "scores",
                                                        "probs_past", "probs_new", "out_past", "out_new")}
@@ -345,8 +345,11 @@ def attend_over_whole_cache(model: onnx.ModelProto, causal_chunks: int = 1) -> i
                 raise ValueError(f"{a}: not the in-place attention block this module writes")
             graph.node.remove(add)
             graph.node.remove(softmax)
-            bounds = bounds or _chunk_bounds(graph, q, add.input[1], causal_chunks)
-            _causal_chunks(graph, a, q, bounds, join.output[0])
+            mask = add.input[1]
+            bounds = bounds or _chunk_bounds(graph, q, mask, causal_chunks)
+            if mask not in masks:  # one set of blocks per distinct mask, shared by the layers that read it
+                masks[mask] = _chunk_masks(graph, mask, bounds, f"{_CHUNKS}mask{len(masks)}/")
+            _causal_chunks(graph, a, q, bounds, masks[mask], join.output[0])
         count += 1
     toposort(graph)
     prune(graph)
@@ -359,10 +362,10 @@ _CHUNKS = "attanchor_ort/chunks/"
 def _chunk_bounds(graph, q: str, mask: str, chunks: int) -> list[dict]:
     """What every layer's chunks share: chunk j's rows [start, end) of the S new positions (ceil(S / chunks)
     each; the last may be shorter, or empty when S < chunks), the keys it reads ([0, T - S + end) of the
-    whole cache: the past buffer, then the new positions) and its block of the additive mask.
+    whole cache: the past buffer, then the new positions) and the shapes its rows are reshaped to.
 
     q is [B, kv, G*S, head_dim], the G query heads of each KV head stacked group-major (G blocks of S
-    rows); the mask [B, 1, G*S, T] has the same rows (_buffer_mask of the Tile'd mask)."""
+    rows); `mask` (any layer's: all are [B, 1, G*S, T]) gives T."""
     p, o = _CHUNKS, "attanchor_ort/"
     graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), p + k) for k, v in (
         ("axis2", [2]), ("axis3", [3]), ("rows_keys", [3, 4]), ("spare", [chunks - 1]), ("chunks", [chunks]),
@@ -379,7 +382,6 @@ def _chunk_bounds(graph, q: str, mask: str, chunks: int) -> list[dict]:
         helper.make_node("Div", [p + "size_up", p + "chunks"], [p + "size"]),
         helper.make_node("Concat", [p + "q_lead", p + "group", o + "new_1d", p + "head_dim"], [p + "q5_shape"], axis=0),
         helper.make_node("Concat", [p + "mask_lead", p + "group", o + "new_1d", p + "keys"], [p + "mask5_shape"], axis=0),
-        helper.make_node("Reshape", [mask, p + "mask5_shape"], [p + "mask5"]),
     ])
     for j in range(chunks + 1):
         graph.node.extend([helper.make_node("Mul", [p + "size", f"{p}index{j}"], [f"{p}edge{j}_unclipped"]),
@@ -393,27 +395,41 @@ def _chunk_bounds(graph, q: str, mask: str, chunks: int) -> list[dict]:
             helper.make_node("Add", [p + "past_keys", end], [c + "keys"]),
             helper.make_node("Concat", [start, o + "zero"], [c + "mask_starts"], axis=0),
             helper.make_node("Concat", [end, c + "keys"], [c + "mask_ends"], axis=0),
-            helper.make_node("Slice", [p + "mask5", c + "mask_starts", c + "mask_ends", p + "rows_keys"], [c + "mask5"]),
             helper.make_node("Concat", [p + "mask_lead", c + "group_rows", c + "keys"], [c + "mask_shape"], axis=0),
-            # allowzero: an empty chunk's 0 rows are 0 rows, not "copy the input's dimension"
-            helper.make_node("Reshape", [c + "mask5", c + "mask_shape"], [c + "mask"], allowzero=1),
             helper.make_node("Concat", [p + "q_lead", c + "group_rows", p + "head_dim"], [c + "q_shape"], axis=0),
             helper.make_node("Concat", [p + "q_lead", p + "group", c + "rows", p + "head_dim"], [c + "out5_shape"],
                              axis=0),
         ])
-        bounds.append({"start": start, "end": end, "keys": c + "keys", "mask": c + "mask", "q_shape": c + "q_shape",
+        bounds.append({"start": start, "end": end, "keys": c + "keys", "mask_starts": c + "mask_starts",
+                       "mask_ends": c + "mask_ends", "mask_shape": c + "mask_shape", "q_shape": c + "q_shape",
                        "out5_shape": c + "out5_shape"})
     return bounds
 
 
-def _causal_chunks(graph, a: str, q: str, bounds: list[dict], out: str) -> None:
+def _chunk_masks(graph, mask: str, bounds: list[dict], p: str) -> list[str]:
+    """Each chunk's block of the additive mask [B, 1, G*S, T]: its rows of every query head group, the
+    keys it reads."""
+    graph.node.append(helper.make_node("Reshape", [mask, _CHUNKS + "mask5_shape"], [p + "mask5"]))
+    blocks = []
+    for j, b in enumerate(bounds):
+        graph.node.extend([
+            helper.make_node("Slice", [p + "mask5", b["mask_starts"], b["mask_ends"], _CHUNKS + "rows_keys"],
+                             [f"{p}{j}/mask5"]),
+            # allowzero: an empty chunk's 0 rows are 0 rows, not "copy the input's dimension"
+            helper.make_node("Reshape", [f"{p}{j}/mask5", b["mask_shape"]], [f"{p}{j}/mask"], allowzero=1),
+        ])
+        blocks.append(f"{p}{j}/mask")
+    return blocks
+
+
+def _causal_chunks(graph, a: str, q: str, bounds: list[dict], masks: list[str], out: str) -> None:
     """One attention block as query chunks (attend_over_whole_cache): chunk j's queries against the keys
     [0, T - S + end_j) of k_all with its mask block, Softmax, then .V over the same positions of v_all;
     the chunks' outputs joined back on the rows. Row for row the same arithmetic as the unchunked block:
     the keys a chunk skips are the ones its mask hides from all its rows."""
     p, o = _CHUNKS, "attanchor_ort/"
     nodes = [helper.make_node("Reshape", [q, p + "q5_shape"], [a + "q5"])]
-    for j, b in enumerate(bounds):
+    for j, (b, mask) in enumerate(zip(bounds, masks, strict=True)):
         c = f"{a}chunk{j}/"
         nodes += [
             helper.make_node("Slice", [a + "q5", b["start"], b["end"], p + "axis3"], [c + "q5"]),
@@ -421,7 +437,7 @@ def _causal_chunks(graph, a: str, q: str, bounds: list[dict], out: str) -> None:
             helper.make_node("Slice", [a + "k_all", o + "zero", b["keys"], p + "axis2"], [c + "k"]),
             helper.make_node("Transpose", [c + "k"], [c + "k_t"], perm=[0, 1, 3, 2]),
             helper.make_node("MatMul", [c + "q", c + "k_t"], [c + "scores"]),
-            helper.make_node("Add", [c + "scores", b["mask"]], [c + "masked"]),
+            helper.make_node("Add", [c + "scores", mask], [c + "masked"]),
             helper.make_node("Softmax", [c + "masked"], [c + "probs"], axis=-1),
             helper.make_node("Slice", [a + "v_all", o + "zero", b["keys"], p + "axis2"], [c + "v"]),
             helper.make_node("MatMul", [c + "probs", c + "v"], [c + "out"]),

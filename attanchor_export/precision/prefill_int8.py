@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from attanchor_graphs.onnx_utils import consumers, initializers
 from onnx import helper, numpy_helper
 
 from attanchor_export.precision.graph_files import append_external, data_file, replacing
@@ -162,12 +163,8 @@ def write_prefill_graph(decoder: Path, output: Path, causal_chunks: int = PROMPT
     model = onnx.load(str(decoder), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    inits, readers = initializers(graph), consumers(graph)
     replaced, used_by_nbits, new_weights, nodes, sizes, unsplit = 0, set(), [], [], {}, set()
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     with replacing(output, "prefill") as (tmp, tmp_data):
         with open(tmp_data, "wb") as f:
 
@@ -193,23 +190,20 @@ def write_prefill_graph(decoder: Path, output: Path, causal_chunks: int = PROMPT
                                           attrs["K"], attrs["N"])
                 q, scale = int8_per_channel(weight)
                 base, bias = f"{node.input[1]}/int8", (node.input[5] if len(node.input) > 5 else "")
-                merged = _split_parts(node, readers, inits)
-                if merged is None:
-                    parts = [(add_weight(q, base), add_weight(scale, base + "_scale"), bias, attrs["N"], node.output[0])]
-                else:
-                    split, widths = merged
+                split, widths = _split_parts(node, readers, inits) or (None, [attrs["N"]])
+                if split is not None:
                     unsplit.add(split.output[0])
                     used_by_nbits.update(n for n in (split.input[1], bias) if n)  # dropped unless read elsewhere
-                    edges = np.cumsum([0, *widths])
-                    bias_array = numpy_helper.to_array(inits[bias], str(decoder.parent)) if bias else None
-                    parts = []
-                    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-                        part_bias = ""
-                        if bias:  # a small tensor: kept in the .onnx file
-                            part_bias = f"{bias}/part{i}"
-                            new_weights.append(numpy_helper.from_array(np.ascontiguousarray(bias_array[a:b]), part_bias))
-                        parts.append((add_weight(q[:, a:b], f"{base}/part{i}"), add_weight(scale[a:b], f"{base}/part{i}_scale"),
-                                      part_bias, int(b - a), split.output[i]))
+                bias_array = numpy_helper.to_array(inits[bias], str(decoder.parent)) if bias and split else None
+                edges, parts = np.cumsum([0, *widths]), []
+                for i, (a, b, out) in enumerate(zip(edges[:-1], edges[1:], split.output if split else node.output)):
+                    name, part_bias = base, bias
+                    if split is not None:
+                        name, part_bias = f"{base}/part{i}", (f"{bias}/part{i}" if bias else "")
+                    if bias_array is not None:  # a part's slice of the bias: a small tensor, kept in the .onnx file
+                        new_weights.append(numpy_helper.from_array(np.ascontiguousarray(bias_array[a:b]), part_bias))
+                    parts.append((add_weight(q[:, a:b], name), add_weight(scale[a:b], name + "_scale"), part_bias,
+                                  int(b - a), out))
                 nodes.extend(_per_token_nodes(node, parts, opset, attrs["K"]))
                 sizes[f"rows_{attrs['K']}"] = [-1, attrs["K"]]
                 sizes.update({f"n_{part[3]}": [part[3]] for part in parts})
