@@ -24,7 +24,7 @@ QUANTS = ("none", "int8", "int4")
 # --vision-quant: the vision tower's own precision, whatever --quant gives the decoder. int8 = weights and
 # activations int8 (precision.quantize: dynamic for onnxruntime, calibrated QDQ for TensorRT).
 VISION_QUANTS = ("none", "int8")
-BLOCK_SIZES = (32, 64, 128)
+BLOCK_SIZES = (32, 64, 128, 256)
 # bench --torch-dtype: what transformers eager runs in beside the runtime (torch dtype names)
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # int8 TensorRT form: SmoothQuant's alpha (precision.smoothing; docs/QUANTIZATION.md has the measurements)

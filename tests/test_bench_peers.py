@@ -239,3 +239,35 @@ def test_llama_cpp_build_leaves_out_amx_only_where_the_cpu_lists_it():
     # each flags option stays one argument after the shell-style split scikit-build-core applies
     assert "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in amx
     assert "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in amx
+
+
+def test_block_256_system_is_the_default_build_with_256_blocks(artifact, tmp_path):
+    """project-int4-b256 (what --block-size 256 exports) is project-int4's recipe with blocks of 256: the
+    same MatMulNBits nodes, every one with block_size 256, recorded in the build's notes."""
+    import shutil
+
+    import onnx
+    from attanchor_runtime.manifest import Manifest
+    from onnx import helper
+
+    from attanchor_export.bench_peers.build_project import build_project
+
+    folder = artifact("clip-t2i")
+    manifest = Manifest.load(folder)
+    src = tmp_path / "fp32"
+    src.mkdir()
+    for f in folder.glob("decoder.onnx*"):
+        shutil.copy(f, src / f.name)
+    np.save(src / "embed_tokens.npy", np.asarray(manifest.embed_table_memmap(), np.float32))
+    source = {"model": str(src / "decoder.onnx"), "dims": manifest.dims.to_json()}
+    blocks, notes = {}, {}
+    for name in ("project-int4", "project-int4-b256"):
+        out = tmp_path / name
+        out.mkdir()
+        build = build_project(BY_NAME[name], out, tmp_path, tmp_path / "ckpt", source)
+        nodes = [n for n in onnx.load(build["model"], load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        blocks[name] = [{a.name: helper.get_attribute_value(a) for a in n.attribute}["block_size"] for n in nodes]
+        notes[name] = build["notes"]["block_size"]
+    assert len(blocks["project-int4"]) == len(blocks["project-int4-b256"]) > 0
+    assert set(blocks["project-int4"]) == {128} and set(blocks["project-int4-b256"]) == {256}
+    assert notes == {"project-int4": 128, "project-int4-b256": 256}

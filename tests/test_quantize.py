@@ -183,6 +183,22 @@ def test_fp16_int4_with_lm_head_vision_and_small_blocks(fresh):
     assert all(r.vision_cos_mean is not None for r in precision.gate.results)
 
 
+def test_block_256_for_onnxruntime_with_a_tensorrt_block_beside_it(fresh):
+    """--block-size 256 (onnxruntime's MatMulNBits takes it; TensorRT's INT4 does not): the onnxruntime form
+    is written with 256-blocks and gated, the TensorRT form falls back to a block it takes and says so."""
+    folder, data = fresh("clip-t2i")
+    precision = quantize_artifact(folder, data, quant="int4", block_size=256)
+    graphs = precision.graphs
+    assert precision.block_size == 256 and graphs["decoder.onnx"].block_size == 256
+    nbits = [n for n in onnx.load(str(folder / "decoder.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert nbits and all({a.name: helper.get_attribute_value(a) for a in n.attribute}["block_size"] == 256
+                         for n in nbits)
+    assert graphs["decoder.trt.onnx"].block_size in (64, 128) and "64/128" in graphs["decoder.trt.onnx"].note
+    assert precision.gate.passed
+    assert _results(precision)["decoder.onnx"].cos_mean >= GATE_FLOORS["int4"]["cos_mean"]
+
+
 def test_only_one_form_can_be_asked_for_and_the_lm_head_kept(fresh):
     folder, data = fresh("clip-t2i")
     precision = quantize_artifact(folder, data, quant="int4", forms=("QDQ",), quantize_lm_head=False)

@@ -64,7 +64,8 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
         if fused:  # q/k/v and gate/up as one MatMulNBits each, as the export's onnxruntime form writes them
             nodes, merged = merge_shared_input_linears(model.graph, nodes)
         level = DEFAULT_ACCURACY_LEVEL[quant]
-        count = quantize_graph(model, nodes, int(quant[3:]), 128, symmetric=False, qdq=False, accuracy_level=level)
+        block = 256 if system.variant.endswith("-b256") else 128  # --block-size 256, else the default
+        count = quantize_graph(model, nodes, int(quant[3:]), block, symmetric=False, qdq=False, accuracy_level=level)
         if count != len(nodes):
             raise BenchError(f"{system.name}: quantized {count} of {len(nodes)} linears")
         path = out / "decoder.onnx"
@@ -72,7 +73,7 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
         del model
         os.link(src.with_name("embed_tokens.npy"), out / "embed_tokens.npy")
         model_dims = Dims.from_json(source_build["dims"])
-        notes = {"block_size": 128, "symmetric": False, "accuracy_level": level, "lm_head_quantized": lm_head,
+        notes = {"block_size": block, "symmetric": False, "accuracy_level": level, "lm_head_quantized": lm_head,
                  "quantized_linears": linears, "kv_cache": KV_CONCAT}
         if fused:
             notes["ort_fusions"] = fuse_decoder_file(path, model_dims)

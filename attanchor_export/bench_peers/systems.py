@@ -35,6 +35,8 @@ SYSTEMS = [
            "int4-unfused", source="project-fp32"),
     System("project-int8", "this project int8 (MatMulNBits block 128, lm_head fp32, fused)", "project", "int8",
            source="project-fp32"),
+    System("project-int4-b256", "this project int4, blocks of 256 (--block-size 256: faster, less accurate)",
+           "project", "int4-b256", source="project-fp32"),
     System("project-int4-prefill-int8", "this project int4 with its int8 prompt graph (--prefill-int8)", "project",
            "int4-prefill-int8", source="project-fp32"),
     System("genai-fp32", "onnxruntime-genai builder fp32", "genai", "fp32", fp32=True),

@@ -27,7 +27,13 @@ from attanchor_runtime.pipeline import Pipeline
 from tokenizers import Tokenizer
 
 from attanchor_export.checks.compare import CheckResult, max_diff, scaled_limit, token_check
-from attanchor_export.source_model import TorchBackend, anchored_inputs, expand_image_tokens, greedy_generate
+from attanchor_export.source_model import (
+    TorchBackend,
+    anchored_inputs,
+    expand_image_tokens,
+    greedy_generate,
+    image_features,
+)
 
 # Text the validation prompts are cut from (through the artifact's own tokenizer): VQA-style questions
 # and captions, so a trained model sees language. Uniformly random ids are mostly rare, barely trained
@@ -150,9 +156,11 @@ def source_outputs(loaded, manifest: Manifest, seed: int = 1234, decoder: bool =
         outputs.vision.append((case, pixels, features))
         ids, text_mask = make_prompts(manifest, rng, lengths, pool)
         for threshold in threshold_grid:
+            # The features just computed, which the artifact's embedding graph is fed too: the tower runs
+            # once per case, not once more per threshold (at 1B dims 8 image passes of a 1B export's validation).
             anchored = tuple(np.asarray(t) for t in anchored_inputs(
                 loaded, ids, text_mask, pixels, threshold, mode=anchor.mode, max_anchors=anchor.max_anchors,
-                excluded_token_ids=anchor.excluded_token_ids))
+                features=features, excluded_token_ids=anchor.excluded_token_ids))
             step = family.first_step(anchored[1], anchored[2])
             calls = _source_calls(backend, step, anchored[0], kept, rng, pool, table, dims.hidden_size) \
                 if decoder and threshold == anchor.threshold else []
@@ -280,13 +288,15 @@ def validate_end_to_end(loaded, manifest: Manifest, max_new_tokens: int = 12, se
         ids, mask = make_prompts(manifest, rng, lengths, pool)
         pixels = family_of(manifest).example_pixels(len(lengths), rng)
         rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
+        with torch.no_grad():
+            features = image_features(loaded, pixels)  # once per case: the thresholds share the image
         for threshold in (2.0, default, default / 2):
             label = f"{case} thr={threshold:g}"
             out = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=max_new_tokens,
                                 threshold=threshold)
             embeds, amask, pos, _ = anchored_inputs(loaded, ids, mask, pixels, threshold,
                                                     mode=anchor.mode, max_anchors=anchor.max_anchors,
-                                                    excluded_token_ids=anchor.excluded_token_ids)
+                                                    features=features, excluded_token_ids=anchor.excluded_token_ids)
             ref = greedy_generate(loaded, embeds, amask, pos, max_new_tokens, eos_token_id=eos).numpy()
             anchors = sum(len(a) for a in out.anchors)
             results.append(token_check("end-to-end", f"{label} anchors={anchors}", out.tokens, ref, "vs reference"))
