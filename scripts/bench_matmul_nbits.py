@@ -31,7 +31,7 @@ HIDDEN, KV, INTERMEDIATE = 2048, 256, 5632
 # name: (bits, block, symmetric, accuracy_level)
 VARIANTS = {
     "int4-b128-l4": (4, 128, False, 4), "int4-b64-l4": (4, 64, False, 4), "int4-b32-l4": (4, 32, False, 4),
-    "int4-b128-sym-l4": (4, 128, True, 4), "int4-b128-l0": (4, 128, False, 0),
+    "int4-b256-l4": (4, 256, False, 4), "int4-b128-sym-l4": (4, 128, True, 4), "int4-b128-l0": (4, 128, False, 0),
     "int8-b128-l4": (8, 128, False, 4), "int8-b32-l4": (8, 32, False, 4), "int8-b128-l0": (8, 128, False, 0),
 }
 
