@@ -232,8 +232,8 @@ def _default_output(model: str) -> Path:
 @click.option("--prefill-int8", is_flag=True,
               help="int4/int8: also write decoder.prefill.onnx, which onnxruntime runs prompts through: int8 "
                    "weights and per-token int8 activations on the CPU's 8-bit matrix units (a prompt in about "
-                   "0.25x the int4 graph's time at 1B dims with AMX, 0.6x without; +1 byte per decoder parameter on disk and in "
-                   "memory). Gated with the decoder.")
+                   "0.25x the int4 graph's time at 1B dims with AMX, 0.6x without; +1 byte per decoder "
+                   "parameter on disk and in memory). Gated with the decoder.")
 @click.option("--int4-8bit", callback=lambda ctx, param, value: _name_list(value), metavar="NAMES|none",
               help="int4: decoder linears to keep at 8 bits, comma-separated weight-name parts (e.g. "
                    "q_proj,k_proj,v_proj,down_proj): 8-bit MatMulNBits for onnxruntime, unquantized in the "

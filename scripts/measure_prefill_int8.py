@@ -18,8 +18,8 @@ decoder object, the prompt session switched), rotating the order, `--rounds` rou
 batch of the artifact's gate questions; `--other FILE` adds another prompt graph of the same decoder
 (written by write_prefill_graph into a copy of the folder, e.g. by an older or newer version), and
 `--chunks 1,16` prompt graphs of the artifact's decoder with those attention chunk counts (Lever 8), each
-written into a temporary folder beside a copy of the decoder (onnx reads no external data through a link); `--prompts N` takes the first N
-gate prompts (batch N) instead of all of them; then,
+written into a temporary folder beside a copy of the decoder (onnx reads no external data through a link);
+`--prompts N` takes the first N gate prompts (batch N) instead of all of them; then,
 with --questions N, the easy-vqa answers to the first N questions of the gate's validation split each
 way (the model must be trained for answers to mean anything).
 """

@@ -265,7 +265,8 @@ def test_block_256_system_is_the_default_build_with_256_blocks(artifact, tmp_pat
         out = tmp_path / name
         out.mkdir()
         build = build_project(BY_NAME[name], out, tmp_path, tmp_path / "ckpt", source)
-        nodes = [n for n in onnx.load(build["model"], load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        graph = onnx.load(build["model"], load_external_data=False).graph
+        nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
         blocks[name] = [{a.name: helper.get_attribute_value(a) for a in n.attribute}["block_size"] for n in nodes]
         notes[name] = build["notes"]["block_size"]
     assert len(blocks["project-int4"]) == len(blocks["project-int4-b256"]) > 0

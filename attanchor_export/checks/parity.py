@@ -288,8 +288,7 @@ def validate_end_to_end(loaded, manifest: Manifest, max_new_tokens: int = 12, se
         ids, mask = make_prompts(manifest, rng, lengths, pool)
         pixels = family_of(manifest).example_pixels(len(lengths), rng)
         rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
-        with torch.no_grad():
-            features = image_features(loaded, pixels)  # once per case: the thresholds share the image
+        features = image_features(loaded, pixels)  # once per case: the thresholds share the image
         for threshold in (2.0, default, default / 2):
             label = f"{case} thr={threshold:g}"
             out = pipe.generate(input_ids=rows, pixel_values=pixels, max_new_tokens=max_new_tokens,
