@@ -105,3 +105,17 @@ def test_repeated_layer_equals_every_layer_traced(four_layers, tmp_path, monkeyp
     feeds = _feeds(sb)
     for name, x, y in zip([o.name for o in b.graph.output], sa.run(None, feeds), sb.run(None, feeds), strict=True):
         assert np.array_equal(x, y), name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8])
+def test_transposed_copy_is_the_transpose(dtype):
+    """The weights written transposed (trace.torch_onnx.transposed_copy: strips of rows) are exactly the
+    transpose, at row counts around the strip size and for one row or one column."""
+    from attanchor_export.trace.torch_onnx import STRIP_ROWS, transposed_copy
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 7), (7, 1), (STRIP_ROWS - 1, 5), (STRIP_ROWS, 3), (STRIP_ROWS + 1, 33), (130, 64), (64, 130)]:
+        array = (rng.standard_normal(shape) * 50).astype(dtype)
+        out = transposed_copy(array)
+        assert out.flags.c_contiguous and out.dtype == array.dtype
+        np.testing.assert_array_equal(out, array.T)

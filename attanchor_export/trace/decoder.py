@@ -11,7 +11,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import torch
 from attanchor_runtime.manifest import GraphSpec
@@ -26,7 +25,7 @@ from attanchor_export.trace.layer_repeat import (
     spec_at_depth,
 )
 from attanchor_export.trace.logits_to_keep import add_logits_to_keep
-from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx
+from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx, transposed_copy
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ def _layer_weight(full_layers, prefix: str, streamed):
 
         def compute():
             array = read()
-            return ir.tensor(np.ascontiguousarray(array.T) if transposed else array, name=name)
+            return ir.tensor(transposed_copy(array) if transposed else array, name=name)
 
         tensor = ir.LazyTensor(compute, dtype=like.dtype, shape=like.shape, name=name)
         return ir.Value(name=name, shape=like.shape, type=like.type, const_value=tensor)
