@@ -347,9 +347,9 @@ def _check_options(options: ExportOptions) -> None:
 def _write_graphs(loaded, graphs: Graphs, folder: Path, options: ExportOptions, steps, excluded):
     """vision.onnx, embedding.onnx (+ the embed table), decoder.onnx; returns (embed table, optimizations)."""
     family, model = loaded.family, loaded.model
-    with steps("trace vision graph"):
-        path = folder / graphs.vision.file
-        export_vision(family, model, graphs.vision, path, options.opset)
+    path = folder / graphs.vision.file
+    export_vision(family, model, graphs.vision, path, options.opset, steps=steps)
+    with steps("check vision graph"):
         _finalize_onnx(path)
     with steps("build embedding graph"):
         weight = family.embed_tokens(model).weight.detach().to(torch.float32).numpy()

@@ -22,7 +22,6 @@ Batch 1, one new position, random weights: speed only. Not in CI.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from attanchor_runtime.manifest import Dims, Manifest
 from onnx import TensorProto, helper, numpy_helper
 
 MS = "com.microsoft"
@@ -85,7 +85,7 @@ def attention_block(model: onnx.ModelProto):
     return block, splits, o_inputs
 
 
-def gqa_block(model: onnx.ModelProto, splits, o_inputs, dims: dict) -> onnx.ModelProto:
+def gqa_block(model: onnx.ModelProto, splits, o_inputs, dims: Dims) -> onnx.ModelProto:
     """The same layers as one GroupQueryAttention each (causal; batch 1 needs no padding bias)."""
     inits = {i.name: i for i in model.graph.initializer}
     cos, sin = inits["attanchor_ort/rotary_cos_cache"], inits["attanchor_ort/rotary_sin_cache"]
@@ -116,14 +116,14 @@ def gqa_block(model: onnx.ModelProto, splits, o_inputs, dims: dict) -> onnx.Mode
                 [*split.output, *past, "seqlens_k", "total", cos.name, sin.name, "position_ids"],
                 [out, *present],
                 domain=MS,
-                num_heads=dims["num_heads"],
-                kv_num_heads=dims["num_kv_heads"],
+                num_heads=dims.num_heads,
+                kv_num_heads=dims.num_kv_heads,
                 do_rotary=1,
-                scale=float(dims["head_dim"]) ** -0.5,
+                scale=float(dims.head_dim) ** -0.5,
             )
         )
         inputs += [value(o, ["batch", "seq", None]) for o in split.output]
-        inputs += [value(p, ["batch", dims["num_kv_heads"], "capacity", dims["head_dim"]]) for p in past]
+        inputs += [value(p, ["batch", dims.num_kv_heads, "capacity", dims.head_dim]) for p in past]
         outputs += [value(out, None)] + [value(p, None) for p in present]
     gqa = helper.make_model(
         helper.make_graph(nodes, "gqa", inputs, outputs, [cos, sin, *consts]),
@@ -200,12 +200,12 @@ def interleaved(runs: dict, rounds: int, calls: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure_block(block, gqa, splits, dims: dict, positions: int, rounds: int, threads: int) -> dict:
+def measure_block(block, gqa, splits, dims: Dims, positions: int, rounds: int, threads: int) -> dict:
     capacity = positions + 32  # the runtime's KVBuffer grows 32 positions at a time
     rng = np.random.default_rng(0)
     a = ort.InferenceSession(block.SerializeToString(), options(threads), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(gqa.SerializeToString(), options(threads), providers=["CPUExecutionProvider"])
-    shape = (1, dims["num_kv_heads"], capacity, dims["head_dim"])
+    shape = (1, dims.num_kv_heads, capacity, dims.head_dim)
     buffers = {
         f"past_key_values.{i}.{kv}": rng.standard_normal(shape).astype(np.float32)
         for i in range(len(splits))
@@ -214,13 +214,13 @@ def measure_block(block, gqa, splits, dims: dict, positions: int, rounds: int, t
     feeds = {
         "attention_mask": np.ones((1, positions + 1), np.int64),
         "position_ids": np.array([[positions]], np.int64),
-        "inputs_embeds": np.zeros((1, 1, dims["hidden_size"]), np.float32),
+        "inputs_embeds": np.zeros((1, 1, dims.hidden_size), np.float32),
     }
     for split in splits:
         q, k, v = split.output
-        width = {q: dims["num_heads"], k: dims["num_kv_heads"], v: dims["num_kv_heads"]}
+        width = {q: dims.num_heads, k: dims.num_kv_heads, v: dims.num_kv_heads}
         for name in (q, k, v):
-            feeds[name] = rng.standard_normal((1, 1, width[name] * dims["head_dim"])).astype(np.float32)
+            feeds[name] = rng.standard_normal((1, 1, width[name] * dims.head_dim)).astype(np.float32)
     feeds_a = {i.name: feeds.get(i.name, buffers.get(i.name)) for i in a.get_inputs()}
     out_a = a.run(None, feeds_a)
     binding = b.io_binding()
@@ -248,24 +248,22 @@ def measure_block(block, gqa, splits, dims: dict, positions: int, rounds: int, t
     return {**result, "max_diff": diff}
 
 
-def measure_core(dims: dict, positions: int, rounds: int, threads: int) -> dict:
-    capacity, kv_heads = positions + 32, dims["num_kv_heads"]
-    group = dims["num_heads"] // kv_heads
+def measure_core(dims: Dims, positions: int, rounds: int, threads: int) -> dict:
+    capacity, kv_heads = positions + 32, dims.num_kv_heads
+    group = dims.num_heads // kv_heads
     rng = np.random.default_rng(0)
-    feeds = {"q": rng.standard_normal((1, kv_heads, group, dims["head_dim"])).astype(np.float32) * 0.1}
+    feeds = {"q": rng.standard_normal((1, kv_heads, group, dims.head_dim)).astype(np.float32) * 0.1}
     bias = np.zeros(capacity, np.float32)
     bias[positions + 1 :] = np.finfo(np.float32).min  # the buffer's unused slots, masked
     feeds["bias_row"], feeds["bias_col"] = bias.reshape(1, 1, 1, -1), bias.reshape(1, 1, -1, 1)
-    for layer in range(dims["num_layers"]):
+    for layer in range(dims.num_layers):
         for kv in ("k", "v"):
-            feeds[f"{kv}{layer}"] = rng.standard_normal((1, kv_heads, capacity, dims["head_dim"])).astype(
+            feeds[f"{kv}{layer}"] = rng.standard_normal((1, kv_heads, capacity, dims.head_dim)).astype(
                 np.float32
             )
     sessions = {
         form: ort.InferenceSession(
-            core_form(
-                form, dims["num_layers"], kv_heads, group, dims["head_dim"], capacity
-            ).SerializeToString(),
+            core_form(form, dims.num_layers, kv_heads, group, dims.head_dim, capacity).SerializeToString(),
             options(threads),
             providers=["CPUExecutionProvider"],
         )
@@ -286,7 +284,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    dims = json.loads((args.folder / "manifest.json").read_text())["dims"]
+    dims = Manifest.load(args.folder).dims
     model = onnx.load(str(args.folder / "decoder.onnx"), load_external_data=False)
     block, splits, o_inputs = attention_block(model)
     gqa = gqa_block(model, splits, o_inputs, dims)

@@ -119,3 +119,52 @@ def test_transposed_copy_is_the_transpose(dtype):
         out = transposed_copy(array)
         assert out.flags.c_contiguous and out.dtype == array.dtype
         np.testing.assert_array_equal(out, array.T)
+
+
+VISION_LAYERS = 5
+
+
+@pytest.fixture(scope="module", params=["clip-llama", "siglip-qwen2"])
+def deep_tower(request, shared_dir) -> Path:
+    """A tiny LLaVA whose tower has VISION_LAYERS layers: CLIP read at -2 (4 run), SigLIP at -1 (5 run)."""
+    from attanchor_export.load.tiny_random import make_tiny_llava
+
+    path = shared_dir / f"ck-{request.param}-tower-{VISION_LAYERS}"
+    with locked(path):
+        if not (path / "config.json").is_file():
+            make_tiny_llava(path, request.param, vision_dims={"num_hidden_layers": VISION_LAYERS})
+    return path
+
+
+def _export_vision(folder: Path, out: Path, every_layer: bool, monkeypatch) -> tuple[Path, list[str]]:
+    from contextlib import nullcontext
+
+    from attanchor_export.trace.vision import export_vision
+
+    monkeypatch.setenv("ATTANCHOR_TRACE_EVERY_LAYER", "1" if every_layer else "0")
+    loaded = load_checkpoint(str(folder))
+    out.mkdir(parents=True, exist_ok=True)
+    path, steps = out / "vision.onnx", []
+    export_vision(loaded.family, loaded.model, loaded.family.vision_spec(), path, DEFAULT_OPSET,
+                  steps=lambda name: steps.append(name) or nullcontext())
+    return path, steps
+
+
+def test_repeated_vision_layer_equals_every_layer_traced(deep_tower, tmp_path, monkeypatch):
+    """vision.onnx traced at two tower layers with layer 1 repeated is the graph traced layer by layer: the
+    same math op for op and the same features to the bit, for CLIP (CLS dropped, read at -2) and SigLIP."""
+    repeated, steps = _export_vision(deep_tower, tmp_path / "repeated", False, monkeypatch)
+    every, every_steps = _export_vision(deep_tower, tmp_path / "every", True, monkeypatch)
+    depth = VISION_LAYERS - 1 if "clip" in deep_tower.name else VISION_LAYERS
+    assert f"vision graph: layer 1 repeated to {depth} layers" in steps, steps
+    assert not any("repeated" in s for s in every_steps)
+    a, b = (onnx.load(str(p), load_external_data=False) for p in (repeated, every))
+    math = {"MatMul", "Gemm", "Softmax", "Sigmoid", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "LayerNormalization"}
+    assert sorted(n.op_type for n in a.graph.node if n.op_type in math) == \
+        sorted(n.op_type for n in b.graph.node if n.op_type in math)
+    onnx.checker.check_model(str(repeated))
+    sa, sb = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (repeated, every))
+    (name, shape), = ((i.name, i.shape) for i in sb.get_inputs())
+    pixels = np.random.default_rng(0).standard_normal((3, *shape[1:]), dtype=np.float32)
+    x, y = sa.run(None, {name: pixels})[0], sb.run(None, {name: pixels})[0]
+    assert x.shape == y.shape and np.array_equal(x, y)

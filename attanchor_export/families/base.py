@@ -10,8 +10,10 @@ and the PyTorch pieces every comparison runs (language_model, lm_head, embed_tok
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 from attanchor_graphs.specification import position_ids_from_mask
@@ -36,6 +38,15 @@ from onnx import TensorProto, helper
 from attanchor_export.errors import UnsupportedArchitecture
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}  # config.architectures[0] -> family
+
+
+class LayerStack(NamedTuple):
+    """A vision module's encoder layers as a plain stack: vision.onnx may be traced at two of them and the
+    second repeated (trace/vision.py, trace/layer_repeat.py)."""
+
+    layers: Sequence  # the tower's encoder layers, by index (an nn.ModuleList)
+    depth: int  # how many of them the graph runs, from the first
+    at_depth: Callable[[int], AbstractContextManager]  # the module running only the first n, reading the last
 
 
 def register(*architectures: str):
@@ -190,6 +201,11 @@ class ModelFamily:
     def vision_example_inputs(self) -> tuple:
         """Trace inputs for vision_module (batch 2: a batch of 1 would be specialised to a constant)."""
         raise NotImplementedError
+
+    def vision_layer_stack(self, vision_module) -> LayerStack | None:
+        """vision_module's layers where every one the graph runs is alike and the graph reads only the last
+        one run, so the trace may stop at two and repeat the second. None (default): trace every layer."""
+        return None
 
     def vision_dynamic_shapes(self, spec: GraphSpec) -> dict:
         """torch.export's dynamic shapes of the vision inputs: one Dim per symbolic axis of the spec."""

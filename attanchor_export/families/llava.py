@@ -6,6 +6,7 @@ model.model.{vision_tower, multi_modal_projector, language_model} + model.lm_hea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from attanchor_runtime.preprocess_from_hf import preprocessing_config_from_hf
 from torch import nn
 
 from attanchor_export.errors import ExportError, UnsupportedArchitecture
-from attanchor_export.families.base import ModelFamily, SpecialTokens, register
+from attanchor_export.families.base import LayerStack, ModelFamily, SpecialTokens, register
 
 
 # Vision towers: how to get hidden_states[0] (the input of encoder layer 0, what HF's output_hidden_states
@@ -69,6 +70,24 @@ class VisionEncoder(nn.Module):
             picked = [h[:, 1:] for h in picked]
         selected = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
         return self.projector(selected)
+
+    @contextmanager
+    def at_depth(self, depth: int):
+        """Run only the first `depth` encoder layers and read the last of them (a trace at fewer layers;
+        only where the module reads the last layer it runs, as layer_stack checks)."""
+        saved = self.depth, self.resolved
+        self.depth, self.resolved = depth, [depth]
+        try:
+            yield self
+        finally:
+            self.depth, self.resolved = saved
+
+    def layer_stack(self) -> LayerStack | None:
+        """The encoder layers as a stack where the one feature layer is the last layer run (-2 of CLIP-L,
+        LLaVA's default); None where several layers are read (they are not one residual stream's end)."""
+        if self.resolved != [self.depth]:
+            return None
+        return LayerStack(self.tower.encoder.layers, self.depth, self.at_depth)
 
 
 def vision_spec(dims: Dims) -> GraphSpec:
@@ -141,6 +160,9 @@ class Llava(ModelFamily):
     def vision_module(self, model) -> VisionEncoder:
         return VisionEncoder(model.model.vision_tower, model.model.multi_modal_projector, self.stem,
                              self.feature_layer, self.select_strategy)
+
+    def vision_layer_stack(self, vision_module: VisionEncoder) -> LayerStack | None:
+        return vision_module.layer_stack()
 
     def vision_example_inputs(self) -> tuple:
         size = self.dims.image_size

@@ -123,9 +123,11 @@ def build_tiny_tokenizer():
     )
 
 
-def tiny_llava_config(family: str = "clip-llama", tokenizer=None, text_dims: dict | None = None):
+def tiny_llava_config(family: str = "clip-llama", tokenizer=None, text_dims: dict | None = None,
+                      vision_dims: dict | None = None):
     """LlavaConfig of the tiny `family` model, token ids taken from `tokenizer` (default: the tiny one).
-    `text_dims` overrides decoder sizes (hidden_size, intermediate_size, num_hidden_layers, ...)."""
+    `text_dims` overrides decoder sizes (hidden_size, intermediate_size, num_hidden_layers, ...);
+    `vision_dims` the tower's."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -148,6 +150,7 @@ def tiny_llava_config(family: str = "clip-llama", tokenizer=None, text_dims: dic
     )
     decoder.update(text_dims or {})
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_channels=3)
+    tower.update(vision_dims or {})
     if family == "clip-llama":
         vision = CLIPVisionConfig(image_size=30, patch_size=6, projection_dim=32, **tower)
         text = LlamaConfig(tie_word_embeddings=False, **decoder)
@@ -215,19 +218,20 @@ def image_processor(family: str, config):
 
 
 def make_tiny_llava(path, family: str = "clip-llama", seed: int = 0, text_dims: dict | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, vision_dims: dict | None = None) -> Path:
     """Build a tiny random LlavaForConditionalGeneration of `family`, save it to `path`, return the path.
 
     The folder loads with LlavaForConditionalGeneration/AutoProcessor/AutoTokenizer.from_pretrained.
     The processor expands one <image> into exactly M image tokens (as HF generate needs).
-    `text_dims`: decoder size overrides (tiny_llava_config); `dtype`: the weights' stored dtype (fp32).
+    `text_dims`, `vision_dims`: decoder and tower size overrides (tiny_llava_config); `dtype`: the
+    weights' stored dtype (fp32).
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    config = tiny_llava_config(family, tokenizer, text_dims)
+    config = tiny_llava_config(family, tokenizer, text_dims, vision_dims)
 
     torch.manual_seed(seed)  # construction draws from the global RNG; the redraw below is what counts
     model = LlavaForConditionalGeneration(config).eval()

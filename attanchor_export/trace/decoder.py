@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
-import onnx_ir as ir
 import torch
 from attanchor_runtime.manifest import GraphSpec
 
@@ -19,13 +17,16 @@ from attanchor_export.source_model import DecoderWithCache
 from attanchor_export.trace.layer_repeat import (
     TRACED_DEPTH,
     LayerRepeatUnavailable,
+    every_layer,
     fewer_layers,
+    layer_weights,
+    layers_prefix,
     order_io,
     repeat_layer,
     spec_at_depth,
 )
 from attanchor_export.trace.logits_to_keep import add_logits_to_keep
-from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx, transposed_copy
+from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def export_decoder(language_model, lm_head, dims, spec: GraphSpec, path: Path, o
     trace is not shaped for it or ATTANCHOR_TRACE_EVERY_LAYER=1: then every layer is traced. Where the
     spec names a logits_to_keep input, the graph gets it (trace/logits_to_keep.py)."""
     traced = False
-    if dims.num_layers > TRACED_DEPTH and os.environ.get("ATTANCHOR_TRACE_EVERY_LAYER") != "1":
+    if dims.num_layers > TRACED_DEPTH and not every_layer():
         try:
             _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, TRACED_DEPTH)
             traced = True
@@ -81,60 +82,17 @@ def _trace(language_model, lm_head, dims, spec, path, opset, streamed, steps, de
         args = (args[0], args[1], torch.stack([args[2] + i for i in range(int(shape[0]))]), args[3])
     grow = None
     if depth < dims.num_layers:
-        prefix = _layers_prefix(module, language_model)
+        prefix = layers_prefix(module, language_model.layers)
         full_layers = list(language_model.layers)
 
         def grow_graph(model):
-            repeat_layer(model, dims.num_layers, prefix, _layer_weight(full_layers, prefix, streamed))
+            repeat_layer(model, dims.num_layers, prefix, layer_weights(full_layers, prefix, streamed))
             order_io(model, spec)
 
         grow = (f"decoder graph: layer 1 repeated to {dims.num_layers} layers", grow_graph)
     with fewer_layers(language_model, depth):
         trace_to_onnx(module, args, dynamic_shapes, traced_spec, path, opset, streamed=streamed, steps=steps,
                       what="decoder graph", grow=grow)
-
-
-def _layers_prefix(module, language_model) -> str:
-    """The initializer names' prefix of the decoder layers: their module path in DecoderWithCache + '.'."""
-    for name, sub in module.named_modules():
-        if sub is language_model.layers:
-            return f"{name}."
-    raise LayerRepeatUnavailable("the language model's layers are not a submodule of the traced module")
-
-
-def _layer_weight(full_layers, prefix: str, streamed):
-    """Initializer `name` of layer k (k >= TRACED_DEPTH), as the trace binds its own: the parameter read
-    lazily (from the checkpoint when streamed), transposed where the name ends in '.T'."""
-
-    def weight(name: str, like: ir.Value) -> ir.Value:
-        index, _, relative = name[len(prefix):].partition(".")
-        transposed = relative.endswith(".T")
-        relative = relative[:-2] if transposed else relative
-        try:
-            parameter = full_layers[int(index)].get_parameter(relative)
-        except (AttributeError, ValueError, IndexError):
-            raise LayerRepeatUnavailable(f"{name} is no parameter of layer {index}") from None
-        if transposed and len(like.shape) != 2:
-            raise LayerRepeatUnavailable(f"{name}: a transposed weight of rank {len(like.shape)}")
-        if parameter.is_meta:
-            if streamed is None:
-                raise LayerRepeatUnavailable(f"{name} has no values (meta) and no checkpoint to read")
-            key = streamed.key(parameter)
-
-            def read():
-                return streamed.store.numpy(key)
-        else:
-            def read():
-                return parameter.detach().numpy()
-
-        def compute():
-            array = read()
-            return ir.tensor(transposed_copy(array) if transposed else array, name=name)
-
-        tensor = ir.LazyTensor(compute, dtype=like.dtype, shape=like.shape, name=name)
-        return ir.Value(name=name, shape=like.shape, type=like.type, const_value=tensor)
-
-    return weight
 
 
 __all__ = ["example_inputs", "export_decoder"]

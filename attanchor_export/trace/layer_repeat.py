@@ -17,16 +17,23 @@ decoder cut to TRACED_DEPTH layers, optimizes that, and copies layer 1's nodes o
 Where the trace is not shaped that way (no name scopes, a node with a subgraph, a weight named other
 than its layer's parameter), LayerRepeatUnavailable is raised and the caller traces every layer.
 Parity against PyTorch judges the result like any other decoder graph.
+
+The vision graph of a family whose tower is a plain stack of alike layers (LLaVA's CLIP and SigLIP
+towers, read at the last layer run) is grown the same way, without the KV cache (trace/vision.py).
+ATTANCHOR_TRACE_EVERY_LAYER=1 traces every layer of both graphs.
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import re
 from contextlib import contextmanager
 
 import onnx_ir as ir
 from attanchor_runtime.manifest import PAST_PREFIX, PRESENT_PREFIX, GraphSpec
+
+from attanchor_export.trace.torch_onnx import transposed_copy
 
 TRACED_DEPTH = 2
 _SCOPES = "pkg.torch.onnx.name_scopes"
@@ -35,6 +42,55 @@ _LAYER = re.compile(r"\.layers\.(\d+)$")
 
 class LayerRepeatUnavailable(Exception):
     """The traced graph is not two regular layers; trace every layer instead."""
+
+
+def every_layer() -> bool:
+    """ATTANCHOR_TRACE_EVERY_LAYER=1: no layer repeat, every layer traced (a check, or a way around)."""
+    return os.environ.get("ATTANCHOR_TRACE_EVERY_LAYER") == "1"
+
+
+def layers_prefix(module, layers) -> str:
+    """The initializer names' prefix of `layers` in a trace of `module`: their module path + '.'."""
+    for name, sub in module.named_modules():
+        if sub is layers:
+            return f"{name}."
+    raise LayerRepeatUnavailable("the layers are not a submodule of the traced module")
+
+
+def layer_weights(full_layers, prefix: str, streamed=None):
+    """`weight(name, like)` for repeat_layer: initializer `name` of layer k (k >= TRACED_DEPTH), as the
+    trace binds its own: the parameter read lazily (from the checkpoint when streamed), transposed where
+    the name ends in '.T'."""
+
+    def weight(name: str, like: ir.Value) -> ir.Value:
+        index, _, relative = name[len(prefix):].partition(".")
+        transposed = relative.endswith(".T")
+        relative = relative[:-2] if transposed else relative
+        try:
+            parameter = full_layers[int(index)].get_parameter(relative)
+        except (AttributeError, ValueError, IndexError):
+            raise LayerRepeatUnavailable(f"{name} is no parameter of layer {index}") from None
+        if transposed and len(like.shape) != 2:
+            raise LayerRepeatUnavailable(f"{name}: a transposed weight of rank {len(like.shape)}")
+        if parameter.is_meta:
+            if streamed is None:
+                raise LayerRepeatUnavailable(f"{name} has no values (meta) and no checkpoint to read")
+            key = streamed.key(parameter)
+
+            def read():
+                return streamed.store.numpy(key)
+        else:
+            def read():
+                return parameter.detach().numpy()
+
+        def compute():
+            array = read()
+            return ir.tensor(transposed_copy(array) if transposed else array, name=name)
+
+        tensor = ir.LazyTensor(compute, dtype=like.dtype, shape=like.shape, name=name)
+        return ir.Value(name=name, shape=like.shape, type=like.type, const_value=tensor)
+
+    return weight
 
 
 def spec_at_depth(spec: GraphSpec, depth: int) -> GraphSpec:
@@ -198,4 +254,5 @@ def repeat_layer(model: ir.Model, num_layers: int, layer_prefix: str, weight) ->
     graph.outputs.extend(new_outputs)
 
 
-__all__ = ["TRACED_DEPTH", "LayerRepeatUnavailable", "fewer_layers", "order_io", "repeat_layer", "spec_at_depth"]
+__all__ = ["TRACED_DEPTH", "LayerRepeatUnavailable", "every_layer", "fewer_layers", "layer_weights", "layers_prefix",
+           "order_io", "repeat_layer", "spec_at_depth"]
