@@ -12,7 +12,7 @@ Two comparisons per context length, all sessions in one process, rounds interlea
    to one buffer, so nothing is copied). Its output matches the block's (max |diff| printed).
 2. core: softmax(q K^T + bias) V alone on random tensors at the artifact's dims, every layer, grouped
    queries [B, kv_heads, group, D], in four forms: V1 = FusedMatMul(q, K, transB) ... MatMul(p, V), the
-   form the decoder uses; V2 = scores as K q^T (K streamed as the GEMM's A side, no packing), softmax on
+   form the decoder uses; V2 = scores as K q^T (K as the GEMM's first operand), softmax on
    axis 2, FusedMatMul(p, V, transA); V3 = V2 with the output as V^T p then a Transpose; V4 = V2's scores
    transposed back before a last-axis Softmax.
 
