@@ -36,3 +36,29 @@ def test_a_bad_spinning_value_is_one_clear_error(monkeypatch, value):
     monkeypatch.setenv("ATTANCHOR_ORT_SPINNING", value)
     with pytest.raises(ArtifactError, match="ATTANCHOR_ORT_SPINNING must be 0 or 1"):
         _options(None, True)
+
+
+def _matmul_model(path, rows: int = 64, cols: int = 48):
+    from onnx import numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return weight
+
+
+def test_a_session_without_prepacking_computes_the_same(tmp_path):
+    """prepack=False (what parity checks open their float graphs with) reaches onnxruntime, and its GEMMs
+    give what the prepacked session gives, at one row and at many."""
+    weight = _matmul_model(tmp_path / "mm.onnx")
+    assert _options(None, True, prepack=False).get_session_config_entry("session.disable_prepacking") == "1"
+    packed = ort_session(tmp_path / "mm.onnx", threads=2)
+    unpacked = ort_session(tmp_path / "mm.onnx", threads=2, prepack=False)
+    for batch in (1, 3, 200):
+        x = np.random.default_rng(batch).standard_normal((batch, weight.shape[0])).astype(np.float32)
+        (a,), (b,) = packed.run(None, {"x": x}), unpacked.run(None, {"x": x})
+        np.testing.assert_allclose(b, x @ weight, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -214,8 +214,10 @@ def compare_with_source(source: SourceOutputs, manifest: Manifest, atol: float =
     def record(graph, case, metric, value, limit):
         results.append(CheckResult(graph, case, metric, float(value), float(limit), bool(value <= limit)))
 
-    # One graph open at a time, without onnxruntime's arena: a big model's export peaks here.
-    backend = OrtBackend(manifest, memory_arena=False)
+    # One graph open at a time, without onnxruntime's arena: a big model's export peaks here. Each graph
+    # runs a few calls, on float weights (validation comes before quantization; `check` runs this on
+    # unquantized artifacts only): repacking every weight when a session opens would cost more than it saves.
+    backend = OrtBackend(manifest, memory_arena=False, prepack=False)
     for case_name, pixels, ref_features in source.vision:
         features = backend.vision(family.vision_feeds(pixels, len(pixels)))
         record("vision", case_name, "max_abs_diff", max_diff(features, ref_features), atol)

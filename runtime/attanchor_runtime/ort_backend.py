@@ -156,19 +156,20 @@ class OrtDecoder:
 
     @classmethod
     def open(cls, manifest: Manifest, file: str | None = None, device: str = "cpu", threads: int | None = None,
-             memory_arena: bool = True, fed_weights: bool = False, profile: str | None = None) -> OrtDecoder:
+             memory_arena: bool = True, fed_weights: bool = False, profile: str | None = None,
+             prepack: bool = True) -> OrtDecoder:
         """The artifact's decoder `file` (default: the one onnxruntime opens). fed_weights: its fp16 weights
         (if it keeps any in external data) fed from disk at every call (sessions.FedWeightsSession: a big
         fp16 decoder on a CPU, for checks).
-        profile: onnxruntime's profiler file prefix (sessions.ort_session)."""
+        profile, prepack: see sessions.ort_session."""
         file = file or manifest.graph_file("decoder", "ort")
         path = manifest.path(file)
         fed = fed_weights and has_external_fp16_weights(path)  # a graph without fp16 weights opens normally
         session = FedWeightsSession(path, threads) if fed else ort_session(path, device, threads, memory_arena,
-                                                                           profile)
+                                                                           profile, prepack)
         prefill = manifest.precision.prefill_file(file)
         # Its int8 linears are CPU kernels; on a GPU the one decoder graph runs prompts too.
-        prefill_session = ort_session(manifest.path(prefill), device, threads, memory_arena, profile) \
+        prefill_session = ort_session(manifest.path(prefill), device, threads, memory_arena, profile, prepack) \
             if prefill is not None and device == "cpu" else None
         spec, dims = manifest.graphs.decoder, manifest.dims
         return cls(session, spec.past_names, spec.present_names, dims.num_kv_heads, dims.head_dim,
@@ -277,16 +278,17 @@ class OrtBackend:
     """The artifact's graphs on onnxruntime (decode.Backend). `files`: {graph: file} to open instead of the
     ones the manifest gives onnxruntime (one precision form of a staging folder). Sessions open on first
     use and `release(graph)` closes one, so a check that needs the vision graph only once does not hold
-    it through a long decoder run. memory_arena=False and fed_weights: see OrtDecoder.open."""
+    it through a long decoder run. memory_arena=False, fed_weights and prepack: see OrtDecoder.open."""
 
     name = "ort"
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 files: dict[str, str] | None = None, memory_arena: bool = True, fed_weights: bool = False):
+                 files: dict[str, str] | None = None, memory_arena: bool = True, fed_weights: bool = False,
+                 prepack: bool = True):
         self.manifest, self.device, self.threads = manifest, device, threads
         self.files = {g: (files or {}).get(g) or manifest.graph_file(g, "ort") for g in ("vision", "embedding",
                                                                                         "decoder")}
-        self.memory_arena, self.fed_weights = memory_arena, fed_weights
+        self.memory_arena, self.fed_weights, self.prepack = memory_arena, fed_weights, prepack
         self._sessions: dict = {}
         self._decoder: OrtDecoder | None = None
 
@@ -295,14 +297,14 @@ class OrtBackend:
             # The anchor graph is tiny and partly data-dependent: it runs on the CPU everywhere.
             device = "cpu" if graph == "embedding" else self.device
             self._sessions[graph] = ort_session(self.manifest.path(self.files[graph]), device, self.threads,
-                                                self.memory_arena)
+                                                self.memory_arena, prepack=self.prepack)
         return self._sessions[graph]
 
     @property
     def decoder(self) -> OrtDecoder:
         if self._decoder is None:
             self._decoder = OrtDecoder.open(self.manifest, self.files["decoder"], self.device, self.threads,
-                                            self.memory_arena, self.fed_weights)
+                                            self.memory_arena, self.fed_weights, prepack=self.prepack)
         return self._decoder
 
     @property

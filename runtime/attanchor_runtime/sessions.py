@@ -14,10 +14,14 @@ _PROVIDERS = {
 
 
 def ort_session(path, device: str = "cpu", threads: int | None = None, memory_arena: bool = True,
-                profile: str | None = None):
+                profile: str | None = None, prepack: bool = True):
     """memory_arena=False: give each run's buffers back instead of growing an arena (one-off checks on big
     models, where the arena's high-water mark would add to the export's peak memory).
-    profile: a file prefix for onnxruntime's per-node profiler (session.end_profiling() writes the JSON)."""
+    profile: a file prefix for onnxruntime's per-node profiler (session.end_profiling() writes the JSON).
+    prepack=False: constant weights are not repacked into the GEMM's layout when the session opens. For a
+    session that runs a few calls (a parity check) that is time saved: a 1B fp32 decoder opens in 0.1 s
+    instead of 6-9 s, and a second prompt run is 5-14% slower. A session that generates keeps it: its decode
+    steps at batch 8 ran 1.5-1.9x slower without (scripts/measure_prepack.py)."""
     import onnxruntime as ort
 
     if device not in _PROVIDERS:
@@ -26,17 +30,19 @@ def ort_session(path, device: str = "cpu", threads: int | None = None, memory_ar
         raise ArtifactError(
             "device 'cuda' needs onnxruntime-gpu: pip uninstall onnxruntime && pip install 'attanchor-export[gpu]'"
         )
-    options = _options(threads, memory_arena, profile)
+    options = _options(threads, memory_arena, profile, prepack)
     return _open(Path(path), str(path), options, _PROVIDERS[device])
 
 
-def _options(threads: int | None, memory_arena: bool, profile: str | None = None):
+def _options(threads: int | None, memory_arena: bool, profile: str | None = None, prepack: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
     options.enable_cpu_mem_arena = memory_arena
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if profile:
         options.enable_profiling, options.profile_file_prefix = True, str(profile)
     threads = threads or int(os.environ.get("ATTANCHOR_THREADS", "0")) or None
