@@ -19,7 +19,7 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
     import onnx_ir as ir
     from attanchor_runtime.manifest import KV_CONCAT
 
-    from attanchor_export.options import ARTIFACT_IR_VERSION
+    from attanchor_export.options import ARTIFACT_IR_VERSION, ExportOptions, default
     from attanchor_export.precision.ort_fusions import fuse_decoder_file
     from attanchor_export.precision.quantize import lm_head_quantized
     from attanchor_export.precision.streamed_weights import (
@@ -64,7 +64,8 @@ def build_project(system: System, out: Path, cache: Path, ckpt: Path, source_bui
         if fused:  # q/k/v and gate/up as one MatMulNBits each, as the export's onnxruntime form writes them
             nodes, merged = merge_shared_input_linears(model.graph, nodes)
         level = DEFAULT_ACCURACY_LEVEL[quant]
-        block = 256 if system.variant.endswith("-b256") else 128  # --block-size 256, else the default
+        # what `--block-size 256` exports for the -b256 variant, else the export's default block
+        block = 256 if system.variant.endswith("-b256") else default(ExportOptions, "block_size")
         count = quantize_graph(model, nodes, int(quant[3:]), block, symmetric=False, qdq=False, accuracy_level=level)
         if count != len(nodes):
             raise BenchError(f"{system.name}: quantized {count} of {len(nodes)} linears")
