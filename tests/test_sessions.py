@@ -54,9 +54,11 @@ def test_a_session_without_prepacking_computes_the_same(tmp_path):
     """prepack=False (what parity checks open their float graphs with) reaches onnxruntime, and its GEMMs
     give what the prepacked session gives, at one row and at many."""
     weight = _matmul_model(tmp_path / "mm.onnx")
-    assert _options(None, True, prepack=False).get_session_config_entry("session.disable_prepacking") == "1"
     packed = ort_session(tmp_path / "mm.onnx", threads=2)
     unpacked = ort_session(tmp_path / "mm.onnx", threads=2, prepack=False)
+    assert unpacked.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # the default: onnxruntime prepacks
+        packed.get_session_options().get_session_config_entry("session.disable_prepacking")
     for batch in (1, 3, 200):
         x = np.random.default_rng(batch).standard_normal((batch, weight.shape[0])).astype(np.float32)
         (a,), (b,) = packed.run(None, {"x": x}), unpacked.run(None, {"x": x})
