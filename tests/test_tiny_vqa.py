@@ -387,3 +387,65 @@ def test_int4_answers_are_the_same_with_and_without_the_runtime_levers(int4):
     slow.backend.decoder.greedy_in_graph = slow.backend.decoder.binds = False
     answers = [[r["answer"] for r in answer_items(pipe, items)] for pipe in (fast, slow)]
     assert answers[0] == answers[1] and len(set(answers[0])) > 2
+
+
+def test_a_form_with_fp32s_front_graphs_answers_on_fp32s_front_ends(fp32, int4):
+    """The gate's forms that rewrite only the decoder answer the task on the fp32 artifact's front ends
+    (SharedFronts): the same answers and anchors as running vision and the embedding graph themselves,
+    without running them; past the byte budget the rest are made again; a form whose vision graph is not
+    fp32's makes its own."""
+    from attanchor_runtime import Pipeline
+    from attanchor_runtime.manifest import Manifest
+
+    from attanchor_export.checks.task_accuracy import SharedFronts, answer_items
+    from attanchor_export.load.datasets import GATE_SPLIT, load_task
+    from attanchor_export.precision.gate import task_metrics
+
+    items = load_task("easy-vqa", split=GATE_SPLIT, limit=40)
+    reference = Pipeline.load(fp32)
+    shared = SharedFronts(batch=16)
+    fp32_records = answer_items(reference, items, shared=shared)
+    assert sorted(shared.fronts) == [0, 16, 32]
+
+    def counting(pipe):
+        calls = {"vision": 0}
+        run = pipe.backend.vision
+
+        def vision(feeds):
+            calls["vision"] += 1
+            return run(feeds)
+
+        pipe.backend.vision = vision
+        return calls
+
+    own_pipe, shared_pipe, part_pipe = Pipeline.load(int4), Pipeline.load(int4), Pipeline.load(int4)
+    own_calls, shared_calls, part_calls = counting(own_pipe), counting(shared_pipe), counting(part_pipe)
+    own = answer_items(own_pipe, items)
+    on_shared = answer_items(shared_pipe, items, shared=shared)
+    first = shared.fronts[0]
+    one_batch = SharedFronts(batch=16, budget_bytes=first.inputs_embeds.nbytes + first.image_features.nbytes)
+    answer_items(reference, items, shared=one_batch)
+    partly = answer_items(part_pipe, items, shared=one_batch)
+    assert (own_calls["vision"], shared_calls["vision"], part_calls["vision"]) == (3, 0, 2)
+    assert sorted(one_batch.fronts) == [0]
+    for records in (on_shared, partly):
+        assert [(r["answer"], r["anchors"]) for r in records] == [(r["answer"], r["anchors"]) for r in own]
+    assert np.mean([r["correct"] for r in own]) > 0.9  # a trained model's answers, not an empty run's
+    with pytest.raises(ValueError, match="threshold"):
+        answer_items(shared_pipe, items, threshold=0.3, shared=shared)
+
+    # task_metrics shares only when the precision section has no record of the form's vision graph being
+    # rewritten (a rewritten graph may keep the fp32 file's name), and never without any records.
+    manifest = Manifest.load(int4)
+    files = dict(manifest.precision.backends["ort"])
+    records = dict(manifest.precision.graphs)
+    assert files["decoder"] in records and files["vision"] not in records
+    task = {"task": "easy-vqa", "items": items, "accuracy": 0.0, "by_kind": {},
+            "answers": [r["answer"] for r in fp32_records], "fronts": shared}
+    vision_rewritten = {**records, files["vision"]: records[files["decoder"]]}
+    for graphs, expected_calls in ((records, 0), (vision_rewritten, 3), ({}, 3)):
+        pipe = Pipeline.load(int4)
+        calls = counting(pipe)
+        result = task_metrics(manifest.with_files(int4, files, graphs), files, task, "int4", pipe=pipe)
+        assert calls["vision"] == expected_calls
+        assert result.accuracy == np.mean([r["correct"] for r in own])

@@ -21,6 +21,7 @@ import numpy as np
 from attanchor_runtime import Pipeline
 from attanchor_runtime.batch import left_pad
 from attanchor_runtime.errors import RuntimeInputError
+from attanchor_runtime.pipeline import FrontEnd
 
 from attanchor_export.checks.regression import (
     REPORT_VERSION,
@@ -62,16 +63,51 @@ def normalize(text: str) -> str:
     return text.strip().strip(string.punctuation + " ").lower()
 
 
+class SharedFronts:
+    """The front ends (vision, embedding graph, anchors) of one question set's batches, made by one pipeline
+    and reused by another whose vision graph, embedding graph and token table are the same graphs: the
+    accuracy gate's forms that rewrite only the decoder answer the fp32 artifact's questions on the fp32
+    artifact's front ends instead of running the same graphs again. Batches are kept while they fit in
+    `budget_bytes` (a 1B model's 200 prompts of ~600 positions would be ~1 GB); the rest are made again."""
+
+    BUDGET_BYTES = 256 << 20
+
+    def __init__(self, threshold: float | None = None, batch: int = DEFAULT_BATCH, budget_bytes: int = BUDGET_BYTES):
+        self.threshold, self.batch, self.budget_bytes = threshold, batch, budget_bytes
+        self.fronts: dict[int, FrontEnd] = {}
+        self.bytes = 0
+
+    def get(self, start: int) -> FrontEnd | None:
+        return self.fronts.get(start)
+
+    def keep(self, start: int, front: FrontEnd) -> None:
+        size = front.inputs_embeds.nbytes + front.image_features.nbytes
+        if self.bytes + size <= self.budget_bytes:
+            self.fronts[start] = front
+            self.bytes += size
+
+
 def answer_items(pipe, items: Sequence[TaskItem], threshold: float | None = None, batch: int = DEFAULT_BATCH,
-                 progress: Callable[[int], None] | None = None) -> list[dict]:
-    """One record per item: the answer text, whether it is right, the anchors, seconds per question."""
+                 progress: Callable[[int], None] | None = None, shared: SharedFronts | None = None) -> list[dict]:
+    """One record per item: the answer text, whether it is right, the anchors, seconds per question.
+    `shared`: front ends of these items at this threshold and batch size, reused where it has a batch's
+    and filled where it has not (a pipeline whose front graphs are the ones that made them: SharedFronts);
+    a reused batch's seconds are its decoder's only."""
+    if shared is not None and (shared.threshold, shared.batch) != (threshold, batch):
+        raise ValueError(f"shared front ends of threshold {shared.threshold} and batch {shared.batch}, "
+                         f"asked for {threshold} and {batch}")
     records = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         ids = [pipe.prompt_ids(it.question) for it in chunk]
-        pixels = np.concatenate([pipe.images(it.image) for it in chunk])
         t0 = time.perf_counter()
-        out = pipe.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=ANSWER_TOKENS, threshold=threshold)
+        front = shared.get(start) if shared is not None else None
+        if front is None:
+            pixels = np.concatenate([pipe.images(it.image) for it in chunk])
+            front = pipe.front_end(ids, pixels, threshold, max_new_tokens=ANSWER_TOKENS)
+            if shared is not None:
+                shared.keep(start, front)
+        out = pipe.generate(input_ids=ids, pixel_values=None, max_new_tokens=ANSWER_TOKENS, front=front)
         per_item = (time.perf_counter() - t0) / len(chunk)
         for row, it in enumerate(chunk):
             text = pipe.text.decode(out.tokens[row, : out.lengths[row]])
@@ -160,9 +196,11 @@ def scenes_localisation(pipe, items: Sequence[TaskItem], records: Sequence[dict]
 
 
 def evaluate_artifact(pipe, items: Sequence[TaskItem], threshold: float | None = None,
-                      progress: Callable[[int], None] | None = None, batch: int = DEFAULT_BATCH) -> dict:
-    """accuracy(...) + localisation (easy-vqa) + the per-question records, for one threshold."""
-    records = answer_items(pipe, items, threshold, batch=batch, progress=progress)
+                      progress: Callable[[int], None] | None = None, batch: int = DEFAULT_BATCH,
+                      shared: SharedFronts | None = None) -> dict:
+    """accuracy(...) + localisation (easy-vqa) + the per-question records, for one threshold (`shared`:
+    answer_items')."""
+    records = answer_items(pipe, items, threshold, batch=batch, progress=progress, shared=shared)
     result = accuracy(records)
     result["threshold"] = float(pipe.default_threshold if threshold is None else threshold)
     if any(it.image_id is not None for it in items):

@@ -55,7 +55,7 @@ from attanchor_runtime.ort_backend import OrtBackend
 from attanchor_runtime.pipeline import FrontEnd, Pipeline
 
 from attanchor_export.checks.compare import cosine_rows
-from attanchor_export.checks.task_accuracy import evaluate_artifact
+from attanchor_export.checks.task_accuracy import SharedFronts, evaluate_artifact
 from attanchor_export.errors import ExportError
 from attanchor_export.load.datasets import GATE_SPLIT, Sample, gate_samples, load_task
 from attanchor_export.precision.gate_reference import TorchReference
@@ -413,13 +413,16 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
             results[results.index(same)] = GateResult(**{**vars(same), "backends": (*same.backends, backend)})
             continue
         form = manifest.with_files(manifest.folder, files, graphs)
-        metrics = evaluate(baseline, gate_pipeline(form, files, low_memory), vision_changed=changed["vision"],
-                           rows_per_run=1 if low_memory else None)
+        pipe = gate_pipeline(form, files, low_memory)
+        metrics = evaluate(baseline, pipe, vision_changed=changed["vision"], rows_per_run=1 if low_memory else None)
         failures = judge(metrics, limits)
         task = None
         if baseline.task is not None:
-            task = task_metrics(form, files, baseline.task, fmt)
+            # The task's questions on the same sessions, unless they were opened for low memory (no arena,
+            # weights fed from disk): batches of questions run on a pipeline of their own.
+            task = task_metrics(form, files, baseline.task, fmt, pipe=None if low_memory else pipe)
             failures += list(task.failures)
+        del pipe
         results.append(GateResult(backends=(backend,), decoder=decoder, vision=vision,
                                   vision_changed=changed["vision"], **metrics, task=task, passed=not failures,
                                   failures=tuple(failures)))
@@ -440,18 +443,33 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
     )
 
 
-def fp32_task_answers(manifest: Manifest, files: dict, task: str) -> dict:
-    """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten)."""
+def fp32_task_answers(manifest: Manifest, files: dict, task: str, pipe: Pipeline | None = None) -> dict:
+    """The fp32 artifact's answers on the task's gate subset (before any graph is rewritten). `pipe`: the
+    fp32 pipeline already open over `files` (default: one is opened). Its front ends (vision, anchors) are
+    kept for the forms that keep the fp32 vision and embedding graphs (task_metrics)."""
     items = load_task(task, split=GATE_SPLIT, limit=TASK_GATE_QUESTIONS)
-    result = evaluate_artifact(gate_pipeline(manifest.with_files(manifest.folder, files), files), items)
-    return {"task": task, "split": None if Path(task).expanduser().is_file() else GATE_SPLIT, "items": items, "accuracy": result["accuracy"], "by_kind": result["by_kind"],
-            "answers": [r["answer"] for r in result["records"]]}
+    pipe = pipe or gate_pipeline(manifest.with_files(manifest.folder, files), files)
+    shared = SharedFronts()
+    result = evaluate_artifact(pipe, items, shared=shared)
+    return {"task": task, "split": None if Path(task).expanduser().is_file() else GATE_SPLIT, "items": items,
+            "accuracy": result["accuracy"], "by_kind": result["by_kind"],
+            "answers": [r["answer"] for r in result["records"]], "fronts": shared}
 
 
-def task_metrics(manifest: Manifest, files: dict, fp32: dict, fmt: str) -> TaskResult:
-    """Task accuracy of one form (`manifest` opening `files`) vs fp32 on the same questions; failures if it
-    lost more than the floor."""
-    result = evaluate_artifact(gate_pipeline(manifest, files), fp32["items"])
+def _fp32_front_graphs(manifest: Manifest, files: dict) -> bool:
+    """Whether `files`' vision and embedding graphs are still the fp32 ones. A rewritten graph has a record
+    in the precision section and may keep its fp32 file's name (the MatMulNBits and int8 vision forms do),
+    so names alone do not tell; with no records at all nothing can be told, and nothing is shared."""
+    rewritten = set(manifest.precision.graphs)
+    return bool(rewritten) and not rewritten & {files.get("vision"), files.get("embedding")}
+
+
+def task_metrics(manifest: Manifest, files: dict, fp32: dict, fmt: str, pipe: Pipeline | None = None) -> TaskResult:
+    """Task accuracy of one form (`manifest` opening `files`; `pipe`: a pipeline over them already open)
+    vs fp32 on the same questions; failures if it lost more than the floor. A form whose vision and
+    embedding graphs are fp32's answers on fp32's front ends (the same graphs' outputs; no second run)."""
+    result = evaluate_artifact(pipe or gate_pipeline(manifest, files), fp32["items"],
+                               shared=fp32.get("fronts") if _fp32_front_graphs(manifest, files) else None)
     floor = fp32["accuracy"] - TASK_FLOORS[fmt]
     same = sum(r["answer"] == a for r, a in zip(result["records"], fp32["answers"], strict=True))
     failures = []

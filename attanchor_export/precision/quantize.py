@@ -244,7 +244,7 @@ def quantize_artifact(
         with steps("fp32 baseline for the accuracy gate"):
             baseline = fp32_baseline(fp32, gate_samples(), new_tokens=gate_tokens)
             if task:
-                baseline.task = fp32_task_answers(manifest, req.files, task)
+                baseline.task = fp32_task_answers(manifest, req.files, task, pipe=fp32)
     readers, calibration = _calibration(req, fp32, calib, steps)
     del fp32
     records: dict[str, dict] = {}
