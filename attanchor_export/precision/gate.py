@@ -422,7 +422,7 @@ def run_gate(manifest: Manifest, baseline: GateBaseline, fmt: str, backends: dic
             # weights fed from disk): batches of questions run on a pipeline of their own.
             task = task_metrics(form, files, baseline.task, fmt, pipe=None if low_memory else pipe)
             failures += list(task.failures)
-        del pipe
+        del pipe  # its sessions close before the next form's open: two decoders never sit in memory at once
         results.append(GateResult(backends=(backend,), decoder=decoder, vision=vision,
                                   vision_changed=changed["vision"], **metrics, task=task, passed=not failures,
                                   failures=tuple(failures)))
