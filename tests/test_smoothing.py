@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from attanchor_export.load.datasets import builtin_samples
 from attanchor_export.options import ARTIFACT_IR_VERSION
 from attanchor_export.precision import smoothing
-from attanchor_export.precision.calibration import DecoderCalibrationReader
+from attanchor_export.precision.calibration import DecoderCalibrationReader, channel_absmax
 from attanchor_export.precision.gate import gate_pipeline
 from attanchor_export.precision.streamed_weights import linear_nodes, save_beside
 
@@ -34,7 +34,7 @@ def test_smoothing_is_exact_in_fp32(artifact, tmp_path, name):
     model = ir.load(str(folder / "decoder.onnx"))
     nodes, _ = linear_nodes(model.graph, False, manifest.graphs.decoder.output_names[0])
     inputs = sorted({n.inputs[0].name for n in nodes})
-    before = smoothing.channel_absmax(folder / "decoder.onnx", reader, inputs)
+    before = channel_absmax(folder / "decoder.onnx", reader, inputs)
     record = smoothing.smooth(model, [n.name for n in nodes], before, alpha=0.5)
     layers = dims.num_layers
     # q/k/v and gate/up fold into their RMSNorm gains, down_proj into up_proj; o_proj is not smoothed
@@ -46,7 +46,7 @@ def test_smoothing_is_exact_in_fp32(artifact, tmp_path, name):
     del model
 
     # The smoothed inputs are flatter: max/median of the channel maxima drops for every smoothed input.
-    after = smoothing.channel_absmax(smoothed, reader, inputs)
+    after = channel_absmax(smoothed, reader, inputs)
     spread = {k: (v.max() / np.median(v), after[k].max() / np.median(after[k])) for k, v in before.items()
               if not np.allclose(v, after[k])}
     assert len(spread) == 3 * layers and all(a < b for b, a in spread.values()), spread

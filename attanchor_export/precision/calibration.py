@@ -9,12 +9,16 @@ known way to wreck them (TensorRT-LLM #1860: INT4 AWQ on LLaVA calibrated on tex
     prompt --tokenizer + chat template--> input_ids --embedding.onnx (AnchorInsert)--> decoder inputs
 
 (Pipeline.front_end), giving the decoder inputs exactly as the runtime feeds decoder.onnx (anchors
-included), with an empty KV cache.
+included), with an empty KV cache. `channel_absmax` runs a graph over a reader's samples and keeps the
+largest magnitude per channel of the values asked for: SmoothQuant's statistics, and (their maximum) the
+int8 QDQ form's activation ranges.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 from attanchor_runtime.ort_backend import empty_past
@@ -63,4 +67,39 @@ class VisionCalibrationReader(DecoderCalibrationReader):
         return cls(pipe.family.vision_feeds(np.asarray(pipe.images(s.image)), 1) for s in distinct)
 
 
-__all__ = ["DecoderCalibrationReader", "VisionCalibrationReader"]
+def channel_absmax(model_path: Path, reader, names: list[str]) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each named value, over every sample of `reader` (an
+    onnxruntime CalibrationDataReader-like get_next/rewind). The values are added as graph outputs of a
+    temporary copy of the graph beside the model (the weights are not copied); one sample at a time."""
+    import onnx
+    from attanchor_runtime.sessions import ort_session
+
+    model_path = Path(model_path)
+    proto = onnx.load(str(model_path), load_external_data=False)
+    present = {o.name for o in proto.graph.output}
+    inputs = {i.name for i in proto.graph.input}  # read from the feeds: a graph input cannot be an output
+    for name in names:
+        if name not in present and name not in inputs:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    maxima: dict[str, np.ndarray] = {}
+    with tempfile.NamedTemporaryFile(dir=model_path.parent, prefix=".calibration-stats-", suffix=".onnx") as tmp:
+        tmp.write(proto.SerializeToString())
+        tmp.flush()
+        del proto
+        # A few calls on float weights, at the export's peak for a big model: no repacked copy of every
+        # weight, no arena kept at its high-water mark.
+        session = ort_session(Path(tmp.name), memory_arena=False, prepack=False)
+        reader.rewind()
+        while (feeds := reader.get_next()) is not None:
+            computed = [n for n in names if n not in inputs]
+            outs = dict(zip(computed, session.run(computed, feeds) if computed else []))
+            for name in names:
+                out = np.asarray(feeds[name] if name in inputs else outs[name], np.float32)
+                m = np.abs(out.reshape(-1, out.shape[-1])).max(axis=0).astype(np.float64)
+                maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
+        reader.rewind()
+        del session
+    return maxima
+
+
+__all__ = ["DecoderCalibrationReader", "VisionCalibrationReader", "channel_absmax"]

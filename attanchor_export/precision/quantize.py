@@ -17,14 +17,15 @@ choice; the short version:
         TensorRT reads for weight-only INT4 (signed INT4, zero points must be 0, block size 64 or 128).
   Both are written by default (`forms`); precision.backends says which file each backend opens.
 - int8 (`quant="int8"`): the onnxruntime form is weight-only MatMulNBits with bits=8 (blockwise,
-  asymmetric); the TensorRT form is QDQ int8 from quantize_static: per-channel symmetric weights and
-  per-tensor symmetric activations calibrated over real decoder inputs (images + prompts through the
+  asymmetric); the TensorRT form is QDQ int8 as quantize_static makes it (written streamed:
+  streamed_weights.write_int8_qdq): per-channel symmetric weights and per-tensor symmetric activations
+  calibrated over real decoder inputs (images + prompts through the
   artifact's vision and embedding graphs, `calib`), after SmoothQuant has moved the activations'
   outlier channels into the weights (precision.smoothing, `smooth_alpha`).
 - int8 vision (`vision_quant="int8"`, whatever `quant` the decoder gets): weights and activations int8.
   vision.onnx is quantize_dynamic's MatMulInteger form (activations quantized per call; onnxruntime fuses
-  it into DynamicQuantizeMatMul), vision.trt.onnx the calibrated QDQ form TensorRT reads (quantize_static
-  over the calibration set's images, symmetric, no smoothing). On the CPU the QDQ form runs no faster than
+  it into DynamicQuantizeMatMul), vision.trt.onnx the calibrated QDQ form TensorRT reads (the decoder's int8
+  QDQ writer over the calibration set's images, symmetric, no smoothing). On the CPU the QDQ form runs no faster than
   fp32 and the dynamic one 1.26x (tiny-vqa) to 2.1x (CLIP ViT-L/14-336, TinyLLaVA-1B dims) faster, with the
   higher feature cosine (scripts/measure_vision_int8.py, docs/QUANTIZATION.md).
 """
@@ -32,6 +33,7 @@ choice; the short version:
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from attanchor_runtime.manifest import Dims, FormRecord, Gate, Manifest, Precisi
 from attanchor_runtime.pipeline import Pipeline
 
 from attanchor_export.errors import ExportError
-from attanchor_export.export_cost import graph_bytes
+from attanchor_export.export_cost import graph_bytes, release_heap
 from attanchor_export.load.datasets import gate_samples, load_calibration_set
 from attanchor_export.options import ARTIFACT_IR_VERSION as IR_VERSION
 from attanchor_export.options import (
@@ -74,6 +76,7 @@ from attanchor_export.precision.streamed_weights import (
     merge_shared_input_linears,
     quantize_graph,
     save_beside,
+    write_int8_qdq,
 )
 from attanchor_export.precision.weights import (
     DEFAULT_ACCURACY_LEVEL,
@@ -247,6 +250,7 @@ def quantize_artifact(
                 baseline.task = fp32_task_answers(manifest, req.files, task, pipe=fp32)
     readers, calibration = _calibration(req, fp32, calib, steps)
     del fp32
+    release_heap()  # its sessions' pages go back before the int8 calibration opens one of its own
     records: dict[str, dict] = {}
     backends = {b: dict(req.files) for b in ("ort", "trt")}
     for graph in req.targets:
@@ -343,7 +347,7 @@ def _rewrite_graph(req: _Request, graph: str, reader, records: dict, backends: d
 
 def _vision_int8(req: _Request, file: str, base: dict, reader, records: dict, backends: dict, steps) -> None:
     """The vision tower with int8 weights and activations: for TensorRT the QDQ form calibrated on the
-    calibration set's images (quantize_static, symmetric, as the int8 decoder's but without smoothing: on
+    calibration set's images (symmetric, as the int8 decoder's but without smoothing: on
     tiny-vqa it changes no cosine); for onnxruntime quantize_dynamic's MatMulInteger form, activations
     quantized per call, which onnxruntime runs faster than the QDQ form and closer to fp32. Linear layers
     only: the patch Conv and attention's activation x activation MatMuls stay fp32."""
@@ -355,8 +359,7 @@ def _vision_int8(req: _Request, file: str, base: dict, reader, records: dict, ba
         if "QDQ" in req.forms:
             trt_file = trt_name(file) if "MatMulNBits" in req.forms else file
             with steps(f"int8 QDQ {trt_file} (TensorRT, calibrated on images)"):
-                qmodel = int8_static_qdq(source, req.folder / trt_file, names, reader, req.calibrate_method)
-                save_model(qmodel, req.folder / trt_file)
+                qmodel = _int8_qdq(req, source, req.folder / trt_file, names, reader)
             records[trt_file] = {
                 **base, "format": "QDQ", "backend": ["trt"] if "MatMulNBits" in req.forms else ["ort", "trt"],
                 "activations": "int8 per-tensor (calibrated)", "tensorrt_compatible": True,
@@ -446,7 +449,8 @@ def _write_form(source: Path, target: Path, names: list[str], bits: int, merge: 
             merged += groups
         quantize_graph(model, nodes, bits=subset_bits, **quantization)
     save_beside(model, target, IR_VERSION)
-    del model
+    del model, nodes
+    gc.collect()  # the graph is a cycle of nodes and values: its mapped weights' pages go with it
     onnx.checker.check_model(str(target))
     return onnx.load(str(target), load_external_data=False), merged
 
@@ -478,19 +482,28 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
             if req.smooth_alpha is not None:  # activation outliers into the weights, same function in fp32
                 record["smoothing"] = smooth_file(source, smoothed, names, reader, req.smooth_alpha,
                                                  IR_VERSION).to_json()
-            qmodel = int8_static_qdq(smoothed if req.smooth_alpha is not None else source, target, names, reader,
-                                     req.calibrate_method)
+            qmodel = _int8_qdq(req, smoothed if req.smooth_alpha is not None else source, target, names, reader)
         finally:
             remove_model(smoothed)
         record.update(symmetric=True, weights="int8 per-channel", activations="int8 per-tensor (calibrated)",
                       tensorrt_compatible=True)
-        save_model(qmodel, target)
     record["quantized_nodes"] = count_quantized(qmodel)["QDQ_int4" if req.quant == "int4" else "QDQ_int8"]
     record["opset"] = opsets(qmodel)
     if "MatMulNBits" not in req.forms:  # the only form: both backends open it, under the graph's own name
         record["backend"] = ["ort", "trt"]
     record["bytes"] = graph_bytes(target)
     return record
+
+
+def _int8_qdq(req: _Request, source: Path, target: Path, names: list[str], reader) -> onnx.ModelProto:
+    """The calibrated int8 QDQ form written to `target`; returned without its weights. MinMax (the
+    default) is written streamed (streamed_weights.write_int8_qdq: a 1B decoder never whole in memory);
+    the histogram methods, which keep every activation anyway, through quantize_static."""
+    if req.calibrate_method == "MinMax":
+        return write_int8_qdq(source, target, names, reader, IR_VERSION)
+    qmodel = int8_static_qdq(source, target, names, reader, req.calibrate_method)
+    save_model(qmodel, target)
+    return qmodel
 
 
 def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path, names, eight: set[str]) -> dict:

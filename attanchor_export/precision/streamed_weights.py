@@ -13,10 +13,18 @@ MatMulNBitsQuantizer calls) quantizes each weight, so both paths give the same b
   zero points when asymmetric; attributes K, N, bits, block_size (and accuracy_level when set).
 - QDQ INT4 (`qdq=True`, symmetric): DequantizeLinear(INT4 [K, N], scales [k_blocks, N], axis 0,
   block_size) feeding the original MatMul, what TensorRT reads for weight-only INT4.
+- QDQ INT8 with calibrated activations (`write_int8_qdq`): the TensorRT int8 form. quantize_static made it
+  before, and held the fp32 graph three times over plus a calibration session with every weight repacked:
+  a TinyLLaVA-1B `--quant int8` export went past 15 GiB there, a 1.2 GB vision tower added ~6 GB. Here
+  the activation ranges come from one session over the graph as it is on disk (calibration.channel_absmax,
+  no prepacking, no arena), and the weights are written one at a time like the forms above. The numbers
+  are quantize_static's (MinMax calibration, symmetric int8, per-channel weights on axis 1):
+  tests/test_int8_qdq.py holds the two side by side.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -24,6 +32,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from attanchor_export.precision.calibration import channel_absmax
 from attanchor_export.precision.graph_files import data_file, replacing
 from attanchor_export.precision.weights import quiet_ort_quantization
 
@@ -277,4 +286,101 @@ def _point_external_data(onnx_file: Path, location: str) -> None:
     onnx_file.write_bytes(proto.SerializeToString())
 
 
-__all__ = ["linear_nodes", "lm_head_node", "merge_shared_input_linears", "quantize_graph", "save_beside"]
+def int8_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 [K, N], fp32 scale [N]) of a [K, N] weight, symmetric per output channel, as onnxruntime's
+    quantize_static computes it (quant_utils.compute_scale_zp, quantize_nparray): the range widened to
+    hold 0, scale = 2 max|w| / 254 in float64 stored as float32 (1 where it is below float32's tiny),
+    w / scale in float32 rounded half to even."""
+    w = np.asarray(weight, np.float32)
+    absmax = np.maximum(-np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0))
+    scale = 2 * absmax.astype(np.float64) / 254.0
+    scale = np.where(scale < np.finfo(np.float32).tiny, 1.0, scale).astype(np.float32)
+    return np.clip(np.round(w / scale), -128, 127).astype(np.int8), scale
+
+
+def activation_scale(absmax: float) -> np.ndarray:
+    """A calibrated activation's int8 scale, symmetric (zero point 0), as quantize_static computes it from
+    the MinMax range whose largest magnitude is `absmax`."""
+    scale = 2 * np.float64(np.float32(absmax)) / 254.0
+    return np.array(1.0 if scale < np.finfo(np.float32).tiny else scale, np.float32)
+
+
+def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, float]) -> int:
+    """Rewrite `nodes` (MatMuls with constant [K, N] fp32 weights) of `model` in place into quantize_static's
+    QDQ form and names: DequantizeLinear(W_quantized int8, W_scale [N], W_zero_point, axis 1) as the
+    weight, and one QuantizeLinear -> DequantizeLinear pair per distinct input (shared by the linears that
+    read it: q/k/v, gate/up) with the scale of `input_absmax[input name]`. Returns how many."""
+    graph = model.graph
+    pairs: dict[str, ir.Value] = {}
+    for node in nodes:
+        x, w = node.inputs[0], node.inputs[1]
+        if x.name not in pairs:
+            scale = ir.Value(name=f"{x.name}_scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                             const_value=ir.tensor(activation_scale(input_absmax[x.name]), name=f"{x.name}_scale"))
+            zero = ir.Value(name=f"{x.name}_zero_point", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT8),
+                            const_value=ir.tensor(np.array(0, np.int8), name=f"{x.name}_zero_point"))
+            for v in (scale, zero):
+                graph.initializers.add(v)
+            q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{x.name}_QuantizeLinear")
+            q.outputs[0].name = f"{x.name}_QuantizeLinear_Output"
+            dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{x.name}_DequantizeLinear")
+            dq.outputs[0].name = f"{x.name}_DequantizeLinear_Output"
+            graph.insert_before(node, [q, dq])
+            pairs[x.name] = dq.outputs[0]
+        node.replace_input_with(0, pairs[x.name])
+        k, n = (int(d) for d in w.const_value.shape)
+        parts = _Int8Weight(w)
+        q8 = _lazy(parts.part(0), ir.DataType.INT8, [k, n], f"{w.name}_quantized")
+        s8 = _lazy(parts.part(1), ir.DataType.FLOAT, [n], f"{w.name}_scale")
+        z8 = ir.Value(name=f"{w.name}_zero_point", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.INT8),
+                      const_value=ir.tensor(np.zeros(n, np.int8), name=f"{w.name}_zero_point"))
+        for v in (q8, s8, z8):
+            graph.initializers.add(v)
+        dq = ir.node("DequantizeLinear", [q8, s8, z8], attributes={"axis": 1}, name=f"{w.name}_DequantizeLinear")
+        dq.outputs[0].name = f"{w.name}_DequantizeLinear_Output"
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+        if not w.uses():
+            graph.initializers.pop(w.name)
+    return len(nodes)
+
+
+class _Int8Weight:
+    """int8_weight of one mapped weight, computed when the writer reaches the first of its two tensors and
+    dropped after the second (the writer runs tensors one at a time: save_beside's max_workers=1)."""
+
+    def __init__(self, value: ir.Value):
+        self.value, self.parts = value, None
+
+    def part(self, index: int):
+        def compute():
+            if self.parts is None:
+                tensor = self.value.const_value
+                self.parts = list(int8_weight(tensor.numpy()))
+                if isinstance(tensor, ir.ExternalTensor):
+                    tensor.release()
+            result, self.parts[index] = self.parts[index], None
+            if all(p is None for p in self.parts):
+                self.parts = None
+            return result
+
+        return compute
+
+
+def write_int8_qdq(src: Path, dst: Path, names: list[str], reader, ir_version: int) -> onnx.ModelProto:
+    """The calibrated int8 QDQ form of `src`'s linears `names` written to `dst` (+ .data): activation ranges
+    over every sample of `reader` (MinMax), weights streamed. Returns `dst` without its weights."""
+    model = ir.load(str(src))
+    nodes = [n for n in model.graph if n.name in set(names)]
+    inputs = sorted({n.inputs[0].name for n in nodes})
+    absmax = {name: float(m.max()) for name, m in channel_absmax(Path(src), reader, inputs).items()}
+    quantize_graph_int8_qdq(model, nodes, absmax)
+    save_beside(model, Path(dst), ir_version)
+    del model, nodes
+    gc.collect()  # the graph is a cycle of nodes and values: its mapped weights' pages go with it
+    onnx.checker.check_model(str(dst))
+    return onnx.load(str(dst), load_external_data=False)
+
+
+__all__ = ["activation_scale", "int8_weight", "linear_nodes", "lm_head_node", "merge_shared_input_linears",
+           "quantize_graph", "quantize_graph_int8_qdq", "save_beside", "write_int8_qdq"]

@@ -5,9 +5,12 @@
 - QDQ INT4 (precision.streamed_weights, `qdq=True, symmetric=True`): opset 21 blocked DequantizeLinear of
   signed INT4 weights + MatMul, what TensorRT reads for weight-only INT4 (zero points 0, blocks of 64
   or 128: `trt_int4_block`).
-- QDQ INT8 (`int8_static_qdq`): quantize_static, per-channel symmetric weights and per-tensor symmetric
-  activations calibrated over real decoder (or vision) inputs (the readers of precision.calibration), run
-  by precision.quantize on the graph precision.smoothing has smoothed (the decoder's; not the vision's).
+- QDQ INT8: per-channel symmetric weights and per-tensor symmetric activations calibrated over real
+  decoder (or vision) inputs (the readers of precision.calibration), run by precision.quantize on the
+  graph precision.smoothing has smoothed (the decoder's; not the vision's). MinMax calibration, the
+  default, is written streamed (precision.streamed_weights.write_int8_qdq, quantize_static's numbers);
+  `int8_static_qdq` (quantize_static itself) serves the histogram methods, which hold every calibrated
+  activation in memory anyway (scripts/measure_int8.py).
 - MatMulInteger INT8 (`int8_dynamic`): quantize_dynamic, per-channel int8 weights, activations quantized
   per call at run time (DynamicQuantizeLinear); the int8 vision tower's onnxruntime form, which onnxruntime
   fuses into DynamicQuantizeMatMul (scripts/measure_vision_int8.py: faster on the CPU than the QDQ form,
