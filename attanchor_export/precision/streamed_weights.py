@@ -73,11 +73,11 @@ def lm_head_node(graph: ir.Graph, logits: str = "logits"):
 
 
 class _Quantized:
-    """Each weight's quantized parts, computed once for the two or three initializers that hold them and
-    dropped when the last is written (thread-safe: the writer may run tensors in parallel)."""
+    """Each weight's quantized parts (`quantize(weight)`), computed once for the two or three initializers
+    that hold them and dropped when the last is written (thread-safe: the writer may run tensors in parallel)."""
 
-    def __init__(self, quantizer, parts: int):
-        self.quantizer, self.parts = quantizer, parts
+    def __init__(self, quantize, parts: int):
+        self.quantize, self.parts = quantize, parts
         self._lock = threading.Lock()
         self._cache: dict[str, list] = {}
 
@@ -88,7 +88,7 @@ class _Quantized:
                 if entry is None:
                     tensor = value.const_value
                     weight = np.asarray(tensor.numpy())  # fp32 or fp16: the scales take its type
-                    entry = self._cache[value.name] = [self.quantizer.qbits_block_quant(weight), self.parts]
+                    entry = self._cache[value.name] = [self.quantize(weight), self.parts]
                     del weight
                     if isinstance(tensor, ir.ExternalTensor):
                         tensor.release()  # unmap: touched pages would otherwise count in our RSS
@@ -135,7 +135,7 @@ def quantize_graph(model: ir.Model, nodes, bits: int, block_size: int, symmetric
     if qdq and (bits != 4 or not symmetric):
         raise ValueError("the QDQ form is symmetric INT4")
     graph = model.graph
-    quantized = _Quantized(_quantizer(bits, block_size, symmetric, qdq, accuracy_level),
+    quantized = _Quantized(_quantizer(bits, block_size, symmetric, qdq, accuracy_level).qbits_block_quant,
                            parts=2 if (qdq or symmetric) else 3)
     if qdq:
         _import(model, "", 21)
@@ -311,6 +311,7 @@ def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, floa
     weight, and one QuantizeLinear -> DequantizeLinear pair per distinct input (shared by the linears that
     read it: q/k/v, gate/up) with the scale of `input_absmax[input name]`. Returns how many."""
     graph = model.graph
+    quantized = _Quantized(int8_weight, parts=2)
     pairs: dict[str, ir.Value] = {}
     for node in nodes:
         x, w = node.inputs[0], node.inputs[1]
@@ -329,9 +330,8 @@ def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, floa
             pairs[x.name] = dq.outputs[0]
         node.replace_input_with(0, pairs[x.name])
         k, n = (int(d) for d in w.const_value.shape)
-        parts = _Int8Weight(w)
-        q8 = _lazy(parts.part(0), ir.DataType.INT8, [k, n], f"{w.name}_quantized")
-        s8 = _lazy(parts.part(1), ir.DataType.FLOAT, [n], f"{w.name}_scale")
+        q8 = _lazy(quantized.part(w, 0), ir.DataType.INT8, [k, n], f"{w.name}_quantized")
+        s8 = _lazy(quantized.part(w, 1), ir.DataType.FLOAT, [n], f"{w.name}_scale")
         z8 = ir.Value(name=f"{w.name}_zero_point", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.INT8),
                       const_value=ir.tensor(np.zeros(n, np.int8), name=f"{w.name}_zero_point"))
         for v in (q8, s8, z8):
@@ -343,28 +343,6 @@ def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, floa
         if not w.uses():
             graph.initializers.pop(w.name)
     return len(nodes)
-
-
-class _Int8Weight:
-    """int8_weight of one mapped weight, computed when the writer reaches the first of its two tensors and
-    dropped after the second (the writer runs tensors one at a time: save_beside's max_workers=1)."""
-
-    def __init__(self, value: ir.Value):
-        self.value, self.parts = value, None
-
-    def part(self, index: int):
-        def compute():
-            if self.parts is None:
-                tensor = self.value.const_value
-                self.parts = list(int8_weight(tensor.numpy()))
-                if isinstance(tensor, ir.ExternalTensor):
-                    tensor.release()
-            result, self.parts[index] = self.parts[index], None
-            if all(p is None for p in self.parts):
-                self.parts = None
-            return result
-
-        return compute
 
 
 def write_int8_qdq(src: Path, dst: Path, names: list[str], reader, ir_version: int) -> onnx.ModelProto:
