@@ -54,6 +54,22 @@ FP16_CPU_SESSION_FACTOR = 3.0
 FP16_FED_SESSION_FACTOR = 1.25
 
 
+# int8's TensorRT form is calibrated on the whole fp32 decoder in one onnxruntime session
+# (calibration.channel_absmax: 1.39x the decoder's bytes at TinyLLaVA-1B dims, prepacking off), after
+# SmoothQuant has made every smoothed weight in memory (1x, freed before). Neither streams layers.
+INT8_CALIBRATION_FACTOR = 1.5
+
+
+def int8_calibration_problem(fp32_decoder_bytes: int, budget: int) -> str | None:
+    """Why `--quant int8` cannot be exported within `budget` (one line), or None."""
+    need = int(INT8_CALIBRATION_FACTOR * fp32_decoder_bytes)
+    if need <= budget:
+        return None
+    return (f"--quant int8's TensorRT form is calibrated on the whole fp32 decoder in memory: about {size(need)} "
+            f"for this model, over the {size(budget)} budget; use --quant int4 (written streamed at any size), "
+            "or export on a machine with that much memory")
+
+
 def memory_budget_bytes(gib: float | None) -> int:
     """`gib` GiB, or (None) the memory available now (MemAvailable), which is what this export can use."""
     return int(gib * (1 << 30)) if gib is not None else available_bytes()

@@ -41,6 +41,8 @@ from attanchor_export.export_cost import (
     disk_needed_bytes,
     fp32_graph_bytes,
     free_disk_bytes,
+    int8_calibration_problem,
+    memory_budget_bytes,
     release_heap,
     size,
 )
@@ -211,6 +213,7 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
         _check_budget_fits(loaded, options)
         tokenizer = _load_tokenizer(loaded)
         cost.record_checkpoint(loaded)
+        _check_int8_fits(loaded, options)
         cost.disk = _check_disk(loaded, options)
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
         family = loaded.family.manifest_section(loaded.processor_folder or loaded.folder)
@@ -282,6 +285,16 @@ def _check_budget_fits(loaded, options: ExportOptions) -> None:
         raise ExportError(f"--max-anchors {options.max_anchors} does not fit the model's context of "
                           f"{dims.max_position_embeddings} positions ({dims.image_tokens} of them image tokens): "
                           f"use at most {max(room, 0)}")
+
+
+def _check_int8_fits(loaded, options: ExportOptions) -> None:
+    """Fail in the first minute, not in the calibration after the checks, when int8's TensorRT form
+    cannot be calibrated within the memory budget (a 7B decoder: ~40 GB)."""
+    if options.quant == "int8":
+        problem = int8_calibration_problem(fp32_graph_bytes(loaded)["decoder"],
+                                           memory_budget_bytes(options.memory_budget))
+        if problem:
+            raise ExportError(problem)
 
 
 def _check_finite_parameters(loaded, steps) -> None:

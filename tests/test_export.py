@@ -242,6 +242,26 @@ def test_manifest_written_once_with_export_cost(checkpoint, tmp_path, monkeypatc
     assert weights <= cost["disk_needed_bytes"] <= cost["disk_free_bytes"]
 
 
+def test_int8_over_the_memory_budget_fails_before_tracing(checkpoint, tmp_path, monkeypatch):
+    """int8's TensorRT form is calibrated on the whole fp32 decoder: over the budget the export says so in
+    one line right after the load, instead of running out of memory after the checks (a 7B decoder)."""
+    import attanchor_export.exporter as exporter_module
+    from attanchor_export.export_cost import INT8_CALIBRATION_FACTOR, int8_calibration_problem
+
+    gib = 1 << 30
+    assert int8_calibration_problem(10 * gib, int(INT8_CALIBRATION_FACTOR * 10 * gib)) is None
+    assert "about 39.00 GiB" in int8_calibration_problem(26 * gib, 22 * gib)  # sized from the decoder
+
+    monkeypatch.setattr(exporter_module, "memory_budget_bytes", lambda gib: 1 << 10)
+    traced = []
+    monkeypatch.setattr(exporter_module, "export_decoder", lambda *a, **k: traced.append(a))
+    result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "out", "--quant", "int8")
+    assert result.exit_code == 1 and not traced
+    line = result.stderr.strip()
+    assert "\n" not in line and "--quant int8" in line and "1.0 KiB budget" in line and "--quant int4" in line
+    assert not list(tmp_path.iterdir())
+
+
 def test_too_little_disk_fails_before_tracing(checkpoint, tmp_path, monkeypatch):
     """The disk check runs right after the load: a one-line error naming the need and the free space,
     and no staging folder, instead of a disk-full error after the trace."""
