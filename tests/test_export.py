@@ -242,36 +242,36 @@ def test_manifest_written_once_with_export_cost(checkpoint, tmp_path, monkeypatc
     assert weights <= cost["disk_needed_bytes"] <= cost["disk_free_bytes"]
 
 
+def _refused_before_tracing(monkeypatch, checkpoint, tmp_path, patched: str, value, *options) -> str:
+    """Export a tiny checkpoint with `patched` (a name in exporter) replaced by a lambda returning `value`:
+    it must fail with exit 1 before any tracing and leave nothing behind; returns its one-line error."""
+    import attanchor_export.exporter as exporter_module
+
+    monkeypatch.setattr(exporter_module, patched, lambda *a: value)
+    traced = []
+    monkeypatch.setattr(exporter_module, "export_decoder", lambda *a, **k: traced.append(a))
+    result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "out", *options)
+    assert result.exit_code == 1 and not traced
+    assert not list(tmp_path.iterdir())
+    line = result.stderr.strip()
+    assert "\n" not in line
+    return line
+
+
 def test_int8_over_the_memory_budget_fails_before_tracing(checkpoint, tmp_path, monkeypatch):
     """int8's TensorRT form is calibrated on the whole fp32 decoder: over the budget the export says so in
     one line right after the load, instead of running out of memory after the checks (a 7B decoder)."""
-    import attanchor_export.exporter as exporter_module
     from attanchor_export.export_cost import INT8_CALIBRATION_FACTOR, int8_calibration_problem
 
     gib = 1 << 30
     assert int8_calibration_problem(10 * gib, int(INT8_CALIBRATION_FACTOR * 10 * gib)) is None
     assert "about 39.00 GiB" in int8_calibration_problem(26 * gib, 22 * gib)  # sized from the decoder
-
-    monkeypatch.setattr(exporter_module, "memory_budget_bytes", lambda gib: 1 << 10)
-    traced = []
-    monkeypatch.setattr(exporter_module, "export_decoder", lambda *a, **k: traced.append(a))
-    result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "out", "--quant", "int8")
-    assert result.exit_code == 1 and not traced
-    line = result.stderr.strip()
-    assert "\n" not in line and "--quant int8" in line and "1.0 KiB budget" in line and "--quant int4" in line
-    assert not list(tmp_path.iterdir())
+    line = _refused_before_tracing(monkeypatch, checkpoint, tmp_path, "memory_budget_bytes", 1 << 10, "--quant", "int8")
+    assert "--quant int8" in line and "1.0 KiB budget" in line and "--quant int4" in line
 
 
 def test_too_little_disk_fails_before_tracing(checkpoint, tmp_path, monkeypatch):
     """The disk check runs right after the load: a one-line error naming the need and the free space,
     and no staging folder, instead of a disk-full error after the trace."""
-    import attanchor_export.exporter as exporter_module
-
-    monkeypatch.setattr(exporter_module, "free_disk_bytes", lambda folder: 1 << 10)
-    traced = []
-    monkeypatch.setattr(exporter_module, "export_decoder", lambda *a, **k: traced.append(a))
-    result = run_cli(checkpoint("clip-llama"), "-o", tmp_path / "out", "--dtype", "fp16")
-    assert result.exit_code == 1 and not traced
-    line = result.stderr.strip()
-    assert "\n" not in line and "not enough free disk" in line and "fp16" in line and "1.0 KiB is free" in line
-    assert not list(tmp_path.iterdir())
+    line = _refused_before_tracing(monkeypatch, checkpoint, tmp_path, "free_disk_bytes", 1 << 10, "--dtype", "fp16")
+    assert "not enough free disk" in line and "fp16" in line and "1.0 KiB is free" in line
