@@ -1,4 +1,4 @@
-"""The streamed int8 QDQ writer (streamed_weights.write_int8_qdq) against onnxruntime's quantize_static,
+"""The streamed int8 QDQ writer (precision.quantize.write_int8_qdq) against onnxruntime's quantize_static,
 which wrote the TensorRT int8 forms before it: the same tensors under the same names, the weights equal
 to the bit, the calibrated activation scales equal up to float rounding (onnxruntime calibrates on an
 unoptimized session, the writer on an optimized one), and graphs that compute the same thing."""
@@ -20,7 +20,8 @@ from attanchor_export.options import ARTIFACT_IR_VERSION
 from attanchor_export.precision.calibration import DecoderCalibrationReader, VisionCalibrationReader
 from attanchor_export.precision.gate import gate_pipeline
 from attanchor_export.precision.graph_files import save_model
-from attanchor_export.precision.streamed_weights import int8_weight, linear_nodes, write_int8_qdq
+from attanchor_export.precision.quantize import write_int8_qdq
+from attanchor_export.precision.streamed_weights import int8_weight, linear_nodes
 from attanchor_export.precision.weights import int8_static_qdq
 
 
@@ -59,10 +60,12 @@ def test_streamed_int8_qdq_matches_quantize_static(artifact, tmp_path, graph):
     names = [n.name for n in linear_nodes(ir.load(str(src)).graph, False, logits)[0]]
 
     ours, theirs = tmp_path / f"{graph}.streamed.onnx", tmp_path / f"{graph}.quantize_static.onnx"
-    proto = write_int8_qdq(src, ours, names, reader, ARTIFACT_IR_VERSION)
+    proto = write_int8_qdq(src, ours, names, reader)
     save_model(int8_static_qdq(src, theirs, names, reader, "MinMax"), theirs)
-    assert proto.ir_version == ARTIFACT_IR_VERSION and not any(t.raw_data for t in proto.graph.initializer
-                                                               if t.data_location == TensorProto.EXTERNAL)
+    # returned without its weights: every int8 weight lives in the data file, none inline
+    weights = [t for t in proto.graph.initializer if t.name.endswith("_quantized")]
+    assert proto.ir_version == ARTIFACT_IR_VERSION and len(weights) == len(names)
+    assert all(t.data_location == TensorProto.EXTERNAL and not t.raw_data for t in weights)
     a, b = _initializers(ours), _initializers(theirs)
     assert set(a) == set(b)
     activation_scales = 0

@@ -18,9 +18,9 @@ choice; the short version:
   Both are written by default (`forms`); precision.backends says which file each backend opens.
 - int8 (`quant="int8"`): the onnxruntime form is weight-only MatMulNBits with bits=8 (blockwise,
   asymmetric); the TensorRT form is QDQ int8 as quantize_static makes it (written streamed:
-  streamed_weights.write_int8_qdq): per-channel symmetric weights and per-tensor symmetric activations
-  calibrated over real decoder inputs (images + prompts through the
-  artifact's vision and embedding graphs, `calib`), after SmoothQuant has moved the activations'
+  write_int8_qdq below): per-channel symmetric weights and per-tensor symmetric activations calibrated
+  over real decoder inputs (images + prompts through the artifact's vision and embedding graphs,
+  `calib`), after SmoothQuant has moved the activations'
   outlier channels into the weights (precision.smoothing, `smooth_alpha`).
 - int8 vision (`vision_quant="int8"`, whatever `quant` the decoder gets): weights and activations int8.
   vision.onnx is quantize_dynamic's MatMulInteger form (activations quantized per call; onnxruntime fuses
@@ -44,7 +44,7 @@ from attanchor_runtime.manifest import Dims, FormRecord, Gate, Manifest, Precisi
 from attanchor_runtime.pipeline import Pipeline
 
 from attanchor_export.errors import ExportError
-from attanchor_export.export_cost import graph_bytes, release_heap
+from attanchor_export.export_cost import graph_bytes
 from attanchor_export.load.datasets import gate_samples, load_calibration_set
 from attanchor_export.options import ARTIFACT_IR_VERSION as IR_VERSION
 from attanchor_export.options import (
@@ -56,7 +56,11 @@ from attanchor_export.options import (
     prefill_int8_problem,
     vision_quant_problem,
 )
-from attanchor_export.precision.calibration import DecoderCalibrationReader, VisionCalibrationReader
+from attanchor_export.precision.calibration import (
+    DecoderCalibrationReader,
+    VisionCalibrationReader,
+    channel_absmax,
+)
 from attanchor_export.precision.fp16 import convert_fp16_file
 from attanchor_export.precision.gate import (
     DEFAULT_NEW_TOKENS,
@@ -75,8 +79,8 @@ from attanchor_export.precision.streamed_weights import (
     linear_nodes,
     merge_shared_input_linears,
     quantize_graph,
+    quantize_graph_int8_qdq,
     save_beside,
-    write_int8_qdq,
 )
 from attanchor_export.precision.weights import (
     DEFAULT_ACCURACY_LEVEL,
@@ -250,7 +254,6 @@ def quantize_artifact(
                 baseline.task = fp32_task_answers(manifest, req.files, task, pipe=fp32)
     readers, calibration = _calibration(req, fp32, calib, steps)
     del fp32
-    release_heap()  # its sessions' pages go back before the int8 calibration opens one of its own
     records: dict[str, dict] = {}
     backends = {b: dict(req.files) for b in ("ort", "trt")}
     for graph in req.targets:
@@ -450,9 +453,16 @@ def _write_form(source: Path, target: Path, names: list[str], bits: int, merge: 
         quantize_graph(model, nodes, bits=subset_bits, **quantization)
     save_beside(model, target, IR_VERSION)
     del model, nodes
-    gc.collect()  # the graph is a cycle of nodes and values: its mapped weights' pages go with it
+    return _written(target), merged
+
+
+def _written(target: Path) -> onnx.ModelProto:
+    """`target` checked and returned without its weights, once the onnx-ir model that wrote it is dropped.
+    Its nodes and values refer to each other, so only the cycle collector frees it, and with it the
+    weights it made or mapped: collected here, before the next step opens a session beside it."""
+    gc.collect()
     onnx.checker.check_model(str(target))
-    return onnx.load(str(target), load_external_data=False), merged
+    return onnx.load(str(target), load_external_data=False)
 
 
 def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str, names, ks, reader,
@@ -497,13 +507,26 @@ def _qdq_form(req: _Request, graph: str, base: dict, source: Path, trt_file: str
 
 def _int8_qdq(req: _Request, source: Path, target: Path, names: list[str], reader) -> onnx.ModelProto:
     """The calibrated int8 QDQ form written to `target`; returned without its weights. MinMax (the
-    default) is written streamed (streamed_weights.write_int8_qdq: a 1B decoder never whole in memory);
-    the histogram methods, which keep every activation anyway, through quantize_static."""
+    default) is written streamed (write_int8_qdq: a 1B decoder never whole in memory); the histogram
+    methods, which keep every activation anyway, through quantize_static."""
     if req.calibrate_method == "MinMax":
-        return write_int8_qdq(source, target, names, reader, IR_VERSION)
+        return write_int8_qdq(source, target, names, reader)
     qmodel = int8_static_qdq(source, target, names, reader, req.calibrate_method)
     save_model(qmodel, target)
     return qmodel
+
+
+def write_int8_qdq(source: Path, target: Path, names: list[str], reader) -> onnx.ModelProto:
+    """quantize_static's MinMax int8 QDQ form of `source`'s linears `names`, written to `target` (+ .data)
+    with the weights streamed (streamed_weights.quantize_graph_int8_qdq): each input's range is its
+    largest magnitude over `reader`'s samples (calibration.channel_absmax, one session, no prepacking)."""
+    model = ir.load(str(source))
+    nodes = [n for n in model.graph if n.name in set(names)]
+    absmax = channel_absmax(source, reader, sorted({n.inputs[0].name for n in nodes}))
+    quantize_graph_int8_qdq(model, nodes, {name: float(m.max()) for name, m in absmax.items()})
+    save_beside(model, target, IR_VERSION)
+    del model, nodes
+    return _written(target)
 
 
 def _nbits_form(req: _Request, graph: str, path: Path, base: dict, source: Path, names, eight: set[str]) -> dict:

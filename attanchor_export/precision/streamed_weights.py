@@ -13,18 +13,18 @@ MatMulNBitsQuantizer calls) quantizes each weight, so both paths give the same b
   zero points when asymmetric; attributes K, N, bits, block_size (and accuracy_level when set).
 - QDQ INT4 (`qdq=True`, symmetric): DequantizeLinear(INT4 [K, N], scales [k_blocks, N], axis 0,
   block_size) feeding the original MatMul, what TensorRT reads for weight-only INT4.
-- QDQ INT8 with calibrated activations (`write_int8_qdq`): the TensorRT int8 form. quantize_static made it
-  before, and held the fp32 graph three times over plus a calibration session with every weight repacked:
-  a TinyLLaVA-1B `--quant int8` export went past 15 GiB there, a `--vision-quant int8` one to 1.66x its
-  fp32 weights (1.26x without that step). Here the activation ranges come from one session over the graph
-  as it is on disk (calibration.channel_absmax, no prepacking, no arena), and the weights are written one
-  at a time like the forms above. The numbers are quantize_static's (MinMax calibration, symmetric int8,
-  per-channel weights on axis 1): tests/test_int8_qdq.py holds the two side by side.
+- QDQ INT8 with calibrated activations (`quantize_graph_int8_qdq`; precision.quantize.write_int8_qdq
+  writes the file): the TensorRT int8 form. quantize_static made it before, and held the fp32 graph three
+  times over plus a calibration session with every weight repacked: a TinyLLaVA-1B `--quant int8` export
+  went past 15 GiB there, a `--vision-quant int8` one to 1.66x its fp32 weights (1.26x without that
+  step). Here the activation ranges come from one session over the graph as it is on disk
+  (calibration.channel_absmax, no prepacking, no arena), and the weights are written one at a time like
+  the forms above. The numbers are quantize_static's (MinMax calibration, symmetric int8, per-channel
+  weights on axis 1): tests/test_int8_qdq.py holds the two side by side.
 """
 
 from __future__ import annotations
 
-import gc
 import threading
 from pathlib import Path
 
@@ -32,7 +32,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from attanchor_export.precision.calibration import channel_absmax
 from attanchor_export.precision.graph_files import data_file, replacing
 from attanchor_export.precision.weights import quiet_ort_quantization
 
@@ -345,20 +344,5 @@ def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, floa
     return len(nodes)
 
 
-def write_int8_qdq(src: Path, dst: Path, names: list[str], reader, ir_version: int) -> onnx.ModelProto:
-    """The calibrated int8 QDQ form of `src`'s linears `names` written to `dst` (+ .data): activation ranges
-    over every sample of `reader` (MinMax), weights streamed. Returns `dst` without its weights."""
-    model = ir.load(str(src))
-    nodes = [n for n in model.graph if n.name in set(names)]
-    inputs = sorted({n.inputs[0].name for n in nodes})
-    absmax = {name: float(m.max()) for name, m in channel_absmax(Path(src), reader, inputs).items()}
-    quantize_graph_int8_qdq(model, nodes, absmax)
-    save_beside(model, Path(dst), ir_version)
-    del model, nodes
-    gc.collect()  # the graph is a cycle of nodes and values: its mapped weights' pages go with it
-    onnx.checker.check_model(str(dst))
-    return onnx.load(str(dst), load_external_data=False)
-
-
 __all__ = ["activation_scale", "int8_weight", "linear_nodes", "lm_head_node", "merge_shared_input_linears",
-           "quantize_graph", "quantize_graph_int8_qdq", "save_beside", "write_int8_qdq"]
+           "quantize_graph", "quantize_graph_int8_qdq", "save_beside"]

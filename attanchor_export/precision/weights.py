@@ -8,7 +8,7 @@
 - QDQ INT8: per-channel symmetric weights and per-tensor symmetric activations calibrated over real
   decoder (or vision) inputs (the readers of precision.calibration), run by precision.quantize on the
   graph precision.smoothing has smoothed (the decoder's; not the vision's). MinMax calibration, the
-  default, is written streamed (precision.streamed_weights.write_int8_qdq, quantize_static's numbers);
+  default, is written streamed (precision.quantize.write_int8_qdq, quantize_static's numbers);
   `int8_static_qdq` (quantize_static itself) serves the histogram methods, which hold every calibrated
   activation in memory anyway (scripts/measure_int8.py).
 - MatMulInteger INT8 (`int8_dynamic`): quantize_dynamic, per-channel int8 weights, activations quantized
