@@ -213,8 +213,9 @@ def export_artifact(model_name: str, options: ExportOptions, steps=no_steps) -> 
         _check_budget_fits(loaded, options)
         tokenizer = _load_tokenizer(loaded)
         cost.record_checkpoint(loaded)
-        _check_int8_fits(loaded, options)
-        cost.disk = _check_disk(loaded, options)
+        fp32_bytes = fp32_graph_bytes(loaded)
+        _check_int8_fits(fp32_bytes["decoder"], options)
+        cost.disk = _check_disk(fp32_bytes, options)
         # Read now, so a bad tokenizer or image processor fails before minutes of tracing.
         family = loaded.family.manifest_section(loaded.processor_folder or loaded.folder)
         text = _text_section(loaded, tokenizer)
@@ -287,12 +288,11 @@ def _check_budget_fits(loaded, options: ExportOptions) -> None:
                           f"use at most {max(room, 0)}")
 
 
-def _check_int8_fits(loaded, options: ExportOptions) -> None:
+def _check_int8_fits(fp32_decoder_bytes: int, options: ExportOptions) -> None:
     """Fail in the first minute, not in the calibration after the checks, when int8's TensorRT form
-    cannot be calibrated within the memory budget (a 7B decoder: ~40 GB)."""
+    cannot be calibrated within the memory budget (a 7B decoder: ~37 GiB)."""
     if options.quant == "int8":
-        problem = int8_calibration_problem(fp32_graph_bytes(loaded)["decoder"],
-                                           memory_budget_bytes(options.memory_budget))
+        problem = int8_calibration_problem(fp32_decoder_bytes, memory_budget_bytes(options.memory_budget))
         if problem:
             raise ExportError(problem)
 
@@ -306,10 +306,10 @@ def _check_finite_parameters(loaded, steps) -> None:
             check_finite(parameter.detach(), name)
 
 
-def _check_disk(loaded, options: ExportOptions) -> dict:
+def _check_disk(fp32_bytes: dict, options: ExportOptions) -> dict:
     """Fail in the first minute, not after the trace, when the output's disk cannot hold the export's peak
-    (the fp32 graphs and the reduced files written beside them)."""
-    need = disk_needed_bytes(fp32_graph_bytes(loaded), options.dtype, options.quant, len(FORMS),
+    (the fp32 graphs, `fp32_bytes` of export_cost.fp32_graph_bytes, and the reduced files beside them)."""
+    need = disk_needed_bytes(fp32_bytes, options.dtype, options.quant, len(FORMS),
                              options.quantize_vision or options.vision_quant != "none", options.prefill_int8)
     parent = Path(options.output).absolute().parent
     free = free_disk_bytes(parent)
