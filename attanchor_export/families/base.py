@@ -207,12 +207,11 @@ class ModelFamily:
         one run, so the trace may stop at two and repeat the second. None (default): trace every layer."""
         return None
 
-    def vision_dynamic_shapes(self, spec: GraphSpec) -> dict:
-        """torch.export's dynamic shapes of the vision inputs: one Dim per symbolic axis of the spec."""
-        from attanchor_export.trace.torch_onnx import dynamic_axes
-
-        shared: dict = {}  # symbol -> torch Dim, so equal names are equal sizes
-        return {name: dynamic_axes(spec, name, shared) for name in spec.input_names}
+    def vision_dynamic_shapes(self, spec: GraphSpec) -> dict | None:
+        """torch.export's dynamic shapes of the vision inputs, where the spec's symbolic axes do not say them
+        (Qwen2.5-VL: pixel rows are a multiple of the patches per image). None (default): one Dim per
+        symbolic axis of the spec (trace.vision)."""
+        return None
 
     def position_nodes(self, mask: str, out: str, mode: str = "t2i") -> tuple[list, list]:
         """(nodes, initializers) the embedding graph computes `out` (position_ids) with from `mask` (the

@@ -22,14 +22,17 @@ from attanchor_export.trace.layer_repeat import (
     layers_prefix,
     repeat_layer,
 )
-from attanchor_export.trace.torch_onnx import trace_to_onnx
+from attanchor_export.trace.torch_onnx import dynamic_axes, trace_to_onnx
 
 log = logging.getLogger(__name__)
 
 
 def export_vision(family, model, spec: GraphSpec, path: Path, opset: int, steps=None) -> None:
     module = family.vision_module(model)
-    shapes = family.vision_dynamic_shapes(spec)  # one Dim per symbolic axis, unless the family says otherwise
+    shapes = family.vision_dynamic_shapes(spec)
+    if shapes is None:  # one Dim per symbolic axis; equal names share one, so equal names are equal sizes
+        shared: dict = {}
+        shapes = {name: dynamic_axes(spec, name, shared) for name in spec.input_names}
     args = family.vision_example_inputs()
     stack = family.vision_layer_stack(module)
     if stack is not None and stack.depth > TRACED_DEPTH and not every_layer():
