@@ -7,9 +7,13 @@ runtime. What it prints is what `--int4-8bit` is chosen from (docs/QUANTIZATION.
 
     attanchor-export tiny-vqa-qwen -o art-fp32
     python scripts/measure_int4_sensitivity.py art-fp32 [--form both|ort|trt] [--variant LABEL ...] [--json-out F]
+        [--block-size 128|256] [--rounding nearest|clip-search]
 
 Forms as the exporter writes them: "ort" = MatMulNBits, asymmetric, accuracy level 4; "trt" = symmetric
 INT4 QDQ with the block TensorRT takes for the graph's K dims (precision.weights.trt_int4_block).
+`--block-size` is the MatMulNBits form's block (the exporter's --block-size). `--rounding clip-search`
+gives the MatMulNBits form's int4 weights a per-block range search instead of onnxruntime's min/max
+rounding (`clip_search_blocks`): what was tried to keep block 256's accuracy (docs/QUANTIZATION.md, "Block 256").
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ import json
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import onnx_ir as ir
 from attanchor_runtime.manifest import Manifest
 
+from attanchor_export.precision import streamed_weights
 from attanchor_export.precision.gate import fp32_task_answers, task_metrics
 from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 from attanchor_export.precision.weights import DEFAULT_ACCURACY_LEVEL, trt_int4_block
@@ -51,7 +59,62 @@ def kind(node, head) -> str:
     return match.group(1) if match else node.inputs[1].name
 
 
-def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple, form: str, logits: str) -> None:
+CLIP_FACTORS = np.linspace(1.0, 0.6, 17)  # the block's [min, max] range scaled by each; the least squared error wins
+
+
+def clip_search_blocks(weight: np.ndarray, block_size: int, factors=CLIP_FACTORS):
+    """Asymmetric int4 of `weight` [K, N] in MatMulNBits' layout (packed [N, blocks, block/2] uint8, scales
+    [N, blocks], zero points [N, ceil(blocks/2)] uint8), each block's range chosen among `factors` x
+    onnxruntime's [min(w, 0), max(w, 0)] by its squared rounding error. factors=(1.0,) is onnxruntime's
+    rounding (the same codes, scales and zero points: tests/test_int4_rounding.py)."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((n, blocks * block_size), np.float32)
+    padded[:, :k] = weight.T
+    w = padded.reshape(n, blocks, block_size)
+    real = (np.arange(blocks * block_size) < k).reshape(1, blocks, block_size)
+    low = np.minimum(np.where(real, w, np.inf).min(-1), 0)
+    high = np.maximum(np.where(real, w, -np.inf).max(-1), 0)
+    best = np.full(low.shape, np.inf, np.float32)
+    scale, zero = np.ones_like(low), np.zeros_like(low)
+    for f in factors:
+        s = ((high - low) * f / 15).astype(np.float32)
+        s = np.where(s == 0, 1.0, s)  # an all-zero block: codes of 0 (its stored scale is 0, as onnxruntime's)
+        z = np.clip(np.round(-low * f / s), 0, 15)
+        q = np.clip(np.round(w / s[..., None]) + z[..., None], 0, 15)
+        err = (((q - z[..., None]) * s[..., None] - w) ** 2 * real).sum(-1)
+        better = err < best
+        best, scale, zero = np.where(better, err, best), np.where(better, s, scale), np.where(better, z, zero)
+    q = np.where(real, np.clip(np.round(w / scale[..., None]) + zero[..., None], 0, 15), 0).astype(np.uint8)
+    zeros = np.full((n, blocks + blocks % 2), 8, np.uint8)  # an odd count's last byte: onnxruntime's 8 above
+    zeros[:, :blocks] = zero
+    scale = np.where(high == low, 0.0, scale)
+    return ((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale.astype(weight.dtype),
+            (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8))
+
+
+@contextmanager
+def rounding(kind: str):
+    """quantize_graph's asymmetric int4 weights through clip_search_blocks while inside (kind "clip-search")."""
+    if kind == "nearest":
+        yield
+        return
+    original = streamed_weights._quantizer
+
+    def quantizer(bits, block_size, symmetric, qdq, accuracy_level):
+        if bits == 4 and not symmetric and not qdq:
+            return SimpleNamespace(qbits_block_quant=lambda w: clip_search_blocks(np.asarray(w), block_size))
+        return original(bits, block_size, symmetric, qdq, accuracy_level)
+
+    streamed_weights._quantizer = quantizer
+    try:
+        yield
+    finally:
+        streamed_weights._quantizer = original
+
+
+def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple, form: str, logits: str,
+                  block_size: int = 128, rounding_kind: str = "nearest") -> None:
     model = ir.load(str(folder / source))
     nodes, head = linear_nodes(model.graph, True, logits)
     kinds = [kind(n, head) for n in nodes]  # before quantize_graph replaces the nodes
@@ -62,9 +125,13 @@ def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple
         quantize_graph(model, four, bits=4, block_size=block, symmetric=True, qdq=True)
     else:
         level = DEFAULT_ACCURACY_LEVEL["int4"]
-        quantize_graph(model, four, bits=4, block_size=128, symmetric=False, qdq=False, accuracy_level=level)
-        if eights:
-            quantize_graph(model, eights, bits=8, block_size=128, symmetric=False, qdq=False, accuracy_level=level)
+        with rounding(rounding_kind):  # the weights are quantized as the file is written
+            quantize_graph(model, four, bits=4, block_size=block_size, symmetric=False, qdq=False, accuracy_level=level)
+            if eights:
+                quantize_graph(model, eights, bits=8, block_size=block_size, symmetric=False, qdq=False,
+                               accuracy_level=level)
+            save_beside(model, folder / out, model.ir_version)
+        return
     save_beside(model, folder / out, model.ir_version)
 
 
@@ -76,6 +143,9 @@ def main() -> int:
     parser.add_argument("--variant", action="append", choices=[label for label, _, _ in VARIANTS],
                         help="only this row (repeatable; default: every row)")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--block-size", type=int, choices=(128, 256), default=128, help="the MatMulNBits form's block")
+    parser.add_argument("--rounding", choices=("nearest", "clip-search"), default="nearest",
+                        help="the MatMulNBits form's int4 rounding: onnxruntime's, or a per-block range search")
     args = parser.parse_args()
     manifest = Manifest.load(args.folder)
     if manifest.precision.quantized:
@@ -92,12 +162,14 @@ def main() -> int:
             out = f".sensitivity-{form}.onnx"
             start = time.time()
             try:
-                write_variant(args.folder, files["decoder"], out, int4, eight, form, manifest.graphs.decoder.output_names[0])
+                write_variant(args.folder, files["decoder"], out, int4, eight, form, manifest.graphs.decoder.output_names[0],
+                              args.block_size, args.rounding)
                 result = task_metrics(manifest, {**files, "decoder": out}, fp32, "int4")
             finally:
                 for p in args.folder.glob(f"{out}*"):
                     p.unlink()
-            row = {"variant": label, "form": form, "accuracy": result.accuracy, "same_answers": result.same_answers,
+            row = {"variant": label, "form": form, "block_size": args.block_size if form == "ort" else None,
+                   "rounding": args.rounding if form == "ort" else "nearest", "accuracy": result.accuracy, "same_answers": result.same_answers,
                    "by_kind": {k: v["accuracy"] for k, v in result.by_kind.items()}}
             rows.append(row)
             print(f"{label:56s} {form}: {result.accuracy:.3f} (same answers {result.same_answers:.3f}, "
