@@ -7,13 +7,15 @@ runtime. What it prints is what `--int4-8bit` is chosen from (docs/QUANTIZATION.
 
     attanchor-export tiny-vqa-qwen -o art-fp32
     python scripts/measure_int4_sensitivity.py art-fp32 [--form both|ort|trt] [--variant LABEL ...] [--json-out F]
-        [--block-size 128|256] [--rounding nearest|clip-search]
+        [--block-size 128|256] [--rounding nearest|clip-search|weighted-clip-search]
 
 Forms as the exporter writes them: "ort" = MatMulNBits, asymmetric, accuracy level 4; "trt" = symmetric
 INT4 QDQ with the block TensorRT takes for the graph's K dims (precision.weights.trt_int4_block).
 `--block-size` is the MatMulNBits form's block (the exporter's --block-size). `--rounding clip-search`
 gives the MatMulNBits form's int4 weights a per-block range search instead of onnxruntime's min/max
-rounding (`clip_search_blocks`): what was tried to keep block 256's accuracy (docs/QUANTIZATION.md, "Block 256").
+rounding (`clip_search_blocks`); `weighted-clip-search` weighs each input channel's error by its
+activations' max |x|^2 on the calibration set. What was tried to keep block 256's accuracy
+(docs/QUANTIZATION.md, "Block 256").
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import numpy as np
 import onnx_ir as ir
 from attanchor_runtime.manifest import Manifest
 
+from attanchor_export.load.datasets import load_calibration_set
 from attanchor_export.precision import streamed_weights
-from attanchor_export.precision.gate import fp32_task_answers, task_metrics
+from attanchor_export.precision.calibration import DecoderCalibrationReader, channel_absmax
+from attanchor_export.precision.gate import fp32_task_answers, gate_pipeline, task_metrics
 from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 from attanchor_export.precision.weights import DEFAULT_ACCURACY_LEVEL, trt_int4_block
 
@@ -59,20 +63,24 @@ def kind(node, head) -> str:
     return match.group(1) if match else node.inputs[1].name
 
 
-CLIP_FACTORS = np.linspace(1.0, 0.6, 17)  # the block's [min, max] range scaled by each; the least squared error wins
+CLIP_FACTORS = np.linspace(1.0, 0.6, 17)  # the block's [min, max] range scaled by each; the least error wins
 
 
-def clip_search_blocks(weight: np.ndarray, block_size: int, factors=CLIP_FACTORS):
+def clip_search_blocks(weight: np.ndarray, block_size: int, factors=CLIP_FACTORS, channel_weight=None):
     """Asymmetric int4 of `weight` [K, N] in MatMulNBits' layout (packed [N, blocks, block/2] uint8, scales
     [N, blocks], zero points [N, ceil(blocks/2)] uint8), each block's range chosen among `factors` x
-    onnxruntime's [min(w, 0), max(w, 0)] by its squared rounding error. factors=(1.0,) is onnxruntime's
-    rounding (the same codes, scales and zero points: tests/test_int4_rounding.py)."""
+    onnxruntime's [min(w, 0), max(w, 0)] by its squared rounding error, each input channel's error times
+    `channel_weight` [K] where given (how large that channel's activations run). factors=(1.0,) is
+    onnxruntime's rounding (the same codes, scales and zero points: tests/test_int4_rounding.py)."""
     k, n = weight.shape
     blocks = -(-k // block_size)
     padded = np.zeros((n, blocks * block_size), np.float32)
     padded[:, :k] = weight.T
     w = padded.reshape(n, blocks, block_size)
-    real = (np.arange(blocks * block_size) < k).reshape(1, blocks, block_size)
+    importance = np.zeros(blocks * block_size, np.float32)  # 0 on the padding: it is not part of the weight
+    importance[:k] = 1.0 if channel_weight is None else channel_weight / np.mean(channel_weight)
+    importance = importance.reshape(1, blocks, block_size)
+    real = (np.arange(blocks * block_size) < k).reshape(importance.shape)
     low = np.minimum(np.where(real, w, np.inf).min(-1), 0)
     high = np.maximum(np.where(real, w, -np.inf).max(-1), 0)
     best = np.full(low.shape, np.inf, np.float32)
@@ -82,11 +90,11 @@ def clip_search_blocks(weight: np.ndarray, block_size: int, factors=CLIP_FACTORS
         s = np.where(s == 0, 1.0, s)  # an all-zero block: codes of 0 (its stored scale is 0, as onnxruntime's)
         z = np.clip(np.round(-low * f / s), 0, 15)
         q = np.clip(np.round(w / s[..., None]) + z[..., None], 0, 15)
-        err = (((q - z[..., None]) * s[..., None] - w) ** 2 * real).sum(-1)
+        err = (((q - z[..., None]) * s[..., None] - w) ** 2 * importance).sum(-1)
         better = err < best
         best, scale, zero = np.where(better, err, best), np.where(better, s, scale), np.where(better, z, zero)
     q = np.where(real, np.clip(np.round(w / scale[..., None]) + zero[..., None], 0, 15), 0).astype(np.uint8)
-    zeros = np.full((n, blocks + blocks % 2), 8, np.uint8)  # an odd count's last byte: onnxruntime's 8 above
+    zeros = np.full((n, blocks + blocks % 2), 8, np.uint8)  # an odd count's unused last nibble: 8, as onnxruntime's
     zeros[:, :blocks] = zero
     scale = np.where(high == low, 0.0, scale)
     return ((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale.astype(weight.dtype),
@@ -94,16 +102,14 @@ def clip_search_blocks(weight: np.ndarray, block_size: int, factors=CLIP_FACTORS
 
 
 @contextmanager
-def rounding(kind: str):
-    """quantize_graph's asymmetric int4 weights through clip_search_blocks while inside (kind "clip-search")."""
-    if kind == "nearest":
-        yield
-        return
+def clip_searched(channel_weight=None):
+    """quantize_graph's asymmetric int4 weights through clip_search_blocks while inside."""
     original = streamed_weights._quantizer
 
     def quantizer(bits, block_size, symmetric, qdq, accuracy_level):
         if bits == 4 and not symmetric and not qdq:
-            return SimpleNamespace(qbits_block_quant=lambda w: clip_search_blocks(np.asarray(w), block_size))
+            return SimpleNamespace(qbits_block_quant=lambda w: clip_search_blocks(np.asarray(w), block_size,
+                                                                               channel_weight=channel_weight))
         return original(bits, block_size, symmetric, qdq, accuracy_level)
 
     streamed_weights._quantizer = quantizer
@@ -113,8 +119,18 @@ def rounding(kind: str):
         streamed_weights._quantizer = original
 
 
+def input_absmax(folder: Path, manifest: Manifest, source: str, logits: str) -> dict[str, np.ndarray]:
+    """max |x| per input channel of every linear, over the export's calibration set (the int8 forms' pass)."""
+    model = ir.load(str(folder / source))
+    inputs = sorted({n.inputs[0].name for n in linear_nodes(model.graph, True, logits)[0]})
+    del model
+    reader = DecoderCalibrationReader.from_samples(gate_pipeline(manifest), load_calibration_set(None))
+    return channel_absmax(folder / source, reader, inputs)
+
+
 def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple, form: str, logits: str,
-                  block_size: int = 128, rounding_kind: str = "nearest") -> None:
+                  block_size: int = 128, rounding: str = "nearest", absmax: dict | None = None) -> None:
+    """`absmax` (input_absmax): for rounding "weighted-clip-search", whose channel weights are max |x|^2."""
     model = ir.load(str(folder / source))
     nodes, head = linear_nodes(model.graph, True, logits)
     kinds = [kind(n, head) for n in nodes]  # before quantize_graph replaces the nodes
@@ -125,13 +141,15 @@ def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple
         quantize_graph(model, four, bits=4, block_size=block, symmetric=True, qdq=True)
     else:
         level = DEFAULT_ACCURACY_LEVEL["int4"]
-        with rounding(rounding_kind):  # the weights are quantized as the file is written
-            quantize_graph(model, four, bits=4, block_size=block_size, symmetric=False, qdq=False, accuracy_level=level)
-            if eights:
-                quantize_graph(model, eights, bits=8, block_size=block_size, symmetric=False, qdq=False,
-                               accuracy_level=level)
-            save_beside(model, folder / out, model.ir_version)
-        return
+        ort = {"block_size": block_size, "symmetric": False, "qdq": False, "accuracy_level": level}
+        if rounding == "nearest":
+            quantize_graph(model, four, bits=4, **ort)
+        for node in four if rounding != "nearest" else ():  # one at a time: each with its input's weights
+            weight = absmax[node.inputs[0].name] ** 2 if rounding == "weighted-clip-search" else None
+            with clip_searched(weight):  # the function is bound now; the weights are quantized when written
+                quantize_graph(model, [node], bits=4, **ort)
+        if eights:
+            quantize_graph(model, eights, bits=8, **ort)
     save_beside(model, folder / out, model.ir_version)
 
 
@@ -144,14 +162,17 @@ def main() -> int:
                         help="only this row (repeatable; default: every row)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--block-size", type=int, choices=(128, 256), default=128, help="the MatMulNBits form's block")
-    parser.add_argument("--rounding", choices=("nearest", "clip-search"), default="nearest",
-                        help="the MatMulNBits form's int4 rounding: onnxruntime's, or a per-block range search")
+    parser.add_argument("--rounding", choices=("nearest", "clip-search", "weighted-clip-search"), default="nearest",
+                        help="the MatMulNBits form's int4 rounding: onnxruntime's, a per-block range search, or "
+                             "that search with each input channel's error weighted by its calibration max |x|^2")
     args = parser.parse_args()
     manifest = Manifest.load(args.folder)
     if manifest.precision.quantized:
         sys.exit(f"error: {args.folder} is {manifest.precision.label}: give an fp32 artifact")
     files = {g: manifest.graphs[g].file for g in ("vision", "embedding", "decoder")}
     fp32 = fp32_task_answers(manifest, files, args.task)
+    logits = manifest.graphs.decoder.output_names[0]
+    absmax = input_absmax(args.folder, manifest, files["decoder"], logits) if args.rounding == "weighted-clip-search" else None
     print(f"fp32: {fp32['accuracy']:.3f} on {len(fp32['items'])} {args.task} validation questions", flush=True)
     rows = []
     forms = ("ort", "trt") if args.form == "both" else (args.form,)
@@ -162,8 +183,8 @@ def main() -> int:
             out = f".sensitivity-{form}.onnx"
             start = time.time()
             try:
-                write_variant(args.folder, files["decoder"], out, int4, eight, form, manifest.graphs.decoder.output_names[0],
-                              args.block_size, args.rounding)
+                write_variant(args.folder, files["decoder"], out, int4, eight, form, logits, args.block_size,
+                              args.rounding, absmax)
                 result = task_metrics(manifest, {**files, "decoder": out}, fp32, "int4")
             finally:
                 for p in args.folder.glob(f"{out}*"):

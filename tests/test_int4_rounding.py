@@ -44,3 +44,17 @@ def test_the_search_never_rounds_worse(measure):
     searched = measure.clip_search_blocks(w, 256)
     err = [((_dequantized(*q, 512, 256) - w) ** 2).reshape(2, 256, 64).sum(1) for q in (plain, searched)]
     assert (err[1] <= err[0] + 1e-6).all() and err[1].sum() < 0.95 * err[0].sum()
+
+
+def test_weighted_search_favours_the_heavy_channels(measure):
+    rng = np.random.default_rng(1)
+    w = rng.standard_t(3, (256, 64)).astype(np.float32)
+    flat = measure.clip_search_blocks(w, 128, channel_weight=np.full(256, 3.0, np.float32))
+    for a, b in zip(flat, measure.clip_search_blocks(w, 128)):  # a uniform weight is no weight
+        np.testing.assert_array_equal(a, b)
+    heavy = np.ones(256, np.float32)
+    heavy[::16] = 1e4  # a few channels whose activations run large
+    weighted = measure.clip_search_blocks(w, 128, channel_weight=heavy)
+    err = [(_dequantized(*q, 256, 128) - w) ** 2 for q in (flat, weighted)]
+    assert err[1][::16].sum() < err[0][::16].sum()  # the heavy rows' error falls
+    assert (err[1] * heavy[:, None]).sum() <= (err[0] * heavy[:, None]).sum()  # and the weighted total with it
