@@ -7,14 +7,14 @@ runtime. What it prints is what `--int4-8bit` is chosen from (docs/QUANTIZATION.
 
     attanchor-export tiny-vqa-qwen -o art-fp32
     python scripts/measure_int4_sensitivity.py art-fp32 [--form both|ort|trt] [--variant LABEL ...] [--json-out F]
-        [--block-size 128|256] [--rounding nearest|clip-search|weighted-clip-search]
+        [--block-size 128|256] [--rounding nearest|clip-search|weighted-clip-search] [--weight-by mean-square|max]
 
 Forms as the exporter writes them: "ort" = MatMulNBits, asymmetric, accuracy level 4; "trt" = symmetric
 INT4 QDQ with the block TensorRT takes for the graph's K dims (precision.weights.trt_int4_block).
 `--block-size` is the MatMulNBits form's block (the exporter's --block-size). `--rounding clip-search`
 gives the MatMulNBits form's int4 weights a per-block range search instead of onnxruntime's min/max
 rounding (`clip_search_blocks`); `weighted-clip-search` weighs each input channel's error by its
-activations' max |x|^2 on the calibration set. What was tried to keep block 256's accuracy
+activations on the calibration set (`--weight-by`: the mean of x^2, or max |x|^2). What was tried to keep block 256's accuracy
 (docs/QUANTIZATION.md, "Block 256").
 """
 
@@ -35,7 +35,7 @@ from attanchor_runtime.manifest import Manifest
 
 from attanchor_export.load.datasets import load_calibration_set
 from attanchor_export.precision import streamed_weights
-from attanchor_export.precision.calibration import DecoderCalibrationReader, channel_absmax
+from attanchor_export.precision.calibration import DecoderCalibrationReader, channel_values
 from attanchor_export.precision.gate import fp32_task_answers, gate_pipeline, task_metrics
 from attanchor_export.precision.streamed_weights import linear_nodes, quantize_graph, save_beside
 from attanchor_export.precision.weights import DEFAULT_ACCURACY_LEVEL, trt_int4_block
@@ -119,18 +119,25 @@ def clip_searched(channel_weight=None):
         streamed_weights._quantizer = original
 
 
-def input_absmax(folder: Path, manifest: Manifest, source: str, logits: str) -> dict[str, np.ndarray]:
-    """max |x| per input channel of every linear, over the export's calibration set (the int8 forms' pass)."""
+def channel_weights(folder: Path, manifest: Manifest, source: str, logits: str, weight_by: str) -> dict[str, np.ndarray]:
+    """Per input channel of every linear, over the export's calibration set (the int8 forms' 8 samples):
+    max |x|^2 (weight_by "max") or the mean of x^2 ("mean-square")."""
     model = ir.load(str(folder / source))
     inputs = sorted({n.inputs[0].name for n in linear_nodes(model.graph, True, logits)[0]})
     del model
     reader = DecoderCalibrationReader.from_samples(gate_pipeline(manifest), load_calibration_set(None))
-    return channel_absmax(folder / source, reader, inputs)
+    stats: dict[str, tuple] = {}  # name -> (max x^2, sum of x^2, rows)
+    for values in channel_values(folder / source, reader, inputs):
+        for name, rows in values.items():
+            square = np.square(rows, dtype=np.float64)
+            peak, total, count = stats.get(name, (0.0, 0.0, 0))
+            stats[name] = (np.maximum(peak, square.max(axis=0)), total + square.sum(axis=0), count + len(rows))
+    return {name: (peak if weight_by == "max" else total / count) for name, (peak, total, count) in stats.items()}
 
 
 def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple, form: str, logits: str,
-                  block_size: int = 128, rounding: str = "nearest", absmax: dict | None = None) -> None:
-    """`absmax` (input_absmax): for rounding "weighted-clip-search", whose channel weights are max |x|^2."""
+                  block_size: int = 128, rounding: str = "nearest", weights: dict | None = None) -> None:
+    """`weights` (channel_weights, by the linear's input): for rounding "weighted-clip-search"."""
     model = ir.load(str(folder / source))
     nodes, head = linear_nodes(model.graph, True, logits)
     kinds = [kind(n, head) for n in nodes]  # before quantize_graph replaces the nodes
@@ -145,7 +152,7 @@ def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple
         if rounding == "nearest":
             quantize_graph(model, four, bits=4, **ort)
         for node in four if rounding != "nearest" else ():  # one at a time: each with its input's weights
-            weight = absmax[node.inputs[0].name] ** 2 if rounding == "weighted-clip-search" else None
+            weight = weights[node.inputs[0].name] if rounding == "weighted-clip-search" else None
             with clip_searched(weight):  # the function is bound now; the weights are quantized when written
                 quantize_graph(model, [node], bits=4, **ort)
         if eights:
@@ -164,7 +171,9 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, choices=(128, 256), default=128, help="the MatMulNBits form's block")
     parser.add_argument("--rounding", choices=("nearest", "clip-search", "weighted-clip-search"), default="nearest",
                         help="the MatMulNBits form's int4 rounding: onnxruntime's, a per-block range search, or "
-                             "that search with each input channel's error weighted by its calibration max |x|^2")
+                             "that search with each input channel's error weighted by its activations (--weight-by)")
+    parser.add_argument("--weight-by", choices=("mean-square", "max"), default="mean-square",
+                        help="weighted-clip-search's channel weight: the mean of x^2, or max |x|^2, on the calibration set")
     args = parser.parse_args()
     manifest = Manifest.load(args.folder)
     if manifest.precision.quantized:
@@ -172,7 +181,8 @@ def main() -> int:
     files = {g: manifest.graphs[g].file for g in ("vision", "embedding", "decoder")}
     fp32 = fp32_task_answers(manifest, files, args.task)
     logits = manifest.graphs.decoder.output_names[0]
-    absmax = input_absmax(args.folder, manifest, files["decoder"], logits) if args.rounding == "weighted-clip-search" else None
+    weights = (channel_weights(args.folder, manifest, files["decoder"], logits, args.weight_by)
+               if args.rounding == "weighted-clip-search" else None)
     print(f"fp32: {fp32['accuracy']:.3f} on {len(fp32['items'])} {args.task} validation questions", flush=True)
     rows = []
     forms = ("ort", "trt") if args.form == "both" else (args.form,)
@@ -184,13 +194,15 @@ def main() -> int:
             start = time.time()
             try:
                 write_variant(args.folder, files["decoder"], out, int4, eight, form, logits, args.block_size,
-                              args.rounding, absmax)
+                              args.rounding, weights)
                 result = task_metrics(manifest, {**files, "decoder": out}, fp32, "int4")
             finally:
                 for p in args.folder.glob(f"{out}*"):
                     p.unlink()
             row = {"variant": label, "form": form, "block_size": args.block_size if form == "ort" else None,
-                   "rounding": args.rounding if form == "ort" else "nearest", "accuracy": result.accuracy, "same_answers": result.same_answers,
+                   "rounding": args.rounding if form == "ort" else "nearest",
+                   "weight_by": args.weight_by if form == "ort" and args.rounding == "weighted-clip-search" else None,
+                   "accuracy": result.accuracy, "same_answers": result.same_answers,
                    "by_kind": {k: v["accuracy"] for k, v in result.by_kind.items()}}
             rows.append(row)
             print(f"{label:56s} {form}: {result.accuracy:.3f} (same answers {result.same_answers:.3f}, "

@@ -17,7 +17,7 @@ int8 QDQ form's activation ranges.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +67,10 @@ class VisionCalibrationReader(DecoderCalibrationReader):
         return cls(pipe.family.vision_feeds(np.asarray(pipe.images(s.image)), 1) for s in distinct)
 
 
-def channel_absmax(model_path: Path, reader, names: list[str]) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each named value, over every sample of `reader` (an
-    onnxruntime CalibrationDataReader-like get_next/rewind). The values are added as graph outputs of a
-    temporary copy of the graph beside the model (the weights are not copied); one sample at a time."""
+def channel_values(model_path: Path, reader, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Each named value as [rows, channels] (its last axis the channels), one dict per sample of `reader`
+    (an onnxruntime CalibrationDataReader-like get_next/rewind). The values are added as graph outputs of
+    a temporary copy of the graph beside the model (the weights are not copied); one sample at a time."""
     import onnx
     from attanchor_runtime.sessions import ort_session
 
@@ -81,7 +81,6 @@ def channel_absmax(model_path: Path, reader, names: list[str]) -> dict[str, np.n
     for name in names:
         if name not in present and name not in inputs:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    maxima: dict[str, np.ndarray] = {}
     with tempfile.NamedTemporaryFile(dir=model_path.parent, prefix=".calibration-stats-", suffix=".onnx") as tmp:
         tmp.write(proto.SerializeToString())
         tmp.flush()
@@ -89,17 +88,27 @@ def channel_absmax(model_path: Path, reader, names: list[str]) -> dict[str, np.n
         # A few calls on float weights, at the export's peak for a big model: no repacked copy of every
         # weight, no arena kept at its high-water mark.
         session = ort_session(Path(tmp.name), memory_arena=False, prepack=False)
+        computed = [n for n in names if n not in inputs]
         reader.rewind()
         while (feeds := reader.get_next()) is not None:
-            computed = [n for n in names if n not in inputs]
             outs = dict(zip(computed, session.run(computed, feeds) if computed else []))
+            values = {}
             for name in names:
                 out = np.asarray(feeds[name] if name in inputs else outs[name], np.float32)
-                m = np.abs(out.reshape(-1, out.shape[-1])).max(axis=0).astype(np.float64)
-                maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
+                values[name] = out.reshape(-1, out.shape[-1])
+            yield values
         reader.rewind()
         del session
+
+
+def channel_absmax(model_path: Path, reader, names: list[str]) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each named value, over every sample of `reader` (channel_values)."""
+    maxima: dict[str, np.ndarray] = {}
+    for values in channel_values(model_path, reader, names):
+        for name, rows in values.items():
+            m = np.abs(rows).max(axis=0).astype(np.float64)
+            maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
     return maxima
 
 
-__all__ = ["DecoderCalibrationReader", "VisionCalibrationReader", "channel_absmax"]
+__all__ = ["DecoderCalibrationReader", "VisionCalibrationReader", "channel_absmax", "channel_values"]
