@@ -151,10 +151,11 @@ def write_variant(folder: Path, source: str, out: str, int4: tuple, eight: tuple
         ort = {"block_size": block_size, "symmetric": False, "qdq": False, "accuracy_level": level}
         if rounding == "nearest":
             quantize_graph(model, four, bits=4, **ort)
-        for node in four if rounding != "nearest" else ():  # one at a time: each with its input's weights
-            weight = weights[node.inputs[0].name] if rounding == "weighted-clip-search" else None
-            with clip_searched(weight):  # the function is bound now; the weights are quantized when written
-                quantize_graph(model, [node], bits=4, **ort)
+        else:
+            for node in four:  # one at a time: each with its own input's channel weights
+                weight = weights[node.inputs[0].name] if rounding == "weighted-clip-search" else None
+                with clip_searched(weight):  # bound now; the weights are quantized when the file is written
+                    quantize_graph(model, [node], bits=4, **ort)
         if eights:
             quantize_graph(model, eights, bits=8, **ort)
     save_beside(model, folder / out, model.ir_version)

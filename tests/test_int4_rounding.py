@@ -28,7 +28,7 @@ def test_factor_one_is_onnxruntimes_rounding(measure, k, block):
     rng = np.random.default_rng(k + block)
     w = (rng.standard_normal((k, 48)) * rng.uniform(0.01, 2, (1, 48))).astype(np.float32)
     w[5, 3] = 40.0  # an outlier
-    w[:, 7] = 0.0  # a dead column: scale 1
+    w[:, 7] = 0.0  # a dead column: codes 0, scale 0
     w[:, 9] = -np.abs(w[:, 9])  # all negative: the range still holds 0
     ours = measure.clip_search_blocks(w, block, factors=(1.0,))
     theirs = _quantizer(4, block, False, False, 4).qbits_block_quant(w)
