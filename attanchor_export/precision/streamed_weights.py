@@ -116,6 +116,13 @@ def _quantizer(bits: int, block_size: int, symmetric: bool, qdq: bool, accuracy_
         return DefaultWeightOnlyQuantizer(config)
 
 
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A small initializer of `graph`, its type and shape those of `array`."""
+    value = ir.val(name, const_value=ir.tensor(array, name=name))
+    graph.initializers.add(value)
+    return value
+
+
 def _lazy(compute, dtype: ir.DataType, shape, name: str, packed_as: ir.DataType | None = None):
     def tensor():
         array = compute()
@@ -123,9 +130,7 @@ def _lazy(compute, dtype: ir.DataType, shape, name: str, packed_as: ir.DataType 
             return ir.PackedTensor(array, packed_as, shape=shape, name=name)
         return ir.tensor(np.ascontiguousarray(array), name=name)
 
-    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
-                     const_value=ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(shape), name=name))
-    return value
+    return ir.val(name, const_value=ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(shape), name=name))
 
 
 def quantize_graph(model: ir.Model, nodes, bits: int, block_size: int, symmetric: bool, qdq: bool,
@@ -225,17 +230,13 @@ def merge_shared_input_linears(graph: ir.Graph, nodes) -> tuple[list, list[list[
                     tensor.release()
             return ir.tensor(out, name=name)
 
-        value = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype),
-                         const_value=ir.LazyTensor(concatenated, dtype=dtype, shape=shape, name=name))
+        value = ir.val(name, const_value=ir.LazyTensor(concatenated, dtype=dtype, shape=shape, name=name))
         graph.initializers.add(value)
         first = members[0]
         matmul = ir.node("MatMul", [first.inputs[0], value], name="+".join(m.name for m in members))
         matmul.outputs[0].name = matmul.name + "_output"
         matmul.outputs[0].type = first.outputs[0].type
-        sizes = ir.Value(name=matmul.name + "_split_sizes", shape=ir.Shape([len(widths)]),
-                         type=ir.TensorType(ir.DataType.INT64),
-                         const_value=ir.tensor(np.array(widths, np.int64), name=matmul.name + "_split_sizes"))
-        graph.initializers.add(sizes)
+        sizes = _constant(graph, matmul.name + "_split_sizes", np.array(widths, np.int64))
         split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(members),
                         name=matmul.name + "_split")
         graph.insert_before(first, [matmul, split])
@@ -288,20 +289,18 @@ def _point_external_data(onnx_file: Path, location: str) -> None:
 def int8_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 [K, N], fp32 scale [N]) of a [K, N] weight, symmetric per output channel, as onnxruntime's
     quantize_static computes it (quant_utils.compute_scale_zp, quantize_nparray): the range widened to
-    hold 0, scale = 2 max|w| / 254 in float64 stored as float32 (1 where it is below float32's tiny),
-    w / scale in float32 rounded half to even."""
+    hold 0, the scale of `int8_scale`, w / scale in float32 rounded half to even."""
     w = np.asarray(weight, np.float32)
-    absmax = np.maximum(-np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0))
-    scale = 2 * absmax.astype(np.float64) / 254.0
-    scale = np.where(scale < np.finfo(np.float32).tiny, 1.0, scale).astype(np.float32)
+    scale = int8_scale(np.maximum(-np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0)))
     return np.clip(np.round(w / scale), -128, 127).astype(np.int8), scale
 
 
-def activation_scale(absmax: float) -> np.ndarray:
-    """A calibrated activation's int8 scale, symmetric (zero point 0), as quantize_static computes it from
-    the MinMax range whose largest magnitude is `absmax`."""
-    scale = 2 * np.float64(np.float32(absmax)) / 254.0
-    return np.array(1.0 if scale < np.finfo(np.float32).tiny else scale, np.float32)
+def int8_scale(absmax) -> np.ndarray:
+    """Symmetric int8 scales (zero point 0) of ranges whose largest magnitudes are `absmax` (a weight's
+    per channel, or a calibrated activation's MinMax range), as quantize_static computes them: 2 absmax /
+    254 in float64 from the float32 magnitude, stored as float32; 1 where it is below float32's tiny."""
+    scale = 2 * np.asarray(absmax, np.float32).astype(np.float64) / 254.0
+    return np.where(scale < np.finfo(np.float32).tiny, 1.0, scale).astype(np.float32)
 
 
 def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, float]) -> int:
@@ -315,12 +314,8 @@ def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, floa
     for node in nodes:
         x, w = node.inputs[0], node.inputs[1]
         if x.name not in pairs:
-            scale = ir.Value(name=f"{x.name}_scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
-                             const_value=ir.tensor(activation_scale(input_absmax[x.name]), name=f"{x.name}_scale"))
-            zero = ir.Value(name=f"{x.name}_zero_point", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT8),
-                            const_value=ir.tensor(np.array(0, np.int8), name=f"{x.name}_zero_point"))
-            for v in (scale, zero):
-                graph.initializers.add(v)
+            scale = _constant(graph, f"{x.name}_scale", int8_scale(input_absmax[x.name]))
+            zero = _constant(graph, f"{x.name}_zero_point", np.array(0, np.int8))
             q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{x.name}_QuantizeLinear")
             q.outputs[0].name = f"{x.name}_QuantizeLinear_Output"
             dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{x.name}_DequantizeLinear")
@@ -331,10 +326,9 @@ def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, floa
         k, n = (int(d) for d in w.const_value.shape)
         q8 = _lazy(quantized.part(w, 0), ir.DataType.INT8, [k, n], f"{w.name}_quantized")
         s8 = _lazy(quantized.part(w, 1), ir.DataType.FLOAT, [n], f"{w.name}_scale")
-        z8 = ir.Value(name=f"{w.name}_zero_point", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.INT8),
-                      const_value=ir.tensor(np.zeros(n, np.int8), name=f"{w.name}_zero_point"))
-        for v in (q8, s8, z8):
+        for v in (q8, s8):
             graph.initializers.add(v)
+        z8 = _constant(graph, f"{w.name}_zero_point", np.zeros(n, np.int8))
         dq = ir.node("DequantizeLinear", [q8, s8, z8], attributes={"axis": 1}, name=f"{w.name}_DequantizeLinear")
         dq.outputs[0].name = f"{w.name}_DequantizeLinear_Output"
         graph.insert_before(node, dq)
@@ -344,5 +338,5 @@ def quantize_graph_int8_qdq(model: ir.Model, nodes, input_absmax: dict[str, floa
     return len(nodes)
 
 
-__all__ = ["activation_scale", "int8_weight", "linear_nodes", "lm_head_node", "merge_shared_input_linears",
+__all__ = ["int8_scale", "int8_weight", "linear_nodes", "lm_head_node", "merge_shared_input_linears",
            "quantize_graph", "quantize_graph_int8_qdq", "save_beside"]
