@@ -48,7 +48,8 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
         MatMulNBitsQuantizer,
     )
 
-    from attanchor_export.precision.prefill_int8 import int8_per_channel, write_prefill_graph
+    from attanchor_export.precision.prefill_int8 import write_prefill_graph
+    from attanchor_export.precision.streamed_weights import int8_weight
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
@@ -65,7 +66,7 @@ def _linear(m: int, k: int, n: int, threads: int) -> None:
     config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False, accuracy_level=4, bits=4)
     quantizer = MatMulNBitsQuantizer(copy.deepcopy(fp32), algo_config=config)
     quantizer.process()
-    q, scale = int8_per_channel(weight.T.copy())
+    q, scale = int8_weight(weight)
     w8 = [numpy_helper.from_array(q, "W8"), numpy_helper.from_array(scale, "ws")]
     per_tensor = model([helper.make_node("DynamicQuantizeMatMul", ["x", "W8", "ws", "", ""], ["y"],
                                          domain="com.microsoft")], w8)

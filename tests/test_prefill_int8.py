@@ -24,7 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 from attanchor_export.cli import main
 from attanchor_export.errors import ExportError
 from attanchor_export.exporter import ExportOptions, export_artifact
-from attanchor_export.precision.prefill_int8 import PROMPT_CHUNKS, dequantize_nbits, int8_per_channel
+from attanchor_export.precision.prefill_int8 import PROMPT_CHUNKS, dequantize_nbits
+from attanchor_export.precision.streamed_weights import int8_weight
 
 
 def run_cli(*args):
@@ -41,7 +42,7 @@ def int4_prefill(checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_nbits_weights_read_back_as_onnxruntime_reads_them(bits):
     """dequantize_nbits against MatMulNBits itself (accuracy level 0: fp32 arithmetic on its weights), with
-    zero points, a K that is no multiple of the block, and for int8_per_channel the round trip bound."""
+    zero points, a K that is no multiple of the block, and for int8_weight the round trip bound."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
@@ -67,7 +68,7 @@ def test_the_nbits_weights_read_back_as_onnxruntime_reads_them(bits):
     session = ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(x @ read.T, session.run(None, {"x": x})[0], atol=2e-4, rtol=1e-5)
     assert np.abs(read - weight.T).max() > 0  # it is the quantized weight, not the original
-    q, scale = int8_per_channel(read)
+    q, scale = int8_weight(read.T)
     assert q.dtype == np.int8 and q.shape == (k, n) and np.abs(q).max() == 127
     assert np.abs(q.T * scale[:, None] - read).max() <= scale.max() / 2 + 1e-6
 

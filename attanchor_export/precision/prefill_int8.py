@@ -16,11 +16,12 @@ QGEMM with the scales applied as it writes its output; a per-row a_scale of shap
 and a merged linear's Split (q/k/v, gate/up) replaced by one such product per part,
 
 where W8 is the MatMulNBits weight dequantized and requantized to int8, one scale per output channel
-(w_scale). Per-token activation scales matter: one scale for the whole [B, S, K] activation (onnxruntime's
-DynamicQuantizeMatMul) let a few outlier positions flatten the rest, and tiny-vqa's answers fell from
-0.99 to 0.915 on the gate's questions; per token they stayed (0.995). The runtime runs prompts (calls of
-more than one position) through this graph and decode steps through decoder.onnx; both read and write
-the same KV cache layout, since everything but the linears is the same nodes.
+(w_scale; streamed_weights.int8_weight, the int8 QDQ writer's rule too). Per-token activation scales
+matter: one scale for the whole [B, S, K] activation (onnxruntime's DynamicQuantizeMatMul) let a few
+outlier positions flatten the rest, and tiny-vqa's answers fell from 0.99 to 0.915 on the gate's
+questions; per token they stayed (0.995). The runtime runs prompts (calls of more than one position)
+through this graph and decode steps through decoder.onnx; both read and write the same KV cache layout,
+since everything but the linears is the same nodes.
 
 Its attention joins the cache's past and new keys and values before the products (ort_fusions.
 attend_over_whole_cache) instead of joining the scores after them as decoder.onnx does for steps, and
@@ -43,6 +44,7 @@ from onnx import helper, numpy_helper
 
 from attanchor_export.precision.graph_files import append_external, data_file, replacing
 from attanchor_export.precision.ort_fusions import attend_over_whole_cache
+from attanchor_export.precision.streamed_weights import int8_weight
 
 _SHARED = "attanchor/prefill_int8/"
 # Query chunks of a prompt's attention. The work left is (chunks + 1) / (2 * chunks) of the whole score
@@ -82,13 +84,6 @@ def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.nda
         zero = zero_points.reshape(n, blocks).astype(np.float32)
     weight = (q.astype(np.float32) - zero[..., None]) * scales.reshape(n, blocks, 1).astype(np.float32)
     return weight.reshape(n, blocks * block_size)[:, :k]
-
-
-def int8_per_channel(weight_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 [K, N] as MatMulInteger reads it, fp32 scale [N]): symmetric, one scale per output channel."""
-    scale = np.maximum(np.abs(weight_nk).max(axis=1), np.float32(1e-12)) / np.float32(127)
-    q = np.clip(np.rint(weight_nk / scale[:, None]), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(q.T), scale.astype(np.float32)
 
 
 def _per_token_nodes(node: onnx.NodeProto, parts: list[tuple[str, str, str, int, str]], opset: int,
@@ -188,7 +183,7 @@ def write_prefill_graph(decoder: Path, output: Path, causal_chunks: int = PROMPT
                     for name in (list(node.input[1:4]) + [""] * 3)[:3])
                 weight = dequantize_nbits(packed, scales, zero_points, attrs["bits"], attrs["block_size"],
                                           attrs["K"], attrs["N"])
-                q, scale = int8_per_channel(weight)
+                q, scale = int8_weight(weight.T)  # [K, N] as MatMulInteger reads it, one scale per column
                 base, bias = f"{node.input[1]}/int8", (node.input[5] if len(node.input) > 5 else "")
                 split, widths = _split_parts(node, readers, inits) or (None, [attrs["N"]])
                 if split is not None:
