@@ -14,8 +14,8 @@ INT4 QDQ with the block TensorRT takes for the graph's K dims (precision.weights
 `--block-size` is the MatMulNBits form's block (the exporter's --block-size). `--rounding clip-search`
 gives the MatMulNBits form's int4 weights a per-block range search instead of onnxruntime's min/max
 rounding (`clip_search_blocks`); `weighted-clip-search` weighs each input channel's error by its
-activations on the calibration set (`--weight-by`: the mean of x^2, or max |x|^2). What was tried to keep block 256's accuracy
-(docs/QUANTIZATION.md, "Block 256").
+activations on the calibration set (`--weight-by`: the mean of x^2, or max |x|^2). These are the
+roundings tried to keep block 256's accuracy (docs/QUANTIZATION.md, "Block 256").
 """
 
 from __future__ import annotations

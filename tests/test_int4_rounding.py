@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import load_script
 
+from attanchor_export.precision.prefill_int8 import dequantize_nbits
 from attanchor_export.precision.streamed_weights import _quantizer
 
 
@@ -16,11 +17,8 @@ def measure():
 
 
 def _dequantized(packed, scales, zeros, k, block):
-    n, blocks, _ = packed.shape
-    q = np.empty((n, blocks, block), np.float32)
-    q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
-    z = np.stack([zeros & 15, zeros >> 4], -1).reshape(n, -1)[:, :blocks].astype(np.float32)
-    return ((q - z[..., None]) * scales[..., None]).reshape(n, -1)[:, :k].T
+    """[K, N] fp32 of MatMulNBits' 4-bit layout, as the prompt graph's writer reads it."""
+    return dequantize_nbits(packed, scales, zeros, 4, block, k, len(packed)).T
 
 
 @pytest.mark.parametrize("k, block", [(576, 128), (576, 256), (256, 128)])  # 576: a padded last block, odd count
