@@ -288,10 +288,11 @@ def _point_external_data(onnx_file: Path, location: str) -> None:
 
 def int8_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 [K, N], fp32 scale [N]) of a [K, N] weight, symmetric per output channel, as onnxruntime's
-    quantize_static computes it (quant_utils.compute_scale_zp, quantize_nparray): the range widened to
-    hold 0, the scale of `int8_scale`, w / scale in float32 rounded half to even."""
+    quantize_static computes it (quant_utils.compute_scale_zp, quantize_nparray): the scale of `int8_scale`
+    for each column's max |w| (its symmetric range, widened to hold 0), w / scale in float32 rounded half
+    to even."""
     w = np.asarray(weight, np.float32)
-    scale = int8_scale(np.maximum(-np.minimum(w.min(axis=0), 0), np.maximum(w.max(axis=0), 0)))
+    scale = int8_scale(np.abs(w).max(axis=0))
     return np.clip(np.round(w / scale), -128, 127).astype(np.int8), scale
 
 
